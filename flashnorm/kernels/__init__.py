@@ -1,0 +1,19 @@
+"""Per-sample gradient-norm kernels callable on tensors.
+
+Each kernel has a PyTorch reference beside it; the dispatcher picks Triton on CUDA and the
+reference elsewhere (``FLASHNORM_BACKEND=triton|torch`` forces either).
+"""
+
+from .clipped_grad import clipped_bias_grad, clipped_weight_grad, per_sample_weight_grads
+from .flash_norm import flash_norm_sq, flash_norm_sq_reference
+from .gram_norm import gram_norm_sq, gram_norm_sq_reference
+
+__all__ = [
+    "flash_norm_sq",
+    "flash_norm_sq_reference",
+    "gram_norm_sq",
+    "gram_norm_sq_reference",
+    "clipped_weight_grad",
+    "clipped_bias_grad",
+    "per_sample_weight_grads",
+]

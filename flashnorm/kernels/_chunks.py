@@ -1,0 +1,18 @@
+"""Chunk sizes for the PyTorch references: bounded temporaries, never B×d×p or B×T×T."""
+
+from __future__ import annotations
+
+import torch
+
+#: Largest temporary (in elements) a reference may allocate per chunk.
+MAX_CHUNK_ELEMENTS = 1 << 22
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when any input is float64 (so float64 oracles stay exact)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def rows_per_chunk(row_elements: int) -> int:
+    """How many rows of ``row_elements`` fit in one chunk (at least one)."""
+    return max(1, MAX_CHUNK_ELEMENTS // max(1, row_elements))

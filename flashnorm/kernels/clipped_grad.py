@@ -1,0 +1,33 @@
+"""Clipped weight and bias gradients of a Linear layer, assembled after a one-pass backward.
+
+With clipping coefficients c ∈ ℝ^B:
+
+    weight_grad = Σ_b c_b G_bᵀX_b = (c ⊙ G)ᵀX        (one GEMM over all B·T rows)
+    bias_grad   = Σ_b c_b Σ_t G_b[t]
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _scaled(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    return g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+
+
+def clipped_weight_grad(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d] in the dtype of x and g."""
+    dtype = torch.promote_types(x.dtype, g.dtype)
+    scaled = _scaled(g.to(dtype), coef).reshape(-1, g.shape[-1])
+    return scaled.t().mm(x.to(dtype).reshape(-1, x.shape[-1]))
+
+
+def clipped_bias_grad(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """Σ_b c_b Σ_t G_b[t] for g: [B, T, p] → [p]."""
+    return _scaled(g, coef).sum(dim=(0, 1))
+
+
+def per_sample_weight_grads(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """G_bᵀX_b for every sample: [B, p, d] (B·d·p memory; the planner decides when it fits)."""
+    dtype = torch.promote_types(x.dtype, g.dtype)
+    return torch.bmm(g.to(dtype).transpose(1, 2), x.to(dtype))

@@ -1,0 +1,43 @@
+# FlashNorm development environment. Use:  source setup_env.sh
+#
+# Creates .venv with uv and installs flashnorm in editable mode with its dev extras.
+# * A machine whose python3 already imports torch (a GPU user's CUDA build) keeps it: the venv
+#   sees the system site-packages and nothing re-installs torch.
+# * Otherwise the CPU build torch==2.13.0 is installed, taken from pip's configured find-links when
+#   there are some (uv ignores pip's configuration, so we hand them over), else from PyTorch's CPU index.
+_flashnorm_setup() {
+    local root
+    root="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)" || return 1
+    command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv || return 1
+    export PATH="$HOME/.local/bin:$PATH"
+    local uv_cmd="uv"
+    command -v uv >/dev/null 2>&1 || uv_cmd="python3 -m uv"
+
+    local find_links
+    find_links="$(python3 -m pip config get global.find-links 2>/dev/null || true)"
+    local -a links_args=()
+    local link
+    for link in $find_links; do links_args+=(--find-links "$link"); done
+
+    if [ ! -x "$root/.venv/bin/python" ]; then
+        if python3 -c "import torch" >/dev/null 2>&1; then
+            echo "[setup_env] keeping the torch that python3 already has: $(python3 -c 'import torch; print(torch.__version__)')"
+            $uv_cmd venv --quiet --python "$(command -v python3)" --system-site-packages "$root/.venv" || return 1
+        else
+            $uv_cmd venv --quiet --python "$(command -v python3)" "$root/.venv" || return 1
+        fi
+    fi
+    if ! "$root/.venv/bin/python" -c "import torch" >/dev/null 2>&1; then
+        if [ ${#links_args[@]} -gt 0 ]; then
+            $uv_cmd pip install --quiet --python "$root/.venv/bin/python" "${links_args[@]}" "torch==2.13.0" || return 1
+        else
+            $uv_cmd pip install --quiet --python "$root/.venv/bin/python" \
+                --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple "torch==2.13.0" || return 1
+        fi
+    fi
+    $uv_cmd pip install --quiet --python "$root/.venv/bin/python" "${links_args[@]}" -e "$root[dev]" || return 1
+    # shellcheck disable=SC1091
+    source "$root/.venv/bin/activate"
+    echo "[setup_env] ready: $(python -c 'import torch, opacus; print("torch", torch.__version__, "| opacus", opacus.__version__)')"
+}
+_flashnorm_setup

@@ -1,0 +1,34 @@
+"""Shared test set-up: the interpreter switch, the ``gpu`` marker, seeding and the tolerance table."""
+
+import os
+
+import torch
+
+# Triton kernels are defined when flashnorm.kernels is imported: without CUDA, run them under the
+# interpreter (it must be set before any kernel is defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+#: DESIGN §5 tolerances (rtol, atol) against the float64 oracle, by compute dtype.
+TOLERANCES = {
+    "fp32": (1e-5, 1e-7),  # CPU / Triton interpreter
+    "tf32": (1e-3, 1e-5),  # fp32 inputs on the GPU, where dots may use tf32
+    "fp16": (1e-2, 1e-4),
+    "bf16": (1e-2, 1e-4),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
