@@ -1,1 +1,11 @@
-"""FlashNorm."""
+"""FlashNorm: exact, fast DP-SGD for PyTorch — an Opacus-compatible PrivacyEngine with flash norms.
+
+>>> from flashnorm import PrivacyEngine   # or flashnorm.privacy_engine.FlashNormPrivacyEngine
+"""
+
+from .modes import get_mode, valid_mode_names
+from .privacy_engine import FlashNormPrivacyEngine, PrivacyEngine
+
+__version__ = "0.1.0"
+
+__all__ = ["FlashNormPrivacyEngine", "PrivacyEngine", "get_mode", "valid_mode_names", "__version__"]

@@ -31,6 +31,7 @@ class Mode:
         norm_method: ``"gram"``, ``"flash"`` (planned per layer) for FlashNorm's modes.
         fsdp: the module is wrapped with FSDP2.
         implemented: ``False`` for reserved names (a clear ``NotImplementedError``).
+        opacus_family: the Opacus mode whose optimizer family serves this mode.
     """
 
     name: str
@@ -39,6 +40,7 @@ class Mode:
     norm_method: Optional[str] = None
     fsdp: bool = False
     implemented: bool = True
+    opacus_family: Optional[str] = None
 
     @property
     def fused(self) -> bool:
@@ -87,10 +89,11 @@ def get_mode(name: str) -> Mode:
 
 
 for _name in ("hooks", "functorch", "ew", "no_op"):
-    register_mode(Mode(_name, delegated=True))
-register_mode(Mode("ghost", delegated=False, passes=2, norm_method="gram"))
-register_mode(Mode("flash", delegated=False, passes=2, norm_method="flash"))
-register_mode(Mode("flash_fuse", delegated=False, passes=1, norm_method="flash"), aliases=("flash_bk",))
-register_mode(Mode("ghost_fsdp", delegated=False, passes=2, norm_method="gram", fsdp=True, implemented=False))
-register_mode(Mode("flash_fsdp", delegated=False, passes=2, norm_method="flash", fsdp=True, implemented=False))
-register_mode(Mode("flash_fuse_fsdp", delegated=False, passes=1, norm_method="flash", fsdp=True, implemented=False))
+    register_mode(Mode(_name, delegated=True, opacus_family=_name))
+register_mode(Mode("ghost", False, passes=2, norm_method="gram", opacus_family="ghost"))
+register_mode(Mode("flash", False, passes=2, norm_method="flash", opacus_family="ghost"))
+register_mode(Mode("flash_fuse", False, passes=1, norm_method="flash", opacus_family="ghost"), aliases=("flash_bk",))
+_FSDP = dict(fsdp=True, implemented=False, opacus_family="ghost_fsdp")
+register_mode(Mode("ghost_fsdp", False, passes=2, norm_method="gram", **_FSDP))
+register_mode(Mode("flash_fsdp", False, passes=2, norm_method="flash", **_FSDP))
+register_mode(Mode("flash_fuse_fsdp", False, passes=1, norm_method="flash", **_FSDP))

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 
 #: DESIGN §5 tolerances (rtol, atol) against the float64 oracle, by compute dtype.
 TOLERANCES = {
+    "fp64": (1e-10, 1e-12),  # float64 model against the float64 oracle: exact algebra
     "fp32": (1e-5, 1e-7),  # CPU / Triton interpreter
     "tf32": (1e-3, 1e-5),  # fp32 inputs on the GPU, where dots may use tf32
     "fp16": (1e-2, 1e-4),

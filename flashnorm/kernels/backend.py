@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -48,3 +49,36 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             )
         return True
     return runnable and on_cuda
+
+
+class _TritonStub:
+    """Stands in for ``triton`` when it does not import: kernels stay plain functions, never launched."""
+
+    @staticmethod
+    def jit(fn=None, **_options):
+        return fn if fn is not None else (lambda f: f)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 for CPU tensors under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return _device_properties(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
+
+
+def supports_tma(device: torch.device) -> bool:
+    """Tensor-memory-accelerator loads through Triton tensor descriptors: compute capability 9.x, not interpreted."""
+    if device.type != "cuda" or interpreter_enabled():
+        return False
+    props = _device_properties(device.index if device.index is not None else torch.cuda.current_device())
+    return props.major == 9
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 dots may use tf32: follows ``torch.backends.cuda.matmul.allow_tf32`` like ``torch.matmul``."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)

@@ -7,14 +7,297 @@ gradient is W_b = G_bᵀX_b ∈ ℝ^{p×d} and
 
 The tiled algorithm accumulates each output tile of W_b over T and adds Σ tile² into norm_sq[b];
 the tile never reaches memory. Cost: 2·B·T·d·p FLOPs, O(B) extra memory.
+
+Layout of this file: the Triton kernels (``_flash_norm_kernel`` and the T-split reduction
+``_flash_norm_reduce_kernel``), their configs, the launch wrapper :func:`flash_norm_sq_triton`, the
+PyTorch reference :func:`flash_norm_sq_reference` and the dispatcher :func:`flash_norm_sq`.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import use_triton
+from .backend import interpreter_enabled, multiprocessor_count, supports_tma, tf32_enabled, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
+    from .backend import _TritonStub as triton
+
+    tl = TensorDescriptor = None
+
+#: Input dtypes the Triton kernels take (float64 always goes to the reference, which stays float64).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(desc, ptr, row0, row_end, col0, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """Tile [BLOCK_R, BLOCK_C] of a row-major [rows, n_cols] matrix starting at (row0, col0).
+
+    USE_TMA: through the tensor descriptor (bulk tensor copy; columns past n_cols and rows past the
+    matrix are zero-filled by the hardware, rows past ``row_end`` are *not* masked: callers only ask
+    for full row blocks). Otherwise plain pointers with int64 offsets, rows ≥ row_end and columns
+    ≥ n_cols masked to zero.
+    """
+    if USE_TMA:
+        tile = desc.load([row0.to(tl.int32), col0])
+    else:
+        rows = row0.to(tl.int64) + tl.arange(0, BLOCK_R)
+        cols = col0 + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < row_end) & (cols[None, :] < n_cols)
+        tile = tl.load(ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
+def _dot_acc(a, b, acc, ALLOW_TF32: tl.constexpr):
+    """acc + a @ b in float32 (tf32 products for float32 inputs only when ALLOW_TF32)."""
+    if ALLOW_TF32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit(do_not_specialize=["T", "t_chunk", "n_splits"])
+def _flash_norm_kernel(
+    # inputs: x [B*T, d], g [B*T, p] row-major (descriptors over them when USE_TMA, else the tensors)
+    x_desc, g_desc, x_ptr, g_ptr,
+    # outputs: norm_sq [B] float32 (atomic adds, SPLIT=False); work [B, n_splits, n_tiles, BLOCK_P*BLOCK_D]
+    norm_sq_ptr, work_ptr,
+    # sizes
+    T, d, p, t_chunk, n_splits,
+    # meta-parameters
+    BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, USE_TMA: tl.constexpr, ALLOW_TF32: tl.constexpr,
+):
+    """norm_sq[b] += ‖(G_bᵀX_b)[tile]‖² for one sample b, one [BLOCK_P, BLOCK_D] tile and one T range.
+
+    Program id → (b, split, tile), the tile index varying fastest. The tile of W_b = G_bᵀX_b is
+    accumulated over rows t ∈ [split·t_chunk, min((split+1)·t_chunk, T)) in float32 registers.
+    SPLIT=False: Σ tile² is added to norm_sq[b]. SPLIT=True: the partial tile goes to ``work`` and
+    ``_flash_norm_reduce_kernel`` finishes; no program ever waits on another.
+    """
+    # -- program id → sample, T split and output tile ------------------------------------------
+    pid = tl.program_id(0)
+    n_tiles_d = tl.cdiv(d, BLOCK_D)
+    n_tiles = tl.cdiv(p, BLOCK_P) * n_tiles_d
+    tile = pid % n_tiles
+    split = (pid // n_tiles) % n_splits
+    b = pid // (n_tiles * n_splits)
+    p0 = (tile // n_tiles_d) * BLOCK_P
+    d0 = (tile % n_tiles_d) * BLOCK_D
+
+    # -- rows of this program: full blocks (TMA-able), then at most one masked tail block ---------
+    t_start = split * t_chunk
+    t_end = tl.minimum(t_start + t_chunk, T)
+    n_full = (t_end - t_start) // BLOCK_T
+    row0 = b.to(tl.int64) * T + t_start
+    row_end = b.to(tl.int64) * T + t_end
+
+    # -- accumulate the tile of G_bᵀX_b over T in float32 -----------------------------------------
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for i in range(n_full):
+        row = row0 + i * BLOCK_T
+        g_tile = _load_rows(g_desc, g_ptr, row, row_end, p0, p, BLOCK_T, BLOCK_P, USE_TMA)
+        x_tile = _load_rows(x_desc, x_ptr, row, row_end, d0, d, BLOCK_T, BLOCK_D, USE_TMA)
+        acc = _dot_acc(tl.trans(g_tile), x_tile, acc, ALLOW_TF32)
+    row = row0 + n_full * BLOCK_T
+    if row < row_end:  # rows past T belong to the next sample: masked pointer loads, never TMA
+        g_tile = _load_rows(g_desc, g_ptr, row, row_end, p0, p, BLOCK_T, BLOCK_P, False)
+        x_tile = _load_rows(x_desc, x_ptr, row, row_end, d0, d, BLOCK_T, BLOCK_D, False)
+        acc = _dot_acc(tl.trans(g_tile), x_tile, acc, ALLOW_TF32)
+
+    # -- epilogue: the tile never reaches memory unless T is split ---------------------------------
+    if SPLIT:
+        offs = tl.arange(0, BLOCK_P)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+        slot = (b.to(tl.int64) * n_splits + split) * n_tiles + tile
+        tl.store(work_ptr + slot * (BLOCK_P * BLOCK_D) + offs, acc)
+    else:
+        tl.atomic_add(norm_sq_ptr + b, tl.sum(acc * acc))
+
+
+@triton.jit(do_not_specialize=["n_splits"])
+def _flash_norm_reduce_kernel(work_ptr, norm_sq_ptr, n_splits, sample_elems, BLOCK: tl.constexpr):
+    """norm_sq[b] += Σ_e (Σ_s work[b, s, e])² over one BLOCK-wide chunk e of sample b's partial tiles.
+
+    work: [B, n_splits, sample_elems] float32, every element written by ``_flash_norm_kernel``.
+    """
+    pid = tl.program_id(0)
+    n_chunks = tl.cdiv(sample_elems, BLOCK)
+    b = pid // n_chunks
+    offs = (pid % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < sample_elems
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    base = b.to(tl.int64) * n_splits * sample_elems
+    for s in range(n_splits):
+        total += tl.load(work_ptr + base + s * sample_elems + offs, mask=mask, other=0.0)
+    tl.atomic_add(norm_sq_ptr + b, tl.sum(total * total))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+class FlashConfig(NamedTuple):
+    """Tile shape and launch settings of ``_flash_norm_kernel``."""
+
+    block_t: int
+    block_p: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+#: Fewest BLOCK_T steps a T-split program gets, so that its load pipeline fills.
+MIN_BLOCKS_PER_SPLIT = 4
+
+
+def _block(n: int, cap: int) -> int:
+    """Smallest power of two ≥ n (at least 16, the smallest dot), capped."""
+    return min(cap, max(16, 1 << max(0, n - 1).bit_length()))
+
+
+def flash_norm_config(d: int, p: int, dtype: torch.dtype, interpret: bool = False) -> FlashConfig:
+    """Tile shape for x: [·, ·, d], g: [·, ·, p] of ``dtype``.
+
+    16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps, 3 stages; float32: 32×128×128. Tiles shrink
+    to the next power of two of small d and p. Under the interpreter: one large T block and tiles
+    ≤ 64 (it runs each program as numpy calls, so fewer, larger steps are faster).
+    """
+    if interpret:
+        return FlashConfig(128, _block(p, 64), _block(d, 64), 4, 1)
+    if dtype == torch.float32:
+        block_t, block_p, block_d = 32, _block(p, 128), _block(d, 128)
+    else:
+        block_t, block_p, block_d = 64, _block(p, 128), _block(d, 256)
+    num_warps = 8 if block_p * block_d >= 128 * 128 else 4
+    return FlashConfig(block_t, block_p, block_d, num_warps, 3)
+
+
+def flash_norm_splits(batch: int, steps: int, n_tiles: int, block_t: int, n_sms: int) -> int:
+    """How many programs share one sample's T range: enough to fill the GPU once, no more.
+
+    B·tiles ≥ SMs: 1. Otherwise ⌊SMs / (B·tiles)⌋ (one wave), and at least ``MIN_BLOCKS_PER_SPLIT``
+    BLOCK_T steps per program.
+    """
+    programs = batch * n_tiles
+    if programs >= n_sms:
+        return 1
+    max_by_t = max(1, triton.cdiv(steps, block_t * MIN_BLOCKS_PER_SPLIT))
+    return max(1, min(n_sms // programs, max_by_t))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch wrapper
+# ---------------------------------------------------------------------------------------------
+
+
+def flash_norm_sq_triton(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    config: FlashConfig | None = None,
+    splits: int | None = None,
+    use_tma: bool | None = None,
+) -> torch.Tensor:
+    """Triton ‖G_bᵀX_b‖² for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
+
+    ``config``, ``splits`` (programs per sample's T range) and ``use_tma`` default to
+    :func:`flash_norm_config`, :func:`flash_norm_splits` and "compute capability 9.x with aligned
+    rows"; tests set them to reach every path. Non-contiguous inputs are copied contiguous; x and g of
+    different dtypes are promoted to a common one.
+    """
+    norm_sq, _ = _flash_norm_launch(x, g, config=config, splits=splits, use_tma=use_tma)
+    return norm_sq
+
+
+def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None):
+    """Launch ``_flash_norm_kernel`` (and the T-split reduction); returns (norm_sq, compiled kernel or None)."""
+    # (1) check shapes and dtypes, make rows contiguous
+    x, g = prepare_pair(x, g)
+    batch, steps, d = x.shape
+    p = g.shape[-1]
+    # (2) allocate the output
+    norm_sq = torch.zeros(batch, dtype=torch.float32, device=x.device)
+    if norm_sq.numel() == 0 or steps == 0 or d == 0 or p == 0:
+        return norm_sq, None
+    cfg = config or flash_norm_config(d, p, x.dtype, interpreter_enabled())
+    n_tiles = triton.cdiv(p, cfg.block_p) * triton.cdiv(d, cfg.block_d)
+    if splits is None:
+        splits = flash_norm_splits(batch, steps, n_tiles, cfg.block_t, multiprocessor_count(x.device))
+    t_chunk = triton.cdiv(triton.cdiv(steps, splits), cfg.block_t) * cfg.block_t
+    splits = triton.cdiv(steps, t_chunk)
+    x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
+    if use_tma is None:
+        use_tma = supports_tma(x.device) and tma_compatible(x2, g2)
+    if use_tma:
+        x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_t, cfg.block_d])
+        g_desc = TensorDescriptor.from_tensor(g2, [cfg.block_t, cfg.block_p])
+    else:
+        x_desc, g_desc = x2, g2
+    work = (
+        torch.empty(batch * splits * n_tiles * cfg.block_p * cfg.block_d, dtype=torch.float32, device=x.device)
+        if splits > 1
+        else norm_sq
+    )
+    # (3) launch
+    kernel = _flash_norm_kernel[(batch * splits * n_tiles,)](
+        x_desc, g_desc, x2, g2, norm_sq, work,
+        steps, d, p, t_chunk, splits,
+        BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_p, BLOCK_D=cfg.block_d,
+        SPLIT=splits > 1, USE_TMA=use_tma, ALLOW_TF32=x.dtype == torch.float32 and tf32_enabled(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        sample_elems = n_tiles * cfg.block_p * cfg.block_d
+        block = 4096
+        _flash_norm_reduce_kernel[(batch * triton.cdiv(sample_elems, block),)](
+            work, norm_sq, splits, sample_elems, BLOCK=block, num_warps=8
+        )
+    return norm_sq, kernel
+
+
+def prepare_pair(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked, contiguous x: [B, T, d] and g: [B, T, p] of one Triton dtype (promoted if they differ).
+
+    Raises:
+        ValueError: shapes that are not [B, T, d] and [B, T, p], or tensors on different devices.
+        TypeError: a dtype the Triton kernels do not take (float64 and others: use the reference).
+    """
+    _check_sequence_pair(x, g)
+    if x.device != g.device:
+        raise ValueError(f"x is on {x.device} but g is on {g.device}; move both to one device.")
+    dtype = torch.promote_types(x.dtype, g.dtype)
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"the Triton norm kernels take float32, float16 or bfloat16 inputs, got {x.dtype} and {g.dtype}; "
+            "use the *_reference functions (float64 stays float64 there)."
+        )
+    return x.to(dtype).contiguous(), g.to(dtype).contiguous()
+
+
+def tma_compatible(*matrices: torch.Tensor) -> bool:
+    """Whether 2-D row-major matrices meet the tensor-descriptor rules (16-byte aligned base and rows, < 2³¹ rows)."""
+    return all(
+        m.data_ptr() % 16 == 0 and (m.stride(0) * m.element_size()) % 16 == 0 and m.shape[0] < 2**31 for m in matrices
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference and dispatcher
+# ---------------------------------------------------------------------------------------------
 
 
 def flash_norm_sq_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -42,12 +325,10 @@ def flash_norm_sq_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def flash_norm_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """‖G_bᵀX_b‖²_F per sample, x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
-    Dispatches to the Triton kernel on CUDA (or when ``FLASHNORM_BACKEND=triton``), else to
-    :func:`flash_norm_sq_reference`.
+    Dispatches to :func:`flash_norm_sq_triton` on CUDA (or when ``FLASHNORM_BACKEND=triton``), else
+    to :func:`flash_norm_sq_reference`. float64 inputs always take the reference, which returns float64.
     """
-    if use_triton(x, g):
-        from .flash_norm_triton import flash_norm_sq_triton
-
+    if use_triton(x, g) and torch.float64 not in (x.dtype, g.dtype):
         return flash_norm_sq_triton(x, g)
     return flash_norm_sq_reference(x, g)
 

@@ -5,17 +5,164 @@
 Tiled over (t, s) blocks like flash attention, using symmetry (blocks s > t counted twice):
 ≈ B·T²·(d+p) FLOPs and O(1) extra memory; never a B×T×T tensor. Cheaper than the flash form
 roughly when T < 2dp/(d+p). For T = 1 it is the rank-one rule ‖x_b‖²·‖g_b‖².
+
+Layout of this file: the Triton kernel ``_gram_norm_kernel``, its config, the launch wrapper
+:func:`gram_norm_sq_triton`, the PyTorch reference :func:`gram_norm_sq_reference` and the dispatcher
+:func:`gram_norm_sq`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import use_triton
-from .flash_norm import _check_sequence_pair
+from .backend import interpreter_enabled, supports_tma, tf32_enabled, use_triton
+from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_pair, tma_compatible
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
+    from .backend import _TritonStub as triton
+
+    tl = TensorDescriptor = None
+
+# ---------------------------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "n_blocks"])
+def _gram_norm_kernel(
+    # inputs: x [B*T, d], g [B*T, p] row-major (descriptors over them when USE_TMA, else the tensors)
+    x_desc, g_desc, x_ptr, g_ptr,
+    # output: norm_sq [B] float32, accumulated with atomic adds
+    norm_sq_ptr,
+    # sizes: n_blocks = cdiv(T, BLOCK_T)
+    T, d, p, n_blocks,
+    # meta-parameters
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, ALLOW_TF32: tl.constexpr,
+):
+    """norm_sq[b] += c · Σ_{t∈I, s∈J} (x_t·x_s)(g_t·g_s) for one sample b and one block pair I ≤ J.
+
+    Program id → (b, pair k), with pairs enumerated column by column: k = J(J+1)/2 + I, I ≤ J;
+    c = 2 when I < J (the (J, I) block is its transpose), else 1. The two [BLOCK_T, BLOCK_T] Gram
+    blocks X_I X_Jᵀ and G_I G_Jᵀ are accumulated over d and p in float32 registers.
+    """
+    # -- program id → sample and block pair (I ≤ J) --------------------------------------------
+    pid = tl.program_id(0)
+    n_pairs = n_blocks * (n_blocks + 1) // 2
+    b = pid // n_pairs
+    k = pid % n_pairs
+    j = ((tl.sqrt(8.0 * k.to(tl.float64) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    j = tl.where(j * (j + 1) // 2 > k, j - 1, j)  # fix rounding of the square root either way
+    j = tl.where((j + 1) * (j + 2) // 2 <= k, j + 1, j)
+    i = k - j * (j + 1) // 2
+
+    # -- rows of the two blocks; rows past T (next sample, or zero fill) are masked at the end ----
+    row_i = b.to(tl.int64) * T + i * BLOCK_T
+    row_j = b.to(tl.int64) * T + j * BLOCK_T
+    row_end = b.to(tl.int64) * T + T
+
+    # -- X_I X_Jᵀ over d, then G_I G_Jᵀ over p, in float32 ----------------------------------------
+    xx = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        xi = _load_rows(x_desc, x_ptr, row_i, row_end, k0, d, BLOCK_T, BLOCK_K, USE_TMA)
+        xj = _load_rows(x_desc, x_ptr, row_j, row_end, k0, d, BLOCK_T, BLOCK_K, USE_TMA)
+        xx = _dot_acc(xi, tl.trans(xj), xx, ALLOW_TF32)
+    gg = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, p, BLOCK_K):
+        gi = _load_rows(g_desc, g_ptr, row_i, row_end, k0, p, BLOCK_T, BLOCK_K, USE_TMA)
+        gj = _load_rows(g_desc, g_ptr, row_j, row_end, k0, p, BLOCK_T, BLOCK_K, USE_TMA)
+        gg = _dot_acc(gi, tl.trans(gj), gg, ALLOW_TF32)
+
+    # -- epilogue: ⟨·,·⟩ over valid (t, s), doubled off the diagonal ------------------------------
+    t_ok = (i * BLOCK_T + tl.arange(0, BLOCK_T)) < T
+    s_ok = (j * BLOCK_T + tl.arange(0, BLOCK_T)) < T
+    block = tl.sum(tl.where(t_ok[:, None] & s_ok[None, :], xx * gg, 0.0))
+    tl.atomic_add(norm_sq_ptr + b, tl.where(i < j, 2.0 * block, block))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+class GramConfig(NamedTuple):
+    """Block shape and launch settings of ``_gram_norm_kernel``."""
+
+    block_t: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def gram_norm_config(steps: int, d: int, p: int, dtype: torch.dtype, interpret: bool = False) -> GramConfig:
+    """Block shape for T = ``steps``: 64-step blocks, 64-wide (16-bit) or 32-wide (float32) K slices.
+
+    Under the interpreter: 128-step blocks and 64-wide slices (fewer, larger numpy calls).
+    """
+    if interpret:
+        return GramConfig(_block(steps, 128), _block(max(d, p), 64), 4, 1)
+    block_k = 32 if dtype == torch.float32 else 64
+    return GramConfig(_block(steps, 64), min(block_k, _block(max(d, p), block_k)), 4, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch wrapper
+# ---------------------------------------------------------------------------------------------
+
+
+def gram_norm_sq_triton(
+    x: torch.Tensor, g: torch.Tensor, *, config: GramConfig | None = None, use_tma: bool | None = None
+) -> torch.Tensor:
+    """Triton ⟨X_bX_bᵀ, G_bG_bᵀ⟩ for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
+
+    ``config`` and ``use_tma`` default to :func:`gram_norm_config` and "compute capability 9.x with
+    aligned rows". Non-contiguous inputs are copied contiguous; mixed dtypes are promoted.
+    """
+    norm_sq, _ = _gram_norm_launch(x, g, config=config, use_tma=use_tma)
+    return norm_sq
+
+
+def _gram_norm_launch(x, g, *, config=None, use_tma=None):
+    """Launch ``_gram_norm_kernel``; returns (norm_sq, compiled kernel or None)."""
+    # (1) check shapes and dtypes, make rows contiguous
+    x, g = prepare_pair(x, g)
+    batch, steps, d = x.shape
+    p = g.shape[-1]
+    # (2) allocate the output
+    norm_sq = torch.zeros(batch, dtype=torch.float32, device=x.device)
+    if norm_sq.numel() == 0 or steps == 0 or d == 0 or p == 0:
+        return norm_sq, None
+    cfg = config or gram_norm_config(steps, d, p, x.dtype, interpreter_enabled())
+    n_blocks = triton.cdiv(steps, cfg.block_t)
+    x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
+    if use_tma is None:
+        use_tma = supports_tma(x.device) and tma_compatible(x2, g2)
+    if use_tma:
+        x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_t, cfg.block_k])
+        g_desc = TensorDescriptor.from_tensor(g2, [cfg.block_t, cfg.block_k])
+    else:
+        x_desc, g_desc = x2, g2
+    # (3) launch
+    kernel = _gram_norm_kernel[(batch * (n_blocks * (n_blocks + 1) // 2),)](
+        x_desc, g_desc, x2, g2, norm_sq,
+        steps, d, p, n_blocks,
+        BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, USE_TMA=use_tma,
+        ALLOW_TF32=x.dtype == torch.float32 and tf32_enabled(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return norm_sq, kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference and dispatcher
+# ---------------------------------------------------------------------------------------------
 
 
 def gram_norm_sq_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -44,11 +191,9 @@ def gram_norm_sq_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def gram_norm_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """⟨X_bX_bᵀ, G_bG_bᵀ⟩ per sample, x: [B, T, d], g: [B, T, p] → float32 [B].
 
-    Dispatches to the Triton kernel on CUDA (or when ``FLASHNORM_BACKEND=triton``), else to
-    :func:`gram_norm_sq_reference`.
+    Dispatches to :func:`gram_norm_sq_triton` on CUDA (or when ``FLASHNORM_BACKEND=triton``), else
+    to :func:`gram_norm_sq_reference`. float64 inputs always take the reference, which returns float64.
     """
-    if use_triton(x, g):
-        from .gram_norm_triton import gram_norm_sq_triton
-
+    if use_triton(x, g) and torch.float64 not in (x.dtype, g.dtype):
         return gram_norm_sq_triton(x, g)
     return gram_norm_sq_reference(x, g)

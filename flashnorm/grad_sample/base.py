@@ -1,0 +1,327 @@
+"""Shared machinery of FlashNorm's grad-sample modules (two-pass and one-pass).
+
+Every layer that owns trainable parameters gets a forward hook. The hook keeps the layer input X
+and routes the output through an *anchor*: an identity autograd function whose backward receives
+the output gradient G. The *norm pass*
+
+    torch.autograd.grad(Σ_b ℓ_b, [anchor])
+
+walks the whole graph down to the lowest anchor, so every hooked layer sees its G, but autograd
+computes no parameter gradient (no parameter is an input of that call: the layers' backward
+nodes compute input gradients only). The layer's norm rule turns (X, G) into the per-sample
+squared norms, summed into ``norm_sq[b]``; then c_b = min(1, C / (‖g_b‖ + 1e-6)).
+
+Subclasses write Σ_b c_b ∇ℓ_b into ``p.grad``: a second backward pass of Σ_b c_b ℓ_b
+(:class:`GradSampleModuleFastGradientClipping`) or assembly from what the norm pass kept
+(:class:`GradSampleModuleFastGradientClippingFuse`).
+
+G is the gradient of the *sum* of per-sample losses whatever ``loss_reduction`` is; the
+reduction is applied by the DP optimizer (division by the expected batch size for ``mean``),
+exactly as in Opacus.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.validators import ModuleValidator
+
+from ..norms import PerSampleGradFallback, get_norm_rule
+from ..norms.planner import METHODS, choose
+from ..norms.registry import NormRule, per_sample_norm_sq, trainable_own_parameters
+
+logger = logging.getLogger(__name__)
+
+
+class _Anchor(torch.autograd.Function):
+    """Identity on a layer output; its backward hands the output gradient to ``capture``."""
+
+    @staticmethod
+    def forward(ctx, output, anchor, capture):
+        ctx.capture = capture
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ctx.capture(grad_output)
+        return grad_output, None, None
+
+
+@dataclass(eq=False)
+class HookedLayer:
+    """A layer that owns trainable parameters, with its rule and this step's captures."""
+
+    name: str
+    module: nn.Module
+    rule: NormRule
+    params: List[nn.Parameter]
+    x: Optional[torch.Tensor] = None
+    kept: Optional[tuple] = None  # one-pass only: ("per_sample", grads) or (method, x, g)
+    handles: list = field(default_factory=list)
+
+
+class FlashNormGradSampleModule(AbstractGradSampleModule):
+    """Base of FlashNorm's grad-sample modules; see the module docstring for the algorithm.
+
+    Args:
+        m: the module to wrap; its parameters stay the same ``Parameter`` objects.
+        batch_first: inputs are ``[B, ...]`` (else ``[T, B, ...]``).
+        loss_reduction: ``"mean"`` or ``"sum"`` (applied by the optimizer, as in Opacus).
+        max_grad_norm: the clipping bound C.
+        use_flash_clipping: flash norms, the planner choosing per layer (default).
+        use_ghost_clipping: with ``use_flash_clipping=False``, Gram (ghost) norms; both ``False``
+            gives per-sample-gradient norms.
+        strict: validate the module with Opacus's ``ModuleValidator`` (e.g. no BatchNorm).
+        norm_method: force one method (``"flash"``, ``"gram"``, ``"per_sample"``) where a
+            layer's rule has it; ``None`` lets the planner choose.
+    """
+
+    #: Backward passes per step: 2 (norm pass + clipped pass) or 1 (norm pass + assembly).
+    passes = 2
+
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        max_grad_norm: float = 1.0,
+        use_flash_clipping: bool = True,
+        use_ghost_clipping: bool = True,
+        strict: bool = True,
+        norm_method: Optional[str] = None,
+    ):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}: only 'mean' and 'sum' are supported.")
+        if not isinstance(max_grad_norm, (int, float)) or max_grad_norm <= 0:
+            raise ValueError(
+                f"max_grad_norm={max_grad_norm!r}: FlashNorm's clipping modes need one positive number "
+                "(flat clipping); per-layer bounds need grad_sample_mode='hooks'."
+            )
+        if norm_method not in (None, "auto", *METHODS):
+            raise ValueError(f"norm_method={norm_method!r} is not one of auto, {', '.join(METHODS)}.")
+        if strict:
+            ModuleValidator.validate(m, strict=True)
+        super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction)
+        self.max_grad_norm = float(max_grad_norm)
+        self.base_method = "flash" if use_flash_clipping else ("gram" if use_ghost_clipping else "per_sample")
+        self.norm_method = None if norm_method == "auto" else norm_method
+        self.trainable_parameters = [p for p in m.parameters() if p.requires_grad]
+        self.layers = list(self._discover_layers(m, ""))
+        self._check_no_shared_parameters()
+        self._anchors: Dict[torch.device, torch.Tensor] = {}
+        self._capturing = False
+        self._batch_size: Optional[int] = None
+        self._norm_sq: Optional[torch.Tensor] = None
+        self._per_sample_gradient_norms: Optional[torch.Tensor] = None
+        self.hooks_enabled = False
+        self.add_hooks()
+
+    # -- construction --------------------------------------------------------------------------
+    def _discover_layers(self, module: nn.Module, name: str):
+        """Yields a :class:`HookedLayer` for each module owning trainable parameters."""
+        own = trainable_own_parameters(module)
+        covers_children = False
+        if own:
+            rule = get_norm_rule(module)
+            reason = "it has no FlashNorm norm rule" if rule is None else rule.supports(module)
+            if reason is not None:
+                try:
+                    rule = PerSampleGradFallback(module)
+                except NotImplementedError as err:
+                    raise NotImplementedError(
+                        f"Layer '{name or '<root>'}' ({type(module).__name__}) is not supported: {reason}, "
+                        f"and per-sample gradients cannot be computed for it ({err}). Fix: register a rule with "
+                        "flashnorm.norms.register_norm_rule, replace the layer, or freeze its parameters."
+                    ) from err
+                covers_children = rule.covers_children
+                logger.info("layer %s (%s): %s; falling back to per-sample gradients", name, type(module).__name__, reason)
+            params = [p for p in module.parameters() if p.requires_grad] if covers_children else own
+            yield HookedLayer(name or "<root>", module, rule, params)
+        if covers_children:
+            return
+        for child_name, child in module.named_children():
+            yield from self._discover_layers(child, f"{name}.{child_name}" if name else child_name)
+
+    def _check_no_shared_parameters(self) -> None:
+        owner: Dict[int, str] = {}
+        for layer in self.layers:
+            for p in layer.params:
+                if id(p) in owner:
+                    raise NotImplementedError(
+                        f"Layers '{owner[id(p)]}' and '{layer.name}' share a parameter (weight tying). The per-sample "
+                        "norm of a shared parameter needs the cross term of both uses, which FlashNorm's clipping "
+                        "modes do not compute. Fix: untie the weights (e.g. tie_word_embeddings=False) or use "
+                        "grad_sample_mode='hooks'."
+                    )
+                owner[id(p)] = layer.name
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def add_hooks(self) -> None:
+        for layer in self.layers:
+            layer.handles.append(layer.module.register_forward_hook(partial(self._capture_forward, layer)))
+        self.enable_hooks()
+
+    def remove_hooks(self) -> None:
+        self.disable_hooks()
+        for layer in self.layers:
+            while layer.handles:
+                layer.handles.pop().remove()
+            layer.x, layer.kept = None, None
+
+    def enable_hooks(self) -> None:
+        """Turns capture back on (after :meth:`disable_hooks`)."""
+        self.hooks_enabled = True
+
+    def disable_hooks(self) -> None:
+        """Turns capture off: the module then trains like the plain module."""
+        self.hooks_enabled = False
+
+    def forward(self, *args, **kwargs):
+        self._reset_step()
+        return self._module(*args, **kwargs)
+
+    def _reset_step(self) -> None:
+        self._batch_size = None
+        for layer in self.layers:
+            layer.x, layer.kept = None, None
+
+    def _anchor_on(self, device: torch.device) -> torch.Tensor:
+        anchor = self._anchors.get(device)
+        if anchor is None:
+            anchor = self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        return anchor
+
+    def _batch_first(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.batch_first else t.movedim(1, 0)
+
+    def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output):
+        if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
+            return None
+        if layer.x is not None:
+            raise NotImplementedError(
+                f"Layer '{layer.name}' ran twice in one forward pass. Per-sample norms of a layer applied more "
+                "than once need cross terms between its uses, which FlashNorm's clipping modes do not compute. "
+                "Fix: use a separate layer per use, or grad_sample_mode='hooks'."
+            )
+        if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
+            raise NotImplementedError(
+                f"Layer '{layer.name}' ({type(module).__name__}) must take a tensor as its first input and return "
+                "one tensor for FlashNorm's hooks."
+            )
+        x = self._batch_first(inputs[0].detach())
+        if self._batch_size is None:
+            self._batch_size = x.shape[0]
+        elif x.shape[0] != self._batch_size:
+            raise ValueError(
+                f"Layer '{layer.name}' saw batch size {x.shape[0]} but an earlier layer saw {self._batch_size} "
+                f"in the same forward pass; check batch_first (now {self.batch_first})."
+            )
+        layer.x = x
+        return _Anchor.apply(output, self._anchor_on(output.device), partial(self._capture_backward, layer))
+
+    def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor) -> None:
+        if not self._capturing:
+            return
+        x, layer.x = layer.x, None
+        g = self._batch_first(grad_output.detach())
+        if x is None or x.shape[0] == 0:
+            return
+        method = choose(
+            layer.rule, layer.module, x, g, base=self.base_method, fused=self.passes == 1,
+            override=self.norm_method, name=layer.name,
+        )
+        if method == "per_sample":
+            grads = layer.rule.per_sample_grads(layer.module, x, g)
+            norm_sq = per_sample_norm_sq(grads)
+            kept = ("per_sample", grads)
+        else:
+            norm_sq = layer.rule.norm_sq(layer.module, x, g, method)
+            kept = (method, x, g)
+        if self.passes == 1:
+            layer.kept = kept
+        if norm_sq.dtype == torch.float64 and self._norm_sq.dtype != torch.float64:
+            self._norm_sq = self._norm_sq.double()
+        self._norm_sq += norm_sq.to(self._norm_sq.dtype)
+
+    # -- the clipping workflow -------------------------------------------------------------------
+    def compute_clipping_coef(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
+        """Norm pass: per-sample norms from every hooked layer → clipping coefficients c: [B].
+
+        Raises:
+            ValueError: non-finite loss (nothing is computed, no parameter changes), or a
+                per-sample loss whose batch size differs from the module's last forward.
+        """
+        self._check_loss(loss_per_sample)
+        batch = loss_per_sample.shape[0]
+        self._norm_sq = torch.zeros(batch, dtype=torch.float32, device=loss_per_sample.device)
+        self._capturing = True
+        try:
+            torch.autograd.grad(
+                loss_per_sample.sum(), list(self._anchors.values()), allow_unused=True, retain_graph=self.passes == 2
+            )
+        finally:
+            self._capturing = False
+            for layer in self.layers:
+                layer.x = None
+        return self.get_clipping_coef()
+
+    def write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
+        """Writes Σ_b c_b ∇ℓ_b into ``p.grad`` of every trainable parameter (zeros where unused)."""
+        self._write_clipped_gradients(loss_per_sample, coef)
+        for p in self.trainable_parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _check_loss(self, loss_per_sample: torch.Tensor) -> None:
+        if self._batch_size is None or not self._anchors:
+            raise RuntimeError(
+                "No captured forward pass: run the wrapped model's forward in training mode (model.train(), "
+                "grad enabled, hooks enabled) before calling backward on the loss."
+            )
+        if loss_per_sample.dim() != 1 or loss_per_sample.shape[0] != self._batch_size:
+            self._reset_step()
+            raise ValueError(
+                f"The per-sample loss has shape {tuple(loss_per_sample.shape)} but the model's forward saw batch size "
+                f"{self._batch_size}; the loss must hold one value per sample: [B]. For token-level losses call the "
+                "criterion with shape=(B, T, V) so that the privacy unit is the sequence."
+            )
+        if not bool(torch.isfinite(loss_per_sample).all()):
+            self._reset_step()
+            raise ValueError(
+                "The loss is not finite (NaN or inf) for some sample; no gradient was computed and no parameter "
+                "changed. Check the learning rate, the inputs, or use a loss scaler under fp16."
+            )
+
+    # -- Opacus-compatible accessors -------------------------------------------------------------
+    def get_norm_sample(self) -> torch.Tensor:
+        """Per-sample gradient norms ‖g_b‖ of the last norm pass: [B]."""
+        if self._norm_sq is None:
+            raise AttributeError("No norms yet: call backward on the loss from the DP criterion first.")
+        norms = self._norm_sq.sqrt()
+        self.per_sample_gradient_norms = norms
+        return norms
+
+    def get_clipping_coef(self) -> torch.Tensor:
+        """c_b = min(1, C / (‖g_b‖ + 1e-6)): [B]."""
+        return (self.max_grad_norm / (self.get_norm_sample() + 1e-6)).clamp(max=1.0)
+
+    @property
+    def per_sample_gradient_norms(self) -> torch.Tensor:
+        """Per-sample gradient norms of the last step (not private: for debugging only)."""
+        if self._per_sample_gradient_norms is None:
+            raise AttributeError("per_sample_gradient_norms is not set: run forward and backward first.")
+        return self._per_sample_gradient_norms
+
+    @per_sample_gradient_norms.setter
+    def per_sample_gradient_norms(self, value: torch.Tensor) -> None:
+        self._per_sample_gradient_norms = value

@@ -1,0 +1,69 @@
+"""Norm rule of ``nn.Embedding``.
+
+Sample b looks up rows ids_b[t] and receives output gradients G_b[t] ∈ ℝ^D. Its weight gradient
+has one non-zero row per distinct id v: Σ_{t: ids_b[t] = v} G_b[t]. So
+
+    ‖∇ℓ_b‖² = Σ_v ‖Σ_{t: ids_b[t]=v} G_b[t]‖²
+
+computed by summing G rows per distinct (sample, id) key (an ``index_add`` over B·T rows; no
+B×V×D or B×T×T tensor). Rows at ``padding_idx`` get no gradient, as in ``nn.Embedding``.
+The clipped gradient is the embedding backward of c ⊙ G. Sparse embeddings and
+``scale_grad_by_freq`` fall back to per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..kernels._chunks import accumulation_dtype
+from .registry import NormRule, register_norm_rule
+
+
+@register_norm_rule(nn.Embedding)
+class EmbeddingRule(NormRule):
+    methods = ("exact",)
+
+    def supports(self, layer):
+        if layer.sparse:
+            return "sparse=True"
+        if layer.scale_grad_by_freq:
+            return "scale_grad_by_freq=True"
+        return None
+
+    @staticmethod
+    def _rows(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor):
+        """Flattened (sample index, id, gradient row), padding rows removed."""
+        batch = ids.shape[0]
+        ids = ids.reshape(batch, -1)
+        rows = g.reshape(batch, ids.shape[1], -1)
+        sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)
+        ids, rows, sample = ids.reshape(-1), rows.reshape(-1, rows.shape[-1]), sample.reshape(-1)
+        if layer.padding_idx is not None:
+            keep = ids != layer.padding_idx
+            ids, rows, sample = ids[keep], rows[keep], sample[keep]
+        return sample, ids, rows
+
+    def norm_sq(self, layer, x, g, method):
+        if method == "per_sample":
+            return super().norm_sq(layer, x, g, method)
+        batch = x.shape[0]
+        acc = accumulation_dtype(g)
+        sample, ids, rows = self._rows(layer, x, g)
+        keys, inverse = torch.unique(sample * layer.num_embeddings + ids, return_inverse=True)
+        summed = torch.zeros(keys.shape[0], rows.shape[1], dtype=acc, device=g.device)
+        summed.index_add_(0, inverse, rows.to(acc))
+        norm_sq = torch.zeros(batch, dtype=acc, device=g.device)
+        return norm_sq.index_add_(0, keys // layer.num_embeddings, summed.square().sum(dim=1))
+
+    def clipped_grads(self, layer, x, g, coef):
+        sample, ids, rows = self._rows(layer, x, g)
+        weight_grad = torch.zeros_like(layer.weight)
+        scaled = rows * coef.to(rows.dtype)[sample].unsqueeze(1)
+        return {layer.weight: weight_grad.index_add_(0, ids, scaled.to(weight_grad.dtype))}
+
+    def per_sample_grads(self, layer, x, g):
+        sample, ids, rows = self._rows(layer, x, g)
+        grads = torch.zeros(x.shape[0], *layer.weight.shape, dtype=layer.weight.dtype, device=g.device)
+        grads.index_put_((sample, ids), rows.to(grads.dtype), accumulate=True)
+        return {layer.weight: grads}

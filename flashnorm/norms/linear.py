@@ -1,0 +1,102 @@
+"""Norm rule of the Linear family: ``nn.Linear`` and ``transformers``' GPT-2 ``Conv1D``.
+
+x: [B, ..., d], g: [B, ..., p] are flattened to X: [B, T, d], G: [B, T, p] (T = product of
+the middle dimensions; T = 1 for 2-D inputs). Per sample, W_b = G_bᵀX_b and β_b = Σ_t G_b[t]:
+
+* ``flash``: ‖W_b‖² tile by tile (:func:`flashnorm.kernels.flash_norm_sq`), 2·B·T·d·p FLOPs;
+* ``gram``: ⟨X_bX_bᵀ, G_bG_bᵀ⟩ (:func:`flashnorm.kernels.gram_norm_sq`), ≈ B·T²·(d+p) FLOPs;
+  rank-one ‖x_b‖²‖g_b‖² when T = 1;
+* ``per_sample``: W_b materialised (B·d·p memory), then its norm;
+
+plus ‖β_b‖² for the bias. The clipped gradient is (c ⊙ G)ᵀX and Σ_b c_b β_b.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..kernels._chunks import accumulation_dtype
+from ..kernels import clipped_bias_grad, clipped_weight_grad, flash_norm_sq, gram_norm_sq, per_sample_weight_grads
+from .registry import NormRule, register_norm_rule
+
+try:  # transformers is optional: GPT-2's Conv1D gets the rule when it is installed.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - exercised only without transformers
+    Conv1D = None
+
+
+class LinearFamilyRule(NormRule):
+    """Shared rule for layers that compute y = x Wᵀ + b on flattened sequences."""
+
+    methods = ("flash", "gram", "per_sample")
+
+    # -- layout hooks, overridden per layer type -------------------------------------------------
+    def as_sequences(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """X: [B, T, d], G: [B, T, p]."""
+        batch = x.shape[0]
+        return x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+
+    def weight_from_pd(self, layer: nn.Module, grad_pd: torch.Tensor) -> torch.Tensor:
+        """Maps a [..., p, d] gradient to the weight's layout."""
+        return grad_pd
+
+    # -- rule ------------------------------------------------------------------------------------
+    def sizes(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Tuple[int, int, int, int]:
+        """(B, T, d, p) of the flattened problem, for the planner."""
+        xs, gs = self.as_sequences(layer, x, g)
+        return xs.shape[0], xs.shape[1], xs.shape[2], gs.shape[2]
+
+    def norm_sq(self, layer, x, g, method):
+        xs, gs = self.as_sequences(layer, x, g)
+        acc = accumulation_dtype(xs, gs)
+        total = None
+        if layer.weight.requires_grad:
+            if method == "flash":
+                total = flash_norm_sq(xs, gs)
+            elif method == "gram":
+                total = gram_norm_sq(xs, gs)
+            else:
+                raise ValueError(f"unknown norm method {method!r} for {type(layer).__name__}")
+        bias = getattr(layer, "bias", None)
+        if bias is not None and bias.requires_grad:
+            bias_sq = gs.to(acc).sum(dim=1).square().sum(dim=1)
+            total = bias_sq if total is None else total + bias_sq.to(total.dtype)
+        return total
+
+    def per_sample_grads(self, layer, x, g):
+        xs, gs = self.as_sequences(layer, x, g)
+        grads: Dict[nn.Parameter, torch.Tensor] = {}
+        if layer.weight.requires_grad:
+            grads[layer.weight] = self.weight_from_pd(layer, per_sample_weight_grads(xs, gs)).to(layer.weight.dtype)
+        bias = getattr(layer, "bias", None)
+        if bias is not None and bias.requires_grad:
+            grads[bias] = gs.sum(dim=1).to(bias.dtype)
+        return grads
+
+    def clipped_grads(self, layer, x, g, coef):
+        xs, gs = self.as_sequences(layer, x, g)
+        grads: Dict[nn.Parameter, torch.Tensor] = {}
+        if layer.weight.requires_grad:
+            grads[layer.weight] = self.weight_from_pd(layer, clipped_weight_grad(xs, gs, coef)).to(layer.weight.dtype)
+        bias = getattr(layer, "bias", None)
+        if bias is not None and bias.requires_grad:
+            grads[bias] = clipped_bias_grad(gs, coef).to(bias.dtype)
+        return grads
+
+
+@register_norm_rule(nn.Linear)
+class LinearRule(LinearFamilyRule):
+    """``nn.Linear``: weight [p, d]."""
+
+
+if Conv1D is not None:
+
+    @register_norm_rule(Conv1D)
+    class GPT2Conv1DRule(LinearFamilyRule):
+        """``transformers`` ``Conv1D`` (GPT-2): y = x W + b with weight [d, p]."""
+
+        def weight_from_pd(self, layer, grad_pd):
+            return grad_pd.transpose(-1, -2)

@@ -1,0 +1,89 @@
+"""Per layer and per call, the cheapest exact norm method.
+
+For a Linear-family layer with flattened sizes (B, T, d, p), N = B·T·d·p:
+
+* ``flash``       2N FLOPs, O(B) memory;
+* ``gram``        ≈ B·T²·(d+p) FLOPs, O(B) memory: cheaper when T < 2dp/(d+p)
+  (``GRAM_CROSSOVER`` scales that bound; 1.0 = equal FLOPs);
+* ``per_sample``  (one-pass mode only) 2N FLOPs and B·d·p memory, but it replaces the
+  assembly GEMM (another 2N) and the stored X, G. Chosen when the per-sample gradients take no
+  more memory than the X and G they replace (d·p ≤ T·(d+p)) and fit ``PER_SAMPLE_BUDGET_BYTES``.
+
+Other rules have one method. The choice can be forced per module
+(``norm_method=`` on the grad-sample module) or globally (``FLASHNORM_NORM_METHOD``), and it
+is logged at DEBUG level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("flash", "gram", "per_sample", "exact")
+
+#: Multiplier on the FLOP-equality bound T* = 2dp/(d+p) below which Gram is used.
+GRAM_CROSSOVER = 1.0
+#: Largest per-sample gradient (bytes, one layer) the one-pass mode may materialise.
+PER_SAMPLE_BUDGET_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes of one layer's norm problem."""
+
+    batch: int
+    steps: int
+    d: int
+    p: int
+    element_bytes: int = 4
+
+
+def forced_method() -> Optional[str]:
+    """``FLASHNORM_NORM_METHOD`` when set (``auto`` or empty means not forced)."""
+    value = os.environ.get("FLASHNORM_NORM_METHOD", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in METHODS:
+        raise ValueError(f"FLASHNORM_NORM_METHOD={value!r} is not one of auto, {', '.join(METHODS)}.")
+    return value
+
+
+def plan_linear(problem: Problem, *, base: str, fused: bool) -> str:
+    """Method for a Linear-family layer.
+
+    Args:
+        problem: flattened sizes.
+        base: the mode's algorithm: ``"gram"`` (ghost), ``"flash"`` (planned), ``"per_sample"``.
+        fused: one-pass mode (per-sample gradients may replace the stored X, G).
+    """
+    if base in ("gram", "per_sample"):
+        return base
+    b, t, d, p = problem.batch, problem.steps, problem.d, problem.p
+    if fused and d * p <= t * (d + p) and b * d * p * problem.element_bytes <= PER_SAMPLE_BUDGET_BYTES:
+        return "per_sample"
+    if t < GRAM_CROSSOVER * 2 * d * p / max(1, d + p):
+        return "gram"
+    return "flash"
+
+
+def choose(rule, layer, x, g, *, base: str, fused: bool, override: Optional[str], name: str) -> str:
+    """The method for this call: the override, else ``FLASHNORM_NORM_METHOD``, else the plan.
+
+    Every rule can do ``"per_sample"``; a forced method the rule lacks is ignored for that layer.
+    """
+    method = override or forced_method()
+    if method != "per_sample" and method not in rule.methods:
+        if base == "per_sample":
+            method = "per_sample"
+        elif "flash" in rule.methods:
+            batch, steps, d, p = rule.sizes(layer, x, g)
+            method = plan_linear(Problem(batch, steps, d, p, g.element_size()), base=base, fused=fused)
+        else:
+            method = rule.methods[0]
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("norm plan: %s (%s) x=%s g=%s -> %s", name, type(layer).__name__, tuple(x.shape), tuple(g.shape), method)
+    return method

@@ -1,0 +1,103 @@
+"""Registry of per-layer norm rules: ``@register_norm_rule(nn.Linear)`` on a :class:`NormRule`.
+
+A rule knows, for one layer family, from the layer input ``x`` and output gradient ``g``
+(batch first, ``g`` the gradient of Σ_b ℓ_b):
+
+* the per-sample squared gradient norm summed over the layer's trainable parameters, by any of
+  the methods it lists in ``methods`` (``"flash"``, ``"gram"``, ``"per_sample"``, ``"exact"``);
+* the clipped gradient Σ_b c_b ∇ℓ_b of each parameter (used by the one-pass ``flash_fuse``).
+
+Families live one per file in this package and register on import.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+_RULES: Dict[type, "NormRule"] = {}
+
+
+class NormRule:
+    """Base class of a layer family's norm rule.
+
+    Subclasses set ``methods`` and implement :meth:`norm_sq` and :meth:`clipped_grads`;
+    :meth:`per_sample_grads` (B·|θ| memory) serves the ``"per_sample"`` method.
+    """
+
+    #: Methods this rule can compute norms with; the planner picks among them.
+    methods: Tuple[str, ...] = ("per_sample",)
+
+    def supports(self, layer: nn.Module) -> Optional[str]:
+        """``None`` when the rule handles ``layer``; otherwise why not (the layer falls back)."""
+        return None
+
+    def norm_sq(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, method: str) -> torch.Tensor:
+        """Σ_params ‖∇_θ ℓ_b‖² per sample → [B] float32 (float64 for float64 inputs)."""
+        if method != "per_sample":
+            raise ValueError(f"{type(self).__name__} has no method {method!r}")
+        return per_sample_norm_sq(self.per_sample_grads(layer, x, g))
+
+    def per_sample_grads(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+        """∇_θ ℓ_b for each trainable parameter θ of the layer: {θ: [B, *θ.shape]}."""
+        raise NotImplementedError
+
+    def clipped_grads(
+        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor
+    ) -> Dict[nn.Parameter, torch.Tensor]:
+        """Σ_b c_b ∇_θ ℓ_b for each trainable parameter θ: {θ: θ.shape}."""
+        return clipped_from_per_sample(self.per_sample_grads(layer, x, g), coef)
+
+
+def register_norm_rule(layer_types, *, force: bool = False):
+    """Class decorator: registers an instance of the decorated :class:`NormRule` for ``layer_types``.
+
+    Refuses to overwrite an existing rule unless ``force=True``.
+    """
+    types = layer_types if isinstance(layer_types, (list, tuple)) else (layer_types,)
+
+    def decorator(rule_cls):
+        rule = rule_cls()
+        for layer_type in types:
+            if layer_type in _RULES and not force:
+                raise ValueError(f"a norm rule for {layer_type.__name__} is already registered; pass force=True")
+            _RULES[layer_type] = rule
+        return rule_cls
+
+    return decorator
+
+
+def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:
+    """The rule registered for ``type(layer)`` (exact type), or ``None``."""
+    return _RULES.get(type(layer))
+
+
+def trainable_own_parameters(layer: nn.Module) -> List[nn.Parameter]:
+    """Trainable parameters the layer holds directly (not its children's)."""
+    return [p for p in layer.parameters(recurse=False) if p.requires_grad]
+
+
+def per_sample_norm_sq(grads: Dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
+    """Σ_θ ‖grads[θ][b]‖² → [B], accumulated in float32 (float64 for float64 grads)."""
+    total = None
+    for gs in grads.values():
+        acc = torch.float64 if gs.dtype == torch.float64 else torch.float32
+        term = gs.reshape(gs.shape[0], -1).to(acc).square().sum(dim=1)
+        total = term if total is None else total + term
+    return total
+
+
+def clipped_from_per_sample(grads: Dict[nn.Parameter, torch.Tensor], coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+    """Σ_b c_b grads[θ][b] for each θ."""
+    out = {}
+    for p, gs in grads.items():
+        flat = gs.reshape(gs.shape[0], -1)
+        out[p] = (coef.to(flat.dtype) @ flat).view(p.shape) if gs.shape[0] else torch.zeros_like(p)
+    return out
+
+
+def iter_rules() -> Iterable[Tuple[Type[nn.Module], NormRule]]:
+    """Registered (layer type, rule) pairs."""
+    return _RULES.items()

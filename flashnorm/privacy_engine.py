@@ -1,0 +1,122 @@
+"""``FlashNormPrivacyEngine``: Opacus's ``PrivacyEngine`` with FlashNorm's clipping modes.
+
+Accountants, Poisson data loading, module validation, noise, checkpoints and
+``make_private_with_epsilon`` are Opacus's. For ``ghost``, ``flash`` and ``flash_fuse``
+(alias ``flash_bk``), ``make_private`` returns ``(module, optimizer, criterion, data_loader)``;
+``criterion(...).backward()`` runs the clipping workflow and ``optimizer.step()`` adds noise once.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from opacus import PrivacyEngine as _OpacusPrivacyEngine
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+
+from .grad_sample import gsm_class
+from .modes import get_mode
+from .utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+
+class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
+    """Drop-in subclass of :class:`opacus.PrivacyEngine` (same constructor and methods).
+
+    Example:
+        >>> engine = FlashNormPrivacyEngine()
+        >>> model, optimizer, criterion, loader = engine.make_private(
+        ...     module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
+        ...     noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="flash_fuse")
+        >>> loss = criterion(model(x), y); loss.backward(); optimizer.step(); optimizer.zero_grad()
+    """
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer,
+        criterion=nn.CrossEntropyLoss(),  # noqa: B008 - Opacus's default
+        data_loader,
+        noise_multiplier: float,
+        max_grad_norm,
+        loss_reduction: str = "mean",
+        grad_sample_mode: str = "hooks",
+        **kwargs,
+    ):
+        """Opacus's ``make_private``; ``grad_sample_mode`` takes any mode of :mod:`flashnorm.modes`.
+
+        Raises:
+            ValueError: unknown ``grad_sample_mode`` (the message lists the valid ones).
+            NotImplementedError: a reserved mode (the FSDP2 ones, for now).
+        """
+        mode = get_mode(grad_sample_mode)
+        result = super().make_private(
+            module=module,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=data_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            loss_reduction=loss_reduction,
+            grad_sample_mode=mode.name,
+            **kwargs,
+        )
+        if mode.delegated or len(result) == 4:
+            return result
+        module, optimizer, data_loader = result
+        criterion = self._prepare_criterion(
+            module=module, optimizer=optimizer, criterion=criterion, loss_reduction=loss_reduction
+        )
+        return module, optimizer, criterion, data_loader
+
+    def _prepare_model(
+        self,
+        module: nn.Module,
+        *,
+        batch_first: bool = True,
+        max_grad_norm=1.0,
+        loss_reduction: str = "mean",
+        grad_sample_mode: str = "hooks",
+        wrap_model: bool = True,
+    ):
+        mode = get_mode(grad_sample_mode)
+        if mode.delegated:
+            return super()._prepare_model(
+                module,
+                batch_first=batch_first,
+                max_grad_norm=max_grad_norm,
+                loss_reduction=loss_reduction,
+                grad_sample_mode=mode.name,
+                wrap_model=wrap_model,
+            )
+        if not wrap_model:
+            raise NotImplementedError(
+                f"wrap_model=False is not supported with grad_sample_mode={mode.name!r}; use wrap_model=True "
+                "(the returned module is a wrapper whose parameters are your model's own)."
+            )
+        self.validate(module=module, optimizer=None, data_loader=None)
+        cls = gsm_class(mode)
+        if isinstance(module, AbstractGradSampleModule):
+            if type(module) is not cls or module.batch_first != batch_first or module.loss_reduction != loss_reduction:
+                raise ValueError(
+                    f"The module is already wrapped ({type(module).__name__}, batch_first={module.batch_first}, "
+                    f"loss_reduction={module.loss_reduction!r}), which does not match grad_sample_mode={mode.name!r}, "
+                    f"batch_first={batch_first}, loss_reduction={loss_reduction!r}. Pass the plain nn.Module instead."
+                )
+            return module
+        return cls(
+            module,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            max_grad_norm=max_grad_norm,
+            use_flash_clipping=mode.norm_method == "flash",
+            use_ghost_clipping=True,
+        )
+
+    def _prepare_optimizer(self, *, grad_sample_mode: str = "hooks", **kwargs):
+        return super()._prepare_optimizer(grad_sample_mode=get_mode(grad_sample_mode).opacus_family, **kwargs)
+
+    def _prepare_criterion(self, *, module, optimizer, criterion, loss_reduction: str = "mean", **kwargs):
+        return DPLossFastGradientClipping(module, optimizer, criterion, loss_reduction)
+
+
+#: Opacus's name, for a one-line import change.
+PrivacyEngine = FlashNormPrivacyEngine

@@ -1,0 +1,1 @@
+"""Utilities: the DP criterion of the clipping modes."""

@@ -1,0 +1,50 @@
+"""Ground truth: a float64 microbatch loop with ordinary autograd (never a mode of this library).
+
+For each sample b alone: ℓ_b, g_b = ∇ℓ_b, n_b = ‖g_b‖, c_b = min(1, C / (n_b + 1e-6)); the
+clipped sum Σ_b c_b g_b is what a DP step adds noise to.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class OracleStep:
+    norms: torch.Tensor  # [B] float64
+    clipped_sum: Dict[str, torch.Tensor]  # parameter name -> Σ_b c_b g_b (float64)
+
+
+def microbatch_reference(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    max_grad_norm: float,
+) -> OracleStep:
+    """Runs a float64 copy of ``model`` on one sample at a time.
+
+    Args:
+        sample_loss: ``(output of one sample [1, ...], target [1, ...]) -> scalar`` loss ℓ_b.
+    """
+    ref = copy.deepcopy(model).double()
+    params = {name: p for name, p in ref.named_parameters() if p.requires_grad}
+    clipped = {name: torch.zeros_like(p) for name, p in params.items()}
+    norms = []
+    for b in range(inputs.shape[0]):
+        x = inputs[b : b + 1]
+        x = x.double() if x.is_floating_point() else x
+        loss = sample_loss(ref(x), targets[b : b + 1])
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+        for name, g in zip(params, grads):
+            clipped[name] += coef * g
+        norms.append(norm)
+    return OracleStep(torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64), clipped)
