@@ -30,6 +30,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def device():
+    """Where the end-to-end mode tests run: ``FLASHNORM_TEST_DEVICE`` (default cpu; cuda on the GPU)."""
+    return torch.device(os.environ.get("FLASHNORM_TEST_DEVICE", "cpu"))
+
+
+def fp32_tolerance(device) -> tuple:
+    """fp32 tolerance on ``device``: cuDNN convolutions use tf32 by default on the GPU."""
+    return TOLERANCES["tf32" if torch.device(device).type == "cuda" else "fp32"]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

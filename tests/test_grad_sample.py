@@ -1,0 +1,92 @@
+"""The grad-sample modules used directly: what each pass computes, hooks on/off, the planner."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from flashnorm.grad_sample import GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse
+from flashnorm.norms.planner import Problem, plan_linear
+from flashnorm.optimizers import DPOptimizerFastGradientClipping
+from flashnorm.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from tests.zoo import build
+
+
+def _wrap(cls, model, **kwargs):
+    gsm = cls(model, max_grad_norm=0.1, **kwargs)
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
+                                          max_grad_norm=0.1, expected_batch_size=3)
+    return gsm, opt, DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(reduction="mean"))
+
+
+def _count_accumulations(model):
+    counts = {"n": 0}
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda _p: counts.__setitem__("n", counts["n"] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["linear3d", "conv2d", "embedding", "layernorm", "dp_mha", "fallback"])
+def test_norm_pass_computes_no_parameter_gradient(kind):
+    model, x, y = build(kind, 37)
+    gsm, _, criterion = _wrap(GradSampleModuleFastGradientClipping, model)
+    counts = _count_accumulations(model)
+    loss = criterion(gsm(x), y)
+    gsm.compute_clipping_coef(loss.loss_per_sample)
+    assert counts["n"] == 0 and all(p.grad is None for p in model.parameters())
+    gsm.write_clipped_gradients(loss.loss_per_sample, gsm.get_clipping_coef())  # pass 2: ordinary backward
+    assert counts["n"] == sum(1 for _ in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["flash", "gram", "per_sample"])
+@pytest.mark.parametrize("kind", ["linear3d", "conv2d", "embedding", "layernorm", "dp_mha", "fallback"])
+def test_one_pass_backward_computes_no_parameter_gradient(kind, method):
+    model, x, y = build(kind, 37)
+    gsm, opt, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model, norm_method=method)
+    counts = _count_accumulations(model)
+    criterion(gsm(x), y).backward()
+    assert counts["n"] == 0, "autograd accumulated a parameter gradient during the one-pass backward"
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_disabled_hooks_train_like_the_plain_module():
+    model, x, y = build("linear3d", 5)
+    gsm, _, _ = _wrap(GradSampleModuleFastGradientClippingFuse, model)
+    gsm.disable_hooks()
+    nn.functional.cross_entropy(gsm(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+
+
+def test_layer_used_twice_is_a_clear_error():
+    layer = nn.Linear(4, 4)
+    gsm = GradSampleModuleFastGradientClippingFuse(nn.Sequential(layer, nn.Tanh(), layer))
+    with pytest.raises(NotImplementedError, match="ran twice"):
+        gsm(torch.randn(2, 4))
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="loss_reduction"):
+        GradSampleModuleFastGradientClipping(nn.Linear(2, 2), loss_reduction="avg")
+    with pytest.raises(ValueError, match="norm_method"):
+        GradSampleModuleFastGradientClipping(nn.Linear(2, 2), norm_method="fast")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        GradSampleModuleFastGradientClipping(nn.Linear(2, 2), max_grad_norm=[1.0, 2.0])
+
+
+def test_planner_choices():
+    # Gram below T* = 2dp/(d+p) = 1024 for d = p = 1024, flash above; per-sample in one pass when d·p ≤ T(d+p).
+    assert plan_linear(Problem(4, 512, 1024, 1024), base="flash", fused=False) == "gram"
+    assert plan_linear(Problem(4, 4096, 1024, 1024), base="flash", fused=False) == "flash"
+    assert plan_linear(Problem(1, 4096, 1024, 1024), base="flash", fused=True) == "per_sample"
+    assert plan_linear(Problem(64, 4096, 4096, 4096), base="flash", fused=True) == "flash"  # over the budget
+    assert plan_linear(Problem(4, 4096, 1024, 1024), base="gram", fused=True) == "gram"
+
+
+def test_forced_method_env(monkeypatch):
+    monkeypatch.setenv("FLASHNORM_NORM_METHOD", "bogus")
+    model, x, y = build("linear3d", 5)
+    gsm, _, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model)
+    with pytest.raises(ValueError, match="FLASHNORM_NORM_METHOD"):
+        criterion(gsm(x), y).backward()
