@@ -15,6 +15,7 @@ PyTorch reference :func:`flash_norm_sq_reference` and the dispatcher :func:`flas
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -162,6 +163,11 @@ class FlashConfig(NamedTuple):
 
 #: Fewest BLOCK_T steps a T-split program gets, so that its load pipeline fills.
 MIN_BLOCKS_PER_SPLIT = 4
+#: Cost model of the T-split choice (H200 figures; only their ratios matter): dot rate of one SM
+#: by input dtype (tf32 for float32), workspace bandwidth and the reduction launch.
+SM_FLOPS = {torch.bfloat16: 4.5e12, torch.float16: 4.5e12, torch.float32: 2.2e12}
+WORKSPACE_BYTES_PER_S = 4e12
+REDUCE_LAUNCH_S = 5e-6
 
 
 def _block(n: int, cap: int) -> int:
@@ -186,17 +192,26 @@ def flash_norm_config(d: int, p: int, dtype: torch.dtype, interpret: bool = Fals
     return FlashConfig(block_t, block_p, block_d, num_warps, 3)
 
 
-def flash_norm_splits(batch: int, steps: int, n_tiles: int, block_t: int, n_sms: int) -> int:
-    """How many programs share one sample's T range: enough to fill the GPU once, no more.
+@functools.lru_cache(maxsize=4096)
+def flash_norm_splits(batch: int, steps: int, n_tiles: int, cfg: FlashConfig, n_sms: int, dtype: torch.dtype) -> int:
+    """How many programs share one sample's T range (1 = no T-split).
 
-    B·tiles ≥ SMs: 1. Otherwise ⌊SMs / (B·tiles)⌋ (one wave), and at least ``MIN_BLOCKS_PER_SPLIT``
-    BLOCK_T steps per program.
+    Minimises waves(S) · t_tile / S + (S > 1) · (workspace traffic + reduction launch), where
+    t_tile = 2·T·BLOCK_P·BLOCK_D / ``SM_FLOPS`` is one unsplit program's time, waves(S) =
+    ⌈B·tiles·S / SMs⌉ and the workspace holds B·tiles·S float32 tiles written once and read once.
+    Each program keeps at least ``MIN_BLOCKS_PER_SPLIT`` BLOCK_T steps; S never exceeds 4 waves.
     """
     programs = batch * n_tiles
-    if programs >= n_sms:
-        return 1
-    max_by_t = max(1, triton.cdiv(steps, block_t * MIN_BLOCKS_PER_SPLIT))
-    return max(1, min(n_sms // programs, max_by_t))
+    tile_elems = cfg.block_p * cfg.block_d
+    t_tile = 2 * steps * tile_elems / SM_FLOPS.get(dtype, SM_FLOPS[torch.float32])
+    max_splits = max(1, min(triton.cdiv(steps, cfg.block_t * MIN_BLOCKS_PER_SPLIT), 4 * n_sms // programs))
+
+    def cost(s: int) -> float:
+        waves = triton.cdiv(programs * s, n_sms)
+        workspace = 8 * tile_elems * programs * s / WORKSPACE_BYTES_PER_S + REDUCE_LAUNCH_S if s > 1 else 0.0
+        return waves * t_tile / s + workspace
+
+    return min(range(1, max_splits + 1), key=cost)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +251,7 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None):
     cfg = config or flash_norm_config(d, p, x.dtype, interpreter_enabled())
     n_tiles = triton.cdiv(p, cfg.block_p) * triton.cdiv(d, cfg.block_d)
     if splits is None:
-        splits = flash_norm_splits(batch, steps, n_tiles, cfg.block_t, multiprocessor_count(x.device))
+        splits = flash_norm_splits(batch, steps, n_tiles, cfg, multiprocessor_count(x.device), x.dtype)
     t_chunk = triton.cdiv(triton.cdiv(steps, splits), cfg.block_t) * cfg.block_t
     splits = triton.cdiv(steps, t_chunk)
     x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)

@@ -57,9 +57,9 @@ def _gram_norm_kernel(
     pid = tl.program_id(0)
     n_pairs = n_blocks * (n_blocks + 1) // 2
     b = pid // n_pairs
-    k = pid % n_pairs
-    j = ((tl.sqrt(8.0 * k.to(tl.float64) + 1.0) - 1.0) * 0.5).to(tl.int32)
-    j = tl.where(j * (j + 1) // 2 > k, j - 1, j)  # fix rounding of the square root either way
+    k = (pid % n_pairs).to(tl.int64)
+    j = ((tl.sqrt(8.0 * k.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int64)
+    j = tl.where(j * (j + 1) // 2 > k, j - 1, j)  # the float32 root can be one off either way
     j = tl.where((j + 1) * (j + 2) // 2 <= k, j + 1, j)
     i = k - j * (j + 1) // 2
 
