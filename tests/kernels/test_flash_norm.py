@@ -1,0 +1,117 @@
+"""Flash norms ‖G_bᵀX_b‖² (Triton kernel and PyTorch reference) against a float64 truth.
+
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/conftest.py); bf16 is GPU-only
+(the interpreter computes it wrongly), see test_flash_norm_gpu.py.
+"""
+
+import pytest
+import torch
+
+from flashnorm.kernels import flash_norm_sq, flash_norm_sq_reference
+from flashnorm.kernels.backend import supports_tma
+from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_splits, flash_norm_sq_triton
+from tests.conftest import TOLERANCES
+from tests.kernels.truth import assert_norms_close, norm_sq_float64
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+STEPS = (1, 37, 600, 1030)
+# The interpreter converts 0-d arrays with __index__ (numpy deprecation, not ours).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+# d and p are not multiples of the interpreter's 64-wide tiles (nor of the GPU's 128/256).
+D, P = 72, 40
+
+
+def _inputs(batch, steps, d, p, dtype, device):
+    return (torch.randn(batch, steps, d, dtype=dtype, device=device),
+            torch.randn(batch, steps, p, dtype=dtype, device=device))  # fmt: skip
+
+
+def _skip_without_tma(use_tma, device):
+    if use_tma and device == "cuda" and not supports_tma(torch.device(device)):
+        pytest.skip("tensor descriptors need compute capability 9.x")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("batch", (0, 1, 3))
+def test_triton_matches_float64(dtype, steps, batch, device, triton_backend):
+    x, g = _inputs(batch, steps, D, P, DTYPES[dtype], device)
+    assert_norms_close(flash_norm_sq(x, g), norm_sq_float64(x, g), TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("use_tma,d,p", [(False, 23, 9), (True, 72, 40)], ids=["pointers-odd", "tma-aligned"])
+@pytest.mark.parametrize("splits", (1, 3, 64))
+@pytest.mark.parametrize("steps", (37, 1030))
+def test_every_path_is_exact(use_tma, d, p, splits, steps, device):
+    """Pointer and descriptor loads, with and without T-split (64 splits > T blocks: clamped)."""
+    _skip_without_tma(use_tma, device)
+    x, g = _inputs(3, steps, d, p, torch.float32, device)
+    cfg = FlashConfig(block_t=32, block_p=16, block_d=32, num_warps=4, num_stages=1)
+    out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=use_tma)
+    assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["fp32"])
+
+
+@pytest.mark.parametrize("use_tma", (False, True), ids=["pointers", "tma"])
+@pytest.mark.parametrize("splits", (1, 3))
+def test_rows_past_t_contribute_nothing(use_tma, splits, device):
+    """A NaN sample next door and NaN memory past the last row leave the other samples exact."""
+    _skip_without_tma(use_tma, device)
+    batch, steps, d, p = 3, 37, 72, 40
+    storage = torch.full(((batch * steps + 64) * (d + p),), float("nan"), device=device)
+    x = storage[: batch * steps * d].view(batch, steps, d)
+    g = storage[batch * steps * d : batch * steps * (d + p)].view(batch, steps, p)
+    x.normal_(), g.normal_()
+    x[1, 5] = float("nan")  # sample 1 is poisoned; samples 0 and 2 border it
+    cfg = FlashConfig(block_t=32, block_p=64, block_d=64, num_warps=4, num_stages=1)
+    out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=use_tma)
+    assert torch.isnan(out[1])
+    keep = torch.tensor([0, 2], device=device)
+    assert_norms_close(out[keep], norm_sq_float64(x[keep], g[keep]), TOLERANCES["fp32"])
+
+
+def test_non_contiguous_and_mixed_dtypes(device, triton_backend):
+    x = torch.randn(2, D, 37, device=device).transpose(1, 2)  # [B, T, d] with stride 1 along T
+    g = torch.randn(2, 37, 2 * P, device=device).half()[..., ::2]  # strided columns, another dtype
+    assert not x.is_contiguous() and not g.is_contiguous()
+    assert_norms_close(flash_norm_sq(x, g), norm_sq_float64(x, g.float()), TOLERANCES["fp32"])
+
+
+def test_float64_takes_the_float64_reference(device, triton_backend):
+    x, g = _inputs(2, 37, D, P, torch.float64, device)
+    out = flash_norm_sq(x, g)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, norm_sq_float64(x, g), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("shapes", [((2, 5, 3), (2, 6, 4)), ((2, 5, 3), (5, 4)), ((5, 3), (5, 4))])
+def test_bad_shapes_are_rejected(shapes, device, triton_backend):
+    x, g = (torch.randn(s, device=device) for s in shapes)
+    with pytest.raises(ValueError, match=r"expected x: \[B, T, d\]"):
+        flash_norm_sq(x, g)
+
+
+@pytest.mark.parametrize("dtype", ("fp32", "fp64"))
+@pytest.mark.parametrize("steps", STEPS)
+def test_reference_matches_float64(dtype, steps):
+    dt = {"fp32": torch.float32, "fp64": torch.float64}[dtype]
+    x, g = _inputs(3, steps, D, P, dt, "cpu")
+    out = flash_norm_sq_reference(x, g)
+    assert out.dtype == (torch.float64 if dtype == "fp64" else torch.float32)
+    rtol, atol = (1e-12, 0.0) if dtype == "fp64" else TOLERANCES["fp32"]
+    torch.testing.assert_close(out.double(), norm_sq_float64(x, g), rtol=rtol, atol=atol)
+
+
+def test_reference_handles_empty_batch():
+    assert flash_norm_sq_reference(torch.randn(0, 4, 3), torch.randn(0, 4, 5)).shape == (0,)
+
+
+def test_t_split_choice():
+    cfg = FlashConfig(block_t=64, block_p=128, block_d=256, num_warps=8, num_stages=3)
+    # 8 samples × 32 tiles fill 132 SMs twice: splitting would only add workspace traffic
+    assert flash_norm_splits(8, 4096, 32, cfg, 132, torch.bfloat16) == 1
+    # 1 sample × 32 tiles: four programs per sample fill one wave
+    assert flash_norm_splits(1, 4096, 32, cfg, 132, torch.bfloat16) == 4
+    # never fewer than MIN_BLOCKS_PER_SPLIT blocks of T per program
+    assert flash_norm_splits(1, 128, 1, cfg, 132, torch.bfloat16) == 1
+    for steps in (1, 37, 600, 1030, 4100, 65536):
+        assert 1 <= flash_norm_splits(1, steps, 3, cfg, 132, torch.float32) <= max(1, -(-steps // 256))

@@ -1,0 +1,29 @@
+"""Float64 ground truth for the kernel tests, straight from the definition ‖G_bᵀX_b‖²_F.
+
+Deliberately independent of flashnorm: one sample and one T-chunk at a time, einsum in float64.
+"""
+
+import torch
+
+
+def norm_sq_float64(x: torch.Tensor, g: torch.Tensor, max_chunk_elements: int = 1 << 27) -> torch.Tensor:
+    """‖G_bᵀX_b‖²_F in float64 for x: [B, T, d], g: [B, T, p] → [B] float64, on x's device."""
+    batch, steps, d = x.shape
+    p = g.shape[-1]
+    out = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    rows = max(1, max_chunk_elements // max(1, d + p))
+    for b in range(batch):
+        w = torch.zeros(p, d, dtype=torch.float64, device=x.device)
+        for t0 in range(0, steps, rows):
+            w += torch.einsum("tp,td->pd", g[b, t0 : t0 + rows].double(), x[b, t0 : t0 + rows].double())
+        out[b] = w.square().sum()
+    return out
+
+
+def assert_norms_close(out: torch.Tensor, truth: torch.Tensor, tolerance: tuple[float, float]) -> None:
+    """out (float32) against the float64 truth at (rtol, atol); reports the worst relative error."""
+    rtol, atol = tolerance
+    assert out.dtype == torch.float32, out.dtype
+    assert out.shape == truth.shape, (out.shape, truth.shape)
+    rel = ((out.double() - truth).abs() / truth.abs().clamp_min(1e-300)).max().item() if truth.numel() else 0.0
+    torch.testing.assert_close(out.double(), truth, rtol=rtol, atol=atol, msg=lambda m: f"{m}\nmax rel err {rel:.3e}")
