@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch.nn as nn
 from opacus import PrivacyEngine as _OpacusPrivacyEngine
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.optimizers import DPOptimizer
 
 from .grad_sample import gsm_class
 from .modes import get_mode
+from .optimizers import DPOptimizerFastGradientClipping
 from .utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
 
@@ -111,8 +113,41 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             use_ghost_clipping=True,
         )
 
-    def _prepare_optimizer(self, *, grad_sample_mode: str = "hooks", **kwargs):
-        return super()._prepare_optimizer(grad_sample_mode=get_mode(grad_sample_mode).opacus_family, **kwargs)
+    def _prepare_optimizer(
+        self,
+        *,
+        optimizer,
+        noise_multiplier: float,
+        max_grad_norm,
+        expected_batch_size: int,
+        loss_reduction: str = "mean",
+        distributed: bool = False,
+        clipping: str = "flat",
+        noise_generator=None,
+        grad_sample_mode: str = "hooks",
+        **kwargs,
+    ):
+        mode = get_mode(grad_sample_mode)
+        if mode.delegated or distributed:
+            return super()._prepare_optimizer(
+                optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, distributed=distributed,
+                clipping=clipping, noise_generator=noise_generator, grad_sample_mode=mode.opacus_family, **kwargs,
+            )
+        if clipping != "flat":
+            raise ValueError(f"clipping={clipping!r}: grad_sample_mode={mode.name!r} supports flat clipping only.")
+        if isinstance(optimizer, DPOptimizer):
+            optimizer = optimizer.original_optimizer
+        return DPOptimizerFastGradientClipping(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=self.secure_rng if self.secure_mode else noise_generator,
+            secure_mode=self.secure_mode,
+            **kwargs,
+        )
 
     def _prepare_criterion(self, *, module, optimizer, criterion, loss_reduction: str = "mean", **kwargs):
         return DPLossFastGradientClipping(module, optimizer, criterion, loss_reduction)

@@ -48,8 +48,8 @@ def _head(d):
     return nn.Linear(d, CLASSES)
 
 
-def build(kind: str, steps: int):
-    b, t = BATCH, steps
+def build(kind: str, steps: int, batch: int = BATCH):
+    b, t = batch, steps
     if kind == "linear2d":
         model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), _head(D_HID))
         x = torch.randn(b, D_IN)

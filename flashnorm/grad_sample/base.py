@@ -39,6 +39,14 @@ from ..norms.registry import NormRule, per_sample_norm_sq, trainable_own_paramet
 logger = logging.getLogger(__name__)
 
 
+def _is_distributed(module: nn.Module) -> bool:
+    """True when gradients of ``module`` are reduced across ranks by DDP or FSDP2 hooks."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(module, DistributedDataParallel) or any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 class _Anchor(torch.autograd.Function):
     """Identity on a layer output; its backward hands the output gradient to ``capture``."""
 
@@ -120,6 +128,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._batch_size: Optional[int] = None
         self._norm_sq: Optional[torch.Tensor] = None
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
+        self._distributed = _is_distributed(m)
         self.hooks_enabled = False
         self.add_hooks()
 
@@ -223,6 +232,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 f"Layer '{layer.name}' saw batch size {x.shape[0]} but an earlier layer saw {self._batch_size} "
                 f"in the same forward pass; check batch_first (now {self.batch_first})."
             )
+        if self._single_sample_step():
+            return None  # the batch gradient is the per-sample gradient: nothing to capture
         layer.x = x
         return _Anchor.apply(output, self._anchor_on(output.device), partial(self._capture_backward, layer))
 
@@ -251,14 +262,55 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._norm_sq += norm_sq.to(self._norm_sq.dtype)
 
     # -- the clipping workflow -------------------------------------------------------------------
-    def compute_clipping_coef(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
-        """Norm pass: per-sample norms from every hooked layer → clipping coefficients c: [B].
+    #: One-pass modes may treat a batch of one sample with an ordinary backward (see
+    #: :meth:`_single_sample_step`); the two-pass modes keep their two passes.
+    single_sample_shortcut = False
+
+    def _single_sample_step(self) -> bool:
+        """True when this step's batch holds one sample and the shortcut applies.
+
+        With B = 1 the batch gradient *is* the per-sample gradient: one ordinary backward, then
+        c = min(1, C/(‖g‖ + 1e-6)) from the gradients themselves, scaled in place. Not under
+        DDP/FSDP, whose reducers would average unclipped gradients during that backward.
+        """
+        return self.single_sample_shortcut and self._batch_size == 1 and not self._distributed
+
+    def clipped_backward(self, loss_per_sample: torch.Tensor, zero_grad=None) -> None:
+        """The whole clipping workflow: leaves Σ_b c_b ∇ℓ_b in ``p.grad`` of every trainable parameter.
+
+        Args:
+            loss_per_sample: per-sample losses ℓ: [B], from this module's last forward.
+            zero_grad: called after the loss is checked and before any gradient is written
+                (the DP criterion passes ``optimizer.zero_grad``).
 
         Raises:
-            ValueError: non-finite loss (nothing is computed, no parameter changes), or a
-                per-sample loss whose batch size differs from the module's last forward.
+            ValueError: non-finite loss or a batch-size mismatch, before anything changes.
         """
         self._check_loss(loss_per_sample)
+        if zero_grad is not None:
+            zero_grad()
+        if self._single_sample_step():
+            self._single_sample_backward(loss_per_sample)
+        else:
+            coef = self._norm_pass(loss_per_sample)
+            self._write_clipped_gradients(loss_per_sample, coef)
+        for p in self.trainable_parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def compute_clipping_coef(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
+        """The norm pass alone: per-sample norms from every hooked layer → c: [B] (no gradient written)."""
+        self._check_loss(loss_per_sample)
+        return self._norm_pass(loss_per_sample)
+
+    def write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
+        """After :meth:`compute_clipping_coef`: writes Σ_b c_b ∇ℓ_b into ``p.grad`` (zeros where unused)."""
+        self._write_clipped_gradients(loss_per_sample, coef)
+        for p in self.trainable_parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _norm_pass(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
         batch = loss_per_sample.shape[0]
         self._norm_sq = torch.zeros(batch, dtype=torch.float32, device=loss_per_sample.device)
         self._capturing = True
@@ -272,18 +324,23 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 layer.x = None
         return self.get_clipping_coef()
 
-    def write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
-        """Writes Σ_b c_b ∇ℓ_b into ``p.grad`` of every trainable parameter (zeros where unused)."""
-        self._write_clipped_gradients(loss_per_sample, coef)
-        for p in self.trainable_parameters:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+    def _single_sample_backward(self, loss_per_sample: torch.Tensor) -> None:
+        torch.autograd.backward(loss_per_sample.sum())
+        grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        norm_sq = torch.zeros(1, dtype=acc, device=loss_per_sample.device)
+        if grads:
+            norm_sq += torch.stack([n.to(acc) for n in torch._foreach_norm(grads)]).square().sum()
+        self._norm_sq = norm_sq
+        coef = self.get_clipping_coef()
+        if grads:
+            torch._foreach_mul_(grads, coef[0])
 
     def _write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
         raise NotImplementedError
 
     def _check_loss(self, loss_per_sample: torch.Tensor) -> None:
-        if self._batch_size is None or not self._anchors:
+        if self._batch_size is None:
             raise RuntimeError(
                 "No captured forward pass: run the wrapped model's forward in training mode (model.train(), "
                 "grad enabled, hooks enabled) before calling backward on the loss."

@@ -17,6 +17,7 @@ class GradSampleModuleFastGradientClippingFuse(FlashNormGradSampleModule):
     """One backward pass; clipped gradients assembled from the kept per-layer state."""
 
     passes = 1
+    single_sample_shortcut = True
 
     def _write_clipped_gradients(self, loss_per_sample, coef):
         for layer in self.layers:

@@ -5,8 +5,8 @@ has one non-zero row per distinct id v: Σ_{t: ids_b[t] = v} G_b[t]. So
 
     ‖∇ℓ_b‖² = Σ_v ‖Σ_{t: ids_b[t]=v} G_b[t]‖²
 
-computed by summing G rows per distinct (sample, id) key (an ``index_add`` over B·T rows; no
-B×V×D or B×T×T tensor). Rows at ``padding_idx`` get no gradient, as in ``nn.Embedding``.
+computed by summing G rows per distinct (sample, id) key (a sort and an ``index_add`` over B·T
+rows; no B×V×D or B×T×T tensor, no host synchronisation). Rows at ``padding_idx`` get no gradient, as in ``nn.Embedding``.
 The clipped gradient is the embedding backward of c ⊙ G. Sparse embeddings and
 ``scale_grad_by_freq`` fall back to per-sample gradients.
 """
@@ -33,15 +33,14 @@ class EmbeddingRule(NormRule):
 
     @staticmethod
     def _rows(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor):
-        """Flattened (sample index, id, gradient row), padding rows removed."""
+        """Flattened (sample index, id, gradient row); rows at ``padding_idx`` are zeroed (no host sync)."""
         batch = ids.shape[0]
         ids = ids.reshape(batch, -1)
         rows = g.reshape(batch, ids.shape[1], -1)
         sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)
         ids, rows, sample = ids.reshape(-1), rows.reshape(-1, rows.shape[-1]), sample.reshape(-1)
         if layer.padding_idx is not None:
-            keep = ids != layer.padding_idx
-            ids, rows, sample = ids[keep], rows[keep], sample[keep]
+            rows = rows * (ids != layer.padding_idx).unsqueeze(1).to(rows.dtype)
         return sample, ids, rows
 
     def norm_sq(self, layer, x, g, method):
@@ -50,11 +49,19 @@ class EmbeddingRule(NormRule):
         batch = x.shape[0]
         acc = accumulation_dtype(g)
         sample, ids, rows = self._rows(layer, x, g)
-        keys, inverse = torch.unique(sample * layer.num_embeddings + ids, return_inverse=True)
+        # Group equal (sample, id) keys without torch.unique (which syncs with the host): sort the
+        # keys, number the runs of equal keys, and sum each run's rows into its slot.
+        keys = sample * layer.num_embeddings + ids
+        sorted_keys, order = torch.sort(keys)
+        new_run = torch.ones_like(sorted_keys, dtype=torch.long)
+        new_run[1:] = (sorted_keys[1:] != sorted_keys[:-1]).long()
+        run_sorted = torch.cumsum(new_run, 0) - 1
+        run = torch.empty_like(run_sorted).scatter_(0, order, run_sorted)
         summed = torch.zeros(keys.shape[0], rows.shape[1], dtype=acc, device=g.device)
-        summed.index_add_(0, inverse, rows.to(acc))
+        summed.index_add_(0, run, rows.to(acc))
+        run_sample = torch.zeros_like(run).scatter_(0, run, sample)
         norm_sq = torch.zeros(batch, dtype=acc, device=g.device)
-        return norm_sq.index_add_(0, keys // layer.num_embeddings, summed.square().sum(dim=1))
+        return norm_sq.index_add_(0, run_sample, summed.square().sum(dim=1))
 
     def clipped_grads(self, layer, x, g, coef):
         sample, ids, rows = self._rows(layer, x, g)

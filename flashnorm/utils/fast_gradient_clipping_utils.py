@@ -15,9 +15,7 @@ class DPTensorFastGradientClipping(_opacus.DPTensorFastGradientClipping):
     """Per-sample losses [B] whose ``backward()`` leaves Σ_b c_b ∇ℓ_b in ``p.grad``."""
 
     def backward(self):
-        coef = self.module.compute_clipping_coef(self.loss_per_sample)
-        self.optimizer.zero_grad()
-        self.module.write_clipped_gradients(self.loss_per_sample, coef)
+        self.module.clipped_backward(self.loss_per_sample, zero_grad=self.optimizer.zero_grad)
 
 
 def _keep_type(name):

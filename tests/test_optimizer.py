@@ -1,0 +1,51 @@
+"""FlashNorm's DP optimizer (fused noise tail) against Opacus's optimizer of the clipping modes."""
+
+import pytest
+import torch
+import torch.nn as nn
+from opacus.optimizers import DPOptimizerFastGradientClipping as OpacusOptimizer
+
+from flashnorm.optimizers import DPOptimizerFastGradientClipping
+
+
+def _pair(reduction):
+    torch.manual_seed(0)
+    a = nn.Linear(7, 5)
+    b = nn.Linear(7, 5)
+    b.load_state_dict(a.state_dict())
+    ours = DPOptimizerFastGradientClipping(torch.optim.SGD(a.parameters(), lr=0.3, momentum=0.9), noise_multiplier=0.0,
+                                           max_grad_norm=1.0, expected_batch_size=4, loss_reduction=reduction)
+    theirs = OpacusOptimizer(torch.optim.SGD(b.parameters(), lr=0.3, momentum=0.9), noise_multiplier=0.0,
+                             max_grad_norm=1.0, expected_batch_size=4, loss_reduction=reduction)
+    return a, b, ours, theirs
+
+
+def _set_grads(module, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_steps_match_opacus_including_virtual_batches(reduction):
+    a, b, ours, theirs = _pair(reduction)
+    for step in range(3):
+        for virtual in (True, False):  # one skipped (accumulated) micro-step, then a real step
+            for module, opt in ((a, ours), (b, theirs)):
+                _set_grads(module, seed=10 * step + virtual)
+                if virtual:
+                    opt.signal_skip_step(True)
+                opt.step()
+                opt.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_gradient_is_never_used_twice():
+    a, _, ours, _ = _pair("mean")
+    _set_grads(a, 1)
+    ours.step()
+    with pytest.raises(ValueError, match="zero_grad"):
+        ours.step()
+    ours.zero_grad()
+    ours.step()  # after zero_grad the (zero) gradient is fresh: a noise-only step is legitimate
