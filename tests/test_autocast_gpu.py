@@ -1,0 +1,51 @@
+"""bf16 autocast on the GPU: every clipping mode within bf16 tolerance of the float64 oracle."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.conftest import TOLERANCES
+from tests.oracle import microbatch_reference
+from tests.test_modes_exact import dp_clipped_step
+
+pytestmark = pytest.mark.gpu
+
+VOCAB, WIDTH = 97, 64
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.up = nn.Linear(WIDTH, 4 * WIDTH)
+        self.down = nn.Linear(4 * WIDTH, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.down(torch.nn.functional.gelu(self.up(h)))
+        return self.head(self.norm(h)).mean(dim=1)  # one prediction per sequence
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("steps", [37, 1030])
+@pytest.mark.parametrize("mode", ["ghost", "flash", "flash_fuse"])
+def test_bf16_autocast_matches_float64(mode, steps, batch):
+    torch.manual_seed(0)
+    model = TinyLM()
+    x, y = torch.randint(0, VOCAB, (batch, steps)), torch.randint(0, VOCAB, (batch,))
+    clip = 1e-2
+    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), clip)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        dp_model, grads = dp_clipped_step(model.cuda(), x.cuda(), y.cuda(), mode=mode, reduction="sum",
+                                          max_grad_norm=clip)
+    rtol, _ = TOLERANCES["bf16"]
+    norms = dp_model.get_norm_sample().double().cpu()
+    assert _rel(norms, oracle.norms) < rtol, (norms, oracle.norms)
+    for name, grad in grads.items():
+        assert _rel(grad.double().cpu(), oracle.clipped_sum[name]) < rtol, name
