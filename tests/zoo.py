@@ -90,6 +90,9 @@ def build(kind: str, steps: int, batch: int = BATCH):
     elif kind == "dp_mha":
         model = nn.Sequential(nn.Linear(D_IN, 4), Attention(4), MeanOver(1), _head(4))
         x = torch.randn(b, t, D_IN)
+    elif kind == "shared_position":
+        model = PositionalLM()
+        x = torch.randint(0, VOCAB, (b, t))
     elif kind == "fallback":
         model = nn.Sequential(nn.Linear(D_IN, D_HID), Scale(D_HID), nn.Tanh(), MeanOver(1), _head(D_HID))
         x = torch.randn(b, t, D_IN)
@@ -101,5 +104,19 @@ def build(kind: str, steps: int, batch: int = BATCH):
 
 KINDS = (
     "linear2d", "linear3d", "linear4d", "linear_nobias", "embedding", "layernorm", "rmsnorm",
-    "groupnorm", "conv1d", "conv2d", "hf_conv1d", "dp_mha", "fallback",
+    "groupnorm", "conv1d", "conv2d", "hf_conv1d", "dp_mha", "fallback", "shared_position",
 )
+
+
+class PositionalLM(nn.Module):
+    """Token + position embeddings, the position table shared by the batch (input [1, T], broadcast)."""
+
+    def __init__(self, max_steps=700):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, D_HID)
+        self.wpe = nn.Embedding(max_steps, D_HID)
+        self.head = _head(D_HID)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        return self.head(torch.tanh(self.wte(ids) + self.wpe(positions)).mean(dim=1))

@@ -225,15 +225,24 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 "one tensor for FlashNorm's hooks."
             )
         x = self._batch_first(inputs[0].detach())
+        batch_dim = 0 if self.batch_first else 1
         if self._batch_size is None:
             self._batch_size = x.shape[0]
         elif x.shape[0] != self._batch_size:
-            raise ValueError(
-                f"Layer '{layer.name}' saw batch size {x.shape[0]} but an earlier layer saw {self._batch_size} "
-                f"in the same forward pass; check batch_first (now {self.batch_first})."
-            )
+            if x.shape[0] != 1 or output.shape[batch_dim] != 1:
+                raise ValueError(
+                    f"Layer '{layer.name}' saw batch size {x.shape[0]} but an earlier layer saw {self._batch_size} in "
+                    f"the same forward pass. Check batch_first (now {self.batch_first}); a layer shared by the whole "
+                    "batch (e.g. position embeddings) must get a batch dimension of 1, wpe(positions.unsqueeze(0)), "
+                    "and run after a layer that sees the full batch."
+                )
+            # Shared by the batch and broadcast downstream: expand it so that its output gradient
+            # arrives per sample (sample b's gradient of a shared layer is rule(X, G_b)).
+            x = x.expand(self._batch_size, *x.shape[1:])
+            output = output.expand(*(self._batch_size if i == batch_dim else -1 for i in range(output.dim())))
         if self._single_sample_step():
             return None  # the batch gradient is the per-sample gradient: nothing to capture
+
         layer.x = x
         return _Anchor.apply(output, self._anchor_on(output.device), partial(self._capture_backward, layer))
 
