@@ -6,9 +6,9 @@ semantics and changes only the cost of the tail:
 
 * ``summed_grad`` aliases ``p.grad`` (no copy) unless the step accumulates a virtual batch
   (``BatchMemoryManager`` skip signals), where it is a copy as in Opacus;
-* the noise for all parameters of one device and dtype is drawn with one ``torch.normal`` of
-  std σ·C (the same i.i.d. N(0, σ²C²) per element, from ``generator``) and added with one
-  ``torch._foreach_add_``; ``loss_reduction="mean"`` divides with one ``torch._foreach_div_``.
+* the noise for a bucket of parameters (same device and dtype, ~16M elements) is drawn with one
+  ``torch.normal`` of std σ·C (the same i.i.d. N(0, σ²C²) per element, from ``generator``) and
+  added with one ``torch._foreach_add_``; ``loss_reduction="mean"`` divides with one ``torch._foreach_div_``.
 
 ``secure_mode=True`` keeps Opacus's per-parameter path (its floating-point-attack-resistant noise).
 """
@@ -20,6 +20,24 @@ from collections import defaultdict
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping as _OpacusDPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+
+#: Noise is drawn for buckets of parameters of about this many elements: a few launches per step and a
+#: bounded temporary (64 MiB in fp32) instead of one buffer the size of the model.
+NOISE_BUCKET_ELEMENTS = 1 << 24
+
+
+def _buckets(tensors, limit):
+    """Consecutive groups of ``tensors`` holding at most ``limit`` elements (a larger tensor alone)."""
+    bucket, size = [], 0
+    for t in tensors:
+        if bucket and size + t.numel() > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        yield bucket
 
 
 class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
@@ -54,11 +72,10 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             groups[(p.summed_grad.device, p.summed_grad.dtype)].append(p.summed_grad)
         if std > 0:
             for (device, dtype), grads in groups.items():
-                flat = torch.normal(
-                    0.0, std, size=(sum(g.numel() for g in grads),), device=device, dtype=dtype,
-                    generator=self.generator,
-                )
-                torch._foreach_add_(grads, [n.view_as(g) for n, g in zip(flat.split([g.numel() for g in grads]), grads)])
+                for bucket in _buckets(grads, NOISE_BUCKET_ELEMENTS):
+                    sizes = [g.numel() for g in bucket]
+                    flat = torch.normal(0.0, std, size=(sum(sizes),), device=device, dtype=dtype, generator=self.generator)
+                    torch._foreach_add_(bucket, [n.view_as(g) for n, g in zip(flat.split(sizes), bucket)])
         for p in self.params:
             if p.grad is not p.summed_grad:
                 p.grad = p.summed_grad.view_as(p)
