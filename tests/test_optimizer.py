@@ -49,3 +49,19 @@ def test_a_gradient_is_never_used_twice():
         ours.step()
     ours.zero_grad()
     ours.step()  # after zero_grad the (zero) gradient is fresh: a noise-only step is legitimate
+
+
+def test_noise_in_small_buckets_has_the_right_std(monkeypatch):
+    from flashnorm.optimizers import fast_gradient_clipping
+
+    monkeypatch.setattr(fast_gradient_clipping, "NOISE_BUCKET_ELEMENTS", 1000)
+    model = nn.Sequential(nn.Linear(200, 150), nn.Linear(150, 200))  # 60k elements, ~60 buckets
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.8,
+                                          max_grad_norm=0.5, expected_batch_size=4,
+                                          generator=torch.Generator().manual_seed(5))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert noise.numel() >= 50_000 and (noise != 0).all()
+    assert abs(noise.std().item() / (0.8 * 0.5 / 4) - 1) < 0.05
