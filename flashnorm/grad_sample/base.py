@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,7 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.validators import ModuleValidator
 
 from ..norms import PerSampleGradFallback, get_norm_rule
-from ..norms.planner import METHODS, choose
+from ..norms.planner import METHODS, choose, forced_method
 from ..norms.registry import NormRule, per_sample_norm_sq, trainable_own_parameters
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class HookedLayer:
     x: Optional[torch.Tensor] = None
     kept: Optional[tuple] = None  # one-pass only: ("per_sample", grads) or (method, x, g)
     handles: list = field(default_factory=list)
+    capture: Optional[Callable] = None  # the anchor's callback, bound once
+    plan: Optional[tuple] = None  # (shapes, dtype, forced method) -> method of the last call
 
 
 class FlashNormGradSampleModule(AbstractGradSampleModule):
@@ -174,6 +176,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     # -- hooks ---------------------------------------------------------------------------------
     def add_hooks(self) -> None:
         for layer in self.layers:
+            layer.capture = partial(self._capture_backward, layer)
             layer.handles.append(layer.module.register_forward_hook(partial(self._capture_forward, layer)))
         self.enable_hooks()
 
@@ -244,7 +247,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             return None  # the batch gradient is the per-sample gradient: nothing to capture
 
         layer.x = x
-        return _Anchor.apply(output, self._anchor_on(output.device), partial(self._capture_backward, layer))
+        return _Anchor.apply(output, self._anchor_on(output.device), layer.capture)
 
     def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor) -> None:
         if not self._capturing:
@@ -253,10 +256,14 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         g = self._batch_first(grad_output.detach())
         if x is None or x.shape[0] == 0:
             return
-        method = choose(
-            layer.rule, layer.module, x, g, base=self.base_method, fused=self.passes == 1,
-            override=self.norm_method, name=layer.name,
-        )
+        key = (x.shape, g.shape, g.dtype, forced_method())
+        if layer.plan is None or layer.plan[0] != key:
+            method = choose(
+                layer.rule, layer.module, x, g, base=self.base_method, fused=self.passes == 1,
+                override=self.norm_method, name=layer.name,
+            )
+            layer.plan = (key, method)
+        method = layer.plan[1]
         if method == "per_sample":
             grads = layer.rule.per_sample_grads(layer.module, x, g)
             norm_sq = per_sample_norm_sq(grads)
