@@ -70,9 +70,46 @@ def _dot_acc(a, b, acc, ALLOW_TF32: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _round_tf32(v):
+    """float32 → nearest tf32 (10-bit mantissa, ties away from zero), kept in float32; NaN stays NaN.
+
+    The tensor cores read float32 operands by dropping the low 13 mantissa bits (truncation, a bias
+    of about -2⁻¹¹ per operand, -1.4e-3 on ‖G_bᵀX_b‖²); operands rounded here first are exact.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, rounded)
+
+
+@triton.jit
+def _tf32_copy_kernel(src_ptr, dst_ptr, rows, cols, dst_stride, TRANSPOSE: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dst = round_tf32(src) for src: [n, rows, cols] row-major.
+
+    TRANSPOSE: dst[m, c, r] with row stride ``dst_stride`` ≥ rows (the K-major layout the tf32 tensor
+    cores read without a shuffle); else dst[m, r, c] with row stride ``dst_stride`` ≥ cols.
+    """
+    pid = tl.program_id(0)
+    n_r = tl.cdiv(rows, BLOCK_R)
+    n_c = tl.cdiv(cols, BLOCK_C)
+    m = (pid // (n_r * n_c)).to(tl.int64)
+    r = (pid % (n_r * n_c)) // n_c * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = (pid % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    v = tl.load(src_ptr + m * rows * cols + r[:, None].to(tl.int64) * cols + c[None, :], mask=mask, other=0.0)
+    v = _round_tf32(v)
+    if TRANSPOSE:
+        dst = dst_ptr + m * cols * dst_stride + c[None, :].to(tl.int64) * dst_stride + r[:, None]
+    else:
+        dst = dst_ptr + m * rows * dst_stride + r[:, None].to(tl.int64) * dst_stride + c[None, :]
+    tl.store(dst, v, mask=mask)
+
+
 @triton.jit(do_not_specialize=["T", "t_chunk", "n_splits"])
 def _flash_norm_kernel(
-    # inputs: x [B*T, d], g [B*T, p] row-major (descriptors over them when USE_TMA, else the tensors)
+    # inputs: x [B*T, d], g [B*T, p] row-major (descriptors over them when USE_TMA, else the tensors);
+    # K_MAJOR: descriptors over tf32-rounded xᵀ [B*d, T] and gᵀ [B*p, T] instead
     x_desc, g_desc, x_ptr, g_ptr,
     # outputs: norm_sq [B] float32 (atomic adds, SPLIT=False); work [B, n_splits, n_tiles, BLOCK_P*BLOCK_D]
     norm_sq_ptr, work_ptr,
@@ -80,7 +117,7 @@ def _flash_norm_kernel(
     T, d, p, t_chunk, n_splits,
     # meta-parameters
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, USE_TMA: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    SPLIT: tl.constexpr, USE_TMA: tl.constexpr, ALLOW_TF32: tl.constexpr, K_MAJOR: tl.constexpr,
 ):
     """norm_sq[b] += ‖(G_bᵀX_b)[tile]‖² for one sample b, one [BLOCK_P, BLOCK_D] tile and one T range.
 
@@ -88,6 +125,10 @@ def _flash_norm_kernel(
     accumulated over rows t ∈ [split·t_chunk, min((split+1)·t_chunk, T)) in float32 registers.
     SPLIT=False: Σ tile² is added to norm_sq[b]. SPLIT=True: the partial tile goes to ``work`` and
     ``_flash_norm_reduce_kernel`` finishes; no program ever waits on another.
+
+    float32 with ALLOW_TF32: tf32 dots on operands rounded to nearest (in registers; K_MAJOR: by
+    ``_tf32_copy_kernel``, whose K-major copies feed the tensor cores straight from the TMA buffers,
+    since tf32 operands cannot be transposed there).
     """
     # -- program id → sample, T split and output tile ------------------------------------------
     pid = tl.program_id(0)
@@ -108,16 +149,30 @@ def _flash_norm_kernel(
 
     # -- accumulate the tile of G_bᵀX_b over T in float32 -----------------------------------------
     acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    for i in range(n_full):
-        row = row0 + i * BLOCK_T
-        g_tile = _load_rows(g_desc, g_ptr, row, row_end, p0, p, BLOCK_T, BLOCK_P, USE_TMA)
-        x_tile = _load_rows(x_desc, x_ptr, row, row_end, d0, d, BLOCK_T, BLOCK_D, USE_TMA)
-        acc = _dot_acc(tl.trans(g_tile), x_tile, acc, ALLOW_TF32)
-    row = row0 + n_full * BLOCK_T
-    if row < row_end:  # rows past T belong to the next sample: masked pointer loads, never TMA
-        g_tile = _load_rows(g_desc, g_ptr, row, row_end, p0, p, BLOCK_T, BLOCK_P, False)
-        x_tile = _load_rows(x_desc, x_ptr, row, row_end, d0, d, BLOCK_T, BLOCK_D, False)
-        acc = _dot_acc(tl.trans(g_tile), x_tile, acc, ALLOW_TF32)
+    if K_MAJOR:
+        # rows (b, feature), columns t: the descriptors zero-fill columns ≥ T, so no tail; feature
+        # rows past p or d (the next sample's) only reach output rows/columns masked below
+        for t in range(t_start, t_end, BLOCK_T):
+            g_tile = g_desc.load([(b * p + p0).to(tl.int32), t])
+            x_tile = x_desc.load([(b * d + d0).to(tl.int32), t])
+            acc = _dot_acc(g_tile, tl.trans(x_tile), acc, ALLOW_TF32)
+        valid = ((p0 + tl.arange(0, BLOCK_P)) < p)[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < d)[None, :]
+        acc = tl.where(valid, acc, 0.0)
+    else:
+        for i in range(n_full):
+            row = row0 + i * BLOCK_T
+            g_tile = _load_rows(g_desc, g_ptr, row, row_end, p0, p, BLOCK_T, BLOCK_P, USE_TMA)
+            x_tile = _load_rows(x_desc, x_ptr, row, row_end, d0, d, BLOCK_T, BLOCK_D, USE_TMA)
+            if ALLOW_TF32:
+                g_tile, x_tile = _round_tf32(g_tile), _round_tf32(x_tile)
+            acc = _dot_acc(tl.trans(g_tile), x_tile, acc, ALLOW_TF32)
+        row = row0 + n_full * BLOCK_T
+        if row < row_end:  # rows past T belong to the next sample: masked pointer loads, never TMA
+            g_tile = _load_rows(g_desc, g_ptr, row, row_end, p0, p, BLOCK_T, BLOCK_P, False)
+            x_tile = _load_rows(x_desc, x_ptr, row, row_end, d0, d, BLOCK_T, BLOCK_D, False)
+            if ALLOW_TF32:
+                g_tile, x_tile = _round_tf32(g_tile), _round_tf32(x_tile)
+            acc = _dot_acc(tl.trans(g_tile), x_tile, acc, ALLOW_TF32)
 
     # -- epilogue: the tile never reaches memory unless T is split ---------------------------------
     if SPLIT:
@@ -175,7 +230,8 @@ def _block(n: int, cap: int) -> int:
     return min(cap, max(16, 1 << max(0, n - 1).bit_length()))
 
 
-def flash_norm_config(d: int, p: int, dtype: torch.dtype, interpret: bool = False) -> FlashConfig:
+@functools.lru_cache(maxsize=1024)
+def flash_norm_config(d: int, p: int, dtype: torch.dtype, interpret: bool = False, k_major: bool = False) -> FlashConfig:
     """Tile shape for x: [·, ·, d], g: [·, ·, p] of ``dtype``.
 
     16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps, 3 stages; float32: 32×128×128. Tiles shrink
@@ -184,6 +240,8 @@ def flash_norm_config(d: int, p: int, dtype: torch.dtype, interpret: bool = Fals
     """
     if interpret:
         return FlashConfig(128, _block(p, 64), _block(d, 64), 4, 1)
+    if k_major:
+        return FlashConfig(32, _block(p, 128), _block(d, 128), 8, 3)
     if dtype == torch.float32:
         block_t, block_p, block_d = 32, _block(p, 128), _block(d, 128)
     else:
@@ -226,20 +284,28 @@ def flash_norm_sq_triton(
     config: FlashConfig | None = None,
     splits: int | None = None,
     use_tma: bool | None = None,
+    k_major: bool | None = None,
 ) -> torch.Tensor:
     """Triton ‖G_bᵀX_b‖² for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
-    ``config``, ``splits`` (programs per sample's T range) and ``use_tma`` default to
-    :func:`flash_norm_config`, :func:`flash_norm_splits` and "compute capability 9.x with aligned
-    rows"; tests set them to reach every path. Non-contiguous inputs are copied contiguous; x and g of
-    different dtypes are promoted to a common one.
+    ``config``, ``splits`` (programs per sample's T range), ``use_tma`` and ``k_major`` default to
+    :func:`flash_norm_config`, :func:`flash_norm_splits`, "compute capability 9.x with aligned rows"
+    and "TMA and tf32"; tests set them to reach every path. float32 inputs use tf32 dots when
+    ``torch.backends.cuda.matmul.allow_tf32`` is set (like ``torch.matmul``), with operands rounded to
+    nearest; the K-major path first writes tf32-rounded transposed copies of a group of samples
+    (at most ``K_MAJOR_GROUP_ELEMENTS`` elements, or one sample). Non-contiguous inputs are copied
+    contiguous; x and g of different dtypes are promoted to a common one.
     """
-    norm_sq, _ = _flash_norm_launch(x, g, config=config, splits=splits, use_tma=use_tma)
+    norm_sq, _ = _flash_norm_launch(x, g, config=config, splits=splits, use_tma=use_tma, k_major=k_major)
     return norm_sq
 
 
-def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None):
-    """Launch ``_flash_norm_kernel`` (and the T-split reduction); returns (norm_sq, compiled kernel or None)."""
+#: Elements of the tf32 transposed copies made at once on the K-major path (1 GiB of float32).
+K_MAJOR_GROUP_ELEMENTS = 1 << 28
+
+
+def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None):
+    """Launch ``_flash_norm_kernel`` (and the T-split reduction); returns (norm_sq, last compiled kernel or None)."""
     # (1) check shapes and dtypes, make rows contiguous
     x, g = prepare_pair(x, g)
     batch, steps, d = x.shape
@@ -248,31 +314,49 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None):
     norm_sq = torch.zeros(batch, dtype=torch.float32, device=x.device)
     if norm_sq.numel() == 0 or steps == 0 or d == 0 or p == 0:
         return norm_sq, None
-    cfg = config or flash_norm_config(d, p, x.dtype, interpreter_enabled())
-    n_tiles = triton.cdiv(p, cfg.block_p) * triton.cdiv(d, cfg.block_d)
-    if splits is None:
-        splits = flash_norm_splits(batch, steps, n_tiles, cfg, multiprocessor_count(x.device), x.dtype)
-    t_chunk = triton.cdiv(triton.cdiv(steps, splits), cfg.block_t) * cfg.block_t
-    splits = triton.cdiv(steps, t_chunk)
+    allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
     x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
     if use_tma is None:
         use_tma = supports_tma(x.device) and tma_compatible(x2, g2)
-    if use_tma:
+    if k_major is None:
+        k_major = use_tma and allow_tf32 and batch * max(d, p) < 2**31
+    if k_major and not (use_tma and allow_tf32):
+        raise ValueError("the K-major layout is the tf32 path: it needs use_tma and float32 inputs with allow_tf32 set")
+    cfg = config or flash_norm_config(d, p, x.dtype, interpreter_enabled(), k_major)
+    if not k_major:
+        kernel = _launch_tiles(x2, g2, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, False)
+        return norm_sq, kernel
+    # (3) K-major tf32 path: per group of samples, rounded transposed copies, then the tiles
+    group = max(1, K_MAJOR_GROUP_ELEMENTS // (steps * (d + p)))
+    for b0 in range(0, batch, group):
+        xs, gs = x[b0 : b0 + group], g[b0 : b0 + group]
+        n = xs.shape[0]
+        x_desc = TensorDescriptor(*tf32_copy(xs, transpose=True), block_shape=[cfg.block_d, cfg.block_t])
+        g_desc = TensorDescriptor(*tf32_copy(gs, transpose=True), block_shape=[cfg.block_p, cfg.block_t])
+        kernel = _launch_tiles(
+            x_desc, g_desc, xs, gs, norm_sq[b0 : b0 + n], n, steps, d, p, cfg, splits, True, True, True
+        )
+    return norm_sq, kernel
+
+
+def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major):
+    """One launch of ``_flash_norm_kernel`` over ``batch`` samples, plus the reduction when T is split."""
+    n_tiles = triton.cdiv(p, cfg.block_p) * triton.cdiv(d, cfg.block_d)
+    if splits is None:
+        splits = flash_norm_splits(batch, steps, n_tiles, cfg, multiprocessor_count(x2.device), x2.dtype)
+    t_chunk = triton.cdiv(triton.cdiv(steps, splits), cfg.block_t) * cfg.block_t
+    splits = triton.cdiv(steps, t_chunk)
+    if use_tma and not k_major:
         x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_t, cfg.block_d])
         g_desc = TensorDescriptor.from_tensor(g2, [cfg.block_t, cfg.block_p])
-    else:
-        x_desc, g_desc = x2, g2
-    work = (
-        torch.empty(batch * splits * n_tiles * cfg.block_p * cfg.block_d, dtype=torch.float32, device=x.device)
-        if splits > 1
-        else norm_sq
-    )
-    # (3) launch
+    work = norm_sq
+    if splits > 1:
+        work = torch.empty(batch * splits * n_tiles * cfg.block_p * cfg.block_d, dtype=torch.float32, device=x2.device)
     kernel = _flash_norm_kernel[(batch * splits * n_tiles,)](
         x_desc, g_desc, x2, g2, norm_sq, work,
         steps, d, p, t_chunk, splits,
         BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_p, BLOCK_D=cfg.block_d,
-        SPLIT=splits > 1, USE_TMA=use_tma, ALLOW_TF32=x.dtype == torch.float32 and tf32_enabled(),
+        SPLIT=splits > 1, USE_TMA=use_tma, ALLOW_TF32=allow_tf32, K_MAJOR=k_major,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
@@ -281,7 +365,24 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None):
         _flash_norm_reduce_kernel[(batch * triton.cdiv(sample_elems, block),)](
             work, norm_sq, splits, sample_elems, BLOCK=block, num_warps=8
         )
-    return norm_sq, kernel
+    return kernel
+
+
+def tf32_copy(m: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, list[int], list[int]]:
+    """tf32-rounded copy of m: [n, rows, cols] float32 → (buffer, shape, strides) of a 2-D view.
+
+    transpose=False: [n·rows, cols] row-major. transpose=True: mᵀ per matrix as [n·cols, rows]
+    with rows padded to a multiple of 4 (16-byte aligned, as tensor descriptors need).
+    """
+    n, rows, cols = m.shape
+    stride = triton.cdiv(rows, 4) * 4 if transpose else cols
+    out = torch.empty(n * (cols if transpose else rows) * stride, dtype=torch.float32, device=m.device)
+    block = 64
+    grid = (n * triton.cdiv(rows, block) * triton.cdiv(cols, block),)
+    _tf32_copy_kernel[grid](m, out, rows, cols, stride, TRANSPOSE=transpose, BLOCK_R=block, BLOCK_C=block, num_warps=4)
+    if transpose:
+        return out, [n * cols, rows], [stride, 1]
+    return out, [n * rows, cols], [cols, 1]
 
 
 def prepare_pair(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

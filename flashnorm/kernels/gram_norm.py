@@ -20,7 +20,7 @@ import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
 from .backend import interpreter_enabled, supports_tma, tf32_enabled, use_triton
-from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_pair, tma_compatible
+from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_pair, tf32_copy, tma_compatible
 
 try:
     import triton
@@ -123,7 +123,9 @@ def gram_norm_sq_triton(
     """Triton ⟨X_bX_bᵀ, G_bG_bᵀ⟩ for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
     ``config`` and ``use_tma`` default to :func:`gram_norm_config` and "compute capability 9.x with
-    aligned rows". Non-contiguous inputs are copied contiguous; mixed dtypes are promoted.
+    aligned rows". float32 inputs use tf32 dots when ``torch.backends.cuda.matmul.allow_tf32`` is set,
+    on copies rounded to nearest tf32. Non-contiguous inputs are copied contiguous; mixed dtypes are
+    promoted.
     """
     norm_sq, _ = _gram_norm_launch(x, g, config=config, use_tma=use_tma)
     return norm_sq
@@ -141,7 +143,11 @@ def _gram_norm_launch(x, g, *, config=None, use_tma=None):
         return norm_sq, None
     cfg = config or gram_norm_config(steps, d, p, x.dtype, interpreter_enabled())
     n_blocks = triton.cdiv(steps, cfg.block_t)
-    x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
+    allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
+    if allow_tf32:  # round to nearest first: the tensor cores would truncate float32 operands
+        x2, g2 = tf32_copy(x, transpose=False)[0].view(batch * steps, d), tf32_copy(g, transpose=False)[0].view(batch * steps, p)
+    else:
+        x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
     if use_tma is None:
         use_tma = supports_tma(x.device) and tma_compatible(x2, g2)
     if use_tma:
@@ -154,7 +160,7 @@ def _gram_norm_launch(x, g, *, config=None, use_tma=None):
         x_desc, g_desc, x2, g2, norm_sq,
         steps, d, p, n_blocks,
         BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, USE_TMA=use_tma,
-        ALLOW_TF32=x.dtype == torch.float32 and tf32_enabled(),
+        ALLOW_TF32=allow_tf32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return norm_sq, kernel

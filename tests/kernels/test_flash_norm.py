@@ -9,7 +9,7 @@ import torch
 
 from flashnorm.kernels import flash_norm_sq, flash_norm_sq_reference
 from flashnorm.kernels.backend import supports_tma
-from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_splits, flash_norm_sq_triton
+from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_splits, flash_norm_sq_triton, tf32_copy
 from tests.conftest import TOLERANCES
 from tests.kernels.truth import assert_norms_close, norm_sq_float64
 
@@ -67,6 +67,45 @@ def test_rows_past_t_contribute_nothing(use_tma, splits, device):
     assert torch.isnan(out[1])
     keep = torch.tensor([0, 2], device=device)
     assert_norms_close(out[keep], norm_sq_float64(x[keep], g[keep]), TOLERANCES["fp32"])
+
+
+def _round_tf32_torch(v):
+    """Nearest tf32 (ties away from zero) by integer arithmetic on the float32 bits; NaN stays NaN."""
+    rounded = ((v.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+    return torch.where(v.isnan(), v, rounded)
+
+
+@pytest.mark.parametrize("transpose", (False, True))
+def test_tf32_copy_rounds_to_nearest(transpose, device):
+    v = torch.randn(2, 37, 41, device=device) * torch.logspace(-30, 30, 41, device=device)
+    v[0, 0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, 1 + 2**-11, -(1 + 2**-11)])
+    buf, shape, strides = tf32_copy(v, transpose=transpose)
+    want = _round_tf32_torch(v)
+    want = want.transpose(1, 2).reshape(shape) if transpose else want.reshape(shape)
+    got = torch.as_strided(buf, shape, strides)
+    assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+    ties = got[4:6, 0] if transpose else got[0, 4:6]
+    assert ties.tolist() == [1 + 2**-10, -(1 + 2**-10)]  # ties away from zero
+
+
+@pytest.mark.parametrize("k_major", (False, True), ids=["mn-major", "k-major"])
+@pytest.mark.parametrize("splits", (1, 3))
+@pytest.mark.parametrize("steps", (1, 37, 1030))
+def test_tf32_paths_are_unbiased(k_major, splits, steps, device, set_tf32):
+    """tf32 dots on operands rounded to nearest: within the tf32 tolerance (truncation would miss it)."""
+    _skip_without_tma(k_major, device)
+    set_tf32(True)
+    x, g = _inputs(3, steps, D, P, torch.float32, device)
+    cfg = FlashConfig(block_t=32, block_p=32, block_d=64, num_warps=4, num_stages=1)
+    out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=k_major, k_major=k_major)
+    assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["tf32"])
+
+
+def test_k_major_needs_tf32(device, set_tf32):
+    set_tf32(False)
+    x, g = _inputs(1, 8, D, P, torch.float32, device)
+    with pytest.raises(ValueError, match="K-major layout is the tf32 path"):
+        flash_norm_sq_triton(x, g, use_tma=True, k_major=True)
 
 
 def test_non_contiguous_and_mixed_dtypes(device, triton_backend):

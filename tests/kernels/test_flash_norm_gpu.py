@@ -37,9 +37,9 @@ def cases():
 
 
 @pytest.fixture
-def cuda_default_backend(monkeypatch):
+def cuda_default_backend(monkeypatch, set_tf32):
     monkeypatch.delenv("FLASHNORM_BACKEND", raising=False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    set_tf32(False)
 
 
 @pytest.mark.parametrize("dtype,batch,steps,d,p", list(cases()))
@@ -50,12 +50,13 @@ def test_flash_norm_matches_float64(dtype, batch, steps, d, p, cuda_default_back
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("batch,steps,d,p", [(3, 4100, 1024, 1024), (1, 65536, 4096, 4096), (8, 1030, 768, 3072)])
-def test_tf32_dots_within_tf32_tolerance(batch, steps, d, p, monkeypatch):
-    """float32 inputs with ``allow_tf32`` on take tf32 dots, like torch.matmul."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+@pytest.mark.parametrize("k_major", (None, False), ids=["default", "mn-major"])
+@pytest.mark.parametrize("batch,steps,d,p", [(3, 4100, 1024, 1024), (1, 65536, 4096, 4096), (8, 1030, 768, 3072), (3, 37, 64, 64)])
+def test_tf32_dots_within_tf32_tolerance(batch, steps, d, p, k_major, set_tf32):
+    """float32 inputs with ``allow_tf32`` on take tf32 dots, like torch.matmul, on operands rounded to nearest."""
+    set_tf32(True)
     x, g = torch.randn(batch, steps, d, device="cuda"), torch.randn(batch, steps, p, device="cuda")
-    assert_norms_close(flash_norm_sq_triton(x, g), norm_sq_float64(x, g), TOLERANCES["tf32"])
+    assert_norms_close(flash_norm_sq_triton(x, g, k_major=k_major), norm_sq_float64(x, g), TOLERANCES["tf32"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -78,11 +79,12 @@ def test_pointer_fallback_and_tma_agree(use_tma, d, p):
     assert_norms_close(flash_norm_sq_triton(x, g, use_tma=use_tma), norm_sq_float64(x, g), TOLERANCES["bf16"])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_tma_bulk_copies_in_ptx(dtype):
-    """On compute capability 9.x the compiled kernel loads tiles with ``cp.async.bulk.tensor``."""
+@pytest.mark.parametrize("dtype,tf32", [("fp32", False), ("fp32", True), ("bf16", False), ("fp16", False)])
+def test_tma_bulk_copies_in_ptx(dtype, tf32, set_tf32):
+    """On compute capability 9.x the compiled kernel loads tiles with ``cp.async.bulk.tensor`` (tf32: K-major path)."""
     if not supports_tma(torch.device("cuda")):
         pytest.skip("needs compute capability 9.x")
+    set_tf32(tf32)
     x = torch.randn(1, 4100, 1024, device="cuda", dtype=DTYPES[dtype])
     g = torch.randn(1, 4100, 1024, device="cuda", dtype=DTYPES[dtype])
     _, kernel = _flash_norm_launch(x, g)

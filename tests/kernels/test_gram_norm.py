@@ -56,6 +56,14 @@ def test_rows_past_t_contribute_nothing(use_tma, device):
     assert_norms_close(out[keep], norm_sq_float64(x[keep], g[keep]), TOLERANCES["fp32"])
 
 
+@pytest.mark.parametrize("steps", (1, 37, 600))
+def test_tf32_is_unbiased(steps, device, triton_backend, set_tf32):
+    """With allow_tf32 the inputs are rounded to nearest tf32 first (the tensor cores would truncate)."""
+    set_tf32(True)
+    x, g = _inputs(3, steps, D, P, torch.float32, device)
+    assert_norms_close(gram_norm_sq(x, g), norm_sq_float64(x, g), TOLERANCES["tf32"])
+
+
 def test_float64_takes_the_float64_reference(device, triton_backend):
     x, g = _inputs(2, 37, D, P, torch.float64, device)
     out = gram_norm_sq(x, g)

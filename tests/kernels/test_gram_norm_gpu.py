@@ -20,12 +20,19 @@ DIMS = ((64, 64), (768, 3072), (1024, 1024))
 @pytest.mark.parametrize("batch", (1, 3, 8))
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("d,p", DIMS, ids=lambda v: str(v))
-def test_gram_norm_matches_float64(dtype, batch, steps, d, p, monkeypatch):
+def test_gram_norm_matches_float64(dtype, batch, steps, d, p, monkeypatch, set_tf32):
     monkeypatch.delenv("FLASHNORM_BACKEND", raising=False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    set_tf32(False)
     x = torch.randn(batch, steps, d, device="cuda", dtype=DTYPES[dtype])
     g = torch.randn(batch, steps, p, device="cuda", dtype=DTYPES[dtype])
     assert_norms_close(gram_norm_sq(x, g), norm_sq_float64(x, g), TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("batch,steps,d,p", [(3, 600, 768, 3072), (8, 1030, 1024, 1024)])
+def test_tf32_within_tf32_tolerance(batch, steps, d, p, set_tf32):
+    set_tf32(True)
+    x, g = torch.randn(batch, steps, d, device="cuda"), torch.randn(batch, steps, p, device="cuda")
+    assert_norms_close(gram_norm_sq(x, g), norm_sq_float64(x, g), TOLERANCES["tf32"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
