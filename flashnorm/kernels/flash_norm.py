@@ -234,14 +234,16 @@ def _block(n: int, cap: int) -> int:
 def flash_norm_config(d: int, p: int, dtype: torch.dtype, interpret: bool = False, k_major: bool = False) -> FlashConfig:
     """Tile shape for x: [·, ·, d], g: [·, ·, p] of ``dtype``.
 
-    16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps, 3 stages; float32: 32×128×128. Tiles shrink
+    16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps, 3 stages (H200 sweep: within 3% of the best of
+    seven; benchmarks/results/kernels_h200_sweep1.json); float32: 32×128×128, K-major tf32:
+    32×128×256. Tiles shrink
     to the next power of two of small d and p. Under the interpreter: one large T block and tiles
     ≤ 64 (it runs each program as numpy calls, so fewer, larger steps are faster).
     """
     if interpret:
         return FlashConfig(128, _block(p, 64), _block(d, 64), 4, 1)
-    if k_major:
-        return FlashConfig(32, _block(p, 128), _block(d, 128), 8, 3)
+    if k_major:  # H200 sweep (benchmarks/results/kernels_h200_sweep2.json): 128×256 tiles 1.2-1.3× 128×128
+        return FlashConfig(32, _block(p, 128), _block(d, 256), 8, 3)
     if dtype == torch.float32:
         block_t, block_p, block_d = 32, _block(p, 128), _block(d, 128)
     else:

@@ -102,13 +102,15 @@ class GramConfig(NamedTuple):
 
 
 def gram_norm_config(steps: int, d: int, p: int, dtype: torch.dtype, interpret: bool = False) -> GramConfig:
-    """Block shape for T = ``steps``: 64-step blocks, 64-wide (16-bit) or 32-wide (float32) K slices.
+    """Block shape for T = ``steps``: 64-step blocks, 128-wide (16-bit) or 32-wide (float32) K slices.
+
+    16-bit: 64×128 was the fastest of four on the H200 (benchmarks/results/kernels_h200_sweep*.json).
 
     Under the interpreter: 128-step blocks and 64-wide slices (fewer, larger numpy calls).
     """
     if interpret:
         return GramConfig(_block(steps, 128), _block(max(d, p), 64), 4, 1)
-    block_k = 32 if dtype == torch.float32 else 64
+    block_k = 32 if dtype == torch.float32 else 128
     return GramConfig(_block(steps, 64), min(block_k, _block(max(d, p), block_k)), 4, 3)
 
 

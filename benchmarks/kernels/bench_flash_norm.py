@@ -1,0 +1,345 @@
+"""Benchmark the norm kernels on one GPU: flash vs cuBLAS vs the PyTorch reference, and Gram vs flash.
+
+For x: [B, T, d], g: [B, T, p] the flash norm does N = 2·B·T·d·p FLOPs, the same work as the
+weight-gradient GEMM Gᵀ X over all B·T rows, which cuBLAS runs as ``g.view(-1, p).t() @ x.view(-1, d)``.
+Reported: median time (``triton.testing.do_bench``, L2 flushed between runs), TFLOP/s = N / time,
+``vs_cublas`` = cuBLAS time / kernel time (≥ 1: faster than cuBLAS) and ``vs_reference`` likewise.
+bf16 rows run with TF32 off, fp32 rows with TF32 on (cuBLAS and the kernel both follow
+``torch.backends.cuda.matmul.allow_tf32``).
+
+Also: the Gram/flash crossover (both kernels for T = 64…4096 at d = p = 768 and 1024), the
+clipped-gradient assembly (scaling + cuBLAS vs cuBLAS alone), and with ``--sweep`` a sweep of tile
+configs. Usage::
+
+    PYTHONPATH=. python benchmarks/kernels/bench_flash_norm.py --out "$OUT" [--sweep] [--plot]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from flashnorm.kernels import clipped_weight_grad, flash_norm_sq_reference
+from flashnorm.kernels.flash_norm import FlashConfig, _flash_norm_launch, flash_norm_sq_triton
+from flashnorm.kernels.gram_norm import GramConfig, gram_norm_sq_triton
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+MAIN_BATCHES = (1, 8)
+MAIN_STEPS = (4100, 8196, 65536)
+MAIN_DIMS = ((1024, 1024), (768, 3072), (4096, 4096), (4096, 11008))
+CROSS_STEPS = (64, 128, 256, 512, 1024, 2048, 4096)
+CROSS_DIMS = (768, 1024)
+MAX_INPUT_BYTES = 40e9
+REFERENCE_MAX_FLOPS = 3e12  # the reference is timed on shapes up to this much work
+
+
+def timed(fn, rep_ms: float = 100.0) -> float:
+    """Median milliseconds of fn() (do_bench, L2 flushed); slow functions get 1 warm-up and 3 timed runs."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    once = (time.perf_counter() - start) * 1e3
+    if once > 50:
+        times = []
+        for _ in range(3):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        return sorted(times)[1]
+    return do_bench(fn, warmup=max(5.0, 2 * once), rep=rep_ms, return_mode="median")
+
+
+def graph_timed(fn, rep_ms: float = 100.0) -> float:
+    """Median milliseconds of fn() replayed in a CUDA graph: GPU time without the launch overhead."""
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
+def inputs(batch, steps, d, p, dtype):
+    return (torch.randn(batch, steps, d, device="cuda", dtype=dtype),
+            torch.randn(batch, steps, p, device="cuda", dtype=dtype))  # fmt: skip
+
+
+def set_tf32(dtype_name: str) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "fp32"
+
+
+def rel_err(out, x, g):
+    """Relative error of one sample's norm against float64 (sample 0, direct einsum)."""
+    w = torch.einsum("tp,td->pd", g[0].double(), x[0].double())
+    truth = w.square().sum().item()
+    return abs(out[0].item() - truth) / truth
+
+
+def bench_main(rows, log):
+    for name in ("bf16", "fp32"):
+        dtype = DTYPES[name]
+        set_tf32(name)
+        for d, p in MAIN_DIMS:
+            for batch in MAIN_BATCHES:
+                for steps in MAIN_STEPS:
+                    if batch * steps * (d + p) * dtype.itemsize > MAX_INPUT_BYTES:
+                        continue
+                    x, g = inputs(batch, steps, d, p, dtype)
+                    flops = 2 * batch * steps * d * p
+                    x2, g2 = x.view(-1, d), g.view(-1, p)
+                    row = dict(kernel="flash", dtype=name, B=batch, T=steps, d=d, p=p, flops=flops)
+                    row["ms"] = timed(lambda: flash_norm_sq_triton(x, g))
+                    row["cublas_ms"] = timed(lambda: g2.t() @ x2)
+                    if flops <= REFERENCE_MAX_FLOPS:
+                        row["reference_ms"] = timed(lambda: flash_norm_sq_reference(x, g), rep_ms=50)
+                        row["vs_reference"] = row["reference_ms"] / row["ms"]
+                    row["tflops"] = flops / row["ms"] / 1e9
+                    row["cublas_tflops"] = flops / row["cublas_ms"] / 1e9
+                    row["vs_cublas"] = row["cublas_ms"] / row["ms"]
+                    if row["ms"] < 2.0:  # launch overhead matters: also time GPU work alone
+                        row["graph_ms"] = graph_timed(lambda: flash_norm_sq_triton(x, g))
+                        row["cublas_graph_ms"] = graph_timed(lambda: g2.t() @ x2)
+                        row["graph_vs_cublas"] = row["cublas_graph_ms"] / row["graph_ms"]
+                    row["gpu_ms"] = row.get("graph_ms", row["ms"])  # eager ≈ GPU time past 2 ms
+                    row["cublas_gpu_ms"] = row.get("cublas_graph_ms", row["cublas_ms"])
+                    row["gpu_tflops"] = flops / row["gpu_ms"] / 1e9
+                    row["cublas_gpu_tflops"] = flops / row["cublas_gpu_ms"] / 1e9
+                    row["gpu_vs_cublas"] = row["cublas_gpu_ms"] / row["gpu_ms"]
+                    if steps <= 8196 and d * p <= 4096 * 4096:
+                        row["rel_err_sample0"] = rel_err(flash_norm_sq_triton(x, g), x, g)
+                        w = (g[0].t() @ x[0]).double()  # cuBLAS in the same precision, for comparison
+                        truth = torch.einsum("tp,td->pd", g[0].double(), x[0].double()).square().sum().item()
+                        row["cublas_rel_err_sample0"] = abs(w.square().sum().item() - truth) / truth
+                    rows.append(row)
+                    log(row)
+                    del x, g, x2, g2
+                    torch.cuda.empty_cache()
+
+
+def bench_crossover(rows, log):
+    for name in ("bf16", "fp32"):
+        dtype = DTYPES[name]
+        set_tf32(name)
+        for dim in CROSS_DIMS:
+            for batch in MAIN_BATCHES:
+                for steps in CROSS_STEPS:
+                    x, g = inputs(batch, steps, dim, dim, dtype)
+                    row = dict(kernel="crossover", dtype=name, B=batch, T=steps, d=dim, p=dim)
+                    row["flash_ms"] = timed(lambda: flash_norm_sq_triton(x, g), rep_ms=50)
+                    row["gram_ms"] = timed(lambda: gram_norm_sq_triton(x, g), rep_ms=50)
+                    row["gram_faster"] = row["gram_ms"] < row["flash_ms"]
+                    row["flash_graph_ms"] = graph_timed(lambda: flash_norm_sq_triton(x, g), rep_ms=50)
+                    row["gram_graph_ms"] = graph_timed(lambda: gram_norm_sq_triton(x, g), rep_ms=50)
+                    row["gram_faster_graph"] = row["gram_graph_ms"] < row["flash_graph_ms"]
+                    rows.append(row)
+                    log(row)
+
+
+def bench_clipped_grad(rows, log):
+    """Scaling G by c_b then one cuBLAS GEMM, against the GEMM alone: the most a fused kernel could save."""
+    for name, batch, steps, d, p in (("bf16", 8, 4096, 1024, 1024), ("bf16", 1, 65536, 4096, 4096),
+                                     ("bf16", 8, 4096, 4096, 11008), ("fp32", 8, 4096, 1024, 1024)):  # fmt: skip
+        set_tf32(name)
+        x, g = inputs(batch, steps, d, p, DTYPES[name])
+        coef = torch.rand(batch, device="cuda")
+        x2, g2 = x.view(-1, d), g.view(-1, p)
+        row = dict(kernel="clipped_weight_grad", dtype=name, B=batch, T=steps, d=d, p=p)
+        row["scaled_gemm_ms"] = timed(lambda: clipped_weight_grad(x, g, coef))
+        row["gemm_only_ms"] = timed(lambda: g2.t() @ x2)
+        row["scaling_overhead"] = row["scaled_gemm_ms"] / row["gemm_only_ms"] - 1
+        rows.append(row)
+        log(row)
+
+
+# (config, k_major) candidates; the call-1 sweep of 16-bit tiles is in benchmarks/results/kernels_h200_sweep1.json
+FLASH_SWEEP = {
+    "bf16": [(FlashConfig(64, 128, 256, 8, 3), None)],
+    "fp32": [(FlashConfig(32, 128, 128, 8, 3), True), (FlashConfig(32, 128, 256, 8, 3), True),
+             (FlashConfig(32, 128, 128, 4, 4), True), (FlashConfig(64, 128, 128, 8, 3), True),
+             (FlashConfig(32, 256, 128, 8, 3), True), (FlashConfig(16, 128, 256, 8, 4), True),
+             (FlashConfig(32, 128, 256, 8, 3), False)],
+}  # fmt: skip
+GRAM_SWEEP = {
+    "bf16": [GramConfig(64, 128, 4, 3), GramConfig(64, 64, 4, 3), GramConfig(128, 128, 8, 3)],
+    "fp32": [GramConfig(64, 32, 4, 3), GramConfig(64, 64, 4, 3), GramConfig(128, 32, 8, 3)],
+}  # fmt: skip
+
+
+def bench_sweep(rows, log):
+    for name in ("bf16", "fp32"):
+        set_tf32(name)
+        for batch, steps, d, p in ((1, 16384, 4096, 4096), (8, 4100, 1024, 1024)):
+            x, g = inputs(batch, steps, d, p, DTYPES[name])
+            flops = 2 * batch * steps * d * p
+            cublas = timed(lambda: g.view(-1, p).t() @ x.view(-1, d))
+            for cfg, k_major in FLASH_SWEEP[name]:
+                row = dict(kernel="sweep_flash", dtype=name, B=batch, T=steps, d=d, p=p, config=list(cfg), k_major=k_major)
+                try:
+                    row["ms"] = timed(lambda: flash_norm_sq_triton(x, g, config=cfg, k_major=k_major))
+                    row["tflops"] = flops / row["ms"] / 1e9
+                    row["vs_cublas"] = cublas / row["ms"]
+                    row["rel_err_sample0"] = rel_err(flash_norm_sq_triton(x, g, config=cfg, k_major=k_major), x, g)
+                except Exception as exc:  # an out-of-resources config is a result, not a crash
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+                log(row)
+        for batch, steps, dim in ((8, 1024, 1024), (8, 256, 768)):
+            x, g = inputs(batch, steps, dim, dim, DTYPES[name])
+            for cfg in GRAM_SWEEP[name]:
+                row = dict(kernel="sweep_gram", dtype=name, B=batch, T=steps, d=dim, p=dim, config=list(cfg))
+                try:
+                    row["ms"] = timed(lambda: gram_norm_sq_triton(x, g, config=cfg), rep_ms=50)
+                    row["rel_err_sample0"] = rel_err(gram_norm_sq_triton(x, g, config=cfg), x, g)
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+                log(row)
+
+
+def ptx_facts():
+    """Which instructions the default configs compile to (bulk tensor copies, wgmma)."""
+    facts = {}
+    for name in ("bf16", "fp16", "fp32", "fp32-ieee"):
+        set_tf32(name)  # "fp32": tf32 on (the K-major path); "fp32-ieee": off
+        x, g = inputs(1, 4100, 1024, 1024, DTYPES[name.split("-")[0]])
+        _, kernel = _flash_norm_launch(x, g)
+        ptx = kernel.asm["ptx"]
+        facts[name] = {
+            "cp.async.bulk.tensor": "cp.async.bulk.tensor" in ptx,
+            "wgmma": "wgmma.mma_async" in ptx,
+            "mma.sync": "mma.sync" in ptx,
+            "registers": getattr(kernel, "n_regs", None),
+            "spills": getattr(kernel, "n_spills", None),
+            "shared_bytes": kernel.metadata.shared if hasattr(kernel.metadata, "shared") else None,
+        }
+    return facts
+
+
+def ceilings():
+    """cuBLAS bf16 and tf32 on an 8192³ product: the GPU's GEMM rate here."""
+    out = {}
+    for name in ("bf16", "fp32"):
+        set_tf32(name)
+        a = torch.randn(8192, 8192, device="cuda", dtype=DTYPES[name])
+        b = torch.randn(8192, 8192, device="cuda", dtype=DTYPES[name])
+        out[f"cublas_{name}_8192_tflops"] = 2 * 8192**3 / timed(lambda: a @ b) / 1e9
+    return out
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 6))
+    main = [r for r in result["rows"] if r["kernel"] == "flash"]
+    labels = [f"{r['dtype']} B{r['B']} T{r['T']}\n{r['d']}x{r['p']}" for r in main]
+    pos = range(len(main))
+    ax1.bar([i - 0.2 for i in pos], [r["gpu_tflops"] for r in main], width=0.4, label="flash_norm_sq (Triton)")
+    ax1.bar([i + 0.2 for i in pos], [r["cublas_gpu_tflops"] for r in main], width=0.4, label="cuBLAS Gᵀ X (same FLOPs)")
+    ax1.set_xticks(list(pos), labels, rotation=90, fontsize=6)
+    ax1.set_ylabel("TFLOP/s")
+    ax1.set_title("GPU time (CUDA graph under 2 ms): flash norms vs a cuBLAS GEMM of the same work (fp32 = TF32)", fontsize=9)
+    ax1.legend()
+    for dtype, style in (("bf16", "-"), ("fp32", "--")):
+        for dim in CROSS_DIMS:
+            for batch in MAIN_BATCHES:
+                rs = [r for r in result["rows"] if r["kernel"] == "crossover" and r["dtype"] == dtype
+                      and r["d"] == dim and r["B"] == batch]  # fmt: skip
+                if not rs:
+                    continue
+                line = ax2.plot([r["T"] for r in rs], [r["gram_graph_ms"] / r["flash_graph_ms"] for r in rs], style, marker="o")
+                line[0].set_label(f"{dtype} d=p={dim} B={batch}")
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("T")
+    ax2.set_ylabel("Gram GPU time / flash GPU time (< 1: Gram faster)")
+    ax2.set_title("Gram vs flash crossover")
+    ax2.legend(fontsize=7)
+    fig.suptitle(result["env"]["gpu"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def print_table(rows):
+    """GPU time (CUDA-graph replay under 2 ms, else eager) and, beside it, eager time with launch overhead."""
+    print(f"{'kernel':6} {'dtype':5} {'B':>2} {'T':>6} {'d x p':>11} {'GPU ms':>8} {'TFLOP/s':>7} {'cuBLAS':>7} "
+          f"{'vs cuBLAS':>9} {'eager ms':>8} {'eager vs':>8} {'vs ref':>7}")  # fmt: skip
+    for r in rows:
+        if r["kernel"] == "flash":
+            ref = f"{r['vs_reference']:.1f}x" if "vs_reference" in r else "-"
+            print(f"{'flash':6} {r['dtype']:5} {r['B']:>2} {r['T']:>6} {r['d']:>5}x{r['p']:<5} {r['gpu_ms']:8.3f} "
+                  f"{r['gpu_tflops']:7.1f} {r['cublas_gpu_tflops']:7.1f} {r['gpu_vs_cublas']:9.2f} {r['ms']:8.3f} "
+                  f"{r['vs_cublas']:8.2f} {ref:>7}")  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--name", default="kernels_h200")
+    parser.add_argument("--sweep", action="store_true", help="also sweep tile configs")
+    parser.add_argument("--no-main", action="store_true", help="skip the main table and the crossover")
+    parser.add_argument("--plot", action="store_true", help="write a PNG beside the JSON")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    result = {
+        "env": {
+            "gpu": props.name, "sms": props.multi_processor_count, "capability": list(torch.cuda.get_device_capability()),
+            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "command": " ".join(sys.argv),
+        },
+        "rows": [],
+    }  # fmt: skip
+    log_path = os.path.join(args.out, f"{args.name}.log")
+
+    def log(row):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    def save():
+        with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    result["ptx"] = ptx_facts()
+    log(result["ptx"])
+    result["ceilings"] = ceilings()
+    log(result["ceilings"])
+    save()
+    sections = ([bench_sweep] if args.sweep else []) + ([] if args.no_main else [bench_main, bench_crossover, bench_clipped_grad])
+    for section in sections:
+        try:
+            section(result["rows"], log)
+        except Exception as exc:  # keep what was measured
+            result.setdefault("errors", []).append(f"{section.__name__}: {type(exc).__name__}: {exc}")
+            log({"error": result["errors"][-1]})
+        save()
+    if args.plot and any(r["kernel"] == "flash" for r in result["rows"]):
+        plot(result, os.path.join(args.out, f"{args.name}.png"))
+    print_table(result["rows"])
+    cross = [r for r in result["rows"] if r["kernel"] == "crossover"]
+    for dtype in ("bf16", "fp32"):
+        for dim in CROSS_DIMS:
+            for batch in MAIN_BATCHES:
+                rs = [r for r in cross if r["dtype"] == dtype and r["d"] == dim and r["B"] == batch]
+                faster = [r["T"] for r in rs if r["gram_faster_graph"]]
+                if rs:
+                    print(f"crossover {dtype} d=p={dim} B={batch}: Gram faster (GPU time) at T in {faster}; gram/flash "
+                          + " ".join(f"T{r['T']}:{r['gram_graph_ms'] / r['flash_graph_ms']:.2f}" for r in rs))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
