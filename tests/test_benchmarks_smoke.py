@@ -1,0 +1,111 @@
+"""Smoke test of the end-to-end benchmark: the runner's CLI on tiny CPU models, then the report.
+
+Runs ``python -m benchmarks.run --device cpu --smoke`` for the linear and GPT-2 workloads in every
+mode (FlashNorm's and the Opacus peers) in forked processes, checks the JSON records, and renders the
+README table and the plots from it into a temporary folder (the repository's README is never touched).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ["nondp", "flash_fuse", "flash", "ghost", "opacus_hooks", "opacus_ghost"]
+
+
+def _python(*args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the runner's CPU path uses FlashNorm's PyTorch backend
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    proc = _python("-m", "benchmarks.run", "--device", "cpu", "--smoke", "--workloads", "linear,gpt2",
+                   "--steps", "2", "--warmup", "1", "--quiet", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as fh:
+        return out, json.load(fh)
+
+
+def test_runner_records(smoke_results):
+    _, data = smoke_results
+    records = data["records"]
+    meta = data["meta"]
+    assert meta["complete"] and meta["device"] == "cpu" and "--smoke" in meta["command"]
+    assert meta["versions"]["torch"] and meta["versions"]["opacus"]
+    assert {(r["workload"], r["mode"]) for r in records} == {(w, m) for w in ("linear", "gpt2") for m in MODES}
+    for r in records:
+        assert r["status"] == "ok", r
+        for key in ("workload", "B", "T", "dtype", "mode", "ms", "peak_gib", "time_ratio", "mem_ratio", "message"):
+            assert key in r, (key, r)
+        assert r["ms"] > 0 and r["steps"] >= 2 and r["peak_gib"] > 0
+        assert 0.0 < r["time_ratio"] < 1e3 and 0.5 < r["mem_ratio"] < 10.0, r
+        if r["mode"] == "nondp":
+            assert r["time_ratio"] == 1.0 and r["mem_ratio"] == 1.0
+        if r["mode"] in ("ghost", "flash", "flash_fuse"):
+            assert isinstance(r["plan"], dict), r  # FlashNorm's per-layer norm methods (as the planner logs them)
+
+
+def test_report_table_and_plots(smoke_results, tmp_path):
+    results, data = smoke_results
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nbefore\n<!-- benchmark-table:start -->\nold table\n"
+                      "<!-- benchmark-table:end -->\nafter\n")
+    proc = _python("-m", "benchmarks.report", "--results", str(results), "--readme", str(readme),
+                   "--plots-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n<!-- benchmark-table:start -->\n")
+    assert text.endswith("<!-- benchmark-table:end -->\nafter\n") and "old table" not in text
+    assert "| linear | fp32 | 2 | 64 |" in text and "| gpt2 | fp32 | 2 | 32 |" in text
+    assert "FlashNorm flash_fuse" in text and "Opacus ghost" in text and "×)" in text
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["smoke_gpt2_fp32.png", "smoke_linear_fp32.png"]
+
+    # Without the markers: the table is printed, the file is left alone, the exit status says so.
+    bare = tmp_path / "BARE.md"
+    bare.write_text("# no markers\n")
+    proc = _python("-m", "benchmarks.report", "--results", str(results), "--readme", str(bare), "--no-plots")
+    assert proc.returncode == 2 and "benchmark-table:start" in proc.stderr and "| linear |" in proc.stdout
+    assert bare.read_text() == "# no markers\n"
+
+
+def test_failures_are_rendered(tmp_path):
+    from benchmarks.report import format_tables
+
+    base = dict(workload="gpt2", B=1, T=4096, dtype="bf16", message="")
+    records = [
+        dict(base, mode="nondp", status="ok", ms=30.0, peak_gib=4.0, time_ratio=1.0, mem_ratio=1.0),
+        dict(base, mode="flash_fuse", status="ok", ms=33.0, peak_gib=4.1, time_ratio=1.1, mem_ratio=1.025),
+        dict(base, mode="opacus_ghost", status="oom", message="CUDA out of memory"),
+        dict(base, mode="ghost", status="timeout", predicted=True),
+        dict(base, mode="flash", status="not_run"),
+    ]
+    table = format_tables({"meta": {"device": "cuda", "gpu": "H200"}, "records": records})
+    row = next(line for line in table.splitlines() if line.startswith("| gpt2 | bf16 | 1 | 4096 |"))
+    assert "30.0 ms" in row and "33.0 ms (1.10×)" in row and "**OOM**" in row and "**timeout***" in row
+    assert "not run" in row
+
+
+def test_resume_keeps_complete_groups(smoke_results, tmp_path):
+    results, data = smoke_results
+    # Mark one group incomplete: --resume must plan exactly that group again, whole.
+    records = [dict(r) for r in data["records"]]
+    for r in records:
+        if r["workload"] == "gpt2" and r["mode"] == "flash":
+            r.update(status="not_run")
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps({"meta": data["meta"], "records": records}))
+
+    from benchmarks import plan
+    from benchmarks.run import resume_state
+
+    configs = plan.grid_configs(["linear", "gpt2"], ["fp32"], MODES, smoke=True)
+    kept, todo, earlier = resume_state(str(path), configs)
+    assert {(c.workload, c.mode) for c in todo} == {("gpt2", m) for m in MODES}
+    assert {r["workload"] for r in kept} == {"linear"} and len(kept) == len(MODES)
+    assert earlier and earlier[-1]["command"] == data["meta"]["command"]
