@@ -9,8 +9,8 @@ ghost                      2       Gram (ghost)          Opacus-equivalent basel
 flash                      2       flash, planned        pass 1 computes no parameter gradients
 flash_fuse (flash_bk)      1       flash + bookkeeping   layers compute no weight gradient in the
                                                          pass; clipped gradients assembled after it
-ghost_fsdp, flash_fsdp,    as      as above              module wrapped with FSDP2 (reserved: not
-flash_fuse_fsdp            above                         implemented yet)
+ghost_fsdp, flash_fsdp,    as      as above              module wrapped with FSDP2 (``fully_shard``,
+flash_fuse_fsdp            above                         e.g. via ``flashnorm.utils.fsdp_utils.FSDP2Wrapper``)
 =========================  ======  ====================  ==========================================
 """
 
@@ -93,7 +93,7 @@ for _name in ("hooks", "functorch", "ew", "no_op"):
 register_mode(Mode("ghost", False, passes=2, norm_method="gram", opacus_family="ghost"))
 register_mode(Mode("flash", False, passes=2, norm_method="flash", opacus_family="ghost"))
 register_mode(Mode("flash_fuse", False, passes=1, norm_method="flash", opacus_family="ghost"), aliases=("flash_bk",))
-_FSDP = dict(fsdp=True, implemented=False, opacus_family="ghost_fsdp")
+_FSDP = dict(fsdp=True)
 register_mode(Mode("ghost_fsdp", False, passes=2, norm_method="gram", **_FSDP))
 register_mode(Mode("flash_fsdp", False, passes=2, norm_method="flash", **_FSDP))
 register_mode(Mode("flash_fuse_fsdp", False, passes=1, norm_method="flash", **_FSDP))

@@ -1,0 +1,178 @@
+"""Grad-sample modules for a model wrapped with FSDP2 (``fully_shard``): ``ghost_fsdp``, ``flash_fsdp``,
+``flash_fuse_fsdp``.
+
+Layout. FSDP2 shards every parameter θ (a ``DTensor``, ``Shard(0)`` over the W data-parallel ranks) and
+all-gathers the parameters of one *unit* (a module given to ``fully_shard``) around its forward and its
+backward. FlashNorm's hooks sit on the layers *inside* the units, so they run while the unit's parameters
+are unsharded: X is kept in the forward, and the output gradient G reaches a layer's anchor after the
+unit's pre-backward all-gather. A layer that holds parameters must therefore not be a unit itself; shard
+blocks (:func:`flashnorm.utils.fsdp_utils.FSDP2Wrapper` does).
+
+Norms. Rank r computes ‖∇ℓ_b‖ for its own samples b ∈ ℬ_r from its own X, G. The norm pass
+(``torch.autograd.grad`` to the anchors) computes no parameter gradient, so FSDP's reduce-scatter moves
+nothing; norms of different ranks are never combined.
+
+Clipped gradients. Every rank ends with the shard it owns of FSDP's *average* of the local clipped sums,
+
+    p.grad = shard_r( (1/W) Σ_r S_r ),      S_r = Σ_{b∈ℬ_r} c_b ∇ℓ_b,
+
+which the FSDP DP optimizer (:class:`flashnorm.optimizers.fsdp.FSDPOptimizerFastGradientClipping`)
+noises and rescales. Two passes: the second backward of Σ_b c_b ℓ_b goes through FSDP's own
+reduce-scatter, in FSDP's ``reduce_dtype``. One pass: the gradients are assembled after the backward, so
+FSDP's hooks never see them; each layer's full-shape gradient [*θ.shape] is assembled, divided by W and
+reduce-scattered (SUM) into the layer's parameter shards right away (``DTensor`` ``Partial → Shard``
+redistribution, the collective FSDP uses), in the sharded parameter's dtype (fp32 under a bf16
+``MixedPrecisionPolicy``). Peak extra memory is one layer's full gradient. Every rank reduces every
+trainable parameter in the same order, with zeros where its batch gave nothing (an empty Poisson batch).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Partial
+
+from ..norms.registry import clipped_from_per_sample, trainable_own_parameters
+from .base import HookedLayer
+from .fuse import GradSampleModuleFastGradientClippingFuse
+from .two_pass import GradSampleModuleFastGradientClipping
+
+# The anchor returns its input as an autograd view, which this FSDP2 warning flags when a hooked layer's
+# output is also a unit's output (e.g. an LM head). The hazard it names, an in-place op on that output,
+# already raises in FlashNorm ("Output 0 of _AnchorBackward is a view and is being modified inplace").
+_VIEW_WARNING = r"FSDP2-wrapped module .* returned a view tensor"
+
+
+def _unsharded_class(module: nn.Module) -> type:
+    """The module's own class (``fully_shard`` swaps in a generated ``FSDP<Name>`` subclass)."""
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def check_fsdp_layout(module: nn.Module) -> None:
+    """Raises unless ``module`` is an FSDP2 root whose units hold no parameters directly.
+
+    Raises:
+        ValueError: ``module`` is not wrapped with ``fully_shard``.
+        NotImplementedError: a layer holding trainable parameters is an FSDP2 unit itself.
+    """
+    if not isinstance(module, FSDPModule):
+        raise ValueError(
+            f"The FSDP modes need a module wrapped with FSDP2, got {type(module).__name__}. Fix: "
+            "model = flashnorm.utils.fsdp_utils.FSDP2Wrapper(model) before creating the optimizer, or use the "
+            "mode without '_fsdp' on one device or with DDP."
+        )
+    for name, sub in module.named_modules():
+        if isinstance(sub, FSDPModule) and trainable_own_parameters(sub):
+            raise NotImplementedError(
+                f"'{name or '<root>'}' ({_unsharded_class(sub).__name__}) holds parameters and is an FSDP2 unit itself. "
+                "FlashNorm's hooks must sit inside a unit, whose backward all-gather runs before a layer receives "
+                "its output gradient. Fix: shard blocks that contain the layers, not the layers: "
+                "flashnorm.utils.fsdp_utils.FSDP2Wrapper(model) shards each transformer block and the root."
+            )
+
+
+@contextmanager
+def _data_less_parameters(module: nn.Module):
+    """Shows a layer's rule plain full-shape parameters instead of FSDP's sharded ``DTensor`` ones.
+
+    After the backward pass FSDP has resharded the layer. Its rule's ``clipped_grads`` reads only the
+    parameters' shape, dtype, device and ``requires_grad`` (a clipped gradient depends on X, G and c, not
+    on θ), so each ``DTensor`` parameter held directly by ``module`` is replaced, for the duration, by a
+    NaN-valued stride-0 stand-in of the full shape (one element of memory; a rule that read values would
+    produce NaN, never a silently wrong gradient). Yields ``{stand-in: sharded parameter}``.
+    """
+    saved = {name: p for name, p in module._parameters.items() if isinstance(p, DTensor)}
+    owner = {}
+    for name, p in saved.items():
+        value = torch.full((), float("nan"), dtype=p.dtype, device=p.device).expand(p.shape)
+        stand_in = nn.Parameter(value, requires_grad=p.requires_grad)
+        module._parameters[name] = stand_in
+        owner[stand_in] = p
+    try:
+        yield owner
+    finally:
+        module._parameters.update(saved)
+
+
+class _FSDPChecks:
+    """Checks the layout at construction; silences FSDP's view warning about FlashNorm's anchors."""
+
+    def __init__(self, m: nn.Module, **kwargs):
+        check_fsdp_layout(m)
+        super().__init__(m, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_VIEW_WARNING, category=UserWarning)
+            return super().forward(*args, **kwargs)
+
+
+class FSDPGradSampleModuleFastGradientClipping(_FSDPChecks, GradSampleModuleFastGradientClipping):
+    """Two passes (``ghost_fsdp``, ``flash_fsdp``): the second goes through FSDP's reduce-scatter.
+
+    ``p.grad`` ends as the owned shard of (1/W) Σ_r S_r (FSDP's average).
+    """
+
+
+class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModuleFastGradientClippingFuse):
+    """One pass (``flash_fuse_fsdp``): assembled clipped gradients reduce-scattered layer by layer.
+
+    ``p.grad`` ends as the owned shard of (1/W) Σ_r S_r, exactly what FSDP's reduce-scatter of an ordinary
+    backward would leave, so the FSDP optimizer treats both kinds of mode alike.
+    """
+
+    def __init__(self, m: nn.Module, **kwargs):
+        super().__init__(m, **kwargs)
+        # Sharded parameters by name, per layer: per-sample gradients kept during the backward are keyed by
+        # FSDP's unsharded parameters, which are re-keyed by name onto these.
+        self._sharded: Dict[HookedLayer, Dict[str, nn.Parameter]] = {
+            layer: {n: p for n, p in layer.module.named_parameters() if any(p is q for q in layer.params)}
+            for layer in self.layers
+        }
+
+    def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor) -> None:
+        super()._capture_backward(layer, grad_output)
+        if layer.kept is not None and layer.kept[0] == "per_sample":
+            name_of = {p: n for n, p in layer.module.named_parameters()}  # FSDP's unsharded parameters now
+            sharded = self._sharded[layer]
+            layer.kept = ("per_sample", {sharded[name_of[p]]: gs for p, gs in layer.kept[1].items()})
+
+    def _write_clipped_gradients(self, loss_per_sample, coef):
+        for layer in self.layers:
+            kept, layer.kept = layer.kept, None
+            grads = {} if kept is None else self._clipped_grads(layer, kept, coef)
+            for p in layer.params:
+                _reduce_scatter_into(p, grads.get(p))
+
+    @staticmethod
+    def _clipped_grads(layer: HookedLayer, kept: tuple, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+        """Σ_{b∈ℬ_r} c_b ∇_θ ℓ_b of the layer's parameters, full shape, keyed by the sharded parameters."""
+        if kept[0] == "per_sample":
+            return clipped_from_per_sample(kept[1], coef)
+        _, x, g = kept
+        with _data_less_parameters(layer.module) as owner:
+            grads = layer.rule.clipped_grads(layer.module, x, g, coef)
+        return {owner.get(p, p): grad for p, grad in grads.items()}
+
+
+def _reduce_scatter_into(p: nn.Parameter, grad: Optional[torch.Tensor]) -> None:
+    """Adds shard_r((1/W) Σ_r grad_r) to ``p.grad``; ``grad``: this rank's [*p.shape] (``None``: zeros).
+
+    A collective: every rank calls it for the same parameters in the same order.
+    """
+    mesh = p.device_mesh
+    if grad is None:
+        local = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+    else:
+        local = grad.to(p.dtype) / mesh.size()
+    summed = DTensor.from_local(local, mesh, [Partial()] * mesh.ndim, run_check=False)
+    shard = summed.redistribute(mesh, p.placements)
+    if p.grad is None:
+        p.grad = shard
+    else:
+        p.grad.add_(shard)

@@ -1,0 +1,91 @@
+"""DP optimizer of the clipping modes under FSDP2 (``ghost_fsdp``, ``flash_fsdp``, ``flash_fuse_fsdp``).
+
+W ranks, rank r with local batch ℬ_r and local clipped sum S_r = Σ_{b∈ℬ_r} c_b ∇ℓ_b. Before ``step()``
+every parameter's ``p.grad`` is a ``DTensor`` whose shard on rank r is shard_r(Ḡ), Ḡ = (1/W) Σ_r S_r:
+FSDP's averaging reduce-scatter (see :mod:`flashnorm.grad_sample.fsdp`). ``step()`` makes
+
+    p.grad = shard_r( (Ḡ + ξ/W) · W/B ) = shard_r( (Σ_r S_r + ξ) / B )      (loss_reduction="mean")
+    p.grad = shard_r( (Ḡ + ξ/W) · W )   = shard_r(  Σ_r S_r + ξ )           ("sum")
+
+with ξ ~ N(0, σ²C²) i.i.d. per element of the *full* parameter and B = W · ``expected_batch_size`` the
+expected global batch size (Opacus passes the per-worker one): the single-process step on the union
+batch. (Opacus 1.6's FSDP optimizer leaves Ḡ + N(0, σ²C²) for ``sum``, a 1/W signal.)
+
+Noise: every element is owned by exactly one rank, after the reduce-scatter; that rank adds its noise.
+Each rank draws ξ for the full parameter tensors, in the same buckets as the single-device optimizer,
+from its own ``generator``, and keeps the elements it owns. So
+
+* each element receives exactly one draw, never one per rank;
+* with ``noise_generator`` seeded alike on every rank (or the same global seed), ξ is bit for bit the
+  noise a single-device run with that seed adds, and two elements never share a draw — drawing only the
+  local shard would give every rank the same numbers, correlating elements across shards;
+* under ``secure_mode`` each rank's CSPRNG draws (Opacus's floating-point-attack-resistant sampler,
+  per parameter); the owned elements are still independent draws.
+
+The price is drawing W× the random numbers (a few milliseconds for 10⁸ elements on a GPU) and a
+transient of one bucket (~16M elements) of full-shape noise.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from torch.distributed.tensor import DTensor, Replicate
+
+from .fast_gradient_clipping import NOISE_BUCKET_ELEMENTS, DPOptimizerFastGradientClipping, _buckets
+
+
+def _owned(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """The elements of ``full`` ([*like.shape], the same on every rank) that this rank's shard of ``like``
+    holds: a local slice, no communication."""
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements).to_local()
+
+
+class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
+    """``(optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction="mean",
+    generator=None, secure_mode=False)`` over FSDP2's sharded ``DTensor`` parameters; ``expected_batch_size``
+    is per worker, as Opacus passes it. See the module docstring for the step.
+    """
+
+    def __init__(self, optimizer, **kwargs):
+        super().__init__(optimizer, **kwargs)
+        self.world_size = dist.get_world_size()
+
+    def add_noise(self):
+        """``p.grad`` ← Ḡ + ξ/W on the owned elements (ξ drawn full-shape and sliced; see the module docstring)."""
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm / self.world_size
+        groups = defaultdict(list)
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            groups[(p.summed_grad.device, p.summed_grad.dtype)].append(p.summed_grad)
+        if std > 0:
+            for (device, dtype), grads in groups.items():
+                if self.secure_mode:
+                    for g in grads:
+                        noise = _generate_noise(std=std, reference=g, generator=self.generator, secure_mode=True)
+                        g.to_local().add_(_owned(noise.to(dtype), g))
+                    continue
+                for bucket in _buckets(grads, NOISE_BUCKET_ELEMENTS):
+                    sizes = [g.numel() for g in bucket]  # full (global) sizes
+                    flat = torch.normal(0.0, std, size=(sum(sizes),), device=device, dtype=dtype, generator=self.generator)
+                    noise = [_owned(n.view(g.shape), g) for n, g in zip(flat.split(sizes), bucket)]
+                    torch._foreach_add_([g.to_local() for g in bucket], noise)
+        for p in self.params:
+            if p.grad is not p.summed_grad:
+                p.grad = p.summed_grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self):
+        """Rescales Ḡ + ξ/W on the owned elements: × W/B, i.e. ÷ ``expected_batch_size`` (``mean``); × W (``sum``)."""
+        if self.loss_reduction == "mean":
+            factor = 1.0 / (self.expected_batch_size * self.accumulated_iterations)
+        else:
+            factor = float(self.world_size)
+        grads = [p.grad.to_local() for p in self.params]
+        if grads:
+            torch._foreach_mul_(grads, factor)

@@ -1,0 +1,198 @@
+"""What the spawned ranks run: one DP step per case through the public API, results saved for the test.
+
+A :class:`Case` describes a step on W ranks; :func:`run_cases` (the body of every rank) runs a list of
+them in one process group and each rank saves ``{case name: {...}}`` to ``<out>/rank<r>.pt``. The
+pytest process compares the saved gradients with the float64 microbatch oracle on the union batch.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, TensorDataset
+
+STEPS, CLASSES = 5, 3
+
+
+@dataclass(frozen=True)
+class Case:
+    """One distributed DP step. ``sizes``: the local batch size of each rank (their sum is B_global)."""
+
+    name: str
+    wrapper: str  # "ddp", "dpddp" or "fsdp"
+    mode: str
+    sizes: Tuple[int, ...] = (3, 5)
+    reduction: str = "mean"
+    clip: float = 0.05  # active for these models (per-sample norms are O(1)); 1e10 = inactive
+    sigma: float = 0.0
+    frozen: bool = False  # blocks[0].fc1 frozen
+    bf16: bool = False  # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)
+    wide: bool = False  # ≥ 50k trainable elements, for noise statistics
+    norm_method: Optional[str] = None  # FLASHNORM_NORM_METHOD for this case
+    poisson: bool = False  # local batches drawn by Opacus's distributed Poisson loader (sizes: ignored)
+    seed: int = 0
+
+    @property
+    def batch(self) -> int:
+        return sum(self.sizes)
+
+
+class Block(nn.Module):
+    """Pre-norm residual MLP block: h + fc2(tanh(fc1(LN(h)))); holds no parameter directly."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, h):
+        return h + self.fc2(torch.tanh(self.fc1(self.ln(h))))
+
+
+class TinyLM(nn.Module):
+    """Embedding → 2 blocks (a ``ModuleList``: FSDP2Wrapper's units) → LayerNorm → mean over T → Linear head.
+
+    Odd widths, so that FSDP2's dim-0 shards are uneven across 2 ranks.
+    """
+
+    def __init__(self, vocab: int = 13, d: int = 7, hidden: int = 9):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([Block(d, hidden) for _ in range(2)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, CLASSES)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(dim=1))
+
+
+def build(case: Case):
+    """(model, ids [B_global, STEPS], targets [B_global]): the same on every rank and in the test process."""
+    torch.manual_seed(case.seed)
+    model = TinyLM(vocab=31, d=65, hidden=383) if case.wide else TinyLM()
+    if case.frozen:
+        model.blocks[0].fc1.requires_grad_(False)
+    ids = torch.randint(0, model.embed.num_embeddings, (case.batch, STEPS))
+    targets = torch.randint(0, CLASSES, (case.batch,))
+    return model, ids, targets
+
+
+def sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ℓ_b: cross-entropy of one sample (the oracle's per-sample loss)."""
+    return nn.functional.cross_entropy(out.float() if out.dtype == torch.bfloat16 else out, target, reduction="sum")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().double().cpu()
+
+
+def run_case(case: Case, device: torch.device) -> Dict:
+    """One DP step; returns the applied gradients, updated parameters and local norms (float64, CPU)."""
+    from flashnorm import FlashNormPrivacyEngine
+    from flashnorm.utils.fsdp_utils import FSDP2Wrapper
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if case.norm_method:
+        os.environ["FLASHNORM_NORM_METHOD"] = case.norm_method
+    else:
+        os.environ.pop("FLASHNORM_NORM_METHOD", None)
+    model, ids, targets = build(case)
+    before = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    model.to(device)
+    if case.wrapper == "ddp":
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif case.wrapper == "dpddp":
+        wrapped = DPDDP(model)
+    else:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if case.bf16 else None
+        wrapped = FSDP2Wrapper(model, mp_policy=policy)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=1.0)
+    # A loader over the 2·B_global samples (ids twice) with batch size B_global: Opacus's expected batch
+    # size is B_global (sampling rate 1/2), divided by W for the per-worker value it gives the optimizer.
+    dataset = TensorDataset(torch.cat([ids, ids]), torch.cat([targets, targets]), torch.arange(2 * case.batch))
+    generator = torch.Generator(device=device).manual_seed(1234) if case.sigma > 0 else None
+    dp_model, dp_opt, criterion, loader = FlashNormPrivacyEngine().make_private(
+        module=wrapped, optimizer=optimizer, criterion=nn.CrossEntropyLoss(reduction=case.reduction),
+        data_loader=DataLoader(dataset, batch_size=case.batch), noise_multiplier=case.sigma, max_grad_norm=case.clip,
+        loss_reduction=case.reduction, grad_sample_mode=case.mode, poisson_sampling=case.poisson,
+        noise_generator=generator,
+    )
+    if case.poisson:
+        x, y, index = next(iter(loader))
+    else:
+        start = sum(case.sizes[:rank])
+        index = torch.arange(start, start + case.sizes[rank])
+        x, y = ids[index], targets[index]
+    x, y = x.to(device), y.to(device)
+    out = dp_model(x)
+    criterion(out.float() if out.dtype == torch.bfloat16 else out, y).backward()
+    norms = dp_model.get_norm_sample().detach().double().cpu() if len(index) else torch.zeros(0)
+    dp_opt.step()
+    named = dict(model.named_parameters())
+    return {
+        "class": type(dp_model).__name__,
+        "optimizer": type(dp_opt).__name__,
+        "index": index,  # this rank's samples, in the dataset of ids twice
+        "norms": norms,
+        "grads": {n: _full(p.grad) for n, p in named.items() if p.requires_grad},
+        "params": {n: _full(p) for n, p in named.items()},
+        "before": before,
+    }
+
+
+def run_cases(rank: int, world: int, backend: str, init_file: str, out_dir: str, cases: List[Case]) -> None:
+    """Body of every rank: one process group, every case in order, results to ``out_dir/rank<r>.pt``.
+
+    A case that raises on every rank records its traceback and the next case runs; a case that raised on
+    one rank only would desynchronise the collectives, so the group's timeout ends the run.
+    """
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    results = {}
+    try:
+        for case in cases:
+            try:
+                results[case.name] = run_case(case, device)
+            except Exception:  # noqa: BLE001 - reported by the test of that case
+                results[case.name] = {"error": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@dataclass
+class Launch:
+    """Spawns ``world`` ranks running :func:`run_cases`; ``results[r][case name]`` afterwards."""
+
+    backend: str
+    world: int = 2
+    results: List[Dict] = field(default_factory=list)
+
+    def run(self, cases: List[Case], tmp_dir: str) -> "Launch":
+        import torch.multiprocessing as mp
+
+        init_file = os.path.join(tmp_dir, "init")
+        mp.spawn(run_cases, args=(self.world, self.backend, init_file, tmp_dir, cases), nprocs=self.world, join=True)
+        self.results = [torch.load(os.path.join(tmp_dir, f"rank{r}.pt"), weights_only=False) for r in range(self.world)]
+        return self
