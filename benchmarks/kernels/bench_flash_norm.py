@@ -242,13 +242,13 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 6))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(18, 7), gridspec_kw={"width_ratios": [3, 2]})
     main = [r for r in result["rows"] if r["kernel"] == "flash"]
-    labels = [f"{r['dtype']} B{r['B']} T{r['T']}\n{r['d']}x{r['p']}" for r in main]
+    labels = [f"{r['dtype']} B{r['B']} T{r['T']} {r['d']}x{r['p']}" for r in main]
     pos = range(len(main))
     ax1.bar([i - 0.2 for i in pos], [r["gpu_tflops"] for r in main], width=0.4, label="flash_norm_sq (Triton)")
     ax1.bar([i + 0.2 for i in pos], [r["cublas_gpu_tflops"] for r in main], width=0.4, label="cuBLAS Gᵀ X (same FLOPs)")
-    ax1.set_xticks(list(pos), labels, rotation=90, fontsize=6)
+    ax1.set_xticks(list(pos), labels, rotation=90, fontsize=7)
     ax1.set_ylabel("TFLOP/s")
     ax1.set_title("GPU time (CUDA graph under 2 ms): flash norms vs a cuBLAS GEMM of the same work (fp32 = TF32)", fontsize=9)
     ax1.legend()
@@ -292,8 +292,13 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs")
     parser.add_argument("--no-main", action="store_true", help="skip the main table and the crossover")
     parser.add_argument("--plot", action="store_true", help="write a PNG beside the JSON")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a saved result (no GPU needed)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), os.path.join(args.out, f"{args.name}.png"))
+        return
     props = torch.cuda.get_device_properties(0)
     result = {
         "env": {
