@@ -3,8 +3,11 @@
 For a Linear-family layer with flattened sizes (B, T, d, p), N = B·T·d·p:
 
 * ``flash``       2N FLOPs, O(B) memory;
-* ``gram``        ≈ B·T²·(d+p) FLOPs, O(B) memory: cheaper when T < 2dp/(d+p)
-  (``GRAM_CROSSOVER`` scales that bound; 1.0 = equal FLOPs);
+* ``gram``        ≈ B·T²·(d+p) FLOPs, O(B) memory: chosen when T < κ·2dp/(d+p), where κ comes
+  from the H200 measurements (benchmarks/results/kernels_h200*.json): the flash kernel runs at
+  640–700 TFLOP/s in bf16 and the Gram kernel at ≈350, so with a full GPU (B × output tiles ≥ the
+  SM count) κ = 0.5; when flash under-fills the GPU (e.g. B = 1) Gram's extra parallelism helps:
+  κ = 1.5 for 16-bit inputs and 1.0 for fp32, but Gram has too few programs at T ≤ 256;
 * ``per_sample``  (one-pass mode only) 2N FLOPs and B·d·p memory, but it replaces the
   assembly GEMM (another 2N) and the stored X, G. Chosen when the per-sample gradients take no
   more memory than the X and G they replace (d·p ≤ T·(d+p)) and fit ``PER_SAMPLE_BUDGET_BYTES``.
@@ -25,8 +28,14 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("flash", "gram", "per_sample", "exact")
 
-#: Multiplier on the FLOP-equality bound T* = 2dp/(d+p) below which Gram is used.
-GRAM_CROSSOVER = 1.0
+#: κ (see above): multiplier on the FLOP-equality bound T* = 2dp/(d+p) below which Gram is used.
+GRAM_CROSSOVER_FILLED = 0.5
+GRAM_CROSSOVER_UNDERFILLED = {2: 1.5, 4: 1.0}  # by element size in bytes
+#: Below this T an under-filled Gram launch has too few programs to beat flash (H200).
+GRAM_MIN_STEPS_UNDERFILLED = 256
+#: Output tile of the flash kernel (for counting programs) and the H200's multiprocessors.
+FLASH_TILE = 128
+SM_COUNT = 132
 #: Largest per-sample gradient (bytes, one layer) the one-pass mode may materialise.
 PER_SAMPLE_BUDGET_BYTES = 1 << 30
 
@@ -65,7 +74,14 @@ def plan_linear(problem: Problem, *, base: str, fused: bool) -> str:
     b, t, d, p = problem.batch, problem.steps, problem.d, problem.p
     if fused and d * p <= t * (d + p) and b * d * p * problem.element_bytes <= PER_SAMPLE_BUDGET_BYTES:
         return "per_sample"
-    if t < GRAM_CROSSOVER * 2 * d * p / max(1, d + p):
+    tiles = -(-d // FLASH_TILE) * -(-p // FLASH_TILE)
+    if b * tiles >= SM_COUNT:
+        kappa = GRAM_CROSSOVER_FILLED
+    elif t <= GRAM_MIN_STEPS_UNDERFILLED and t > 1:
+        return "flash"
+    else:
+        kappa = GRAM_CROSSOVER_UNDERFILLED.get(problem.element_bytes, 1.0)
+    if t < kappa * 2 * d * p / max(1, d + p):
         return "gram"
     return "flash"
 
