@@ -19,11 +19,11 @@ Clipped gradients. Every rank ends with the shard it owns of FSDP's *average* of
 which the FSDP DP optimizer (:class:`flashnorm.optimizers.fsdp.FSDPOptimizerFastGradientClipping`)
 noises and rescales. Two passes: the second backward of Σ_b c_b ℓ_b goes through FSDP's own
 reduce-scatter, in FSDP's ``reduce_dtype``. One pass: the gradients are assembled after the backward, so
-FSDP's hooks never see them; each layer's full-shape gradient [*θ.shape] is assembled, divided by W and
-reduce-scattered (SUM) into the layer's parameter shards right away (``DTensor`` ``Partial → Shard``
-redistribution, the collective FSDP uses), in the sharded parameter's dtype (fp32 under a bf16
-``MixedPrecisionPolicy``). Peak extra memory is one layer's full gradient. Every rank reduces every
-trainable parameter in the same order, with zeros where its batch gave nothing (an empty Poisson batch).
+FSDP's hooks never see them; the layers' full-shape gradients [*θ.shape] are assembled in order, packed
+into buckets of ~32M elements and reduce-scattered (SUM, then ÷W) into the parameter shards, one bucket's
+collective overlapping the next one's assembly, in the sharded parameter's dtype (fp32 under a bf16
+``MixedPrecisionPolicy``). Extra memory: about two buckets. Every rank reduces every trainable parameter
+in the same order, with zeros where its batch gave nothing (e.g. an empty Poisson batch).
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from contextlib import contextmanager
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Partial
 
 from ..norms.registry import clipped_from_per_sample, trainable_own_parameters
+from ..utils.fsdp_utils import row_shard
 from .base import HookedLayer
 from .fuse import GradSampleModuleFastGradientClippingFuse
 from .two_pass import GradSampleModuleFastGradientClipping
@@ -143,11 +145,13 @@ class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModule
             layer.kept = ("per_sample", {sharded[name_of[p]]: gs for p, gs in layer.kept[1].items()})
 
     def _write_clipped_gradients(self, loss_per_sample, coef):
+        reducer = _ClippedGradReducer()
         for layer in self.layers:
             kept, layer.kept = layer.kept, None
             grads = {} if kept is None else self._clipped_grads(layer, kept, coef)
             for p in layer.params:
-                _reduce_scatter_into(p, grads.get(p))
+                reducer.add(p, grads.get(p))
+        reducer.close()
 
     @staticmethod
     def _clipped_grads(layer: HookedLayer, kept: tuple, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
@@ -160,18 +164,91 @@ class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModule
         return {owner.get(p, p): grad for p, grad in grads.items()}
 
 
-def _reduce_scatter_into(p: nn.Parameter, grad: Optional[torch.Tensor]) -> None:
-    """Adds shard_r((1/W) Σ_r grad_r) to ``p.grad``; ``grad``: this rank's [*p.shape] (``None``: zeros).
+#: Clipped gradients are reduce-scattered in buckets of about this many (padded, full-shape) elements.
+REDUCE_BUCKET_ELEMENTS = 1 << 25
 
-    A collective: every rank calls it for the same parameters in the same order.
+
+class _ClippedGradReducer:
+    """Adds shard_r((1/W) Σ_r G_r) to ``p.grad`` for full-shape local gradients G_r, bucket by bucket.
+
+    Call :meth:`add` for every trainable parameter in the same order on every rank (it is collective),
+    then :meth:`close`. For FSDP2's default layout (:func:`~flashnorm.utils.fsdp_utils.row_shard`),
+    consecutive parameters of one dtype are packed into a send buffer [W, L] whose row s holds the
+    (zero-padded) rows that rank s owns of each; one SUM ``reduce_scatter_tensor`` over the mesh's group
+    leaves each rank its [L], divided by W. A bucket's collective runs while the next bucket is
+    assembled. Other layouts (HSDP meshes, other shard dims) use DTensor's ``Partial`` → placements
+    redistribution, one parameter at a time.
     """
+
+    def __init__(self):
+        self._pending = []  # (p, G_r or None, RowShard)
+        self._numel = 0
+        self._in_flight = None
+
+    def add(self, p: nn.Parameter, grad: Optional[torch.Tensor]) -> None:
+        shard = row_shard(p)
+        if shard is None:
+            self._launch()
+            _redistribute_into(p, grad)
+            return
+        numel = shard.world * shard.rows * (p.numel() // p.shape[0])
+        if self._pending and (
+            p.dtype != self._pending[0][0].dtype
+            or p.device_mesh != self._pending[0][0].device_mesh
+            or self._numel + numel > REDUCE_BUCKET_ELEMENTS
+        ):
+            self._launch()
+        self._pending.append((p, grad, shard))
+        self._numel += numel
+
+    def close(self) -> None:
+        self._launch()
+        self._complete()
+
+    def _launch(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending, self._numel = self._pending, [], 0
+        first, _, layout = pending[0]
+        widths = [s.rows * (p.numel() // p.shape[0]) for p, _, s in pending]  # elements per rank, per parameter
+        send = torch.zeros(layout.world, sum(widths), dtype=first.dtype, device=first.device)
+        for (p, grad, s), dst in zip(pending, send.split(widths, dim=1)):
+            if grad is None:
+                continue
+            rows = grad.reshape(p.shape[0], -1)
+            full, rest = divmod(p.shape[0], s.rows)
+            dst[:full].copy_(rows[: full * s.rows].reshape(full, -1))
+            if rest:
+                dst[full, : rest * rows.shape[1]].copy_(rows[full * s.rows :].reshape(-1))
+        recv = torch.empty(sum(widths), dtype=first.dtype, device=first.device)
+        work = dist.reduce_scatter_tensor(recv, send.view(-1), group=first.device_mesh.get_group(), async_op=True)
+        self._complete()
+        self._in_flight = (work, send, recv, pending, widths)
+
+    def _complete(self) -> None:
+        if self._in_flight is None:
+            return
+        work, _send, recv, pending, widths = self._in_flight
+        self._in_flight = None
+        work.wait()
+        recv.div_(pending[0][2].world)
+        for (p, _, s), part in zip(pending, recv.split(widths)):
+            local = part.view(s.rows, *p.shape[1:])[: s.local_rows(p.shape[0])]
+            if p.grad is None:
+                p.grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                            run_check=False)
+            else:
+                p.grad.to_local().add_(local)
+
+
+def _redistribute_into(p: nn.Parameter, grad: Optional[torch.Tensor]) -> None:
+    """Adds shard_r((1/W) Σ_r grad_r) to ``p.grad`` through DTensor (any layout); collective."""
     mesh = p.device_mesh
     if grad is None:
         local = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
     else:
         local = grad.to(p.dtype) / mesh.size()
-    summed = DTensor.from_local(local, mesh, [Partial()] * mesh.ndim, run_check=False)
-    shard = summed.redistribute(mesh, p.placements)
+    shard = DTensor.from_local(local, mesh, [Partial()] * mesh.ndim, run_check=False).redistribute(mesh, p.placements)
     if p.grad is None:
         p.grad = shard
     else:

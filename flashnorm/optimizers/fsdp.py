@@ -33,17 +33,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
-from torch.distributed.tensor import DTensor, Replicate
 
+from ..utils.fsdp_utils import owned_part
 from .fast_gradient_clipping import NOISE_BUCKET_ELEMENTS, DPOptimizerFastGradientClipping, _buckets
-
-
-def _owned(full: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """The elements of ``full`` ([*like.shape], the same on every rank) that this rank's shard of ``like``
-    holds: a local slice, no communication."""
-    mesh = like.device_mesh
-    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return replicated.redistribute(mesh, like.placements).to_local()
 
 
 class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
@@ -68,12 +60,12 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
                 if self.secure_mode:
                     for g in grads:
                         noise = _generate_noise(std=std, reference=g, generator=self.generator, secure_mode=True)
-                        g.to_local().add_(_owned(noise.to(dtype), g))
+                        g.to_local().add_(owned_part(noise.to(dtype), g))
                     continue
                 for bucket in _buckets(grads, NOISE_BUCKET_ELEMENTS):
                     sizes = [g.numel() for g in bucket]  # full (global) sizes
                     flat = torch.normal(0.0, std, size=(sum(sizes),), device=device, dtype=dtype, generator=self.generator)
-                    noise = [_owned(n.view(g.shape), g) for n, g in zip(flat.split(sizes), bucket)]
+                    noise = [owned_part(n.view(g.shape), g) for n, g in zip(flat.split(sizes), bucket)]
                     torch._foreach_add_([g.to_local() for g in bucket], noise)
         for p in self.params:
             if p.grad is not p.summed_grad:

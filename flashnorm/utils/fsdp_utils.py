@@ -6,16 +6,52 @@ backward pass, as in ordinary FSDP training; FlashNorm's hooks sit on the layers
 
 Opacus's ``FSDP2Wrapper`` makes every layer with parameters a unit of its own: one collective per layer,
 and a unit whose own output gradient FlashNorm would capture before FSDP has all-gathered its parameters.
+
+Also the shard geometry FlashNorm's FSDP code shares: which rows of a full tensor a rank owns.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple, Type
+import math
+from typing import Iterable, NamedTuple, Optional, Tuple, Type
 
+import torch
 import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..norms.registry import trainable_own_parameters
+
+
+class RowShard(NamedTuple):
+    """FSDP2's default layout of a parameter θ with n₀ = θ.shape[0] rows over W ranks (1-D mesh, ``Shard(0)``):
+    ``torch.chunk`` semantics, rank r owns rows [r·rows, min((r+1)·rows, n₀)), rows = ⌈n₀/W⌉."""
+
+    rank: int
+    world: int
+    rows: int  # rows per (padded) shard
+
+    def local_rows(self, n0: int) -> int:
+        """Rows this rank holds: between 0 and ``rows``."""
+        return max(0, min(self.rows, n0 - self.rank * self.rows))
+
+
+def row_shard(p: torch.Tensor) -> Optional[RowShard]:
+    """The :class:`RowShard` of ``p`` when it is a ``DTensor`` laid out as FSDP2's default; else ``None``."""
+    if not isinstance(p, DTensor) or p.dim() == 0 or p.device_mesh.ndim != 1 or p.placements[0] != Shard(0):
+        return None
+    world = p.device_mesh.size()
+    return RowShard(p.device_mesh.get_local_rank(), world, math.ceil(p.shape[0] / world))
+
+
+def owned_part(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """The elements of ``full`` ([*like.shape], the same on every rank) that this rank's shard of ``like``
+    holds, as a local tensor (a view for FSDP2's default layout; no communication in any case)."""
+    shard = row_shard(like)
+    if shard is not None:
+        return full.narrow(0, min(shard.rank * shard.rows, full.shape[0]), shard.local_rows(full.shape[0]))
+    mesh = like.device_mesh
+    return DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, like.placements).to_local()
 
 
 def transformer_block_types(model: nn.Module) -> Tuple[Type[nn.Module], ...]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from torch.distributed.fsdp import MixedPrecisionPolicy
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -41,6 +41,8 @@ class Case:
     wide: bool = False  # ≥ 50k trainable elements, for noise statistics
     norm_method: Optional[str] = None  # FLASHNORM_NORM_METHOD for this case
     poisson: bool = False  # local batches drawn by Opacus's distributed Poisson loader (sizes: ignored)
+    secure: bool = False  # secure_mode's noise sampler (a seeded generator stands in for the CSPRNG)
+    shard_dim1: bool = False  # FSDP2 shards matrices along dim 1, not its default layout (even widths)
     seed: int = 0
 
     @property
@@ -84,7 +86,10 @@ class TinyLM(nn.Module):
 def build(case: Case):
     """(model, ids [B_global, STEPS], targets [B_global]): the same on every rank and in the test process."""
     torch.manual_seed(case.seed)
-    model = TinyLM(vocab=31, d=65, hidden=383) if case.wide else TinyLM()
+    vocab, d, hidden = (31, 65, 383) if case.wide else (13, 7, 9)
+    if case.shard_dim1:  # FSDP2 shards dim 1 evenly only
+        d, hidden = d + 1, hidden + 1
+    model = TinyLM(vocab, d, hidden)
     if case.frozen:
         model.blocks[0].fc1.requires_grad_(False)
     ids = torch.randint(0, model.embed.num_embeddings, (case.batch, STEPS))
@@ -120,15 +125,19 @@ def run_case(case: Case, device: torch.device) -> Dict:
         wrapped = DPDDP(model)
     else:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if case.bf16 else None
-        wrapped = FSDP2Wrapper(model, mp_policy=policy)
+        layout = dict(shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None) if case.shard_dim1 else {}
+        wrapped = FSDP2Wrapper(model, mp_policy=policy, **layout)
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=1.0)
     # A loader over the 2·B_global samples (ids twice) with batch size B_global: Opacus's expected batch
     # size is B_global (sampling rate 1/2), divided by W for the per-worker value it gives the optimizer.
     dataset = TensorDataset(torch.cat([ids, ids]), torch.cat([targets, targets]), torch.arange(2 * case.batch))
     generator = torch.Generator(device=device).manual_seed(1234) if case.sigma > 0 else None
-    dp_model, dp_opt, criterion, loader = FlashNormPrivacyEngine().make_private(
+    engine = FlashNormPrivacyEngine()
+    if case.secure:  # torchcsprng is not installed: secure_mode's code path with a seeded generator
+        engine.secure_mode, engine.secure_rng, generator = True, generator, None
+    dp_model, dp_opt, criterion, loader = engine.make_private(
         module=wrapped, optimizer=optimizer, criterion=nn.CrossEntropyLoss(reduction=case.reduction),
-        data_loader=DataLoader(dataset, batch_size=case.batch), noise_multiplier=case.sigma, max_grad_norm=case.clip,
+        data_loader=DataLoader(dataset, batch_size=case.batch, shuffle=True), noise_multiplier=case.sigma, max_grad_norm=case.clip,
         loss_reduction=case.reduction, grad_sample_mode=case.mode, poisson_sampling=case.poisson,
         noise_generator=generator,
     )
