@@ -38,8 +38,7 @@ def gpt2(tiny: bool, seq: int) -> GPT2LMHeadModel:
     if tiny:
         sizes = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, bos_token_id=999, eos_token_id=999)
     config = GPT2Config(**sizes, n_positions=max(seq, 1024), tie_word_embeddings=False, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
-    config._attn_implementation = "sdpa"
+                        embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
     return GPT2LMHeadModel(config)
 
 
@@ -79,8 +78,8 @@ def main() -> None:
     torch.manual_seed(0)  # the same initial weights on every rank: each keeps its shard of them
     with device:
         model = gpt2(args.tiny, args.seq)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.dtype == "bf16" else None
-    model = FSDP2Wrapper(model, mp_policy=policy)
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = FSDP2Wrapper(model, mp_policy=bf16 if args.dtype == "bf16" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     vocab = model.config.vocab_size
 
@@ -116,7 +115,8 @@ def main() -> None:
         logits = model(inputs).logits.float()  # [B, T, V]; the loss in fp32
         batch, seq = inputs.shape
         # Token-level cross-entropy whose per-sample loss is the mean over the sequence's tokens.
-        loss = loss_fn(logits.reshape(-1, vocab), labels.reshape(-1), **({} if engine is None else {"shape": (batch, seq, vocab)}))
+        per_sequence = {} if engine is None else {"shape": (batch, seq, vocab)}
+        loss = loss_fn(logits.reshape(-1, vocab), labels.reshape(-1), **per_sequence)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -136,7 +136,8 @@ def main() -> None:
     peaks = [torch.zeros_like(peak) for _ in range(world)]
     dist.all_gather(peaks, peak)
     result = {
-        "mode": args.mode, "world_size": world, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "mode": args.mode, "world_size": world,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "batch_per_rank": args.batch, "seq": args.seq, "poisson": not args.no_poisson,
         "parameters": sum(p.numel() for p in model.parameters()), "step_ms_median": step_s * 1e3,
         "tokens_per_s": counts.item() / sum(times), "peak_mem_gib_per_rank": [p.item() for p in peaks],

@@ -56,11 +56,12 @@ def _unsharded_class(module: nn.Module) -> type:
 
 
 def check_fsdp_layout(module: nn.Module) -> None:
-    """Raises unless ``module`` is an FSDP2 root whose units hold no parameters directly.
+    """Raises unless ``module`` is an FSDP2 root over all ranks whose units hold no parameters directly.
 
     Raises:
         ValueError: ``module`` is not wrapped with ``fully_shard``.
-        NotImplementedError: a layer holding trainable parameters is an FSDP2 unit itself.
+        NotImplementedError: a layer holding trainable parameters is an FSDP2 unit itself, or a parameter
+            is sharded over a mesh that is not 1-D over all ranks (HSDP, tensor parallelism).
     """
     if not isinstance(module, FSDPModule):
         raise ValueError(
@@ -68,12 +69,20 @@ def check_fsdp_layout(module: nn.Module) -> None:
             "model = flashnorm.utils.fsdp_utils.FSDP2Wrapper(model) before creating the optimizer, or use the "
             "mode without '_fsdp' on one device or with DDP."
         )
+    world = dist.get_world_size()
+    for name, p in module.named_parameters():
+        if isinstance(p, DTensor) and (p.device_mesh.ndim != 1 or p.device_mesh.size() != world):
+            raise NotImplementedError(
+                f"Parameter '{name}' is sharded over a {p.device_mesh.ndim}-D mesh of {p.device_mesh.size()} ranks; "
+                f"the FSDP modes support FSDP2 over one 1-D mesh of all {world} ranks (no HSDP or tensor "
+                "parallelism yet): every element's noise is drawn by the one rank that holds it."
+            )
     for name, sub in module.named_modules():
         if isinstance(sub, FSDPModule) and trainable_own_parameters(sub):
             raise NotImplementedError(
-                f"'{name or '<root>'}' ({_unsharded_class(sub).__name__}) holds parameters and is an FSDP2 unit itself. "
-                "FlashNorm's hooks must sit inside a unit, whose backward all-gather runs before a layer receives "
-                "its output gradient. Fix: shard blocks that contain the layers, not the layers: "
+                f"'{name or '<root>'}' ({_unsharded_class(sub).__name__}) holds parameters and is an FSDP2 unit "
+                "itself. FlashNorm's hooks must sit inside a unit, whose backward all-gather runs before a layer "
+                "receives its output gradient. Fix: shard blocks that contain the layers, not the layers: "
                 "flashnorm.utils.fsdp_utils.FSDP2Wrapper(model) shards each transformer block and the root."
             )
 
@@ -122,7 +131,7 @@ class FSDPGradSampleModuleFastGradientClipping(_FSDPChecks, GradSampleModuleFast
 
 
 class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModuleFastGradientClippingFuse):
-    """One pass (``flash_fuse_fsdp``): assembled clipped gradients reduce-scattered layer by layer.
+    """One pass (``flash_fuse_fsdp``): assembled clipped gradients reduce-scattered bucket by bucket.
 
     ``p.grad`` ends as the owned shard of (1/W) Σ_r S_r, exactly what FSDP's reduce-scatter of an ordinary
     backward would leave, so the FSDP optimizer treats both kinds of mode alike.
@@ -176,7 +185,7 @@ class _ClippedGradReducer:
     consecutive parameters of one dtype are packed into a send buffer [W, L] whose row s holds the
     (zero-padded) rows that rank s owns of each; one SUM ``reduce_scatter_tensor`` over the mesh's group
     leaves each rank its [L], divided by W. A bucket's collective runs while the next bucket is
-    assembled. Other layouts (HSDP meshes, other shard dims) use DTensor's ``Partial`` → placements
+    assembled. Other layouts (FSDP2 sharding another dim) use DTensor's ``Partial`` → placements
     redistribution, one parameter at a time.
     """
 
@@ -223,16 +232,16 @@ class _ClippedGradReducer:
         recv = torch.empty(sum(widths), dtype=first.dtype, device=first.device)
         work = dist.reduce_scatter_tensor(recv, send.view(-1), group=first.device_mesh.get_group(), async_op=True)
         self._complete()
-        self._in_flight = (work, send, recv, pending, widths)
+        self._in_flight = (work, send, recv, [(p, s) for p, _, s in pending], widths)  # the G_r can go
 
     def _complete(self) -> None:
         if self._in_flight is None:
             return
-        work, _send, recv, pending, widths = self._in_flight
+        work, _send, recv, params, widths = self._in_flight
         self._in_flight = None
         work.wait()
-        recv.div_(pending[0][2].world)
-        for (p, _, s), part in zip(pending, recv.split(widths)):
+        recv.div_(params[0][1].world)
+        for (p, s), part in zip(params, recv.split(widths)):
             local = part.view(s.rows, *p.shape[1:])[: s.local_rows(p.shape[0])]
             if p.grad is None:
                 p.grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),

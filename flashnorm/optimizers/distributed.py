@@ -70,7 +70,8 @@ class DistributedDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping
             for bucket in _buckets(grads, NOISE_BUCKET_ELEMENTS):
                 flat = torch.cat([g.reshape(-1) for g in bucket])
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                torch._foreach_copy_(bucket, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in bucket]), bucket)])
+                reduced = flat.split([g.numel() for g in bucket])
+                torch._foreach_copy_(bucket, [r.view_as(g) for r, g in zip(reduced, bucket)])
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         if closure is not None:

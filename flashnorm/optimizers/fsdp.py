@@ -49,22 +49,23 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
         self.world_size = dist.get_world_size()
 
     def add_noise(self):
-        """``p.grad`` ← Ḡ + ξ/W on the owned elements (ξ drawn full-shape and sliced; see the module docstring)."""
+        """``p.grad`` ← Ḡ + ξ/W on the owned elements (ξ drawn full-shape, then sliced: see the module)."""
         std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm / self.world_size
         groups = defaultdict(list)
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             groups[(p.summed_grad.device, p.summed_grad.dtype)].append(p.summed_grad)
-        if std > 0:
+        if std > 0 and self.secure_mode:  # Opacus's sampler, one parameter at a time (as on one device)
+            for p in self.params:
+                g = p.summed_grad
+                noise = _generate_noise(std=std, reference=g, generator=self.generator, secure_mode=True)
+                g.to_local().add_(owned_part(noise.to(g.dtype), g))
+        elif std > 0:
             for (device, dtype), grads in groups.items():
-                if self.secure_mode:
-                    for g in grads:
-                        noise = _generate_noise(std=std, reference=g, generator=self.generator, secure_mode=True)
-                        g.to_local().add_(owned_part(noise.to(dtype), g))
-                    continue
                 for bucket in _buckets(grads, NOISE_BUCKET_ELEMENTS):
                     sizes = [g.numel() for g in bucket]  # full (global) sizes
-                    flat = torch.normal(0.0, std, size=(sum(sizes),), device=device, dtype=dtype, generator=self.generator)
+                    flat = torch.normal(0.0, std, size=(sum(sizes),), device=device, dtype=dtype,
+                                        generator=self.generator)
                     noise = [owned_part(n.view(g.shape), g) for n, g in zip(flat.split(sizes), bucket)]
                     torch._foreach_add_([g.to_local() for g in bucket], noise)
         for p in self.params:
@@ -73,7 +74,7 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
             _mark_as_processed(p.summed_grad)
 
     def scale_grad(self):
-        """Rescales Ḡ + ξ/W on the owned elements: × W/B, i.e. ÷ ``expected_batch_size`` (``mean``); × W (``sum``)."""
+        """Ḡ + ξ/W on the owned elements × W/B, i.e. ÷ ``expected_batch_size`` (``mean``); × W (``sum``)."""
         if self.loss_reduction == "mean":
             factor = 1.0 / (self.expected_batch_size * self.accumulated_iterations)
         else:

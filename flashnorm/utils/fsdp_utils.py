@@ -51,7 +51,8 @@ def owned_part(full: torch.Tensor, like: DTensor) -> torch.Tensor:
     if shard is not None:
         return full.narrow(0, min(shard.rank * shard.rows, full.shape[0]), shard.local_rows(full.shape[0]))
     mesh = like.device_mesh
-    return DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, like.placements).to_local()
+    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements).to_local()
 
 
 def transformer_block_types(model: nn.Module) -> Tuple[Type[nn.Module], ...]:

@@ -29,9 +29,12 @@ RTOL, ATOL = TOLERANCES["tf32" if BACKEND == "nccl" else "fp32"]
 MODES = {"ddp": ("ghost", "flash", "flash_fuse"), "fsdp": ("ghost_fsdp", "flash_fsdp", "flash_fuse_fsdp")}
 ORACLE_CASES = [
     *(Case(f"{m}-clip-mean-uneven", w, m) for w, modes in MODES.items() for m in modes),
-    *(Case(f"{m}-noclip-sum", w, m, sizes=(4, 4), reduction="sum", clip=1e10) for w, modes in MODES.items() for m in modes),
-    *(Case(f"{m}-frozen", w, m, frozen=True) for w, m in [("ddp", "flash_fuse"), ("fsdp", "flash_fsdp"), ("fsdp", "flash_fuse_fsdp")]),
-    *(Case(f"{m}-empty-rank", w, m, sizes=(4, 0)) for w, m in [("ddp", "flash_fuse"), ("fsdp", "ghost_fsdp"), ("fsdp", "flash_fuse_fsdp")]),
+    *(Case(f"{m}-noclip-sum", w, m, sizes=(4, 4), reduction="sum", clip=1e10)
+      for w, modes in MODES.items() for m in modes),
+    *(Case(f"{m}-frozen", w, m, frozen=True)
+      for w, m in [("ddp", "flash_fuse"), ("fsdp", "flash_fsdp"), ("fsdp", "flash_fuse_fsdp")]),
+    *(Case(f"{m}-empty-rank", w, m, sizes=(4, 0))
+      for w, m in [("ddp", "flash_fuse"), ("fsdp", "ghost_fsdp"), ("fsdp", "flash_fuse_fsdp")]),
     Case("flash_fuse_fsdp-forced-flash", "fsdp", "flash_fuse_fsdp", norm_method="flash"),
     Case("flash_fuse_fsdp-forced-gram", "fsdp", "flash_fuse_fsdp", norm_method="gram"),
     Case("flash_fuse_fsdp-shard-dim1", "fsdp", "flash_fuse_fsdp", shard_dim1=True),
@@ -40,13 +43,20 @@ ORACLE_CASES = [
     Case("flash_fuse-poisson", "ddp", "flash_fuse", sizes=(4, 4), poisson=True),
     Case("flash_fuse_fsdp-poisson", "fsdp", "flash_fuse_fsdp", sizes=(4, 4), poisson=True),
 ]
+NOISY = dict(sizes=(3, 5), sigma=0.7, clip=0.3, wide=True, seed=1)
 NOISE_CASES = [
-    Case(f"{m}-noise", w, m, sizes=(3, 5), sigma=0.7, clip=0.3, wide=True, seed=1)
-    for w, m in [("ddp", "flash_fuse"), ("ddp", "flash"), ("fsdp", "flash_fuse_fsdp"), ("fsdp", "ghost_fsdp")]
-] + [
-    Case("flash_fuse_fsdp-noise-shard-dim1", "fsdp", "flash_fuse_fsdp", sigma=0.7, clip=0.3, wide=True, seed=1, shard_dim1=True),
-    Case("flash_fuse-noise-secure", "ddp", "flash_fuse", sigma=0.7, clip=0.3, wide=True, seed=1, secure=True),
-    Case("flash_fuse_fsdp-noise-secure", "fsdp", "flash_fuse_fsdp", sigma=0.7, clip=0.3, wide=True, seed=1, secure=True),
+    *(Case(f"{m}-noise", w, m, **NOISY)
+      for w, m in [("ddp", "flash_fuse"), ("ddp", "flash"), ("fsdp", "flash_fuse_fsdp"), ("fsdp", "ghost_fsdp")]),
+    Case("flash_fuse_fsdp-noise-shard-dim1", "fsdp", "flash_fuse_fsdp", shard_dim1=True, **NOISY),
+    Case("flash_fuse-noise-secure", "ddp", "flash_fuse", secure=True, **NOISY),
+    Case("flash_fuse_fsdp-noise-secure", "fsdp", "flash_fuse_fsdp", secure=True, **NOISY),
+]
+ERROR_CASES = [  # (case, what every rank's error must say)
+    (Case("fsdp-leaf-unit", "fsdp-leaf", "flash_fuse_fsdp"), "is an FSDP2 unit itself"),
+    (Case("fsdp-with-ddp-mode", "fsdp", "flash_fuse"), "use grad_sample_mode='flash_fuse_fsdp'"),
+    (Case("ddp-with-fsdp-mode", "ddp", "flash_fsdp"), "need a module wrapped with FSDP2"),
+    (Case("ranks-disagree-on-batch", "fsdp", "flash_fsdp", rank_batch=True),
+     "expected_batch_size differs across ranks"),
 ]
 BF16_CASES = [Case(f"{m}-bf16", "fsdp", m, sizes=(3, 4), bf16=True) for m in MODES["fsdp"]]
 
@@ -61,7 +71,8 @@ EXPECTED_CLASSES = {
 def launch(tmp_path_factory):
     if BACKEND == "nccl" and torch.cuda.device_count() < 2:
         pytest.skip("FLASHNORM_DIST_BACKEND=nccl needs 2 CUDA GPUs")
-    return Launch(BACKEND).run(ORACLE_CASES + NOISE_CASES + BF16_CASES, str(tmp_path_factory.mktemp("dist")))
+    cases = ORACLE_CASES + NOISE_CASES + BF16_CASES + [case for case, _ in ERROR_CASES]
+    return Launch(BACKEND).run(cases, str(tmp_path_factory.mktemp("dist")))
 
 
 def _results(launch, case):
@@ -95,6 +106,7 @@ def test_step_equals_single_process_step_on_union_batch(launch, case):
     expected = _expected_grads(case, oracle)
     gsm, optimizer = EXPECTED_CLASSES[case.wrapper]
     assert per_rank[0]["class"].startswith(gsm) and per_rank[0]["optimizer"] == optimizer
+    assert per_rank[0]["ddp_reductions"] == 0  # DDP's forward ran under no_sync: one reduction, the optimizer's
     # each sample's norm on its own rank, never combined with another rank's
     norms = torch.cat([res["norms"] for res in per_rank])
     torch.testing.assert_close(norms, oracle.norms, rtol=RTOL, atol=ATOL)
@@ -103,10 +115,12 @@ def test_step_equals_single_process_step_on_union_batch(launch, case):
     for rank, res in enumerate(per_rank):
         assert set(res["grads"]) == set(expected), rank
         for name, grad in res["grads"].items():
-            torch.testing.assert_close(grad, expected[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"rank {rank} {name}: {m}")
+            torch.testing.assert_close(grad, expected[name], rtol=RTOL, atol=ATOL,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
         for name, p in res["params"].items():
             step = expected.get(name, torch.zeros_like(p))  # SGD, lr = 1; frozen parameters never move
-            torch.testing.assert_close(p, res["before"][name] - step, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p, res["before"][name] - step, rtol=RTOL, atol=ATOL,
+                                       msg=lambda m: f"{name}: {m}")
     if case.frozen:
         assert "blocks.0.fc1.weight" not in expected
         assert torch.equal(per_rank[0]["params"]["blocks.0.fc1.weight"], per_rank[0]["before"]["blocks.0.fc1.weight"])
@@ -124,7 +138,8 @@ def _single_device_noise(case, reference_grads):
         secure_mode=case.secure,
     )
     optimizer.step()
-    return torch.cat([p.grad.double().cpu().flatten() for name, p in model.named_parameters() if name in reference_grads])
+    grads = [p.grad.double().cpu().flatten() for name, p in model.named_parameters() if name in reference_grads]
+    return torch.cat(grads)
 
 
 @pytest.mark.parametrize("case", NOISE_CASES, ids=lambda c: c.name)
@@ -140,7 +155,8 @@ def test_noise_is_added_once_with_std_sigma_c_over_global_batch(launch, case):
     assert abs(noise.mean().item()) < 0.05 * std
     # Rank 0's draws (DDP) or every owner's slice of the same full draws (FSDP): the step is the oracle's
     # plus exactly the noise of a single-device step seeded alike (up to the rounding of ξ, 1e-6·std).
-    torch.testing.assert_close(applied - _single_device_noise(case, expected), signal, rtol=RTOL, atol=ATOL + 1e-6 * std)
+    torch.testing.assert_close(applied - _single_device_noise(case, expected), signal, rtol=RTOL,
+                               atol=ATOL + 1e-6 * std)
     for res in per_rank[1:]:  # replicas agree
         for name, grad in res["grads"].items():
             assert torch.equal(grad, per_rank[0]["grads"][name]), name
@@ -155,3 +171,9 @@ def test_bf16_mixed_precision_within_bf16_tolerance(launch, case):
     assert _rel(norms, oracle.norms) < rtol, (norms, oracle.norms)
     for name, grad in _expected_grads(case, oracle).items():
         assert _rel(per_rank[0]["grads"][name], grad) < rtol, name
+
+
+@pytest.mark.parametrize("case,message", ERROR_CASES, ids=[c.name for c, _ in ERROR_CASES])
+def test_unsupported_layouts_fail_clearly_on_every_rank(launch, case, message):
+    for rank, res in enumerate(launch.results):
+        assert message in res[case.name].get("error", ""), (rank, res[case.name])

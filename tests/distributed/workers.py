@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
@@ -30,7 +31,7 @@ class Case:
     """One distributed DP step. ``sizes``: the local batch size of each rank (their sum is B_global)."""
 
     name: str
-    wrapper: str  # "ddp", "dpddp" or "fsdp"
+    wrapper: str  # "ddp", "dpddp", "fsdp" or "fsdp-leaf" (also blocks[0].fc1 is an FSDP2 unit)
     mode: str
     sizes: Tuple[int, ...] = (3, 5)
     reduction: str = "mean"
@@ -43,6 +44,7 @@ class Case:
     poisson: bool = False  # local batches drawn by Opacus's distributed Poisson loader (sizes: ignored)
     secure: bool = False  # secure_mode's noise sampler (a seeded generator stands in for the CSPRNG)
     shard_dim1: bool = False  # FSDP2 shards matrices along dim 1, not its default layout (even widths)
+    rank_batch: bool = False  # the loader's batch size differs across ranks (make_private must refuse)
     seed: int = 0
 
     @property
@@ -119,13 +121,22 @@ def run_case(case: Case, device: torch.device) -> Dict:
     model, ids, targets = build(case)
     before = {n: p.detach().clone().double() for n, p in model.named_parameters()}
     model.to(device)
+    ddp_reductions = []  # DDP's own bucket all-reduces (there must be none: FlashNorm reduces once, noise included)
     if case.wrapper == "ddp":
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        def counted_allreduce(group, bucket):
+            ddp_reductions.append(bucket.index())
+            return allreduce_hook(group, bucket)
+
+        wrapped.register_comm_hook(None, counted_allreduce)
     elif case.wrapper == "dpddp":
         wrapped = DPDDP(model)
     else:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if case.bf16 else None
         layout = dict(shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None) if case.shard_dim1 else {}
+        if case.wrapper == "fsdp-leaf":
+            fully_shard(model.blocks[0].fc1)
         wrapped = FSDP2Wrapper(model, mp_policy=policy, **layout)
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=1.0)
     # A loader over the 2·B_global samples (ids twice) with batch size B_global: Opacus's expected batch
@@ -137,7 +148,8 @@ def run_case(case: Case, device: torch.device) -> Dict:
         engine.secure_mode, engine.secure_rng, generator = True, generator, None
     dp_model, dp_opt, criterion, loader = engine.make_private(
         module=wrapped, optimizer=optimizer, criterion=nn.CrossEntropyLoss(reduction=case.reduction),
-        data_loader=DataLoader(dataset, batch_size=case.batch, shuffle=True), noise_multiplier=case.sigma, max_grad_norm=case.clip,
+        data_loader=DataLoader(dataset, batch_size=case.batch * (1 + rank if case.rank_batch else 1), shuffle=True),
+        noise_multiplier=case.sigma, max_grad_norm=case.clip,
         loss_reduction=case.reduction, grad_sample_mode=case.mode, poisson_sampling=case.poisson,
         noise_generator=generator,
     )
@@ -155,6 +167,7 @@ def run_case(case: Case, device: torch.device) -> Dict:
     named = dict(model.named_parameters())
     return {
         "class": type(dp_model).__name__,
+        "ddp_reductions": len(ddp_reductions),
         "optimizer": type(dp_opt).__name__,
         "index": index,  # this rank's samples, in the dataset of ids twice
         "norms": norms,
