@@ -6,8 +6,10 @@
 #      B=8 x T=1024 per GPU, fixed batches) in flash_fuse_fsdp and without DP, on 1 and on 2 GPUs:
 #      median step time, tokens/s, peak memory per GPU -> a table on stdout and $OUT/gpt2_fsdp.json.
 #
+#   Writes three files to $OUT: tests_distributed_nccl.txt, gpt2_fsdp.json, gpt2_runs.log (the runs' output).
+#
 #   OUT=/some/dir bash tests/distributed/run_gpu.sh          (OUT defaults to ./out)
-#   SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; BATCH, SEQ, STEPS override the GPT-2 run.
+#   SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; BATCH, SEQ, STEPS override the GPT-2 run; PYTHON the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
@@ -16,35 +18,39 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 BATCH=${BATCH:-8}
 SEQ=${SEQ:-1024}
 STEPS=${STEPS:-10}
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # flashnorm and tests from this checkout
 status=0
 
-python - <<'EOF'
+"$PYTHON" - <<'EOF'
 import torch, opacus
 print(f"torch {torch.__version__}, opacus {opacus.__version__}, {torch.cuda.device_count()} x {torch.cuda.get_device_name()}")
 EOF
 
 if [ -z "${SKIP_TESTS:-}" ]; then
-  FLASHNORM_DIST_BACKEND=nccl timeout 420 python -m pytest tests/distributed -q -p no:cacheprovider -rfE 2>&1 \
+  FLASHNORM_DIST_BACKEND=nccl timeout 420 "$PYTHON" -m pytest tests/distributed -q -p no:cacheprovider -rfE 2>&1 \
     | tee "$OUT/tests_distributed_nccl.txt"
   status=${PIPESTATUS[0]}
 fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then
+  runs=$(mktemp -d)
   for n in 1 2; do
     for mode in nondp flash_fuse_fsdp; do
-      timeout 300 torchrun --standalone --nproc_per_node="$n" examples/fsdp_gpt.py --mode "$mode" \
-        --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --warmup 3 --no-poisson \
-        --json "$OUT/gpt2_${mode}_${n}gpu.json" > "$OUT/gpt2_${mode}_${n}gpu.log" 2>&1 \
-        || { echo "GPT-2 $mode on $n GPU(s) failed: see $OUT/gpt2_${mode}_${n}gpu.log"; tail -20 "$OUT/gpt2_${mode}_${n}gpu.log"; status=1; }
+      echo "=== GPT-2 $mode on $n GPU(s)" >> "$OUT/gpt2_runs.log"
+      timeout 300 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$n" examples/fsdp_gpt.py \
+        --mode "$mode" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --warmup 3 --no-poisson \
+        --json "$runs/gpt2_${mode}_${n}gpu.json" >> "$OUT/gpt2_runs.log" 2>&1 \
+        || { echo "GPT-2 $mode on $n GPU(s) failed: see $OUT/gpt2_runs.log"; tail -20 "$OUT/gpt2_runs.log"; status=1; }
     done
   done
-  python - "$OUT" <<'EOF'
+  "$PYTHON" - "$runs" "$OUT" <<'EOF'
 import json, os, sys
-out = sys.argv[1]
+runs_dir, out = sys.argv[1], sys.argv[2]
 runs = {}
 for n in (1, 2):
     for mode in ("nondp", "flash_fuse_fsdp"):
-        path = os.path.join(out, f"gpt2_{mode}_{n}gpu.json")
+        path = os.path.join(runs_dir, f"gpt2_{mode}_{n}gpu.json")
         if os.path.exists(path):
             runs[(mode, n)] = json.load(open(path))
 rows = []
