@@ -245,7 +245,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             output = output.expand(*(self._batch_size if i == batch_dim else -1 for i in range(output.dim())))
         if self._single_sample_step():
             return None  # the batch gradient is the per-sample gradient: nothing to capture
-
+        if layer.rule.autocast_input and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         layer.x = x
         return _Anchor.apply(output, self._anchor_on(output.device), layer.capture)
 
@@ -296,15 +297,16 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
         Args:
             loss_per_sample: per-sample losses ℓ: [B], from this module's last forward.
-            zero_grad: called after the loss is checked and before any gradient is written
-                (the DP criterion passes ``optimizer.zero_grad``).
+            zero_grad: called as ``zero_grad(set_to_none=True)`` after the loss is checked and before
+                any gradient is written (the DP criterion passes ``optimizer.zero_grad``), so that
+                autograd and the assembly store gradients instead of adding them to zeros.
 
         Raises:
             ValueError: non-finite loss or a batch-size mismatch, before anything changes.
         """
         self._check_loss(loss_per_sample)
         if zero_grad is not None:
-            zero_grad()
+            zero_grad(set_to_none=True)
         if self._single_sample_step():
             self._single_sample_backward(loss_per_sample)
         else:

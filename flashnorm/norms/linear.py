@@ -32,6 +32,7 @@ class LinearFamilyRule(NormRule):
     """Shared rule for layers that compute y = x Wᵀ + b on flattened sequences."""
 
     methods = ("flash", "gram", "per_sample")
+    autocast_input = True
 
     # -- layout hooks, overridden per layer type -------------------------------------------------
     def as_sequences(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

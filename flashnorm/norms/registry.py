@@ -29,6 +29,9 @@ class NormRule:
 
     #: Methods this rule can compute norms with; the planner picks among them.
     methods: Tuple[str, ...] = ("per_sample",)
+    #: The layer computes in autocast's lower precision (matmuls, convolutions): its input is kept
+    #: in that dtype, as autograd keeps it, rather than in the dtype it arrived in.
+    autocast_input: bool = False
 
     def supports(self, layer: nn.Module) -> Optional[str]:
         """``None`` when the rule handles ``layer``; otherwise why not (the layer falls back)."""
@@ -84,7 +87,7 @@ def per_sample_norm_sq(grads: Dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
     total = None
     for gs in grads.values():
         acc = torch.float64 if gs.dtype == torch.float64 else torch.float32
-        term = gs.reshape(gs.shape[0], -1).to(acc).square().sum(dim=1)
+        term = torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1, dtype=acc).square()
         total = term if total is None else total + term
     return total
 

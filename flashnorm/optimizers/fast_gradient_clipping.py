@@ -51,12 +51,15 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
     def accumulate(self):
         virtual_step = bool(self._check_skip_next_step(pop_next=False))
         for p in self.params:
+            if p.grad is None:  # no gradient reached it (zero_grad with set_to_none): noise still applies
+                p.grad = torch.zeros_like(p)
             if p.summed_grad is not None:
                 p.summed_grad.add_(p.grad)
             else:
                 p.summed_grad = p.grad.detach().clone() if virtual_step else p.grad
 
-    def zero_grad(self, set_to_none: bool = False):
+    def zero_grad(self, set_to_none: bool = True):
+        """Opacus's ``zero_grad``; like ``torch.optim``, it sets gradients to ``None`` by default."""
         super().zero_grad(set_to_none)
         for p in self.params:  # an aliased, already-noised gradient was zeroed in place: it is fresh now
             if p.grad is not None and hasattr(p.grad, "_processed"):

@@ -1,4 +1,4 @@
-"""bf16 autocast on the GPU: every clipping mode within bf16 tolerance of the float64 oracle."""
+"""bf16 autocast: every clipping mode within bf16 tolerance of the float64 oracle (CPU and GPU)."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from tests.conftest import TOLERANCES
 from tests.oracle import microbatch_reference
 from tests.test_modes_exact import dp_clipped_step
 
-pytestmark = pytest.mark.gpu
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 VOCAB, WIDTH = 97, 64
 
@@ -32,20 +32,34 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+@pytest.mark.parametrize("autocast_device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("steps", [37, 1030])
 @pytest.mark.parametrize("mode", ["ghost", "flash", "flash_fuse"])
-def test_bf16_autocast_matches_float64(mode, steps, batch):
+def test_bf16_autocast_matches_float64(mode, steps, batch, autocast_device):
     torch.manual_seed(0)
     model = TinyLM()
     x, y = torch.randint(0, VOCAB, (batch, steps)), torch.randint(0, VOCAB, (batch,))
     clip = 1e-2
     oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), clip)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        dp_model, grads = dp_clipped_step(model.cuda(), x.cuda(), y.cuda(), mode=mode, reduction="sum",
+    dev = autocast_device
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        dp_model, grads = dp_clipped_step(model.to(dev), x.to(dev), y.to(dev), mode=mode, reduction="sum",
                                           max_grad_norm=clip)
+
     rtol, _ = TOLERANCES["bf16"]
     norms = dp_model.get_norm_sample().double().cpu()
     assert _rel(norms, oracle.norms) < rtol, (norms, oracle.norms)
     for name, grad in grads.items():
         assert _rel(grad.double().cpu(), oracle.clipped_sum[name]) < rtol, name
+
+
+def test_linear_inputs_are_kept_in_the_autocast_dtype():
+    from flashnorm.grad_sample import GradSampleModuleFastGradientClippingFuse
+
+    gsm = GradSampleModuleFastGradientClippingFuse(TinyLM())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gsm(torch.randint(0, VOCAB, (3, 5)))
+    kept = {layer.name: layer.x.dtype for layer in gsm.layers}
+    assert kept["up"] == kept["down"] == kept["head"] == torch.bfloat16  # as autograd keeps them
+    assert kept["norm"] == torch.float32 and kept["embed"] == torch.int64
