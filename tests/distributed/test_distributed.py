@@ -38,7 +38,9 @@ ORACLE_CASES = [
     Case("flash_fuse_fsdp-forced-flash", "fsdp", "flash_fuse_fsdp", norm_method="flash"),
     Case("flash_fuse_fsdp-forced-gram", "fsdp", "flash_fuse_fsdp", norm_method="gram"),
     Case("flash_fuse_fsdp-shard-dim1", "fsdp", "flash_fuse_fsdp", shard_dim1=True),
-    Case("flash_fuse-dpddp", "dpddp", "flash_fuse"),
+    Case("flash_fuse-dpddp-one-sample", "dpddp", "flash_fuse", sizes=(1, 4)),  # one-pass B = 1 shortcut on rank 0
+    Case("flash_fuse_fsdp-one-sample", "fsdp", "flash_fuse_fsdp", sizes=(1, 3)),
+    Case("flash_fuse-one-sample", "ddp", "flash_fuse", sizes=(1, 3)),
     Case("flash-dpddp", "dpddp", "flash", reduction="sum"),
     Case("flash_fuse-poisson", "ddp", "flash_fuse", sizes=(4, 4), poisson=True),
     Case("flash_fuse_fsdp-poisson", "fsdp", "flash_fuse_fsdp", sizes=(4, 4), poisson=True),
