@@ -167,6 +167,7 @@ def make_plots(data: Dict, out_dir: str, stem: str) -> List[str]:
             panels = (("time_ratio", "step time / non-DP"), ("mem_ratio", "peak memory / non-DP"))
             for col, (key, title) in enumerate(panels):
                 ax = axes[row][col]
+                plotted = False
                 for mode in _modes_present(sub):
                     if mode == "nondp":
                         continue
@@ -177,14 +178,17 @@ def make_plots(data: Dict, out_dir: str, stem: str) -> List[str]:
                         label += " (" + ", ".join(f"{_FAILED.get(s, s)} T={t}" for t, s in fails[:3]) + ")"
                     if pts:
                         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(mode, "o"), label=label)
+                        plotted = True
                     elif fails:
                         ax.plot([], [], marker=markers.get(mode, "o"), linestyle="none", label=label)
                 ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
-                ax.set_xscale("log", base=2)
-                if ts:
+                if plotted:
+                    ax.set_xscale("log", base=2)
+                if plotted and ts:
                     ax.set_xticks(ts)
                     ax.set_xticklabels([f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in ts])
-                ax.set_yscale("log")
+                if plotted:  # a panel whose configurations all failed or did not run stays linear
+                    ax.set_yscale("log")
                 ax.set_xlabel("T (tokens per sequence)")
                 ax.set_ylabel(title)
                 ax.set_title(f"{workload} {dtype} B={b}: {title}")
