@@ -27,7 +27,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from .fast_gradient_clipping import NOISE_BUCKET_ELEMENTS, DPOptimizerFastGradientClipping, _buckets
 
@@ -48,18 +47,12 @@ class DistributedDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping
         """Rank 0: S_0 + ξ (the fused tail of the single-device optimizer). Other ranks: S_r unchanged."""
         if self.rank == 0:
             return super().add_noise()
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            if p.grad is not p.summed_grad:
-                p.grad = p.summed_grad.view_as(p)
-            _mark_as_processed(p.summed_grad)
+        self._checked_summed_grads()
+        self._publish_summed_grads()
 
-    def scale_grad(self):
-        """Divides by the expected global batch size W · ``expected_batch_size`` (``mean`` only)."""
-        if self.loss_reduction == "mean":
-            grads = [p.grad for p in self.params]
-            if grads:
-                torch._foreach_div_(grads, self.expected_batch_size * self.world_size * self.accumulated_iterations)
+    def _grad_scale(self) -> float:
+        """1 / (W · ``expected_batch_size``) for ``mean``: the expected global batch size."""
+        return super()._grad_scale() / (self.world_size if self.loss_reduction == "mean" else 1)
 
     def reduce_gradients(self):
         """``p.grad`` ← Σ_r p.grad_r on every rank: one SUM all-reduce per flattened bucket."""

@@ -8,9 +8,9 @@ semantics and changes only the cost of the tail:
   (``BatchMemoryManager`` skip signals), where it is a copy as in Opacus;
 * the noise for a bucket of parameters (same device and dtype, ~16M elements) is drawn with one
   ``torch.normal`` of std σ·C (the same i.i.d. N(0, σ²C²) per element, from ``generator``) and
-  added with one ``torch._foreach_add_``; ``loss_reduction="mean"`` divides with one ``torch._foreach_div_``.
+  added with one ``torch._foreach_add_``; ``loss_reduction="mean"`` scales with one ``torch._foreach_mul_``.
 
-``secure_mode=True`` keeps Opacus's per-parameter path (its floating-point-attack-resistant noise).
+``secure_mode=True`` draws with Opacus's floating-point-attack-resistant sampler, one parameter at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping as _OpacusDPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
 
 #: Noise is drawn for buckets of parameters of about this many elements: a few launches per step and a
@@ -66,26 +66,63 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
                 del p.grad._processed
 
     def add_noise(self):
-        if self.secure_mode:
-            return super().add_noise()
-        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
-        groups = defaultdict(list)
+        """``p.grad`` ← Σ_b c_b ∇ℓ_b + N(0, σ²C²) per element, the noise drawn once per element."""
+        grads = self._checked_summed_grads()
+        std = self._noise_std()
+        if std > 0:
+            if self.secure_mode:
+                self._add_secure_noise(grads, std)
+            else:
+                groups = defaultdict(list)
+                for g in grads:
+                    groups[(g.device, g.dtype)].append(g)
+                for same_kind in groups.values():
+                    for bucket in _buckets(same_kind, NOISE_BUCKET_ELEMENTS):
+                        self._add_noise_to_bucket(bucket, std)
+        self._publish_summed_grads()
+
+    def scale_grad(self):
+        """Applies ``loss_reduction``: one ``foreach`` multiplication by :meth:`_grad_scale`."""
+        factor = self._grad_scale()
+        grads = self._local_grads()
+        if factor != 1.0 and grads:
+            torch._foreach_mul_(grads, factor)
+
+    # -- the pieces the distributed optimizers override -------------------------------------------
+    def _noise_std(self) -> float:
+        """σ·C (σ adjusted by adaptive clipping when set, as in Opacus)."""
+        return getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+
+    def _checked_summed_grads(self):
+        """The summed gradients, refusing any already used by a step (Opacus's processed flag)."""
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            groups[(p.summed_grad.device, p.summed_grad.dtype)].append(p.summed_grad)
-        if std > 0:
-            for (device, dtype), grads in groups.items():
-                for bucket in _buckets(grads, NOISE_BUCKET_ELEMENTS):
-                    sizes = [g.numel() for g in bucket]
-                    flat = torch.normal(0.0, std, size=(sum(sizes),), device=device, dtype=dtype, generator=self.generator)
-                    torch._foreach_add_(bucket, [n.view_as(g) for n, g in zip(flat.split(sizes), bucket)])
+        return [p.summed_grad for p in self.params]
+
+    def _add_noise_to_bucket(self, bucket, std: float) -> None:
+        """One ``torch.normal`` for the bucket (same device and dtype), one ``foreach`` add."""
+        sizes = [g.numel() for g in bucket]
+        flat = torch.normal(
+            0.0, std, size=(sum(sizes),), device=bucket[0].device, dtype=bucket[0].dtype, generator=self.generator
+        )
+        torch._foreach_add_(bucket, [n.view_as(g) for n, g in zip(flat.split(sizes), bucket)])
+
+    def _add_secure_noise(self, grads, std: float) -> None:
+        """``secure_mode``: Opacus's floating-point-attack-resistant sampler, one parameter at a time."""
+        for g in grads:
+            g.add_(_generate_noise(std=std, reference=g, generator=self.generator, secure_mode=True))
+
+    def _publish_summed_grads(self) -> None:
         for p in self.params:
             if p.grad is not p.summed_grad:
                 p.grad = p.summed_grad.view_as(p)
             _mark_as_processed(p.summed_grad)
 
-    def scale_grad(self):
+    def _grad_scale(self) -> float:
+        """1 / (expected batch size × accumulated iterations) for ``mean``; 1 for ``sum``."""
         if self.loss_reduction == "mean":
-            grads = [p.grad for p in self.params]
-            if grads:
-                torch._foreach_div_(grads, self.expected_batch_size * self.accumulated_iterations)
+            return 1.0 / (self.expected_batch_size * self.accumulated_iterations)
+        return 1.0
+
+    def _local_grads(self):
+        return [p.grad for p in self.params]

@@ -28,14 +28,12 @@ transient of one bucket (~16M elements) of full-shape noise.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.distributed as dist
-from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from opacus.optimizers.optimizer import _generate_noise
 
 from ..utils.fsdp_utils import owned_part
-from .fast_gradient_clipping import NOISE_BUCKET_ELEMENTS, DPOptimizerFastGradientClipping, _buckets
+from .fast_gradient_clipping import DPOptimizerFastGradientClipping
 
 
 class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
@@ -48,37 +46,27 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
         super().__init__(optimizer, **kwargs)
         self.world_size = dist.get_world_size()
 
-    def add_noise(self):
-        """``p.grad`` ← Ḡ + ξ/W on the owned elements (ξ drawn full-shape, then sliced: see the module)."""
-        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm / self.world_size
-        groups = defaultdict(list)
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            groups[(p.summed_grad.device, p.summed_grad.dtype)].append(p.summed_grad)
-        if std > 0 and self.secure_mode:  # Opacus's sampler, one parameter at a time (as on one device)
-            for p in self.params:
-                g = p.summed_grad
-                noise = _generate_noise(std=std, reference=g, generator=self.generator, secure_mode=True)
-                g.to_local().add_(owned_part(noise.to(g.dtype), g))
-        elif std > 0:
-            for (device, dtype), grads in groups.items():
-                for bucket in _buckets(grads, NOISE_BUCKET_ELEMENTS):
-                    sizes = [g.numel() for g in bucket]  # full (global) sizes
-                    flat = torch.normal(0.0, std, size=(sum(sizes),), device=device, dtype=dtype,
-                                        generator=self.generator)
-                    noise = [owned_part(n.view(g.shape), g) for n, g in zip(flat.split(sizes), bucket)]
-                    torch._foreach_add_([g.to_local() for g in bucket], noise)
-        for p in self.params:
-            if p.grad is not p.summed_grad:
-                p.grad = p.summed_grad.view_as(p)
-            _mark_as_processed(p.summed_grad)
+    def _noise_std(self) -> float:
+        """σ·C/W: FSDP's reduce-scatter averaged the signal over the W ranks (see the module)."""
+        return super()._noise_std() / self.world_size
 
-    def scale_grad(self):
-        """Ḡ + ξ/W on the owned elements × W/B, i.e. ÷ ``expected_batch_size`` (``mean``); × W (``sum``)."""
-        if self.loss_reduction == "mean":
-            factor = 1.0 / (self.expected_batch_size * self.accumulated_iterations)
-        else:
-            factor = float(self.world_size)
-        grads = [p.grad.to_local() for p in self.params]
-        if grads:
-            torch._foreach_mul_(grads, factor)
+    def _add_noise_to_bucket(self, bucket, std: float) -> None:
+        """Draws the bucket's full-shape noise (as on one device) and adds the owned elements."""
+        sizes = [g.numel() for g in bucket]  # full (global) sizes
+        flat = torch.normal(
+            0.0, std, size=(sum(sizes),), device=bucket[0].device, dtype=bucket[0].dtype, generator=self.generator
+        )
+        noise = [owned_part(n.view(g.shape), g) for n, g in zip(flat.split(sizes), bucket)]
+        torch._foreach_add_([g.to_local() for g in bucket], noise)
+
+    def _add_secure_noise(self, grads, std: float) -> None:
+        for g in grads:
+            noise = _generate_noise(std=std, reference=g, generator=self.generator, secure_mode=True)
+            g.to_local().add_(owned_part(noise.to(g.dtype), g))
+
+    def _grad_scale(self) -> float:
+        """(Ḡ + ξ/W) × W/B = (Σ_r S_r + ξ)/B for ``mean`` (B = W · expected_batch_size); × W for ``sum``."""
+        return super()._grad_scale() if self.loss_reduction == "mean" else float(self.world_size)
+
+    def _local_grads(self):
+        return [p.grad.to_local() for p in self.params]
