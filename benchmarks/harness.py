@@ -93,8 +93,10 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     amp = lambda: autocast_context(cfg["dtype"], device)  # noqa: E731
 
+    phase = region or (lambda name: contextlib.nullcontext())
     if mode == "nondp" or mode == "opacus_hooks":
         criterion = nn.CrossEntropyLoss()  # mean over B·T = mean over b of the per-sequence mean
+        loss_kwargs = {}
         if mode == "opacus_hooks":
             from opacus import PrivacyEngine
 
@@ -103,28 +105,35 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
                 noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
                 grad_sample_mode="hooks", poisson_sampling=False,
             )
+    else:
+        if mode not in ENGINES:
+            raise ValueError(f"Unknown mode {mode!r}. Valid modes: {', '.join(MODES)}.")
+        engine_name, grad_sample_mode = ENGINES[mode]
+        if engine_name == "opacus":
+            from opacus import PrivacyEngine as Engine
+        else:
+            from flashnorm import FlashNormPrivacyEngine as Engine
+        model, optimizer, criterion, _ = Engine().make_private(
+            module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=_dummy_loader(batch),
+            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
+            grad_sample_mode=grad_sample_mode, poisson_sampling=False,
+        )
+        loss_kwargs = {"shape": shape}  # token-level loss, the sequence as privacy unit
 
-        def step():
-            with amp():
-                loss = criterion(model(inputs).view(-1, classes), flat_targets)
+    def step():
+        with amp():
+            with phase("forward"):
+                logits = model(inputs).view(-1, classes)
+            with phase("loss"):
+                loss = criterion(logits, flat_targets, **loss_kwargs)
+        with phase("backward"):
             loss.backward()
+        with phase("optimizer.step"):
             optimizer.step()
+        with phase("optimizer.zero_grad"):
             optimizer.zero_grad()
 
-        def step_in_regions():
-            with amp():
-                with region("forward"):
-                    logits = model(inputs).view(-1, classes)
-                with region("loss"):
-                    loss = criterion(logits, flat_targets)
-            with region("backward"):
-                loss.backward()
-            with region("optimizer.step"):
-                optimizer.step()
-            with region("optimizer.zero_grad"):
-                optimizer.zero_grad()
-
-        return step if region is None else step_in_regions
+    return step
 
     if mode not in ENGINES:
         raise ValueError(f"Unknown mode {mode!r}. Valid modes: {', '.join(MODES)}.")

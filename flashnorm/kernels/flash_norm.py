@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import interpreter_enabled, multiprocessor_count, supports_tma, tf32_enabled, use_triton
+from .backend import dispatch, interpreter_enabled, multiprocessor_count, supports_tma, tf32_enabled
 
 try:
     import triton
@@ -451,9 +451,7 @@ def flash_norm_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     Dispatches to :func:`flash_norm_sq_triton` on CUDA (or when ``FLASHNORM_BACKEND=triton``), else
     to :func:`flash_norm_sq_reference`. float64 inputs always take the reference, which returns float64.
     """
-    if use_triton(x, g) and torch.float64 not in (x.dtype, g.dtype):
-        return flash_norm_sq_triton(x, g)
-    return flash_norm_sq_reference(x, g)
+    return dispatch(flash_norm_sq_triton, flash_norm_sq_reference, x, g)
 
 
 def _check_sequence_pair(x: torch.Tensor, g: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import interpreter_enabled, supports_tma, tf32_enabled, use_triton
+from .backend import dispatch, interpreter_enabled, supports_tma, tf32_enabled
 from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_pair, tf32_copy, tma_compatible
 
 try:
@@ -202,6 +202,4 @@ def gram_norm_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     Dispatches to :func:`gram_norm_sq_triton` on CUDA (or when ``FLASHNORM_BACKEND=triton``), else
     to :func:`gram_norm_sq_reference`. float64 inputs always take the reference, which returns float64.
     """
-    if use_triton(x, g) and torch.float64 not in (x.dtype, g.dtype):
-        return gram_norm_sq_triton(x, g)
-    return gram_norm_sq_reference(x, g)
+    return dispatch(gram_norm_sq_triton, gram_norm_sq_reference, x, g)
