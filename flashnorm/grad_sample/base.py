@@ -129,6 +129,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._capturing = False
         self._batch_size: Optional[int] = None
         self._norm_sq: Optional[torch.Tensor] = None
+        self._norm_terms: List[torch.Tensor] = []
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
         self._distributed = _is_distributed(m)
         self.hooks_enabled = False
@@ -274,9 +275,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             kept = (method, x, g)
         if self.passes == 1:
             layer.kept = kept
-        if norm_sq.dtype == torch.float64 and self._norm_sq.dtype != torch.float64:
-            self._norm_sq = self._norm_sq.double()
-        self._norm_sq += norm_sq.to(self._norm_sq.dtype)
+        self._norm_terms.append(norm_sq)
 
     # -- the clipping workflow -------------------------------------------------------------------
     #: One-pass modes may treat a batch of one sample with an ordinary backward (see
@@ -329,8 +328,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 p.grad = torch.zeros_like(p)
 
     def _norm_pass(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
-        batch = loss_per_sample.shape[0]
-        self._norm_sq = torch.zeros(batch, dtype=torch.float32, device=loss_per_sample.device)
+        self._norm_terms = []  # one [B] term per layer reached, summed once after the pass
         self._capturing = True
         try:
             torch.autograd.grad(
@@ -340,6 +338,12 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             self._capturing = False
             for layer in self.layers:
                 layer.x = None
+        terms, self._norm_terms = self._norm_terms, []
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
+        if terms:
+            self._norm_sq = torch.stack([t.to(acc) for t in terms]).sum(dim=0)
+        else:
+            self._norm_sq = torch.zeros(loss_per_sample.shape[0], dtype=acc, device=loss_per_sample.device)
         return self.get_clipping_coef()
 
     def _single_sample_backward(self, loss_per_sample: torch.Tensor) -> None:

@@ -71,10 +71,12 @@ class LinearFamilyRule(NormRule):
         xs, gs = self.as_sequences(layer, x, g)
         grads: Dict[nn.Parameter, torch.Tensor] = {}
         if layer.weight.requires_grad:
-            grads[layer.weight] = self.weight_from_pd(layer, per_sample_weight_grads(xs, gs)).to(layer.weight.dtype)
+            # Kept in the compute dtype (bf16 under autocast): B·d·p elements, the largest tensor of the step;
+            # the assembled Σ_b c_b W_b is cast to the parameter's dtype once.
+            grads[layer.weight] = self.weight_from_pd(layer, per_sample_weight_grads(xs, gs))
         bias = getattr(layer, "bias", None)
         if bias is not None and bias.requires_grad:
-            grads[bias] = gs.sum(dim=1).to(bias.dtype)
+            grads[bias] = gs.sum(dim=1)
         return grads
 
     def clipped_grads(self, layer, x, g, coef):

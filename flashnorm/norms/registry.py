@@ -44,7 +44,8 @@ class NormRule:
         return per_sample_norm_sq(self.per_sample_grads(layer, x, g))
 
     def per_sample_grads(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
-        """∇_θ ℓ_b for each trainable parameter θ of the layer: {θ: [B, *θ.shape]}."""
+        """∇_θ ℓ_b for each trainable parameter θ of the layer: {θ: [B, *θ.shape]}, in the layer's
+        compute dtype (callers cast what they assemble to θ's dtype)."""
         raise NotImplementedError
 
     def clipped_grads(
