@@ -30,8 +30,6 @@ class Mode:
         passes: backward passes per step (1 or 2) for FlashNorm's own modes.
         norm_method: ``"gram"``, ``"flash"`` (planned per layer) for FlashNorm's modes.
         fsdp: the module is wrapped with FSDP2.
-        implemented: ``False`` for reserved names (a clear ``NotImplementedError``).
-        opacus_family: the Opacus mode whose optimizer family serves this mode.
     """
 
     name: str
@@ -39,8 +37,6 @@ class Mode:
     passes: Optional[int] = None
     norm_method: Optional[str] = None
     fsdp: bool = False
-    implemented: bool = True
-    opacus_family: Optional[str] = None
 
     @property
     def fused(self) -> bool:
@@ -73,27 +69,20 @@ def get_mode(name: str) -> Mode:
 
     Raises:
         ValueError: unknown name; the message lists every valid mode.
-        NotImplementedError: a reserved mode that is not implemented yet.
     """
     mode = _MODES.get(_ALIASES.get(name, name)) if isinstance(name, str) else None
     if mode is None:
         raise ValueError(
             f"Unknown grad_sample_mode {name!r}. Valid modes: {', '.join(valid_mode_names())}."
         )
-    if not mode.implemented:
-        raise NotImplementedError(
-            f"grad_sample_mode {mode.name!r} (FSDP2) is reserved but not implemented yet; "
-            f"use {mode.name.replace('_fsdp', '')!r} on a single device or with DDP."
-        )
     return mode
 
 
 for _name in ("hooks", "functorch", "ew", "no_op"):
-    register_mode(Mode(_name, delegated=True, opacus_family=_name))
-register_mode(Mode("ghost", False, passes=2, norm_method="gram", opacus_family="ghost"))
-register_mode(Mode("flash", False, passes=2, norm_method="flash", opacus_family="ghost"))
-register_mode(Mode("flash_fuse", False, passes=1, norm_method="flash", opacus_family="ghost"), aliases=("flash_bk",))
-_FSDP = dict(fsdp=True)
-register_mode(Mode("ghost_fsdp", False, passes=2, norm_method="gram", **_FSDP))
-register_mode(Mode("flash_fsdp", False, passes=2, norm_method="flash", **_FSDP))
-register_mode(Mode("flash_fuse_fsdp", False, passes=1, norm_method="flash", **_FSDP))
+    register_mode(Mode(_name, delegated=True))
+register_mode(Mode("ghost", False, passes=2, norm_method="gram"))
+register_mode(Mode("flash", False, passes=2, norm_method="flash"))
+register_mode(Mode("flash_fuse", False, passes=1, norm_method="flash"), aliases=("flash_bk",))
+register_mode(Mode("ghost_fsdp", False, passes=2, norm_method="gram", fsdp=True))
+register_mode(Mode("flash_fsdp", False, passes=2, norm_method="flash", fsdp=True))
+register_mode(Mode("flash_fuse_fsdp", False, passes=1, norm_method="flash", fsdp=True))

@@ -186,7 +186,7 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             return super()._prepare_optimizer(
                 optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                 expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, distributed=distributed,
-                clipping=clipping, noise_generator=noise_generator, grad_sample_mode=mode.opacus_family, **kwargs,
+                clipping=clipping, noise_generator=noise_generator, grad_sample_mode=mode.name, **kwargs,
             )
         if clipping != "flat":
             raise ValueError(f"clipping={clipping!r}: grad_sample_mode={mode.name!r} supports flat clipping only.")
