@@ -26,11 +26,15 @@ def microbatch_reference(
     targets: torch.Tensor,
     sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     max_grad_norm: float,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda model, x: model(x),
 ) -> OracleStep:
     """Runs a float64 copy of ``model`` on one sample at a time.
 
     Args:
+        inputs: batch first, [B, ...].
         sample_loss: ``(output of one sample [1, ...], target [1, ...]) -> scalar`` loss ℓ_b.
+        forward: runs the model on one sample's ``[1, ...]`` input (e.g. to transpose for a
+            sequence-first model).
     """
     ref = copy.deepcopy(model).double()
     params = {name: p for name, p in ref.named_parameters() if p.requires_grad}
@@ -39,7 +43,7 @@ def microbatch_reference(
     for b in range(inputs.shape[0]):
         x = inputs[b : b + 1]
         x = x.double() if x.is_floating_point() else x
-        loss = sample_loss(ref(x), targets[b : b + 1])
+        loss = sample_loss(forward(ref, x), targets[b : b + 1])
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
         norm = torch.sqrt(sum(g.square().sum() for g in grads))

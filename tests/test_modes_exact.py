@@ -93,3 +93,47 @@ def test_single_sample_batch(mode, kind, reduction, device):
     torch.testing.assert_close(dp_model.get_norm_sample().cpu(), oracle.norms, rtol=rtol, atol=atol)
     for name, grad in grads.items():
         torch.testing.assert_close(grad.cpu(), oracle.clipped_sum[name], rtol=rtol, atol=atol)
+
+
+class _SeqFirstAttention(nn.Module):
+    """Opacus's DPMultiheadAttention in its default layout: inputs [T, B, d] (batch_first=False)."""
+
+    def __init__(self, d=4, classes=3):
+        super().__init__()
+        from opacus.layers import DPMultiheadAttention
+
+        self.inp = nn.Linear(6, d)
+        self.attn = DPMultiheadAttention(d, num_heads=2)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # x: [T, B, 6]; every hooked layer sees [T, B, ...]
+        h = self.inp(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0]).mean(dim=0)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "flash", "flash_fuse"])
+def test_sequence_first_inputs(mode):
+    """batch_first=False ([T, B, ...], Opacus's DPMultiheadAttention default) against the oracle."""
+    torch.manual_seed(0)
+    model = _SeqFirstAttention().double()
+    x, y = torch.randn(37, 3, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
+    clip = 1e-2
+    oracle = microbatch_reference(
+        model, x.transpose(0, 1), y,
+        lambda out, t: nn.functional.cross_entropy(out, t, reduction="sum"), clip,
+        forward=lambda m, xb: m(xb.transpose(0, 1)),
+    )
+    engine = FlashNormPrivacyEngine()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = DataLoader(TensorDataset(x.transpose(0, 1), y), batch_size=3)
+    dp_model, dp_opt, criterion, _ = engine.make_private(
+        module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(reduction="sum"), data_loader=loader,
+        noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=mode,
+        loss_reduction="sum", batch_first=False,
+    )
+    criterion(dp_model(x), y).backward()
+    rtol, atol = TOLERANCES["fp64"]
+    torch.testing.assert_close(dp_model.get_norm_sample(), oracle.norms, rtol=rtol, atol=atol)
+    dp_opt.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=rtol, atol=atol)
