@@ -135,41 +135,6 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
 
     return step
 
-    if mode not in ENGINES:
-        raise ValueError(f"Unknown mode {mode!r}. Valid modes: {', '.join(MODES)}.")
-    engine_name, grad_sample_mode = ENGINES[mode]
-    if engine_name == "opacus":
-        from opacus import PrivacyEngine as Engine
-    else:
-        from flashnorm import FlashNormPrivacyEngine as Engine
-    model, optimizer, criterion, _ = Engine().make_private(
-        module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=_dummy_loader(batch),
-        noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
-        grad_sample_mode=grad_sample_mode, poisson_sampling=False,
-    )
-
-    def step():
-        with amp():
-            loss = criterion(model(inputs).view(-1, classes), flat_targets, shape=shape)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    def step_in_regions():
-        with amp():
-            with region("forward"):
-                logits = model(inputs).view(-1, classes)
-            with region("loss"):
-                loss = criterion(logits, flat_targets, shape=shape)
-        with region("backward"):
-            loss.backward()
-        with region("optimizer.step"):
-            optimizer.step()
-        with region("optimizer.zero_grad"):
-            optimizer.zero_grad()
-
-    return step if region is None else step_in_regions
-
 
 class _StepTimer:
     """Times one step: CUDA events between two synchronisations on GPU, ``perf_counter`` on CPU."""
