@@ -11,7 +11,6 @@ LayerNorm/RMSNorm, spatial positions for GroupNorm's channels). Norm and clipped
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

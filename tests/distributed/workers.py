@@ -113,7 +113,7 @@ def run_case(case: Case, device: torch.device) -> Dict:
     from flashnorm import FlashNormPrivacyEngine
     from flashnorm.utils.fsdp_utils import FSDP2Wrapper
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     if case.norm_method:
         os.environ["FLASHNORM_NORM_METHOD"] = case.norm_method
     else:
