@@ -34,7 +34,7 @@ from opacus.validators import ModuleValidator
 
 from ..norms import PerSampleGradFallback, get_norm_rule
 from ..norms.planner import METHODS, choose, forced_method
-from ..norms.registry import NormRule, per_sample_norm_sq, trainable_own_parameters
+from ..norms.registry import NormRule, per_sample_norms, trainable_own_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._capturing = False
         self._batch_size: Optional[int] = None
         self._norm_sq: Optional[torch.Tensor] = None
-        self._norm_terms: List[torch.Tensor] = []
+        self._norm_terms: List[torch.Tensor] = []  # squared per-sample norms, one [B] per layer
+        self._norm_roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
         self._distributed = _is_distributed(m)
         self.hooks_enabled = False
@@ -268,14 +269,13 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         method = layer.plan[1]
         if method == "per_sample":
             grads = layer.rule.per_sample_grads(layer.module, x, g)
-            norm_sq = per_sample_norm_sq(grads)
+            self._norm_roots.extend(per_sample_norms(grads))  # squared and summed once, after the pass
             kept = ("per_sample", grads)
         else:
-            norm_sq = layer.rule.norm_sq(layer.module, x, g, method)
+            self._norm_terms.append(layer.rule.norm_sq(layer.module, x, g, method))
             kept = (method, x, g)
         if self.passes == 1:
             layer.kept = kept
-        self._norm_terms.append(norm_sq)
 
     # -- the clipping workflow -------------------------------------------------------------------
     #: One-pass modes may treat a batch of one sample with an ordinary backward (see
@@ -328,7 +328,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 p.grad = torch.zeros_like(p)
 
     def _norm_pass(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
-        self._norm_terms = []  # one [B] term per layer reached, summed once after the pass
+        self._norm_terms, self._norm_roots = [], []  # per-layer terms, summed once after the pass
         self._capturing = True
         try:
             torch.autograd.grad(
@@ -338,12 +338,15 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             self._capturing = False
             for layer in self.layers:
                 layer.x = None
-        terms, self._norm_terms = self._norm_terms, []
-        acc = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
-        if terms:
-            self._norm_sq = torch.stack([t.to(acc) for t in terms]).sum(dim=0)
-        else:
-            self._norm_sq = torch.zeros(loss_per_sample.shape[0], dtype=acc, device=loss_per_sample.device)
+        terms, roots = self._norm_terms, self._norm_roots
+        self._norm_terms, self._norm_roots = [], []
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in terms + roots) else torch.float32
+        norm_sq = torch.zeros(loss_per_sample.shape[0], dtype=acc, device=loss_per_sample.device)
+        if terms:  # squared norms from the norm kernels, one [B] per layer
+            norm_sq = norm_sq + torch.stack([t.to(acc) for t in terms]).sum(dim=0)
+        if roots:  # ‖per-sample gradient‖ per parameter
+            norm_sq = norm_sq + torch.stack([r.to(acc) for r in roots]).square().sum(dim=0)
+        self._norm_sq = norm_sq
         return self.get_clipping_coef()
 
     def _single_sample_backward(self, loss_per_sample: torch.Tensor) -> None:

@@ -83,14 +83,19 @@ def trainable_own_parameters(layer: nn.Module) -> List[nn.Parameter]:
     return [p for p in layer.parameters(recurse=False) if p.requires_grad]
 
 
+def per_sample_norms(grads: Dict[nn.Parameter, torch.Tensor]) -> List[torch.Tensor]:
+    """‖grads[θ][b]‖ for each θ: a list of [B], accumulated in float32 (float64 for float64 grads)."""
+    return [
+        torch.linalg.vector_norm(
+            gs.reshape(gs.shape[0], -1), dim=1, dtype=torch.float64 if gs.dtype == torch.float64 else torch.float32
+        )
+        for gs in grads.values()
+    ]
+
+
 def per_sample_norm_sq(grads: Dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
-    """Σ_θ ‖grads[θ][b]‖² → [B], accumulated in float32 (float64 for float64 grads)."""
-    total = None
-    for gs in grads.values():
-        acc = torch.float64 if gs.dtype == torch.float64 else torch.float32
-        term = torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1, dtype=acc).square()
-        total = term if total is None else total + term
-    return total
+    """Σ_θ ‖grads[θ][b]‖² → [B]."""
+    return torch.stack(per_sample_norms(grads)).square().sum(dim=0)
 
 
 def clipped_from_per_sample(grads: Dict[nn.Parameter, torch.Tensor], coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
