@@ -96,3 +96,32 @@ def test_forced_method_env(monkeypatch):
     gsm, _, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model)
     with pytest.raises(ValueError, match="FLASHNORM_NORM_METHOD"):
         criterion(gsm(x), y).backward()
+
+
+def test_eval_forward_between_forward_and_backward_keeps_the_step():
+    """An evaluation forward (eval mode or no_grad) must not drop the captured inputs: norms stay exact."""
+    from tests.oracle import microbatch_reference
+
+    model, x, y = build("linear3d", 37)
+    model = model.double()
+    x = x.double()
+    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
+    gsm, opt, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model)
+    out = gsm(x)
+    with torch.no_grad():
+        gsm(x[:2])
+    gsm.eval()
+    gsm(x[:1])
+    gsm.train()
+    criterion(out, y).backward()
+    torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse])
+def test_backward_of_an_older_forward_is_a_clear_error(cls):
+    model, x, y = build("linear3d", 5)
+    gsm, _, criterion = _wrap(cls, model)
+    stale = criterion(gsm(x), y)
+    gsm(x)  # a second training forward replaces the captured inputs
+    with pytest.raises(RuntimeError, match="in pairs"):
+        stale.backward()

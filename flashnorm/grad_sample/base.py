@@ -51,14 +51,14 @@ class _Anchor(torch.autograd.Function):
     """Identity on a layer output; its backward hands the output gradient to ``capture``."""
 
     @staticmethod
-    def forward(ctx, output, anchor, capture):
-        ctx.capture = capture
+    def forward(ctx, output, anchor, capture, step):
+        ctx.capture, ctx.step = capture, step
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output):
-        ctx.capture(grad_output)
-        return grad_output, None, None
+        ctx.capture(grad_output, ctx.step)
+        return grad_output, None, None, None
 
 
 @dataclass(eq=False)
@@ -128,6 +128,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._anchors: Dict[torch.device, torch.Tensor] = {}
         self._capturing = False
         self._batch_size: Optional[int] = None
+        self._step = 0  # counts capturing forward passes; anchors remember theirs
         self._norm_sq: Optional[torch.Tensor] = None
         self._norm_terms: List[torch.Tensor] = []  # squared per-sample norms, one [B] per layer
         self._norm_roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
@@ -198,7 +199,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self.hooks_enabled = False
 
     def forward(self, *args, **kwargs):
-        self._reset_step()
+        if self.hooks_enabled and self.training and torch.is_grad_enabled():
+            self._step += 1  # a forward that captures starts a new step (eval / no_grad ones leave it be)
+            self._reset_step()
         return self._module(*args, **kwargs)
 
     def _reset_step(self) -> None:
@@ -250,14 +253,21 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         if layer.rule.autocast_input and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         layer.x = x
-        return _Anchor.apply(output, self._anchor_on(output.device), layer.capture)
+        return _Anchor.apply(output, self._anchor_on(output.device), layer.capture, self._step)
 
-    def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor) -> None:
+    def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, step: int) -> None:
         if not self._capturing:
             return
+        if step != self._step or layer.x is None:
+            # Never skip a layer: a missing norm term would under-clip and break the guarantee.
+            raise RuntimeError(
+                f"Layer '{layer.name}' is back-propagated from a forward pass other than the model's last one "
+                "(or its input was not captured). Run the forward and the DP loss's backward in pairs: "
+                "loss = criterion(model(x), y); loss.backward()."
+            )
         x, layer.x = layer.x, None
         g = self._batch_first(grad_output.detach())
-        if x is None or x.shape[0] == 0:
+        if x.shape[0] == 0:
             return
         key = (x.shape, g.shape, g.dtype, forced_method())
         if layer.plan is None or layer.plan[0] != key:

@@ -146,8 +146,8 @@ class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModule
             for layer in self.layers
         }
 
-    def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor) -> None:
-        super()._capture_backward(layer, grad_output)
+    def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, step: int) -> None:
+        super()._capture_backward(layer, grad_output, step)
         if layer.kept is not None and layer.kept[0] == "per_sample":
             name_of = {p: n for n, p in layer.module.named_parameters()}  # FSDP's unsharded parameters now
             sharded = self._sharded[layer]
