@@ -125,3 +125,17 @@ def test_backward_of_an_older_forward_is_a_clear_error(cls):
     gsm(x)  # a second training forward replaces the captured inputs
     with pytest.raises(RuntimeError, match="in pairs"):
         stale.backward()
+
+
+@pytest.mark.parametrize("cls", [GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse])
+def test_trainable_layer_in_eval_mode_is_still_counted(cls):
+    """A trainable layer left in eval mode inside a training forward still receives gradients: its norm counts."""
+    from tests.oracle import microbatch_reference
+
+    model, x, y = build("layernorm", 37)
+    model, x = model.double(), x.double()
+    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
+    gsm, opt, criterion = _wrap(cls, model)
+    model[1].eval()  # e.g. a user freezing a sub-block's dropout/statistics, not its parameters
+    criterion(gsm(x), y).backward()
+    torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)

@@ -219,7 +219,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         return t if self.batch_first else t.movedim(1, 0)
 
     def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output):
-        if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
+        # The wrapper's mode decides, not the layer's: a trainable layer left in eval mode inside a training
+        # forward still gets gradients, so its norm must be counted.
+        if not (self.hooks_enabled and self.training and torch.is_grad_enabled()):
             return None
         if layer.x is not None:
             raise NotImplementedError(
