@@ -139,3 +139,36 @@ def test_trainable_layer_in_eval_mode_is_still_counted(cls):
     model[1].eval()  # e.g. a user freezing a sub-block's dropout/statistics, not its parameters
     criterion(gsm(x), y).backward()
     torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
+
+
+class _FunctionallyTiedLM(nn.Module):
+    """The LM head reads the embedding table directly: a parameter used outside its module."""
+
+    def __init__(self, vocab=11, width=6):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.wte(ids)))
+        return nn.functional.linear(h, self.wte.weight).mean(dim=1)
+
+
+@pytest.mark.parametrize("cls", [GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse])
+def test_parameter_used_outside_its_layer_is_a_clear_error(cls):
+    gsm, _, criterion = _wrap(cls, _FunctionallyTiedLM())
+    ids = torch.randint(0, 11, (3, 5))
+    with pytest.raises(NotImplementedError, match=r"\['wte'\].*outside"):
+        criterion(gsm(ids), torch.randint(0, 11, (3,))).backward()
+
+
+def test_parameter_used_outside_its_layer_is_exact_for_one_sample():
+    """With B = 1 the one-pass mode takes an ordinary backward, which sees every use: exact."""
+    from tests.oracle import microbatch_reference
+
+    model = _FunctionallyTiedLM().double()
+    ids, y = torch.randint(0, 11, (1, 5)), torch.randint(0, 11, (1,))
+    oracle = microbatch_reference(model, ids, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
+    gsm, opt, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model)
+    criterion(gsm(ids), y).backward()
+    torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)

@@ -61,6 +61,14 @@ class _Anchor(torch.autograd.Function):
         return grad_output, None, None, None
 
 
+def _anchor_node_type():
+    probe = torch.zeros((), requires_grad=True)
+    return type(_Anchor.apply(probe, probe, None, 0).grad_fn)
+
+
+_ANCHOR_NODE = _anchor_node_type()
+
+
 @dataclass(eq=False)
 class HookedLayer:
     """A layer that owns trainable parameters, with its rule and this step's captures."""
@@ -73,6 +81,7 @@ class HookedLayer:
     kept: Optional[tuple] = None  # one-pass only: ("per_sample", grads) or (method, x, g)
     handles: list = field(default_factory=list)
     capture: Optional[Callable] = None  # the anchor's callback, bound once
+    graph_ends: Optional[tuple] = None  # (output node, input node) of the first step, for the use check
     plan: Optional[tuple] = None  # (shapes, dtype, forced method) -> method of the last call
 
 
@@ -129,6 +138,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._capturing = False
         self._batch_size: Optional[int] = None
         self._step = 0  # counts capturing forward passes; anchors remember theirs
+        self._uses_checked = False  # parameters used outside their layer: checked on the first step
         self._norm_sq: Optional[torch.Tensor] = None
         self._norm_terms: List[torch.Tensor] = []  # squared per-sample norms, one [B] per layer
         self._norm_roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
@@ -255,6 +265,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         if layer.rule.autocast_input and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         layer.x = x
+        if not self._uses_checked:
+            layer.graph_ends = (output.grad_fn, getattr(inputs[0], "grad_fn", None))
         return _Anchor.apply(output, self._anchor_on(output.device), layer.capture, self._step)
 
     def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, step: int) -> None:
@@ -340,6 +352,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 p.grad = torch.zeros_like(p)
 
     def _norm_pass(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
+        if not self._uses_checked:
+            self._check_parameter_uses(loss_per_sample.grad_fn)
         self._norm_terms, self._norm_roots = [], []  # per-layer terms, summed once after the pass
         self._capturing = True
         try:
@@ -360,6 +374,57 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             norm_sq = norm_sq + torch.stack([r.to(acc) for r in roots]).square().sum(dim=0)
         self._norm_sq = norm_sq
         return self.get_clipping_coef()
+
+    def _check_parameter_uses(self, root) -> None:
+        """Raises if a parameter reaches the loss other than through its own layer's forward.
+
+        Its gradient would then flow outside the anchors that measure norms (under-counting the norm
+        in two passes, dropping that gradient in one pass). Counts, in the autograd graph of the first
+        step, the edges into each parameter's gradient accumulator: over the whole graph, and inside
+        each layer (from its output node down to its input's node, not crossing other anchors).
+        """
+        from torch.autograd.graph import get_gradient_edge
+
+        accumulator = {}
+        for layer in self.layers:
+            for p in layer.params:
+                accumulator[get_gradient_edge(p).node] = p
+
+        def count_edges(start, stop=(), through_anchors=True):
+            counts, seen, stack = {}, set(), [start] if start is not None else []
+            while stack:
+                node = stack.pop()
+                for nxt, _ in node.next_functions:
+                    if nxt is None:
+                        continue
+                    if nxt in accumulator:
+                        counts[accumulator[nxt]] = counts.get(accumulator[nxt], 0) + 1
+                    if id(nxt) in seen or any(nxt is s for s in stop):
+                        continue
+                    if through_anchors or not isinstance(nxt, _ANCHOR_NODE):
+                        seen.add(id(nxt))
+                        stack.append(nxt)
+            return counts
+
+        total = count_edges(root)
+        inside = {}
+        for layer in self.layers:
+            if layer.graph_ends is None:
+                continue
+            output_node, input_node = layer.graph_ends
+            layer.graph_ends = None
+            for p, n in count_edges(output_node, stop=(input_node,), through_anchors=False).items():
+                inside[p] = inside.get(p, 0) + n
+        self._uses_checked = True
+        owner = {id(p): layer.name for layer in self.layers for p in layer.params}
+        outside = [owner[id(p)] for p, n in total.items() if n > inside.get(p, 0)]
+        if outside:
+            raise NotImplementedError(
+                f"A parameter of layer(s) {sorted(set(outside))} reaches the loss outside that layer's forward "
+                "(e.g. F.linear(h, self.wte.weight) for a tied head). Its per-sample gradient would escape the "
+                "norm: use the weight only through its module (an nn.Linear head, untied), or grad_sample_mode="
+                "'hooks'."
+            )
 
     def _single_sample_backward(self, loss_per_sample: torch.Tensor) -> None:
         torch.autograd.backward(loss_per_sample.sum())
