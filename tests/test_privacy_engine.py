@@ -324,3 +324,31 @@ def test_to_standard_module_removes_hooks():
     _, dp_model, *_ = private(model, mode="flash_fuse")
     assert dp_model.to_standard_module() is model
     assert all(not layer.handles for layer in dp_model.layers)
+
+
+@pytest.mark.parametrize("physical", [5, 11])  # 11: the last physical batch holds one sample
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_batch_memory_manager_virtual_steps_equal_one_logical_step(mode, physical):
+    """Opacus's BatchMemoryManager splits a logical batch into physical ones: the step is the logical one."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    torch.manual_seed(3)
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    model = small_model().double()
+    clip = 0.05
+    oracle = microbatch_reference(model, x.double(), y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"),
+                                  clip)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = FlashNormPrivacyEngine()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = DataLoader(TensorDataset(x.double(), y), batch_size=12)
+    dp_model, dp_opt, criterion, dp_loader = engine.make_private(
+        module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
+        noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=mode)
+    with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=physical, optimizer=dp_opt) as physical:
+        for xb, yb in physical:
+            criterion(dp_model(xb), yb).backward()
+            dp_opt.step()
+            dp_opt.zero_grad()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), oracle.clipped_sum[name] / 12, rtol=1e-9, atol=1e-12)
