@@ -313,14 +313,12 @@ K_MAJOR_GROUP_ELEMENTS = 1 << 28
 
 def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None):
     """Launch ``_flash_norm_kernel`` (and the T-split reduction); returns (norm_sq, last compiled kernel or None)."""
-    # (1) check shapes and dtypes, make rows contiguous
-    x, g = prepare_pair(x, g)
+    # (1) check shapes and dtypes, make rows contiguous; (2) allocate the output
+    x, g, norm_sq, empty = prepare_launch(x, g)
+    if empty:
+        return norm_sq, None
     batch, steps, d = x.shape
     p = g.shape[-1]
-    # (2) allocate the output
-    norm_sq = torch.zeros(batch, dtype=torch.float32, device=x.device)
-    if norm_sq.numel() == 0 or steps == 0 or d == 0 or p == 0:
-        return norm_sq, None
     allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
     x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
     if use_tma is None:
@@ -390,6 +388,17 @@ def tf32_copy(m: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, list[int]
     if transpose:
         return out, [n * cols, rows], [stride, 1]
     return out, [n * rows, cols], [cols, 1]
+
+
+def prepare_launch(x: torch.Tensor, g: torch.Tensor):
+    """:func:`prepare_pair`, plus the zeroed float32 output [B] and whether any size is 0 (nothing to launch).
+
+    Returns:
+        (x, g, norm_sq, empty).
+    """
+    x, g = prepare_pair(x, g)
+    norm_sq = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    return x, g, norm_sq, 0 in (*x.shape, g.shape[-1])
 
 
 def prepare_pair(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
 from .backend import dispatch, interpreter_enabled, supports_tma, tf32_enabled
-from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_pair, tf32_copy, tma_compatible
+from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_launch, tf32_copy, tma_compatible
 
 try:
     import triton
@@ -135,14 +135,12 @@ def gram_norm_sq_triton(
 
 def _gram_norm_launch(x, g, *, config=None, use_tma=None):
     """Launch ``_gram_norm_kernel``; returns (norm_sq, compiled kernel or None)."""
-    # (1) check shapes and dtypes, make rows contiguous
-    x, g = prepare_pair(x, g)
+    # (1) check shapes and dtypes, make rows contiguous; (2) allocate the output
+    x, g, norm_sq, empty = prepare_launch(x, g)
+    if empty:
+        return norm_sq, None
     batch, steps, d = x.shape
     p = g.shape[-1]
-    # (2) allocate the output
-    norm_sq = torch.zeros(batch, dtype=torch.float32, device=x.device)
-    if norm_sq.numel() == 0 or steps == 0 or d == 0 or p == 0:
-        return norm_sq, None
     cfg = config or gram_norm_config(steps, d, p, x.dtype, interpreter_enabled())
     n_blocks = triton.cdiv(steps, cfg.block_t)
     allow_tf32 = x.dtype == torch.float32 and tf32_enabled()

@@ -25,8 +25,9 @@ class _AffineNormRule(NormRule):
         raise NotImplementedError
 
     def reduce_dims(self, layer, x):
-        """Dims of x (batch first) summed to bring a per-position term onto the parameter."""
-        raise NotImplementedError
+        """Dims of x (batch first) summed to bring a per-position term onto the parameter: every dim
+        between the batch and the trailing ``normalized_shape`` (LayerNorm, RMSNorm)."""
+        return tuple(range(1, x.dim() - len(layer.normalized_shape)))
 
     def per_sample_grads(self, layer, x, g):
         acc = accumulation_dtype(x, g)
@@ -47,17 +48,11 @@ class LayerNormRule(_AffineNormRule):
     def normalized(self, layer, x):
         return F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
 
-    def reduce_dims(self, layer, x):
-        return tuple(range(1, x.dim() - len(layer.normalized_shape)))
-
 
 @register_norm_rule(nn.RMSNorm)
 class RMSNormRule(_AffineNormRule):
     def normalized(self, layer, x):
         return F.rms_norm(x, layer.normalized_shape, eps=layer.eps)
-
-    def reduce_dims(self, layer, x):
-        return tuple(range(1, x.dim() - len(layer.normalized_shape)))
 
 
 @register_norm_rule(nn.GroupNorm)
