@@ -172,3 +172,42 @@ def test_parameter_used_outside_its_layer_is_exact_for_one_sample():
     gsm, opt, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model)
     criterion(gsm(ids), y).backward()
     torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
+
+
+class _TwoHeads(nn.Module):
+    """A LayerNorm'd trunk and two heads, of which the loss may use one."""
+
+    def __init__(self, width=6, use_second=False):
+        super().__init__()
+        self.trunk, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
+        self.head, self.unused = nn.Linear(width, 3), nn.Linear(width, 3)
+        self.use_second = use_second
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.trunk(x)))
+        second = self.unused(h)  # computed, hooked; reaches the loss only when use_second
+        out = self.head(h).mean(dim=1)
+        return out + second.mean(dim=1) if self.use_second else out
+
+
+@pytest.mark.parametrize("use_second", [False, True])
+def test_one_pass_keeps_per_sample_gradients_in_one_buffer(use_second):
+    """Small layers go to the arena: all their clipped gradients are views of one sum, exact against the
+    float64 oracle, and a hooked layer the loss never reaches gets zeros (its slot is never read unwritten)."""
+    from tests.oracle import microbatch_reference
+
+    torch.manual_seed(0)
+    model = _TwoHeads(use_second=use_second).double()
+    x, y = torch.randn(4, 7, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
+    gsm, _, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model)
+    criterion(gsm(x), y).backward()
+    assert all(layer.plan[1] == "per_sample" for layer in gsm.layers)
+    storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == 1, "every per-sample gradient should be summed by one weighted sum of the arena"
+    torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
+    if not use_second:
+        assert torch.count_nonzero(model.unused.weight.grad) == 0
+    assert gsm._arena is None, "the arena is released once the gradients are assembled"

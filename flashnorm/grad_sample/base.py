@@ -35,6 +35,7 @@ from opacus.validators import ModuleValidator
 from ..norms import PerSampleGradFallback, get_norm_rule
 from ..norms.planner import METHODS, choose, forced_method
 from ..norms.registry import NormRule, per_sample_norms, trainable_own_parameters
+from .arena import PerSampleArena
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class HookedLayer:
     rule: NormRule
     params: List[nn.Parameter]
     x: Optional[torch.Tensor] = None
-    kept: Optional[tuple] = None  # one-pass only: ("per_sample", grads) or (method, x, g)
+    out_meta: Optional[tuple] = None  # (batch-first shape, dtype) of this step's output: G's shape and dtype
+    kept: Optional[tuple] = None  # one-pass only: ("per_sample" | "arena", grads) or (method, x, g)
     handles: list = field(default_factory=list)
     capture: Optional[Callable] = None  # the anchor's callback, bound once
     graph_ends: Optional[tuple] = None  # (output node, input node) of the first step, for the use check
@@ -103,6 +105,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     #: Backward passes per step: 2 (norm pass + clipped pass) or 1 (norm pass + assembly).
     passes = 2
+    #: One-pass modes lay the per-sample gradients they keep out in one :class:`PerSampleArena`
+    #: (norms and clipped sums of all of them in one launch each).
+    uses_arena = False
 
     def __init__(
         self,
@@ -142,6 +147,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._norm_sq: Optional[torch.Tensor] = None
         self._norm_terms: List[torch.Tensor] = []  # squared per-sample norms, one [B] per layer
         self._norm_roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
+        self._arena: Optional[PerSampleArena] = None
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
         self._distributed = _is_distributed(m)
         self.hooks_enabled = False
@@ -216,6 +222,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def _reset_step(self) -> None:
         self._batch_size = None
+        self._arena = None
         for layer in self.layers:
             layer.x, layer.kept = None, None
 
@@ -265,6 +272,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         if layer.rule.autocast_input and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         layer.x = x
+        shape = output.shape if self.batch_first else (output.shape[1], output.shape[0], *output.shape[2:])
+        layer.out_meta = (shape, output.dtype)
         if not self._uses_checked:
             layer.graph_ends = (output.grad_fn, getattr(inputs[0], "grad_fn", None))
         return _Anchor.apply(output, self._anchor_on(output.device), layer.capture, self._step)
@@ -283,23 +292,65 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         g = self._batch_first(grad_output.detach())
         if x.shape[0] == 0:
             return
-        key = (x.shape, g.shape, g.dtype, forced_method())
-        if layer.plan is None or layer.plan[0] != key:
-            method = choose(
-                layer.rule, layer.module, x, g, base=self.base_method, fused=self.passes == 1,
-                override=self.norm_method, name=layer.name,
-            )
-            layer.plan = (key, method)
-        method = layer.plan[1]
+        method = self._method(layer, x, g.shape, g.dtype, g)
         if method == "per_sample":
-            grads = layer.rule.per_sample_grads(layer.module, x, g)
-            self._norm_roots.extend(per_sample_norms(grads))  # squared and summed once, after the pass
-            kept = ("per_sample", grads)
+            kept = self._per_sample(layer, x, g)
         else:
             self._norm_terms.append(layer.rule.norm_sq(layer.module, x, g, method))
             kept = (method, x, g)
         if self.passes == 1:
             layer.kept = kept
+
+    def _method(self, layer: HookedLayer, x: torch.Tensor, g_shape, g_dtype, g: Optional[torch.Tensor] = None) -> str:
+        """The layer's norm method for these shapes (planned once per new shape; ``g`` may be absent)."""
+        key = (x.shape, g_shape, g_dtype, forced_method())
+        if layer.plan is None or layer.plan[0] != key:
+            if g is None:
+                g = torch.empty(g_shape, dtype=g_dtype, device="meta")
+            method = choose(
+                layer.rule, layer.module, x, g, base=self.base_method, fused=self.passes == 1,
+                override=self.norm_method, name=layer.name,
+            )
+            layer.plan = (key, method)
+        return layer.plan[1]
+
+    def _per_sample(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor) -> tuple:
+        """The layer's per-sample gradients, in the arena where it has room; their norms go to the terms.
+
+        Returns what the one-pass assembly keeps: ("arena", grads) or ("per_sample", grads).
+        """
+        arena = self._arena
+        slots = {p: slot for p in layer.params if (slot := arena.slot(p)) is not None} if arena is not None else {}
+        grads = layer.rule.per_sample_grads(layer.module, x, g, out=slots or None)
+        separate = {}
+        for p, gs in grads.items():
+            slot = slots.get(p)
+            if slot is None or not arena.store(p, gs):
+                separate[p] = gs
+        if separate:  # norms squared and summed once, after the pass; the rest is in the arena's norms
+            self._norm_roots.extend(per_sample_norms(separate))
+            return ("per_sample", separate)
+        return ("arena", grads)
+
+    def _plan_arena(self, batch: int, device: torch.device) -> Optional[PerSampleArena]:
+        """Before the norm pass: room for the per-sample gradients of every layer planned ``per_sample``."""
+        arena = None
+        for layer in self.layers:
+            x = layer.x
+            if x is None or x.shape[0] == 0 or layer.out_meta is None:
+                continue
+            shape, dtype = layer.out_meta
+            if self._method(layer, x, shape, dtype) != "per_sample":
+                continue
+            slot_dtype = layer.rule.per_sample_dtype(layer.module, x.dtype, dtype)
+            if slot_dtype is None:
+                continue
+            arena = arena or PerSampleArena(batch, device)
+            for p in layer.params:
+                arena.reserve(p, slot_dtype)
+        if arena is not None:
+            arena.allocate()
+        return arena
 
     # -- the clipping workflow -------------------------------------------------------------------
     #: One-pass modes may treat a batch of one sample with an ordinary backward (see
@@ -325,19 +376,29 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 autograd and the assembly store gradients instead of adding them to zeros.
 
         Raises:
-            ValueError: non-finite loss or a batch-size mismatch, before anything changes.
+            ValueError: a batch-size mismatch, before anything changes; a non-finite loss, after
+                which every ``p.grad`` is ``None`` and no parameter has changed. The finiteness check
+                is the step's one host synchronisation: it comes last, so the GPU never waits for the
+                CPU to issue the backward (first, before any collective, under DDP/FSDP).
         """
-        self._check_loss(loss_per_sample)
+        self._check_loss(loss_per_sample, finite=self._distributed)
         if zero_grad is not None:
             zero_grad(set_to_none=True)
-        if self._single_sample_step():
-            self._single_sample_backward(loss_per_sample)
-        else:
-            coef = self._norm_pass(loss_per_sample)
-            self._write_clipped_gradients(loss_per_sample, coef)
-        for p in self.trainable_parameters:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        try:
+            if self._single_sample_step():
+                self._single_sample_backward(loss_per_sample)
+            else:
+                coef = self._norm_pass(loss_per_sample)
+                self._write_clipped_gradients(loss_per_sample, coef)
+            for p in self.trainable_parameters:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if not self._distributed:
+                self._check_finite(loss_per_sample)
+        except BaseException:
+            for p in self.trainable_parameters:
+                p.grad = None
+            raise
 
     def compute_clipping_coef(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
         """The norm pass alone: per-sample norms from every hooked layer → c: [B] (no gradient written)."""
@@ -355,15 +416,23 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         if not self._uses_checked:
             self._check_parameter_uses(loss_per_sample.grad_fn)
         self._norm_terms, self._norm_roots = [], []  # per-layer terms, summed once after the pass
+        if self.passes == 1 and self.uses_arena:
+            self._arena = self._plan_arena(loss_per_sample.shape[0], loss_per_sample.device)
         self._capturing = True
         try:
             torch.autograd.grad(
                 loss_per_sample.sum(), list(self._anchors.values()), allow_unused=True, retain_graph=self.passes == 2
             )
+        except BaseException:
+            self._arena = None
+            raise
         finally:
             self._capturing = False
             for layer in self.layers:
                 layer.x = None
+        if self._arena is not None:
+            self._arena.finish()
+            self._norm_roots.extend(self._arena.norms())
         terms, roots = self._norm_terms, self._norm_roots
         self._norm_terms, self._norm_roots = [], []
         acc = torch.float64 if any(t.dtype == torch.float64 for t in terms + roots) else torch.float32
@@ -441,7 +510,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     def _write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _check_loss(self, loss_per_sample: torch.Tensor) -> None:
+    def _check_loss(self, loss_per_sample: torch.Tensor, finite: bool = True) -> None:
+        """Raises (and forgets the step) unless the loss is [B] for this forward's B (and, with ``finite``,
+        finite)."""
         if self._batch_size is None:
             raise RuntimeError(
                 "No captured forward pass: run the wrapped model's forward in training mode (model.train(), "
@@ -454,10 +525,15 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 f"{self._batch_size}; the loss must hold one value per sample: [B]. For token-level losses call the "
                 "criterion with shape=(B, T, V) so that the privacy unit is the sequence."
             )
+        if finite:
+            self._check_finite(loss_per_sample)
+
+    def _check_finite(self, loss_per_sample: torch.Tensor) -> None:
+        """Raises if any per-sample loss is NaN or ±inf (a host synchronisation)."""
         if not bool(torch.isfinite(loss_per_sample).all()):
             self._reset_step()
             raise ValueError(
-                "The loss is not finite (NaN or inf) for some sample; no gradient was computed and no parameter "
+                "The loss is not finite (NaN or inf) for some sample; the gradients were discarded and no parameter "
                 "changed. Check the learning rate, the inputs, or use a loss scaler under fp16."
             )
 

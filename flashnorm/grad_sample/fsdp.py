@@ -137,6 +137,10 @@ class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModule
     backward would leave, so the FSDP optimizer treats both kinds of mode alike.
     """
 
+    #: The rules see FSDP's unsharded parameters, not the sharded ones an arena would be laid out for;
+    #: per-sample gradients stay per layer and go to the reducer one by one.
+    uses_arena = False
+
     def __init__(self, m: nn.Module, **kwargs):
         super().__init__(m, **kwargs)
         # Sharded parameters by name, per layer: per-sample gradients kept during the backward are keyed by

@@ -4,7 +4,9 @@ The norm pass is the only backward pass: the layers compute input gradients and 
 weight gradients. Each layer keeps what its plan needs — its per-sample gradients (small layers,
 or where they cost no more memory than X and G), else X and G — and after the pass the clipped
 gradient of every trainable parameter is assembled: (c ⊙ G)ᵀX for Linear weights,
-Σ_b c_b β_b for biases, Σ_b c_b g_b from kept per-sample gradients.
+Σ_b c_b β_b for biases, Σ_b c_b g_b from kept per-sample gradients. The per-sample gradients
+live side by side in one :class:`~flashnorm.grad_sample.arena.PerSampleArena`, so their norms and
+their clipped sum are one launch each for the whole model.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ class GradSampleModuleFastGradientClippingFuse(FlashNormGradSampleModule):
 
     passes = 1
     single_sample_shortcut = True
+    uses_arena = True
 
     def _write_clipped_gradients(self, loss_per_sample, coef):
+        arena, self._arena = self._arena, None
+        if arena is not None:  # every per-sample gradient kept in the arena: one weighted sum
+            for p, grad in arena.clipped_sum(coef).items():
+                p.grad = grad if p.grad is None else p.grad.add_(grad)
         for layer in self.layers:
             kept, layer.kept = layer.kept, None
-            if kept is None:  # layer not reached by this loss, or an empty batch
+            if kept is None or kept[0] == "arena":  # not reached by this loss, an empty batch, or done above
                 continue
             if kept[0] == "per_sample":
                 grads = clipped_from_per_sample(kept[1], coef)

@@ -7,6 +7,7 @@ reference elsewhere (``FLASHNORM_BACKEND=triton|torch`` forces either).
 from .clipped_grad import clipped_bias_grad, clipped_weight_grad, per_sample_weight_grads
 from .flash_norm import flash_norm_sq, flash_norm_sq_reference
 from .gram_norm import gram_norm_sq, gram_norm_sq_reference
+from .weighted_sum import weighted_row_sum, weighted_row_sum_reference
 
 __all__ = [
     "flash_norm_sq",
@@ -16,4 +17,6 @@ __all__ = [
     "clipped_weight_grad",
     "clipped_bias_grad",
     "per_sample_weight_grads",
+    "weighted_row_sum",
+    "weighted_row_sum_reference",
 ]

@@ -8,6 +8,8 @@ With clipping coefficients c ∈ ℝ^B:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -35,7 +37,14 @@ def clipped_bias_grad(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return _scaled(g, coef).sum(dim=(0, 1))
 
 
-def per_sample_weight_grads(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """G_bᵀX_b for every sample: [B, p, d] (B·d·p memory; the planner decides when it fits)."""
+def per_sample_weight_grads(
+    x: torch.Tensor, g: torch.Tensor, *, out: Optional[torch.Tensor] = None, transposed: bool = False
+) -> torch.Tensor:
+    """G_bᵀX_b for every sample: [B, p, d], or X_bᵀG_b: [B, d, p] with ``transposed`` (B·d·p memory;
+    the planner decides when it fits). ``out``: a [B, p, d] (or [B, d, p]) tensor to write into, whose
+    rows may be strided (one slot of a larger buffer)."""
     dtype = torch.promote_types(x.dtype, g.dtype)
-    return torch.bmm(g.to(dtype).transpose(1, 2), x.to(dtype))
+    x, g = x.to(dtype), g.to(dtype)
+    if transposed:
+        return torch.bmm(x.transpose(1, 2), g, out=out)
+    return torch.bmm(g.transpose(1, 2), x, out=out)

@@ -69,8 +69,15 @@ class EmbeddingRule(NormRule):
         scaled = rows * coef.to(rows.dtype)[sample].unsqueeze(1)
         return {layer.weight: weight_grad.index_add_(0, ids, scaled.to(weight_grad.dtype))}
 
-    def per_sample_grads(self, layer, x, g):
+    def per_sample_dtype(self, layer, x_dtype, g_dtype):
+        return layer.weight.dtype
+
+    def per_sample_grads(self, layer, x, g, out=None):
         sample, ids, rows = self._rows(layer, x, g)
-        grads = torch.zeros(x.shape[0], *layer.weight.shape, dtype=layer.weight.dtype, device=g.device)
+        slot = (out or {}).get(layer.weight)
+        if slot is not None:
+            grads = slot.zero_()
+        else:
+            grads = torch.zeros(x.shape[0], *layer.weight.shape, dtype=layer.weight.dtype, device=g.device)
         grads.index_put_((sample, ids), rows.to(grads.dtype), accumulate=True)
         return {layer.weight: grads}

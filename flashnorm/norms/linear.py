@@ -13,7 +13,7 @@ plus ‖β_b‖² for the bias. The clipped gradient is (c ⊙ G)ᵀX and Σ_b c
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -67,16 +67,28 @@ class LinearFamilyRule(NormRule):
             total = bias_sq if total is None else total + bias_sq.to(total.dtype)
         return total
 
-    def per_sample_grads(self, layer, x, g):
+    def per_sample_weight(self, layer: nn.Module, xs: torch.Tensor, gs: torch.Tensor, out: Optional[torch.Tensor]):
+        """W_b in the weight's layout, [B, *weight.shape], written into ``out`` when given."""
+        if out is not None:
+            per_sample_weight_grads(xs, gs, out=out.view(xs.shape[0], gs.shape[-1], xs.shape[-1]))
+            return out
+        return self.weight_from_pd(layer, per_sample_weight_grads(xs, gs))
+
+    def per_sample_dtype(self, layer, x_dtype, g_dtype):
+        return torch.promote_types(x_dtype, g_dtype)
+
+    def per_sample_grads(self, layer, x, g, out=None):
         xs, gs = self.as_sequences(layer, x, g)
+        out = out or {}
         grads: Dict[nn.Parameter, torch.Tensor] = {}
         if layer.weight.requires_grad:
             # Kept in the compute dtype (bf16 under autocast): B·d·p elements, the largest tensor of the step;
             # the assembled Σ_b c_b W_b is cast to the parameter's dtype once.
-            grads[layer.weight] = self.weight_from_pd(layer, per_sample_weight_grads(xs, gs))
+            grads[layer.weight] = self.per_sample_weight(layer, xs, gs, out.get(layer.weight))
         bias = getattr(layer, "bias", None)
         if bias is not None and bias.requires_grad:
-            grads[bias] = gs.sum(dim=1)
+            slot = out.get(bias)
+            grads[bias] = gs.sum(dim=1) if slot is None else torch.sum(gs, dim=1, dtype=slot.dtype, out=slot)
         return grads
 
     def clipped_grads(self, layer, x, g, coef):
@@ -103,3 +115,6 @@ if Conv1D is not None:
 
         def weight_from_pd(self, layer, grad_pd):
             return grad_pd.transpose(-1, -2)
+
+        def per_sample_weight(self, layer, xs, gs, out):
+            return per_sample_weight_grads(xs, gs, out=out, transposed=True)  # X_bᵀG_b: [B, d, p], no transpose copy

@@ -11,6 +11,9 @@ LayerNorm/RMSNorm, spatial positions for GroupNorm's channels). Norm and clipped
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -29,18 +32,34 @@ class _AffineNormRule(NormRule):
         between the batch and the trailing ``normalized_shape`` (LayerNorm, RMSNorm)."""
         return tuple(range(1, x.dim() - len(layer.normalized_shape)))
 
-    def per_sample_grads(self, layer, x, g):
+    def per_sample_dtype(self, layer, x_dtype, g_dtype):
+        return torch.float64 if torch.float64 in (x_dtype, g_dtype) else torch.float32
+
+    def per_sample_grads(self, layer, x, g, out=None):
         acc = accumulation_dtype(x, g)
         x, g = x.to(acc), g.to(acc)
         dims = self.reduce_dims(layer, x)
+        out = out or {}
         grads = {}
         weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
         if weight is not None and weight.requires_grad:
-            term = g * self.normalized(layer, x)
-            grads[weight] = (term.sum(dim=dims) if dims else term).reshape(x.shape[0], *weight.shape)
+            grads[weight] = _sum_onto(g * self.normalized(layer, x), dims, weight, out.get(weight))
         if bias is not None and bias.requires_grad:
-            grads[bias] = (g.sum(dim=dims) if dims else g).reshape(x.shape[0], *bias.shape)
+            grads[bias] = _sum_onto(g, dims, bias, out.get(bias))
         return grads
+
+
+def _sum_onto(term: torch.Tensor, dims: tuple, param: nn.Parameter, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """Σ over ``dims`` of term: [B, ...] → [B, *param.shape], written into ``out`` when given."""
+    batch = term.shape[0]
+    if out is None:
+        return (term.sum(dim=dims) if dims else term).reshape(batch, *param.shape)
+    if dims:
+        kept = [n for i, n in enumerate(term.shape) if i not in dims]
+        torch.sum(term, dim=dims, out=out.view(kept))
+    else:
+        out.copy_(term.reshape(out.shape))
+    return out
 
 
 @register_norm_rule(nn.LayerNorm)

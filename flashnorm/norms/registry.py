@@ -43,10 +43,21 @@ class NormRule:
             raise ValueError(f"{type(self).__name__} has no method {method!r}")
         return per_sample_norm_sq(self.per_sample_grads(layer, x, g))
 
-    def per_sample_grads(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+    def per_sample_grads(
+        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, out: Optional[Dict[nn.Parameter, torch.Tensor]] = None
+    ) -> Dict[nn.Parameter, torch.Tensor]:
         """∇_θ ℓ_b for each trainable parameter θ of the layer: {θ: [B, *θ.shape]}, in the layer's
-        compute dtype (callers cast what they assemble to θ's dtype)."""
+        compute dtype (callers cast what they assemble to θ's dtype).
+
+        ``out`` optionally maps parameters to [B, *θ.shape] tensors of :meth:`per_sample_dtype` to
+        write into (and return); a rule may ignore it and return new tensors, which callers copy.
+        """
         raise NotImplementedError
+
+    def per_sample_dtype(self, layer: nn.Module, x_dtype: torch.dtype, g_dtype: torch.dtype) -> Optional[torch.dtype]:
+        """The dtype :meth:`per_sample_grads` returns for inputs of these dtypes; ``None`` when the rule
+        cannot tell in advance (its per-sample gradients are then kept on their own)."""
+        return None
 
     def clipped_grads(
         self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor
