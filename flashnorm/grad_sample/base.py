@@ -353,9 +353,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         return arena
 
     # -- the clipping workflow -------------------------------------------------------------------
-    #: One-pass modes may treat a batch of one sample with an ordinary backward (see
-    #: :meth:`_single_sample_step`); the two-pass modes keep their two passes.
-    single_sample_shortcut = False
+    #: A batch of one sample takes one ordinary backward in every mode (see :meth:`_single_sample_step`):
+    #: there is nothing per sample to separate, so two passes (or kept X and G) would buy nothing.
+    single_sample_shortcut = True
 
     def _single_sample_step(self) -> bool:
         """True when this step's batch holds one sample and the shortcut applies.
