@@ -452,26 +452,25 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         step, the edges into each parameter's gradient accumulator: over the whole graph, and inside
         each layer (from its output node down to its input's node, not crossing other anchors).
         """
-        from torch.autograd.graph import get_gradient_edge
-
-        accumulator = {}
-        for layer in self.layers:
-            for p in layer.params:
-                accumulator[get_gradient_edge(p).node] = p
+        owned = {id(p): p for layer in self.layers for p in layer.params}
 
         def count_edges(start, stop=(), through_anchors=True):
-            counts, seen, stack = {}, set(), [start] if start is not None else []
+            # A parameter's accumulator is recognised by its ``variable`` (not by the identity of Python
+            # wrappers of graph nodes, which torch versions do not all keep stable); nodes are kept alive
+            # in ``seen`` so that their ids stay unique during the walk.
+            counts, seen, stack = {}, {}, [start] if start is not None else []
             while stack:
                 node = stack.pop()
                 for nxt, _ in node.next_functions:
                     if nxt is None:
                         continue
-                    if nxt in accumulator:
-                        counts[accumulator[nxt]] = counts.get(accumulator[nxt], 0) + 1
+                    param = owned.get(id(getattr(nxt, "variable", None)))
+                    if param is not None:
+                        counts[param] = counts.get(param, 0) + 1
                     if id(nxt) in seen or any(nxt is s for s in stop):
                         continue
                     if through_anchors or not isinstance(nxt, _ANCHOR_NODE):
-                        seen.add(id(nxt))
+                        seen[id(nxt)] = nxt
                         stack.append(nxt)
             return counts
 

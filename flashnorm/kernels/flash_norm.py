@@ -236,14 +236,20 @@ def _block(n: int, cap: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def flash_norm_config(d: int, p: int, dtype: torch.dtype, interpret: bool = False, k_major: bool = False) -> FlashConfig:
-    """Tile shape for x: [·, ·, d], g: [·, ·, p] of ``dtype``.
+def flash_norm_config(
+    d: int, p: int, dtype: torch.dtype, interpret: bool = False, k_major: bool = False, batch: int = 0, n_sms: int = 0
+) -> FlashConfig:
+    """Tile shape for x: [batch, ·, d], g: [batch, ·, p] of ``dtype`` on a GPU of ``n_sms`` multiprocessors.
 
     16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps, 3 stages (H200: within 3% of the best of five
-    configs swept, benchmarks/results/kernels_h200_sweep1.json); float32: 32×128×128; K-major tf32:
-    32×128×256 (kernels_h200_sweep2.json). Tiles shrink to the next power of two of small d and p.
-    Under the interpreter: one large T block and tiles ≤ 64 (it runs each program as numpy calls, so
-    fewer, larger steps are faster).
+    configs swept, benchmarks/results/kernels_h200_sweep1.json). When batch × those tiles under-fills
+    the GPU (e.g. B = 1, d = p = 1024: 32 programs on 132 SMs), smaller 64×128 output tiles fill it
+    without a T-split: 128×64×128 with 4 warps when they make one wave (H200, B = 1, d = p = 1024:
+    0.71× cuBLAS at T = 4100 against 0.53× for split big tiles), 64×64×128 when up to three programs
+    share an SM (768×3072: 0.80× against 0.59×), benchmarks/results/kernels_h200_underfilled.json.
+    float32: 32×128×128; K-major tf32: 32×128×256 (kernels_h200_sweep2.json). Tiles shrink to the
+    next power of two of small d and p. Under the interpreter: one large T block and tiles ≤ 64 (it
+    runs each program as numpy calls, so fewer, larger steps are faster).
     """
     if interpret:
         return FlashConfig(128, _block(p, 64), _block(d, 64), 4, 1)
@@ -253,6 +259,9 @@ def flash_norm_config(d: int, p: int, dtype: torch.dtype, interpret: bool = Fals
         block_t, block_p, block_d = 32, _block(p, 128), _block(d, 128)
     else:
         block_t, block_p, block_d = 64, _block(p, 128), _block(d, 256)
+        small_tiles = batch * -(-p // 64) * -(-d // 128)
+        if batch * -(-p // block_p) * -(-d // block_d) < n_sms and small_tiles <= 3 * n_sms:
+            return FlashConfig(128 if small_tiles <= n_sms else 64, _block(p, 64), _block(d, 128), 4, 3)
     num_warps = 8 if block_p * block_d >= 128 * 128 else 4
     return FlashConfig(block_t, block_p, block_d, num_warps, 3)
 
@@ -327,7 +336,9 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
         k_major = use_tma and allow_tf32 and batch * max(d, p) < 2**31
     if k_major and not (use_tma and allow_tf32):
         raise ValueError("the K-major layout is the tf32 path: it needs use_tma and float32 inputs with allow_tf32 set")
-    cfg = config or flash_norm_config(d, p, x.dtype, interpreter_enabled(), k_major)
+    cfg = config or flash_norm_config(
+        d, p, x.dtype, interpreter_enabled(), k_major, batch, multiprocessor_count(x.device)
+    )
     if not k_major:
         kernel = _launch_tiles(x2, g2, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, False)
         return norm_sq, kernel
