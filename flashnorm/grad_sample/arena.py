@@ -1,68 +1,87 @@
-"""One buffer for the per-sample gradients a one-pass step keeps.
+"""Buffers for the per-sample gradients a one-pass step keeps.
 
 Where the planner materialises per-sample gradients (``per_sample``: small layers, or where they
 take no more memory than the X and G they replace), the one-pass mode needs, per parameter θ,
 the norm ‖∇_θ ℓ_b‖ and the clipped sum Σ_b c_b ∇_θ ℓ_b. Done per parameter that is four to six
-small launches each — most of the CPU cost of a step on a GPT-2 sized model. The arena lays all of
-them out side by side, per dtype, in one [B, N] buffer (sample b's gradients contiguous in row b):
+small launches each — most of the CPU cost of a step on a GPT-2 sized model. The arena lays them
+out side by side in a few [B, N] buffers (one dtype each; sample b's gradients contiguous in row b):
 
-* the layers write their per-sample gradients into views of it (``slots``) during the backward pass;
-* ‖g_b‖² over all of them is one reduction of the buffer:   Σ_j A[b, j]²;
-* the clipped sum of all of them is one GEMV:                 cᵀA ∈ ℝ^N,
-  cast once to the parameters' dtype and handed out as views (``p.grad``).
+* the layers write their per-sample gradients into views of them (``slots``) during the backward pass;
+* ‖g_b‖² over all of a buffer is one reduction:   Σ_j A[b, j]²;
+* the clipped sum of all of a buffer is one GEMV:  cᵀA ∈ ℝ^N in float32
+  (:func:`~flashnorm.kernels.weighted_row_sum`), handed out as views (``p.grad``).
 
-Memory is what the separate per-sample gradients took, B·N elements.
+Buffers hold about ``CHUNK_BYTES`` each and are laid out in the order the backward pass reaches the
+layers; each is allocated when its first slot is written, so the memory grows as the pass frees
+activations, as separate per-sample gradients would, rather than all at once before it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..kernels import weighted_row_sum
 
+#: A buffer is closed once it holds this many bytes (a larger parameter gets a buffer of its own).
+CHUNK_BYTES = 256 << 20
+
+
+@dataclass(eq=False)
+class _Chunk:
+    dtype: torch.dtype
+    entries: List[Tuple[nn.Parameter, int]] = field(default_factory=list)  # (θ, offset)
+    size: int = 0
+    buffer: Optional[torch.Tensor] = None
+
 
 class PerSampleArena:
-    """Per-sample gradient slots of one step, one [B, N] buffer per dtype.
+    """Per-sample gradient slots of one step, in [B, N] buffers of one dtype each.
 
-    Usage: :meth:`reserve` every (parameter, dtype) that will be kept, :meth:`allocate`; during the
-    pass :meth:`slot` hands out the [B, *θ.shape] views and :meth:`store` records what was written;
-    after it :meth:`finish`, then :meth:`norms` and :meth:`clipped_sum` read them all.
+    Usage: :meth:`reserve` every (parameter, dtype) that will be kept, in the order the backward pass
+    writes them; during the pass :meth:`slot` hands out the [B, *θ.shape] views (allocating their
+    buffer on first use) and :meth:`store` records what was written; after it :meth:`finish`, then
+    :meth:`norms` and :meth:`clipped_sum` read them all.
     """
 
     def __init__(self, batch: int, device: torch.device):
         self.batch = batch
         self.device = device
-        self._layout: Dict[torch.dtype, List[Tuple[nn.Parameter, int]]] = defaultdict(list)  # dtype -> (θ, offset)
-        self._size: Dict[torch.dtype, int] = defaultdict(int)
-        self._buffers: Dict[torch.dtype, torch.Tensor] = {}
+        self._chunks: List[_Chunk] = []
+        self._open: Dict[torch.dtype, _Chunk] = {}
+        self._where: Dict[int, Tuple[_Chunk, int]] = {}
         self._slots: Dict[int, torch.Tensor] = {}
         self._written: set = set()
 
     def reserve(self, param: nn.Parameter, dtype: torch.dtype) -> None:
         """Room for θ's per-sample gradients [B, *θ.shape] in ``dtype``."""
-        self._layout[dtype].append((param, self._size[dtype]))
-        self._size[dtype] += param.numel()
+        chunk = self._open.get(dtype)
+        item = torch.empty((), dtype=dtype).element_size()
+        if chunk is None or (chunk.size and self.batch * (chunk.size + param.numel()) * item > CHUNK_BYTES):
+            chunk = self._open[dtype] = _Chunk(dtype)
+            self._chunks.append(chunk)
+        self._where[id(param)] = (chunk, chunk.size)
+        chunk.entries.append((param, chunk.size))
+        chunk.size += param.numel()
 
-    def allocate(self) -> None:
-        """Creates the buffers and the slot views (uninitialised: every slot is written before it is read)."""
-        for dtype, entries in self._layout.items():
-            buffer = torch.empty(self.batch, self._size[dtype], dtype=dtype, device=self.device)
-            self._buffers[dtype] = buffer
-            for param, offset in entries:
-                self._slots[id(param)] = buffer[:, offset : offset + param.numel()].view(self.batch, *param.shape)
-
-    def slot(self, param: nn.Parameter) -> torch.Tensor | None:
-        """θ's [B, *θ.shape] view, or ``None`` when θ has no room here."""
-        return self._slots.get(id(param))
+    def slot(self, param: nn.Parameter) -> Optional[torch.Tensor]:
+        """θ's [B, *θ.shape] view (uninitialised until written), or ``None`` when θ has no room here."""
+        view = self._slots.get(id(param))
+        if view is None and id(param) in self._where:
+            chunk = self._where[id(param)][0]
+            chunk.buffer = torch.empty(self.batch, chunk.size, dtype=chunk.dtype, device=self.device)
+            for p, offset in chunk.entries:
+                self._slots[id(p)] = chunk.buffer[:, offset : offset + p.numel()].view(self.batch, *p.shape)
+            view = self._slots[id(param)]
+        return view
 
     def store(self, param: nn.Parameter, grads: torch.Tensor) -> bool:
         """Marks θ's slot written: ``grads`` is the slot itself, or is copied into it when dtype and shape
         match. ``False`` (slot left alone) otherwise: the caller keeps ``grads`` on its own."""
-        slot = self._slots.get(id(param))
+        slot = self.slot(param)
         if slot is None or grads.dtype != slot.dtype or grads.shape != slot.shape:
             return False
         if not _same_memory(grads, slot):
@@ -71,30 +90,37 @@ class PerSampleArena:
         return True
 
     def finish(self) -> None:
-        """After the pass: zeros in every slot nobody wrote (a layer the loss did not reach)."""
-        for dtype, entries in self._layout.items():
-            for param, _ in entries:
-                if id(param) not in self._written:
-                    self._slots[id(param)].zero_()
+        """After the pass: zeros in every slot of an allocated buffer that nobody wrote (a layer the loss
+        did not reach; buffers never allocated hold nothing and give nothing)."""
+        for chunk in self._chunks:
+            if chunk.buffer is not None:
+                for param, _ in chunk.entries:
+                    if id(param) not in self._written:
+                        self._slots[id(param)].zero_()
 
     def norms(self) -> List[torch.Tensor]:
-        """‖A_b‖ per buffer: a list of [B], accumulated in float32 (float64 for float64 buffers)."""
+        """‖A_b‖ per allocated buffer: a list of [B], accumulated in float32 (float64 for float64 buffers)."""
         return [
-            torch.linalg.vector_norm(buffer, dim=1, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-            for dtype, buffer in self._buffers.items()
+            torch.linalg.vector_norm(
+                c.buffer, dim=1, dtype=torch.float64 if c.dtype == torch.float64 else torch.float32
+            )
+            for c in self._chunks
+            if c.buffer is not None
         ]
 
     def clipped_sum(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
-        """Σ_b c_b A[b] for every reserved θ, as views of one flat tensor per (buffer, θ dtype).
+        """Σ_b c_b A[b] for every θ of an allocated buffer, as views of one flat tensor per buffer.
 
         One :func:`~flashnorm.kernels.weighted_row_sum` per buffer (c and the sum in float32), cast
         to the parameters' dtype where it differs.
         """
         grads: Dict[nn.Parameter, torch.Tensor] = {}
-        for dtype, buffer in self._buffers.items():
-            summed = weighted_row_sum(coef, buffer)  # [N] float32 (float64 for float64 buffers)
+        for chunk in self._chunks:
+            if chunk.buffer is None:
+                continue
+            summed = weighted_row_sum(coef, chunk.buffer)  # [N] float32 (float64 for float64 buffers)
             cast = {}
-            for param, offset in self._layout[dtype]:
+            for param, offset in chunk.entries:
                 if param.dtype not in cast:
                     cast[param.dtype] = summed if param.dtype == summed.dtype else summed.to(param.dtype)
                 grads[param] = cast[param.dtype][offset : offset + param.numel()].view(param.shape)

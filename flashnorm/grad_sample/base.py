@@ -321,6 +321,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         """
         arena = self._arena
         slots = {p: slot for p in layer.params if (slot := arena.slot(p)) is not None} if arena is not None else {}
+        # (a slot's buffer is allocated here, when the pass first reaches it)
         grads = layer.rule.per_sample_grads(layer.module, x, g, out=slots or None)
         separate = {}
         for p, gs in grads.items():
@@ -333,9 +334,10 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         return ("arena", grads)
 
     def _plan_arena(self, batch: int, device: torch.device) -> Optional[PerSampleArena]:
-        """Before the norm pass: room for the per-sample gradients of every layer planned ``per_sample``."""
+        """Before the norm pass: room for the per-sample gradients of every layer planned ``per_sample``,
+        in the order the pass reaches them (last layer first)."""
         arena = None
-        for layer in self.layers:
+        for layer in reversed(self.layers):
             x = layer.x
             if x is None or x.shape[0] == 0 or layer.out_meta is None:
                 continue
@@ -348,8 +350,6 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             arena = arena or PerSampleArena(batch, device)
             for p in layer.params:
                 arena.reserve(p, slot_dtype)
-        if arena is not None:
-            arena.allocate()
         return arena
 
     # -- the clipping workflow -------------------------------------------------------------------

@@ -13,6 +13,11 @@ import torch
 BACKENDS = ("triton", "torch")
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for positive ints (host-side launch arithmetic: ``triton.cdiv`` costs a JIT-function call)."""
+    return -(-a // b)
+
+
 def triton_available() -> bool:
     """True when the ``triton`` package imports."""
     try:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import dispatch, interpreter_enabled, multiprocessor_count, supports_tma, tf32_enabled
+from .backend import cdiv, dispatch, interpreter_enabled, multiprocessor_count, supports_tma, tf32_enabled
 
 try:
     import triton
@@ -278,10 +278,10 @@ def flash_norm_splits(batch: int, steps: int, n_tiles: int, cfg: FlashConfig, n_
     programs = batch * n_tiles
     tile_elems = cfg.block_p * cfg.block_d
     t_tile = 2 * steps * tile_elems / SM_FLOPS.get(dtype, SM_FLOPS[torch.float32])
-    max_splits = max(1, min(triton.cdiv(steps, cfg.block_t * MIN_BLOCKS_PER_SPLIT), 4 * n_sms // programs))
+    max_splits = max(1, min(cdiv(steps, cfg.block_t * MIN_BLOCKS_PER_SPLIT), 4 * n_sms // programs))
 
     def cost(s: int) -> float:
-        waves = triton.cdiv(programs * s, n_sms)
+        waves = cdiv(programs * s, n_sms)
         workspace = 8 * tile_elems * programs * s / WORKSPACE_BYTES_PER_S + REDUCE_LAUNCH_S if s > 1 else 0.0
         return waves * t_tile / s + workspace
 
@@ -357,11 +357,11 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
 
 def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major):
     """One launch of ``_flash_norm_kernel`` over ``batch`` samples, plus the reduction when T is split."""
-    n_tiles = triton.cdiv(p, cfg.block_p) * triton.cdiv(d, cfg.block_d)
+    n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
     if splits is None:
         splits = flash_norm_splits(batch, steps, n_tiles, cfg, multiprocessor_count(x2.device), x2.dtype)
-    t_chunk = triton.cdiv(triton.cdiv(steps, splits), cfg.block_t) * cfg.block_t
-    splits = triton.cdiv(steps, t_chunk)
+    t_chunk = cdiv(cdiv(steps, splits), cfg.block_t) * cfg.block_t
+    splits = cdiv(steps, t_chunk)
     if use_tma and not k_major:
         x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_t, cfg.block_d])
         g_desc = TensorDescriptor.from_tensor(g2, [cfg.block_t, cfg.block_p])
@@ -378,7 +378,7 @@ def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, spli
     if splits > 1:
         sample_elems = n_tiles * cfg.block_p * cfg.block_d
         block = 4096
-        _flash_norm_reduce_kernel[(batch * triton.cdiv(sample_elems, block),)](
+        _flash_norm_reduce_kernel[(batch * cdiv(sample_elems, block),)](
             work, norm_sq, splits, sample_elems, BLOCK=block, num_warps=8
         )
     return kernel
@@ -391,10 +391,10 @@ def tf32_copy(m: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, list[int]
     with rows padded to a multiple of 4 (16-byte aligned, as tensor descriptors need).
     """
     n, rows, cols = m.shape
-    stride = triton.cdiv(rows, 4) * 4 if transpose else cols
+    stride = cdiv(rows, 4) * 4 if transpose else cols
     out = torch.empty(n * (cols if transpose else rows) * stride, dtype=torch.float32, device=m.device)
     block = 64
-    grid = (n * triton.cdiv(rows, block) * triton.cdiv(cols, block),)
+    grid = (n * cdiv(rows, block) * cdiv(cols, block),)
     _tf32_copy_kernel[grid](m, out, rows, cols, stride, TRANSPOSE=transpose, BLOCK_R=block, BLOCK_C=block, num_warps=4)
     if transpose:
         return out, [n * cols, rows], [stride, 1]

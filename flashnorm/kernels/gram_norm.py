@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import dispatch, interpreter_enabled, supports_tma, tf32_enabled
+from .backend import cdiv, dispatch, interpreter_enabled, supports_tma, tf32_enabled
 from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_launch, tf32_copy, tma_compatible
 
 try:
@@ -142,7 +142,7 @@ def _gram_norm_launch(x, g, *, config=None, use_tma=None):
     batch, steps, d = x.shape
     p = g.shape[-1]
     cfg = config or gram_norm_config(steps, d, p, x.dtype, interpreter_enabled())
-    n_blocks = triton.cdiv(steps, cfg.block_t)
+    n_blocks = cdiv(steps, cfg.block_t)
     allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
     if allow_tf32:  # round to nearest first: the tensor cores would truncate float32 operands
         x2, g2 = tf32_copy(x, transpose=False)[0].view(batch * steps, d), tf32_copy(g, transpose=False)[0].view(batch * steps, p)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import dispatch, interpreter_enabled
+from .backend import cdiv, dispatch, interpreter_enabled
 
 try:
     import triton
@@ -55,7 +55,7 @@ def weighted_row_sum_triton(coef: torch.Tensor, a: torch.Tensor) -> torch.Tensor
     if batch == 0:
         return out.zero_()
     block = 1 << 14 if interpreter_enabled() else 2048
-    _weighted_row_sum_kernel[(triton.cdiv(n, block),)](
+    _weighted_row_sum_kernel[(cdiv(n, block),)](
         coef.to(torch.float32).contiguous(), a, out, batch, n, a.stride(0), BLOCK_N=block, num_warps=8
     )
     return out
