@@ -211,3 +211,19 @@ def test_one_pass_keeps_per_sample_gradients_in_one_buffer(use_second):
     if not use_second:
         assert torch.count_nonzero(model.unused.weight.grad) == 0
     assert gsm._arena is None, "the arena is released once the gradients are assembled"
+
+
+@pytest.mark.parametrize("cls", [GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse])
+def test_non_finite_loss_discards_the_gradients_on_the_device(cls, device):
+    """The finiteness flag travels to the host behind the forward (pinned copy on CUDA) and is read at the end."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).to(device)
+    gsm, _, criterion = _wrap(cls, model)
+    x, y = torch.randn(3, 6, device=device), torch.randint(0, 3, (3,), device=device)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        criterion(gsm(bad), y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    criterion(gsm(x), y).backward()  # the next step works
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())

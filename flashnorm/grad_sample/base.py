@@ -70,6 +70,38 @@ def _anchor_node_type():
 _ANCHOR_NODE = _anchor_node_type()
 
 
+_NON_FINITE = (
+    "The loss is not finite (NaN or inf) for some sample; the gradients were discarded and no parameter "
+    "changed. Check the learning rate, the inputs, or use a loss scaler under fp16."
+)
+
+
+class _FiniteCheck:
+    """Whether every per-sample loss is finite, read without draining the GPU.
+
+    On CUDA the flag is computed and copied to pinned host memory behind the forward's kernels, and an
+    event marks the copy; :meth:`result` waits for that event only — by the end of the backward's
+    issue the forward has long finished, so the wait is normally nothing, where ``bool(flag)`` would
+    wait for the whole backward and leave the GPU idle while the optimizer step is issued.
+    """
+
+    def __init__(self, loss_per_sample: torch.Tensor):
+        flag = torch.isfinite(loss_per_sample.detach()).all()
+        self._event = None
+        if flag.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            flag = host
+        self._flag = flag
+
+    def result(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._flag)
+
+
 @dataclass(eq=False)
 class HookedLayer:
     """A layer that owns trainable parameters, with its rule and this step's captures."""
@@ -377,11 +409,13 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
         Raises:
             ValueError: a batch-size mismatch, before anything changes; a non-finite loss, after
-                which every ``p.grad`` is ``None`` and no parameter has changed. The finiteness check
-                is the step's one host synchronisation: it comes last, so the GPU never waits for the
-                CPU to issue the backward (first, before any collective, under DDP/FSDP).
+                which every ``p.grad`` is ``None`` and no parameter has changed. The finiteness flag
+                is copied to the host while the backward is issued (:class:`_FiniteCheck`) and read at
+                its end, so the GPU never drains mid-step (under DDP/FSDP it is read first, before
+                any collective).
         """
         self._check_loss(loss_per_sample, finite=self._distributed)
+        finite = None if self._distributed else _FiniteCheck(loss_per_sample)
         if zero_grad is not None:
             zero_grad(set_to_none=True)
         try:
@@ -393,8 +427,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             for p in self.trainable_parameters:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            if not self._distributed:
-                self._check_finite(loss_per_sample)
+            if finite is not None and not finite.result():
+                self._reset_step()
+                raise ValueError(_NON_FINITE)
         except BaseException:
             for p in self.trainable_parameters:
                 p.grad = None
@@ -529,12 +564,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def _check_finite(self, loss_per_sample: torch.Tensor) -> None:
         """Raises if any per-sample loss is NaN or ±inf (a host synchronisation)."""
-        if not bool(torch.isfinite(loss_per_sample).all()):
+        if not _FiniteCheck(loss_per_sample).result():
             self._reset_step()
-            raise ValueError(
-                "The loss is not finite (NaN or inf) for some sample; the gradients were discarded and no parameter "
-                "changed. Check the learning rate, the inputs, or use a loss scaler under fp16."
-            )
+            raise ValueError(_NON_FINITE)
 
     # -- Opacus-compatible accessors -------------------------------------------------------------
     def get_norm_sample(self) -> torch.Tensor:
