@@ -52,7 +52,6 @@ class LinearFamilyRule(NormRule):
 
     def norm_sq(self, layer, x, g, method):
         xs, gs = self.as_sequences(layer, x, g)
-        acc = accumulation_dtype(xs, gs)
         total = None
         if layer.weight.requires_grad:
             if method == "flash":
@@ -63,8 +62,9 @@ class LinearFamilyRule(NormRule):
                 raise ValueError(f"unknown norm method {method!r} for {type(layer).__name__}")
         bias = getattr(layer, "bias", None)
         if bias is not None and bias.requires_grad:
-            bias_sq = gs.to(acc).sum(dim=1).square().sum(dim=1)
-            total = bias_sq if total is None else total + bias_sq.to(total.dtype)
+            # ‖Σ_t G_b[t]‖², summed in the accumulation dtype without a copy of G (three launches per layer)
+            bias_sq = torch.linalg.vector_norm(gs.sum(dim=1, dtype=accumulation_dtype(xs, gs)), dim=1).square_()
+            total = bias_sq if total is None else total.add_(bias_sq)
         return total
 
     def per_sample_weight(self, layer: nn.Module, xs: torch.Tensor, gs: torch.Tensor, out: Optional[torch.Tensor]):
