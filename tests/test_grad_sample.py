@@ -227,3 +227,19 @@ def test_non_finite_loss_discards_the_gradients_on_the_device(cls, device):
     assert all(p.grad is None for p in model.parameters())
     criterion(gsm(x), y).backward()  # the next step works
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
+def test_single_sample_norm_is_not_rounded_to_a_bf16_gradient_dtype():
+    """B = 1 with bf16 parameters: the norm of the (bf16) gradients is accumulated and kept in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3)).to(torch.bfloat16)
+    gsm = GradSampleModuleFastGradientClippingFuse(model, max_grad_norm=1e6)
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
+                                          max_grad_norm=1e6, expected_batch_size=1)
+    criterion = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(reduction="mean"))
+    x, y = torch.randn(1, 16, dtype=torch.bfloat16), torch.randint(0, 3, (1,))
+    criterion(gsm(x), y).backward()
+    norm = gsm.get_norm_sample()
+    assert norm.dtype == torch.float32
+    exact = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters()))  # no clipping: c = 1
+    assert abs(norm.item() - exact.item()) <= 1e-6 * exact.item()

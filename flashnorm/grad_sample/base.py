@@ -533,10 +533,10 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         torch.autograd.backward(loss_per_sample.sum())
         grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
         acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        norm_sq = torch.zeros(1, dtype=acc, device=loss_per_sample.device)
-        if grads:
-            norm_sq += torch.stack([n.to(acc) for n in torch._foreach_norm(grads)]).square().sum()
-        self._norm_sq = norm_sq
+        if grads:  # one multi-tensor norm, accumulated in float32 (float64) whatever the gradients' dtype
+            self._norm_sq = torch.stack(torch._foreach_norm(grads, 2, dtype=acc)).square_().sum(dim=0, keepdim=True)
+        else:
+            self._norm_sq = torch.zeros(1, dtype=acc, device=loss_per_sample.device)
         coef = self.get_clipping_coef()
         if grads:
             torch._foreach_mul_(grads, coef[0])
