@@ -243,3 +243,17 @@ def test_single_sample_norm_is_not_rounded_to_a_bf16_gradient_dtype():
     assert norm.dtype == torch.float32
     exact = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters()))  # no clipping: c = 1
     assert abs(norm.item() - exact.item()) <= 1e-6 * exact.item()
+
+
+def test_clipped_sums_keep_the_coefficients_in_float32():
+    """c_b = 1 - 2⁻¹⁰ rounds to 1.0 in bf16: a clipped sum in the gradient dtype would exceed c_b·g_b."""
+    from flashnorm.norms.embedding import EmbeddingRule
+    from flashnorm.norms.registry import clipped_from_per_sample
+
+    coef = torch.full((1,), 1 - 2**-10)
+    weight = nn.Parameter(torch.zeros(4, 3))
+    out = clipped_from_per_sample({weight: torch.ones(1, 4, 3, dtype=torch.bfloat16)}, coef)[weight]
+    assert torch.all(out == coef[0])
+    emb = nn.Embedding(5, 3)
+    grads = EmbeddingRule().clipped_grads(emb, torch.tensor([[2]]), torch.ones(1, 1, 3, dtype=torch.bfloat16), coef)
+    assert torch.all(grads[emb.weight][2] == coef[0])

@@ -66,7 +66,7 @@ class EmbeddingRule(NormRule):
     def clipped_grads(self, layer, x, g, coef):
         sample, ids, rows = self._rows(layer, x, g)
         weight_grad = torch.zeros_like(layer.weight)
-        scaled = rows * coef.to(rows.dtype)[sample].unsqueeze(1)
+        scaled = rows * coef.to(torch.promote_types(rows.dtype, torch.float32))[sample].unsqueeze(1)  # c unrounded
         return {layer.weight: weight_grad.index_add_(0, ids, scaled.to(weight_grad.dtype))}
 
     def per_sample_dtype(self, layer, x_dtype, g_dtype):

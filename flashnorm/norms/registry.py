@@ -17,6 +17,8 @@ from typing import Dict, Iterable, List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 
+from ..kernels import weighted_row_sum
+
 _RULES: Dict[type, "NormRule"] = {}
 
 
@@ -110,12 +112,9 @@ def per_sample_norm_sq(grads: Dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
 
 
 def clipped_from_per_sample(grads: Dict[nn.Parameter, torch.Tensor], coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
-    """Σ_b c_b grads[θ][b] for each θ."""
-    out = {}
-    for p, gs in grads.items():
-        flat = gs.reshape(gs.shape[0], -1)
-        out[p] = (coef.to(flat.dtype) @ flat).view(p.shape) if gs.shape[0] else torch.zeros_like(p)
-    return out
+    """Σ_b c_b grads[θ][b] for each θ, in float32 (float64 for float64 inputs): c is never rounded to a
+    16-bit gradient dtype, which could scale a sample past the clipping bound."""
+    return {p: weighted_row_sum(coef, gs.reshape(gs.shape[0], -1)).view(p.shape) for p, gs in grads.items()}
 
 
 def iter_rules() -> Iterable[Tuple[Type[nn.Module], NormRule]]:
