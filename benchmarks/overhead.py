@@ -144,6 +144,12 @@ def instrumented(breakdown: Breakdown, flashnorm_too: bool):
             for cls in (fuse.GradSampleModuleFastGradientClippingFuse, two_pass.GradSampleModuleFastGradientClipping):
                 patches.patch(cls, "_write_clipped_gradients", "assembly")
             patches.patch(base, "per_sample_norm_sq", "norms")
+            with contextlib.suppress(ImportError):
+                from flashnorm.grad_sample.arena import PerSampleArena
+
+                patches.patch(PerSampleArena, "norms", "norms")
+                patches.patch(PerSampleArena, "clipped_sum", "assembly")
+                patches.patch(gsm, "_plan_arena", "bookkeeping")
             rule_classes = {type(rule) for _, rule in registry.iter_rules()}
             with contextlib.suppress(ImportError):
                 from flashnorm.norms import PerSampleGradFallback
