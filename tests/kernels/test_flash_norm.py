@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from flashnorm.kernels import flash_norm_sq, flash_norm_sq_reference
-from flashnorm.kernels.backend import supports_tma
 from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_splits, flash_norm_sq_triton, tf32_copy
 from tests.conftest import TOLERANCES
-from tests.kernels.truth import assert_norms_close, norm_sq_float64
+from tests.kernels.truth import assert_norms_close, norm_sq_float64, random_pair, skip_without_tma
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 STEPS = (1, 37, 600, 1030)
@@ -21,21 +20,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 D, P = 72, 40
 
 
-def _inputs(batch, steps, d, p, dtype, device):
-    return (torch.randn(batch, steps, d, dtype=dtype, device=device),
-            torch.randn(batch, steps, p, dtype=dtype, device=device))  # fmt: skip
-
-
-def _skip_without_tma(use_tma, device):
-    if use_tma and device == "cuda" and not supports_tma(torch.device(device)):
-        pytest.skip("tensor descriptors need compute capability 9.x")
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("batch", (0, 1, 3))
 def test_triton_matches_float64(dtype, steps, batch, device, triton_backend):
-    x, g = _inputs(batch, steps, D, P, DTYPES[dtype], device)
+    x, g = random_pair(batch, steps, D, P, DTYPES[dtype], device)
     assert_norms_close(flash_norm_sq(x, g), norm_sq_float64(x, g), TOLERANCES[dtype])
 
 
@@ -44,8 +33,8 @@ def test_triton_matches_float64(dtype, steps, batch, device, triton_backend):
 @pytest.mark.parametrize("steps", (37, 1030))
 def test_every_path_is_exact(use_tma, d, p, splits, steps, device):
     """Pointer and descriptor loads, with and without T-split (64 splits > T blocks: clamped)."""
-    _skip_without_tma(use_tma, device)
-    x, g = _inputs(3, steps, d, p, torch.float32, device)
+    skip_without_tma(use_tma, device)
+    x, g = random_pair(3, steps, d, p, torch.float32, device)
     cfg = FlashConfig(block_t=32, block_p=16, block_d=32, num_warps=4, num_stages=1)
     out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=use_tma)
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["fp32"])
@@ -55,7 +44,7 @@ def test_every_path_is_exact(use_tma, d, p, splits, steps, device):
 @pytest.mark.parametrize("splits", (1, 3))
 def test_rows_past_t_contribute_nothing(use_tma, splits, device):
     """A NaN sample next door and NaN memory past the last row leave the other samples exact."""
-    _skip_without_tma(use_tma, device)
+    skip_without_tma(use_tma, device)
     batch, steps, d, p = 3, 37, 72, 40
     storage = torch.full(((batch * steps + 64) * (d + p),), float("nan"), device=device)
     x = storage[: batch * steps * d].view(batch, steps, d)
@@ -93,9 +82,9 @@ def test_tf32_copy_rounds_to_nearest(transpose, device):
 @pytest.mark.parametrize("steps", (1, 37, 1030))
 def test_tf32_paths_are_unbiased(k_major, splits, steps, device, set_tf32):
     """tf32 dots on operands rounded to nearest: within the tf32 tolerance (truncation would miss it)."""
-    _skip_without_tma(k_major, device)
+    skip_without_tma(k_major, device)
     set_tf32(True)
-    x, g = _inputs(3, steps, D, P, torch.float32, device)
+    x, g = random_pair(3, steps, D, P, torch.float32, device)
     cfg = FlashConfig(block_t=32, block_p=32, block_d=64, num_warps=4, num_stages=1)
     out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=k_major, k_major=k_major)
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["tf32"])
@@ -103,7 +92,7 @@ def test_tf32_paths_are_unbiased(k_major, splits, steps, device, set_tf32):
 
 def test_k_major_needs_tf32(device, set_tf32):
     set_tf32(False)
-    x, g = _inputs(1, 8, D, P, torch.float32, device)
+    x, g = random_pair(1, 8, D, P, torch.float32, device)
     with pytest.raises(ValueError, match="K-major layout is the tf32 path"):
         flash_norm_sq_triton(x, g, use_tma=True, k_major=True)
 
@@ -116,7 +105,7 @@ def test_non_contiguous_and_mixed_dtypes(device, triton_backend):
 
 
 def test_float64_takes_the_float64_reference(device, triton_backend):
-    x, g = _inputs(2, 37, D, P, torch.float64, device)
+    x, g = random_pair(2, 37, D, P, torch.float64, device)
     out = flash_norm_sq(x, g)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, norm_sq_float64(x, g), rtol=1e-12, atol=0)
@@ -133,7 +122,7 @@ def test_bad_shapes_are_rejected(shapes, device, triton_backend):
 @pytest.mark.parametrize("steps", STEPS)
 def test_reference_matches_float64(dtype, steps):
     dt = {"fp32": torch.float32, "fp64": torch.float64}[dtype]
-    x, g = _inputs(3, steps, D, P, dt, "cpu")
+    x, g = random_pair(3, steps, D, P, dt, "cpu")
     out = flash_norm_sq_reference(x, g)
     assert out.dtype == (torch.float64 if dtype == "fp64" else torch.float32)
     rtol, atol = (1e-12, 0.0) if dtype == "fp64" else TOLERANCES["fp32"]

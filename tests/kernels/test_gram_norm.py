@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from flashnorm.kernels import gram_norm_sq, gram_norm_sq_reference
-from flashnorm.kernels.backend import supports_tma
 from flashnorm.kernels.gram_norm import GramConfig, gram_norm_sq_triton
 from tests.conftest import TOLERANCES
-from tests.kernels.truth import assert_norms_close, norm_sq_float64
+from tests.kernels.truth import assert_norms_close, norm_sq_float64, random_pair, skip_without_tma
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 STEPS = (1, 37, 600, 1030)
@@ -15,16 +14,11 @@ D, P = 72, 40  # not multiples of the 64-wide K slices
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
-def _inputs(batch, steps, d, p, dtype, device):
-    return (torch.randn(batch, steps, d, dtype=dtype, device=device),
-            torch.randn(batch, steps, p, dtype=dtype, device=device))  # fmt: skip
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("batch", (0, 1, 3))
 def test_triton_matches_float64(dtype, steps, batch, device, triton_backend):
-    x, g = _inputs(batch, steps, D, P, DTYPES[dtype], device)
+    x, g = random_pair(batch, steps, D, P, DTYPES[dtype], device)
     assert_norms_close(gram_norm_sq(x, g), norm_sq_float64(x, g), TOLERANCES[dtype])
 
 
@@ -32,9 +26,8 @@ def test_triton_matches_float64(dtype, steps, batch, device, triton_backend):
 @pytest.mark.parametrize("steps", (1, 37, 600))
 def test_every_path_is_exact(use_tma, d, p, steps, device):
     """Many block pairs (32-step blocks: 19 per side at T=600, 190 pairs) through both load paths."""
-    if use_tma and device == "cuda" and not supports_tma(torch.device(device)):
-        pytest.skip("tensor descriptors need compute capability 9.x")
-    x, g = _inputs(3, steps, d, p, torch.float32, device)
+    skip_without_tma(use_tma, device)
+    x, g = random_pair(3, steps, d, p, torch.float32, device)
     out = gram_norm_sq_triton(x, g, config=GramConfig(block_t=32, block_k=32, num_warps=4, num_stages=1), use_tma=use_tma)
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["fp32"])
 
@@ -42,8 +35,7 @@ def test_every_path_is_exact(use_tma, d, p, steps, device):
 @pytest.mark.parametrize("use_tma", (False, True), ids=["pointers", "tma"])
 def test_rows_past_t_contribute_nothing(use_tma, device):
     """A NaN sample next door and NaN memory past the last row leave the other samples exact."""
-    if use_tma and device == "cuda" and not supports_tma(torch.device(device)):
-        pytest.skip("tensor descriptors need compute capability 9.x")
+    skip_without_tma(use_tma, device)
     batch, steps, d, p = 3, 37, 72, 40
     storage = torch.full(((batch * steps + 64) * (d + p),), float("nan"), device=device)
     x = storage[: batch * steps * d].view(batch, steps, d)
@@ -60,12 +52,12 @@ def test_rows_past_t_contribute_nothing(use_tma, device):
 def test_tf32_is_unbiased(steps, device, triton_backend, set_tf32):
     """With allow_tf32 the inputs are rounded to nearest tf32 first (the tensor cores would truncate)."""
     set_tf32(True)
-    x, g = _inputs(3, steps, D, P, torch.float32, device)
+    x, g = random_pair(3, steps, D, P, torch.float32, device)
     assert_norms_close(gram_norm_sq(x, g), norm_sq_float64(x, g), TOLERANCES["tf32"])
 
 
 def test_float64_takes_the_float64_reference(device, triton_backend):
-    x, g = _inputs(2, 37, D, P, torch.float64, device)
+    x, g = random_pair(2, 37, D, P, torch.float64, device)
     out = gram_norm_sq(x, g)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, norm_sq_float64(x, g), rtol=1e-12, atol=0)
@@ -75,7 +67,7 @@ def test_float64_takes_the_float64_reference(device, triton_backend):
 @pytest.mark.parametrize("steps", STEPS)
 def test_reference_matches_float64(dtype, steps):
     dt = {"fp32": torch.float32, "fp64": torch.float64}[dtype]
-    x, g = _inputs(3, steps, D, P, dt, "cpu")
+    x, g = random_pair(3, steps, D, P, dt, "cpu")
     out = gram_norm_sq_reference(x, g)
     assert out.dtype == (torch.float64 if dtype == "fp64" else torch.float32)
     rtol, atol = (1e-12, 0.0) if dtype == "fp64" else TOLERANCES["fp32"]

@@ -3,7 +3,10 @@
 Deliberately independent of flashnorm: one sample and one T-chunk at a time, einsum in float64.
 """
 
+import pytest
 import torch
+
+from flashnorm.kernels.backend import supports_tma
 
 
 def norm_sq_float64(x: torch.Tensor, g: torch.Tensor, max_chunk_elements: int = 1 << 27) -> torch.Tensor:
@@ -27,3 +30,15 @@ def assert_norms_close(out: torch.Tensor, truth: torch.Tensor, tolerance: tuple[
     assert out.shape == truth.shape, (out.shape, truth.shape)
     rel = ((out.double() - truth).abs() / truth.abs().clamp_min(1e-300)).max().item() if truth.numel() else 0.0
     torch.testing.assert_close(out.double(), truth, rtol=rtol, atol=atol, msg=lambda m: f"{m}\nmax rel err {rel:.3e}")
+
+
+def random_pair(batch: int, steps: int, d: int, p: int, dtype: torch.dtype, device) -> tuple:
+    """x: [B, T, d] and g: [B, T, p], standard normal."""
+    return (torch.randn(batch, steps, d, dtype=dtype, device=device),
+            torch.randn(batch, steps, p, dtype=dtype, device=device))  # fmt: skip
+
+
+def skip_without_tma(use_tma: bool, device) -> None:
+    """Skips a TMA case on a CUDA device without tensor descriptors (on CPU the interpreter takes pointers)."""
+    if use_tma and device == "cuda" and not supports_tma(torch.device(device)):
+        pytest.skip("tensor descriptors need compute capability 9.x")
