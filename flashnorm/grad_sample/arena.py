@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import weighted_row_sum
+from ..kernels._chunks import accumulation_dtype
 
 #: A buffer is closed once it holds this many bytes (a larger parameter gets a buffer of its own).
 CHUNK_BYTES = 256 << 20
@@ -59,8 +60,7 @@ class PerSampleArena:
     def reserve(self, param: nn.Parameter, dtype: torch.dtype) -> None:
         """Room for θ's per-sample gradients [B, *θ.shape] in ``dtype``."""
         chunk = self._open.get(dtype)
-        item = torch.empty((), dtype=dtype).element_size()
-        if chunk is None or (chunk.size and self.batch * (chunk.size + param.numel()) * item > CHUNK_BYTES):
+        if chunk is None or (chunk.size and self.batch * (chunk.size + param.numel()) * dtype.itemsize > CHUNK_BYTES):
             chunk = self._open[dtype] = _Chunk(dtype)
             self._chunks.append(chunk)
         self._where[id(param)] = (chunk, chunk.size)
@@ -101,9 +101,7 @@ class PerSampleArena:
     def norms(self) -> List[torch.Tensor]:
         """‖A_b‖ per allocated buffer: a list of [B], accumulated in float32 (float64 for float64 buffers)."""
         return [
-            torch.linalg.vector_norm(
-                c.buffer, dim=1, dtype=torch.float64 if c.dtype == torch.float64 else torch.float32
-            )
+            torch.linalg.vector_norm(c.buffer, dim=1, dtype=accumulation_dtype(c.buffer))
             for c in self._chunks
             if c.buffer is not None
         ]

@@ -427,9 +427,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             for p in self.trainable_parameters:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            if finite is not None and not finite.result():
-                self._reset_step()
-                raise ValueError(_NON_FINITE)
+            if finite is not None:
+                self._check_finite(finite)
         except BaseException:
             for p in self.trainable_parameters:
                 p.grad = None
@@ -560,11 +559,11 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 "criterion with shape=(B, T, V) so that the privacy unit is the sequence."
             )
         if finite:
-            self._check_finite(loss_per_sample)
+            self._check_finite(_FiniteCheck(loss_per_sample))
 
-    def _check_finite(self, loss_per_sample: torch.Tensor) -> None:
-        """Raises if any per-sample loss is NaN or ±inf (a host synchronisation)."""
-        if not _FiniteCheck(loss_per_sample).result():
+    def _check_finite(self, finite: "_FiniteCheck") -> None:
+        """Raises (and forgets the step) if the checked loss had a NaN or ±inf (waits for its flag)."""
+        if not finite.result():
             self._reset_step()
             raise ValueError(_NON_FINITE)
 

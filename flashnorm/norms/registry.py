@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import weighted_row_sum
+from ..kernels._chunks import accumulation_dtype
 
 _RULES: Dict[type, "NormRule"] = {}
 
@@ -98,12 +99,7 @@ def trainable_own_parameters(layer: nn.Module) -> List[nn.Parameter]:
 
 def per_sample_norms(grads: Dict[nn.Parameter, torch.Tensor]) -> List[torch.Tensor]:
     """‖grads[θ][b]‖ for each θ: a list of [B], accumulated in float32 (float64 for float64 grads)."""
-    return [
-        torch.linalg.vector_norm(
-            gs.reshape(gs.shape[0], -1), dim=1, dtype=torch.float64 if gs.dtype == torch.float64 else torch.float32
-        )
-        for gs in grads.values()
-    ]
+    return [torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1, dtype=accumulation_dtype(gs)) for gs in grads.values()]
 
 
 def per_sample_norm_sq(grads: Dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
