@@ -213,6 +213,37 @@ def test_one_pass_keeps_per_sample_gradients_in_one_buffer(use_second):
     assert gsm._arena is None, "the arena is released once the gradients are assembled"
 
 
+@pytest.mark.parametrize("method", ["flash", "gram"])
+@pytest.mark.parametrize("frozen", [None, "trunk.weight", "trunk.bias"])
+def test_one_pass_keeps_biases_of_kernel_layers_in_the_arena(method, frozen):
+    """A Linear whose weight takes a norm kernel keeps its bias's per-sample gradients in the arena (one norm
+    and one clipped sum with the LayerNorm's); exact against the float64 oracle, frozen parameters included."""
+    from tests.oracle import microbatch_reference
+
+    torch.manual_seed(0)
+    model = _TwoHeads(use_second=True).double()
+    if frozen is not None:
+        model.get_parameter(frozen).requires_grad_(False)
+    x, y = torch.randn(4, 7, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
+    gsm, _, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model, norm_method=method)
+    criterion(gsm(x), y).backward()
+    linears = [layer for layer in gsm.layers if isinstance(layer.module, nn.Linear)]
+    assert all(layer.plan[1] == method for layer in linears)
+    arena_storage = model.norm.weight.grad.untyped_storage().data_ptr()
+    for layer in linears:
+        bias, weight = layer.module.bias, layer.module.weight
+        if bias.requires_grad:
+            in_arena = bias.grad.untyped_storage().data_ptr() == arena_storage
+            assert in_arena == weight.requires_grad, f"{layer.name}.bias: arena only beside a trainable weight"
+    torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
+        else:
+            assert p.grad is None
+
+
 @pytest.mark.parametrize("cls", [GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse])
 def test_non_finite_loss_discards_the_gradients_on_the_device(cls, device):
     """The finiteness flag travels to the host behind the forward (pinned copy on CUDA) and is read at the end."""

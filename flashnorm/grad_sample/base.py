@@ -112,7 +112,8 @@ class HookedLayer:
     params: List[nn.Parameter]
     x: Optional[torch.Tensor] = None
     out_meta: Optional[tuple] = None  # (batch-first shape, dtype) of this step's output: G's shape and dtype
-    kept: Optional[tuple] = None  # one-pass only: ("per_sample" | "arena", grads) or (method, x, g)
+    kept: Optional[tuple] = None  # one-pass only: ("per_sample" | "arena", grads) or (method, x, g, with_vectors)
+    vectors: List[nn.Parameter] = field(default_factory=list)  # the rule's vector_params, kept per sample in one pass
     handles: list = field(default_factory=list)
     capture: Optional[Callable] = None  # the anchor's callback, bound once
     graph_ends: Optional[tuple] = None  # (output node, input node) of the first step, for the use check
@@ -205,7 +206,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 covers_children = rule.covers_children
                 logger.info("layer %s (%s): %s; falling back to per-sample gradients", name, type(module).__name__, reason)
             params = [p for p in module.parameters() if p.requires_grad] if covers_children else own
-            yield HookedLayer(name or "<root>", module, rule, params)
+            yield HookedLayer(name or "<root>", module, rule, params, vectors=rule.vector_params(module))
         if covers_children:
             return
         for child_name, child in module.named_children():
@@ -328,8 +329,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         if method == "per_sample":
             kept = self._per_sample(layer, x, g)
         else:
-            self._norm_terms.append(layer.rule.norm_sq(layer.module, x, g, method))
-            kept = (method, x, g)
+            with_vectors = not self._vectors_to_arena(layer, x, g)
+            self._norm_terms.append(layer.rule.norm_sq(layer.module, x, g, method, vectors=with_vectors))
+            kept = (method, x, g, with_vectors)
         if self.passes == 1:
             layer.kept = kept
 
@@ -365,22 +367,34 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             return ("per_sample", separate)
         return ("arena", grads)
 
+    def _vectors_to_arena(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor) -> bool:
+        """Writes the layer's vector parameters' per-sample gradients into their arena slots (the rest of
+        the layer takes a norm kernel); ``False`` when they have no room there (the rule then counts them)."""
+        slots = {p: self._arena.slot(p) for p in layer.vectors} if self._arena is not None else {}
+        if not slots or any(slot is None for slot in slots.values()):
+            return False
+        for p, gs in layer.rule.vector_grads(layer.module, x, g, out=slots).items():
+            self._arena.store(p, gs)
+        return True
+
     def _plan_arena(self, batch: int, device: torch.device) -> Optional[PerSampleArena]:
         """Before the norm pass: room for the per-sample gradients of every layer planned ``per_sample``,
-        in the order the pass reaches them (last layer first)."""
+        and for the vector parameters (biases) of the other layers, in float32 (float64 for float64
+        inputs), in the order the pass reaches them (last layer first)."""
         arena = None
         for layer in reversed(self.layers):
             x = layer.x
             if x is None or x.shape[0] == 0 or layer.out_meta is None:
                 continue
             shape, dtype = layer.out_meta
-            if self._method(layer, x, shape, dtype) != "per_sample":
-                continue
-            slot_dtype = layer.rule.per_sample_dtype(layer.module, x.dtype, dtype)
-            if slot_dtype is None:
+            if self._method(layer, x, shape, dtype) == "per_sample":
+                params, slot_dtype = layer.params, layer.rule.per_sample_dtype(layer.module, x.dtype, dtype)
+            else:
+                params, slot_dtype = layer.vectors, torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32
+            if slot_dtype is None or not params:
                 continue
             arena = arena or PerSampleArena(batch, device)
-            for p in layer.params:
+            for p in params:
                 arena.reserve(p, slot_dtype)
         return arena
 

@@ -171,9 +171,9 @@ class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModule
         """Σ_{b∈ℬ_r} c_b ∇_θ ℓ_b of the layer's parameters, full shape, keyed by the sharded parameters."""
         if kept[0] == "per_sample":
             return clipped_from_per_sample(kept[1], coef)
-        _, x, g = kept
+        _, x, g, with_vectors = kept
         with _data_less_parameters(layer.module) as owner:
-            grads = layer.rule.clipped_grads(layer.module, x, g, coef)
+            grads = layer.rule.clipped_grads(layer.module, x, g, coef, vectors=with_vectors)
         return {owner.get(p, p): grad for p, grad in grads.items()}
 
 

@@ -4,7 +4,7 @@ The norm pass is the only backward pass: the layers compute input gradients and 
 weight gradients. Each layer keeps what its plan needs — its per-sample gradients (small layers,
 or where they cost no more memory than X and G), else X and G — and after the pass the clipped
 gradient of every trainable parameter is assembled: (c ⊙ G)ᵀX for Linear weights,
-Σ_b c_b β_b for biases, Σ_b c_b g_b from kept per-sample gradients. The per-sample gradients
+Σ_b c_b g_b from kept per-sample gradients (biases β_b among them). The per-sample gradients
 live side by side in one :class:`~flashnorm.grad_sample.arena.PerSampleArena`, so their norms and
 their clipped sum are one launch each for the whole model.
 """
@@ -33,8 +33,8 @@ class GradSampleModuleFastGradientClippingFuse(FlashNormGradSampleModule):
             if kept[0] == "per_sample":
                 grads = clipped_from_per_sample(kept[1], coef)
             else:
-                _, x, g = kept
-                grads = layer.rule.clipped_grads(layer.module, x, g, coef)
+                _, x, g, with_vectors = kept
+                grads = layer.rule.clipped_grads(layer.module, x, g, coef, vectors=with_vectors)
             for p, grad in grads.items():
                 grad = grad.to(p.dtype)
                 if p.grad is None:

@@ -28,7 +28,6 @@ class ConvRule(LinearFamilyRule):
         return None
 
     def as_sequences(self, layer, x, g):
-        batch = x.shape[0]
         if isinstance(layer, nn.Conv1d):  # a 2-D convolution of height 1
             x = x.unsqueeze(-2)
             padding = layer.padding if isinstance(layer.padding, str) else (0, layer.padding[0])
@@ -36,7 +35,10 @@ class ConvRule(LinearFamilyRule):
         else:
             padding, kernel, stride, dilation = layer.padding, layer.kernel_size, layer.stride, layer.dilation
         patches = unfold2d(x, kernel_size=kernel, padding=padding, stride=stride, dilation=dilation)  # [B, d, L]
-        return patches.transpose(1, 2), g.reshape(batch, g.shape[1], -1).transpose(1, 2)
+        return patches.transpose(1, 2), self.output_sequences(layer, g)
+
+    def output_sequences(self, layer, g):
+        return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
 
     def weight_from_pd(self, layer, grad_pd):
         return grad_pd.reshape(*grad_pd.shape[:-2], *layer.weight.shape)

@@ -43,7 +43,7 @@ class EmbeddingRule(NormRule):
             rows = rows * (ids != layer.padding_idx).unsqueeze(1).to(rows.dtype)
         return sample, ids, rows
 
-    def norm_sq(self, layer, x, g, method):
+    def norm_sq(self, layer, x, g, method, vectors=True):
         if method == "per_sample":
             return super().norm_sq(layer, x, g, method)
         batch = x.shape[0]
@@ -63,7 +63,7 @@ class EmbeddingRule(NormRule):
         norm_sq = torch.zeros(batch, dtype=acc, device=g.device)
         return norm_sq.index_add_(0, run_sample, summed.square().sum(dim=1))
 
-    def clipped_grads(self, layer, x, g, coef):
+    def clipped_grads(self, layer, x, g, coef, vectors=True):
         sample, ids, rows = self._rows(layer, x, g)
         weight_grad = torch.zeros_like(layer.weight)
         scaled = rows * coef.to(torch.promote_types(rows.dtype, torch.float32))[sample].unsqueeze(1)  # c unrounded

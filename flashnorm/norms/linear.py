@@ -37,8 +37,11 @@ class LinearFamilyRule(NormRule):
     # -- layout hooks, overridden per layer type -------------------------------------------------
     def as_sequences(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """X: [B, T, d], G: [B, T, p]."""
-        batch = x.shape[0]
-        return x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+        return x.reshape(x.shape[0], -1, x.shape[-1]), self.output_sequences(layer, g)
+
+    def output_sequences(self, layer: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        """G: [B, T, p] alone (what the bias needs)."""
+        return g.reshape(g.shape[0], -1, g.shape[-1])
 
     def weight_from_pd(self, layer: nn.Module, grad_pd: torch.Tensor) -> torch.Tensor:
         """Maps a [..., p, d] gradient to the weight's layout."""
@@ -50,7 +53,17 @@ class LinearFamilyRule(NormRule):
         xs, gs = self.as_sequences(layer, x, g)
         return xs.shape[0], xs.shape[1], xs.shape[2], gs.shape[2]
 
-    def norm_sq(self, layer, x, g, method):
+    def vector_params(self, layer):
+        bias = getattr(layer, "bias", None)
+        return [bias] if bias is not None and bias.requires_grad and layer.weight.requires_grad else []
+
+    def vector_grads(self, layer, x, g, out):
+        """β_b = Σ_t G_b[t], summed in float32 (float64) into ``out[bias]``."""
+        gs = self.output_sequences(layer, g)
+        slot = out[layer.bias]
+        return {layer.bias: torch.sum(gs, dim=1, dtype=slot.dtype, out=slot)}
+
+    def norm_sq(self, layer, x, g, method, vectors=True):
         xs, gs = self.as_sequences(layer, x, g)
         total = None
         if layer.weight.requires_grad:
@@ -61,7 +74,7 @@ class LinearFamilyRule(NormRule):
             else:
                 raise ValueError(f"unknown norm method {method!r} for {type(layer).__name__}")
         bias = getattr(layer, "bias", None)
-        if bias is not None and bias.requires_grad:
+        if bias is not None and bias.requires_grad and (vectors or not self.vector_params(layer)):
             # ‖Σ_t G_b[t]‖², summed in the accumulation dtype without a copy of G (three launches per layer)
             bias_sq = torch.linalg.vector_norm(gs.sum(dim=1, dtype=accumulation_dtype(xs, gs)), dim=1).square_()
             total = bias_sq if total is None else total.add_(bias_sq)
@@ -91,13 +104,13 @@ class LinearFamilyRule(NormRule):
             grads[bias] = gs.sum(dim=1) if slot is None else torch.sum(gs, dim=1, dtype=slot.dtype, out=slot)
         return grads
 
-    def clipped_grads(self, layer, x, g, coef):
+    def clipped_grads(self, layer, x, g, coef, vectors=True):
         xs, gs = self.as_sequences(layer, x, g)
         grads: Dict[nn.Parameter, torch.Tensor] = {}
         if layer.weight.requires_grad:
             grads[layer.weight] = self.weight_from_pd(layer, clipped_weight_grad(xs, gs, coef)).to(layer.weight.dtype)
         bias = getattr(layer, "bias", None)
-        if bias is not None and bias.requires_grad:
+        if bias is not None and bias.requires_grad and (vectors or not self.vector_params(layer)):
             grads[bias] = clipped_bias_grad(gs, coef).to(bias.dtype)
         return grads
 

@@ -28,6 +28,12 @@ class NormRule:
 
     Subclasses set ``methods`` and implement :meth:`norm_sq` and :meth:`clipped_grads`;
     :meth:`per_sample_grads` (B·|θ| memory) serves the ``"per_sample"`` method.
+
+    A rule whose layer has small *vector* parameters beside a large one (a Linear's bias beside its
+    weight) lists them in :meth:`vector_params` and forms their per-sample gradients in
+    :meth:`vector_grads`; a one-pass step then keeps those per sample with the other per-sample
+    gradients (one norm and one clipped sum for all of them) and calls :meth:`norm_sq` and
+    :meth:`clipped_grads` with ``vectors=False``, for the remaining parameters only.
     """
 
     #: Methods this rule can compute norms with; the planner picks among them.
@@ -40,8 +46,20 @@ class NormRule:
         """``None`` when the rule handles ``layer``; otherwise why not (the layer falls back)."""
         return None
 
-    def norm_sq(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, method: str) -> torch.Tensor:
-        """Σ_params ‖∇_θ ℓ_b‖² per sample → [B] float32 (float64 for float64 inputs)."""
+    def vector_params(self, layer: nn.Module) -> List[nn.Parameter]:
+        """Trainable parameters whose per-sample gradients are vectors cheap to form and keep (B·|θ|, far
+        less than the layer's X and G), when the layer has other trainable parameters; none by default."""
+        return []
+
+    def vector_grads(
+        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, out: Dict[nn.Parameter, torch.Tensor]
+    ) -> Dict[nn.Parameter, torch.Tensor]:
+        """∇_θ ℓ_b for θ in :meth:`vector_params`, written into ``out[θ]`` ([B, *θ.shape], any float dtype)."""
+        return {}
+
+    def norm_sq(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, method: str, vectors: bool = True) -> torch.Tensor:
+        """Σ_params ‖∇_θ ℓ_b‖² per sample → [B] float32 (float64 for float64 inputs); with ``vectors=False``
+        the parameters of :meth:`vector_params` are left out."""
         if method != "per_sample":
             raise ValueError(f"{type(self).__name__} has no method {method!r}")
         return per_sample_norm_sq(self.per_sample_grads(layer, x, g))
@@ -63,9 +81,10 @@ class NormRule:
         return None
 
     def clipped_grads(
-        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor
+        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, vectors: bool = True
     ) -> Dict[nn.Parameter, torch.Tensor]:
-        """Σ_b c_b ∇_θ ℓ_b for each trainable parameter θ: {θ: θ.shape}."""
+        """Σ_b c_b ∇_θ ℓ_b for each trainable parameter θ: {θ: θ.shape} (without those of
+        :meth:`vector_params` when ``vectors=False``)."""
         return clipped_from_per_sample(self.per_sample_grads(layer, x, g), coef)
 
 
