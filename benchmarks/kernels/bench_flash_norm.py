@@ -8,8 +8,8 @@ bf16 rows run with TF32 off, fp32 rows with TF32 on (cuBLAS and the kernel both 
 ``torch.backends.cuda.matmul.allow_tf32``).
 
 Also: the Gram/flash crossover (both kernels for T = 64…4096 at d = p = 768 and 1024), the
-clipped-gradient assembly (scaling + cuBLAS vs cuBLAS alone), and with ``--sweep`` a sweep of tile
-configs. Usage::
+clipped-gradient assembly (scaling + cuBLAS vs the fused kernel vs cuBLAS alone; ``--only-clipped``),
+and with ``--sweep`` a sweep of tile configs. Usage::
 
     PYTHONPATH=. python benchmarks/kernels/bench_flash_norm.py --out "$OUT" [--sweep] [--plot]
 """
@@ -28,6 +28,7 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from flashnorm.kernels import clipped_weight_grad, flash_norm_sq_reference
+from flashnorm.kernels.clipped_grad import clipped_weight_grad_fused
 from flashnorm.kernels.flash_norm import FlashConfig, _flash_norm_launch, flash_norm_sq_triton
 from flashnorm.kernels.gram_norm import GramConfig, gram_norm_sq_triton
 
@@ -145,20 +146,39 @@ def bench_crossover(rows, log):
                     log(row)
 
 
+#: (dtype, B, T, d, p) of the clipped-gradient rows: the GPT-2 small layers at B=8, T=1024 (its head too)
+#: and the issue's large shapes.
+CLIPPED_SHAPES = (
+    ("bf16", 8, 1024, 768, 2304), ("bf16", 8, 1024, 768, 3072), ("bf16", 8, 1024, 3072, 768), ("bf16", 8, 1024, 768, 768),
+    ("bf16", 8, 1024, 768, 50257), ("bf16", 8, 4096, 1024, 1024), ("bf16", 1, 65536, 4096, 4096),
+    ("bf16", 8, 4096, 4096, 11008), ("bf16", 4, 4096, 2048, 8192), ("fp32", 8, 4096, 1024, 1024), ("fp32", 4, 1030, 768, 768),
+)  # fmt: skip
+
+
 def bench_clipped_grad(rows, log):
-    """Scaling G by c_b then one cuBLAS GEMM, against the GEMM alone: the most a fused kernel could save."""
-    for name, batch, steps, d, p in (("bf16", 8, 4096, 1024, 1024), ("bf16", 1, 65536, 4096, 4096),
-                                     ("bf16", 8, 4096, 4096, 11008), ("fp32", 8, 4096, 1024, 1024)):  # fmt: skip
+    """Σ_b c_b G_bᵀX_b three ways: scaling G by c_b then one cuBLAS GEMM (the reference), the fused Triton
+    kernel, and the GEMM alone (no scaling: the floor). Error of each against float64 on a column slice."""
+    for name, batch, steps, d, p in CLIPPED_SHAPES:
         set_tf32(name)
         x, g = inputs(batch, steps, d, p, DTYPES[name])
         coef = torch.rand(batch, device="cuda")
         x2, g2 = x.view(-1, d), g.view(-1, p)
         row = dict(kernel="clipped_weight_grad", dtype=name, B=batch, T=steps, d=d, p=p)
         row["scaled_gemm_ms"] = timed(lambda: clipped_weight_grad(x, g, coef))
+        row["fused_ms"] = timed(lambda: clipped_weight_grad_fused(x, g, coef))
         row["gemm_only_ms"] = timed(lambda: g2.t() @ x2)
         row["scaling_overhead"] = row["scaled_gemm_ms"] / row["gemm_only_ms"] - 1
+        row["fused_vs_scaled"] = row["scaled_gemm_ms"] / row["fused_ms"]
+        row["fused_vs_gemm"] = row["gemm_only_ms"] / row["fused_ms"]
+        cols = slice(0, min(d, 64))  # float64 truth of 64 output columns, sample by sample
+        truth = sum(coef[b].double() * g[b].double().t() @ x[b, :, cols].double() for b in range(batch))
+        scale = truth.abs().max().item()
+        row["scaled_err"] = (clipped_weight_grad(x, g, coef)[:, cols].double() - truth).abs().max().item() / scale
+        row["fused_err"] = (clipped_weight_grad_fused(x, g, coef)[:, cols].double() - truth).abs().max().item() / scale
         rows.append(row)
         log(row)
+        del x, g, x2, g2
+        torch.cuda.empty_cache()
 
 
 # (config, k_major) candidates; the call-1 sweep of 16-bit tiles is in benchmarks/results/kernels_h200_sweep1.json
@@ -291,6 +311,7 @@ def main():
     parser.add_argument("--name", default="kernels_h200")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs")
     parser.add_argument("--no-main", action="store_true", help="skip the main table and the crossover")
+    parser.add_argument("--only-clipped", action="store_true", help="only the clipped-gradient rows")
     parser.add_argument("--plot", action="store_true", help="write a PNG beside the JSON")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a saved result (no GPU needed)")
     args = parser.parse_args()
@@ -325,6 +346,8 @@ def main():
     log(result["ceilings"])
     save()
     sections = ([bench_sweep] if args.sweep else []) + ([] if args.no_main else [bench_main, bench_crossover, bench_clipped_grad])
+    if args.only_clipped:
+        sections = [bench_clipped_grad]
     for section in sections:
         try:
             section(result["rows"], log)

@@ -4,6 +4,14 @@ With clipping coefficients c ∈ ℝ^B:
 
     weight_grad = Σ_b c_b G_bᵀX_b = (c ⊙ G)ᵀX        (one GEMM over all B·T rows)
     bias_grad   = Σ_b c_b Σ_t G_b[t]
+
+Two ways to the weight gradient: scaling G by c then one cuBLAS GEMM (:func:`clipped_weight_grad`,
+the reference), or the fused Triton kernel ``_clipped_weight_grad_kernel``
+(:func:`clipped_weight_grad_fused`): the flash-norm tile loop, accumulating each sample's tile of
+G_bᵀX_b in float32 registers and adding c_b · tile to the output tile, so that c is applied in
+float32 to the exact per-sample tile and G is never rewritten.
+
+Layout of this file: the Triton kernel, its launch wrapper, then the PyTorch functions.
 """
 
 from __future__ import annotations
@@ -11,6 +19,131 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from .backend import cdiv, interpreter_enabled, multiprocessor_count, supports_tma, tf32_enabled
+from .flash_norm import MIN_BLOCKS_PER_SPLIT, _accumulate_rows, flash_norm_config, prepare_pair, tma_compatible
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # flashnorm imports without Triton; the reference is then the only path
+    from .backend import _TritonStub as triton
+
+    tl = TensorDescriptor = None
+
+
+@triton.jit(do_not_specialize=["T", "t_chunk", "n_chunks", "units_per_split", "n_units"])
+def _clipped_weight_grad_kernel(
+    # inputs: x [B*T, d], g [B*T, p] row-major (descriptors over them when USE_TMA, else the tensors), coef [B] float32
+    x_desc, g_desc, x_ptr, g_ptr, coef_ptr,
+    # output: out [p, d] float32 (atomic adds when ATOMIC: zero it first)
+    out_ptr,
+    # sizes: a unit is one T chunk of one sample (n_chunks per sample); each split takes units_per_split units
+    T, d, p, t_chunk, n_chunks, units_per_split, n_units,
+    # meta-parameters
+    BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATOMIC: tl.constexpr, USE_TMA: tl.constexpr, ALLOW_TF32: tl.constexpr,
+):
+    """out[tile] (+)= Σ_{units u of this split} c_{b(u)} · (G_bᵀX_b over u's rows)[tile].
+
+    Program id → (output tile, split), the tile varying fastest. Each unit's tile is accumulated in
+    float32 registers, scaled by its sample's c_b in float32 and added to the program's total; one
+    store (ATOMIC=False: one split) or one atomic add per program.
+    """
+    pid = tl.program_id(0)
+    n_tiles_d = tl.cdiv(d, BLOCK_D)
+    n_tiles = tl.cdiv(p, BLOCK_P) * n_tiles_d
+    tile = pid % n_tiles
+    split = pid // n_tiles
+    p0 = (tile // n_tiles_d) * BLOCK_P
+    d0 = (tile % n_tiles_d) * BLOCK_D
+
+    total = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    u_start = split * units_per_split
+    u_end = tl.minimum(u_start + units_per_split, n_units)
+    for u in range(u_start, u_end):
+        b = u // n_chunks
+        t_start = (u % n_chunks) * t_chunk
+        t_end = tl.minimum(t_start + t_chunk, T)
+        base = b.to(tl.int64) * T
+        acc = _accumulate_rows(x_desc, g_desc, x_ptr, g_ptr, base + t_start, base + t_end, p0, d0, p, d,
+                               tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32),
+                               BLOCK_T, BLOCK_P, BLOCK_D, USE_TMA, ALLOW_TF32)
+        total += tl.load(coef_ptr + b) * acc
+
+    rows = p0 + tl.arange(0, BLOCK_P)
+    cols = d0 + tl.arange(0, BLOCK_D)
+    mask = (rows < p)[:, None] & (cols < d)[None, :]
+    ptrs = out_ptr + rows[:, None].to(tl.int64) * d + cols[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, total, mask=mask)
+    else:
+        tl.store(ptrs, total, mask=mask)
+
+
+def clipped_weight_grad_work(batch: int, steps: int, n_tiles: int, block_t: int, n_sms: int) -> tuple[int, int, int]:
+    """(t_chunk, n_chunks, units_per_split) for :func:`clipped_weight_grad_fused`.
+
+    With n_tiles ≥ SMs every program takes every sample (one store per tile, no atomics). Otherwise the
+    samples — and, when there are fewer samples than programs needed per tile, chunks of T of at least
+    ``MIN_BLOCKS_PER_SPLIT`` blocks — are spread over ⌈SMs / n_tiles⌉ programs per tile.
+    """
+    per_tile = max(1, cdiv(n_sms, n_tiles))
+    n_chunks = 1
+    if batch < per_tile:
+        n_chunks = max(1, min(cdiv(per_tile, batch), cdiv(steps, block_t * MIN_BLOCKS_PER_SPLIT)))
+    t_chunk = cdiv(cdiv(steps, n_chunks), block_t) * block_t
+    n_chunks = cdiv(steps, t_chunk)
+    units = batch * n_chunks
+    return t_chunk, n_chunks, cdiv(units, min(per_tile, units))
+
+
+def clipped_weight_grad_fused(
+    x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *, config=None, work: Optional[tuple] = None,
+    use_tma: Optional[bool] = None,
+) -> torch.Tensor:
+    """Triton Σ_b c_b G_bᵀX_b for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16), coef: [B] → float32 [p, d].
+
+    ``config`` (tiles, as :func:`~flashnorm.kernels.flash_norm.flash_norm_config`), ``work``
+    (:func:`clipped_weight_grad_work`) and ``use_tma`` have defaults; tests set them to reach every path.
+    float32 inputs use tf32 dots (operands rounded to nearest) when ``torch.backends.cuda.matmul.allow_tf32``
+    is set. Several programs adding into one output tile use float32 atomics: the result is exact to
+    float32 rounding but its last bits may differ from run to run.
+    """
+    x, g = prepare_pair(x, g)
+    if coef.shape != (x.shape[0],):
+        raise ValueError(f"coef must be [B] = [{x.shape[0]}], got {tuple(coef.shape)}")
+    batch, steps, d = x.shape
+    p = g.shape[-1]
+    if 0 in (batch, steps, d, p):
+        return torch.zeros(p, d, dtype=torch.float32, device=x.device)
+    coef = coef.to(device=x.device, dtype=torch.float32).contiguous()
+    allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
+    x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
+    cfg = config or flash_norm_config(d, p, x.dtype, interpreter_enabled(), False, 0, 0)
+    n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
+    t_chunk, n_chunks, per_split = work or clipped_weight_grad_work(
+        batch, steps, n_tiles, cfg.block_t, multiprocessor_count(x.device)
+    )
+    n_units = batch * n_chunks
+    splits = cdiv(n_units, per_split)
+    if use_tma is None:
+        use_tma = supports_tma(x.device) and tma_compatible(x2, g2)
+    if use_tma:
+        x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_t, cfg.block_d])
+        g_desc = TensorDescriptor.from_tensor(g2, [cfg.block_t, cfg.block_p])
+    else:
+        x_desc, g_desc = x2, g2
+    out = (torch.zeros if splits > 1 else torch.empty)(p, d, dtype=torch.float32, device=x.device)
+    _clipped_weight_grad_kernel[(n_tiles * splits,)](
+        x_desc, g_desc, x2, g2, coef, out,
+        steps, d, p, t_chunk, n_chunks, per_split, n_units,
+        BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_p, BLOCK_D=cfg.block_d,
+        ATOMIC=splits > 1, USE_TMA=use_tma, ALLOW_TF32=allow_tf32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
 
 
 def _scaled(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -24,8 +157,8 @@ def clipped_weight_grad(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) ->
 
     Scaling and one cuBLAS GEMM over all B·T rows. On the H200 (benchmarks/results/kernels_h200.json,
     ``clipped_weight_grad`` rows, eager timing) the scaling pass adds 25% to the GEMM at
-    B·T = 32k-64k rows and d, p ≥ 4096 (bf16), more at smaller shapes, so a kernel fusing c_b into the
-    GEMM (as the flash kernel's loop, which runs at 0.92-1.05× cuBLAS) should win; it is not written yet.
+    B·T = 32k-64k rows and d, p ≥ 4096 (bf16), more at smaller shapes; :func:`clipped_weight_grad_fused`
+    is the fused alternative.
     """
     dtype = torch.promote_types(x.dtype, g.dtype)
     scaled = _scaled(g.to(dtype), coef).reshape(-1, g.shape[-1])

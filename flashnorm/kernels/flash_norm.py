@@ -76,6 +76,35 @@ def _dot_acc(a, b, acc, ALLOW_TF32: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_rows(x_desc, g_desc, x_ptr, g_ptr, row0, row_end, p0, d0, p, d, acc,
+                     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                     USE_TMA: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """acc + (G[r]ᵀX[r])[p0 : p0+BLOCK_P, d0 : d0+BLOCK_D] over rows r ∈ [row0, row_end) of the row-major
+    x: [rows, d], g: [rows, p], in float32.
+
+    Full BLOCK_T blocks first (through the descriptors when USE_TMA), then at most one tail block with
+    masked pointer loads: rows ≥ row_end belong to the next sample and must contribute nothing.
+    float32 with ALLOW_TF32: operands rounded to nearest tf32 in registers.
+    """
+    n_full = (row_end - row0) // BLOCK_T
+    for i in range(n_full):
+        row = row0 + i * BLOCK_T
+        g_tile = _load_rows(g_desc, g_ptr, row, row_end, p0, p, BLOCK_T, BLOCK_P, USE_TMA)
+        x_tile = _load_rows(x_desc, x_ptr, row, row_end, d0, d, BLOCK_T, BLOCK_D, USE_TMA)
+        if ALLOW_TF32:
+            g_tile, x_tile = _round_tf32(g_tile), _round_tf32(x_tile)
+        acc = _dot_acc(tl.trans(g_tile), x_tile, acc, ALLOW_TF32)
+    row = row0 + n_full * BLOCK_T
+    if row < row_end:
+        g_tile = _load_rows(g_desc, g_ptr, row, row_end, p0, p, BLOCK_T, BLOCK_P, False)
+        x_tile = _load_rows(x_desc, x_ptr, row, row_end, d0, d, BLOCK_T, BLOCK_D, False)
+        if ALLOW_TF32:
+            g_tile, x_tile = _round_tf32(g_tile), _round_tf32(x_tile)
+        acc = _dot_acc(tl.trans(g_tile), x_tile, acc, ALLOW_TF32)
+    return acc
+
+
+@triton.jit
 def _round_tf32(v):
     """float32 → nearest tf32 (10-bit mantissa, ties away from zero), kept in float32; NaN stays NaN.
 
@@ -148,7 +177,6 @@ def _flash_norm_kernel(
     # -- rows of this program: full blocks (TMA-able), then at most one masked tail block ---------
     t_start = split * t_chunk
     t_end = tl.minimum(t_start + t_chunk, T)
-    n_full = (t_end - t_start) // BLOCK_T
     row0 = b.to(tl.int64) * T + t_start
     row_end = b.to(tl.int64) * T + t_end
 
@@ -164,20 +192,8 @@ def _flash_norm_kernel(
         valid = ((p0 + tl.arange(0, BLOCK_P)) < p)[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < d)[None, :]
         acc = tl.where(valid, acc, 0.0)
     else:
-        for i in range(n_full):
-            row = row0 + i * BLOCK_T
-            g_tile = _load_rows(g_desc, g_ptr, row, row_end, p0, p, BLOCK_T, BLOCK_P, USE_TMA)
-            x_tile = _load_rows(x_desc, x_ptr, row, row_end, d0, d, BLOCK_T, BLOCK_D, USE_TMA)
-            if ALLOW_TF32:
-                g_tile, x_tile = _round_tf32(g_tile), _round_tf32(x_tile)
-            acc = _dot_acc(tl.trans(g_tile), x_tile, acc, ALLOW_TF32)
-        row = row0 + n_full * BLOCK_T
-        if row < row_end:  # rows past T belong to the next sample: masked pointer loads, never TMA
-            g_tile = _load_rows(g_desc, g_ptr, row, row_end, p0, p, BLOCK_T, BLOCK_P, False)
-            x_tile = _load_rows(x_desc, x_ptr, row, row_end, d0, d, BLOCK_T, BLOCK_D, False)
-            if ALLOW_TF32:
-                g_tile, x_tile = _round_tf32(g_tile), _round_tf32(x_tile)
-            acc = _dot_acc(tl.trans(g_tile), x_tile, acc, ALLOW_TF32)
+        acc = _accumulate_rows(x_desc, g_desc, x_ptr, g_ptr, row0, row_end, p0, d0, p, d, acc,
+                               BLOCK_T, BLOCK_P, BLOCK_D, USE_TMA, ALLOW_TF32)
 
     # -- epilogue: the tile never reaches memory unless T is split ---------------------------------
     if SPLIT:

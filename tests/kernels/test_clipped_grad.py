@@ -7,6 +7,8 @@ from flashnorm.kernels import clipped_bias_grad, clipped_weight_grad, per_sample
 from tests.conftest import TOLERANCES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# The interpreter converts 0-d arrays with __index__ (numpy deprecation, not ours).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -27,3 +29,72 @@ def test_clipped_grads_match_float64(dtype, steps, device):
     want_bias = (coef.double()[:, None] * g.double().sum(1)).sum(0)
     torch.testing.assert_close(clipped_bias_grad(g, coef).double(), want_bias, rtol=rtol, atol=atol)
     torch.testing.assert_close(per_sample_weight_grads(x, g).double(), per_sample, rtol=rtol, atol=atol)
+
+
+# -- the fused Triton kernel (c ⊙ G)ᵀX: under TRITON_INTERPRET=1 on CPU, compiled on CUDA ----------------
+FUSED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def _clipped_float64(x, g, coef):
+    """Σ_b c_b G_bᵀX_b in float64, one sample at a time, and the largest |summand| (the scale of rounding)."""
+    total = torch.zeros(g.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+    largest = 0.0
+    for b in range(x.shape[0]):
+        term = coef[b].double() * torch.einsum("tp,td->pd", g[b].double(), x[b].double())
+        total += term
+        largest = max(largest, term.abs().max().item() if term.numel() else 0.0)
+    return total, largest
+
+
+def _assert_clipped_close(out, x, g, coef, tolerance):
+    want, largest = _clipped_float64(x, g, coef)
+    rtol, atol = tolerance
+    assert out.dtype == torch.float32 and out.shape == want.shape, (out.dtype, out.shape)
+    torch.testing.assert_close(out.double(), want, rtol=rtol, atol=max(atol, rtol * largest))
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("steps", (1, 37, 600, 1030))
+@pytest.mark.parametrize("batch", (0, 1, 3))
+def test_fused_clipped_weight_grad_matches_float64(dtype, steps, batch, device):
+    from flashnorm.kernels.clipped_grad import clipped_weight_grad_fused
+
+    dt = FUSED_DTYPES[dtype]
+    x, g = torch.randn(batch, steps, 72, device=device, dtype=dt), torch.randn(batch, steps, 40, device=device, dtype=dt)
+    coef = torch.rand(batch, device=device)
+    tolerance = TOLERANCES["tf32" if dtype == "fp32" and device == "cuda" else dtype]
+    _assert_clipped_close(clipped_weight_grad_fused(x, g, coef), x, g, coef, tolerance)
+
+
+@pytest.mark.parametrize("use_tma,d,p", [(False, 23, 9), (True, 72, 40)], ids=["pointers-odd", "tma-aligned"])
+@pytest.mark.parametrize("work", [(1030, 1, 3), (1030, 1, 1), (320, 4, 5), (64, 17, 2)],
+                         ids=["one-program", "sample-per-program", "chunks", "small-chunks"])
+def test_fused_every_path_is_exact(use_tma, d, p, work, device):
+    """Pointer and descriptor loads; one store per tile or atomic adds of samples and of T chunks
+    (chunks of 64 rows: the last holds a tail of 6 rows, which must not read the next sample)."""
+    from flashnorm.kernels.clipped_grad import clipped_weight_grad_fused
+    from flashnorm.kernels.flash_norm import FlashConfig
+    from tests.kernels.truth import skip_without_tma
+
+    skip_without_tma(use_tma, device)
+    x, g = torch.randn(3, 1030, d, device=device), torch.randn(3, 1030, p, device=device)
+    coef = torch.tensor([0.25, 1.0, 0.5], device=device)
+    cfg = FlashConfig(block_t=32, block_p=16, block_d=32, num_warps=4, num_stages=1)
+    out = clipped_weight_grad_fused(x, g, coef, config=cfg, work=work, use_tma=use_tma)
+    _assert_clipped_close(out, x, g, coef, TOLERANCES["tf32" if device == "cuda" else "fp32"])
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ("fp32", "bf16", "fp16"))
+@pytest.mark.parametrize("batch,steps,d,p", [(8, 1030, 768, 3072), (3, 4100, 1024, 1024), (1, 8196, 4096, 4096), (2, 37, 4096, 136)])
+def test_fused_on_the_gpu_matches_float64(dtype, batch, steps, d, p):
+    """The compiled kernel at the GPU's own configs (first call at each shape), bf16 included."""
+    from flashnorm.kernels.clipped_grad import clipped_weight_grad_fused
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    x, g = torch.randn(batch, steps, d, device="cuda", dtype=dt), torch.randn(batch, steps, p, device="cuda", dtype=dt)
+    coef = torch.rand(batch, device="cuda")
+    _assert_clipped_close(clipped_weight_grad_fused(x, g, coef), x, g, coef, TOLERANCES["tf32" if dtype == "fp32" else dtype])
