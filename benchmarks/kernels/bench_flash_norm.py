@@ -27,8 +27,13 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from flashnorm.kernels import clipped_weight_grad, flash_norm_sq_reference
-from flashnorm.kernels.clipped_grad import clipped_weight_grad_fused
+from flashnorm.kernels import (
+    clipped_weight_grad_fused,
+    clipped_weight_grad_reference,
+    flash_norm_sq_reference,
+    gram_norm_sq,
+    weighted_row_sum,
+)
 from flashnorm.kernels.flash_norm import FlashConfig, _flash_norm_launch, flash_norm_sq_triton
 from flashnorm.kernels.gram_norm import GramConfig, gram_norm_sq_triton
 
@@ -86,7 +91,8 @@ def rel_err(out, x, g):
     return abs(out[0].item() - truth) / truth
 
 
-def bench_main(rows, log):
+def bench_main(rows, log, only=None):
+    """Flash kernel vs cuBLAS (and the reference) over the main grid, or only the (dtype, B, T, d, p) in ``only``."""
     for name in ("bf16", "fp32"):
         dtype = DTYPES[name]
         set_tf32(name)
@@ -94,6 +100,8 @@ def bench_main(rows, log):
             for batch in MAIN_BATCHES:
                 for steps in MAIN_STEPS:
                     if batch * steps * (d + p) * dtype.itemsize > MAX_INPUT_BYTES:
+                        continue
+                    if only is not None and (name, batch, steps, d, p) not in only:
                         continue
                     x, g = inputs(batch, steps, d, p, dtype)
                     flops = 2 * batch * steps * d * p
@@ -164,7 +172,7 @@ def bench_clipped_grad(rows, log):
         coef = torch.rand(batch, device="cuda")
         x2, g2 = x.view(-1, d), g.view(-1, p)
         row = dict(kernel="clipped_weight_grad", dtype=name, B=batch, T=steps, d=d, p=p)
-        row["scaled_gemm_ms"] = timed(lambda: clipped_weight_grad(x, g, coef))
+        row["scaled_gemm_ms"] = timed(lambda: clipped_weight_grad_reference(x, g, coef))
         row["fused_ms"] = timed(lambda: clipped_weight_grad_fused(x, g, coef))
         row["gemm_only_ms"] = timed(lambda: g2.t() @ x2)
         row["scaling_overhead"] = row["scaled_gemm_ms"] / row["gemm_only_ms"] - 1
@@ -173,12 +181,41 @@ def bench_clipped_grad(rows, log):
         cols = slice(0, min(d, 64))  # float64 truth of 64 output columns, sample by sample
         truth = sum(coef[b].double() * g[b].double().t() @ x[b, :, cols].double() for b in range(batch))
         scale = truth.abs().max().item()
-        row["scaled_err"] = (clipped_weight_grad(x, g, coef)[:, cols].double() - truth).abs().max().item() / scale
+        row["scaled_err"] = (clipped_weight_grad_reference(x, g, coef)[:, cols].double() - truth).abs().max().item() / scale
         row["fused_err"] = (clipped_weight_grad_fused(x, g, coef)[:, cols].double() - truth).abs().max().item() / scale
         rows.append(row)
         log(row)
         del x, g, x2, g2
         torch.cuda.empty_cache()
+
+
+def bench_launch_cost(rows, log):
+    """Host time per call (µs, CPU wall over 300 calls, GPU not waited for) at B·T = 128 rows, where a launch
+    costs more than its GPU work: each kernel wrapper with and without tensor descriptors, and torch ops."""
+    x, g = inputs(8, 16, 768, 2304, torch.bfloat16)
+    coef, rows_ = torch.rand(8, device="cuda"), torch.randn(8, 1 << 17, device="cuda")
+    calls = {
+        "flash_tma": lambda: flash_norm_sq_triton(x, g, use_tma=True),
+        "flash_pointers": lambda: flash_norm_sq_triton(x, g, use_tma=False),
+        "gram_tma": lambda: gram_norm_sq_triton(x, g, use_tma=True),
+        "gram_pointers": lambda: gram_norm_sq_triton(x, g, use_tma=False),
+        "gram_norm_sq_default": lambda: gram_norm_sq(x, g),
+        "fused_clipped_default": lambda: clipped_weight_grad_fused(x, g, coef),
+        "weighted_row_sum": lambda: weighted_row_sum(coef, rows_),
+        "torch_mm": lambda: g.view(-1, 2304).t() @ x.view(-1, 768),
+        "torch_zeros": lambda: torch.zeros(8, device="cuda"),
+    }
+    for name, fn in calls.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(300):
+            fn()
+        row = dict(kernel="launch_cost", call=name, B=8, T=16, d=768, p=2304, host_us=(time.perf_counter() - start) / 300 * 1e6)
+        torch.cuda.synchronize()
+        rows.append(row)
+        log(row)
 
 
 # (config, k_major) candidates; the call-1 sweep of 16-bit tiles is in benchmarks/results/kernels_h200_sweep1.json
@@ -311,7 +348,8 @@ def main():
     parser.add_argument("--name", default="kernels_h200")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs")
     parser.add_argument("--no-main", action="store_true", help="skip the main table and the crossover")
-    parser.add_argument("--only-clipped", action="store_true", help="only the clipped-gradient rows")
+    parser.add_argument("--only", help="comma list of sections to run alone: main, crossover, clipped, launch, sweep")
+    parser.add_argument("--main-shapes", help="main rows only for these dtype:B:T:d:p, comma separated")
     parser.add_argument("--plot", action="store_true", help="write a PNG beside the JSON")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a saved result (no GPU needed)")
     args = parser.parse_args()
@@ -345,9 +383,19 @@ def main():
     result["ceilings"] = ceilings()
     log(result["ceilings"])
     save()
-    sections = ([bench_sweep] if args.sweep else []) + ([] if args.no_main else [bench_main, bench_crossover, bench_clipped_grad])
-    if args.only_clipped:
-        sections = [bench_clipped_grad]
+    only = None
+    if args.main_shapes:
+        only = {(f[0], *map(int, f[1:])) for f in (item.split(":") for item in args.main_shapes.split(","))}
+
+    def main_rows(rows, log):
+        bench_main(rows, log, only)
+
+    named = {"main": main_rows, "crossover": bench_crossover, "clipped": bench_clipped_grad,
+             "launch": bench_launch_cost, "sweep": bench_sweep}  # fmt: skip
+    if args.only:
+        sections = [named[name] for name in args.only.split(",")]
+    else:
+        sections = ([bench_sweep] if args.sweep else []) + ([] if args.no_main else [main_rows, bench_crossover, bench_clipped_grad, bench_launch_cost])
     for section in sections:
         try:
             section(result["rows"], log)

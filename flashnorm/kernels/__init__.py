@@ -4,7 +4,13 @@ Each kernel has a PyTorch reference beside it; the dispatcher picks Triton on CU
 reference elsewhere (``FLASHNORM_BACKEND=triton|torch`` forces either).
 """
 
-from .clipped_grad import clipped_bias_grad, clipped_weight_grad, per_sample_weight_grads
+from .clipped_grad import (
+    clipped_bias_grad,
+    clipped_weight_grad,
+    clipped_weight_grad_fused,
+    clipped_weight_grad_reference,
+    per_sample_weight_grads,
+)
 from .flash_norm import flash_norm_sq, flash_norm_sq_reference
 from .gram_norm import gram_norm_sq, gram_norm_sq_reference
 from .weighted_sum import weighted_row_sum, weighted_row_sum_reference
@@ -15,6 +21,8 @@ __all__ = [
     "gram_norm_sq",
     "gram_norm_sq_reference",
     "clipped_weight_grad",
+    "clipped_weight_grad_fused",
+    "clipped_weight_grad_reference",
     "clipped_bias_grad",
     "per_sample_weight_grads",
     "weighted_row_sum",

@@ -32,6 +32,18 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def forced_backend() -> str:
+    """``FLASHNORM_BACKEND`` (``"triton"``, ``"torch"``), or ``""`` when unset.
+
+    Raises:
+        ValueError: an unknown value.
+    """
+    forced = os.environ.get("FLASHNORM_BACKEND", "").strip().lower()
+    if forced and forced not in BACKENDS:
+        raise ValueError(f"FLASHNORM_BACKEND={forced!r} is not one of {', '.join(BACKENDS)} (or unset).")
+    return forced
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the Triton kernel should run for these inputs.
 
@@ -39,9 +51,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         ValueError: ``FLASHNORM_BACKEND`` holds an unknown value.
         RuntimeError: Triton is forced but cannot run on these tensors.
     """
-    forced = os.environ.get("FLASHNORM_BACKEND", "").strip().lower()
-    if forced and forced not in BACKENDS:
-        raise ValueError(f"FLASHNORM_BACKEND={forced!r} is not one of {', '.join(BACKENDS)} (or unset).")
+    forced = forced_backend()
     on_cuda = all(t.is_cuda for t in tensors)
     runnable = triton_available() and (on_cuda or interpreter_enabled())
     if forced == "torch":

@@ -5,11 +5,12 @@ With clipping coefficients c ∈ ℝ^B:
     weight_grad = Σ_b c_b G_bᵀX_b = (c ⊙ G)ᵀX        (one GEMM over all B·T rows)
     bias_grad   = Σ_b c_b Σ_t G_b[t]
 
-Two ways to the weight gradient: scaling G by c then one cuBLAS GEMM (:func:`clipped_weight_grad`,
-the reference), or the fused Triton kernel ``_clipped_weight_grad_kernel``
+Two ways to the weight gradient: scaling G by c then one cuBLAS GEMM
+(:func:`clipped_weight_grad_reference`), or the fused Triton kernel ``_clipped_weight_grad_kernel``
 (:func:`clipped_weight_grad_fused`): the flash-norm tile loop, accumulating each sample's tile of
 G_bᵀX_b in float32 registers and adding c_b · tile to the output tile, so that c is applied in
-float32 to the exact per-sample tile and G is never rewritten.
+float32 to the exact per-sample tile and G is never rewritten. :func:`clipped_weight_grad` picks
+one by measurement.
 
 Layout of this file: the Triton kernel, its launch wrapper, then the PyTorch functions.
 """
@@ -20,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from .backend import cdiv, interpreter_enabled, multiprocessor_count, supports_tma, tf32_enabled
-from .flash_norm import MIN_BLOCKS_PER_SPLIT, _accumulate_rows, flash_norm_config, prepare_pair, tma_compatible
+from .backend import cdiv, forced_backend, interpreter_enabled, multiprocessor_count, tf32_enabled, use_triton
+from .flash_norm import MIN_BLOCKS_PER_SPLIT, _accumulate_rows, flash_norm_config, prepare_pair, use_descriptors
 
 try:
     import triton
@@ -129,7 +130,7 @@ def clipped_weight_grad_fused(
     n_units = batch * n_chunks
     splits = cdiv(n_units, per_split)
     if use_tma is None:
-        use_tma = supports_tma(x.device) and tma_compatible(x2, g2)
+        use_tma = use_descriptors(x2, g2)
     if use_tma:
         x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_t, cfg.block_d])
         g_desc = TensorDescriptor.from_tensor(g2, [cfg.block_t, cfg.block_p])
@@ -152,13 +153,34 @@ def _scaled(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return torch.mul(g, coef.to(torch.promote_types(g.dtype, torch.float32)).view(-1, *([1] * (g.dim() - 1))), out=out)
 
 
+#: The fused kernel beats scaling + cuBLAS for 16-bit inputs from this many rows per sample on (H200,
+#: benchmarks/results/kernels_h200_clipped.json: 1.09-1.98× at T ≥ 4096; at T = 1024 it wins for
+#: 768×2304 and 768×3072 but loses 0.55-0.65× for 3072×768, 768×768 and the 768×50257 head), and loses
+#: for float32 (0.29-0.31×: no K-major tf32 path), so those keep the reference.
+FUSED_MIN_STEPS = 4096
+
+
 def clipped_weight_grad(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d].
+
+    :func:`clipped_weight_grad_fused` (float32 result) on CUDA for 16-bit inputs with T ≥
+    ``FUSED_MIN_STEPS``, and whenever ``FLASHNORM_BACKEND=triton``; otherwise
+    :func:`clipped_weight_grad_reference` (result in the inputs' dtype). Callers cast to the parameter's dtype.
+    """
+    if use_triton(x, g) and torch.float64 not in (x.dtype, g.dtype):
+        sixteen_bit = {x.dtype, g.dtype} <= {torch.bfloat16, torch.float16}
+        if forced_backend() == "triton" or (sixteen_bit and x.shape[1] >= FUSED_MIN_STEPS):
+            return clipped_weight_grad_fused(x, g, coef)
+    return clipped_weight_grad_reference(x, g, coef)
+
+
+def clipped_weight_grad_reference(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d] in the dtype of x and g.
 
-    Scaling and one cuBLAS GEMM over all B·T rows. On the H200 (benchmarks/results/kernels_h200.json,
-    ``clipped_weight_grad`` rows, eager timing) the scaling pass adds 25% to the GEMM at
-    B·T = 32k-64k rows and d, p ≥ 4096 (bf16), more at smaller shapes; :func:`clipped_weight_grad_fused`
-    is the fused alternative.
+    Scaling (c_b · G_b multiplied in float32, rounded once to G's dtype) and one cuBLAS GEMM over all B·T
+    rows. On the H200 (benchmarks/results/kernels_h200_clipped.json) the scaling pass adds 20-190% to the
+    GEMM alone, and in bf16 the result is 1000× less accurate than the fused kernel's (3e-3 against 1e-6
+    relative to the largest element), which applies c in float32 and never rounds c ⊙ G.
     """
     dtype = torch.promote_types(x.dtype, g.dtype)
     scaled = _scaled(g.to(dtype), coef).reshape(-1, g.shape[-1])

@@ -321,7 +321,7 @@ def flash_norm_sq_triton(
     """Triton ‖G_bᵀX_b‖² for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
     ``config``, ``splits`` (programs per sample's T range), ``use_tma`` and ``k_major`` default to
-    :func:`flash_norm_config`, :func:`flash_norm_splits`, "compute capability 9.x with aligned rows"
+    :func:`flash_norm_config`, :func:`flash_norm_splits`, :func:`use_descriptors`
     and "TMA and tf32"; tests set them to reach every path. float32 inputs use tf32 dots when
     ``torch.backends.cuda.matmul.allow_tf32`` is set (like ``torch.matmul``), with operands rounded to
     nearest; the K-major path first writes tf32-rounded transposed copies of a group of samples
@@ -347,7 +347,7 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
     allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
     x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
     if use_tma is None:
-        use_tma = supports_tma(x.device) and tma_compatible(x2, g2)
+        use_tma = use_descriptors(x2, g2)
     if k_major is None:
         k_major = use_tma and allow_tf32 and batch * max(d, p) < 2**31
     if k_major and not (use_tma and allow_tf32):
@@ -447,6 +447,19 @@ def prepare_pair(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
             "use the *_reference functions (float64 stays float64 there)."
         )
     return x.to(dtype).contiguous(), g.to(dtype).contiguous()
+
+
+#: Fewest rows (B·T) for which the launch wrappers use tensor descriptors by default. Building them costs
+#: the host 15-30 µs per launch on the H200 machine (``launch_cost`` rows of
+#: benchmarks/results/kernels_h200_launch.json: flash 76 against 46 µs, Gram 61 against 49 µs at
+#: B·T = 128), more than all the GPU work of a launch this small.
+TMA_MIN_ROWS = 1024
+
+
+def use_descriptors(x2: torch.Tensor, g2: torch.Tensor) -> bool:
+    """Default of ``use_tma`` for row-major x2: [rows, d], g2: [rows, p]: compute capability 9.x, aligned rows,
+    and at least ``TMA_MIN_ROWS`` rows."""
+    return x2.shape[0] >= TMA_MIN_ROWS and supports_tma(x2.device) and tma_compatible(x2, g2)
 
 
 def tma_compatible(*matrices: torch.Tensor) -> bool:

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import cdiv, dispatch, interpreter_enabled, supports_tma, tf32_enabled
-from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_launch, tf32_copy, tma_compatible
+from .backend import cdiv, dispatch, interpreter_enabled, tf32_enabled
+from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_launch, tf32_copy, use_descriptors
 
 try:
     import triton
@@ -124,8 +124,8 @@ def gram_norm_sq_triton(
 ) -> torch.Tensor:
     """Triton ⟨X_bX_bᵀ, G_bG_bᵀ⟩ for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
-    ``config`` and ``use_tma`` default to :func:`gram_norm_config` and "compute capability 9.x with
-    aligned rows". float32 inputs use tf32 dots when ``torch.backends.cuda.matmul.allow_tf32`` is set,
+    ``config`` and ``use_tma`` default to :func:`gram_norm_config` and
+    :func:`~flashnorm.kernels.flash_norm.use_descriptors`. float32 inputs use tf32 dots when ``torch.backends.cuda.matmul.allow_tf32`` is set,
     on copies rounded to nearest tf32. Non-contiguous inputs are copied contiguous; mixed dtypes are
     promoted.
     """
@@ -149,7 +149,7 @@ def _gram_norm_launch(x, g, *, config=None, use_tma=None):
     else:
         x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
     if use_tma is None:
-        use_tma = supports_tma(x.device) and tma_compatible(x2, g2)
+        use_tma = use_descriptors(x2, g2)
     if use_tma:
         x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_t, cfg.block_k])
         g_desc = TensorDescriptor.from_tensor(g2, [cfg.block_t, cfg.block_k])

@@ -98,3 +98,34 @@ def test_fused_on_the_gpu_matches_float64(dtype, batch, steps, d, p):
     x, g = torch.randn(batch, steps, d, device="cuda", dtype=dt), torch.randn(batch, steps, p, device="cuda", dtype=dt)
     coef = torch.rand(batch, device="cuda")
     _assert_clipped_close(clipped_weight_grad_fused(x, g, coef), x, g, coef, TOLERANCES["tf32" if dtype == "fp32" else dtype])
+
+
+def test_dispatch_picks_the_measured_faster_path(monkeypatch):
+    """CPU: the reference (inputs' dtype); FLASHNORM_BACKEND=triton: the fused kernel (float32), both exact."""
+    x, g, coef = torch.randn(3, 37, 72), torch.randn(3, 37, 40), torch.rand(3)
+    want, largest = _clipped_float64(x, g, coef)
+    monkeypatch.delenv("FLASHNORM_BACKEND", raising=False)
+    by_default = clipped_weight_grad(x.double(), g.double(), coef.double())
+    assert by_default.dtype == torch.float64
+    torch.testing.assert_close(by_default, want, rtol=1e-12, atol=1e-12 * largest)
+    monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
+    forced = clipped_weight_grad(x, g, coef)
+    assert forced.dtype == torch.float32, "forced Triton runs the fused kernel, which returns float32"
+    torch.testing.assert_close(forced.double(), want, rtol=1e-5, atol=1e-5 * largest)
+
+
+@pytest.mark.gpu
+def test_dispatch_on_the_gpu_follows_the_measurements(monkeypatch):
+    """CUDA: 16-bit inputs from FUSED_MIN_STEPS rows per sample take the fused kernel, shorter ones and float32
+    the reference."""
+    from flashnorm.kernels.clipped_grad import FUSED_MIN_STEPS
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.delenv("FLASHNORM_BACKEND", raising=False)
+    coef = torch.rand(2, device="cuda")
+    for steps, dtype, fused in ((FUSED_MIN_STEPS, torch.bfloat16, True), (1024, torch.bfloat16, False), (FUSED_MIN_STEPS, torch.float32, False)):
+        x, g = torch.randn(2, steps, 64, device="cuda", dtype=dtype), torch.randn(2, steps, 48, device="cuda", dtype=dtype)
+        out = clipped_weight_grad(x, g, coef)
+        assert out.dtype == (torch.float32 if fused else dtype), (steps, dtype, out.dtype)
+        _assert_clipped_close(out.float(), x, g, coef, TOLERANCES["tf32" if dtype == torch.float32 else "bf16"])
