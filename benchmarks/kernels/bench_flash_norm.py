@@ -17,6 +17,7 @@ and with ``--sweep`` a sweep of tile configs. Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -218,6 +219,28 @@ def bench_launch_cost(rows, log):
         log(row)
 
 
+def bench_tf32_operands(rows, log):
+    """K-major tf32 path with both operands copied transposed against x alone (g rounded in registers),
+    CUDA-graph GPU time against cuBLAS, and the error of each against float64."""
+    set_tf32("fp32")
+    for batch, steps, d, p in ((8, 4100, 1024, 1024), (8, 8196, 1024, 1024), (8, 1030, 768, 3072), (3, 4100, 2048, 2048),
+                               (1, 65536, 4096, 4096)):  # fmt: skip
+        x, g = inputs(batch, steps, d, p, torch.float32)
+        truth = torch.stack([torch.einsum("tp,td->pd", g[b].double(), x[b].double()).square().sum() for b in range(batch)])
+        row = dict(kernel="tf32_operands", B=batch, T=steps, d=d, p=p)
+        row["cublas_ms"] = graph_timed(lambda: g.view(-1, p).t() @ x.view(-1, d))
+        for name, g_rows in (("both_copied", False), ("x_only", True)):
+            call = functools.partial(flash_norm_sq_triton, x, g, use_tma=True, k_major=True, g_rows=g_rows)
+            row[f"{name}_ms"] = graph_timed(call)
+            row[f"{name}_vs_cublas"] = row["cublas_ms"] / row[f"{name}_ms"]
+            row[f"{name}_rel_err"] = ((call().double() - truth).abs() / truth).max().item()
+        row["default_vs_cublas"] = row["cublas_ms"] / graph_timed(lambda: flash_norm_sq_triton(x, g))
+        rows.append(row)
+        log(row)
+        del x, g
+        torch.cuda.empty_cache()
+
+
 # (config, k_major) candidates; the call-1 sweep of 16-bit tiles is in benchmarks/results/kernels_h200_sweep1.json
 FLASH_SWEEP = {
     "bf16": [(FlashConfig(64, 128, 256, 8, 3), None)],
@@ -348,7 +371,7 @@ def main():
     parser.add_argument("--name", default="kernels_h200")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs")
     parser.add_argument("--no-main", action="store_true", help="skip the main table and the crossover")
-    parser.add_argument("--only", help="comma list of sections to run alone: main, crossover, clipped, launch, sweep")
+    parser.add_argument("--only", help="comma list of sections to run alone: main, crossover, clipped, launch, tf32, sweep")
     parser.add_argument("--main-shapes", help="main rows only for these dtype:B:T:d:p, comma separated")
     parser.add_argument("--plot", action="store_true", help="write a PNG beside the JSON")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a saved result (no GPU needed)")
@@ -391,11 +414,11 @@ def main():
         bench_main(rows, log, only)
 
     named = {"main": main_rows, "crossover": bench_crossover, "clipped": bench_clipped_grad,
-             "launch": bench_launch_cost, "sweep": bench_sweep}  # fmt: skip
+             "launch": bench_launch_cost, "tf32": bench_tf32_operands, "sweep": bench_sweep}  # fmt: skip
     if args.only:
         sections = [named[name] for name in args.only.split(",")]
     else:
-        sections = ([bench_sweep] if args.sweep else []) + ([] if args.no_main else [main_rows, bench_crossover, bench_clipped_grad, bench_launch_cost])
+        sections = ([bench_sweep] if args.sweep else []) + ([] if args.no_main else [main_rows, bench_crossover, bench_clipped_grad, bench_launch_cost, bench_tf32_operands])
     for section in sections:
         try:
             section(result["rows"], log)

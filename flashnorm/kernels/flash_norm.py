@@ -143,7 +143,7 @@ def _tf32_copy_kernel(src_ptr, dst_ptr, rows, cols, dst_stride, TRANSPOSE: tl.co
 @triton.jit(do_not_specialize=["T", "t_chunk", "n_splits"])
 def _flash_norm_kernel(
     # inputs: x [B*T, d], g [B*T, p] row-major (descriptors over them when USE_TMA, else the tensors);
-    # K_MAJOR: descriptors over tf32-rounded xᵀ [B*d, T] and gᵀ [B*p, T] instead
+    # K_MAJOR: descriptors over tf32-rounded xᵀ [B*d, T] and gᵀ [B*p, T] instead (G_ROWS: g itself as [B, T, p])
     x_desc, g_desc, x_ptr, g_ptr,
     # outputs: norm_sq [B] float32 (atomic adds, SPLIT=False); work [B, n_splits, n_tiles, BLOCK_P*BLOCK_D]
     norm_sq_ptr, work_ptr,
@@ -152,6 +152,7 @@ def _flash_norm_kernel(
     # meta-parameters
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, USE_TMA: tl.constexpr, ALLOW_TF32: tl.constexpr, K_MAJOR: tl.constexpr,
+    G_ROWS: tl.constexpr,
 ):
     """norm_sq[b] += ‖(G_bᵀX_b)[tile]‖² for one sample b, one [BLOCK_P, BLOCK_D] tile and one T range.
 
@@ -186,9 +187,13 @@ def _flash_norm_kernel(
         # rows (b, feature), columns t: the descriptors zero-fill columns ≥ T, so no tail; feature
         # rows past p or d (the next sample's) only reach output rows/columns masked below
         for t in range(t_start, t_end, BLOCK_T):
-            g_tile = g_desc.load([(b * p + p0).to(tl.int32), t])
             x_tile = x_desc.load([(b * d + d0).to(tl.int32), t])
-            acc = _dot_acc(g_tile, tl.trans(x_tile), acc, ALLOW_TF32)
+            if G_ROWS:  # g row-major through a [B, T, p] descriptor (zero past T), rounded in registers
+                g_tile = _round_tf32(g_desc.load([b.to(tl.int32), t, p0]).reshape([BLOCK_T, BLOCK_P]))
+                acc = _dot_acc(tl.trans(g_tile), tl.trans(x_tile), acc, ALLOW_TF32)
+            else:
+                g_tile = g_desc.load([(b * p + p0).to(tl.int32), t])
+                acc = _dot_acc(g_tile, tl.trans(x_tile), acc, ALLOW_TF32)
         valid = ((p0 + tl.arange(0, BLOCK_P)) < p)[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < d)[None, :]
         acc = tl.where(valid, acc, 0.0)
     else:
@@ -317,6 +322,7 @@ def flash_norm_sq_triton(
     splits: int | None = None,
     use_tma: bool | None = None,
     k_major: bool | None = None,
+    g_rows: bool | None = None,
 ) -> torch.Tensor:
     """Triton ‖G_bᵀX_b‖² for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
@@ -325,18 +331,27 @@ def flash_norm_sq_triton(
     and "TMA and tf32"; tests set them to reach every path. float32 inputs use tf32 dots when
     ``torch.backends.cuda.matmul.allow_tf32`` is set (like ``torch.matmul``), with operands rounded to
     nearest; the K-major path first writes tf32-rounded transposed copies of a group of samples
-    (at most ``K_MAJOR_GROUP_ELEMENTS`` elements, or one sample). Non-contiguous inputs are copied
+    (at most ``K_MAJOR_GROUP_ELEMENTS`` elements, or one sample) — of x alone when ``g_rows`` (default:
+    d ≤ ``G_ROWS_MAX_D``), g then being rounded in registers. Non-contiguous inputs are copied
     contiguous; x and g of different dtypes are promoted to a common one.
     """
-    norm_sq, _ = _flash_norm_launch(x, g, config=config, splits=splits, use_tma=use_tma, k_major=k_major)
+    norm_sq, _ = _flash_norm_launch(x, g, config=config, splits=splits, use_tma=use_tma, k_major=k_major, g_rows=g_rows)
     return norm_sq
 
+
+#: K-major path: up to this d, only x gets a transposed copy and g is read row-major through a [B, T, p]
+#: descriptor and rounded in registers. That saves g's copy (about a third of the time at d = p = 1024) but
+#: slows the tiles (≈ 20% at 1024², 40% at 4096²). H200, graph-timed against cuBLAS
+#: (``tf32_operands`` rows of benchmarks/results/kernels_h200_launch_tf32.json): B=8, d=p=1024: 0.90× against
+#: 0.84× (T=4100) and 0.89× against 0.83× (T=8196); B=8, 768×3072: 1.09× against 1.08×; B=1, 4096²,
+#: T=65536: 1.04× against 1.30×.
+G_ROWS_MAX_D = 1024
 
 #: Elements of the tf32 transposed copies made at once on the K-major path (1 GiB of float32).
 K_MAJOR_GROUP_ELEMENTS = 1 << 28
 
 
-def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None):
+def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None, g_rows=None):
     """Launch ``_flash_norm_kernel`` (and the T-split reduction); returns (norm_sq, last compiled kernel or None)."""
     # (1) check shapes and dtypes, make rows contiguous; (2) allocate the output
     x, g, norm_sq, empty = prepare_launch(x, g)
@@ -358,20 +373,25 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
     if not k_major:
         kernel = _launch_tiles(x2, g2, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, False)
         return norm_sq, kernel
-    # (3) K-major tf32 path: per group of samples, rounded transposed copies, then the tiles
+    # (3) K-major tf32 path: per group of samples, rounded transposed copies (of x alone with g_rows), then the tiles
+    if g_rows is None:
+        g_rows = d <= G_ROWS_MAX_D
     group = max(1, K_MAJOR_GROUP_ELEMENTS // (steps * (d + p)))
     for b0 in range(0, batch, group):
         xs, gs = x[b0 : b0 + group], g[b0 : b0 + group]
         n = xs.shape[0]
         x_desc = TensorDescriptor(*tf32_copy(xs, transpose=True), block_shape=[cfg.block_d, cfg.block_t])
-        g_desc = TensorDescriptor(*tf32_copy(gs, transpose=True), block_shape=[cfg.block_p, cfg.block_t])
+        if g_rows:
+            g_desc = TensorDescriptor(gs, [n, steps, p], [steps * p, p, 1], [1, cfg.block_t, cfg.block_p])
+        else:
+            g_desc = TensorDescriptor(*tf32_copy(gs, transpose=True), block_shape=[cfg.block_p, cfg.block_t])
         kernel = _launch_tiles(
-            x_desc, g_desc, xs, gs, norm_sq[b0 : b0 + n], n, steps, d, p, cfg, splits, True, True, True
+            x_desc, g_desc, xs, gs, norm_sq[b0 : b0 + n], n, steps, d, p, cfg, splits, True, True, True, g_rows
         )
     return norm_sq, kernel
 
 
-def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major):
+def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major, g_rows=False):
     """One launch of ``_flash_norm_kernel`` over ``batch`` samples, plus the reduction when T is split."""
     n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
     if splits is None:
@@ -388,7 +408,7 @@ def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, spli
         x_desc, g_desc, x2, g2, norm_sq, work,
         steps, d, p, t_chunk, splits,
         BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_p, BLOCK_D=cfg.block_d,
-        SPLIT=splits > 1, USE_TMA=use_tma, ALLOW_TF32=allow_tf32, K_MAJOR=k_major,
+        SPLIT=splits > 1, USE_TMA=use_tma, ALLOW_TF32=allow_tf32, K_MAJOR=k_major, G_ROWS=g_rows,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
@@ -451,7 +471,7 @@ def prepare_pair(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 #: Fewest rows (B·T) for which the launch wrappers use tensor descriptors by default. Building them costs
 #: the host 15-30 µs per launch on the H200 machine (``launch_cost`` rows of
-#: benchmarks/results/kernels_h200_launch.json: flash 76 against 46 µs, Gram 61 against 49 µs at
+#: benchmarks/results/kernels_h200_launch_tf32.json: flash 76 against 46 µs, Gram 61 against 49 µs at
 #: B·T = 128), more than all the GPU work of a launch this small.
 TMA_MIN_ROWS = 1024
 

@@ -58,6 +58,24 @@ def test_rows_past_t_contribute_nothing(use_tma, splits, device):
     assert_norms_close(out[keep], norm_sq_float64(x[keep], g[keep]), TOLERANCES["fp32"])
 
 
+@pytest.mark.parametrize("g_rows", (False, True), ids=["k-major", "k-major-x-only"])
+def test_k_major_rows_past_t_contribute_nothing(g_rows, device, set_tf32):
+    """The tf32 K-major paths: a NaN in a neighbour's g and NaN memory past the last row stay out."""
+    skip_without_tma(True, device)
+    set_tf32(True)
+    batch, steps, d, p = 3, 37, 72, 40
+    storage = torch.full(((batch * steps + 64) * (d + p),), float("nan"), device=device)
+    x = storage[: batch * steps * d].view(batch, steps, d)
+    g = storage[batch * steps * d : batch * steps * (d + p)].view(batch, steps, p)
+    x.normal_(), g.normal_()
+    g[1, 36] = float("nan")  # the last row of sample 1, next to sample 2's first
+    cfg = FlashConfig(block_t=32, block_p=32, block_d=64, num_warps=4, num_stages=1)
+    out = flash_norm_sq_triton(x, g, config=cfg, use_tma=True, k_major=True, g_rows=g_rows)
+    assert torch.isnan(out[1])
+    keep = torch.tensor([0, 2], device=device)
+    assert_norms_close(out[keep], norm_sq_float64(x[keep], g[keep]), TOLERANCES["tf32"])
+
+
 def _round_tf32_torch(v):
     """Nearest tf32 (ties away from zero) by integer arithmetic on the float32 bits; NaN stays NaN."""
     rounded = ((v.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
@@ -77,16 +95,18 @@ def test_tf32_copy_rounds_to_nearest(transpose, device):
     assert ties.tolist() == [1 + 2**-10, -(1 + 2**-10)]  # ties away from zero
 
 
-@pytest.mark.parametrize("k_major", (False, True), ids=["mn-major", "k-major"])
+@pytest.mark.parametrize("k_major,g_rows", [(False, None), (True, False), (True, True)],
+                         ids=["mn-major", "k-major", "k-major-x-only"])
 @pytest.mark.parametrize("splits", (1, 3))
 @pytest.mark.parametrize("steps", (1, 37, 1030))
-def test_tf32_paths_are_unbiased(k_major, splits, steps, device, set_tf32):
-    """tf32 dots on operands rounded to nearest: within the tf32 tolerance (truncation would miss it)."""
+def test_tf32_paths_are_unbiased(k_major, g_rows, splits, steps, device, set_tf32):
+    """tf32 dots on operands rounded to nearest: within the tf32 tolerance (truncation would miss it).
+    K-major x-only: g through a [B, T, p] descriptor, whose zero fill past T keeps samples apart."""
     skip_without_tma(k_major, device)
     set_tf32(True)
     x, g = random_pair(3, steps, D, P, torch.float32, device)
     cfg = FlashConfig(block_t=32, block_p=32, block_d=64, num_warps=4, num_stages=1)
-    out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=k_major, k_major=k_major)
+    out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=k_major, k_major=k_major, g_rows=g_rows)
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["tf32"])
 
 
