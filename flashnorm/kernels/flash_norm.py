@@ -341,10 +341,10 @@ def flash_norm_sq_triton(
 
 #: K-major path: up to this d, only x gets a transposed copy and g is read row-major through a [B, T, p]
 #: descriptor and rounded in registers. That saves g's copy (about a third of the time at d = p = 1024) but
-#: slows the tiles (≈ 20% at 1024², 40% at 4096²). H200, graph-timed against cuBLAS
-#: (``tf32_operands`` rows of benchmarks/results/kernels_h200_launch_tf32.json): B=8, d=p=1024: 0.90× against
-#: 0.84× (T=4100) and 0.89× against 0.83× (T=8196); B=8, 768×3072: 1.09× against 1.08×; B=1, 4096²,
-#: T=65536: 1.04× against 1.30×.
+#: slows the tiles (≈ 20% at 1024², 40% at 4096²). H200, CUDA-graph time against cuBLAS
+#: (benchmarks/results/kernels_h200_tf32.json): B=8, d=p=1024: 0.89× against 0.83× (T=4100) and 0.88×
+#: against 0.81× (T=8196); B=8, 768×3072: 1.07× against 1.06×; B=3, 2048²: 0.87× against 0.90×;
+#: B=1, 4096², T=65536: 1.02× against 1.26×.
 G_ROWS_MAX_D = 1024
 
 #: Elements of the tf32 transposed copies made at once on the K-major path (1 GiB of float32).
@@ -470,8 +470,8 @@ def prepare_pair(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 #: Fewest rows (B·T) for which the launch wrappers use tensor descriptors by default. Building them costs
-#: the host 15-30 µs per launch on the H200 machine (``launch_cost`` rows of
-#: benchmarks/results/kernels_h200_launch_tf32.json: flash 76 against 46 µs, Gram 61 against 49 µs at
+#: the host 15-35 µs per launch on the H200 machine (``launch_cost`` rows of
+#: benchmarks/results/kernels_h200_rerun.json: flash 118 against 88 µs, Gram 110 against 77 µs at
 #: B·T = 128), more than all the GPU work of a launch this small.
 TMA_MIN_ROWS = 1024
 

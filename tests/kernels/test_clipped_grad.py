@@ -100,18 +100,21 @@ def test_fused_on_the_gpu_matches_float64(dtype, batch, steps, d, p):
     _assert_clipped_close(clipped_weight_grad_fused(x, g, coef), x, g, coef, TOLERANCES["tf32" if dtype == "fp32" else dtype])
 
 
-def test_dispatch_picks_the_measured_faster_path(monkeypatch):
-    """CPU: the reference (inputs' dtype); FLASHNORM_BACKEND=triton: the fused kernel (float32), both exact."""
-    x, g, coef = torch.randn(3, 37, 72), torch.randn(3, 37, 40), torch.rand(3)
-    want, largest = _clipped_float64(x, g, coef)
+def test_dispatch_picks_the_measured_faster_path(monkeypatch, device):
+    """float64 always takes the reference (float64 result); FLASHNORM_BACKEND=triton takes the fused kernel
+    (float32 result for fp16 inputs, where the reference would return fp16), both exact."""
+    x, g, coef = torch.randn(3, 37, 72, device=device), torch.randn(3, 37, 40, device=device), torch.rand(3, device=device)
     monkeypatch.delenv("FLASHNORM_BACKEND", raising=False)
+    want, largest = _clipped_float64(x, g, coef)
     by_default = clipped_weight_grad(x.double(), g.double(), coef.double())
     assert by_default.dtype == torch.float64
     torch.testing.assert_close(by_default, want, rtol=1e-12, atol=1e-12 * largest)
     monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
-    forced = clipped_weight_grad(x, g, coef)
+    x16, g16 = x.half(), g.half()
+    want16, largest16 = _clipped_float64(x16, g16, coef)
+    forced = clipped_weight_grad(x16, g16, coef)
     assert forced.dtype == torch.float32, "forced Triton runs the fused kernel, which returns float32"
-    torch.testing.assert_close(forced.double(), want, rtol=1e-5, atol=1e-5 * largest)
+    torch.testing.assert_close(forced.double(), want16, rtol=1e-5, atol=1e-5 * largest16)
 
 
 @pytest.mark.gpu
