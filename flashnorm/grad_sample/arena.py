@@ -19,7 +19,7 @@ activations, as separate per-sample gradients would, rather than all at once bef
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ CHUNK_BYTES = 256 << 20
 @dataclass(eq=False)
 class _Chunk:
     dtype: torch.dtype
-    entries: List[Tuple[nn.Parameter, int]] = field(default_factory=list)  # (θ, offset)
+    params: List[nn.Parameter] = field(default_factory=list)  # in buffer order
     size: int = 0
     buffer: Optional[torch.Tensor] = None
 
@@ -53,7 +53,7 @@ class PerSampleArena:
         self.device = device
         self._chunks: List[_Chunk] = []
         self._open: Dict[torch.dtype, _Chunk] = {}
-        self._where: Dict[int, Tuple[_Chunk, int]] = {}
+        self._where: Dict[int, _Chunk] = {}
         self._slots: Dict[int, torch.Tensor] = {}
         self._written: set = set()
 
@@ -63,18 +63,18 @@ class PerSampleArena:
         if chunk is None or (chunk.size and self.batch * (chunk.size + param.numel()) * dtype.itemsize > CHUNK_BYTES):
             chunk = self._open[dtype] = _Chunk(dtype)
             self._chunks.append(chunk)
-        self._where[id(param)] = (chunk, chunk.size)
-        chunk.entries.append((param, chunk.size))
+        self._where[id(param)] = chunk
+        chunk.params.append(param)
         chunk.size += param.numel()
 
     def slot(self, param: nn.Parameter) -> Optional[torch.Tensor]:
         """θ's [B, *θ.shape] view (uninitialised until written), or ``None`` when θ has no room here."""
         view = self._slots.get(id(param))
         if view is None and id(param) in self._where:
-            chunk = self._where[id(param)][0]
+            chunk = self._where[id(param)]
             chunk.buffer = torch.empty(self.batch, chunk.size, dtype=chunk.dtype, device=self.device)
-            for p, offset in chunk.entries:
-                self._slots[id(p)] = chunk.buffer[:, offset : offset + p.numel()].view(self.batch, *p.shape)
+            for p, part in zip(chunk.params, chunk.buffer.split([p.numel() for p in chunk.params], dim=1)):
+                self._slots[id(p)] = part.view(self.batch, *p.shape)
             view = self._slots[id(param)]
         return view
 
@@ -94,7 +94,7 @@ class PerSampleArena:
         did not reach; buffers never allocated hold nothing and give nothing)."""
         for chunk in self._chunks:
             if chunk.buffer is not None:
-                for param, _ in chunk.entries:
+                for param in chunk.params:
                     if id(param) not in self._written:
                         self._slots[id(param)].zero_()
 
@@ -117,11 +117,13 @@ class PerSampleArena:
             if chunk.buffer is None:
                 continue
             summed = weighted_row_sum(coef, chunk.buffer)  # [N] float32 (float64 for float64 buffers)
-            cast = {}
-            for param, offset in chunk.entries:
-                if param.dtype not in cast:
-                    cast[param.dtype] = summed if param.dtype == summed.dtype else summed.to(param.dtype)
-                grads[param] = cast[param.dtype][offset : offset + param.numel()].view(param.shape)
+            sizes = [param.numel() for param in chunk.params]
+            parts = {}  # per parameter dtype: the sum cast once, split into one piece per parameter
+            for i, param in enumerate(chunk.params):
+                if param.dtype not in parts:
+                    cast = summed if param.dtype == summed.dtype else summed.to(param.dtype)
+                    parts[param.dtype] = cast.split(sizes)
+                grads[param] = parts[param.dtype][i].view(param.shape)
         return grads
 
 

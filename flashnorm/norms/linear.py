@@ -37,11 +37,11 @@ class LinearFamilyRule(NormRule):
     # -- layout hooks, overridden per layer type -------------------------------------------------
     def as_sequences(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """X: [B, T, d], G: [B, T, p]."""
-        return x.reshape(x.shape[0], -1, x.shape[-1]), self.output_sequences(layer, g)
+        return _as_3d(x), self.output_sequences(layer, g)
 
     def output_sequences(self, layer: nn.Module, g: torch.Tensor) -> torch.Tensor:
         """G: [B, T, p] alone (what the bias needs)."""
-        return g.reshape(g.shape[0], -1, g.shape[-1])
+        return _as_3d(g)
 
     def weight_from_pd(self, layer: nn.Module, grad_pd: torch.Tensor) -> torch.Tensor:
         """Maps a [..., p, d] gradient to the weight's layout."""
@@ -113,6 +113,11 @@ class LinearFamilyRule(NormRule):
         if bias is not None and bias.requires_grad and (vectors or not self.vector_params(layer)):
             grads[bias] = clipped_bias_grad(gs, coef).to(bias.dtype)
         return grads
+
+
+def _as_3d(t: torch.Tensor) -> torch.Tensor:
+    """[B, ..., n] → [B, T, n] (T = the product of the middle sizes; 1 for 2-D); 3-D tensors as they are."""
+    return t if t.dim() == 3 else t.reshape(t.shape[0], -1, t.shape[-1])
 
 
 @register_norm_rule(nn.Linear)
