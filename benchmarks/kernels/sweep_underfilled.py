@@ -4,7 +4,7 @@ CUDA-graph replays (no launch overhead). Writes ``$OUT/kexp.jsonl``, one JSON ro
 
     PYTHONPATH=. python benchmarks/kernels/sweep_underfilled.py
 """
-import json, os, sys, torch, triton
+import json, os, torch, triton
 from triton.testing import do_bench_cudagraph
 from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_sq_triton, tf32_copy, _tf32_copy_kernel, _launch_tiles
 from flashnorm.kernels import flash_norm_sq_reference

@@ -22,16 +22,15 @@ from typing import Optional
 import torch
 
 from .backend import cdiv, forced_backend, interpreter_enabled, multiprocessor_count, tf32_enabled, use_triton
-from .flash_norm import MIN_BLOCKS_PER_SPLIT, _accumulate_rows, flash_norm_config, prepare_pair, use_descriptors
+from .flash_norm import MIN_BLOCKS_PER_SPLIT, _accumulate_rows, flash_norm_config, prepare_pair, row_operands, use_descriptors
 
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # flashnorm imports without Triton; the reference is then the only path
     from .backend import _TritonStub as triton
 
-    tl = TensorDescriptor = None
+    tl = None
 
 
 @triton.jit(do_not_specialize=["T", "t_chunk", "n_chunks", "units_per_split", "n_units"])
@@ -131,11 +130,7 @@ def clipped_weight_grad_fused(
     splits = cdiv(n_units, per_split)
     if use_tma is None:
         use_tma = use_descriptors(x2, g2)
-    if use_tma:
-        x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_t, cfg.block_d])
-        g_desc = TensorDescriptor.from_tensor(g2, [cfg.block_t, cfg.block_p])
-    else:
-        x_desc, g_desc = x2, g2
+    x_desc, g_desc = row_operands(x2, g2, use_tma, cfg.block_t, cfg.block_d, cfg.block_p)
     out = (torch.zeros if splits > 1 else torch.empty)(p, d, dtype=torch.float32, device=x.device)
     _clipped_weight_grad_kernel[(n_tiles * splits,)](
         x_desc, g_desc, x2, g2, coef, out,

@@ -398,9 +398,8 @@ def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, spli
         splits = flash_norm_splits(batch, steps, n_tiles, cfg, multiprocessor_count(x2.device), x2.dtype)
     t_chunk = cdiv(cdiv(steps, splits), cfg.block_t) * cfg.block_t
     splits = cdiv(steps, t_chunk)
-    if use_tma and not k_major:
-        x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_t, cfg.block_d])
-        g_desc = TensorDescriptor.from_tensor(g2, [cfg.block_t, cfg.block_p])
+    if not k_major:
+        x_desc, g_desc = row_operands(x2, g2, use_tma, cfg.block_t, cfg.block_d, cfg.block_p)
     work = norm_sq
     if splits > 1:
         work = torch.empty(batch * splits * n_tiles * cfg.block_p * cfg.block_d, dtype=torch.float32, device=x2.device)
@@ -480,6 +479,14 @@ def use_descriptors(x2: torch.Tensor, g2: torch.Tensor) -> bool:
     """Default of ``use_tma`` for row-major x2: [rows, d], g2: [rows, p]: compute capability 9.x, aligned rows,
     and at least ``TMA_MIN_ROWS`` rows."""
     return x2.shape[0] >= TMA_MIN_ROWS and supports_tma(x2.device) and tma_compatible(x2, g2)
+
+
+def row_operands(x2: torch.Tensor, g2: torch.Tensor, use_tma: bool, block_rows: int, block_x: int, block_g: int):
+    """The kernels' (x_desc, g_desc) for row-major x2: [rows, d], g2: [rows, p]: tensor descriptors with
+    [block_rows, block_x] and [block_rows, block_g] boxes when ``use_tma``, else the matrices themselves."""
+    if not use_tma:
+        return x2, g2
+    return TensorDescriptor.from_tensor(x2, [block_rows, block_x]), TensorDescriptor.from_tensor(g2, [block_rows, block_g])
 
 
 def tma_compatible(*matrices: torch.Tensor) -> bool:

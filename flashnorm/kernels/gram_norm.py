@@ -20,16 +20,15 @@ import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
 from .backend import cdiv, dispatch, interpreter_enabled, tf32_enabled
-from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_launch, tf32_copy, use_descriptors
+from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_launch, row_operands, tf32_copy, use_descriptors
 
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
     from .backend import _TritonStub as triton
 
-    tl = TensorDescriptor = None
+    tl = None
 
 # ---------------------------------------------------------------------------------------------
 # Kernel
@@ -150,11 +149,7 @@ def _gram_norm_launch(x, g, *, config=None, use_tma=None):
         x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
     if use_tma is None:
         use_tma = use_descriptors(x2, g2)
-    if use_tma:
-        x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_t, cfg.block_k])
-        g_desc = TensorDescriptor.from_tensor(g2, [cfg.block_t, cfg.block_k])
-    else:
-        x_desc, g_desc = x2, g2
+    x_desc, g_desc = row_operands(x2, g2, use_tma, cfg.block_t, cfg.block_k, cfg.block_k)
     # (3) launch
     kernel = _gram_norm_kernel[(batch * (n_blocks * (n_blocks + 1) // 2),)](
         x_desc, g_desc, x2, g2, norm_sq,
