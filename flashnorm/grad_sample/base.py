@@ -485,10 +485,10 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._norm_terms, self._norm_roots = [], []
         acc = torch.float64 if any(t.dtype == torch.float64 for t in terms + roots) else torch.float32
         norm_sq = torch.zeros(loss_per_sample.shape[0], dtype=acc, device=loss_per_sample.device)
-        if terms:  # squared norms from the norm kernels, one [B] per layer
-            norm_sq = norm_sq + torch.stack([t.to(acc) for t in terms]).sum(dim=0)
+        if terms:  # squared norms from the norm kernels, one [B] per layer (stack promotes to acc)
+            norm_sq = norm_sq + torch.stack(terms).sum(dim=0)
         if roots:  # ‖per-sample gradient‖ per parameter
-            norm_sq = norm_sq + torch.stack([r.to(acc) for r in roots]).square().sum(dim=0)
+            norm_sq = norm_sq + torch.stack(roots).square().sum(dim=0)
         self._norm_sq = norm_sq
         return self.get_clipping_coef()
 

@@ -36,7 +36,8 @@ class GradSampleModuleFastGradientClippingFuse(FlashNormGradSampleModule):
                 _, x, g, with_vectors = kept
                 grads = layer.rule.clipped_grads(layer.module, x, g, coef, vectors=with_vectors)
             for p, grad in grads.items():
-                grad = grad.to(p.dtype)
+                if grad.dtype != p.dtype:
+                    grad = grad.to(p.dtype)
                 if p.grad is None:
                     p.grad = grad
                 else:
