@@ -244,6 +244,33 @@ def test_one_pass_keeps_biases_of_kernel_layers_in_the_arena(method, frozen):
             assert p.grad is None
 
 
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+def test_one_pass_assembles_weights_with_the_fused_kernel(monkeypatch):
+    """FLASHNORM_BACKEND=triton (the interpreter on CPU): norms by the flash kernel and weight gradients by the
+    fused (c ⊙ G)ᵀX kernel, whose float32 result becomes the parameter's gradient; exact against float64."""
+    from tests.conftest import TOLERANCES
+    from tests.oracle import microbatch_reference
+
+    from flashnorm.kernels import clipped_grad
+
+    monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
+    fused_calls = []
+    fused = clipped_grad.clipped_weight_grad_fused
+    monkeypatch.setattr(clipped_grad, "clipped_weight_grad_fused", lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
+    torch.manual_seed(0)
+    model = _TwoHeads(use_second=True)
+    x, y = torch.randn(4, 7, 6), torch.randint(0, 3, (4,))
+    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
+    gsm, _, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model, norm_method="flash")
+    criterion(gsm(x), y).backward()
+    assert len(fused_calls) == 3, "every Linear weight is assembled by the fused kernel"
+    rtol, atol = TOLERANCES["fp32"]
+    torch.testing.assert_close(gsm.get_norm_sample().double(), oracle.norms, rtol=rtol, atol=atol)
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == p.dtype
+        torch.testing.assert_close(p.grad.double(), oracle.clipped_sum[name], rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("cls", [GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse])
 def test_non_finite_loss_discards_the_gradients_on_the_device(cls, device):
     """The finiteness flag travels to the host behind the forward (pinned copy on CUDA) and is read at the end."""
