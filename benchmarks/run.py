@@ -166,6 +166,11 @@ def _version(dist: str) -> Optional[str]:
 
 
 def _git() -> Dict:
+    """The commit that runs. ``FLASHNORM_GIT_COMMIT`` overrides git for copies of the tree whose git metadata
+    is not theirs (e.g. a working tree copied to a remote GPU machine)."""
+    given = os.environ.get("FLASHNORM_GIT_COMMIT", "").strip()
+    if given:
+        return {"commit": given, "dirty": None, "source": "FLASHNORM_GIT_COMMIT"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = {}
     with contextlib.suppress(Exception):

@@ -109,3 +109,13 @@ def test_resume_keeps_complete_groups(smoke_results, tmp_path):
     assert {(c.workload, c.mode) for c in todo} == {("gpt2", m) for m in MODES}
     assert {r["workload"] for r in kept} == {"linear"} and len(kept) == len(MODES)
     assert earlier and earlier[-1]["command"] == data["meta"]["command"]
+
+
+def test_results_record_the_commit_given_for_a_copied_tree(monkeypatch):
+    """A tree copied to another machine carries stale git metadata: FLASHNORM_GIT_COMMIT names the real commit."""
+    from benchmarks.run import _git
+
+    monkeypatch.setenv("FLASHNORM_GIT_COMMIT", "abc1234")
+    assert _git() == {"commit": "abc1234", "dirty": None, "source": "FLASHNORM_GIT_COMMIT"}
+    monkeypatch.delenv("FLASHNORM_GIT_COMMIT")
+    assert _git().get("source") is None
