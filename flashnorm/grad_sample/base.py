@@ -32,6 +32,7 @@ import torch.nn as nn
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.validators import ModuleValidator
 
+from ..kernels._chunks import accumulation_dtype_of
 from ..norms import PerSampleGradFallback, get_norm_rule
 from ..norms.planner import METHODS, choose, forced_method
 from ..norms.registry import NormRule, per_sample_norms, trainable_own_parameters
@@ -390,7 +391,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             if self._method(layer, x, shape, dtype) == "per_sample":
                 params, slot_dtype = layer.params, layer.rule.per_sample_dtype(layer.module, x.dtype, dtype)
             else:
-                params, slot_dtype = layer.vectors, torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32
+                params, slot_dtype = layer.vectors, accumulation_dtype_of(x.dtype, dtype)
             if slot_dtype is None or not params:
                 continue
             arena = arena or PerSampleArena(batch, device)

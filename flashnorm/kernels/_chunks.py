@@ -10,7 +10,12 @@ MAX_CHUNK_ELEMENTS = 1 << 22
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float32, or float64 when any input is float64 (so float64 oracles stay exact)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return accumulation_dtype_of(*(t.dtype for t in tensors))
+
+
+def accumulation_dtype_of(*dtypes: torch.dtype) -> torch.dtype:
+    """:func:`accumulation_dtype` from dtypes alone (planning, before any tensor exists)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def rows_per_chunk(row_elements: int) -> int:

@@ -121,7 +121,7 @@ def clipped_weight_grad_fused(
     coef = coef.to(device=x.device, dtype=torch.float32).contiguous()
     allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
     x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
-    cfg = config or flash_norm_config(d, p, x.dtype, interpreter_enabled(), False, 0, 0)
+    cfg = config or flash_norm_config(d, p, x.dtype, interpret=interpreter_enabled())
     n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
     t_chunk, n_chunks, per_split = work or clipped_weight_grad_work(
         batch, steps, n_tiles, cfg.block_t, multiprocessor_count(x.device)

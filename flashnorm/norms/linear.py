@@ -59,9 +59,7 @@ class LinearFamilyRule(NormRule):
 
     def vector_grads(self, layer, x, g, out):
         """β_b = Σ_t G_b[t], summed in float32 (float64) into ``out[bias]``."""
-        gs = self.output_sequences(layer, g)
-        slot = out[layer.bias]
-        return {layer.bias: torch.sum(gs, dim=1, dtype=slot.dtype, out=slot)}
+        return {layer.bias: _bias_grads(self.output_sequences(layer, g), out[layer.bias])}
 
     def norm_sq(self, layer, x, g, method, vectors=True):
         xs, gs = self.as_sequences(layer, x, g)
@@ -100,8 +98,7 @@ class LinearFamilyRule(NormRule):
             grads[layer.weight] = self.per_sample_weight(layer, xs, gs, out.get(layer.weight))
         bias = getattr(layer, "bias", None)
         if bias is not None and bias.requires_grad:
-            slot = out.get(bias)
-            grads[bias] = gs.sum(dim=1) if slot is None else torch.sum(gs, dim=1, dtype=slot.dtype, out=slot)
+            grads[bias] = _bias_grads(gs, out.get(bias))
         return grads
 
     def clipped_grads(self, layer, x, g, coef, vectors=True):
@@ -113,6 +110,11 @@ class LinearFamilyRule(NormRule):
         if bias is not None and bias.requires_grad and (vectors or not self.vector_params(layer)):
             grads[bias] = clipped_bias_grad(gs, coef).to(bias.dtype)
         return grads
+
+
+def _bias_grads(gs: torch.Tensor, slot: Optional[torch.Tensor]) -> torch.Tensor:
+    """β_b = Σ_t G_b[t] for gs: [B, T, p] → [B, p], summed into ``slot`` (in its dtype) when given."""
+    return gs.sum(dim=1) if slot is None else torch.sum(gs, dim=1, dtype=slot.dtype, out=slot)
 
 
 def _as_3d(t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels._chunks import accumulation_dtype
+from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
 from .registry import NormRule, register_norm_rule
 
 
@@ -33,7 +33,7 @@ class _AffineNormRule(NormRule):
         return tuple(range(1, x.dim() - len(layer.normalized_shape)))
 
     def per_sample_dtype(self, layer, x_dtype, g_dtype):
-        return torch.float64 if torch.float64 in (x_dtype, g_dtype) else torch.float32
+        return accumulation_dtype_of(x_dtype, g_dtype)
 
     def per_sample_grads(self, layer, x, g, out=None):
         acc = accumulation_dtype(x, g)
