@@ -132,3 +132,16 @@ def test_dispatch_on_the_gpu_follows_the_measurements(monkeypatch):
         out = clipped_weight_grad(x, g, coef)
         assert out.dtype == (torch.float32 if fused else dtype), (steps, dtype, out.dtype)
         _assert_clipped_close(out.float(), x, g, coef, TOLERANCES["tf32" if dtype == torch.float32 else "bf16"])
+
+
+def test_fused_rejects_bad_inputs_clearly(device):
+    """A coefficient per sample, and the dtypes the kernel takes (float64 stays with the reference)."""
+    from flashnorm.kernels.clipped_grad import clipped_weight_grad_fused
+
+    x, g = torch.randn(3, 37, 72, device=device), torch.randn(3, 37, 40, device=device)
+    with pytest.raises(ValueError, match=r"coef must be \[B\] = \[3\]"):
+        clipped_weight_grad_fused(x, g, torch.rand(4, device=device))
+    with pytest.raises(ValueError, match="same B and T"):
+        clipped_weight_grad_fused(x, g[:, :36], torch.rand(3, device=device))
+    with pytest.raises(TypeError, match="reference"):
+        clipped_weight_grad_fused(x.double(), g.double(), torch.rand(3, device=device))
