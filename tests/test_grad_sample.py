@@ -245,10 +245,10 @@ def test_one_pass_keeps_biases_of_kernel_layers_in_the_arena(method, frozen):
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-def test_one_pass_assembles_weights_with_the_fused_kernel(monkeypatch):
+def test_one_pass_assembles_weights_with_the_fused_kernel(monkeypatch, device):
     """FLASHNORM_BACKEND=triton (the interpreter on CPU): norms by the flash kernel and weight gradients by the
     fused (c ⊙ G)ᵀX kernel, whose float32 result becomes the parameter's gradient; exact against float64."""
-    from tests.conftest import TOLERANCES
+    from tests.conftest import fp32_tolerance
     from tests.oracle import microbatch_reference
 
     from flashnorm.kernels import clipped_grad
@@ -258,13 +258,13 @@ def test_one_pass_assembles_weights_with_the_fused_kernel(monkeypatch):
     fused = clipped_grad.clipped_weight_grad_fused
     monkeypatch.setattr(clipped_grad, "clipped_weight_grad_fused", lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
     torch.manual_seed(0)
-    model = _TwoHeads(use_second=True)
-    x, y = torch.randn(4, 7, 6), torch.randint(0, 3, (4,))
+    model = _TwoHeads(use_second=True).to(device)
+    x, y = torch.randn(4, 7, 6, device=device), torch.randint(0, 3, (4,), device=device)
     oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
     gsm, _, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model, norm_method="flash")
     criterion(gsm(x), y).backward()
     assert len(fused_calls) == 3, "every Linear weight is assembled by the fused kernel"
-    rtol, atol = TOLERANCES["fp32"]
+    rtol, atol = fp32_tolerance(device)
     torch.testing.assert_close(gsm.get_norm_sample().double(), oracle.norms, rtol=rtol, atol=atol)
     for name, p in model.named_parameters():
         assert p.grad.dtype == p.dtype

@@ -1,58 +1,144 @@
-"""Sweep of the flash-norm shapes below 0.8× cuBLAS in kernels_h200.json: under-filled bf16 (B = 1) tile
-configs × T-splits, and the float32/tf32 K-major path split into its copies and its tiles. GPU time of
-CUDA-graph replays (no launch overhead). Writes ``$OUT/kexp.jsonl``, one JSON row per measurement::
+"""Sweeps behind the flash-norm configs of under-filled launches and the per-sample option (H200).
 
-    PYTHONPATH=. python benchmarks/kernels/sweep_underfilled.py
+GPU time of CUDA-graph replays (no launch overhead). One JSON row per measurement in ``$OUT/kexp.jsonl``::
+
+    PYTHONPATH=. python benchmarks/kernels/sweep_underfilled.py --only split,store
+
+* ``split``: 16-bit (and tf32) shapes where batch × output tiles under-fills the GPU: tile configs × T-splits
+  (the last-arriving program of a tile sums its partials), against cuBLAS doing the same GEMM.
+* ``store``: the planner's per-sample option: cuBLAS ``bmm`` into an arena slot against the flash tiles
+  writing the gradients (and their norm) into it, at GPT-2 shapes.
+* ``tf32``: the float32 K-major path split into its copies and its tiles.
 """
-import json, os, torch, triton
+
+import argparse
+import json
+import os
+
+import torch
+import triton
 from triton.testing import do_bench_cudagraph
-from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_sq_triton, tf32_copy, _tf32_copy_kernel, _launch_tiles
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from flashnorm.kernels import flash_norm_sq_reference
-out = open(os.path.join(os.environ.get("OUT", "."), "kexp.jsonl"), "w")
-def log(r):
-    print(json.dumps(r), flush=True); out.write(json.dumps(r) + "\n"); out.flush()
-def gt(fn, rep=20):
-    fn(); torch.cuda.synchronize()
+from flashnorm.kernels.clipped_grad import per_sample_weight_grads_reference
+from flashnorm.kernels.flash_norm import (
+    FlashConfig,
+    _launch_tiles,
+    _tf32_copy_kernel,
+    flash_norm_sq_and_grads,
+    flash_norm_sq_triton,
+    tf32_copy,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: (T×p×d block, warps, stages) candidates for under-filled launches.
+CONFIGS = ((64, 128, 256, 8, 3), (64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4),
+           (128, 64, 128, 4, 3), (64, 64, 128, 4, 3), (64, 256, 128, 8, 3))  # fmt: skip
+#: (dtype, B, T, d, p) of the split sweep: every one under-fills 132 SMs with 128×256 tiles.
+SPLIT_SHAPES = (("bf16", 1, 4100, 1024, 1024), ("bf16", 1, 8196, 1024, 1024), ("bf16", 1, 16384, 1024, 1024),
+                ("bf16", 3, 4100, 1024, 1024), ("bf16", 1, 4100, 2048, 2048), ("bf16", 1, 4100, 768, 3072),
+                ("bf16", 1, 8196, 768, 3072), ("fp16", 1, 4100, 1024, 1024))  # fmt: skip
+#: (B, T, d, p, transposed) of the store sweep: GPT-2 small's layers (Conv1D: transposed) at the shapes
+#: where the planner picks per_sample.
+STORE_SHAPES = ((8, 1024, 768, 2304, True), (8, 1024, 768, 768, True), (8, 1024, 768, 3072, True),
+                (8, 1024, 3072, 768, True), (8, 1024, 768, 50257, False), (1, 4096, 768, 3072, True),
+                (1, 4096, 1024, 1024, False))  # fmt: skip
+
+
+def gpu_ms(fn, rep=20):
+    fn()
+    torch.cuda.synchronize()
     return do_bench_cudagraph(fn, rep=rep, return_mode="median")
-torch.backends.cuda.matmul.allow_tf32 = False
-for (d, p) in ((1024, 1024), (768, 3072)):
-    for T in (4100, 8196):
-        x = torch.randn(1, T, d, device="cuda", dtype=torch.bfloat16); g = torch.randn(1, T, p, device="cuda", dtype=torch.bfloat16)
-        ref = flash_norm_sq_reference(x.double(), g.double()).item()
-        cub = gt(lambda: g.view(-1, p).t() @ x.view(-1, d))
-        default = gt(lambda: flash_norm_sq_triton(x, g))
-        log(dict(exp="bf16B1", d=d, p=p, T=T, cublas=cub, default=default, ratio=cub / default))
-        for cfg in ((64,128,256,8,3),(64,128,128,8,3),(64,128,128,4,3),(64,128,128,4,4),(64,64,128,4,3),(128,128,128,8,3),(64,256,128,8,3),(128,64,128,4,3)):
-            c = FlashConfig(*cfg)
-            for s in (1, 2, 3, 4, 6, 8):
+
+
+def split_sweep(log):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name, batch, steps, d, p in SPLIT_SHAPES:
+        dtype = DTYPES[name]
+        x, g = torch.randn(batch, steps, d, device="cuda", dtype=dtype), torch.randn(batch, steps, p, device="cuda", dtype=dtype)
+        ref = flash_norm_sq_reference(x.double(), g.double())
+        cublas = gpu_ms(lambda: g.view(-1, p).t() @ x.view(-1, d))
+        err = ((flash_norm_sq_triton(x, g).double() - ref).abs() / ref).max().item()
+        default = gpu_ms(lambda: flash_norm_sq_triton(x, g))
+        base = dict(exp="split", dtype=name, B=batch, T=steps, d=d, p=p, cublas_ms=cublas)
+        log(dict(base, cfg="default", ms=default, ratio=cublas / default, rel_err=err))
+        for cfg in map(lambda c: FlashConfig(*c), CONFIGS):
+            for splits in (1, 2, 3, 4, 6):
                 try:
-                    v = flash_norm_sq_triton(x, g, config=c, splits=s).item()
-                    ms = gt(lambda: flash_norm_sq_triton(x, g, config=c, splits=s))
-                    log(dict(exp="bf16B1", d=d, p=p, T=T, cfg=cfg, splits=s, ms=ms, ratio=cub / ms, relerr=abs(v - ref) / ref))
-                except Exception as e:
-                    log(dict(exp="bf16B1", cfg=cfg, splits=s, error=str(e)[:150]))
-torch.backends.cuda.matmul.allow_tf32 = True
-for T in (4100, 8196):
-    d = p = 1024
-    x = torch.randn(8, T, d, device="cuda"); g = torch.randn(8, T, p, device="cuda")
-    cub = gt(lambda: g.view(-1, p).t() @ x.view(-1, d))
-    default = gt(lambda: flash_norm_sq_triton(x, g))
-    copy = gt(lambda: (tf32_copy(x, True), tf32_copy(g, True)))
-    log(dict(exp="fp32B8", T=T, cublas=cub, default=default, ratio=cub / default, copies=copy))
-    n, rows, cols = x.shape
-    stride = triton.cdiv(rows, 4) * 4
-    buf = torch.empty(n * cols * stride, device="cuda")
-    for br, bc, w in ((64,64,4),(128,64,4),(64,128,4),(128,128,8),(32,128,4),(128,32,4),(64,64,8),(128,64,8)):
-        ms = gt(lambda: _tf32_copy_kernel[(n * triton.cdiv(rows, br) * triton.cdiv(cols, bc),)](x, buf, rows, cols, stride, TRANSPOSE=True, BLOCK_R=br, BLOCK_C=bc, num_warps=w))
-        log(dict(exp="fp32copy", T=T, block=(br, bc, w), ms=ms, gbps=2 * x.numel() * 4 / ms / 1e6))
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    for cfg in ((32,128,256,8,3),(32,256,128,8,3),(32,128,256,8,4),(64,128,256,8,2),(16,128,256,8,5)):
-        c = FlashConfig(*cfg)
-        try:
-            xd = TensorDescriptor(*tf32_copy(x, transpose=True), block_shape=[c.block_d, c.block_t])
-            gd = TensorDescriptor(*tf32_copy(g, transpose=True), block_shape=[c.block_p, c.block_t])
-            ns = torch.zeros(8, device="cuda")
-            ms = gt(lambda: _launch_tiles(xd, gd, x, g, ns, 8, T, d, p, c, None, True, True, True))
-            log(dict(exp="fp32tiles", T=T, cfg=cfg, ms=ms, cublas=cub))
-        except Exception as e:
-            log(dict(exp="fp32tiles", cfg=cfg, error=str(e)[:150]))
+                    err = ((flash_norm_sq_triton(x, g, config=cfg, splits=splits).double() - ref).abs() / ref).max().item()
+                    ms = gpu_ms(lambda: flash_norm_sq_triton(x, g, config=cfg, splits=splits))
+                    log(dict(base, cfg=list(cfg), splits=splits, ms=ms, ratio=cublas / ms, rel_err=err))
+                except Exception as e:  # a config that does not compile (shared memory): recorded, not fatal
+                    log(dict(base, cfg=list(cfg), splits=splits, error=str(e)[:160]))
+
+
+def store_sweep(log):
+    for name in ("bf16", "fp32"):
+        dtype = DTYPES[name]
+        torch.backends.cuda.matmul.allow_tf32 = name == "fp32"
+        for batch, steps, d, p, transposed in STORE_SHAPES:
+            x, g = torch.randn(batch, steps, d, device="cuda", dtype=dtype), torch.randn(batch, steps, p, device="cuda", dtype=dtype)
+            buffer = torch.empty(batch, d * p + 64, device="cuda", dtype=dtype)
+            slot = buffer[:, 64:].view(batch, *((d, p) if transposed else (p, d)))
+            want = torch.einsum("btp,btd->bpd", g[:1].double(), x[:1].double())
+            want = want.transpose(1, 2) if transposed else want
+
+            def err():
+                return ((slot[:1].double() - want).abs().max() / want.abs().max()).item()
+
+            bmm = gpu_ms(lambda: per_sample_weight_grads_reference(x, g, out=slot, transposed=transposed))
+            bmm_err = err()
+            bmm_norm = gpu_ms(lambda: (per_sample_weight_grads_reference(x, g, out=slot, transposed=transposed),
+                                       torch.linalg.vector_norm(buffer, dim=1, dtype=torch.float32)))  # fmt: skip
+            kernel = gpu_ms(lambda: flash_norm_sq_and_grads(x, g, out=slot, transposed=transposed))
+            log(dict(exp="store", dtype=name, B=batch, T=steps, d=d, p=p, transposed=transposed, bmm_ms=bmm,
+                     bmm_and_norm_ms=bmm_norm, kernel_ms=kernel, speedup=bmm_norm / kernel, bmm_err=bmm_err,
+                     kernel_err=err()))  # fmt: skip
+
+
+def tf32_sweep(log):
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for steps in (4100, 8196):
+        d = p = 1024
+        x, g = torch.randn(8, steps, d, device="cuda"), torch.randn(8, steps, p, device="cuda")
+        cublas = gpu_ms(lambda: g.view(-1, p).t() @ x.view(-1, d))
+        default = gpu_ms(lambda: flash_norm_sq_triton(x, g))
+        copies = gpu_ms(lambda: (tf32_copy(x, True), tf32_copy(g, True)))
+        log(dict(exp="fp32B8", T=steps, cublas=cublas, default=default, ratio=cublas / default, copies=copies))
+        n, rows, cols = x.shape
+        stride = triton.cdiv(rows, 4) * 4
+        buf = torch.empty(n * cols * stride, device="cuda")
+        for br, bc, w in ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (128, 32, 4), (64, 64, 8), (128, 64, 8)):
+            grid = (n * triton.cdiv(rows, br) * triton.cdiv(cols, bc),)
+            ms = gpu_ms(lambda: _tf32_copy_kernel[grid](x, buf, rows, cols, stride, TRANSPOSE=True, BLOCK_R=br, BLOCK_C=bc, num_warps=w))
+            log(dict(exp="fp32copy", T=steps, block=(br, bc, w), ms=ms, gbps=2 * x.numel() * 4 / ms / 1e6))
+        for cfg in map(lambda c: FlashConfig(*c), ((32, 128, 256, 8, 3), (32, 256, 128, 8, 3), (32, 128, 256, 8, 4), (64, 128, 256, 8, 2), (16, 128, 256, 8, 5))):
+            try:
+                xd = TensorDescriptor(*tf32_copy(x, transpose=True), block_shape=[cfg.block_d, cfg.block_t])
+                gd = TensorDescriptor(*tf32_copy(g, transpose=True), block_shape=[cfg.block_p, cfg.block_t])
+                ns = torch.zeros(8, device="cuda")
+                ms = gpu_ms(lambda: _launch_tiles(xd, gd, x, g, ns, 8, steps, d, p, cfg, None, True, True, True))
+                log(dict(exp="fp32tiles", T=steps, cfg=list(cfg), ms=ms, cublas=cublas))
+            except Exception as e:
+                log(dict(exp="fp32tiles", cfg=list(cfg), error=str(e)[:150]))
+
+
+def main():
+    sections = {"split": split_sweep, "store": store_sweep, "tf32": tf32_sweep}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="split,store", help=f"comma list of sections: {', '.join(sections)}")
+    args = parser.parse_args()
+    out = open(os.path.join(os.environ.get("OUT", "."), "kexp.jsonl"), "a")
+
+    def log(row):
+        print(json.dumps(row), flush=True)
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+
+    for name in args.only.split(","):
+        sections[name](log)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,15 @@ from typing import Optional
 import torch
 
 from .backend import cdiv, forced_backend, interpreter_enabled, multiprocessor_count, tf32_enabled, use_triton
-from .flash_norm import MIN_BLOCKS_PER_SPLIT, _accumulate_rows, flash_norm_config, prepare_pair, row_operands, use_descriptors
+from .flash_norm import (
+    MIN_BLOCKS_PER_SPLIT,
+    _accumulate_rows,
+    flash_norm_config,
+    flash_norm_sq_and_grads,
+    prepare_pair,
+    row_operands,
+    use_descriptors,
+)
 
 try:
     import triton
@@ -192,7 +200,20 @@ def per_sample_weight_grads(
 ) -> torch.Tensor:
     """G_bᵀX_b for every sample: [B, p, d], or X_bᵀG_b: [B, d, p] with ``transposed`` (B·d·p memory;
     the planner decides when it fits). ``out``: a [B, p, d] (or [B, d, p]) tensor to write into, whose
-    rows may be strided (one slot of a larger buffer)."""
+    samples may be strided (one slot of a larger buffer).
+
+    cuBLAS ``bmm`` (:func:`per_sample_weight_grads_reference`); with ``FLASHNORM_BACKEND=triton``, the flash
+    tiles writing the gradients (:func:`~flashnorm.kernels.flash_norm.flash_norm_sq_and_grads`).
+    """
+    if forced_backend() == "triton" and use_triton(x, g) and torch.float64 not in (x.dtype, g.dtype):
+        return flash_norm_sq_and_grads(x, g, out=out, transposed=transposed)[1]
+    return per_sample_weight_grads_reference(x, g, out=out, transposed=transposed)
+
+
+def per_sample_weight_grads_reference(
+    x: torch.Tensor, g: torch.Tensor, *, out: Optional[torch.Tensor] = None, transposed: bool = False
+) -> torch.Tensor:
+    """:func:`per_sample_weight_grads` by cuBLAS ``bmm`` in the promoted dtype of x and g."""
     dtype = torch.promote_types(x.dtype, g.dtype)
     x, g = x.to(dtype), g.to(dtype)
     if transposed:

@@ -12,8 +12,8 @@ On the H200 (benchmarks/results/kernels_h200.json) the bf16 kernel runs at 0.91-
 throughput of a cuBLAS GEMM doing the same 2·B·T·d·p FLOPs once B·tiles fills the GPU, and the
 float32/tf32 path at 0.77-1.6× (it pays for K-major copies; cuBLAS is slow on this layout too).
 
-Layout of this file: the Triton kernels (``_flash_norm_kernel``, the T-split reduction
-``_flash_norm_reduce_kernel`` and the tf32 rounding copy ``_tf32_copy_kernel``), their configs, the
+Layout of this file: the Triton kernels (``_flash_norm_kernel``, its T-split epilogue
+``_sum_split_tile`` and the tf32 rounding copy ``_tf32_copy_kernel``), their configs, the
 launch wrapper :func:`flash_norm_sq_triton`, the PyTorch reference :func:`flash_norm_sq_reference`
 and the dispatcher :func:`flash_norm_sq`.
 """
@@ -145,21 +145,27 @@ def _flash_norm_kernel(
     # inputs: x [B*T, d], g [B*T, p] row-major (descriptors over them when USE_TMA, else the tensors);
     # K_MAJOR: descriptors over tf32-rounded xᵀ [B*d, T] and gᵀ [B*p, T] instead (G_ROWS: g itself as [B, T, p])
     x_desc, g_desc, x_ptr, g_ptr,
-    # outputs: norm_sq [B] float32 (atomic adds, SPLIT=False); work [B, n_splits, n_tiles, BLOCK_P*BLOCK_D]
-    norm_sq_ptr, work_ptr,
+    # outputs: norm_sq [B] float32 (atomic adds). SPLIT: work [B, n_tiles, n_splits, BLOCK_P*BLOCK_D] float32
+    # partial tiles and arrived [B, n_tiles] int32 counters (zeroed). STORE_GRADS: grads, W_b as [B, p, d]
+    # (GRADS_DP: X_bᵀG_b as [B, d, p]), rows contiguous, sample stride grads_stride
+    norm_sq_ptr, work_ptr, arrived_ptr, grads_ptr, grads_stride,
     # sizes
     T, d, p, t_chunk, n_splits,
     # meta-parameters
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, USE_TMA: tl.constexpr, ALLOW_TF32: tl.constexpr, K_MAJOR: tl.constexpr,
-    G_ROWS: tl.constexpr,
+    G_ROWS: tl.constexpr, STORE_GRADS: tl.constexpr, GRADS_DP: tl.constexpr,
 ):
     """norm_sq[b] += ‖(G_bᵀX_b)[tile]‖² for one sample b, one [BLOCK_P, BLOCK_D] tile and one T range.
 
     Program id → (b, split, tile), the tile index varying fastest. The tile of W_b = G_bᵀX_b is
     accumulated over rows t ∈ [split·t_chunk, min((split+1)·t_chunk, T)) in float32 registers.
-    SPLIT=False: Σ tile² is added to norm_sq[b]. SPLIT=True: the partial tile goes to ``work`` and
-    ``_flash_norm_reduce_kernel`` finishes; no program ever waits on another.
+    SPLIT=False: Σ tile² is added to norm_sq[b]. SPLIT=True: the partial tile goes to ``work``, then
+    the program counts itself in ``arrived``; the last of the tile's n_splits programs to arrive sums
+    the partials (in split order: the result does not depend on who is last) and adds Σ tile² to
+    norm_sq[b]. No program ever waits on another, and there is no second launch. STORE_GRADS (never
+    split): the tile is also written, rounded once to the dtype of ``grads``: the per-sample gradient
+    from the same 2·T·BLOCK_P·BLOCK_D FLOPs.
 
     float32 with ALLOW_TF32: tf32 dots on operands rounded to nearest (in registers; K_MAJOR: by
     ``_tf32_copy_kernel``, whose K-major copies feed the tensor cores straight from the TMA buffers,
@@ -202,29 +208,51 @@ def _flash_norm_kernel(
 
     # -- epilogue: the tile never reaches memory unless T is split ---------------------------------
     if SPLIT:
-        offs = tl.arange(0, BLOCK_P)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
-        slot = (b.to(tl.int64) * n_splits + split) * n_tiles + tile
-        tl.store(work_ptr + slot * (BLOCK_P * BLOCK_D) + offs, acc)
+        acc, split = _sum_split_tile(work_ptr, arrived_ptr, b.to(tl.int64) * n_tiles + tile, split, n_splits, acc,
+                              BLOCK_P, BLOCK_D)
+        if split >= 0:  # the last-arriving program of the tile (the others got split = -1)
+            tl.atomic_add(norm_sq_ptr + b, tl.sum(acc * acc))
     else:
         tl.atomic_add(norm_sq_ptr + b, tl.sum(acc * acc))
+        if STORE_GRADS:
+            _store_tile(grads_ptr + b.to(tl.int64) * grads_stride, acc, p0, d0, p, d, BLOCK_P, BLOCK_D, GRADS_DP)
 
 
-@triton.jit(do_not_specialize=["n_splits"])
-def _flash_norm_reduce_kernel(work_ptr, norm_sq_ptr, n_splits, sample_elems, BLOCK: tl.constexpr):
-    """norm_sq[b] += Σ_e (Σ_s work[b, s, e])² over one BLOCK-wide chunk e of sample b's partial tiles.
+@triton.jit
+def _store_tile(out_ptr, acc, p0, d0, p, d, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, DP: tl.constexpr):
+    """Writes tile ``acc`` = W[p0 : p0+BLOCK_P, d0 : d0+BLOCK_D] of one sample's W: [p, d] (row-major at
+    out_ptr) or, with DP, of Wᵀ: [d, p]; rounded to the output's dtype, edges masked."""
+    rows = p0 + tl.arange(0, BLOCK_P)
+    cols = d0 + tl.arange(0, BLOCK_D)
+    mask = (rows < p)[:, None] & (cols < d)[None, :]
+    value = acc.to(out_ptr.dtype.element_ty)
+    if DP:
+        tl.store(out_ptr + cols[None, :].to(tl.int64) * p + rows[:, None], value, mask=mask)
+    else:
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * d + cols[None, :], value, mask=mask)
 
-    work: [B, n_splits, sample_elems] float32, every element written by ``_flash_norm_kernel``.
+
+@triton.jit
+def _sum_split_tile(work_ptr, arrived_ptr, tile_id, split, n_splits, acc, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Σ_s of the n_splits partial tiles of output tile ``tile_id``, in the program that completes it.
+
+    Stores this program's partial ``acc`` into work[tile_id, split], then counts the program in
+    arrived[tile_id] (a CTA barrier first, then an acquire-release atomic: the stores of every thread
+    are visible before the count). The program that arrives last loads all partials from L2 in split
+    order and returns (Σ_s work[tile_id, s], split); the others return (acc, -1) and are done.
     """
-    pid = tl.program_id(0)
-    n_chunks = tl.cdiv(sample_elems, BLOCK)
-    b = pid // n_chunks
-    offs = (pid % n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < sample_elems
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    base = b.to(tl.int64) * n_splits * sample_elems
-    for s in range(n_splits):
-        total += tl.load(work_ptr + base + s * sample_elems + offs, mask=mask, other=0.0)
-    tl.atomic_add(norm_sq_ptr + b, tl.sum(total * total))
+    offs = tl.arange(0, BLOCK_P)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    tile_work = work_ptr + tile_id * n_splits * (BLOCK_P * BLOCK_D)
+    tl.store(tile_work + split * (BLOCK_P * BLOCK_D) + offs, acc)
+    tl.debug_barrier()
+    count = tl.atomic_add(arrived_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+    if count == n_splits - 1:
+        acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for s in range(n_splits):
+            acc += tl.load(tile_work + s * (BLOCK_P * BLOCK_D) + offs, cache_modifier=".cg")
+    else:
+        split = -1
+    return acc, split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,10 +273,11 @@ class FlashConfig(NamedTuple):
 #: Fewest BLOCK_T steps a T-split program gets, so that its load pipeline fills.
 MIN_BLOCKS_PER_SPLIT = 4
 #: Cost model of the T-split choice (H200 figures; only their ratios matter): dot rate of one SM
-#: by input dtype (tf32 for float32), workspace bandwidth and the reduction launch.
+#: by input dtype (tf32 for float32), workspace bandwidth (L2) and the fixed cost of a split launch
+#: (zeroing the counters, the last program's serial sum).
 SM_FLOPS = {torch.bfloat16: 4.5e12, torch.float16: 4.5e12, torch.float32: 2.2e12}
 WORKSPACE_BYTES_PER_S = 4e12
-REDUCE_LAUNCH_S = 5e-6
+SPLIT_FIXED_S = 2e-6
 
 
 def _block(n: int, cap: int) -> int:
@@ -291,9 +320,10 @@ def flash_norm_config(
 def flash_norm_splits(batch: int, steps: int, n_tiles: int, cfg: FlashConfig, n_sms: int, dtype: torch.dtype) -> int:
     """How many programs share one sample's T range (1 = no T-split).
 
-    Minimises waves(S) · t_tile / S + (S > 1) · (workspace traffic + reduction launch), where
+    Minimises waves(S) · t_tile / S + (S > 1) · (workspace traffic + ``SPLIT_FIXED_S``), where
     t_tile = 2·T·BLOCK_P·BLOCK_D / ``SM_FLOPS`` is one unsplit program's time, waves(S) =
-    ⌈B·tiles·S / SMs⌉ and the workspace holds B·tiles·S float32 tiles written once and read once.
+    ⌈B·tiles·S / SMs⌉ and the workspace traffic is B·tiles·(2S - 1) float32 tiles (S stores, the
+    S - 1 others' partials read by the last program of each tile).
     Each program keeps at least ``MIN_BLOCKS_PER_SPLIT`` BLOCK_T steps; S never exceeds 4 waves.
     """
     programs = batch * n_tiles
@@ -303,7 +333,7 @@ def flash_norm_splits(batch: int, steps: int, n_tiles: int, cfg: FlashConfig, n_
 
     def cost(s: int) -> float:
         waves = cdiv(programs * s, n_sms)
-        workspace = 8 * tile_elems * programs * s / WORKSPACE_BYTES_PER_S + REDUCE_LAUNCH_S if s > 1 else 0.0
+        workspace = 4 * tile_elems * programs * (2 * s - 1) / WORKSPACE_BYTES_PER_S + SPLIT_FIXED_S if s > 1 else 0.0
         return waves * t_tile / s + workspace
 
     return min(range(1, max_splits + 1), key=cost)
@@ -339,6 +369,37 @@ def flash_norm_sq_triton(
     return norm_sq
 
 
+def flash_norm_sq_and_grads(
+    x: torch.Tensor, g: torch.Tensor, *, out: torch.Tensor | None = None, transposed: bool = False, **launch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ‖G_bᵀX_b‖² and the per-sample gradients W_b = G_bᵀX_b themselves, from one pass of the flash tiles.
+
+    x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → (norm_sq float32 [B], W: [B, p, d]; with
+    ``transposed``, X_bᵀG_b: [B, d, p]). 2·B·T·d·p FLOPs and B·d·p memory: each tile is accumulated in
+    float32, added to the norm, and written once, rounded to the dtype of ``out`` (default: the inputs'
+    dtype). ``out`` may be a slot of a larger buffer: its rows must be contiguous, its sample stride is
+    free. The norm is that of the float32 tiles, before rounding. ``launch``: the keywords of
+    :func:`flash_norm_sq_triton` (``splits`` is ignored: the tiles are never split).
+    """
+    x, g = prepare_pair(x, g)
+    batch, _, d = x.shape
+    p = g.shape[-1]
+    shape = (batch, d, p) if transposed else (batch, p, d)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != shape or out.device != x.device or (out.numel() and out.stride()[1:] != (shape[2], 1)):
+        raise ValueError(
+            f"out must be a {list(shape)} tensor on {x.device} with contiguous rows (sample stride free); "
+            f"got {list(out.shape)} with strides {out.stride()} on {out.device}"
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"out must be a floating-point tensor, got {out.dtype}")
+    norm_sq, _ = _flash_norm_launch(x, g, grads=out, grads_dp=transposed, **launch)
+    if x.shape[1] == 0:
+        out.zero_()  # T = 0: nothing was launched, and W_b = 0
+    return norm_sq, out
+
+
 #: K-major path: up to this d, only x gets a transposed copy and g is read row-major through a [B, T, p]
 #: descriptor and rounded in registers. That saves g's copy (about a third of the time at d = p = 1024) but
 #: slows the tiles (≈ 20% at 1024², 40% at 4096²). H200, CUDA-graph time against cuBLAS
@@ -351,8 +412,9 @@ G_ROWS_MAX_D = 1024
 K_MAJOR_GROUP_ELEMENTS = 1 << 28
 
 
-def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None, g_rows=None):
-    """Launch ``_flash_norm_kernel`` (and the T-split reduction); returns (norm_sq, last compiled kernel or None)."""
+def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None, g_rows=None, grads=None, grads_dp=False):
+    """Launch ``_flash_norm_kernel`` (writing the tiles into ``grads`` when given, see
+    :func:`flash_norm_sq_and_grads`); returns (norm_sq, last compiled kernel or None)."""
     # (1) check shapes and dtypes, make rows contiguous; (2) allocate the output
     x, g, norm_sq, empty = prepare_launch(x, g)
     if empty:
@@ -371,7 +433,9 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
         d, p, x.dtype, interpreter_enabled(), k_major, batch, multiprocessor_count(x.device)
     )
     if not k_major:
-        kernel = _launch_tiles(x2, g2, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, False)
+        kernel = _launch_tiles(
+            x2, g2, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, False, grads=grads, grads_dp=grads_dp
+        )
         return norm_sq, kernel
     # (3) K-major tf32 path: per group of samples, rounded transposed copies (of x alone with g_rows), then the tiles
     if g_rows is None:
@@ -386,36 +450,38 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
         else:
             g_desc = TensorDescriptor(*tf32_copy(gs, transpose=True), block_shape=[cfg.block_p, cfg.block_t])
         kernel = _launch_tiles(
-            x_desc, g_desc, xs, gs, norm_sq[b0 : b0 + n], n, steps, d, p, cfg, splits, True, True, True, g_rows
+            x_desc, g_desc, xs, gs, norm_sq[b0 : b0 + n], n, steps, d, p, cfg, splits, True, True, True, g_rows,
+            grads=None if grads is None else grads[b0 : b0 + n], grads_dp=grads_dp,
         )
     return norm_sq, kernel
 
 
-def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major, g_rows=False):
-    """One launch of ``_flash_norm_kernel`` over ``batch`` samples, plus the reduction when T is split."""
+def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major, g_rows=False,
+                  grads=None, grads_dp=False):
+    """One launch of ``_flash_norm_kernel`` over ``batch`` samples (with its workspace and counters when T is
+    split; never split when the tiles go to ``grads``)."""
     n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
-    if splits is None:
+    if grads is not None:
+        splits = 1
+    elif splits is None:
         splits = flash_norm_splits(batch, steps, n_tiles, cfg, multiprocessor_count(x2.device), x2.dtype)
     t_chunk = cdiv(cdiv(steps, splits), cfg.block_t) * cfg.block_t
     splits = cdiv(steps, t_chunk)
     if not k_major:
         x_desc, g_desc = row_operands(x2, g2, use_tma, cfg.block_t, cfg.block_d, cfg.block_p)
-    work = norm_sq
+    work = arrived = norm_sq
     if splits > 1:
-        work = torch.empty(batch * splits * n_tiles * cfg.block_p * cfg.block_d, dtype=torch.float32, device=x2.device)
+        work = torch.empty(batch * n_tiles * splits * cfg.block_p * cfg.block_d, dtype=torch.float32, device=x2.device)
+        arrived = torch.zeros(batch * n_tiles, dtype=torch.int32, device=x2.device)
     kernel = _flash_norm_kernel[(batch * splits * n_tiles,)](
-        x_desc, g_desc, x2, g2, norm_sq, work,
+        x_desc, g_desc, x2, g2, norm_sq, work, arrived, norm_sq if grads is None else grads,
+        0 if grads is None else grads.stride(0),
         steps, d, p, t_chunk, splits,
         BLOCK_T=cfg.block_t, BLOCK_P=cfg.block_p, BLOCK_D=cfg.block_d,
         SPLIT=splits > 1, USE_TMA=use_tma, ALLOW_TF32=allow_tf32, K_MAJOR=k_major, G_ROWS=g_rows,
+        STORE_GRADS=grads is not None, GRADS_DP=grads_dp,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if splits > 1:
-        sample_elems = n_tiles * cfg.block_p * cfg.block_d
-        block = 4096
-        _flash_norm_reduce_kernel[(batch * cdiv(sample_elems, block),)](
-            work, norm_sq, splits, sample_elems, BLOCK=block, num_warps=8
-        )
     return kernel
 
 

@@ -145,3 +145,19 @@ def test_fused_rejects_bad_inputs_clearly(device):
         clipped_weight_grad_fused(x, g[:, :36], torch.rand(3, device=device))
     with pytest.raises(TypeError, match="reference"):
         clipped_weight_grad_fused(x.double(), g.double(), torch.rand(3, device=device))
+
+
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+@pytest.mark.parametrize("transposed", (False, True), ids=["pd", "dp"])
+def test_per_sample_weight_grads_into_a_slot(backend, transposed, device, monkeypatch):
+    """Both backends of per_sample_weight_grads write W_b (W_bᵀ) into a strided slot of a wider buffer."""
+    monkeypatch.setenv("FLASHNORM_BACKEND", backend)
+    x, g = torch.randn(3, 37, 24, device=device), torch.randn(3, 37, 40, device=device)
+    buffer = torch.full((3, 24 * 40 + 3), float("nan"), device=device)
+    slot = buffer[:, 3:].view(3, *((24, 40) if transposed else (40, 24)))
+    out = per_sample_weight_grads(x, g, out=slot, transposed=transposed)
+    want = torch.einsum("btp,btd->bpd", g.double(), x.double())
+    want = want.transpose(1, 2) if transposed else want
+    assert out.data_ptr() == slot.data_ptr() and torch.isnan(buffer[:, :3]).all()
+    rtol, _ = TOLERANCES["tf32" if torch.device(device).type == "cuda" else "fp32"]
+    torch.testing.assert_close(slot.double(), want, rtol=rtol, atol=rtol * want.abs().max().item())

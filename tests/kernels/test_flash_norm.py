@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flashnorm.kernels import flash_norm_sq, flash_norm_sq_reference
-from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_splits, flash_norm_sq_triton, tf32_copy
+from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_splits, flash_norm_sq_and_grads, flash_norm_sq_triton, tf32_copy
 from tests.conftest import TOLERANCES
 from tests.kernels.truth import assert_norms_close, norm_sq_float64, random_pair, skip_without_tma
 
@@ -38,6 +38,54 @@ def test_every_path_is_exact(use_tma, d, p, splits, steps, device):
     cfg = FlashConfig(block_t=32, block_p=16, block_d=32, num_warps=4, num_stages=1)
     out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=use_tma)
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["fp32"])
+
+
+def test_t_split_sums_each_tile_once_in_split_order(device):
+    """The last-arriving program of a tile sums its partials in split order: every tile counted once (the norm
+    matches float64), and the bits do not depend on which program happened to arrive last."""
+    x, g = random_pair(3, 1030, 72, 40, torch.float32, device)
+    cfg = FlashConfig(block_t=64, block_p=64, block_d=128, num_warps=4, num_stages=1)
+    runs = [flash_norm_sq_triton(x, g, config=cfg, splits=5) for _ in range(3)]
+    assert_norms_close(runs[0], norm_sq_float64(x, g), TOLERANCES["fp32"])
+    for run in runs[1:]:
+        assert torch.equal(run, runs[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("batch", (0, 1, 3))
+@pytest.mark.parametrize("transposed", (False, True), ids=["pd", "dp"])
+def test_norm_kernel_writes_per_sample_grads(dtype, steps, batch, transposed, device):
+    """The planner's per-sample option from the norm kernel: W_b (or W_bᵀ) written into a slot of a wider
+    buffer, rounded once, with its norm; the buffer's other columns are never touched."""
+    x, g = random_pair(batch, steps, D, P, DTYPES[dtype], device)
+    shape = (D, P) if transposed else (P, D)
+    buffer = torch.full((batch, 7 + D * P + 5), float("nan"), dtype=DTYPES[dtype], device=device)
+    slot = buffer[:, 7 : 7 + D * P].view(batch, *shape)
+    norm_sq, grads = flash_norm_sq_and_grads(x, g, out=slot, transposed=transposed)
+    assert grads.data_ptr() == slot.data_ptr()
+    want = torch.einsum("btp,btd->bpd", g.double(), x.double())
+    want = want.transpose(1, 2) if transposed else want
+    rtol, _ = TOLERANCES[dtype]
+    torch.testing.assert_close(grads.double(), want, rtol=rtol, atol=rtol * max(1.0, want.abs().max().item() if batch else 1.0))
+    assert_norms_close(norm_sq, norm_sq_float64(x, g), TOLERANCES[dtype])
+    assert torch.isnan(buffer[:, :7]).all() and torch.isnan(buffer[:, 7 + D * P :]).all()
+
+
+def test_per_sample_grads_round_once_to_a_float32_slot(device):
+    """fp16 inputs into a float32 slot: the float32 tiles are stored as they are (no fp16 rounding)."""
+    x, g = random_pair(3, 600, D, P, torch.float16, device)
+    _, grads = flash_norm_sq_and_grads(x, g, out=torch.empty(3, P, D, device=device))
+    want = torch.einsum("btp,btd->bpd", g.double(), x.double())
+    torch.testing.assert_close(grads.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_per_sample_grads_reject_a_slot_of_the_wrong_shape():
+    x, g = random_pair(2, 5, D, P, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"out must be a \[2, 40, 72\] tensor"):
+        flash_norm_sq_and_grads(x, g, out=torch.empty(2, D, P))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        flash_norm_sq_and_grads(x, g, out=torch.empty(2, D, P).transpose(1, 2))
 
 
 @pytest.mark.parametrize("use_tma", (False, True), ids=["pointers", "tma"])
