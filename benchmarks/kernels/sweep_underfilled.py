@@ -8,6 +8,7 @@ GPU time of CUDA-graph replays (no launch overhead). One JSON row per measuremen
   (the last-arriving program of a tile sums its partials), against cuBLAS doing the same GEMM.
 * ``store``: the planner's per-sample option: cuBLAS ``bmm`` into an arena slot against the flash tiles
   writing the gradients (and their norm) into it, at GPT-2 shapes.
+* ``stages``: pipeline depth (3 or 4 stages) of the under-filled tile configs.
 * ``tf32``: the float32 K-major path split into its copies and its tiles.
 """
 
@@ -97,6 +98,33 @@ def store_sweep(log):
                      kernel_err=err()))  # fmt: skip
 
 
+STAGES_SHAPES = (("bf16", 1, 4096, 1024, 1024), ("bf16", 1, 4100, 1024, 1024), ("bf16", 1, 8196, 1024, 1024),
+                 ("bf16", 1, 32768, 1024, 1024), ("bf16", 3, 4100, 1024, 1024), ("bf16", 1, 4100, 768, 3072),
+                 ("bf16", 1, 4100, 2048, 2048), ("fp16", 1, 4100, 1024, 1024))  # fmt: skip
+STAGES_TILES = ((128, 64, 128, 4), (64, 64, 128, 4), (64, 128, 128, 4), (64, 128, 256, 8))
+
+
+def stages_sweep(log):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name, batch, steps, d, p in STAGES_SHAPES:
+        dtype = DTYPES[name]
+        x, g = torch.randn(batch, steps, d, device="cuda", dtype=dtype), torch.randn(batch, steps, p, device="cuda", dtype=dtype)
+        ref = flash_norm_sq_reference(x.double(), g.double())
+        cublas = gpu_ms(lambda: g.view(-1, p).t() @ x.view(-1, d))
+        base = dict(exp="stages", dtype=name, B=batch, T=steps, d=d, p=p, cublas_ms=cublas)
+        default = gpu_ms(lambda: flash_norm_sq_triton(x, g))
+        log(dict(base, cfg="default", ms=default, ratio=cublas / default))
+        for tile in STAGES_TILES:
+            for stages in (3, 4):
+                cfg = FlashConfig(*tile, stages)
+                try:
+                    err = ((flash_norm_sq_triton(x, g, config=cfg).double() - ref).abs() / ref).max().item()
+                    ms = gpu_ms(lambda: flash_norm_sq_triton(x, g, config=cfg))
+                    log(dict(base, cfg=list(cfg), ms=ms, ratio=cublas / ms, rel_err=err))
+                except Exception as e:  # out of shared memory: recorded, not fatal
+                    log(dict(base, cfg=list(cfg), error=str(e)[:160]))
+
+
 def tf32_sweep(log):
     torch.backends.cuda.matmul.allow_tf32 = True
     for steps in (4100, 8196):
@@ -125,7 +153,7 @@ def tf32_sweep(log):
 
 
 def main():
-    sections = {"split": split_sweep, "store": store_sweep, "tf32": tf32_sweep}
+    sections = {"split": split_sweep, "store": store_sweep, "stages": stages_sweep, "tf32": tf32_sweep}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="split,store", help=f"comma list of sections: {', '.join(sections)}")
     args = parser.parse_args()

@@ -203,7 +203,12 @@ def per_sample_weight_grads(
     samples may be strided (one slot of a larger buffer).
 
     cuBLAS ``bmm`` (:func:`per_sample_weight_grads_reference`); with ``FLASHNORM_BACKEND=triton``, the flash
-    tiles writing the gradients (:func:`~flashnorm.kernels.flash_norm.flash_norm_sq_and_grads`).
+    tiles writing the gradients (:func:`~flashnorm.kernels.flash_norm.flash_norm_sq_and_grads`). Both do
+    2·B·T·d·p FLOPs and round each W_b once from float32. The kernel also yields the norms, which the arena
+    already gets from one reduction per buffer; on the H200 at GPT-2's per-sample shapes (B = 8, T = 1024
+    and B = 1, T = 4096; ``store`` rows of benchmarks/results/kernels_h200_split_stages.json) it ran at
+    0.83-1.14× the time of bmm plus that reduction, 0.5× for the 768×50257 head, and slower than bmm
+    alone everywhere, so bmm stays the default.
     """
     if forced_backend() == "triton" and use_triton(x, g) and torch.float64 not in (x.dtype, g.dtype):
         return flash_norm_sq_and_grads(x, g, out=out, transposed=transposed)[1]

@@ -294,9 +294,11 @@ def flash_norm_config(
     16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps, 3 stages (H200: within 3% of the best of five
     configs swept, benchmarks/results/kernels_h200_sweep1.json). When batch × those tiles under-fills
     the GPU (e.g. B = 1, d = p = 1024: 32 programs on 132 SMs), smaller 64×128 output tiles fill it
-    without a T-split: 128×64×128 with 4 warps when they make one wave (H200, B = 1, d = p = 1024:
-    0.71× cuBLAS at T = 4100 against 0.53× for split big tiles), 64×64×128 when up to three programs
-    share an SM (768×3072: 0.80× against 0.59×), benchmarks/results/kernels_h200_underfilled.json.
+    without a T-split: 128×64×128 with 4 warps and 4 stages when they make one wave (H200, B = 1,
+    d = p = 1024, CUDA-graph time against cuBLAS: 0.82-0.85× at T = 4100, 0.95-0.97× at T = 8196,
+    against 0.71-0.73× with 3 stages and 0.60× for 128×128 tiles split in two,
+    benchmarks/results/kernels_h200_split_stages.json), 64×64×128 with 3 stages when up to three
+    programs share an SM (768×3072: 0.79-0.80× against 0.66-0.69× with 4 stages and 0.59× split).
     float32: 32×128×128; K-major tf32: 32×128×256 (kernels_h200_sweep2.json). Tiles shrink to the
     next power of two of small d and p. Under the interpreter: one large T block and tiles ≤ 64 (it
     runs each program as numpy calls, so fewer, larger steps are faster).
@@ -311,7 +313,8 @@ def flash_norm_config(
         block_t, block_p, block_d = 64, _block(p, 128), _block(d, 256)
         small_tiles = batch * -(-p // 64) * -(-d // 128)
         if batch * -(-p // block_p) * -(-d // block_d) < n_sms and small_tiles <= 3 * n_sms:
-            return FlashConfig(128 if small_tiles <= n_sms else 64, _block(p, 64), _block(d, 128), 4, 3)
+            one_wave = small_tiles <= n_sms
+            return FlashConfig(128 if one_wave else 64, _block(p, 64), _block(d, 128), 4, 4 if one_wave else 3)
     num_warps = 8 if block_p * block_d >= 128 * 128 else 4
     return FlashConfig(block_t, block_p, block_d, num_warps, 3)
 

@@ -11,6 +11,8 @@ For a Linear-family layer with flattened sizes (B, T, d, p), N = B·T·d·p:
 * ``per_sample``  (one-pass mode only) 2N FLOPs and B·d·p memory, but it replaces the
   assembly GEMM (another 2N) and the stored X, G. Chosen when the per-sample gradients take no
   more memory than the X and G they replace (d·p ≤ T·(d+p)) and fit ``PER_SAMPLE_BUDGET_BYTES``.
+  They are written by cuBLAS ``bmm``, or by the norm kernel's tiles with ``FLASHNORM_BACKEND=triton``
+  (:func:`~flashnorm.kernels.per_sample_weight_grads` gives the measurements behind that default).
 
 Other rules have one method. The choice can be forced per module
 (``norm_method=`` on the grad-sample module) or globally (``FLASHNORM_NORM_METHOD``), and it

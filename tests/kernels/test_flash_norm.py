@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flashnorm.kernels import flash_norm_sq, flash_norm_sq_reference
-from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_splits, flash_norm_sq_and_grads, flash_norm_sq_triton, tf32_copy
+from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_config, flash_norm_splits, flash_norm_sq_and_grads, flash_norm_sq_triton, tf32_copy
 from tests.conftest import TOLERANCES
 from tests.kernels.truth import assert_norms_close, norm_sq_float64, random_pair, skip_without_tma
 
@@ -211,3 +211,12 @@ def test_t_split_choice():
     assert flash_norm_splits(1, 128, 1, cfg, 132, torch.bfloat16) == 1
     for steps in (1, 37, 600, 1030, 4100, 65536):
         assert 1 <= flash_norm_splits(1, steps, 3, cfg, 132, torch.float32) <= max(1, -(-steps // 256))
+
+
+def test_under_filled_16_bit_configs():
+    """Tiles by how well batch × tiles fills 132 SMs (H200 sweeps cited in flash_norm_config)."""
+    config = lambda batch, d, p: flash_norm_config(d, p, torch.bfloat16, batch=batch, n_sms=132)  # noqa: E731
+    assert config(8, 1024, 1024) == FlashConfig(64, 128, 256, 8, 3)  # 256 big tiles: full
+    assert config(1, 1024, 1024) == FlashConfig(128, 64, 128, 4, 4)  # 128 small tiles: one deep-pipelined wave
+    assert config(3, 1024, 1024) == FlashConfig(64, 64, 128, 4, 3)  # 384 small tiles: three per SM
+    assert config(1, 4096, 4096) == FlashConfig(64, 128, 256, 8, 3)  # 512 big tiles: full
