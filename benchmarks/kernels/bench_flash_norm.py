@@ -323,7 +323,11 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(18, 7), gridspec_kw={"width_ratios": [3, 2]})
+    cross = [r for r in result["rows"] if r["kernel"] == "crossover"]
+    if cross:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(18, 7), gridspec_kw={"width_ratios": [3, 2]})
+    else:  # a run of the main rows alone: no crossover panel
+        fig, ax1 = plt.subplots(1, 1, figsize=(11, 7))
     main = [r for r in result["rows"] if r["kernel"] == "flash"]
     labels = [f"{r['dtype']} B{r['B']} T{r['T']} {r['d']}x{r['p']}" for r in main]
     pos = range(len(main))
@@ -333,11 +337,19 @@ def plot(result, path):
     ax1.set_ylabel("TFLOP/s")
     ax1.set_title("GPU time (CUDA graph under 2 ms): flash norms vs a cuBLAS GEMM of the same work (fp32 = TF32)", fontsize=9)
     ax1.legend()
+    if cross:
+        plot_crossover(ax2, cross)
+    fig.suptitle(result["env"]["gpu"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_crossover(ax2, cross):
+    """Gram / flash GPU time against T, one line per (dtype, d = p, B)."""
     for dtype, style in (("bf16", "-"), ("fp32", "--")):
         for dim in CROSS_DIMS:
             for batch in MAIN_BATCHES:
-                rs = [r for r in result["rows"] if r["kernel"] == "crossover" and r["dtype"] == dtype
-                      and r["d"] == dim and r["B"] == batch]  # fmt: skip
+                rs = [r for r in cross if r["dtype"] == dtype and r["d"] == dim and r["B"] == batch]
                 if not rs:
                     continue
                 line = ax2.plot([r["T"] for r in rs], [r["gram_graph_ms"] / r["flash_graph_ms"] for r in rs], style, marker="o")
@@ -349,9 +361,6 @@ def plot(result, path):
     ax2.set_ylabel("Gram GPU time / flash GPU time (< 1: Gram faster)")
     ax2.set_title("Gram vs flash crossover")
     ax2.legend(fontsize=7)
-    fig.suptitle(result["env"]["gpu"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def print_table(rows):
