@@ -82,6 +82,9 @@ class PerSampleArena:
         """Marks θ's slot written: ``grads`` is the slot itself, or is copied into it when dtype and shape
         match. ``False`` (slot left alone) otherwise: the caller keeps ``grads`` on its own."""
         slot = self.slot(param)
+        if grads is slot:  # written in place (the rules return the ``out`` they were given)
+            self._written.add(id(param))
+            return True
         if slot is None or grads.dtype != slot.dtype or grads.shape != slot.shape:
             return False
         if not _same_memory(grads, slot):

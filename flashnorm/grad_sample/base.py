@@ -178,6 +178,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._batch_size: Optional[int] = None
         self._step = 0  # counts capturing forward passes; anchors remember theirs
         self._uses_checked = False  # parameters used outside their layer: checked on the first step
+        self._forced_method: Optional[str] = None  # FLASHNORM_NORM_METHOD, read once per norm pass
         self._norm_sq: Optional[torch.Tensor] = None
         self._norm_terms: List[torch.Tensor] = []  # squared per-sample norms, one [B] per layer
         self._norm_roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
@@ -338,7 +339,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def _method(self, layer: HookedLayer, x: torch.Tensor, g_shape, g_dtype, g: Optional[torch.Tensor] = None) -> str:
         """The layer's norm method for these shapes (planned once per new shape; ``g`` may be absent)."""
-        key = (x.shape, g_shape, g_dtype, forced_method())
+        key = (x.shape, g_shape, g_dtype, self._forced_method)
         if layer.plan is None or layer.plan[0] != key:
             if g is None:
                 g = torch.empty(g_shape, dtype=g_dtype, device="meta")
@@ -465,6 +466,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         if not self._uses_checked:
             self._check_parameter_uses(loss_per_sample.grad_fn)
         self._norm_terms, self._norm_roots = [], []  # per-layer terms, summed once after the pass
+        self._forced_method = forced_method()  # (raises on a bad value before anything runs)
         if self.passes == 1 and self.uses_arena:
             self._arena = self._plan_arena(loss_per_sample.shape[0], loss_per_sample.device)
         self._capturing = True
