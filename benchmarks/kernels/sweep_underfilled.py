@@ -53,25 +53,29 @@ def gpu_ms(fn, rep=20):
     return do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
-def split_sweep(log):
+def sweep_configs(log, exp, shapes, variants):
+    """For each (dtype, B, T, d, p): cuBLAS, the default config, then every (FlashConfig, splits) variant
+    (splits None: the cost model's choice), each with its error against the float64 reference."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    for name, batch, steps, d, p in SPLIT_SHAPES:
+    for name, batch, steps, d, p in shapes:
         dtype = DTYPES[name]
         x, g = torch.randn(batch, steps, d, device="cuda", dtype=dtype), torch.randn(batch, steps, p, device="cuda", dtype=dtype)
         ref = flash_norm_sq_reference(x.double(), g.double())
         cublas = gpu_ms(lambda: g.view(-1, p).t() @ x.view(-1, d))
-        err = ((flash_norm_sq_triton(x, g).double() - ref).abs() / ref).max().item()
-        default = gpu_ms(lambda: flash_norm_sq_triton(x, g))
-        base = dict(exp="split", dtype=name, B=batch, T=steps, d=d, p=p, cublas_ms=cublas)
-        log(dict(base, cfg="default", ms=default, ratio=cublas / default, rel_err=err))
-        for cfg in map(lambda c: FlashConfig(*c), CONFIGS):
-            for splits in (1, 2, 3, 4, 6):
-                try:
-                    err = ((flash_norm_sq_triton(x, g, config=cfg, splits=splits).double() - ref).abs() / ref).max().item()
-                    ms = gpu_ms(lambda: flash_norm_sq_triton(x, g, config=cfg, splits=splits))
-                    log(dict(base, cfg=list(cfg), splits=splits, ms=ms, ratio=cublas / ms, rel_err=err))
-                except Exception as e:  # a config that does not compile (shared memory): recorded, not fatal
-                    log(dict(base, cfg=list(cfg), splits=splits, error=str(e)[:160]))
+        base = dict(exp=exp, dtype=name, B=batch, T=steps, d=d, p=p, cublas_ms=cublas)
+        for cfg, splits in ((None, None), *variants):
+            label = dict(cfg="default") if cfg is None else dict(cfg=list(cfg), splits=splits)
+            try:
+                err = ((flash_norm_sq_triton(x, g, config=cfg, splits=splits).double() - ref).abs() / ref).max().item()
+                ms = gpu_ms(lambda: flash_norm_sq_triton(x, g, config=cfg, splits=splits))
+                log(dict(base, **label, ms=ms, ratio=cublas / ms, rel_err=err))
+            except Exception as e:  # a config that does not compile (shared memory): recorded, not fatal
+                log(dict(base, **label, error=str(e)[:160]))
+
+
+def split_sweep(log):
+    variants = [(FlashConfig(*c), s) for c in CONFIGS for s in (1, 2, 3, 4, 6)]
+    sweep_configs(log, "split", SPLIT_SHAPES, variants)
 
 
 def store_sweep(log):
@@ -105,24 +109,8 @@ STAGES_TILES = ((128, 64, 128, 4), (64, 64, 128, 4), (64, 128, 128, 4), (64, 128
 
 
 def stages_sweep(log):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    for name, batch, steps, d, p in STAGES_SHAPES:
-        dtype = DTYPES[name]
-        x, g = torch.randn(batch, steps, d, device="cuda", dtype=dtype), torch.randn(batch, steps, p, device="cuda", dtype=dtype)
-        ref = flash_norm_sq_reference(x.double(), g.double())
-        cublas = gpu_ms(lambda: g.view(-1, p).t() @ x.view(-1, d))
-        base = dict(exp="stages", dtype=name, B=batch, T=steps, d=d, p=p, cublas_ms=cublas)
-        default = gpu_ms(lambda: flash_norm_sq_triton(x, g))
-        log(dict(base, cfg="default", ms=default, ratio=cublas / default))
-        for tile in STAGES_TILES:
-            for stages in (3, 4):
-                cfg = FlashConfig(*tile, stages)
-                try:
-                    err = ((flash_norm_sq_triton(x, g, config=cfg).double() - ref).abs() / ref).max().item()
-                    ms = gpu_ms(lambda: flash_norm_sq_triton(x, g, config=cfg))
-                    log(dict(base, cfg=list(cfg), ms=ms, ratio=cublas / ms, rel_err=err))
-                except Exception as e:  # out of shared memory: recorded, not fatal
-                    log(dict(base, cfg=list(cfg), error=str(e)[:160]))
+    variants = [(FlashConfig(*tile, stages), None) for tile in STAGES_TILES for stages in (3, 4)]
+    sweep_configs(log, "stages", STAGES_SHAPES, variants)
 
 
 def tf32_sweep(log):

@@ -11,13 +11,14 @@ from .clipped_grad import (
     clipped_weight_grad_reference,
     per_sample_weight_grads,
 )
-from .flash_norm import flash_norm_sq, flash_norm_sq_reference
+from .flash_norm import flash_norm_sq, flash_norm_sq_and_grads, flash_norm_sq_reference
 from .gram_norm import gram_norm_sq, gram_norm_sq_reference
 from .weighted_sum import weighted_row_sum, weighted_row_sum_reference
 
 __all__ = [
     "flash_norm_sq",
     "flash_norm_sq_reference",
+    "flash_norm_sq_and_grads",
     "gram_norm_sq",
     "gram_norm_sq_reference",
     "clipped_weight_grad",

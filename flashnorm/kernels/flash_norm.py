@@ -208,8 +208,8 @@ def _flash_norm_kernel(
 
     # -- epilogue: the tile never reaches memory unless T is split ---------------------------------
     if SPLIT:
-        acc, split = _sum_split_tile(work_ptr, arrived_ptr, b.to(tl.int64) * n_tiles + tile, split, n_splits, acc,
-                              BLOCK_P, BLOCK_D)
+        tile_id = b.to(tl.int64) * n_tiles + tile
+        acc, split = _sum_split_tile(work_ptr, arrived_ptr, tile_id, split, n_splits, acc, BLOCK_P, BLOCK_D)
         if split >= 0:  # the last-arriving program of the tile (the others got split = -1)
             tl.atomic_add(norm_sq_ptr + b, tl.sum(acc * acc))
     else:
