@@ -158,6 +158,24 @@ def test_tf32_paths_are_unbiased(k_major, g_rows, splits, steps, device, set_tf3
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["tf32"])
 
 
+@pytest.mark.parametrize("g_rows", (False, True), ids=["k-major", "k-major-x-only"])
+@pytest.mark.parametrize("transposed", (False, True), ids=["pd", "dp"])
+def test_k_major_tf32_path_writes_per_sample_grads(g_rows, transposed, device, set_tf32):
+    """The tf32 K-major tiles (transposed rounded copies, per group of samples) written as per-sample gradients."""
+    skip_without_tma(True, device)
+    set_tf32(True)
+    x, g = random_pair(3, 37, D, P, torch.float32, device)
+    cfg = FlashConfig(block_t=32, block_p=32, block_d=64, num_warps=4, num_stages=1)
+    norm_sq, grads = flash_norm_sq_and_grads(
+        x, g, transposed=transposed, config=cfg, use_tma=True, k_major=True, g_rows=g_rows
+    )
+    want = torch.einsum("btp,btd->bpd", g.double(), x.double())
+    want = want.transpose(1, 2) if transposed else want
+    rtol, _ = TOLERANCES["tf32"]
+    torch.testing.assert_close(grads.double(), want, rtol=rtol, atol=rtol * want.abs().max().item())
+    assert_norms_close(norm_sq, norm_sq_float64(x, g), TOLERANCES["tf32"])
+
+
 def test_k_major_needs_tf32(device, set_tf32):
     set_tf32(False)
     x, g = random_pair(1, 8, D, P, torch.float32, device)
