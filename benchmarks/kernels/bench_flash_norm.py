@@ -8,7 +8,7 @@ bf16 rows run with TF32 off, fp32 rows with TF32 on (cuBLAS and the kernel both 
 ``torch.backends.cuda.matmul.allow_tf32``).
 
 Also: the Gram/flash crossover (both kernels for T = 64…4096 at d = p = 768 and 1024), the
-clipped-gradient assembly (scaling + cuBLAS vs the fused kernel vs cuBLAS alone; ``--only-clipped``),
+clipped-gradient assembly (scaling + cuBLAS vs the fused kernel vs cuBLAS alone; ``--only clipped``),
 and with ``--sweep`` a sweep of tile configs. Usage::
 
     PYTHONPATH=. python benchmarks/kernels/bench_flash_norm.py --out "$OUT" [--sweep] [--plot]
@@ -35,6 +35,7 @@ from flashnorm.kernels import (
     gram_norm_sq,
     weighted_row_sum,
 )
+from benchmarks.run import _git as git_commit  # the runner's record (FLASHNORM_GIT_COMMIT on a copied tree)
 from flashnorm.kernels.flash_norm import FlashConfig, _flash_norm_launch, flash_norm_sq_triton
 from flashnorm.kernels.gram_norm import GramConfig, gram_norm_sq_triton
 
@@ -396,7 +397,7 @@ def main():
         "env": {
             "gpu": props.name, "sms": props.multi_processor_count, "capability": list(torch.cuda.get_device_capability()),
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "command": " ".join(sys.argv),
+            "command": " ".join(sys.argv), "git": git_commit(),
         },
         "rows": [],
     }  # fmt: skip

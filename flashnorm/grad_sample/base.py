@@ -32,7 +32,7 @@ import torch.nn as nn
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.validators import ModuleValidator
 
-from ..kernels._chunks import accumulation_dtype_of
+from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
 from ..norms import PerSampleGradFallback, get_norm_rule
 from ..norms.planner import METHODS, choose, forced_method
 from ..norms.registry import NormRule, per_sample_norms, trainable_own_parameters
@@ -486,7 +486,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             self._norm_roots.extend(self._arena.norms())
         terms, roots = self._norm_terms, self._norm_roots
         self._norm_terms, self._norm_roots = [], []
-        acc = torch.float64 if any(t.dtype == torch.float64 for t in terms + roots) else torch.float32
+        acc = accumulation_dtype(*terms, *roots)
         norm_sq = torch.zeros(loss_per_sample.shape[0], dtype=acc, device=loss_per_sample.device)
         if terms:  # squared norms from the norm kernels, one [B] per layer (stack promotes to acc)
             norm_sq = norm_sq + torch.stack(terms).sum(dim=0)
@@ -548,7 +548,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     def _single_sample_backward(self, loss_per_sample: torch.Tensor) -> None:
         torch.autograd.backward(loss_per_sample.sum())
         grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
-        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        acc = accumulation_dtype(*grads)
         if grads:  # one multi-tensor norm, accumulated in float32 (float64) whatever the gradients' dtype
             self._norm_sq = torch.stack(torch._foreach_norm(grads, 2, dtype=acc)).square_().sum(dim=0, keepdim=True)
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 
@@ -44,26 +45,30 @@ def forced_backend() -> str:
     return forced
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernel should run for these inputs.
+def triton_choice(x: torch.Tensor, g: torch.Tensor) -> Optional[str]:
+    """How the Triton kernels apply to inputs x and g (``FLASHNORM_BACKEND`` read once):
+
+    ``"forced"`` (``FLASHNORM_BACKEND=triton``), ``"default"`` (CUDA tensors, nothing forced: the caller
+    may still prefer its reference where that was measured faster), or ``None``: the PyTorch reference
+    (other devices, ``FLASHNORM_BACKEND=torch``, or a float64 input, which the reference keeps in float64).
 
     Raises:
         ValueError: ``FLASHNORM_BACKEND`` holds an unknown value.
         RuntimeError: Triton is forced but cannot run on these tensors.
     """
     forced = forced_backend()
-    on_cuda = all(t.is_cuda for t in tensors)
-    runnable = triton_available() and (on_cuda or interpreter_enabled())
     if forced == "torch":
-        return False
-    if forced == "triton":
-        if not runnable:
-            raise RuntimeError(
-                "FLASHNORM_BACKEND=triton, but Triton cannot run here: it needs CUDA tensors, "
-                "or TRITON_INTERPRET=1 for CPU tensors, and the triton package."
-            )
-        return True
-    return runnable and on_cuda
+        return None
+    on_cuda = x.is_cuda and g.is_cuda
+    runnable = triton_available() and (on_cuda or interpreter_enabled())
+    if forced == "triton" and not runnable:
+        raise RuntimeError(
+            "FLASHNORM_BACKEND=triton, but Triton cannot run here: it needs CUDA tensors, "
+            "or TRITON_INTERPRET=1 for CPU tensors, and the triton package."
+        )
+    if torch.float64 in (x.dtype, g.dtype) or not (forced == "triton" or (runnable and on_cuda)):
+        return None
+    return "forced" if forced == "triton" else "default"
 
 
 class _TritonStub:
@@ -100,10 +105,10 @@ def tf32_enabled() -> bool:
 
 
 def dispatch(triton_fn, reference_fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``triton_fn(x, g)`` when :func:`use_triton` says so and no input is float64, else ``reference_fn(x, g)``.
+    """``triton_fn(x, g)`` wherever :func:`triton_choice` allows Triton, else ``reference_fn(x, g)``.
 
     float64 always takes the reference, which stays in float64 (the oracle tests rely on it).
     """
-    if use_triton(x, g) and torch.float64 not in (x.dtype, g.dtype):
+    if triton_choice(x, g) is not None:
         return triton_fn(x, g)
     return reference_fn(x, g)

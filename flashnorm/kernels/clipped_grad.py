@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .backend import cdiv, forced_backend, interpreter_enabled, multiprocessor_count, tf32_enabled, use_triton
+from .backend import cdiv, interpreter_enabled, multiprocessor_count, tf32_enabled, triton_choice
 from .flash_norm import (
     MIN_BLOCKS_PER_SPLIT,
     _accumulate_rows,
@@ -170,10 +170,10 @@ def clipped_weight_grad(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) ->
     ``FUSED_MIN_STEPS``, and whenever ``FLASHNORM_BACKEND=triton``; otherwise
     :func:`clipped_weight_grad_reference` (result in the inputs' dtype). Callers cast to the parameter's dtype.
     """
-    if use_triton(x, g) and torch.float64 not in (x.dtype, g.dtype):
-        sixteen_bit = {x.dtype, g.dtype} <= {torch.bfloat16, torch.float16}
-        if forced_backend() == "triton" or (sixteen_bit and x.shape[1] >= FUSED_MIN_STEPS):
-            return clipped_weight_grad_fused(x, g, coef)
+    choice = triton_choice(x, g)
+    sixteen_bit = {x.dtype, g.dtype} <= {torch.bfloat16, torch.float16}
+    if choice == "forced" or (choice == "default" and sixteen_bit and x.shape[1] >= FUSED_MIN_STEPS):
+        return clipped_weight_grad_fused(x, g, coef)
     return clipped_weight_grad_reference(x, g, coef)
 
 
@@ -210,7 +210,7 @@ def per_sample_weight_grads(
     0.83-1.14× the time of bmm plus that reduction, 0.5× for the 768×50257 head, and slower than bmm
     alone everywhere, so bmm stays the default.
     """
-    if forced_backend() == "triton" and use_triton(x, g) and torch.float64 not in (x.dtype, g.dtype):
+    if triton_choice(x, g) == "forced":
         return flash_norm_sq_and_grads(x, g, out=out, transposed=transposed)[1]
     return per_sample_weight_grads_reference(x, g, out=out, transposed=transposed)
 
