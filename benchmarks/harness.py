@@ -83,7 +83,9 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
     """The training step of ``cfg["mode"]`` as a closure; wraps ``model`` with the mode's privacy engine.
 
     ``region(name)``, when given, wraps the step's phases (``forward``, ``loss``, ``backward``,
-    ``optimizer.step``, ``optimizer.zero_grad``) for :mod:`benchmarks.overhead`.
+    ``optimizer.step``, ``optimizer.zero_grad``) for :mod:`benchmarks.overhead`. With
+    ``cfg["cuda_graphs"]`` the forward, loss and backward run through
+    :class:`flashnorm.cuda_graphs.CudaGraphStep` (phase ``graph``: input copy and replay).
     """
     mode, device = cfg["mode"], torch.device(cfg["device"])
     batch, seq_len = targets.shape
@@ -120,12 +122,32 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
         )
         loss_kwargs = {"shape": shape}  # token-level loss, the sequence as privacy unit
 
-    def step():
+    def forward_and_loss(inputs, flat_targets):
         with amp():
             with phase("forward"):
                 logits = model(inputs).view(-1, classes)
             with phase("loss"):
-                loss = criterion(logits, flat_targets, **loss_kwargs)
+                return criterion(logits, flat_targets, **loss_kwargs)
+
+    if cfg.get("cuda_graphs"):
+        if mode.startswith("opacus"):
+            raise ValueError(f"cuda_graphs: {mode} keeps per-sample gradients in Python lists; no graph can replay it.")
+        from flashnorm.cuda_graphs import CudaGraphStep
+
+        graphed = CudaGraphStep(model, forward_and_loss)
+
+        def step():
+            with phase("graph"):
+                graphed(inputs, flat_targets)
+            with phase("optimizer.step"):
+                optimizer.step()
+            with phase("optimizer.zero_grad"):
+                optimizer.zero_grad()
+
+        return step
+
+    def step():
+        loss = forward_and_loss(inputs, flat_targets)
         with phase("backward"):
             loss.backward()
         with phase("optimizer.step"):

@@ -3,6 +3,7 @@
     python -m benchmarks.overhead                        # GPT-2 small, flash_fuse, T=16, B=1 and 8, bf16 on CUDA
     python -m benchmarks.overhead --mode flash --batch 8 --seq 64 --profile
     python -m benchmarks.overhead --device cpu --smoke   # tiny GPT-2, a few seconds
+    python -m benchmarks.overhead --batch 8 --cuda-graphs  # both steps replayed from CUDA graphs
 
 The GPU work is made trivially small (T=16 tokens per sequence) so that a step costs what the CPU
 spends issuing it. Two measurements:
@@ -45,6 +46,7 @@ CATEGORIES = (
     ("hooks_forward", "FlashNorm forward hooks (capture X, anchor)", True),
     ("loss", "loss (criterion)", False),
     ("backward", "backward glue (DP tensor / loss.backward)", False),
+    ("graph", "CUDA-graph step (input copy, replay, loss check)", False),
     ("autograd", "autograd engine (backward passes)", False),
     ("hooks_backward", "FlashNorm backward hooks (capture G, planner)", True),
     ("norms", "FlashNorm norm kernels (launch)", True),
@@ -169,7 +171,8 @@ def _build(mode: str, args, batch: int, region=None):
     torch.manual_seed(0)
     model = build_model("gpt2", seq_len=args.seq, smoke=args.smoke, device=device)
     inputs, targets = make_batch("gpt2", batch=batch, seq_len=args.seq, smoke=args.smoke, device=device)
-    cfg = dict(workload="gpt2", B=batch, T=args.seq, dtype=args.dtype, mode=mode, device=args.device, smoke=args.smoke)
+    cfg = dict(workload="gpt2", B=batch, T=args.seq, dtype=args.dtype, mode=mode, device=args.device, smoke=args.smoke,
+               cuda_graphs=args.cuda_graphs)
     return make_step(cfg, model, inputs, targets, region=region)
 
 
@@ -327,6 +330,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="tiny GPT-2 (CPU smoke run)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="both steps (non-DP and the mode) replay their forward, loss and backward from a CUDA graph "
+                        "(flashnorm.cuda_graphs.CudaGraphStep); hooks and launches then run at capture only")
     p.add_argument("--profile", action="store_true", help="also run torch.profiler with Python stacks")
     p.add_argument("--trace", default=None, help="Chrome trace path for --profile")
     p.add_argument("--json", default=None, help="write the results here")
@@ -353,7 +359,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(profile_flashnorm(args.mode, args, batch, args.trace))
         print()
     if args.json:
-        meta = {"device": args.device, "dtype": args.dtype, "smoke": args.smoke, "torch": torch.__version__,
+        meta = {"device": args.device, "dtype": args.dtype, "smoke": args.smoke, "cuda_graphs": args.cuda_graphs,
+                "torch": torch.__version__,
                 "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
                 "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv)}
         with open(args.json, "w") as fh:

@@ -84,15 +84,19 @@ class _FiniteCheck:
     event marks the copy; :meth:`result` waits for that event only — by the end of the backward's
     issue the forward has long finished, so the wait is normally nothing, where ``bool(flag)`` would
     wait for the whole backward and leave the GPU idle while the optimizer step is issued.
+
+    Under CUDA-graph capture (``capturing``) the copy and an *external* event become nodes of the graph,
+    which every replay runs and records: :meth:`result`, called after a replay (never during capture),
+    waits for that node only. ``host`` is the module's pinned buffer, allocated outside any capture and
+    reused (a step's check is read before the next step begins).
     """
 
-    def __init__(self, loss_per_sample: torch.Tensor):
+    def __init__(self, loss_per_sample: torch.Tensor, host: Optional[torch.Tensor] = None, capturing: bool = False):
         flag = torch.isfinite(loss_per_sample.detach()).all()
         self._event = None
         if flag.is_cuda:
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(flag, non_blocking=True)
-            self._event = torch.cuda.Event()
+            self._event = torch.cuda.Event(external=capturing)
             self._event.record()
             flag = host
         self._flag = flag
@@ -184,6 +188,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._norm_roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
         self._arena: Optional[PerSampleArena] = None
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
+        #: The loss check of a step captured in a CUDA graph (read after each replay), else None.
+        self.captured_finite_check: Optional[_FiniteCheck] = None
+        self._finite_host: Dict[torch.device, torch.Tensor] = {}  # pinned flags of the loss checks, per device
         self._distributed = _is_distributed(m)
         self.hooks_enabled = False
         self.add_hooks()
@@ -430,8 +437,15 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 its end, so the GPU never drains mid-step (under DDP/FSDP it is read first, before
                 any collective).
         """
+        capturing = loss_per_sample.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing and self._distributed:
+            raise NotImplementedError(
+                "CUDA-graph capture of a DDP/FSDP clipping step is not supported (its loss check and collectives "
+                "need the host): run distributed steps eagerly."
+            )
         self._check_loss(loss_per_sample, finite=self._distributed)
-        finite = None if self._distributed else _FiniteCheck(loss_per_sample)
+        finite = None if self._distributed else self._finite_check(loss_per_sample)
+        self.captured_finite_check = finite if capturing else None
         if zero_grad is not None:
             zero_grad(set_to_none=True)
         try:
@@ -443,7 +457,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             for p in self.trainable_parameters:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            if finite is not None:
+            if finite is not None and not capturing:
                 self._check_finite(finite)
         except BaseException:
             for p in self.trainable_parameters:
@@ -576,13 +590,39 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 "criterion with shape=(B, T, V) so that the privacy unit is the sequence."
             )
         if finite:
-            self._check_finite(_FiniteCheck(loss_per_sample))
+            self._check_finite(self._finite_check(loss_per_sample))
+
+    def _finite_check(self, loss_per_sample: torch.Tensor) -> _FiniteCheck:
+        """Starts the finiteness check of this loss (see :class:`_FiniteCheck`)."""
+        host = None
+        if loss_per_sample.is_cuda:
+            host = self._finite_host.get(loss_per_sample.device)
+            capturing = torch.cuda.is_current_stream_capturing()
+            if host is None:
+                if capturing:
+                    raise RuntimeError(
+                        "A FlashNorm step is being captured in a CUDA graph before any eager step ran: warm up with "
+                        "one eager step first (flashnorm.cuda_graphs.CudaGraphStep does)."
+                    )
+                host = self._finite_host[loss_per_sample.device] = torch.empty((), dtype=torch.bool, pin_memory=True)
+            return _FiniteCheck(loss_per_sample, host, capturing)
+        return _FiniteCheck(loss_per_sample)
 
     def _check_finite(self, finite: "_FiniteCheck") -> None:
         """Raises (and forgets the step) if the checked loss had a NaN or ±inf (waits for its flag)."""
         if not finite.result():
-            self._reset_step()
-            raise ValueError(_NON_FINITE)
+            self.reject_non_finite_step()
+
+    def reject_non_finite_step(self) -> None:
+        """Forgets the step, drops every gradient it wrote (``p.grad = None``) and raises ``ValueError``.
+
+        Called when the loss was not finite: by the eager workflow, and by
+        :class:`~flashnorm.cuda_graphs.CudaGraphStep` after a replay whose ``captured_finite_check`` fails.
+        """
+        self._reset_step()
+        for p in self.trainable_parameters:
+            p.grad = None
+        raise ValueError(_NON_FINITE)
 
     # -- Opacus-compatible accessors -------------------------------------------------------------
     def get_norm_sample(self) -> torch.Tensor:
