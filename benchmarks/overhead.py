@@ -46,7 +46,8 @@ CATEGORIES = (
     ("hooks_forward", "FlashNorm forward hooks (capture X, anchor)", True),
     ("loss", "loss (criterion)", False),
     ("backward", "backward glue (DP tensor / loss.backward)", False),
-    ("graph", "CUDA-graph step (input copy, replay, loss check)", False),
+    ("graph", "CUDA-graph step (input copy, replay, gradients re-attached)", False),
+    ("wait", "waiting for the GPU (the loss check's event)", False),
     ("autograd", "autograd engine (backward passes)", False),
     ("hooks_backward", "FlashNorm backward hooks (capture G, planner)", True),
     ("norms", "FlashNorm norm kernels (launch)", True),
@@ -134,6 +135,7 @@ def instrumented(breakdown: Breakdown, flashnorm_too: bool):
             from flashnorm.grad_sample import base, fuse, two_pass
             from flashnorm.norms import registry
 
+            patches.patch(base._FiniteCheck, "result", "wait")
             gsm = base.FlashNormGradSampleModule
             for name, category in (
                 ("_capture_forward", "hooks_forward"), ("_capture_backward", "hooks_backward"),
@@ -278,6 +280,14 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def flashnorm_cpu_ms(nondp: Dict[str, float], dp: Dict[str, float]) -> float:
+    """CPU per step of FlashNorm's hooks and bookkeeping: its own timed functions, plus what its graph step
+    costs beyond non-DP's (``--cuda-graphs``, where the hooks run at capture only). Waits for the GPU and
+    the DP optimizer's noise tail are reported on their own lines, not here."""
+    own = sum(dp.get(k, 0.0) for k, _, mine in CATEGORIES if mine)
+    return own + max(0.0, dp.get("graph", 0.0) - nondp.get("graph", 0.0))
+
+
 def run_batch(args, batch: int) -> Dict:
     device = torch.device(args.device)
     result: Dict = {"B": batch, "T": args.seq, "mode": args.mode}
@@ -288,8 +298,7 @@ def run_batch(args, batch: int) -> Dict:
     result["overhead_ms"] = round(result["step_ms"][args.mode] - result["step_ms"]["nondp"], 4)
     result["breakdown_ms"] = {m: {k: round(v, 4) for k, v in breakdown_steps(m, args, batch).items()}
                               for m in ("nondp", args.mode)}
-    own = [k for k, _, mine in CATEGORIES if mine]
-    result["flashnorm_cpu_ms"] = round(sum(result["breakdown_ms"][args.mode].get(k, 0.0) for k in own), 4)
+    result["flashnorm_cpu_ms"] = round(flashnorm_cpu_ms(result["breakdown_ms"]["nondp"], result["breakdown_ms"][args.mode]), 4)
     return result
 
 
@@ -299,8 +308,8 @@ def format_result(result: Dict, target_ms: float) -> str:
     lines = [
         f"GPT-2 small, B={result['B']}, T={result['T']}: step time (CUDA events / wall, median) "
         f"non-DP {result['step_ms']['nondp']:.3f} ms, {mode} {result['step_ms'][mode]:.3f} ms "
-        f"→ overhead {result['overhead_ms']:.3f} ms/step (target < {target_ms:g} ms for hooks + bookkeeping)",
-        f"FlashNorm hooks + bookkeeping, CPU: {result['flashnorm_cpu_ms']:.3f} ms/step",
+        f"→ step overhead {result['overhead_ms']:.3f} ms/step",
+        f"FlashNorm hooks + bookkeeping, CPU: {result['flashnorm_cpu_ms']:.3f} ms/step (target < {target_ms:g} ms)",
         "",
         f"| {'category (CPU wall, exclusive, ms/step)':<56} | {'non-DP':>8} | {mode:>10} | {'Δ':>8} |",
         f"|{'-' * 58}|{'-' * 10}:|{'-' * 12}:|{'-' * 10}:|",

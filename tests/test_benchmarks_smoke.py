@@ -119,3 +119,24 @@ def test_results_record_the_commit_given_for_a_copied_tree(monkeypatch):
     assert _git() == {"commit": "abc1234", "dirty": None, "source": "FLASHNORM_GIT_COMMIT"}
     monkeypatch.delenv("FLASHNORM_GIT_COMMIT")
     assert _git().get("source") is None
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graphs"])
+def test_overhead_benchmark_reports_every_category(tmp_path, graphs):
+    """``python -m benchmarks.overhead`` on a tiny GPT-2: step times, the breakdown of both steps and the
+    FlashNorm CPU figure (``--cuda-graphs`` runs eagerly on the CPU, through the same step object)."""
+    out = tmp_path / "overhead.json"
+    args = ["-m", "benchmarks.overhead", "--device", "cpu", "--smoke", "--batch", "2", "--steps", "2", "--warmup", "1",
+            "--json", str(out)] + (["--cuda-graphs"] if graphs else [])
+    proc = _python(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as fh:
+        data = json.load(fh)
+    assert data["meta"]["cuda_graphs"] is graphs
+    (result,) = data["results"]
+    assert set(result["step_ms"]) == {"nondp", "flash_fuse"} and all(v > 0 for v in result["step_ms"].values())
+    dp = result["breakdown_ms"]["flash_fuse"]
+    assert dp["hooks_forward"] > 0 and dp["hooks_backward"] > 0 and dp["norms"] > 0  # the eager path ran the hooks
+    assert ("graph" in dp) is graphs
+    assert 0 < result["flashnorm_cpu_ms"] < dp["total"]
+    assert "FlashNorm hooks + bookkeeping, CPU" in proc.stdout

@@ -62,7 +62,8 @@ def _check_step_against_oracle(model, dp_model, dp_opt, step, x, y, reduction, c
     for name, p in model.named_parameters():
         expected = oracle.clipped_sum[name] / scale
         torch.testing.assert_close(p.grad.double().cpu(), expected, rtol=rtol, atol=atol * max(1.0, float(expected.abs().max())))
-        assert not torch.equal(p.detach(), before[name]), f"{name} was not updated by the optimizer"
+        if expected.abs().max() > 1e-6:  # (some have none: an attention key's bias cannot change the softmax)
+            assert not torch.equal(p.detach(), before[name]), f"{name} was not updated by the optimizer"
     dp_opt.zero_grad()
 
 
