@@ -17,8 +17,8 @@ Semantics are those of ``loss = loss_fn(*batch); loss.backward()`` after ``optim
 * the DP loss of FlashNorm's criterion (``make_private`` with ``ghost``, ``flash``, ``flash_fuse``):
   the optimizer's gradients are reset as the eager DP ``backward()`` resets them, the clipped
   gradients are written, and a non-finite loss raises ``ValueError`` with every ``p.grad = None``
-  (the graph copies the loss check's flag to the host and records an event behind it; after the
-  replay is issued the host waits for that event only, i.e. for the forward, not for the backward);
+  (the graph records an event behind the loss check's flag; after the replay is issued the host
+  waits for that event only, i.e. for the forward, not for the backward, and reads the flag);
 * a plain loss tensor (non-private training): its gradients, which must start from ``None``
   (``zero_grad(set_to_none=True)``, the default) — a graph overwrites, it cannot accumulate.
 

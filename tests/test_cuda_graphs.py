@@ -141,6 +141,30 @@ def test_graphed_step_rejects_a_non_finite_loss_and_changes_nothing():
 
 
 @pytest.mark.gpu
+def test_freed_graphed_steps_leave_the_device_usable():
+    """Regression: the loss check once copied its flag into pinned memory inside the graph; when the
+    module was freed, the host allocator queried an event recorded during capture and a later,
+    unrelated op failed with "invalid argument"."""
+    import gc
+
+    device = torch.device("cuda")
+    for _ in range(3):
+        model, x, y = build("layernorm", 37)
+        model = model.to(device)
+        dp_model, dp_opt, criterion, _ = _private(model, x, y, "flash_fuse")
+        step = CudaGraphStep(dp_model, lambda xb, yb: criterion(dp_model(xb), yb))
+        for _ in range(2):
+            step(x.to(device), y.to(device))
+            dp_opt.step()
+            dp_opt.zero_grad()
+        del model, dp_model, dp_opt, criterion, step
+        gc.collect()
+        torch.empty(1 << 20, pin_memory=True)  # the host allocator processes the events of freed blocks here
+        torch.cuda.synchronize()
+        assert torch.ones(3, device=device).sum().item() == 3.0
+
+
+@pytest.mark.gpu
 def test_graphed_plain_loss_matches_float64_autograd():
     """Non-private training through the same class: the batch gradient, against float64 autograd."""
     device = torch.device("cuda")

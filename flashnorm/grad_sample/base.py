@@ -83,27 +83,35 @@ class _FiniteCheck:
     On CUDA the flag is computed and copied to pinned host memory behind the forward's kernels, and an
     event marks the copy; :meth:`result` waits for that event only — by the end of the backward's
     issue the forward has long finished, so the wait is normally nothing, where ``bool(flag)`` would
-    wait for the whole backward and leave the GPU idle while the optimizer step is issued.
+    wait for the whole backward and leave the GPU idle while the optimizer step is issued. ``host`` is
+    the module's pinned buffer, reused (a step's check is read before the next step begins).
 
-    Under CUDA-graph capture (``capturing``) the copy and an *external* event become nodes of the graph,
-    which every replay runs and records: :meth:`result`, called after a replay (never during capture),
-    waits for that node only. ``host`` is the module's pinned buffer, allocated outside any capture and
-    reused (a step's check is read before the next step begins).
+    Under CUDA-graph capture (``capturing``) the flag stays on the device and an *external* event
+    behind it becomes a node of the graph, recorded by every replay. :meth:`result`, called after a
+    replay (never during capture), waits for that node and reads the flag on a side stream, which has
+    nothing queued before the copy: the wait covers the forward, not the backward. (A copy into pinned
+    memory inside the graph would leave the host allocator an event recorded during capture, which it
+    cannot query when the buffer is freed.)
     """
 
     def __init__(self, loss_per_sample: torch.Tensor, host: Optional[torch.Tensor] = None, capturing: bool = False):
         flag = torch.isfinite(loss_per_sample.detach()).all()
         self._event = None
+        self._read_aside = capturing
         if flag.is_cuda:
-            host.copy_(flag, non_blocking=True)
+            if not capturing:
+                host.copy_(flag, non_blocking=True)
             self._event = torch.cuda.Event(external=capturing)
             self._event.record()
-            flag = host
+            flag = flag if capturing else host
         self._flag = flag
 
     def result(self) -> bool:
         if self._event is not None:
             self._event.synchronize()
+        if self._read_aside:
+            with torch.cuda.stream(torch.cuda.Stream(device=self._flag.device)):
+                return bool(self._flag)
         return bool(self._flag)
 
 
@@ -594,19 +602,14 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def _finite_check(self, loss_per_sample: torch.Tensor) -> _FiniteCheck:
         """Starts the finiteness check of this loss (see :class:`_FiniteCheck`)."""
-        host = None
-        if loss_per_sample.is_cuda:
-            host = self._finite_host.get(loss_per_sample.device)
-            capturing = torch.cuda.is_current_stream_capturing()
-            if host is None:
-                if capturing:
-                    raise RuntimeError(
-                        "A FlashNorm step is being captured in a CUDA graph before any eager step ran: warm up with "
-                        "one eager step first (flashnorm.cuda_graphs.CudaGraphStep does)."
-                    )
-                host = self._finite_host[loss_per_sample.device] = torch.empty((), dtype=torch.bool, pin_memory=True)
-            return _FiniteCheck(loss_per_sample, host, capturing)
-        return _FiniteCheck(loss_per_sample)
+        if not loss_per_sample.is_cuda:
+            return _FiniteCheck(loss_per_sample)
+        if torch.cuda.is_current_stream_capturing():
+            return _FiniteCheck(loss_per_sample, capturing=True)
+        host = self._finite_host.get(loss_per_sample.device)
+        if host is None:
+            host = self._finite_host[loss_per_sample.device] = torch.empty((), dtype=torch.bool, pin_memory=True)
+        return _FiniteCheck(loss_per_sample, host)
 
     def _check_finite(self, finite: "_FiniteCheck") -> None:
         """Raises (and forgets the step) if the checked loss had a NaN or ±inf (waits for its flag)."""
