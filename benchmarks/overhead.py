@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .harness import _StepTimer, make_step, quiet_warnings, set_precision_flags
+from .run import _git as git_commit  # the runner's record (FLASHNORM_GIT_COMMIT on a copied tree)
 from .models import build_model, make_batch
 
 #: Breakdown categories, in print order: (key, label, FlashNorm's own?).
@@ -369,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print()
     if args.json:
         meta = {"device": args.device, "dtype": args.dtype, "smoke": args.smoke, "cuda_graphs": args.cuda_graphs,
-                "torch": torch.__version__,
+                "torch": torch.__version__, "git": git_commit(),
                 "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
                 "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv)}
         with open(args.json, "w") as fh:

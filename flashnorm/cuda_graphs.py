@@ -24,8 +24,8 @@ Semantics are those of ``loss = loss_fn(*batch); loss.backward()`` after ``optim
 
 A new batch shape (Poisson sampling changes B) costs ``warmup_steps`` eager steps on a side stream
 (compiling and tuning the kernels: nothing may compile during capture) and one capture; every graph
-draws its memory from one shared pool, so its tensors — the returned loss, ``p.grad`` — stay valid
-until the next call. Batches with no sample, CPU batches and steps under DDP/FSDP run eagerly or are
+draws its memory from one shared pool, and the gradients it leaves in ``p.grad`` are its own tensors,
+rewritten by the next call (the returned loss is a copy). Batches with no sample, CPU batches and steps under DDP/FSDP run eagerly or are
 refused. Parameters must be updated in place (every ``torch.optim`` optimizer does); an outer
 ``torch.autocast`` is refused unless its cache is off (enter autocast inside ``loss_fn`` instead):
 its cached weight casts would be frozen into the graph.

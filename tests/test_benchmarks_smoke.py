@@ -132,7 +132,7 @@ def test_overhead_benchmark_reports_every_category(tmp_path, graphs):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as fh:
         data = json.load(fh)
-    assert data["meta"]["cuda_graphs"] is graphs
+    assert data["meta"]["cuda_graphs"] is graphs and data["meta"]["git"]["commit"]
     (result,) = data["results"]
     assert set(result["step_ms"]) == {"nondp", "flash_fuse"} and all(v > 0 for v in result["step_ms"].values())
     dp = result["breakdown_ms"]["flash_fuse"]
