@@ -127,15 +127,15 @@ class CudaGraphStep:
     def _capture(self, batch) -> _Captured:
         inputs = tuple(t.detach().clone() for t in batch)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        current = torch.cuda.current_stream(inputs[0].device)
         side = torch.cuda.Stream(device=inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+        side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(self.warmup_steps):  # compiles and tunes every kernel; its gradients are dropped
                 self._eager(inputs)
                 for p in params:
                     p.grad = None
-        torch.cuda.current_stream(inputs[0].device).wait_stream(side)
-        dp_loss = None
+        current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self.loss_fn(*inputs)

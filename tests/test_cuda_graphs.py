@@ -31,6 +31,16 @@ def _private(model, x, y, mode, reduction="mean", max_grad_norm=1e-2):
     )
 
 
+def _graphed(kind, mode, device):
+    """A model of ``kind`` (T = 37) made private with ``mode`` and its graphed step:
+    (model, x, y, dp_model, dp_opt, step), the batch on the CPU."""
+    model, x, y = build(kind, 37)
+    model = model.to(device)
+    dp_model, dp_opt, criterion, _ = _private(model, x, y, mode)
+    step = CudaGraphStep(dp_model, lambda xb, yb: criterion(dp_model(xb), yb))
+    return model, x, y, dp_model, dp_opt, step
+
+
 def _batches(kind, steps, batch, count, dtype, device):
     out = []
     for _ in range(count):
@@ -121,10 +131,7 @@ def test_graphed_bf16_autocast_steps_match_float64(mode):
 @pytest.mark.gpu
 def test_graphed_step_rejects_a_non_finite_loss_and_changes_nothing():
     device = torch.device("cuda")
-    model, x, y = build("layernorm", 37)
-    model = model.to(device)
-    dp_model, dp_opt, criterion, _ = _private(model, x, y, "flash_fuse")
-    step = CudaGraphStep(dp_model, lambda xb, yb: criterion(dp_model(xb), yb))
+    model, x, y, dp_model, dp_opt, step = _graphed("layernorm", "flash_fuse", device)
     step(x.to(device), y.to(device))  # captured with a finite loss
     dp_opt.step()
     dp_opt.zero_grad()
@@ -149,15 +156,12 @@ def test_freed_graphed_steps_leave_the_device_usable():
 
     device = torch.device("cuda")
     for _ in range(3):
-        model, x, y = build("layernorm", 37)
-        model = model.to(device)
-        dp_model, dp_opt, criterion, _ = _private(model, x, y, "flash_fuse")
-        step = CudaGraphStep(dp_model, lambda xb, yb: criterion(dp_model(xb), yb))
+        model, x, y, dp_model, dp_opt, step = _graphed("layernorm", "flash_fuse", device)
         for _ in range(2):
             step(x.to(device), y.to(device))
             dp_opt.step()
             dp_opt.zero_grad()
-        del model, dp_model, dp_opt, criterion, step
+        del model, dp_model, dp_opt, step
         gc.collect()
         torch.empty(1 << 20, pin_memory=True)  # the host allocator processes the events of freed blocks here
         torch.cuda.synchronize()
@@ -187,10 +191,7 @@ def test_graphed_plain_loss_matches_float64_autograd():
 @pytest.mark.gpu
 def test_graphed_step_runs_an_empty_batch_eagerly():
     device = torch.device("cuda")
-    model, x, y = build("linear3d", 37)
-    model = model.to(device)
-    dp_model, dp_opt, criterion, _ = _private(model, x, y, "flash_fuse")
-    step = CudaGraphStep(dp_model, lambda xb, yb: criterion(dp_model(xb), yb))
+    model, x, y, dp_model, dp_opt, step = _graphed("linear3d", "flash_fuse", device)
     step(x[:0].to(device), y[:0].to(device))
     assert step.num_graphs == 0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
@@ -199,10 +200,7 @@ def test_graphed_step_runs_an_empty_batch_eagerly():
 @pytest.mark.gpu
 def test_graphed_step_refuses_an_outer_autocast_with_its_cache():
     device = torch.device("cuda")
-    model, x, y = build("linear3d", 37)
-    model = model.to(device)
-    dp_model, _, criterion, _ = _private(model, x, y, "flash_fuse")
-    step = CudaGraphStep(dp_model, lambda xb, yb: criterion(dp_model(xb), yb))
+    _, x, y, _, _, step = _graphed("linear3d", "flash_fuse", device)
     with torch.autocast("cuda", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="inside loss_fn"):
         step(x.to(device), y.to(device))
 

@@ -100,10 +100,9 @@ class _FiniteCheck:
         self._read_aside = capturing
         if flag.is_cuda:
             if not capturing:
-                host.copy_(flag, non_blocking=True)
+                flag = host.copy_(flag, non_blocking=True)
             self._event = torch.cuda.Event(external=capturing)
             self._event.record()
-            flag = flag if capturing else host
         self._flag = flag
 
     def result(self) -> bool:
@@ -452,7 +451,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 "need the host): run distributed steps eagerly."
             )
         self._check_loss(loss_per_sample, finite=self._distributed)
-        finite = None if self._distributed else self._finite_check(loss_per_sample)
+        finite = None if self._distributed else self._finite_check(loss_per_sample, capturing)
         self.captured_finite_check = finite if capturing else None
         if zero_grad is not None:
             zero_grad(set_to_none=True)
@@ -600,12 +599,11 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         if finite:
             self._check_finite(self._finite_check(loss_per_sample))
 
-    def _finite_check(self, loss_per_sample: torch.Tensor) -> _FiniteCheck:
-        """Starts the finiteness check of this loss (see :class:`_FiniteCheck`)."""
-        if not loss_per_sample.is_cuda:
-            return _FiniteCheck(loss_per_sample)
-        if torch.cuda.is_current_stream_capturing():
-            return _FiniteCheck(loss_per_sample, capturing=True)
+    def _finite_check(self, loss_per_sample: torch.Tensor, capturing: bool = False) -> _FiniteCheck:
+        """Starts the finiteness check of this loss (see :class:`_FiniteCheck`); ``capturing``: the
+        current CUDA stream is capturing a graph."""
+        if not loss_per_sample.is_cuda or capturing:
+            return _FiniteCheck(loss_per_sample, capturing=capturing)
         host = self._finite_host.get(loss_per_sample.device)
         if host is None:
             host = self._finite_host[loss_per_sample.device] = torch.empty((), dtype=torch.bool, pin_memory=True)
