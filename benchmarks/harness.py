@@ -24,7 +24,7 @@ import statistics
 import time
 import traceback
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,10 @@ import torch.nn as nn
 from .models import build_model, count_parameters, get_workload, make_batch
 
 #: All modes, in the order the runner launches them within one shape (non-DP first: the ratios' base).
-MODES = ("nondp", "flash_fuse", "flash", "ghost", "opacus_hooks", "opacus_ghost")
+#: ``*_graphed``: the same step with forward, loss and backward replayed from CUDA graphs
+#: (:class:`flashnorm.cuda_graphs.CudaGraphStep`); their ratios are to ``nondp_graphed``.
+MODES = ("nondp", "flash_fuse", "flash", "ghost", "opacus_hooks", "opacus_ghost", "nondp_graphed", "flash_fuse_graphed")
+GRAPHED = "_graphed"
 #: The mode string each DP mode passes to ``make_private`` and the engine it uses.
 ENGINES = {
     "opacus_hooks": ("opacus", "hooks"),
@@ -53,6 +56,23 @@ SLOW_STEP_S = 0.5
 
 class BenchmarkTimeout(Exception):
     """The configuration cannot finish its steps within its time limit (measured, not guessed)."""
+
+
+def split_mode(mode: str) -> Tuple[str, bool]:
+    """(the step's mode, replayed from CUDA graphs?): ``"flash_fuse_graphed"`` → ``("flash_fuse", True)``."""
+    if mode.endswith(GRAPHED):
+        return mode[: -len(GRAPHED)], True
+    return mode, False
+
+
+def ratio_base(mode: str) -> str:
+    """The non-DP mode a mode's ratios are taken to: the step of the same kind (eager or graphed)."""
+    return "nondp" + GRAPHED if split_mode(mode)[1] else "nondp"
+
+
+def is_flashnorm(mode: str) -> bool:
+    """FlashNorm's own modes (Triton kernels, planner), graphed or not."""
+    return split_mode(mode)[0] in ("ghost", "flash", "flash_fuse")
 
 
 def autocast_context(dtype: str, device: torch.device):
@@ -83,11 +103,11 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
     """The training step of ``cfg["mode"]`` as a closure; wraps ``model`` with the mode's privacy engine.
 
     ``region(name)``, when given, wraps the step's phases (``forward``, ``loss``, ``backward``,
-    ``optimizer.step``, ``optimizer.zero_grad``) for :mod:`benchmarks.overhead`. With
-    ``cfg["cuda_graphs"]`` the forward, loss and backward run through
+    ``optimizer.step``, ``optimizer.zero_grad``) for :mod:`benchmarks.overhead`. With a ``*_graphed``
+    mode or ``cfg["cuda_graphs"]`` the forward, loss and backward run through
     :class:`flashnorm.cuda_graphs.CudaGraphStep` (phase ``graph``: input copy and replay).
     """
-    mode, device = cfg["mode"], torch.device(cfg["device"])
+    (mode, graphed), device = split_mode(cfg["mode"]), torch.device(cfg["device"])
     batch, seq_len = targets.shape
     classes = get_workload(cfg["workload"]).classes(cfg["smoke"])
     shape = (batch, seq_len, classes)
@@ -129,7 +149,7 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
             with phase("loss"):
                 return criterion(logits, flat_targets, **loss_kwargs)
 
-    if cfg.get("cuda_graphs"):
+    if graphed or cfg.get("cuda_graphs"):
         if mode.startswith("opacus"):
             raise ValueError(f"cuda_graphs: {mode} keeps per-sample gradients in Python lists; no graph can replay it.")
         from flashnorm.cuda_graphs import CudaGraphStep
@@ -262,7 +282,7 @@ def run_config(cfg: Dict, limit_s: float, progress: Optional[Callable[[Dict], No
 
         record["phase"] = "warmup"
         warmup = max(1, int(cfg["warmup"]))
-        with _count_plans(cfg["mode"] in ("ghost", "flash", "flash_fuse")) as plans:
+        with _count_plans(is_flashnorm(cfg["mode"])) as plans:
             plan_seen: Dict[str, int] = {}
             for i in range(warmup):
                 ms, _ = timer(step)

@@ -17,12 +17,14 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from .harness import MODES, ratio_base
+
 START = "<!-- benchmark-table:start -->"
 END = "<!-- benchmark-table:end -->"
-MODES = ("nondp", "flash_fuse", "flash", "ghost", "opacus_hooks", "opacus_ghost")
 MODE_LABELS = {
     "nondp": "non-DP", "flash_fuse": "FlashNorm flash_fuse", "flash": "FlashNorm flash", "ghost": "FlashNorm ghost",
     "opacus_hooks": "Opacus hooks", "opacus_ghost": "Opacus ghost",
+    "nondp_graphed": "non-DP, CUDA graphs", "flash_fuse_graphed": "flash_fuse, CUDA graphs",
 }
 WORKLOAD_ORDER = ("gpt2", "llama1b", "linear")
 _FAILED = {"oom": "OOM", "timeout": "timeout", "error": "error", "not_run": "not run"}
@@ -72,7 +74,7 @@ def _cell(rec: Optional[Dict], kind: str) -> str:
     else:
         value, ratio = rec.get("peak_gib"), rec.get("mem_ratio")
         text = f"{value:.2f} GiB" if value is not None else "?"
-    if rec["mode"] != "nondp" and ratio is not None:
+    if rec["mode"] != ratio_base(rec["mode"]) and ratio is not None:
         text += f" ({ratio:.2f}×)"
     return text
 
@@ -122,7 +124,8 @@ def format_tables(data: Dict, source: Optional[str] = None) -> str:
     out.append("")
     out.append(format_table(data, "memory"))
     out.append("")
-    legend = ("fp32 = TF32 off; bf16 = autocast. OOM / timeout / error are recorded failures "
+    legend = ("fp32 = TF32 off; bf16 = autocast; CUDA graphs = forward, loss and backward replayed by "
+              "`flashnorm.CudaGraphStep` (ratio to non-DP with CUDA graphs). OOM / timeout / error are recorded failures "
               f"(per-configuration limit {settings.get('timeout_s', '?')} s; * = predicted from the same mode's "
               "shorter runs or the cost model, not run); not run = the run's time budget was spent.")
     out.append(legend)
@@ -155,7 +158,7 @@ def make_plots(data: Dict, out_dir: str, stem: str) -> List[str]:
     records = data["records"]
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    markers = dict(zip(MODES, "o s ^ D v P".split()))
+    markers = dict(zip(MODES, "o s ^ D v P X *".split()))
     groups = sorted({(r["workload"], r["dtype"]) for r in records})
     for workload, dtype in groups:
         recs = [r for r in records if r["workload"] == workload and r["dtype"] == dtype]
@@ -169,7 +172,7 @@ def make_plots(data: Dict, out_dir: str, stem: str) -> List[str]:
                 ax = axes[row][col]
                 plotted = False
                 for mode in _modes_present(sub):
-                    if mode == "nondp":
+                    if mode == ratio_base(mode):
                         continue
                     pts = sorted((r["T"], r[key]) for r in sub if r["mode"] == mode and r.get(key) is not None)
                     fails = sorted((r["T"], r["status"]) for r in sub if r["mode"] == mode and r.get("status") != "ok")

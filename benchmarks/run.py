@@ -6,9 +6,11 @@
     python -m benchmarks.run --suite issue4 --dry-run             # the plan and its predicted cost
 
 Modes: ``nondp`` (plain PyTorch), ``opacus_hooks`` and ``opacus_ghost`` (the real ``opacus`` package),
-FlashNorm ``ghost``, ``flash``, ``flash_fuse``. Every configuration (workload, B, T, dtype, mode) runs
-in its own process, forked from a server that has already imported torch, opacus and flashnorm, so a
-configuration costs its CUDA context and model build, not the imports. Each has a time limit
+FlashNorm ``ghost``, ``flash``, ``flash_fuse``; ``nondp_graphed`` and ``flash_fuse_graphed`` replay the
+forward, loss and backward from CUDA graphs (:class:`flashnorm.CudaGraphStep`; ratios to ``nondp_graphed``).
+Every configuration (workload, B, T, dtype, mode) runs in its own process, forked from a server that
+has already imported torch, opacus and flashnorm, so a configuration costs its CUDA context and model
+build, not the imports. Each has a time limit
 (``--timeout``); the run has a budget (``--max-minutes``): once it is spent nothing new starts, and
 what did not run is recorded as ``not_run``. OOM, errors and timeouts are recorded, never skipped.
 The JSON (``--out``) is rewritten after every configuration, so a killed run keeps what it measured.
@@ -35,7 +37,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from . import plan as planning
-from .harness import DTYPES, MODES
+from .harness import DTYPES, MODES, is_flashnorm, ratio_base
 from .models import WORKLOADS
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "e2e_h200.json")
@@ -216,14 +218,15 @@ def run_metadata(args, argv: Sequence[str]) -> Dict:
 
 
 def add_ratios(records: List[Dict]) -> None:
-    """time_ratio = ms / ms(non-DP), mem_ratio = peak / peak(non-DP), same workload, B, T, dtype, this run."""
+    """time_ratio = ms / ms(non-DP), mem_ratio = peak / peak(non-DP), same workload, B, T, dtype, this run;
+    a ``*_graphed`` mode's base is ``nondp_graphed``."""
     base = {
-        (r["workload"], r["B"], r["T"], r["dtype"]): r
+        (r["workload"], r["B"], r["T"], r["dtype"], r["mode"]): r
         for r in records
-        if r["mode"] == "nondp" and r.get("status") == "ok"
+        if r["mode"] == ratio_base(r["mode"]) and r.get("status") == "ok"
     }
     for r in records:
-        ref = base.get((r["workload"], r["B"], r["T"], r["dtype"]))
+        ref = base.get((r["workload"], r["B"], r["T"], r["dtype"], ratio_base(r["mode"])))
         ok = r.get("status") == "ok" and ref is not None
         r["time_ratio"] = round(r["ms"] / ref["ms"], 4) if ok and ref.get("ms") else None
         r["mem_ratio"] = round(r["peak_gib"] / ref["peak_gib"], 4) if ok and ref.get("peak_gib") else None
@@ -381,7 +384,7 @@ def dry_run(configs: List[planning.Config], args) -> None:
         step_s = planning.predict_step_s(cfg, args.smoke)
         total = planning.predict_config_s(cfg, steps=args.steps, warmup=args.warmup, min_timed_s=args.min_timed_s,
                                           max_steps=args.max_steps, device=args.device, smoke=args.smoke)
-        if cfg.mode in ("ghost", "flash", "flash_fuse") and (cfg.workload, cfg.dtype) not in compiled:
+        if is_flashnorm(cfg.mode) and (cfg.workload, cfg.dtype) not in compiled:
             compiled.add((cfg.workload, cfg.dtype))
             total += planning.TRITON_COMPILE_S if args.device != "cpu" else 0
         note = ""
@@ -440,7 +443,7 @@ def run(args, argv: Sequence[str]) -> int:
                 total = planning.predict_config_s(cfg, steps=args.steps, warmup=args.warmup,
                                                   min_timed_s=args.min_timed_s, max_steps=args.max_steps,
                                                   device=args.device, step_s=step_s)
-                if cfg.mode in ("ghost", "flash", "flash_fuse") and (cfg.workload, cfg.dtype) not in compiled:
+                if is_flashnorm(cfg.mode) and (cfg.workload, cfg.dtype) not in compiled:
                     total += planning.TRITON_COMPILE_S
                 margin = 1.25 if basis != "cost model" else 3.0
                 if failed and not args.no_predict_skip:
@@ -464,7 +467,7 @@ def run(args, argv: Sequence[str]) -> int:
                 record["limit_s"] = round(limit, 1)
                 if record.get("status") == "timeout" and limit < args.timeout:
                     record["message"] += f" (limit cut to the budget left: {limit:.0f} s)"
-                if cfg.mode in ("ghost", "flash", "flash_fuse"):
+                if is_flashnorm(cfg.mode):
                     compiled.add((cfg.workload, cfg.dtype))
                 if record.get("gpu") and meta["gpu"] not in (None, record["gpu"]):
                     print(f"warning: this run's GPU ({record['gpu']}) differs from the earlier runs' ({meta['gpu']})",

@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
+from benchmarks.harness import MODES, is_flashnorm, ratio_base
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ["nondp", "flash_fuse", "flash", "ghost", "opacus_hooks", "opacus_ghost"]
 
 
 def _python(*args, timeout=120):
@@ -45,9 +46,9 @@ def test_runner_records(smoke_results):
             assert key in r, (key, r)
         assert r["ms"] > 0 and r["steps"] >= 2 and r["peak_gib"] > 0
         assert 0.0 < r["time_ratio"] < 1e3 and 0.5 < r["mem_ratio"] < 10.0, r
-        if r["mode"] == "nondp":
+        if r["mode"] == ratio_base(r["mode"]):  # nondp, nondp_graphed
             assert r["time_ratio"] == 1.0 and r["mem_ratio"] == 1.0
-        if r["mode"] in ("ghost", "flash", "flash_fuse"):
+        if is_flashnorm(r["mode"]):
             assert isinstance(r["plan"], dict), r  # FlashNorm's per-layer norm methods (as the planner logs them)
 
 
@@ -89,6 +90,28 @@ def test_failures_are_rendered(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| gpt2 | bf16 | 1 | 4096 |"))
     assert "30.0 ms" in row and "33.0 ms (1.10×)" in row and "**OOM**" in row and "**timeout***" in row
     assert "not run" in row
+
+
+def test_graphed_modes_take_their_ratios_to_graphed_non_dp():
+    from benchmarks.run import add_ratios
+
+    base = dict(workload="gpt2", B=1, T=4096, dtype="bf16", status="ok", peak_gib=4.0)
+    records = [dict(base, mode="nondp", ms=30.0), dict(base, mode="flash_fuse", ms=33.0),
+               dict(base, mode="nondp_graphed", ms=20.0, peak_gib=5.0), dict(base, mode="flash_fuse_graphed", ms=21.0)]
+    add_ratios(records)
+    ratios = {r["mode"]: (r["time_ratio"], r["mem_ratio"]) for r in records}
+    assert ratios == {"nondp": (1.0, 1.0), "flash_fuse": (1.1, 1.0), "nondp_graphed": (1.0, 1.0),
+                      "flash_fuse_graphed": (1.05, 0.8)}
+
+
+def test_issue4_suite_graphs_only_its_short_gpt_groups():
+    from benchmarks import plan
+
+    configs = plan.suite_configs("issue4", ["gpt2", "linear", "llama1b"], ["fp32", "bf16"], MODES)
+    graphed = {(c.workload, c.dtype, c.B, c.T) for c in configs if c.mode.endswith("_graphed")}
+    assert graphed == plan.GRAPHED_GROUPS["issue4"]
+    eager = {(c.workload, c.dtype, c.B, c.T) for c in configs if c.mode == "flash_fuse"}
+    assert eager == set(plan.ISSUE4_GROUPS)
 
 
 def test_resume_keeps_complete_groups(smoke_results, tmp_path):

@@ -284,11 +284,19 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     def _batch_first(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.batch_first else t.movedim(1, 0)
 
+    def _holds_one_sample(self, inputs) -> bool:
+        """The layer's first input is a tensor whose batch dimension is 1."""
+        first = inputs[0] if inputs else None
+        dim = 0 if self.batch_first else 1
+        return isinstance(first, torch.Tensor) and first.dim() > dim and first.shape[dim] == 1
+
     def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output):
         # The wrapper's mode decides, not the layer's: a trainable layer left in eval mode inside a training
         # forward still gets gradients, so its norm must be counted.
         if not (self.hooks_enabled and self.training and torch.is_grad_enabled()):
             return None
+        if self._batch_size == 1 and self._single_sample_step() and self._holds_one_sample(inputs):
+            return None  # B = 1, known from an earlier layer: nothing to capture (the fast path of every hook)
         if layer.x is not None:
             raise NotImplementedError(
                 f"Layer '{layer.name}' ran twice in one forward pass. Per-sample norms of a layer applied more "
