@@ -119,7 +119,8 @@ def format_tables(data: Dict, source: Optional[str] = None) -> str:
     out.append("")
     out.append(format_table(data, "time"))
     out.append("")
-    out.append("**Peak memory** (`torch.cuda.max_memory_allocated` over the timed steps; ratio to non-DP):"
+    out.append("**Peak memory** (`torch.cuda.max_memory_allocated` over the timed steps; CUDA graphs: "
+               "`max_memory_reserved`, the graphs' pool included; ratio to non-DP):"
                if meta.get("device", "cuda") != "cpu" else "**Peak memory** (CPU: process max RSS, rough):")
     out.append("")
     out.append(format_table(data, "memory"))

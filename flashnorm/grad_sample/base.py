@@ -33,6 +33,7 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.validators import ModuleValidator
 
 from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
+from ..kernels.backend import environment_read_once
 from ..norms import PerSampleGradFallback, get_norm_rule
 from ..norms.planner import METHODS, choose, forced_method
 from ..norms.registry import NormRule, per_sample_norms, trainable_own_parameters
@@ -464,11 +465,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         if zero_grad is not None:
             zero_grad(set_to_none=True)
         try:
-            if self._single_sample_step():
-                self._single_sample_backward(loss_per_sample)
-            else:
-                coef = self._norm_pass(loss_per_sample)
-                self._write_clipped_gradients(loss_per_sample, coef)
+            with environment_read_once():
+                self._clip(loss_per_sample)
             for p in self.trainable_parameters:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -479,14 +477,25 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 p.grad = None
             raise
 
+    def _clip(self, loss_per_sample: torch.Tensor) -> None:
+        """Σ_b c_b ∇ℓ_b into ``p.grad``: one ordinary backward for a single sample, else the norm pass and
+        the mode's clipped gradients."""
+        if self._single_sample_step():
+            self._single_sample_backward(loss_per_sample)
+        else:
+            coef = self._norm_pass(loss_per_sample)
+            self._write_clipped_gradients(loss_per_sample, coef)
+
     def compute_clipping_coef(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
         """The norm pass alone: per-sample norms from every hooked layer → c: [B] (no gradient written)."""
         self._check_loss(loss_per_sample)
-        return self._norm_pass(loss_per_sample)
+        with environment_read_once():
+            return self._norm_pass(loss_per_sample)
 
     def write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
         """After :meth:`compute_clipping_coef`: writes Σ_b c_b ∇ℓ_b into ``p.grad`` (zeros where unused)."""
-        self._write_clipped_gradients(loss_per_sample, coef)
+        with environment_read_once():
+            self._write_clipped_gradients(loss_per_sample, coef)
         for p in self.trainable_parameters:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -1,13 +1,16 @@
 """Backend choice for the norm kernels: Triton on CUDA, PyTorch elsewhere.
 
-``FLASHNORM_BACKEND=triton|torch`` forces one. It is read at every call, so tests can flip it.
+``FLASHNORM_BACKEND=triton|torch`` forces one. It is read at every call, so tests can flip it — except
+inside :func:`environment_read_once`, which a clipping step enters: one read of the environment serves
+the step's ~100 kernel calls (each ``os.environ`` lookup costs microseconds of host time).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -19,6 +22,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """True when the ``triton`` package imports."""
     try:
@@ -28,8 +32,14 @@ def triton_available() -> bool:
     return True
 
 
+#: (FLASHNORM_BACKEND, TRITON_INTERPRET) as read on entering :func:`environment_read_once`, else None.
+_snapshot: Optional[Tuple[str, bool]] = None
+
+
 def interpreter_enabled() -> bool:
     """True under ``TRITON_INTERPRET=1`` (Triton kernels run on CPU tensors)."""
+    if _snapshot is not None:
+        return _snapshot[1]
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -39,10 +49,27 @@ def forced_backend() -> str:
     Raises:
         ValueError: an unknown value.
     """
+    if _snapshot is not None:
+        return _snapshot[0]
     forced = os.environ.get("FLASHNORM_BACKEND", "").strip().lower()
     if forced and forced not in BACKENDS:
         raise ValueError(f"FLASHNORM_BACKEND={forced!r} is not one of {', '.join(BACKENDS)} (or unset).")
     return forced
+
+
+@contextlib.contextmanager
+def environment_read_once() -> Iterator[None]:
+    """Within the block, :func:`forced_backend` and :func:`interpreter_enabled` return what they read on
+    entry (validated there). A module global, not a context variable: the autograd engine runs the
+    backward hooks, and hence the kernel calls, on its own device threads. Nests."""
+    global _snapshot
+    outer = _snapshot
+    if outer is None:
+        _snapshot = (forced_backend(), interpreter_enabled())
+    try:
+        yield
+    finally:
+        _snapshot = outer
 
 
 def triton_choice(x: torch.Tensor, g: torch.Tensor) -> Optional[str]:

@@ -69,3 +69,22 @@ def test_package_imports_without_triton():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "refused: FLASHNORM_BACKEND=triton" in result.stdout
+
+
+def test_a_clipping_step_reads_the_environment_once(monkeypatch):
+    """Inside environment_read_once (entered by every clipping step) the values read on entry hold; outside,
+    every call reads the environment again; a bad value fails on entry and leaves no snapshot behind."""
+    from flashnorm.kernels import backend
+
+    monkeypatch.setenv("FLASHNORM_BACKEND", "torch")
+    with backend.environment_read_once():
+        monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
+        assert backend.forced_backend() == "torch"
+        with backend.environment_read_once():
+            assert backend.forced_backend() == "torch"
+        assert backend.forced_backend() == "torch"
+    assert backend.forced_backend() == "triton"
+    monkeypatch.setenv("FLASHNORM_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FLASHNORM_BACKEND='cuda'"), backend.environment_read_once():
+        pass
+    assert backend._snapshot is None
