@@ -169,6 +169,34 @@ def test_freed_graphed_steps_leave_the_device_usable():
 
 
 @pytest.mark.gpu
+def test_a_module_freed_during_a_capture_leaves_the_device_usable():
+    """Regression: each module once owned the pinned flag of its loss checks. A garbage collection that freed the
+    module while a stream the flag had been copied on was capturing a graph left the host allocator an event
+    recorded during capture, and a later pinned allocation (the next ``.item()``) failed with "invalid argument"
+    (seen in 2 of ~8 runs of this file, at varying tests). The flags now live as long as the process."""
+    import gc
+
+    device = torch.device("cuda")
+    stream = torch.cuda.Stream(device=device)
+    model, x, y = build("layernorm", 37)
+    dp_model, dp_opt, criterion, _ = _private(model.to(device), x, y, "flash_fuse")
+    with torch.cuda.stream(stream):  # an eager step: its loss check copies the flag on `stream`
+        criterion(dp_model(x.to(device)), y.to(device)).backward()
+    stream.synchronize()
+    doomed = [model, dp_model, dp_opt, criterion]  # kept alive past the collection torch.cuda.graph runs first
+    del model, dp_model, dp_opt, criterion
+    static = torch.zeros(4, device=device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        static.add_(1)
+        doomed.clear()
+        gc.collect()  # the module (reference cycles through its hooks) is freed here, during the capture
+    graph.replay()
+    assert static.sum().item() == 4.0
+    assert torch.ones(3, device=device).sum().item() == 3.0
+
+
+@pytest.mark.gpu
 def test_graphed_plain_loss_matches_float64_autograd():
     """Non-private training through the same class: the batch gradient, against float64 autograd."""
     device = torch.device("cuda")

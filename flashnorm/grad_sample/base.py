@@ -23,9 +23,10 @@ exactly as in Opacus.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -78,41 +79,67 @@ _NON_FINITE = (
 )
 
 
+#: Pinned one-element flags of the loss checks, one per (device, thread), never freed. The caching host
+#: allocator records an event on every stream that copied into a pinned block when that block is freed; a
+#: flag freed with its module (at any garbage collection) while one of those streams captures a CUDA graph
+#: would leave the allocator an event recorded during capture, which it cannot query later ("CUDA error:
+#: invalid argument" at some unrelated pinned allocation, e.g. the next ``.item()``).
+_PINNED_FLAGS: Dict[Tuple[torch.device, int], torch.Tensor] = {}
+#: One side stream per device for reading a graphed step's flag (nothing is ever queued on it before the copy).
+_READ_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _pinned_flag(device: torch.device) -> torch.Tensor:
+    key = (device, threading.get_ident())
+    flag = _PINNED_FLAGS.get(key)
+    if flag is None:
+        flag = _PINNED_FLAGS[key] = torch.empty((), dtype=torch.bool, pin_memory=True)
+    return flag
+
+
 class _FiniteCheck:
     """Whether every per-sample loss is finite, read without draining the GPU.
 
-    On CUDA the flag is computed and copied to pinned host memory behind the forward's kernels, and an
+    On CUDA the flag is computed and copied to a pinned host flag behind the forward's kernels, and an
     event marks the copy; :meth:`result` waits for that event only — by the end of the backward's
     issue the forward has long finished, so the wait is normally nothing, where ``bool(flag)`` would
-    wait for the whole backward and leave the GPU idle while the optimizer step is issued. ``host`` is
-    the module's pinned buffer, reused (a step's check is read before the next step begins).
+    wait for the whole backward and leave the GPU idle while the optimizer step is issued. The host
+    flag is reused (a step's check is read before the next step begins).
 
     Under CUDA-graph capture (``capturing``) the flag stays on the device and an *external* event
     behind it becomes a node of the graph, recorded by every replay. :meth:`result`, called after a
-    replay (never during capture), waits for that node and reads the flag on a side stream, which has
-    nothing queued before the copy: the wait covers the forward, not the backward. (A copy into pinned
-    memory inside the graph would leave the host allocator an event recorded during capture, which it
-    cannot query when the buffer is freed.)
+    replay (never during capture), waits for that node, then copies the flag to the host flag on a
+    side stream with nothing queued before the copy: the wait covers the forward, not the backward.
+    No pinned copy is ever captured (the host allocator cannot query an event recorded in a graph).
     """
 
-    def __init__(self, loss_per_sample: torch.Tensor, host: Optional[torch.Tensor] = None, capturing: bool = False):
+    def __init__(self, loss_per_sample: torch.Tensor, capturing: bool = False):
         flag = torch.isfinite(loss_per_sample.detach()).all()
-        self._event = None
+        self._event = self._host = None
         self._read_aside = capturing
         if flag.is_cuda:
+            self._host = _pinned_flag(flag.device)
             if not capturing:
-                flag = host.copy_(flag, non_blocking=True)
+                self._host.copy_(flag, non_blocking=True)
             self._event = torch.cuda.Event(external=capturing)
             self._event.record()
         self._flag = flag
 
     def result(self) -> bool:
-        if self._event is not None:
-            self._event.synchronize()
+        if self._event is None:
+            return bool(self._flag)
+        self._event.synchronize()
         if self._read_aside:
-            with torch.cuda.stream(torch.cuda.Stream(device=self._flag.device)):
-                return bool(self._flag)
-        return bool(self._flag)
+            device = self._flag.device
+            stream = _READ_STREAMS.get(device)
+            if stream is None:
+                stream = _READ_STREAMS[device] = torch.cuda.Stream(device=device)
+            with torch.cuda.stream(stream):
+                self._host.copy_(self._flag, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+            copied.synchronize()
+        return bool(self._host)
 
 
 @dataclass(eq=False)
@@ -198,7 +225,6 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
         #: The loss check of a step captured in a CUDA graph (read after each replay), else None.
         self.captured_finite_check: Optional[_FiniteCheck] = None
-        self._finite_host: Dict[torch.device, torch.Tensor] = {}  # pinned flags of the loss checks, per device
         self._distributed = _is_distributed(m)
         self.hooks_enabled = False
         self.add_hooks()
@@ -460,7 +486,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 "need the host): run distributed steps eagerly."
             )
         self._check_loss(loss_per_sample, finite=self._distributed)
-        finite = None if self._distributed else self._finite_check(loss_per_sample, capturing)
+        finite = None if self._distributed else _FiniteCheck(loss_per_sample, capturing)
         self.captured_finite_check = finite if capturing else None
         if zero_grad is not None:
             zero_grad(set_to_none=True)
@@ -614,17 +640,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 "criterion with shape=(B, T, V) so that the privacy unit is the sequence."
             )
         if finite:
-            self._check_finite(self._finite_check(loss_per_sample))
-
-    def _finite_check(self, loss_per_sample: torch.Tensor, capturing: bool = False) -> _FiniteCheck:
-        """Starts the finiteness check of this loss (see :class:`_FiniteCheck`); ``capturing``: the
-        current CUDA stream is capturing a graph."""
-        if not loss_per_sample.is_cuda or capturing:
-            return _FiniteCheck(loss_per_sample, capturing=capturing)
-        host = self._finite_host.get(loss_per_sample.device)
-        if host is None:
-            host = self._finite_host[loss_per_sample.device] = torch.empty((), dtype=torch.bool, pin_memory=True)
-        return _FiniteCheck(loss_per_sample, host)
+            self._check_finite(_FiniteCheck(loss_per_sample))
 
     def _check_finite(self, finite: "_FiniteCheck") -> None:
         """Raises (and forgets the step) if the checked loss had a NaN or ±inf (waits for its flag)."""
