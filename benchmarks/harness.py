@@ -74,7 +74,7 @@ def ratio_base(mode: str) -> str:
 
 def is_flashnorm(mode: str) -> bool:
     """FlashNorm's own modes (Triton kernels, planner), graphed or not."""
-    return split_mode(mode)[0] in ("ghost", "flash", "flash_fuse")
+    return ENGINES.get(split_mode(mode)[0], ("",))[0] == "flashnorm"
 
 
 def autocast_context(dtype: str, device: torch.device):
@@ -106,7 +106,7 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
 
     ``region(name)``, when given, wraps the step's phases (``forward``, ``loss``, ``backward``,
     ``optimizer.step``, ``optimizer.zero_grad``) for :mod:`benchmarks.overhead`. With a ``*_graphed``
-    mode or ``cfg["cuda_graphs"]`` the forward, loss and backward run through
+    mode the forward, loss and backward run through
     :class:`flashnorm.cuda_graphs.CudaGraphStep` (phase ``graph``: input copy and replay).
     """
     (mode, graphed), device = split_mode(cfg["mode"]), torch.device(cfg["device"])
@@ -151,9 +151,9 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
             with phase("loss"):
                 return criterion(logits, flat_targets, **loss_kwargs)
 
-    if graphed or cfg.get("cuda_graphs"):
+    if graphed:
         if mode.startswith("opacus"):
-            raise ValueError(f"cuda_graphs: {mode} keeps per-sample gradients in Python lists; no graph can replay it.")
+            raise ValueError(f"{mode}{GRAPHED}: {mode} keeps per-sample gradients in Python lists; no graph can replay it.")
         from flashnorm.cuda_graphs import CudaGraphStep
 
         graphed = CudaGraphStep(model, forward_and_loss)

@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .harness import _StepTimer, make_step, quiet_warnings, set_precision_flags
+from .harness import GRAPHED, _StepTimer, make_step, quiet_warnings, set_precision_flags
 from .run import _git as git_commit  # the runner's record (FLASHNORM_GIT_COMMIT on a copied tree)
 from .models import build_model, make_batch
 
@@ -174,8 +174,9 @@ def _build(mode: str, args, batch: int, region=None):
     torch.manual_seed(0)
     model = build_model("gpt2", seq_len=args.seq, smoke=args.smoke, device=device)
     inputs, targets = make_batch("gpt2", batch=batch, seq_len=args.seq, smoke=args.smoke, device=device)
-    cfg = dict(workload="gpt2", B=batch, T=args.seq, dtype=args.dtype, mode=mode, device=args.device, smoke=args.smoke,
-               cuda_graphs=args.cuda_graphs)
+    step_mode = mode + GRAPHED if args.cuda_graphs else mode
+    cfg = dict(workload="gpt2", B=batch, T=args.seq, dtype=args.dtype, mode=step_mode, device=args.device,
+               smoke=args.smoke)
     return make_step(cfg, model, inputs, targets, region=region)
 
 
