@@ -95,6 +95,27 @@ def test_single_sample_batch(mode, kind, reduction, device):
         torch.testing.assert_close(grad.cpu(), oracle.clipped_sum[name], rtol=rtol, atol=atol)
 
 
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_sample_tail_by_the_multi_tensor_kernels(kind, reduction, device, monkeypatch):
+    """B = 1 in float32 with FLASHNORM_BACKEND=triton (the interpreter on CPU): the norm of all gradients and their
+    scaling by c are the multi-tensor Triton passes; exact against the float64 oracle."""
+    monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
+    model, x, y = build(kind, 37, batch=1)
+    clip = 1e-2
+    oracle = microbatch_reference(model.double(), x.double() if x.is_floating_point() else x, y,
+                                  lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), clip)
+    model = model.float()
+    dp_model, grads = dp_clipped_step(model.to(device), x.to(device), y.to(device), mode="flash_fuse",
+                                      reduction=reduction, max_grad_norm=clip)
+    rtol, atol = fp32_tolerance(device)
+    assert (oracle.norms > clip).all(), "clipping must be active"
+    torch.testing.assert_close(dp_model.get_norm_sample().double().cpu(), oracle.norms, rtol=rtol, atol=atol)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.double().cpu(), oracle.clipped_sum[name], rtol=rtol, atol=atol)
+
+
 class _SeqFirstAttention(nn.Module):
     """Opacus's DPMultiheadAttention in its default layout: inputs [T, B, d] (batch_first=False)."""
 

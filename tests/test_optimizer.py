@@ -65,3 +65,51 @@ def test_noise_in_small_buckets_has_the_right_std(monkeypatch):
     noise = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert noise.numel() >= 50_000 and (noise != 0).all()
     assert abs(noise.std().item() / (0.8 * 0.5 / 4) - 1) < 0.05
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_noise_and_scale_equal_noise_then_scale(reduction, monkeypatch):
+    """The fused pass g ← (g + ξ)·s (Triton, interpreted on CPU) gives what add_noise then scale_grad give with the
+    same draws, bit for bit in float32, over buckets, a float16 parameter and a virtual (accumulated) step."""
+    from flashnorm.optimizers import fast_gradient_clipping
+
+    monkeypatch.setattr(fast_gradient_clipping, "NOISE_BUCKET_ELEMENTS", 500)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setenv("FLASHNORM_BACKEND", "triton" if fused else "torch")
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 7))
+        model[1].half()
+        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.7,
+                                              max_grad_norm=0.5, expected_batch_size=4, loss_reduction=reduction,
+                                              generator=torch.Generator().manual_seed(3))
+        opt.fuses_noise_and_scale = fused
+        for virtual in (True, False):
+            gen = torch.Generator().manual_seed(int(virtual))
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            if virtual:
+                opt.signal_skip_step(True)
+            opt.step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for fused, unfused in zip(*results):
+        assert torch.equal(fused, unfused)
+
+
+def test_the_parameter_list_is_built_once_per_step_and_follows_requires_grad():
+    """One list for the step; a parameter frozen between steps is dropped from the next one (no noise)."""
+    model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 2))
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0,
+                                          max_grad_norm=1.0, expected_batch_size=2)
+    _set_grads(model, 0)
+    opt.step()
+    opt.zero_grad()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    _set_grads(model, 1)
+    model[0].weight.grad = None
+    opt.step()
+    assert torch.equal(model[0].weight, frozen)
+    assert len(opt.params) == 3

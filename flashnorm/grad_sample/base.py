@@ -33,6 +33,7 @@ import torch.nn as nn
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.validators import ModuleValidator
 
+from ..kernels import multi_tensor
 from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
 from ..kernels.backend import environment_read_once
 from ..norms import PerSampleGradFallback, get_norm_rule
@@ -612,14 +613,13 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     def _single_sample_backward(self, loss_per_sample: torch.Tensor) -> None:
         torch.autograd.backward(loss_per_sample.sum())
         grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
-        acc = accumulation_dtype(*grads)
-        if grads:  # one multi-tensor norm, accumulated in float32 (float64) whatever the gradients' dtype
-            self._norm_sq = torch.stack(torch._foreach_norm(grads, 2, dtype=acc)).square_().sum(dim=0, keepdim=True)
-        else:
-            self._norm_sq = torch.zeros(1, dtype=acc, device=loss_per_sample.device)
-        coef = self.get_clipping_coef()
-        if grads:
-            torch._foreach_mul_(grads, coef[0])
+        if not grads:
+            self._norm_sq = torch.zeros(1, dtype=accumulation_dtype(loss_per_sample), device=loss_per_sample.device)
+            self.get_norm_sample()
+            return
+        # one multi-tensor pass for the norm (float32, float64 for float64) and one for the scaling
+        self._norm_sq = multi_tensor.squared_norm(grads)
+        multi_tensor.scale_(grads, self.get_clipping_coef())
 
     def _write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
         raise NotImplementedError

@@ -43,12 +43,9 @@ class DistributedDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
-    def add_noise(self):
-        """Rank 0: S_0 + ξ (the fused tail of the single-device optimizer). Other ranks: S_r unchanged."""
-        if self.rank == 0:
-            return super().add_noise()
-        self._checked_summed_grads()
-        self._publish_summed_grads()
+    def _noise_std(self) -> float:
+        """σ·C on rank 0, which alone adds noise (S_0 + ξ: the single-device tail); 0 elsewhere (S_r unchanged)."""
+        return super()._noise_std() if self.rank == 0 else 0.0
 
     def _grad_scale(self) -> float:
         """1 / (W · ``expected_batch_size``) for ``mean``: the expected global batch size."""

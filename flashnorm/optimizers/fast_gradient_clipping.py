@@ -7,19 +7,26 @@ semantics and changes only the cost of the tail:
 * ``summed_grad`` aliases ``p.grad`` (no copy) unless the step accumulates a virtual batch
   (``BatchMemoryManager`` skip signals), where it is a copy as in Opacus;
 * the noise for a bucket of parameters (same device and dtype, ~16M elements) is drawn with one
-  ``torch.normal`` of std σ·C (the same i.i.d. N(0, σ²C²) per element, from ``generator``) and
-  added with one ``torch._foreach_add_``; ``loss_reduction="mean"`` scales with one ``torch._foreach_mul_``.
+  ``torch.normal`` of std σ·C (the same i.i.d. N(0, σ²C²) per element, from ``generator``); adding it
+  and the ``loss_reduction="mean"`` scaling are one multi-tensor pass over the bucket,
+  g ← (g + ξ) / B (:func:`flashnorm.kernels.multi_tensor.add_then_scale_`);
+* the list of parameters is built once per step (Opacus's ``params`` property rebuilds it at each use).
 
-``secure_mode=True`` draws with Opacus's floating-point-attack-resistant sampler, one parameter at a time.
+``secure_mode=True`` draws with Opacus's floating-point-attack-resistant sampler, one parameter at a time,
+then scales (Opacus's order).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable, Optional
 
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping as _OpacusDPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from opacus.optimizers.utils import params as trainable_params
+
+from ..kernels.multi_tensor import add_then_scale_
 
 
 #: Noise is drawn for buckets of parameters of about this many elements: a few launches per step and a
@@ -40,6 +47,14 @@ def _buckets(tensors, limit):
         yield bucket
 
 
+def _same_device_and_dtype(tensors):
+    """The tensors grouped by (device, dtype), each group in order."""
+    groups = defaultdict(list)
+    for t in tensors:
+        groups[(t.device, t.dtype)].append(t)
+    return groups.values()
+
+
 class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
     """``(optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction="mean",
     generator=None, secure_mode=False)`` — Opacus's signature and semantics; fused tail.
@@ -47,6 +62,32 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
     After the DP criterion's ``backward()``, ``p.grad`` holds Σ_b c_b ∇ℓ_b; ``step()`` makes it
     (Σ_b c_b ∇ℓ_b + N(0, σ²C²)) / expected_batch_size (``mean``) and steps the wrapped optimizer.
     """
+
+    #: Noise and scaling in one pass per bucket; the FSDP optimizer, which adds only owned elements, says False.
+    fuses_noise_and_scale = True
+
+    @property
+    def params(self):
+        """The trainable parameters of every group (Opacus's list), built once per ``step``."""
+        step_params = getattr(self, "_step_params", None)
+        return step_params if step_params is not None else trainable_params(self)
+
+    def pre_step(self, closure: Optional[Callable[[], float]] = None) -> bool:
+        """Opacus's ``pre_step`` (accumulate; stop on a skip signal; noise; scale; step hook) with one parameter
+        list for the whole step and the noise and scaling fused."""
+        self._step_params = trainable_params(self)
+        try:
+            self.accumulate()
+            if self._check_skip_next_step():
+                self._is_last_step_skipped = True
+                return False
+            self.add_noise_and_scale_grad()
+            if self.step_hook:
+                self.step_hook(self)
+            self._is_last_step_skipped = False
+            return True
+        finally:
+            self._step_params = None
 
     def accumulate(self):
         virtual_step = bool(self._check_skip_next_step(pop_next=False))
@@ -73,12 +114,24 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             if self.secure_mode:
                 self._add_secure_noise(grads, std)
             else:
-                groups = defaultdict(list)
-                for g in grads:
-                    groups[(g.device, g.dtype)].append(g)
-                for same_kind in groups.values():
+                for same_kind in _same_device_and_dtype(grads):
                     for bucket in _buckets(same_kind, NOISE_BUCKET_ELEMENTS):
                         self._add_noise_to_bucket(bucket, std)
+        self._publish_summed_grads()
+
+    def add_noise_and_scale_grad(self):
+        """:meth:`add_noise` then :meth:`scale_grad`, as one pass g ← (g + ξ) · s over each bucket when they fuse
+        (not under ``secure_mode``, whose sampler works per parameter, nor without noise)."""
+        std = self._noise_std()
+        if self.secure_mode or std == 0 or not self.fuses_noise_and_scale:
+            self.add_noise()
+            self.scale_grad()
+            return
+        grads = self._checked_summed_grads()
+        factor = self._grad_scale()
+        for same_kind in _same_device_and_dtype(grads):
+            for bucket in _buckets(same_kind, NOISE_BUCKET_ELEMENTS):
+                add_then_scale_(bucket, self._bucket_noise(bucket, std), factor)
         self._publish_summed_grads()
 
     def scale_grad(self):
@@ -99,13 +152,16 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             _check_processed_flag(p.summed_grad)
         return [p.summed_grad for p in self.params]
 
+    def _bucket_noise(self, bucket, std: float) -> torch.Tensor:
+        """ξ ~ N(0, std²) i.i.d., flat [Σ numel], for a bucket of one device and dtype: one ``torch.normal``
+        from ``generator``."""
+        size = sum(g.numel() for g in bucket)
+        return torch.normal(0.0, std, size=(size,), device=bucket[0].device, dtype=bucket[0].dtype,
+                            generator=self.generator)
+
     def _add_noise_to_bucket(self, bucket, std: float) -> None:
-        """One ``torch.normal`` for the bucket (same device and dtype), one ``foreach`` add."""
-        sizes = [g.numel() for g in bucket]
-        flat = torch.normal(
-            0.0, std, size=(sum(sizes),), device=bucket[0].device, dtype=bucket[0].dtype, generator=self.generator
-        )
-        torch._foreach_add_(bucket, [n.view_as(g) for n, g in zip(flat.split(sizes), bucket)])
+        """The bucket's noise added in one pass."""
+        add_then_scale_(bucket, self._bucket_noise(bucket, std), 1.0)
 
     def _add_secure_noise(self, grads, std: float) -> None:
         """``secure_mode``: Opacus's floating-point-attack-resistant sampler, one parameter at a time."""

@@ -50,13 +50,13 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
         """σ·C/W: FSDP's reduce-scatter averaged the signal over the W ranks (see the module)."""
         return super()._noise_std() / self.world_size
 
+    #: Only owned elements get noise: added, then scaled (two passes).
+    fuses_noise_and_scale = False
+
     def _add_noise_to_bucket(self, bucket, std: float) -> None:
         """Draws the bucket's full-shape noise (as on one device) and adds the owned elements."""
-        sizes = [g.numel() for g in bucket]  # full (global) sizes
-        flat = torch.normal(
-            0.0, std, size=(sum(sizes),), device=bucket[0].device, dtype=bucket[0].dtype, generator=self.generator
-        )
-        noise = [owned_part(n.view(g.shape), g) for n, g in zip(flat.split(sizes), bucket)]
+        flat = self._bucket_noise(bucket, std)  # DTensor numel: full (global) sizes
+        noise = [owned_part(n.view(g.shape), g) for n, g in zip(flat.split([g.numel() for g in bucket]), bucket)]
         torch._foreach_add_([g.to_local() for g in bucket], noise)
 
     def _add_secure_noise(self, grads, std: float) -> None:

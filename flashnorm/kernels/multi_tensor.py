@@ -1,0 +1,242 @@
+"""Multi-tensor passes over a list of gradients (the DP tail): one launch per list, not one per tensor.
+
+For tensors g_1 … g_n of one dtype on one device, ν = Σ_i numel(g_i) elements in all, and
+o_i = Σ_{j<i} numel(g_j) the offset of g_i in their concatenation:
+
+    squared_norm(gs)            → s = Σ_i ‖g_i‖²                          float32 [1] (float64 for float64)
+    scale_(gs, c)                 g_i ← c · g_i                            c: a one-element tensor (no host sync)
+    add_then_scale_(gs, z, a)     g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · a     z: [ν] flat, a: a float
+
+A model's gradients are ~150 tensors. torch's foreach ops launch few kernels, but build one tensor per
+parameter on the host for every result (the norms) or argument (views of a flat noise buffer): at
+B = 1 that host time exceeds the GPU work of the whole clipping tail. Here a list is described once by
+a *work table* — one row per chunk of at most ``CHUNK`` elements: (address, length, offset in the
+list) — uploaded to the device and cached under the list's (address, numel) signature; a launch then
+runs one program per row. The table depends only on that signature, so a cache hit is always valid.
+
+Memory-bound passes: ``squared_norm`` reads ν elements (float32 partial sums per chunk, then one sum);
+``scale_`` reads and writes ν; ``add_then_scale_`` reads 2ν and writes ν, where an add then a multiply
+would read 3ν and write 2ν. Arithmetic in float32 whatever the storage dtype, rounded once on store.
+
+The Triton path needs every tensor contiguous and is not used while a CUDA graph is being captured
+(the table upload is a host-to-device copy): the PyTorch references (``torch._foreach_*``) serve there,
+on other devices, for float64 and with ``FLASHNORM_BACKEND=torch``.
+
+Layout of this file: the Triton kernels, the work table, the launch wrappers, the PyTorch references,
+the dispatchers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from ._chunks import accumulation_dtype
+from .backend import interpreter_enabled, triton_choice
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # flashnorm imports without Triton; the dispatchers then always take the references
+    from .backend import _TritonStub as triton
+
+    tl = None
+
+
+# -- Triton kernels: program r handles row r of the work table, table[r] = (address, length, offset) ---------------
+@triton.jit
+def _squared_norm_kernel(table_ptr, partial_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """partial[r] = Σ x² over the chunk of row r, in float32."""
+    row = tl.program_id(0)
+    base = tl.load(table_ptr + 3 * row).to(tl.pointer_type(DTYPE))
+    length = tl.load(table_ptr + 3 * row + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, length, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(base + offs, mask=offs < length, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(partial_ptr + row, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _scale_kernel(table_ptr, factor_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """x ← c · x over the chunk of row r, c = factor[0] read on the device."""
+    row = tl.program_id(0)
+    base = tl.load(table_ptr + 3 * row).to(tl.pointer_type(DTYPE))
+    length = tl.load(table_ptr + 3 * row + 1)
+    c = tl.load(factor_ptr).to(tl.float32)
+    for start in range(0, length, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < length
+        x = tl.load(base + offs, mask=mask).to(tl.float32)
+        tl.store(base + offs, (x * c).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _add_then_scale_kernel(table_ptr, z_ptr, alpha, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """x ← (x + z[offset + i]) · alpha over the chunk of row r (offset: the chunk's place in the list)."""
+    row = tl.program_id(0)
+    base = tl.load(table_ptr + 3 * row).to(tl.pointer_type(DTYPE))
+    length = tl.load(table_ptr + 3 * row + 1)
+    z_base = z_ptr + tl.load(table_ptr + 3 * row + 2)
+    for start in range(0, length, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < length
+        x = tl.load(base + offs, mask=mask).to(tl.float32)
+        z = tl.load(z_base + offs, mask=mask).to(tl.float32)
+        tl.store(base + offs, ((x + z) * alpha).to(DTYPE), mask=mask)
+
+
+# -- the work table -----------------------------------------------------------------------------------------------
+#: Elements per table row (one program); a program loops over its chunk in ``_block()`` steps.
+CHUNK = 1 << 16
+
+#: Tables kept, most recently used last: a training loop's few gradient lists (all of them, then the
+#: noise buckets) hit the cache every step once the caching allocator has settled their addresses.
+_TABLE_CACHE_SIZE = 64
+_tables: "OrderedDict[Tuple, torch.Tensor]" = OrderedDict()
+
+
+def _block() -> int:
+    return CHUNK if interpreter_enabled() else 2048
+
+
+def work_table(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 [rows, 3] on the tensors' device: (address, length, offset) per chunk of ≤ ``CHUNK`` elements.
+
+    Cached under ((address, numel) per tensor, device, dtype); empty tensors contribute no row.
+    """
+    first = tensors[0]
+    key = (first.device, first.dtype, tuple((t.data_ptr(), t.numel()) for t in tensors))
+    table = _tables.get(key)
+    if table is not None:
+        _tables.move_to_end(key)
+        return table
+    rows: List[Tuple[int, int, int]] = []
+    offset = 0
+    for t in tensors:
+        n, address, size = t.numel(), t.data_ptr(), t.element_size()
+        rows.extend((address + start * size, min(CHUNK, n - start), offset + start) for start in range(0, n, CHUNK))
+        offset += n
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3).to(first.device)
+    _tables[key] = table
+    if len(_tables) > _TABLE_CACHE_SIZE:
+        _tables.popitem(last=False)
+    return table
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+# -- launch wrappers (one dtype, one device, contiguous tensors) --------------------------------------------------
+def squared_norm_triton(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Triton Σ_i ‖g_i‖² → float32 [1]."""
+    table = work_table(tensors)
+    partial = torch.empty(table.shape[0], dtype=torch.float32, device=tensors[0].device)
+    if table.shape[0]:
+        _squared_norm_kernel[(table.shape[0],)](table, partial, DTYPE=_tl_dtype(tensors[0].dtype), BLOCK=_block(),
+                                                num_warps=8)
+    return partial.sum(dim=0, keepdim=True)
+
+
+def scale_triton_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
+    """Triton g_i ← c · g_i in place, c = ``factor`` (one element, on the tensors' device)."""
+    table = work_table(tensors)
+    if table.shape[0]:
+        _scale_kernel[(table.shape[0],)](table, factor, DTYPE=_tl_dtype(tensors[0].dtype), BLOCK=_block(), num_warps=8)
+
+
+def add_then_scale_triton_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
+    """Triton g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · alpha in place (z: contiguous [ν], the tensors' dtype)."""
+    table = work_table(tensors)
+    if table.shape[0]:
+        _add_then_scale_kernel[(table.shape[0],)](table, z, float(alpha), DTYPE=_tl_dtype(tensors[0].dtype),
+                                                  BLOCK=_block(), num_warps=8)
+
+
+# -- PyTorch references ---------------------------------------------------------------------------------------------
+def squared_norm_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_i ‖g_i‖² → [1], accumulated in float32 (float64 when any tensor is float64): one foreach norm."""
+    acc = accumulation_dtype(*tensors)
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=acc)).square_().sum(dim=0, keepdim=True)
+
+
+def scale_reference_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
+    """g_i ← c · g_i in place: one foreach multiplication by the one-element tensor c."""
+    torch._foreach_mul_(list(tensors), factor.reshape(()))
+
+
+def add_then_scale_reference_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
+    """g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · alpha in place: views of z, one foreach add, one foreach multiply."""
+    tensors = list(tensors)
+    pieces = z.split([t.numel() for t in tensors])
+    torch._foreach_add_(tensors, [piece.view_as(t) for piece, t in zip(pieces, tensors)])
+    if alpha != 1.0:
+        torch._foreach_mul_(tensors, alpha)
+
+
+# -- dispatchers ------------------------------------------------------------------------------------------------------
+def _groups(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
+    """Positions of the tensors by (device, dtype), in order."""
+    groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def _triton_applies(tensors: Sequence[torch.Tensor]) -> bool:
+    """Triton for one (device, dtype) group: where :func:`triton_choice` allows it, every tensor is contiguous
+    and no CUDA graph is being captured."""
+    first = tensors[0]
+    if triton_choice(first, first) is None:
+        return False
+    if first.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return all(t.is_contiguous() for t in tensors)
+
+
+def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_i ‖g_i‖² over a non-empty list → [1] on the first tensor's device, float32 (float64 when any tensor is).
+
+    One Triton launch (and one sum) per dtype on CUDA, the foreach reference elsewhere.
+    """
+    acc = accumulation_dtype(*tensors)
+    total = None
+    for positions in _groups(tensors).values():
+        group = [tensors[i] for i in positions]
+        part = squared_norm_triton(group) if _triton_applies(group) else squared_norm_reference(group)
+        part = part.to(device=tensors[0].device, dtype=acc)
+        total = part if total is None else total + part
+    return total
+
+
+def scale_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
+    """g_i ← c · g_i in place, c = ``factor`` (a one-element tensor, read on the device: no host sync)."""
+    for (device, _), positions in _groups(tensors).items():
+        group = [tensors[i] for i in positions]
+        c = factor.to(device)
+        if _triton_applies(group) and c.dtype == torch.float32:
+            scale_triton_(group, c)
+        else:
+            scale_reference_(group, c)
+
+
+def add_then_scale_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
+    """g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · alpha in place, for tensors of one device and dtype.
+
+    Args:
+        tensors: the gradients g_1 … g_n.
+        z: [ν], ν = Σ numel(g_i): the values to add, flat, in the tensors' order (same device and dtype).
+        alpha: the scale applied after the addition.
+    """
+    if len(_groups(tensors)) > 1 or z.dim() != 1 or z.numel() != sum(t.numel() for t in tensors):
+        raise ValueError("add_then_scale_ takes tensors of one device and dtype and a flat z of their total size")
+    if z.device != tensors[0].device or z.dtype != tensors[0].dtype:
+        raise ValueError(f"z is {z.dtype} on {z.device}; the tensors are {tensors[0].dtype} on {tensors[0].device}")
+    if _triton_applies(tensors) and z.is_contiguous():
+        add_then_scale_triton_(tensors, z, alpha)
+    else:
+        add_then_scale_reference_(tensors, z, alpha)

@@ -1,0 +1,144 @@
+"""Multi-tensor passes of the DP tail (squared norm, scale, add-then-scale), Triton and reference, against float64.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (``CHUNK`` is lowered so that small tensors span several
+table rows); bf16 (wrong in the interpreter) runs on the GPU only.
+"""
+
+import pytest
+import torch
+
+from flashnorm.kernels import multi_tensor
+from tests.conftest import TOLERANCES
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Odd sizes, an empty tensor, a 2-D tensor, and one spanning several chunks of 1024 elements.
+SHAPES = [(1,), (37,), (0,), (600, 3), (1030,), (2501,)]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of 1024 elements, so that the table's row arithmetic (addresses, lengths, offsets) is exercised."""
+    monkeypatch.setattr(multi_tensor, "CHUNK", 1024)
+    monkeypatch.setattr(multi_tensor, "_tables", type(multi_tensor._tables)())
+
+
+def _tensors(dtype, device, shapes=SHAPES):
+    return [torch.randn(shape, device=device).to(DTYPES[dtype]) for shape in shapes]
+
+
+def _skip_bf16_on_cpu(dtype, device):
+    if dtype == "bf16" and device == "cpu":
+        pytest.skip("the interpreter computes bf16 wrongly: tested on the GPU")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_squared_norm_matches_float64(dtype, device, triton_backend):
+    _skip_bf16_on_cpu(dtype, device)
+    tensors = _tensors(dtype, device)
+    out = multi_tensor.squared_norm(tensors)
+    truth = sum(float(t.double().square().sum()) for t in tensors)
+    assert out.shape == (1,) and out.dtype == torch.float32 and out.device == tensors[0].device
+    torch.testing.assert_close(out.double().cpu(), torch.tensor([truth], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_matches_float64_and_reads_the_factor_on_the_device(dtype, device, triton_backend):
+    _skip_bf16_on_cpu(dtype, device)
+    tensors = _tensors(dtype, device)
+    before = [t.double() for t in tensors]
+    factor = torch.tensor([0.37], device=device)
+    multi_tensor.scale_(tensors, factor)
+    rtol, atol = TOLERANCES[dtype]
+    for t, b in zip(tensors, before):
+        assert t.dtype == DTYPES[dtype]
+        torch.testing.assert_close(t.double(), b * 0.37, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_add_then_scale_matches_float64(dtype, alpha, device, triton_backend):
+    _skip_bf16_on_cpu(dtype, device)
+    tensors = _tensors(dtype, device)
+    before = [t.double() for t in tensors]
+    z = torch.randn(sum(t.numel() for t in tensors), device=device).to(DTYPES[dtype])
+    multi_tensor.add_then_scale_(tensors, z, alpha)
+    rtol, atol = TOLERANCES[dtype]
+    for t, b, piece in zip(tensors, before, z.split([t.numel() for t in tensors])):
+        torch.testing.assert_close(t.double(), (b + piece.double().view_as(b)) * alpha, rtol=rtol, atol=atol)
+
+
+def test_triton_equals_the_reference_bit_for_bit_in_float32(device, monkeypatch):
+    """One float32 rounding per operation in both: g + z, then · alpha; c · g."""
+    tensors = _tensors("fp32", device)
+    z = torch.randn(sum(t.numel() for t in tensors), device=device)
+    copies = [t.clone() for t in tensors]
+    multi_tensor.add_then_scale_triton_(tensors, z, 0.125)
+    multi_tensor.add_then_scale_reference_(copies, z, 0.125)
+    factor = torch.tensor([0.3], device=device)
+    multi_tensor.scale_triton_(tensors, factor)
+    multi_tensor.scale_reference_(copies, factor)
+    for t, c in zip(tensors, copies):
+        assert torch.equal(t, c)
+
+
+def test_tables_are_cached_by_storage_and_a_new_storage_gets_its_own(device, triton_backend):
+    tensors = _tensors("fp32", device)
+    multi_tensor.squared_norm(tensors)
+    multi_tensor.scale_(tensors, torch.ones(1, device=device))
+    assert len(multi_tensor._tables) == 1, "the same list reuses its table"
+    moved = [t.clone() for t in tensors]  # same sizes, new addresses: a stale table would read freed memory
+    multi_tensor.scale_(moved, torch.full((1,), 2.0, device=device))
+    assert len(multi_tensor._tables) == 2
+    for t, m in zip(tensors, moved):
+        torch.testing.assert_close(m, 2 * t)
+
+
+def test_mixed_dtypes_and_non_contiguous_tensors(device, triton_backend):
+    """Groups by dtype; a non-contiguous tensor sends its group to the reference; the norm sums the groups."""
+    a = torch.randn(37, 5, device=device)
+    b = torch.randn(9, 11, device=device).t()  # non-contiguous
+    c = torch.randn(1030, device=device, dtype=torch.float16)
+    tensors = [a, c, b]
+    truth = sum(float(t.double().square().sum()) for t in tensors)
+    torch.testing.assert_close(multi_tensor.squared_norm(tensors).double().cpu(), torch.tensor([truth], dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    before = [t.double() for t in tensors]
+    multi_tensor.scale_(tensors, torch.tensor([-1.5], device=device))
+    for t, x in zip(tensors, before):
+        torch.testing.assert_close(t.double(), -1.5 * x, rtol=1e-3, atol=1e-5)
+
+
+def test_float64_stays_float64(triton_backend):
+    tensors = [torch.randn(37, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)]
+    out = multi_tensor.squared_norm(tensors)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, sum(t.square().sum() for t in tensors).reshape(1), rtol=1e-12, atol=0)
+
+
+def test_add_then_scale_refuses_a_mismatched_z(device):
+    tensors = _tensors("fp32", device, shapes=[(3,), (4,)])
+    with pytest.raises(ValueError, match="flat z of their total size"):
+        multi_tensor.add_then_scale_(tensors, torch.zeros(6, device=device), 1.0)
+    with pytest.raises(ValueError, match="float16"):
+        multi_tensor.add_then_scale_(tensors, torch.zeros(7, device=device, dtype=torch.float16), 1.0)
+
+
+@pytest.mark.gpu
+def test_a_cuda_graph_capture_takes_the_reference_and_replays_correctly(triton_backend):
+    """The table upload is a host-to-device copy, illegal during capture: the foreach reference is captured."""
+    tensors = _tensors("fp32", "cuda")
+    factor = torch.tensor([0.5], device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        multi_tensor.scale_(tensors, factor)
+    torch.cuda.current_stream().wait_stream(stream)
+    for t in tensors:
+        t.fill_(3.0)
+    factor.fill_(2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for t in tensors:
+        assert bool((t == 6.0).all())
