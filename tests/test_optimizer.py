@@ -69,7 +69,7 @@ def test_noise_in_small_buckets_has_the_right_std(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_noise_and_scale_equal_noise_then_scale(reduction, monkeypatch):
+def test_fused_noise_and_scale_equal_noise_then_scale(reduction, device, monkeypatch):
     """The fused pass g ← (g + ξ)·s (Triton, interpreted on CPU) gives what add_noise then scale_grad give with the
     same draws, bit for bit in float32, over buckets, a float16 parameter and a virtual (accumulated) step."""
     from flashnorm.optimizers import fast_gradient_clipping
@@ -79,16 +79,16 @@ def test_fused_noise_and_scale_equal_noise_then_scale(reduction, monkeypatch):
     for fused in (True, False):
         monkeypatch.setenv("FLASHNORM_BACKEND", "triton" if fused else "torch")
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 7))
+        model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 7)).to(device)
         model[1].half()
         opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.7,
                                               max_grad_norm=0.5, expected_batch_size=4, loss_reduction=reduction,
-                                              generator=torch.Generator().manual_seed(3))
+                                              generator=torch.Generator(device=device).manual_seed(3))
         opt.fuses_noise_and_scale = fused
         for virtual in (True, False):
             gen = torch.Generator().manual_seed(int(virtual))
             for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+                p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype)
             if virtual:
                 opt.signal_skip_step(True)
             opt.step()

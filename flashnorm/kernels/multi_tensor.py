@@ -9,10 +9,10 @@ o_i = Σ_{j<i} numel(g_j) the offset of g_i in their concatenation:
 
 A model's gradients are ~150 tensors. torch's foreach ops launch few kernels, but build one tensor per
 parameter on the host for every result (the norms) or argument (views of a flat noise buffer): at
-B = 1 that host time exceeds the GPU work of the whole clipping tail. Here a list is described once by
-a *work table* — one row per chunk of at most ``CHUNK`` elements: (address, length, offset in the
-list) — uploaded to the device and cached under the list's (address, numel) signature; a launch then
-runs one program per row. The table depends only on that signature, so a cache hit is always valid.
+B = 1 that host time exceeds the GPU work of the whole clipping tail. Here a list is described by a
+*work table* — one row per chunk of at most ``CHUNK`` elements: (tensor, start, length, offset in the
+list) — built once per list of sizes and cached on the device, plus the tensors' addresses, copied at
+each call (they change from step to step); a launch runs one program per row.
 
 Memory-bound passes: ``squared_norm`` reads ν elements (float32 partial sums per chunk, then one sum);
 ``scale_`` reads and writes ν; ``add_then_scale_`` reads 2ν and writes ν, where an add then a multiply
@@ -45,13 +45,22 @@ except ImportError:  # flashnorm imports without Triton; the dispatchers then al
     tl = None
 
 
-# -- Triton kernels: program r handles row r of the work table, table[r] = (address, length, offset) ---------------
+# -- Triton kernels: program r handles row r of the work table ------------------------------------------------------
 @triton.jit
-def _squared_norm_kernel(table_ptr, partial_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _chunk(table_ptr, address_ptr, row, DTYPE: tl.constexpr):
+    """(pointer to the first element, length, offset in the list) of the chunk of table row ``row``, where
+    table[row] = (tensor index i, start in g_i, length, offset) and address[i] = g_i's address."""
+    tensor = tl.load(table_ptr + 4 * row)
+    start = tl.load(table_ptr + 4 * row + 1)
+    base = tl.load(address_ptr + tensor).to(tl.pointer_type(DTYPE)) + start
+    return base, tl.load(table_ptr + 4 * row + 2), tl.load(table_ptr + 4 * row + 3)
+
+
+@triton.jit
+def _squared_norm_kernel(table_ptr, address_ptr, partial_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """partial[r] = Σ x² over the chunk of row r, in float32."""
     row = tl.program_id(0)
-    base = tl.load(table_ptr + 3 * row).to(tl.pointer_type(DTYPE))
-    length = tl.load(table_ptr + 3 * row + 1)
+    base, length, _ = _chunk(table_ptr, address_ptr, row, DTYPE)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -61,11 +70,10 @@ def _squared_norm_kernel(table_ptr, partial_ptr, DTYPE: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _scale_kernel(table_ptr, factor_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _scale_kernel(table_ptr, address_ptr, factor_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """x ← c · x over the chunk of row r, c = factor[0] read on the device."""
     row = tl.program_id(0)
-    base = tl.load(table_ptr + 3 * row).to(tl.pointer_type(DTYPE))
-    length = tl.load(table_ptr + 3 * row + 1)
+    base, length, _ = _chunk(table_ptr, address_ptr, row, DTYPE)
     c = tl.load(factor_ptr).to(tl.float32)
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -75,12 +83,11 @@ def _scale_kernel(table_ptr, factor_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
-def _add_then_scale_kernel(table_ptr, z_ptr, alpha, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _add_then_scale_kernel(table_ptr, address_ptr, z_ptr, alpha, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """x ← (x + z[offset + i]) · alpha over the chunk of row r (offset: the chunk's place in the list)."""
     row = tl.program_id(0)
-    base = tl.load(table_ptr + 3 * row).to(tl.pointer_type(DTYPE))
-    length = tl.load(table_ptr + 3 * row + 1)
-    z_base = z_ptr + tl.load(table_ptr + 3 * row + 2)
+    base, length, offset = _chunk(table_ptr, address_ptr, row, DTYPE)
+    z_base = z_ptr + offset
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < length
@@ -93,8 +100,8 @@ def _add_then_scale_kernel(table_ptr, z_ptr, alpha, DTYPE: tl.constexpr, BLOCK: 
 #: Elements per table row (one program); a program loops over its chunk in ``_block()`` steps.
 CHUNK = 1 << 16
 
-#: Tables kept, most recently used last: a training loop's few gradient lists (all of them, then the
-#: noise buckets) hit the cache every step once the caching allocator has settled their addresses.
+#: Tables kept, most recently used last: a training loop has a few gradient lists (all of them, then the
+#: noise buckets), whose sizes never change.
 _TABLE_CACHE_SIZE = 64
 _tables: "OrderedDict[Tuple, torch.Tensor]" = OrderedDict()
 
@@ -103,28 +110,32 @@ def _block() -> int:
     return CHUNK if interpreter_enabled() else 2048
 
 
-def work_table(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """int64 [rows, 3] on the tensors' device: (address, length, offset) per chunk of ≤ ``CHUNK`` elements.
+def work_table(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(table, addresses) on the tensors' device for one launch over ``tensors``.
 
-    Cached under ((address, numel) per tensor, device, dtype); empty tensors contribute no row.
+    table: int64 [rows, 4], one row per chunk of ≤ ``CHUNK`` elements: (tensor index i, start in g_i, length,
+    offset in the list); it depends on the sizes alone and is cached under (device, dtype, numels). Empty tensors
+    contribute no row. addresses: int64 [n], g_i's address, copied to the device at each call without waiting
+    for it (a pageable copy is staged at once): the caching allocator gives gradients new addresses at every
+    step, and a synchronous copy would make the host wait for the queued backward.
     """
     first = tensors[0]
-    key = (first.device, first.dtype, tuple((t.data_ptr(), t.numel()) for t in tensors))
+    key = (first.device, first.dtype, tuple(t.numel() for t in tensors))
     table = _tables.get(key)
-    if table is not None:
+    if table is None:
+        rows: List[Tuple[int, int, int, int]] = []
+        offset = 0
+        for i, n in enumerate(key[2]):
+            rows.extend((i, start, min(CHUNK, n - start), offset + start) for start in range(0, n, CHUNK))
+            offset += n
+        table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(first.device)
+        _tables[key] = table
+        if len(_tables) > _TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
         _tables.move_to_end(key)
-        return table
-    rows: List[Tuple[int, int, int]] = []
-    offset = 0
-    for t in tensors:
-        n, address, size = t.numel(), t.data_ptr(), t.element_size()
-        rows.extend((address + start * size, min(CHUNK, n - start), offset + start) for start in range(0, n, CHUNK))
-        offset += n
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3).to(first.device)
-    _tables[key] = table
-    if len(_tables) > _TABLE_CACHE_SIZE:
-        _tables.popitem(last=False)
-    return table
+    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(first.device, non_blocking=True)
+    return table, addresses
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -134,26 +145,27 @@ def _tl_dtype(dtype: torch.dtype):
 # -- launch wrappers (one dtype, one device, contiguous tensors) --------------------------------------------------
 def squared_norm_triton(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Triton Σ_i ‖g_i‖² → float32 [1]."""
-    table = work_table(tensors)
+    table, addresses = work_table(tensors)
     partial = torch.empty(table.shape[0], dtype=torch.float32, device=tensors[0].device)
     if table.shape[0]:
-        _squared_norm_kernel[(table.shape[0],)](table, partial, DTYPE=_tl_dtype(tensors[0].dtype), BLOCK=_block(),
-                                                num_warps=8)
+        _squared_norm_kernel[(table.shape[0],)](table, addresses, partial, DTYPE=_tl_dtype(tensors[0].dtype),
+                                                BLOCK=_block(), num_warps=8)
     return partial.sum(dim=0, keepdim=True)
 
 
 def scale_triton_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
     """Triton g_i ← c · g_i in place, c = ``factor`` (one element, on the tensors' device)."""
-    table = work_table(tensors)
+    table, addresses = work_table(tensors)
     if table.shape[0]:
-        _scale_kernel[(table.shape[0],)](table, factor, DTYPE=_tl_dtype(tensors[0].dtype), BLOCK=_block(), num_warps=8)
+        _scale_kernel[(table.shape[0],)](table, addresses, factor, DTYPE=_tl_dtype(tensors[0].dtype), BLOCK=_block(),
+                                         num_warps=8)
 
 
 def add_then_scale_triton_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
     """Triton g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · alpha in place (z: contiguous [ν], the tensors' dtype)."""
-    table = work_table(tensors)
+    table, addresses = work_table(tensors)
     if table.shape[0]:
-        _add_then_scale_kernel[(table.shape[0],)](table, z, float(alpha), DTYPE=_tl_dtype(tensors[0].dtype),
+        _add_then_scale_kernel[(table.shape[0],)](table, addresses, z, float(alpha), DTYPE=_tl_dtype(tensors[0].dtype),
                                                   BLOCK=_block(), num_warps=8)
 
 

@@ -82,16 +82,19 @@ def test_triton_equals_the_reference_bit_for_bit_in_float32(device, monkeypatch)
         assert torch.equal(t, c)
 
 
-def test_tables_are_cached_by_storage_and_a_new_storage_gets_its_own(device, triton_backend):
+def test_tables_are_cached_by_sizes_and_follow_new_addresses(device, triton_backend):
+    """One table per list of sizes; the addresses are read at each call, so gradients that moved are still found."""
     tensors = _tensors("fp32", device)
     multi_tensor.squared_norm(tensors)
     multi_tensor.scale_(tensors, torch.ones(1, device=device))
-    assert len(multi_tensor._tables) == 1, "the same list reuses its table"
-    moved = [t.clone() for t in tensors]  # same sizes, new addresses: a stale table would read freed memory
+    assert len(multi_tensor._tables) == 1, "the same sizes reuse their table"
+    moved = [t.clone() for t in tensors]  # same sizes, new addresses
     multi_tensor.scale_(moved, torch.full((1,), 2.0, device=device))
-    assert len(multi_tensor._tables) == 2
+    assert len(multi_tensor._tables) == 1
     for t, m in zip(tensors, moved):
         torch.testing.assert_close(m, 2 * t)
+    multi_tensor.scale_(moved[1:], torch.full((1,), 2.0, device=device))
+    assert len(multi_tensor._tables) == 2
 
 
 def test_mixed_dtypes_and_non_contiguous_tensors(device, triton_backend):
@@ -109,8 +112,8 @@ def test_mixed_dtypes_and_non_contiguous_tensors(device, triton_backend):
         torch.testing.assert_close(t.double(), -1.5 * x, rtol=1e-3, atol=1e-5)
 
 
-def test_float64_stays_float64(triton_backend):
-    tensors = [torch.randn(37, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)]
+def test_float64_stays_float64(device, triton_backend):
+    tensors = [torch.randn(37, dtype=torch.float64, device=device), torch.randn(3, 4, dtype=torch.float64, device=device)]
     out = multi_tensor.squared_norm(tensors)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, sum(t.square().sum() for t in tensors).reshape(1), rtol=1e-12, atol=0)
