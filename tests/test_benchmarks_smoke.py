@@ -163,3 +163,17 @@ def test_overhead_benchmark_reports_every_category(tmp_path, graphs):
     assert ("graph" in dp) is graphs
     assert 0 < result["flashnorm_cpu_ms"] < dp["total"]
     assert "FlashNorm hooks + bookkeeping, CPU" in proc.stdout
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+def test_tail_benchmark_runs_on_cpu(tmp_path, capsys):
+    """``python -m benchmarks.tail --device cpu --smoke``: both tails, both backends, a JSON record."""
+    from benchmarks import tail
+
+    out = tmp_path / "tail.json"
+    assert tail.main(["--device", "cpu", "--smoke", "--reps", "1", "--trials", "1", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {f"{name} / {backend}" for name in ("clip", "noise fused", "noise unfused")
+                                      for backend in ("triton", "torch")}
+    assert all(r["host_ms_min"] > 0 for r in record["results"].values())
+    assert "host" in capsys.readouterr().out
