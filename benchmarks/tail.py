@@ -8,9 +8,9 @@ Two tails, each timed in one process on the same gradients, with the Triton kern
 
 * **clip** (the B = 1 shortcut of :class:`~flashnorm.grad_sample.base.FlashNormGradSampleModule`):
   s = Σ‖g‖², c = min(1, C/(√s + 10⁻⁶)), g ← c·g;
-* **noise** (the optimizer's ``pre_step``: accumulate, noise, scale): g ← (g + N(0, σ²C²)) / B per
-  ~16M-element bucket in one pass (``fused``; Triton draws the noise in registers, the reference with
-  ``torch.normal``), or the noise added then the scaling (``unfused``, the FSDP optimizer's order).
+* **noise** (the optimizer's ``pre_step``: accumulate, noise, scale): per ~16M-element bucket one
+  ``torch.normal``, then g ← (g + ξ) / B in one pass (``fused``), or ξ added then the scaling
+  (``unfused``, the FSDP optimizer's order).
 
 Host time: wall time of ``--reps`` calls issued back to back (no synchronisation inside), per call —
 what the Python thread spends. GPU time: CUDA events around the same calls, per call. Minimum and median
@@ -67,6 +67,13 @@ def _print_profile(label: str, fn: Callable[[], None], reps: int) -> None:
     pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(12)
 
 
+def backends(device: torch.device):
+    """The backends that can run here: Triton on CUDA or under TRITON_INTERPRET=1, the references everywhere."""
+    from flashnorm.kernels.backend import interpreter_enabled
+
+    return ("triton", "torch") if device.type == "cuda" or interpreter_enabled() else ("torch",)
+
+
 def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: bool = False) -> Dict:
     from flashnorm.kernels import multi_tensor
     from flashnorm.optimizers import DPOptimizerFastGradientClipping
@@ -100,7 +107,7 @@ def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: 
     results = {}
     before = os.environ.get("FLASHNORM_BACKEND")
     try:
-        for backend in ("triton", "torch"):
+        for backend in backends(device):
             os.environ["FLASHNORM_BACKEND"] = backend
             for name, fn in (("clip", clip), ("noise fused", noise(True)), ("noise unfused", noise(False))):
                 fn()  # compile, build the tables

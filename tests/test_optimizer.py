@@ -68,28 +68,27 @@ def test_noise_in_small_buckets_has_the_right_std(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_noise_and_scale_equal_noise_then_scale(backend, reduction, device, monkeypatch):
-    """The fused pass g ← (g + ξ)·s gives what add_noise then scale_grad give with the same generator (the same
-    draws), bit for bit (s = 1/4 or 1 is exact), over buckets, a float16 parameter and a virtual step; and the
-    noise has std σC/B (mean) or σC (sum)."""
+def test_fused_noise_and_scale_equal_noise_then_scale(reduction, device, monkeypatch):
+    """The fused pass g ← (g + ξ)·s (Triton, interpreted on CPU) gives what add_noise then scale_grad give with the
+    same draws, bit for bit in float32, over buckets, a float16 parameter and a virtual (accumulated) step."""
     from flashnorm.optimizers import fast_gradient_clipping
 
     monkeypatch.setattr(fast_gradient_clipping, "NOISE_BUCKET_ELEMENTS", 500)
-    monkeypatch.setenv("FLASHNORM_BACKEND", backend)
     results = []
     for fused in (True, False):
+        monkeypatch.setenv("FLASHNORM_BACKEND", "triton" if fused else "torch")
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(20, 300), nn.Linear(300, 7)).to(device)
+        model = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 7)).to(device)
         model[1].half()
         opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.7,
                                               max_grad_norm=0.5, expected_batch_size=4, loss_reduction=reduction,
                                               generator=torch.Generator(device=device).manual_seed(3))
         opt.fuses_noise_and_scale = fused
         for virtual in (True, False):
+            gen = torch.Generator().manual_seed(int(virtual))
             for p in model.parameters():
-                p.grad = torch.zeros_like(p)
+                p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype)
             if virtual:
                 opt.signal_skip_step(True)
             opt.step()
@@ -97,11 +96,6 @@ def test_fused_noise_and_scale_equal_noise_then_scale(backend, reduction, device
         results.append([p.detach().clone() for p in model.parameters()])
     for fused, unfused in zip(*results):
         assert torch.equal(fused, unfused)
-    first = model[0].weight.detach()  # SGD, lr = 1, from a seeded init: the applied noise is init - weight
-    torch.manual_seed(0)
-    init = nn.Linear(20, 300).to(device).weight.detach()
-    std = 0.7 * 0.5 / (4 if reduction == "mean" else 1)
-    assert abs((init - first).std().item() / std - 1) < 0.05
 
 
 def test_the_parameter_list_is_built_once_per_step_and_follows_requires_grad():

@@ -3,9 +3,9 @@
 For tensors g_1 … g_n of one dtype on one device, ν = Σ_i numel(g_i) elements in all, and
 o_i = Σ_{j<i} numel(g_j) the offset of g_i in their concatenation:
 
-    squared_norm(gs)                       → s = Σ_i ‖g_i‖²            float32 [1] (float64 for float64)
-    scale_(gs, c)                            g_i ← c · g_i              c: a one-element tensor (no host sync)
-    add_noise_then_scale_(gs, σ, a, gen)     g_i ← (g_i + σ·ξ_i) · a   ξ ~ N(0, 1) i.i.d., from ``gen``
+    squared_norm(gs)            → s = Σ_i ‖g_i‖²                          float32 [1] (float64 for float64)
+    scale_(gs, c)                 g_i ← c · g_i                            c: a one-element tensor (no host sync)
+    add_then_scale_(gs, z, a)     g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · a     z: [ν] flat, a: a float
 
 A model's gradients are ~150 tensors. torch's foreach ops launch few kernels, but build one tensor per
 parameter on the host for every result (the norms) or argument (views of a flat noise buffer): at
@@ -15,10 +15,8 @@ list) — built once per list of sizes and cached on the device, plus the tensor
 each call (they change from step to step); a launch runs one program per row.
 
 Memory-bound passes: ``squared_norm`` reads ν elements (float32 partial sums per chunk, then one sum);
-``scale_`` reads and writes ν; ``add_noise_then_scale_`` reads and writes ν, drawing ξ in registers
-(Philox4x32-10 and Box–Muller, the element's place in the list as counter, a seed drawn from the
-generator per call), where ``torch.normal`` then an add and a multiply write ν, read 3ν and write 2ν
-more. Arithmetic in float32 whatever the storage dtype, rounded once on store.
+``scale_`` reads and writes ν; ``add_then_scale_`` reads 2ν and writes ν, where an add then a multiply
+would read 3ν and write 2ν. Arithmetic in float32 whatever the storage dtype, rounded once on store.
 
 The Triton path needs every tensor contiguous and is not used while a CUDA graph is being captured
 (the table upload is a host-to-device copy): the PyTorch references (``torch._foreach_*``) serve there,
@@ -31,7 +29,7 @@ the dispatchers.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -85,31 +83,17 @@ def _scale_kernel(table_ptr, address_ptr, factor_ptr, DTYPE: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _standard_normal(seed, index):
-    """ξ ~ N(0, 1) for each int64 ``index``: Philox4x32-10 at counter (index mod 2³², index div 2³², 0, 0) under the
-    64-bit ``seed``, two of its 32-bit outputs through Box–Muller (u₁ ∈ (0, 1], so |ξ| ≤ 6.7, as cuRAND)."""
-    c0 = (index & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (index >> 32).to(tl.uint32)
-    zero = tl.zeros_like(c0)
-    r0, r1, _, _ = tl.philox(seed, c0, c1, zero, zero)
-    u1 = (r0.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2⁻³²
-    u2 = r1.to(tl.float32) * 2.3283064365386963e-10
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
-
-
-@triton.jit
-def _add_noise_then_scale_kernel(table_ptr, address_ptr, seed_ptr, std, alpha, DTYPE: tl.constexpr,
-                                 BLOCK: tl.constexpr):
-    """x ← (x + std·ξ) · alpha over the chunk of row r; element j of the list draws ξ at Philox counter j."""
+def _add_then_scale_kernel(table_ptr, address_ptr, z_ptr, alpha, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """x ← (x + z[offset + i]) · alpha over the chunk of row r (offset: the chunk's place in the list)."""
     row = tl.program_id(0)
     base, length, offset = _chunk(table_ptr, address_ptr, row, DTYPE)
-    seed = tl.load(seed_ptr)
+    z_base = z_ptr + offset
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < length
         x = tl.load(base + offs, mask=mask).to(tl.float32)
-        z = _standard_normal(seed, offset + offs)
-        tl.store(base + offs, ((x + std * z) * alpha).to(DTYPE), mask=mask)
+        z = tl.load(z_base + offs, mask=mask).to(tl.float32)
+        tl.store(base + offs, ((x + z) * alpha).to(DTYPE), mask=mask)
 
 
 # -- the work table -----------------------------------------------------------------------------------------------
@@ -205,22 +189,12 @@ def scale_triton_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None
                                          num_warps=8)
 
 
-def add_noise_then_scale_triton_(tensors: Sequence[torch.Tensor], std: float, alpha: float,
-                                 generator: Optional[torch.Generator]) -> None:
-    """Triton g_i ← (g_i + std·ξ_i) · alpha in place, ξ from Philox under a seed drawn from ``generator``."""
+def add_then_scale_triton_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
+    """Triton g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · alpha in place (z: contiguous [ν], the tensors' dtype)."""
     table, addresses = work_table(tensors)
     if table.shape[0]:
-        seed = philox_seed(generator, tensors[0].device)
-        _add_noise_then_scale_kernel[(table.shape[0],)](table, addresses, seed, float(std), float(alpha),
-                                                        DTYPE=_tl_dtype(tensors[0].dtype), BLOCK=_block(), num_warps=8)
-
-
-def philox_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """int64 [1] on ``device``: a seed in [0, 2⁶²) drawn from ``generator`` (the default generator of ``device`` when
-    None) on the generator's device — a device draw, no host sync."""
-    where = generator.device if generator is not None else device
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=where, generator=generator)
-    return seed.to(device, non_blocking=True)
+        _add_then_scale_kernel[(table.shape[0],)](table, addresses, z, float(alpha), DTYPE=_tl_dtype(tensors[0].dtype),
+                                                  BLOCK=_block(), num_warps=8)
 
 
 # -- PyTorch references ---------------------------------------------------------------------------------------------
@@ -233,16 +207,6 @@ def squared_norm_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def scale_reference_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
     """g_i ← c · g_i in place: one foreach multiplication by the one-element tensor c."""
     torch._foreach_mul_(list(tensors), factor.reshape(()))
-
-
-def add_noise_then_scale_reference_(tensors: Sequence[torch.Tensor], std: float, alpha: float,
-                                    generator: Optional[torch.Generator]) -> None:
-    """g_i ← (g_i + ξ_i) · alpha in place, ξ ~ N(0, std²): one ``torch.normal`` of Σ numel(g_i) elements from
-    ``generator``, then :func:`add_then_scale_reference_`."""
-    first = tensors[0]
-    z = torch.normal(0.0, std, size=(sum(t.numel() for t in tensors),), device=first.device, dtype=first.dtype,
-                     generator=generator)
-    add_then_scale_reference_(tensors, z, alpha)
 
 
 def add_then_scale_reference_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
@@ -300,28 +264,19 @@ def scale_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
             scale_reference_(group, c)
 
 
-def add_noise_then_scale_(tensors: Sequence[torch.Tensor], std: float, alpha: float,
-                          generator: Optional[torch.Generator] = None) -> None:
-    """g_i ← (g_i + std·ξ_i) · alpha in place, ξ i.i.d. N(0, 1) per element, for tensors of one device and dtype.
+def add_then_scale_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
+    """g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · alpha in place, for tensors of one device and dtype.
 
-    The randomness comes from ``generator`` (the device's default generator when None). Triton: one seed drawn
-    from it, Philox in registers (no noise tensor: one read and one write of the gradients). Reference: one
-    ``torch.normal`` from it, added then scaled. The two draw different numbers for the same generator state;
-    each is reproducible, and :func:`gaussian_noise` draws what this function adds, on either path.
+    Args:
+        tensors: the gradients g_1 … g_n.
+        z: [ν], ν = Σ numel(g_i): the values to add, flat, in the tensors' order (same device and dtype).
+        alpha: the scale applied after the addition.
     """
-    if len(_groups(tensors)) > 1:
-        raise ValueError("add_noise_then_scale_ takes tensors of one device and dtype")
-    if _triton_applies(tensors):
-        add_noise_then_scale_triton_(tensors, std, alpha, generator)
+    if len(_groups(tensors)) > 1 or z.dim() != 1 or z.numel() != sum(t.numel() for t in tensors):
+        raise ValueError("add_then_scale_ takes tensors of one device and dtype and a flat z of their total size")
+    if z.device != tensors[0].device or z.dtype != tensors[0].dtype:
+        raise ValueError(f"z is {z.dtype} on {z.device}; the tensors are {tensors[0].dtype} on {tensors[0].device}")
+    if _triton_applies(tensors) and z.is_contiguous():
+        add_then_scale_triton_(tensors, z, alpha)
     else:
-        add_noise_then_scale_reference_(tensors, std, alpha, generator)
-
-
-def gaussian_noise(size: int, std: float, *, device: torch.device, dtype: torch.dtype,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """std·ξ, flat [size]: exactly the values :func:`add_noise_then_scale_` adds to a list of ``size`` elements of this
-    device and dtype with the same generator state (it adds them to zeros)."""
-    z = torch.zeros(size, device=device, dtype=dtype)
-    if size:
-        add_noise_then_scale_([z], std, 1.0, generator)
-    return z
+        add_then_scale_reference_(tensors, z, alpha)

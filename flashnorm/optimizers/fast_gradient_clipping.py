@@ -6,10 +6,10 @@ semantics and changes only the cost of the tail:
 
 * ``summed_grad`` aliases ``p.grad`` (no copy) unless the step accumulates a virtual batch
   (``BatchMemoryManager`` skip signals), where it is a copy as in Opacus;
-* per bucket of parameters (same device and dtype, ~16M elements), the noise (i.i.d. N(0, σ²C²) per
-  element, from ``generator``) and the ``loss_reduction="mean"`` scaling are one multi-tensor pass,
-  g ← (g + ξ) / B (:func:`flashnorm.kernels.multi_tensor.add_noise_then_scale_`: on CUDA, Philox in the
-  kernel's registers under a seed drawn from ``generator``; elsewhere one ``torch.normal``);
+* the noise for a bucket of parameters (same device and dtype, ~16M elements) is drawn with one
+  ``torch.normal`` of std σ·C (the same i.i.d. N(0, σ²C²) per element, from ``generator``); adding it
+  and the ``loss_reduction="mean"`` scaling are one multi-tensor pass over the bucket,
+  g ← (g + ξ) / B (:func:`flashnorm.kernels.multi_tensor.add_then_scale_`);
 * the list of parameters is built once per step (Opacus's ``params`` property rebuilds it at each use).
 
 ``secure_mode=True`` draws with Opacus's floating-point-attack-resistant sampler, one parameter at a time,
@@ -26,7 +26,7 @@ from opacus.optimizers import DPOptimizerFastGradientClipping as _OpacusDPOptimi
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from opacus.optimizers.utils import params as trainable_params
 
-from ..kernels.multi_tensor import add_noise_then_scale_
+from ..kernels.multi_tensor import add_then_scale_
 
 
 #: Noise is drawn for buckets of parameters of about this many elements: a few launches per step and a
@@ -131,7 +131,7 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
         factor = self._grad_scale()
         for same_kind in _same_device_and_dtype(grads):
             for bucket in _buckets(same_kind, NOISE_BUCKET_ELEMENTS):
-                add_noise_then_scale_(bucket, std, factor, self.generator)
+                add_then_scale_(bucket, self._bucket_noise(bucket, std), factor)
         self._publish_summed_grads()
 
     def scale_grad(self):
@@ -152,9 +152,16 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             _check_processed_flag(p.summed_grad)
         return [p.summed_grad for p in self.params]
 
+    def _bucket_noise(self, bucket, std: float) -> torch.Tensor:
+        """ξ ~ N(0, std²) i.i.d., flat [Σ numel], for a bucket of one device and dtype: one ``torch.normal``
+        from ``generator``."""
+        size = sum(g.numel() for g in bucket)
+        return torch.normal(0.0, std, size=(size,), device=bucket[0].device, dtype=bucket[0].dtype,
+                            generator=self.generator)
+
     def _add_noise_to_bucket(self, bucket, std: float) -> None:
         """The bucket's noise added in one pass."""
-        add_noise_then_scale_(bucket, std, 1.0, self.generator)
+        add_then_scale_(bucket, self._bucket_noise(bucket, std), 1.0)
 
     def _add_secure_noise(self, grads, std: float) -> None:
         """``secure_mode``: Opacus's floating-point-attack-resistant sampler, one parameter at a time."""

@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 from opacus.optimizers.optimizer import _generate_noise
 
-from ..kernels.multi_tensor import gaussian_noise
 from ..utils.fsdp_utils import owned_part
 from .fast_gradient_clipping import DPOptimizerFastGradientClipping
 
@@ -56,8 +55,7 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
 
     def _add_noise_to_bucket(self, bucket, std: float) -> None:
         """Draws the bucket's full-shape noise (as on one device) and adds the owned elements."""
-        flat = gaussian_noise(sum(g.numel() for g in bucket), std, device=bucket[0].device, dtype=bucket[0].dtype,
-                              generator=self.generator)  # DTensor numel: full (global) sizes
+        flat = self._bucket_noise(bucket, std)  # DTensor numel: full (global) sizes
         noise = [owned_part(n.view(g.shape), g) for n, g in zip(flat.split([g.numel() for g in bucket]), bucket)]
         torch._foreach_add_([g.to_local() for g in bucket], noise)
 

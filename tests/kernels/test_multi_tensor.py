@@ -1,5 +1,4 @@
-"""Multi-tensor passes of the DP tail (squared norm, scale, noise then scale), Triton and reference: float64
-truth for the arithmetic; statistics and the generator for the noise.
+"""Multi-tensor passes of the DP tail (squared norm, scale, add-then-scale), Triton and reference, against float64.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (``CHUNK`` is lowered so that small tensors span several
 table rows); bf16 (wrong in the interpreter) runs on the GPU only.
@@ -58,63 +57,24 @@ def test_scale_matches_float64_and_reads_the_factor_on_the_device(dtype, device,
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("alpha", [1.0, 0.25])
-def test_noise_free_pass_scales_exactly(dtype, alpha, device, triton_backend):
-    """std = 0: (g + 0·ξ)·alpha, against float64."""
+def test_add_then_scale_matches_float64(dtype, alpha, device, triton_backend):
     _skip_bf16_on_cpu(dtype, device)
     tensors = _tensors(dtype, device)
     before = [t.double() for t in tensors]
-    multi_tensor.add_noise_then_scale_(tensors, 0.0, alpha)
+    z = torch.randn(sum(t.numel() for t in tensors), device=device).to(DTYPES[dtype])
+    multi_tensor.add_then_scale_(tensors, z, alpha)
     rtol, atol = TOLERANCES[dtype]
-    for t, b in zip(tensors, before):
-        torch.testing.assert_close(t.double(), b * alpha, rtol=rtol, atol=atol)
+    for t, b, piece in zip(tensors, before, z.split([t.numel() for t in tensors])):
+        torch.testing.assert_close(t.double(), (b + piece.double().view_as(b)) * alpha, rtol=rtol, atol=atol)
 
 
-def _noise(tensors, std, alpha, seed, device):
-    """What add_noise_then_scale_ added (divided back by alpha), flat, with a generator seeded ``seed``."""
-    before = [t.clone() for t in tensors]
-    multi_tensor.add_noise_then_scale_(tensors, std, alpha, torch.Generator(device=device).manual_seed(seed))
-    return torch.cat([(t.double() / alpha - b.double()).flatten() for t, b in zip(tensors, before)])
-
-
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_noise_is_iid_gaussian_with_std(backend, device, monkeypatch):
-    """Mean, std, the 2σ tail mass, neighbour and cross-seed correlations of ~200k draws in odd-sized tensors."""
-    monkeypatch.setenv("FLASHNORM_BACKEND", backend)
-    shapes = [(37,), (600, 3), (1030,), (1,), (9973, 20)]
-    z = _noise([torch.zeros(shape, device=device) for shape in shapes], 0.5, 0.25, seed=11, device=device)
-    n = z.numel()
-    assert n > 200_000
-    assert abs(z.mean().item()) < 5 * 0.5 / n**0.5
-    assert abs(z.std().item() / 0.5 - 1) < 0.01
-    tail = (z.abs() > 2 * 0.5).double().mean().item()
-    assert abs(tail - 0.0455) < 0.003
-    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1].item()) < 0.01
-    other = _noise([torch.zeros(shape, device=device) for shape in shapes], 0.5, 0.25, seed=12, device=device)
-    assert abs(torch.corrcoef(torch.stack([z, other]))[0, 1].item()) < 0.01, "another seed draws other noise"
-
-
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_noise_follows_the_generator_and_gaussian_noise_draws_the_same(backend, device, monkeypatch):
-    monkeypatch.setenv("FLASHNORM_BACKEND", backend)
+def test_triton_equals_the_reference_bit_for_bit_in_float32(device, monkeypatch):
+    """One float32 rounding per operation in both: g + z, then · alpha; c · g."""
     tensors = _tensors("fp32", device)
-    total = sum(t.numel() for t in tensors)
-    first = _noise([torch.zeros_like(t) for t in tensors], 0.3, 1.0, seed=5, device=device)
-    second = _noise([torch.zeros_like(t) for t in tensors], 0.3, 1.0, seed=5, device=device)
-    assert torch.equal(first, second), "the same generator state draws the same noise"
-    flat = multi_tensor.gaussian_noise(total, 0.3, device=torch.device(device), dtype=torch.float32,
-                                       generator=torch.Generator(device=device).manual_seed(5))
-    assert torch.equal(flat.double(), first), "gaussian_noise draws what add_noise_then_scale_ adds"
-    gen = torch.Generator(device=device).manual_seed(5)
-    multi_tensor.add_noise_then_scale_([torch.zeros(3, device=device)], 1.0, 1.0, gen)
-    zeros = [torch.zeros_like(t) for t in tensors]
-    multi_tensor.add_noise_then_scale_(zeros, 0.3, 1.0, gen)  # the generator has moved on: other draws
-    assert not torch.equal(torch.cat([z.double().flatten() for z in zeros]), first)
-
-
-def test_triton_equals_the_reference_bit_for_bit_in_float32(device):
-    """One float32 rounding in both: c · g."""
-    tensors = _tensors("fp32", device)
+    z = torch.randn(sum(t.numel() for t in tensors), device=device)
     copies = [t.clone() for t in tensors]
+    multi_tensor.add_then_scale_triton_(tensors, z, 0.125)
+    multi_tensor.add_then_scale_reference_(copies, z, 0.125)
     factor = torch.tensor([0.3], device=device)
     multi_tensor.scale_triton_(tensors, factor)
     multi_tensor.scale_reference_(copies, factor)
@@ -159,11 +119,12 @@ def test_float64_stays_float64(device, triton_backend):
     torch.testing.assert_close(out, sum(t.square().sum() for t in tensors).reshape(1), rtol=1e-12, atol=0)
 
 
-
-def test_noise_refuses_mixed_dtypes(device):
-    tensors = [torch.zeros(3, device=device), torch.zeros(3, device=device, dtype=torch.float16)]
-    with pytest.raises(ValueError, match="one device and dtype"):
-        multi_tensor.add_noise_then_scale_(tensors, 1.0, 1.0)
+def test_add_then_scale_refuses_a_mismatched_z(device):
+    tensors = _tensors("fp32", device, shapes=[(3,), (4,)])
+    with pytest.raises(ValueError, match="flat z of their total size"):
+        multi_tensor.add_then_scale_(tensors, torch.zeros(6, device=device), 1.0)
+    with pytest.raises(ValueError, match="float16"):
+        multi_tensor.add_then_scale_(tensors, torch.zeros(7, device=device, dtype=torch.float16), 1.0)
 
 
 @pytest.mark.gpu
