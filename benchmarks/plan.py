@@ -75,7 +75,7 @@ GRAPHED_GROUPS = {
 
 #: Settings a suite implies unless given on the command line.
 SUITE_DEFAULTS = {
-    "issue4": dict(steps=10, warmup=3, min_timed_s=1.0, timeout=45.0, max_minutes=8.0),
+    "issue4": dict(steps=10, warmup=3, min_timed_s=0.5, timeout=45.0, max_minutes=8.0),
 }
 
 

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="minimum timed steps (default 10; smoke 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; smoke 1; 2 once a step > 0.5 s)")
     p.add_argument("--min-timed-s", type=float, default=None,
-                   help="time short steps for at least this long (default 0.75 s; issue4 1 s; smoke 0)")
+                   help="time short steps for at least this long (default 0.75 s; issue4 0.5 s; smoke 0)")
     p.add_argument("--max-steps", type=int, default=200, help="cap on timed steps (default 200)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per configuration (default 60; issue4: 45)")
     p.add_argument("--max-minutes", type=float, default=None,
