@@ -323,7 +323,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         # forward still gets gradients, so its norm must be counted.
         if not (self.hooks_enabled and self.training and torch.is_grad_enabled()):
             return None
-        if self._batch_size == 1 and self._single_sample_step() and self._holds_one_sample(inputs):
+        if self._single_sample_step() and self._holds_one_sample(inputs):
             return None  # B = 1, known from an earlier layer: nothing to capture (the fast path of every hook)
         if layer.x is not None:
             raise NotImplementedError(

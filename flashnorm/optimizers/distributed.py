@@ -22,13 +22,12 @@ The all-reduce is one collective per bucket of ~16M gradient elements (flattened
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from .fast_gradient_clipping import NOISE_BUCKET_ELEMENTS, DPOptimizerFastGradientClipping, _buckets
+from .fast_gradient_clipping import DPOptimizerFastGradientClipping, _same_kind_buckets
 
 
 class DistributedDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
@@ -53,15 +52,11 @@ class DistributedDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping
 
     def reduce_gradients(self):
         """``p.grad`` ← Σ_r p.grad_r on every rank: one SUM all-reduce per flattened bucket."""
-        groups = defaultdict(list)
-        for p in self.params:
-            groups[(p.grad.device, p.grad.dtype)].append(p.grad)
-        for grads in groups.values():
-            for bucket in _buckets(grads, NOISE_BUCKET_ELEMENTS):
-                flat = torch.cat([g.reshape(-1) for g in bucket])
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                reduced = flat.split([g.numel() for g in bucket])
-                torch._foreach_copy_(bucket, [r.view_as(g) for r, g in zip(reduced, bucket)])
+        for bucket in _same_kind_buckets([p.grad for p in self.params]):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            reduced = flat.split([g.numel() for g in bucket])
+            torch._foreach_copy_(bucket, [r.view_as(g) for r, g in zip(reduced, bucket)])
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         if closure is not None:

@@ -47,12 +47,13 @@ def _buckets(tensors, limit):
         yield bucket
 
 
-def _same_device_and_dtype(tensors):
-    """The tensors grouped by (device, dtype), each group in order."""
+def _same_kind_buckets(tensors):
+    """The tensors in buckets of one device and dtype and at most ``NOISE_BUCKET_ELEMENTS`` elements, in order."""
     groups = defaultdict(list)
     for t in tensors:
         groups[(t.device, t.dtype)].append(t)
-    return groups.values()
+    for same_kind in groups.values():
+        yield from _buckets(same_kind, NOISE_BUCKET_ELEMENTS)
 
 
 class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
@@ -114,9 +115,8 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             if self.secure_mode:
                 self._add_secure_noise(grads, std)
             else:
-                for same_kind in _same_device_and_dtype(grads):
-                    for bucket in _buckets(same_kind, NOISE_BUCKET_ELEMENTS):
-                        self._add_noise_to_bucket(bucket, std)
+                for bucket in _same_kind_buckets(grads):
+                    self._add_noise_to_bucket(bucket, std)
         self._publish_summed_grads()
 
     def add_noise_and_scale_grad(self):
@@ -129,9 +129,8 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             return
         grads = self._checked_summed_grads()
         factor = self._grad_scale()
-        for same_kind in _same_device_and_dtype(grads):
-            for bucket in _buckets(same_kind, NOISE_BUCKET_ELEMENTS):
-                add_then_scale_(bucket, self._bucket_noise(bucket, std), factor)
+        for bucket in _same_kind_buckets(grads):
+            add_then_scale_(bucket, self._bucket_noise(bucket, std), factor)
         self._publish_summed_grads()
 
     def scale_grad(self):
