@@ -96,13 +96,14 @@ def test_single_sample_batch(mode, kind, reduction, device):
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+@pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_single_sample_tail_by_the_multi_tensor_kernels(kind, reduction, device, monkeypatch):
+def test_single_sample_tail_by_the_multi_tensor_kernels(kind, reduction, steps, device, monkeypatch):
     """B = 1 in float32 with FLASHNORM_BACKEND=triton (the interpreter on CPU): the norm of all gradients and their
     scaling by c are the multi-tensor Triton passes; exact against the float64 oracle."""
     monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
-    model, x, y = build(kind, 37, batch=1)
+    model, x, y = build(kind, steps, batch=1)
     clip = 1e-2
     oracle = microbatch_reference(model.double(), x.double() if x.is_floating_point() else x, y,
                                   lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), clip)
