@@ -8,7 +8,7 @@ Two tails, each timed in one process on the same gradients, with the Triton kern
 
 * **clip** (the B = 1 shortcut of :class:`~flashnorm.grad_sample.base.FlashNormGradSampleModule`):
   s = Σ‖g‖², c = min(1, C/(√s + 10⁻⁶)), g ← c·g;
-* **noise** (the optimizer's ``pre_step``: accumulate, noise, scale): per ~16M-element bucket one
+* **noise** (the optimizer's ``pre_step``: accumulate, noise, scale): per ~64M-element bucket one
   ``torch.normal``, then g ← (g + ξ) / B in one pass (``fused``), or ξ added then the scaling
   (``unfused``, the FSDP optimizer's order).
 
@@ -84,9 +84,7 @@ def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: 
     grads = [torch.randn_like(p) for p in params]
 
     def clip():
-        norm_sq = multi_tensor.squared_norm(grads)
-        coef = (1.0 / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
-        multi_tensor.scale_(grads, coef)
+        multi_tensor.clip_(grads, multi_tensor.squared_norm(grads), 1.0)
 
     optimizer = DPOptimizerFastGradientClipping(torch.optim.SGD(params, lr=0.0), noise_multiplier=1.0,
                                                 max_grad_norm=1.0, expected_batch_size=8)

@@ -172,5 +172,5 @@ class CudaGraphStep:
                 del grad._processed
             p.grad = grad
         if captured.dp_module is not None:
-            captured.dp_module._norm_sq = captured.norm_sq
+            captured.dp_module.record_norm_sq(captured.norm_sq)
         return captured.loss.clone()

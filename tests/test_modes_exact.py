@@ -90,6 +90,8 @@ def test_single_sample_batch(mode, kind, reduction, device):
                                       max_grad_norm=clip)
     assert not dp_model._anchors, "a batch of one sample needs no capture, no norm pass"
     rtol, atol = TOLERANCES["fp64"]
+    # the debugging attribute follows the recorded squared norm when first read (nothing computed it yet)
+    torch.testing.assert_close(dp_model.per_sample_gradient_norms.cpu(), oracle.norms, rtol=rtol, atol=atol)
     torch.testing.assert_close(dp_model.get_norm_sample().cpu(), oracle.norms, rtol=rtol, atol=atol)
     for name, grad in grads.items():
         torch.testing.assert_close(grad.cpu(), oracle.clipped_sum[name], rtol=rtol, atol=atol)

@@ -557,7 +557,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             norm_sq = norm_sq + torch.stack(terms).sum(dim=0)
         if roots:  # ‖per-sample gradient‖ per parameter
             norm_sq = norm_sq + torch.stack(roots).square().sum(dim=0)
-        self._norm_sq = norm_sq
+        self.record_norm_sq(norm_sq)
         return self.get_clipping_coef()
 
     def _check_parameter_uses(self, root) -> None:
@@ -614,12 +614,11 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         torch.autograd.backward(loss_per_sample.sum())
         grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
         if not grads:
-            self._norm_sq = torch.zeros(1, dtype=accumulation_dtype(loss_per_sample), device=loss_per_sample.device)
-            self.get_norm_sample()
+            self.record_norm_sq(torch.zeros(1, dtype=accumulation_dtype(loss_per_sample), device=loss_per_sample.device))
             return
-        # one multi-tensor pass for the norm (float32, float64 for float64) and one for the scaling
-        self._norm_sq = multi_tensor.squared_norm(grads)
-        multi_tensor.scale_(grads, self.get_clipping_coef())
+        # one multi-tensor pass for the norm (float32, float64 for float64) and one for the clipping, whose
+        # coefficient is computed on the device from the norm
+        self.record_norm_sq(multi_tensor.clip_by_total_norm_(grads, self.max_grad_norm))
 
     def _write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
         raise NotImplementedError
@@ -659,6 +658,11 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         raise ValueError(_NON_FINITE)
 
     # -- Opacus-compatible accessors -------------------------------------------------------------
+    def record_norm_sq(self, norm_sq: torch.Tensor) -> None:
+        """Records the step's squared per-sample gradient norms [B]; the norms follow from them when asked."""
+        self._norm_sq = norm_sq
+        self._per_sample_gradient_norms = None
+
     def get_norm_sample(self) -> torch.Tensor:
         """Per-sample gradient norms ‖g_b‖ of the last norm pass: [B]."""
         if self._norm_sq is None:
@@ -669,13 +673,15 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def get_clipping_coef(self) -> torch.Tensor:
         """c_b = min(1, C / (‖g_b‖ + 1e-6)): [B]."""
-        return (self.max_grad_norm / (self.get_norm_sample() + 1e-6)).clamp(max=1.0)
+        return multi_tensor.clipping_coef(self.get_norm_sample(), self.max_grad_norm)
 
     @property
     def per_sample_gradient_norms(self) -> torch.Tensor:
         """Per-sample gradient norms of the last step (not private: for debugging only)."""
         if self._per_sample_gradient_norms is None:
-            raise AttributeError("per_sample_gradient_norms is not set: run forward and backward first.")
+            if self._norm_sq is None:
+                raise AttributeError("per_sample_gradient_norms is not set: run forward and backward first.")
+            self.get_norm_sample()
         return self._per_sample_gradient_norms
 
     @per_sample_gradient_norms.setter

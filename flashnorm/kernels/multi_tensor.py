@@ -4,19 +4,21 @@ For tensors g_1 … g_n of one dtype on one device, ν = Σ_i numel(g_i) element
 o_i = Σ_{j<i} numel(g_j) the offset of g_i in their concatenation:
 
     squared_norm(gs)            → s = Σ_i ‖g_i‖²                          float32 [1] (float64 for float64)
-    scale_(gs, c)                 g_i ← c · g_i                            c: a one-element tensor (no host sync)
+    clip_(gs, s, C)               g_i ← c · g_i,  c = min(1, C / (√s + 1e-6))     s: [1] on the device (no host sync)
+    clip_by_total_norm_(gs, C)  → s, after clip_(gs, s, C) (the B = 1 step: its one gradient is the sample's)
     add_then_scale_(gs, z, a)     g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · a     z: [ν] flat, a: a float
 
 A model's gradients are ~150 tensors. torch's foreach ops launch few kernels, but build one tensor per
 parameter on the host for every result (the norms) or argument (views of a flat noise buffer): at
 B = 1 that host time exceeds the GPU work of the whole clipping tail. Here a list is described by a
 *work table* — one row per chunk of at most ``CHUNK`` elements: (tensor, start, length, offset in the
-list) — built once per list of sizes and cached on the device, plus the tensors' addresses, copied at
-each call (they change from step to step); a launch runs one program per row.
+list) — built once per list of sizes and cached on the device, plus the tensors' addresses, uploaded
+again only when they changed since the last launch over that list; a launch runs one program per row.
 
 Memory-bound passes: ``squared_norm`` reads ν elements (float32 partial sums per chunk, then one sum);
-``scale_`` reads and writes ν; ``add_then_scale_`` reads 2ν and writes ν, where an add then a multiply
-would read 3ν and write 2ν. Arithmetic in float32 whatever the storage dtype, rounded once on store.
+``clip_`` reads and writes ν (every program computes c from s: no coefficient ops on the host's path);
+``add_then_scale_`` reads 2ν and writes ν, where an add then a multiply would read 3ν and write 2ν.
+Arithmetic in float32 whatever the storage dtype, rounded once on store.
 
 The Triton path needs every tensor contiguous and is not used while a CUDA graph is being captured
 (the table upload is a host-to-device copy): the PyTorch references (``torch._foreach_*``) serve there,
@@ -29,11 +31,11 @@ the dispatchers.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._chunks import accumulation_dtype
+from ._chunks import accumulation_dtype, accumulation_dtype_of
 from .backend import interpreter_enabled, triton_choice
 
 try:
@@ -70,11 +72,13 @@ def _squared_norm_kernel(table_ptr, address_ptr, partial_ptr, DTYPE: tl.constexp
 
 
 @triton.jit
-def _scale_kernel(table_ptr, address_ptr, factor_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """x ← c · x over the chunk of row r, c = factor[0] read on the device."""
+def _clip_kernel(table_ptr, address_ptr, norm_sq_ptr, max_norm, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """x ← c · x over the chunk of row r, c = min(1, C · (1 / (√s + 1e-6))) from s = norm_sq[0] read on the device
+    (IEEE square root and division: the rounding steps of :func:`clipping_coef`)."""
     row = tl.program_id(0)
     base, length, _ = _chunk(table_ptr, address_ptr, row, DTYPE)
-    c = tl.load(factor_ptr).to(tl.float32)
+    norm = tl.sqrt_rn(tl.load(norm_sq_ptr).to(tl.float32))
+    c = tl.minimum(tl.div_rn(1.0, norm + 1e-6) * max_norm, 1.0)
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < length
@@ -103,7 +107,19 @@ CHUNK = 1 << 16
 #: Tables kept, most recently used last: a training loop has a few gradient lists (all of them, then the
 #: noise buckets), whose sizes never change.
 _TABLE_CACHE_SIZE = 64
-_tables: "OrderedDict[Tuple, torch.Tensor]" = OrderedDict()
+
+
+class _ListLayout:
+    """The work table of one list of sizes, and the addresses last uploaded for it: (stream, addresses, device copy)."""
+
+    __slots__ = ("table", "uploaded")
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        self.uploaded: Optional[Tuple[int, List[int], torch.Tensor]] = None
+
+
+_tables: "OrderedDict[Tuple, _ListLayout]" = OrderedDict()
 
 
 def _block() -> int:
@@ -115,26 +131,31 @@ def work_table(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Ten
 
     table: int64 [rows, 4], one row per chunk of ≤ ``CHUNK`` elements: (tensor index i, start in g_i, length,
     offset in the list); it depends on the sizes alone and is cached under (device, dtype, numels). Empty tensors
-    contribute no row. addresses: int64 [n], g_i's address, copied to the device at each call without the host
-    waiting (:func:`_upload_addresses`): the caching allocator gives gradients new addresses at every step, and
-    a synchronous copy would make the host wait for the queued backward.
+    contribute no row. addresses: int64 [n], g_i's address on the device. In a training loop the caching allocator
+    usually hands the gradients the same blocks at every step: the device copy of the last addresses seen for this
+    list on this stream is reused while they are unchanged (the kernels only read it, in stream order); new ones
+    are uploaded without the host waiting (:func:`_upload_addresses`).
     """
     first = tensors[0]
     key = (first.device, first.dtype, tuple(t.numel() for t in tensors))
-    table = _tables.get(key)
-    if table is None:
+    layout = _tables.get(key)
+    if layout is None:
         rows: List[Tuple[int, int, int, int]] = []
         offset = 0
         for i, n in enumerate(key[2]):
             rows.extend((i, start, min(CHUNK, n - start), offset + start) for start in range(0, n, CHUNK))
             offset += n
-        table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(first.device)
-        _tables[key] = table
+        layout = _tables[key] = _ListLayout(torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(first.device))
         if len(_tables) > _TABLE_CACHE_SIZE:
             _tables.popitem(last=False)
     else:
         _tables.move_to_end(key)
-    return table, _upload_addresses([t.data_ptr() for t in tensors], first.device)
+    addresses = [t.data_ptr() for t in tensors]
+    stream = torch.cuda.current_stream(first.device).cuda_stream if first.is_cuda else 0
+    uploaded = layout.uploaded
+    if uploaded is None or uploaded[0] != stream or uploaded[1] != addresses:
+        uploaded = layout.uploaded = (stream, addresses, _upload_addresses(addresses, first.device))
+    return layout.table, uploaded[2]
 
 
 #: Pinned host slots for the address arrays, per device, used in turn. A copy from pinned memory is queued
@@ -171,9 +192,13 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 # -- launch wrappers (one dtype, one device, contiguous tensors) --------------------------------------------------
-def squared_norm_triton(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+#: (table, addresses) of :func:`work_table`, computed once when several passes run over the same list.
+Launch = Tuple[torch.Tensor, torch.Tensor]
+
+
+def squared_norm_triton(tensors: Sequence[torch.Tensor], launch: Optional[Launch] = None) -> torch.Tensor:
     """Triton Σ_i ‖g_i‖² → float32 [1]."""
-    table, addresses = work_table(tensors)
+    table, addresses = launch or work_table(tensors)
     partial = torch.empty(table.shape[0], dtype=torch.float32, device=tensors[0].device)
     if table.shape[0]:
         _squared_norm_kernel[(table.shape[0],)](table, addresses, partial, DTYPE=_tl_dtype(tensors[0].dtype),
@@ -181,12 +206,13 @@ def squared_norm_triton(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return partial.sum(dim=0, keepdim=True)
 
 
-def scale_triton_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
-    """Triton g_i ← c · g_i in place, c = ``factor`` (one element, on the tensors' device)."""
-    table, addresses = work_table(tensors)
+def clip_triton_(tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: float,
+                 launch: Optional[Launch] = None) -> None:
+    """Triton g_i ← c · g_i in place, c = min(1, C / (√s + 1e-6)), s = ``norm_sq`` (float32 [1], the tensors' device)."""
+    table, addresses = launch or work_table(tensors)
     if table.shape[0]:
-        _scale_kernel[(table.shape[0],)](table, addresses, factor, DTYPE=_tl_dtype(tensors[0].dtype), BLOCK=_block(),
-                                         num_warps=8)
+        _clip_kernel[(table.shape[0],)](table, addresses, norm_sq, float(max_norm), DTYPE=_tl_dtype(tensors[0].dtype),
+                                        BLOCK=_block(), num_warps=8)
 
 
 def add_then_scale_triton_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
@@ -204,9 +230,15 @@ def squared_norm_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=acc)).square_().sum(dim=0, keepdim=True)
 
 
-def scale_reference_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
-    """g_i ← c · g_i in place: one foreach multiplication by the one-element tensor c."""
-    torch._foreach_mul_(list(tensors), factor.reshape(()))
+def clipping_coef(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Opacus's clipping coefficient c = min(1, C / (‖g‖ + 1e-6)), elementwise over ``norms``."""
+    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+def clip_reference_(tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: float) -> None:
+    """g_i ← c · g_i in place, c = :func:`clipping_coef` (√s): one foreach multiplication by a one-element tensor."""
+    coef = clipping_coef(norm_sq.sqrt(), max_norm)
+    torch._foreach_mul_(list(tensors), coef.reshape(()))
 
 
 def add_then_scale_reference_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
@@ -219,12 +251,19 @@ def add_then_scale_reference_(tensors: Sequence[torch.Tensor], z: torch.Tensor, 
 
 
 # -- dispatchers ------------------------------------------------------------------------------------------------------
-def _groups(tensors: Sequence[torch.Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
-    """Positions of the tensors by (device, dtype), in order."""
-    groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    return groups
+# They run on the hot path of every step (~150 gradients): each pass over the list costs ~20 µs of host time, so
+# a list is grouped once and its work table looked up once per group, whatever the number of passes.
+def same_kind_groups(tensors: Sequence[torch.Tensor]) -> List[List[torch.Tensor]]:
+    """The tensors grouped by (device, dtype), groups in order of first appearance, tensors in order."""
+    first = tensors[0]
+    if first.is_cuda:  # the usual case, one group, checked without building a torch.device per tensor
+        dtypes, devices = [t.dtype for t in tensors], [t.get_device() for t in tensors]
+        if dtypes.count(first.dtype) == len(tensors) and devices.count(devices[0]) == len(tensors):
+            return [list(tensors)]
+    groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
 
 
 def _triton_applies(tensors: Sequence[torch.Tensor]) -> bool:
@@ -238,30 +277,64 @@ def _triton_applies(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.is_contiguous() for t in tensors)
 
 
+def _launches(groups: List[List[torch.Tensor]]) -> List[Optional[Launch]]:
+    """Per group, its (table, addresses) when the Triton path applies, else None (the reference)."""
+    return [work_table(group) if _triton_applies(group) else None for group in groups]
+
+
+def _sum_of_squares(groups, launches) -> torch.Tensor:
+    acc = accumulation_dtype_of(*(group[0].dtype for group in groups))
+    device = groups[0][0].device
+    total = None
+    for group, launch in zip(groups, launches):
+        part = squared_norm_triton(group, launch) if launch is not None else squared_norm_reference(group)
+        part = part.to(device=device, dtype=acc)
+        total = part if total is None else total + part
+    return total
+
+
+def _clip_groups(groups, launches, norm_sq: torch.Tensor, max_norm: float) -> None:
+    for group, launch in zip(groups, launches):
+        s = norm_sq.to(group[0].device)
+        if launch is not None and s.dtype == torch.float32:
+            clip_triton_(group, s, max_norm, launch)
+        else:
+            clip_reference_(group, s, max_norm)
+
+
 def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ_i ‖g_i‖² over a non-empty list → [1] on the first tensor's device, float32 (float64 when any tensor is).
 
     One Triton launch (and one sum) per dtype on CUDA, the foreach reference elsewhere.
     """
-    acc = accumulation_dtype(*tensors)
-    total = None
-    for positions in _groups(tensors).values():
-        group = [tensors[i] for i in positions]
-        part = squared_norm_triton(group) if _triton_applies(group) else squared_norm_reference(group)
-        part = part.to(device=tensors[0].device, dtype=acc)
-        total = part if total is None else total + part
-    return total
+    groups = same_kind_groups(tensors)
+    return _sum_of_squares(groups, _launches(groups))
 
 
-def scale_(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
-    """g_i ← c · g_i in place, c = ``factor`` (a one-element tensor, read on the device: no host sync)."""
-    for (device, _), positions in _groups(tensors).items():
-        group = [tensors[i] for i in positions]
-        c = factor.to(device)
-        if _triton_applies(group) and c.dtype == torch.float32:
-            scale_triton_(group, c)
-        else:
-            scale_reference_(group, c)
+def clip_(tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: float) -> None:
+    """Clips the list as one vector: g_i ← c · g_i in place, c = min(1, C / (√s + 1e-6)).
+
+    Args:
+        tensors: the gradients g_1 … g_n (any devices and dtypes).
+        norm_sq: s = Σ_i ‖g_i‖²: a one-element tensor, read on the device (no host sync), e.g. from
+            :func:`squared_norm`.
+        max_norm: C.
+    """
+    groups = same_kind_groups(tensors)
+    _clip_groups(groups, _launches(groups), norm_sq, max_norm)
+
+
+def clip_by_total_norm_(tensors: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """:func:`squared_norm` then :func:`clip_` with it, the list grouped and its tables looked up once.
+
+    Returns:
+        s = Σ_i ‖g_i‖² before clipping: [1], float32 (float64 when any tensor is).
+    """
+    groups = same_kind_groups(tensors)
+    launches = _launches(groups)
+    norm_sq = _sum_of_squares(groups, launches)
+    _clip_groups(groups, launches, norm_sq, max_norm)
+    return norm_sq
 
 
 def add_then_scale_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
@@ -272,7 +345,7 @@ def add_then_scale_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: flo
         z: [ν], ν = Σ numel(g_i): the values to add, flat, in the tensors' order (same device and dtype).
         alpha: the scale applied after the addition.
     """
-    if len(_groups(tensors)) > 1 or z.dim() != 1 or z.numel() != sum(t.numel() for t in tensors):
+    if len(same_kind_groups(tensors)) > 1 or z.dim() != 1 or z.numel() != sum(t.numel() for t in tensors):
         raise ValueError("add_then_scale_ takes tensors of one device and dtype and a flat z of their total size")
     if z.device != tensors[0].device or z.dtype != tensors[0].dtype:
         raise ValueError(f"z is {z.dtype} on {z.device}; the tensors are {tensors[0].dtype} on {tensors[0].device}")

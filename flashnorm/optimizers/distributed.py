@@ -17,7 +17,7 @@ every rank. The replicas stay identical whatever the other ranks' generators are
 secure generator is never asked to agree across processes. With the same seed, rank 0 draws exactly the
 noise the single-device optimizer draws.
 
-The all-reduce is one collective per bucket of ~16M gradient elements (flattened), not one per parameter.
+The all-reduce is one collective per bucket of ~64M gradient elements (flattened), not one per parameter.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from its own ``generator``, and keeps the elements it owns. So
   per parameter); the owned elements are still independent draws.
 
 The price is drawing W× the random numbers (a few milliseconds for 10⁸ elements on a GPU) and a
-transient of one bucket (~16M elements) of full-shape noise.
+transient of one bucket (~64M elements) of full-shape noise.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-tensor passes of the DP tail (squared norm, scale, add-then-scale), Triton and reference, against float64.
+"""Multi-tensor passes of the DP tail (squared norm, clip, add-then-scale), Triton and reference, against float64.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (``CHUNK`` is lowered so that small tensors span several
 table rows); bf16 (wrong in the interpreter) runs on the GPU only.
@@ -43,16 +43,44 @@ def test_squared_norm_matches_float64(dtype, device, triton_backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scale_matches_float64_and_reads_the_factor_on_the_device(dtype, device, triton_backend):
+@pytest.mark.parametrize("max_norm", [0.5, 1e4])  # clipping (c < 1) and not (c = 1)
+def test_clip_matches_float64_and_reads_the_norm_on_the_device(dtype, max_norm, device, triton_backend):
     _skip_bf16_on_cpu(dtype, device)
     tensors = _tensors(dtype, device)
     before = [t.double() for t in tensors]
-    factor = torch.tensor([0.37], device=device)
-    multi_tensor.scale_(tensors, factor)
+    norm_sq = torch.tensor([sum(float(b.square().sum()) for b in before)], device=device)
+    multi_tensor.clip_(tensors, norm_sq, max_norm)
+    coef = min(1.0, max_norm / (float(norm_sq.double().sqrt()) + 1e-6))
+    assert (coef < 1.0) == (max_norm < 1.0)
     rtol, atol = TOLERANCES[dtype]
     for t, b in zip(tensors, before):
         assert t.dtype == DTYPES[dtype]
-        torch.testing.assert_close(t.double(), b * 0.37, rtol=rtol, atol=atol)
+        torch.testing.assert_close(t.double(), b * coef, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_by_total_norm_returns_the_norm_before_clipping(dtype, device, triton_backend):
+    _skip_bf16_on_cpu(dtype, device)
+    tensors = _tensors(dtype, device)
+    before = [t.double() for t in tensors]
+    truth = sum(float(b.square().sum()) for b in before)
+    norm_sq = multi_tensor.clip_by_total_norm_(tensors, 0.5)
+    torch.testing.assert_close(norm_sq.double().cpu(), torch.tensor([truth], dtype=torch.float64), rtol=1e-5, atol=0)
+    coef = 0.5 / (truth ** 0.5 + 1e-6)
+    rtol, atol = TOLERANCES[dtype]
+    for t, b in zip(tensors, before):
+        torch.testing.assert_close(t.double(), b * coef, rtol=rtol, atol=atol)
+
+
+def test_same_kind_groups_keep_the_order(device):
+    a, b, c, d = (torch.zeros(2, device=device), torch.zeros(3, device=device, dtype=torch.float16),
+                  torch.zeros(4, device=device), torch.zeros(5, device=device, dtype=torch.float16))
+    groups = multi_tensor.same_kind_groups([a, b, c, d])
+    assert [[t.numel() for t in g] for g in groups] == [[2, 4], [3, 5]]
+    assert [[t.numel() for t in g] for g in multi_tensor.same_kind_groups([a, c])] == [[2, 4]]
+    if device == "cuda":
+        mixed = multi_tensor.same_kind_groups([a, torch.zeros(6), c])
+        assert [[t.numel() for t in g] for g in mixed] == [[2, 4], [6]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -69,32 +97,38 @@ def test_add_then_scale_matches_float64(dtype, alpha, device, triton_backend):
 
 
 def test_triton_equals_the_reference_bit_for_bit_in_float32(device, monkeypatch):
-    """One float32 rounding per operation in both: g + z, then · alpha; c · g."""
+    """One float32 rounding per operation in both: g + z, then · alpha; √s, + 1e-6, 1/·, · C, min(·, 1), c · g."""
     tensors = _tensors("fp32", device)
     z = torch.randn(sum(t.numel() for t in tensors), device=device)
     copies = [t.clone() for t in tensors]
     multi_tensor.add_then_scale_triton_(tensors, z, 0.125)
     multi_tensor.add_then_scale_reference_(copies, z, 0.125)
-    factor = torch.tensor([0.3], device=device)
-    multi_tensor.scale_triton_(tensors, factor)
-    multi_tensor.scale_reference_(copies, factor)
+    norm_sq = torch.tensor([7.25], device=device)
+    multi_tensor.clip_triton_(tensors, norm_sq, 0.8)
+    multi_tensor.clip_reference_(copies, norm_sq, 0.8)
     for t, c in zip(tensors, copies):
         assert torch.equal(t, c)
 
 
-def test_tables_are_cached_by_sizes_and_follow_new_addresses(device, triton_backend):
-    """One table per list of sizes; the addresses are read at each call, so gradients that moved are still found."""
+def test_tables_are_cached_by_sizes_and_follow_new_addresses(device, triton_backend, monkeypatch):
+    """One table per list of sizes; the addresses are uploaded again only when they changed, so gradients that moved
+    are still found and unchanged ones cost no copy."""
+    uploads = []
+    upload = multi_tensor._upload_addresses
+    monkeypatch.setattr(multi_tensor, "_upload_addresses", lambda a, d: uploads.append(list(a)) or upload(a, d))
     tensors = _tensors("fp32", device)
+    ones = torch.ones(1, device=device)
     multi_tensor.squared_norm(tensors)
-    multi_tensor.scale_(tensors, torch.ones(1, device=device))
+    multi_tensor.clip_(tensors, ones, 1e4)  # c = 1
     assert len(multi_tensor._tables) == 1, "the same sizes reuse their table"
+    assert len(uploads) == 1, "the same addresses reuse their upload"
     moved = [t.clone() for t in tensors]  # same sizes, new addresses
-    multi_tensor.scale_(moved, torch.full((1,), 2.0, device=device))
-    assert len(multi_tensor._tables) == 1
+    multi_tensor.clip_(moved, torch.full((1,), 4.0, device=device), 1.0)  # c = 1 / (2 + 1e-6)
+    assert len(multi_tensor._tables) == 1 and len(uploads) == 2 and uploads[-1] == [m.data_ptr() for m in moved]
     for t, m in zip(tensors, moved):
-        torch.testing.assert_close(m, 2 * t)
-    multi_tensor.scale_(moved[1:], torch.full((1,), 2.0, device=device))
-    assert len(multi_tensor._tables) == 2
+        torch.testing.assert_close(m, t / (2 + 1e-6))
+    multi_tensor.clip_(moved[1:], torch.full((1,), 4.0, device=device), 1.0)
+    assert len(multi_tensor._tables) == 2 and len(uploads) == 3
 
 
 def test_mixed_dtypes_and_non_contiguous_tensors(device, triton_backend):
@@ -107,9 +141,10 @@ def test_mixed_dtypes_and_non_contiguous_tensors(device, triton_backend):
     torch.testing.assert_close(multi_tensor.squared_norm(tensors).double().cpu(), torch.tensor([truth], dtype=torch.float64),
                                rtol=1e-5, atol=0)
     before = [t.double() for t in tensors]
-    multi_tensor.scale_(tensors, torch.tensor([-1.5], device=device))
+    multi_tensor.clip_(tensors, torch.tensor([truth], device=device), 0.5)
+    coef = 0.5 / (truth ** 0.5 + 1e-6)
     for t, x in zip(tensors, before):
-        torch.testing.assert_close(t.double(), -1.5 * x, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(t.double(), coef * x, rtol=1e-3, atol=1e-5)
 
 
 def test_float64_stays_float64(device, triton_backend):
@@ -131,17 +166,35 @@ def test_add_then_scale_refuses_a_mismatched_z(device):
 def test_a_cuda_graph_capture_takes_the_reference_and_replays_correctly(triton_backend):
     """The table upload is a host-to-device copy, illegal during capture: the foreach reference is captured."""
     tensors = _tensors("fp32", "cuda")
-    factor = torch.tensor([0.5], device="cuda")
+    norm_sq = torch.tensor([0.25], device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        multi_tensor.scale_(tensors, factor)
+        multi_tensor.clip_(tensors, norm_sq, 1.0)
     torch.cuda.current_stream().wait_stream(stream)
     for t in tensors:
         t.fill_(3.0)
-    factor.fill_(2.0)
+    norm_sq.fill_(16.0)  # c = 1 / (4 + 1e-6)
     graph.replay()
     torch.cuda.synchronize()
     for t in tensors:
-        assert bool((t == 6.0).all())
+        torch.testing.assert_close(t, torch.full_like(t, 3.0 / (4 + 1e-6)))
+
+
+@pytest.mark.gpu
+def test_an_upload_is_not_reused_on_another_stream(triton_backend):
+    """The device copy of the addresses is ordered on the stream that made it: another stream uploads its own."""
+    tensors = _tensors("fp32", "cuda")
+    truth = [t.double() / (2 + 1e-6) for t in tensors]
+    multi_tensor.clip_(tensors, torch.tensor([4.0], device="cuda"), 1.0)
+    layout = next(iter(multi_tensor._tables.values()))
+    first = layout.uploaded
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        multi_tensor.clip_(tensors, torch.tensor([1e-12], device="cuda"), 1e4)  # c = 1
+    torch.cuda.current_stream().wait_stream(stream)
+    assert layout.uploaded[0] == stream.cuda_stream != first[0] and layout.uploaded[2] is not first[2]
+    for t, x in zip(tensors, truth):
+        torch.testing.assert_close(t.double(), x, rtol=1e-6, atol=1e-7)
