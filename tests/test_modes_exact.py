@@ -161,3 +161,70 @@ def test_sequence_first_inputs(mode):
     dp_opt.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=rtol, atol=atol)
+
+
+class _FoldsPairs(nn.Module):
+    """Takes [1, 2·n, d] and runs its layers on [2, n, d]: the first argument's batch dimension (1) is not the
+    layers' (2)."""
+
+    def __init__(self, d: int, classes: int):
+        super().__init__()
+        self.lin, self.head = nn.Linear(d, d), nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x.reshape(2, -1, x.shape[-1]))).mean(dim=1))
+
+
+@pytest.mark.parametrize("mode", ["flash", "flash_fuse"])
+def test_batch_sizes_changing_between_steps_park_and_restore_the_forward_hooks(mode):
+    """B = 1, 1, 1, 3, 1, 1: a step of one sample whose first argument was seen to carry the layers' batch size runs
+    without forward hooks (nothing to capture); the hooks come back for B = 3; every step is exact."""
+    torch.manual_seed(0)
+    model, x_all, y_all = build("linear3d", 37, batch=3)
+    model = model.double()
+    x_all = x_all.double()
+    clip = 1e-2
+    batches = [(x_all[i % 3: i % 3 + b], y_all[i % 3: i % 3 + b]) for i, b in enumerate((1, 1, 1, 3, 1, 1))]
+    oracles = [microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), clip)
+               for x, y in batches]  # before wrapping: no optimizer step runs, so the weights stay these
+    dp_model, dp_opt, criterion, _ = FlashNormPrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=nn.CrossEntropyLoss(reduction="sum"),
+        data_loader=DataLoader(TensorDataset(x_all, y_all), batch_size=3), noise_multiplier=0.0, max_grad_norm=clip,
+        poisson_sampling=False, grad_sample_mode=mode, loss_reduction="sum",
+    )
+    hooked = []
+    for (x, y), oracle in zip(batches, oracles):
+        loss = criterion(dp_model(x), y)
+        hooked.append(all(layer.handles for layer in dp_model.layers))
+        loss.backward()
+        rtol, atol = TOLERANCES["fp64"]
+        torch.testing.assert_close(dp_model.get_norm_sample(), oracle.norms, rtol=rtol, atol=atol)
+        for name, p in dp_model._module.named_parameters():
+            torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=rtol, atol=atol)
+        dp_opt.zero_grad()
+    # the first B = 1 step verifies the first argument against the layers; B = 3 needs the hooks, and so does the
+    # first B = 1 step after it
+    assert hooked == [True, False, False, True, True, False]
+
+
+def test_a_first_argument_that_does_not_carry_the_batch_keeps_the_hooks():
+    """[1, 6, d] folded into two samples: the first argument's batch size (1) never agrees with the layers' (2), so
+    the hooks stay on at every step and the norms stay per sample."""
+    torch.manual_seed(0)
+    model = _FoldsPairs(4, 3).double()
+    x, y = torch.randn(1, 6, 4, dtype=torch.float64), torch.tensor([0, 2])
+    # the privacy units are the two folded rows: the oracle runs the layers on one row at a time
+    oracle = microbatch_reference(model, x.reshape(2, 3, 4), y, lambda o, t: nn.functional.cross_entropy(
+        o, t, reduction="sum"), 1e-2, forward=lambda m, row: m.head(torch.tanh(m.lin(row)).mean(dim=1)))
+    dp_model, dp_opt, criterion, _ = FlashNormPrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=nn.CrossEntropyLoss(reduction="sum"),
+        data_loader=DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=2), noise_multiplier=0.0, max_grad_norm=1e-2,
+        poisson_sampling=False, grad_sample_mode="flash_fuse", loss_reduction="sum",
+    )
+    for _ in range(3):
+        criterion(dp_model(x), y).backward()
+        assert all(layer.handles for layer in dp_model.layers)
+        torch.testing.assert_close(dp_model.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
+        for name, p in dp_model._module.named_parameters():
+            torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
+        dp_opt.zero_grad()

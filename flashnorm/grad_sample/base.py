@@ -227,6 +227,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         #: The loss check of a step captured in a CUDA graph (read after each replay), else None.
         self.captured_finite_check: Optional[_FiniteCheck] = None
         self._distributed = _is_distributed(m)
+        self._hooks_parked = False  # forward hooks detached for steps of one sample (:meth:`_park_forward_hooks`)
+        self._last_leading_batch_size: Optional[int] = None  # of the last capturing forward's first argument
         self.hooks_enabled = False
         self.add_hooks()
 
@@ -273,15 +275,34 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     def add_hooks(self) -> None:
         for layer in self.layers:
             layer.capture = partial(self._capture_backward, layer)
-            layer.handles.append(layer.module.register_forward_hook(partial(self._capture_forward, layer)))
+        self._attach_forward_hooks()
         self.enable_hooks()
 
     def remove_hooks(self) -> None:
         self.disable_hooks()
+        self._detach_forward_hooks()
+        self._hooks_parked = False
+        for layer in self.layers:
+            layer.x, layer.kept = None, None
+
+    def _attach_forward_hooks(self) -> None:
+        for layer in self.layers:
+            layer.handles.append(layer.module.register_forward_hook(partial(self._capture_forward, layer)))
+
+    def _detach_forward_hooks(self) -> None:
         for layer in self.layers:
             while layer.handles:
                 layer.handles.pop().remove()
-            layer.x, layer.kept = None, None
+
+    def _park_forward_hooks(self, parked: bool) -> None:
+        """Detaches the layers' forward hooks for a step of one sample (``parked``), or re-attaches them.
+
+        Such a step captures nothing, and a module without hooks runs PyTorch's fast call path: ~5-9 µs less
+        host time per hooked layer and step (GPT-2 small: 76 layers).
+        """
+        if parked != self._hooks_parked:
+            self._hooks_parked = parked
+            self._attach_forward_hooks() if not parked else self._detach_forward_hooks()
 
     def enable_hooks(self) -> None:
         """Turns capture back on (after :meth:`disable_hooks`)."""
@@ -294,7 +315,15 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     def forward(self, *args, **kwargs):
         if self.hooks_enabled and self.training and torch.is_grad_enabled():
             self._step += 1  # a forward that captures starts a new step (eval / no_grad ones leave it be)
+            leading = self._leading_batch_size(args)
+            # The first argument's batch size speaks for the layers' once a step with hooks saw them agree.
+            trusted = leading is not None and leading == self._last_leading_batch_size == self._batch_size
             self._reset_step()
+            self._last_leading_batch_size = leading
+            single = trusted and leading == 1 and self.single_sample_shortcut and not self._distributed
+            if single:
+                self._batch_size = 1  # what the layers' hooks would have found (the loss is checked against it)
+            self._park_forward_hooks(single)
         return self._module(*args, **kwargs)
 
     def _reset_step(self) -> None:
@@ -312,11 +341,15 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     def _batch_first(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.batch_first else t.movedim(1, 0)
 
-    def _holds_one_sample(self, inputs) -> bool:
-        """The layer's first input is a tensor whose batch dimension is 1."""
+    def _leading_batch_size(self, inputs) -> Optional[int]:
+        """The batch dimension of the first input when it is a tensor, else None."""
         first = inputs[0] if inputs else None
         dim = 0 if self.batch_first else 1
-        return isinstance(first, torch.Tensor) and first.dim() > dim and first.shape[dim] == 1
+        return first.shape[dim] if isinstance(first, torch.Tensor) and first.dim() > dim else None
+
+    def _holds_one_sample(self, inputs) -> bool:
+        """The layer's first input is a tensor whose batch dimension is 1."""
+        return self._leading_batch_size(inputs) == 1
 
     def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output):
         # The wrapper's mode decides, not the layer's: a trainable layer left in eval mode inside a training
