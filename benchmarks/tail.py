@@ -6,7 +6,8 @@
 Two tails, each timed in one process on the same gradients, with the Triton kernels and with
 ``FLASHNORM_BACKEND=torch`` (the foreach references):
 
-* **clip** (the B = 1 shortcut of :class:`~flashnorm.grad_sample.base.FlashNormGradSampleModule`):
+* **clip** (the B = 1 shortcut of :class:`~flashnorm.grad_sample.base.FlashNormGradSampleModule`,
+  :func:`~flashnorm.kernels.multi_tensor.clip_by_total_norm_`):
   s = Σ‖g‖², c = min(1, C/(√s + 10⁻⁶)), g ← c·g;
 * **noise** (the optimizer's ``pre_step``: accumulate, noise, scale): per ~64M-element bucket one
   ``torch.normal``, then g ← (g + ξ) / B in one pass (``fused``), or ξ added then the scaling
@@ -84,7 +85,7 @@ def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: 
     grads = [torch.randn_like(p) for p in params]
 
     def clip():
-        multi_tensor.clip_(grads, multi_tensor.squared_norm(grads), 1.0)
+        multi_tensor.clip_by_total_norm_(grads, 1.0)
 
     optimizer = DPOptimizerFastGradientClipping(torch.optim.SGD(params, lr=0.0), noise_multiplier=1.0,
                                                 max_grad_norm=1.0, expected_batch_size=8)
