@@ -244,6 +244,33 @@ def test_one_pass_keeps_biases_of_kernel_layers_in_the_arena(method, frozen):
             assert p.grad is None
 
 
+
+
+@pytest.mark.parametrize("method", ["flash", "gram", "per_sample"])
+def test_two_pass_norms_keep_only_vector_parameters_in_the_arena(monkeypatch, method):
+    """In the norm pass of a two-pass mode, biases and normalisation weights go to the arena (one norm per
+    buffer); matrices never do, even when planned per sample. The arena is released before the second pass,
+    and norms and clipped gradients are exact against the float64 oracle."""
+    from flashnorm.grad_sample.arena import PerSampleArena
+    from tests.oracle import microbatch_reference
+
+    reserved = []
+    original = PerSampleArena.reserve
+    monkeypatch.setattr(PerSampleArena, "reserve", lambda self, p, dtype: (reserved.append(p), original(self, p, dtype))[1])
+    torch.manual_seed(0)
+    model = _TwoHeads(use_second=True).double()
+    x, y = torch.randn(4, 7, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
+    gsm, _, criterion = _wrap(GradSampleModuleFastGradientClipping, model, norm_method=method)
+    loss = criterion(gsm(x), y)
+    gsm.compute_clipping_coef(loss.loss_per_sample)
+    vectors = {id(p) for p in model.parameters() if p.dim() == 1}
+    assert reserved and {id(p) for p in reserved} == vectors, "exactly the vector parameters get arena slots"
+    assert gsm._arena is None, "the two-pass norm pass releases its arena"
+    torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
+    gsm.write_clipped_gradients(loss.loss_per_sample, gsm.get_clipping_coef())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 def test_one_pass_assembles_weights_with_the_fused_kernel(monkeypatch, device):
     """FLASHNORM_BACKEND=triton (the interpreter on CPU): norms by the flash kernel and weight gradients by the

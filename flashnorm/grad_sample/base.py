@@ -179,9 +179,10 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     #: Backward passes per step: 2 (norm pass + clipped pass) or 1 (norm pass + assembly).
     passes = 2
-    #: One-pass modes lay the per-sample gradients they keep out in one :class:`PerSampleArena`
-    #: (norms and clipped sums of all of them in one launch each).
-    uses_arena = False
+    #: Per-sample gradients laid out in one :class:`PerSampleArena`: their norms take one reduction per
+    #: buffer, and in one pass their clipped sums one GEMV. Two-pass modes keep only vector parameters there
+    #: (biases, normalisation weights: B × n elements each), for the norm pass alone.
+    uses_arena = True
 
     def __init__(
         self,
@@ -469,7 +470,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     def _plan_arena(self, batch: int, device: torch.device) -> Optional[PerSampleArena]:
         """Before the norm pass: room for the per-sample gradients of every layer planned ``per_sample``,
         and for the vector parameters (biases) of the other layers, in float32 (float64 for float64
-        inputs), in the order the pass reaches them (last layer first)."""
+        inputs), in the order the pass reaches them (last layer first). Two-pass modes, which need the
+        per-sample gradients for their norms alone, keep only vector parameters (at most one dimension)
+        there: a matrix's per-sample gradients stay per layer and are freed as soon as they are counted."""
         arena = None
         for layer in reversed(self.layers):
             x = layer.x
@@ -478,6 +481,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             shape, dtype = layer.out_meta
             if self._method(layer, x, shape, dtype) == "per_sample":
                 params, slot_dtype = layer.params, layer.rule.per_sample_dtype(layer.module, x.dtype, dtype)
+                if self.passes == 2:
+                    params = [p for p in params if p.dim() <= 1]
             else:
                 params, slot_dtype = layer.vectors, accumulation_dtype_of(x.dtype, dtype)
             if slot_dtype is None or not params:
@@ -569,7 +574,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             self._check_parameter_uses(loss_per_sample.grad_fn)
         self._norm_terms, self._norm_roots = [], []  # per-layer terms, summed once after the pass
         self._forced_method = forced_method()  # (raises on a bad value before anything runs)
-        if self.passes == 1 and self.uses_arena:
+        if self.uses_arena:
             self._arena = self._plan_arena(loss_per_sample.shape[0], loss_per_sample.device)
         self._capturing = True
         try:
@@ -586,6 +591,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         if self._arena is not None:
             self._arena.finish()
             self._norm_roots.extend(self._arena.norms())
+            if self.passes == 2:
+                self._arena = None  # the second pass computes the clipped gradients itself
         terms, roots = self._norm_terms, self._norm_roots
         self._norm_terms, self._norm_roots = [], []
         acc = accumulation_dtype(*terms, *roots)

@@ -19,7 +19,6 @@ class GradSampleModuleFastGradientClippingFuse(FlashNormGradSampleModule):
     """One backward pass; clipped gradients assembled from the kept per-layer state."""
 
     passes = 1
-    uses_arena = True
 
     def _write_clipped_gradients(self, loss_per_sample, coef):
         arena, self._arena = self._arena, None
