@@ -220,6 +220,41 @@ def bench_launch_cost(rows, log):
         log(row)
 
 
+#: Shapes of the descriptor trade-off: GPT-2's at B = 8, T = 1024 and B = 1, T = 4096, the Linear stack's, Llama's.
+TMA_SHAPES = ((8, 1024, 768, 2304), (8, 1024, 768, 768), (8, 1024, 3072, 768), (1, 4096, 768, 3072),
+              (4, 4096, 1024, 1024), (4, 16384, 1024, 1024), (4, 4096, 2048, 2048), (4, 4096, 2048, 5632))
+
+
+def bench_tma_tradeoff(rows, log):
+    """Tensor descriptors against pointer loads, per launch: host µs (CPU wall over 100 calls, GPU not waited
+    for) and GPU µs (CUDA-graph replay) of the flash norm and the fused clipped gradient, bf16 and fp32 (TF32 off).
+    The descriptors cost the host (the launcher encodes two tensor maps per launch); they pay only where
+    the GPU time they save exceeds that, i.e. on launches long enough that the step waits for the GPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name in ("bf16", "fp32"):
+        for batch, steps, d, p in TMA_SHAPES:
+            x, g = inputs(batch, steps, d, p, DTYPES[name])
+            coef = torch.rand(batch, device="cuda")
+            row = dict(kernel="tma_tradeoff", dtype=name, B=batch, T=steps, d=d, p=p, rows_dp=batch * steps * d * p)
+            for kernel, call in (("flash", lambda tma: flash_norm_sq_triton(x, g, use_tma=tma)),
+                                 ("clipped", lambda tma: clipped_weight_grad_fused(x, g, coef, use_tma=tma))):  # fmt: skip
+                for label, tma in (("tma", True), ("pointers", False)):
+                    fn = functools.partial(call, tma)
+                    for _ in range(10):
+                        fn()
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(100):
+                        fn()
+                    row[f"{kernel}_{label}_host_us"] = (time.perf_counter() - start) / 100 * 1e6
+                    torch.cuda.synchronize()
+                    row[f"{kernel}_{label}_gpu_us"] = graph_timed(fn, rep_ms=50.0) * 1e3
+            rows.append(row)
+            log(row)
+            del x, g
+            torch.cuda.empty_cache()
+
+
 def bench_tf32_operands(rows, log):
     """K-major tf32 path with both operands copied transposed against x alone (g rounded in registers),
     CUDA-graph GPU time against cuBLAS, and the error of each against float64."""
@@ -425,7 +460,7 @@ def main():
         bench_main(rows, log, only)
 
     named = {"main": main_rows, "crossover": bench_crossover, "clipped": bench_clipped_grad,
-             "launch": bench_launch_cost, "tf32": bench_tf32_operands, "sweep": bench_sweep}  # fmt: skip
+             "launch": bench_launch_cost, "tma": bench_tma_tradeoff, "tf32": bench_tf32_operands, "sweep": bench_sweep}  # fmt: skip
     if args.only:
         sections = [named[name] for name in args.only.split(",")]
     else:

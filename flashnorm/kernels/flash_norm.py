@@ -537,17 +537,25 @@ def prepare_pair(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
     return x.to(dtype).contiguous(), g.to(dtype).contiguous()
 
 
-#: Fewest rows (B·T) for which the launch wrappers use tensor descriptors by default. Building them costs
-#: the host 15-35 µs per launch on the H200 machine (``launch_cost`` rows of
-#: benchmarks/results/kernels_h200_rerun.json: flash 118 against 88 µs, Gram 110 against 77 µs at
-#: B·T = 128), more than all the GPU work of a launch this small.
-TMA_MIN_ROWS = 1024
+#: Work (rows · d · p) from which 16-bit and float32 (tf32 off) launches use tensor descriptors by default.
+#: The launcher encodes two tensor maps per launch: 20-40 µs more host time on the H200 machine, for a GPU
+#: saving of 1-16 µs (1-7 %) in bf16 and none in float32 (``tma_tradeoff`` rows of
+#: benchmarks/results/kernels_h200_tma.json). Below this work (≈ 0.4 ms of bf16 flash tiles) a step waits
+#: for the host, not the GPU, so pointer loads are faster where it counts (GPT-2 at B = 8, T = 1024).
+TMA_MIN_WORK = 1 << 37
+#: float32 with tf32: rows (B·T) from which descriptors are used. They enable the K-major tf32 path
+#: (tiles 1.2-1.3× faster, benchmarks/results/kernels_h200_sweep2.json), whose launches are long.
+TMA_MIN_ROWS_TF32 = 1024
 
 
 def use_descriptors(x2: torch.Tensor, g2: torch.Tensor) -> bool:
     """Default of ``use_tma`` for row-major x2: [rows, d], g2: [rows, p]: compute capability 9.x, aligned rows,
-    and at least ``TMA_MIN_ROWS`` rows."""
-    return x2.shape[0] >= TMA_MIN_ROWS and supports_tma(x2.device) and tma_compatible(x2, g2)
+    and at least ``TMA_MIN_WORK`` of work (``TMA_MIN_ROWS_TF32`` rows for float32 with tf32)."""
+    if not (supports_tma(x2.device) and tma_compatible(x2, g2)):
+        return False
+    if x2.dtype == torch.float32 and tf32_enabled():
+        return x2.shape[0] >= TMA_MIN_ROWS_TF32
+    return x2.shape[0] * x2.shape[1] * g2.shape[1] >= TMA_MIN_WORK
 
 
 def row_operands(x2: torch.Tensor, g2: torch.Tensor, use_tma: bool, block_rows: int, block_x: int, block_g: int):
