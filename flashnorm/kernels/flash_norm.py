@@ -538,11 +538,12 @@ def prepare_pair(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 #: Work (rows · d · p) from which 16-bit and float32 (tf32 off) launches use tensor descriptors by default.
-#: The launcher encodes two tensor maps per launch: 20-40 µs more host time on the H200 machine, for a GPU
-#: saving of 1-16 µs (1-7 %) in bf16 and none in float32 (``tma_tradeoff`` rows of
-#: benchmarks/results/kernels_h200_tma.json). Below this work (≈ 0.4 ms of bf16 flash tiles) a step waits
-#: for the host, not the GPU, so pointer loads are faster where it counts (GPT-2 at B = 8, T = 1024).
-TMA_MIN_WORK = 1 << 37
+#: The launcher encodes two tensor maps per launch, 20-30 µs more host time on the H200 machine, for a
+#: GPU saving in bf16 of 1-12 µs per flash launch and 6-70 µs (5-10 %) per clipped-gradient launch, and
+#: none in float32 (``tma_tradeoff`` rows of benchmarks/results/kernels_h200_tma.json). Below this work
+#: (≈ 0.2 ms of bf16 tiles) a step tends to wait for the host, not the GPU (GPT-2 at B = 8, T = 1024:
+#: 1.5-1.9·10¹⁰ per layer), so pointer loads are faster where it counts.
+TMA_MIN_WORK = 1 << 36
 #: float32 with tf32: rows (B·T) from which descriptors are used. They enable the K-major tf32 path
 #: (tiles 1.2-1.3× faster, benchmarks/results/kernels_h200_sweep2.json), whose launches are long.
 TMA_MIN_ROWS_TF32 = 1024

@@ -7,7 +7,7 @@ Each case is the first call of the kernel at its shape (no autotuning: configs a
 import pytest
 import torch
 
-from flashnorm.kernels import flash_norm_sq
+from flashnorm.kernels import flash_norm, flash_norm_sq
 from flashnorm.kernels.backend import supports_tma
 from flashnorm.kernels.flash_norm import _flash_norm_launch, flash_norm_sq_triton
 from tests.conftest import TOLERANCES
@@ -80,12 +80,18 @@ def test_pointer_fallback_and_tma_agree(use_tma, d, p):
 
 
 @pytest.mark.parametrize("dtype,tf32", [("fp32", False), ("fp32", True), ("bf16", False), ("fp16", False)])
-def test_tma_bulk_copies_in_ptx(dtype, tf32, set_tf32):
-    """On compute capability 9.x the compiled kernel loads tiles with ``cp.async.bulk.tensor`` (tf32: K-major path)."""
+def test_tma_bulk_copies_in_ptx(dtype, tf32, set_tf32, monkeypatch):
+    """On compute capability 9.x the default launch loads tiles with ``cp.async.bulk.tensor`` from ``TMA_MIN_WORK``
+    (rows·d·p) on, and with tf32 (K-major path) from ``TMA_MIN_ROWS_TF32`` rows; smaller launches take pointer loads."""
     if not supports_tma(torch.device("cuda")):
         pytest.skip("needs compute capability 9.x")
     set_tf32(tf32)
     x = torch.randn(1, 4100, 1024, device="cuda", dtype=DTYPES[dtype])
     g = torch.randn(1, 4100, 1024, device="cuda", dtype=DTYPES[dtype])
+    work = 4100 * 1024 * 1024
+    assert work < flash_norm.TMA_MIN_WORK
+    _, kernel = _flash_norm_launch(x, g)
+    assert ("cp.async.bulk.tensor" in kernel.asm["ptx"]) == tf32, "below TMA_MIN_WORK only the tf32 path takes descriptors"
+    monkeypatch.setattr(flash_norm, "TMA_MIN_WORK", work)
     _, kernel = _flash_norm_launch(x, g)
     assert "cp.async.bulk.tensor" in kernel.asm["ptx"]
