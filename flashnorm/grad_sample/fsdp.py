@@ -113,6 +113,10 @@ def _data_less_parameters(module: nn.Module):
 class _FSDPChecks:
     """Checks the layout at construction; silences FSDP's view warning about FlashNorm's anchors."""
 
+    #: The rules see FSDP's unsharded parameters, not the sharded ones an arena would be laid out for;
+    #: per-sample gradients stay per layer (one pass: they go to the reducer one by one).
+    uses_arena = False
+
     def __init__(self, m: nn.Module, **kwargs):
         check_fsdp_layout(m)
         super().__init__(m, **kwargs)
@@ -136,10 +140,6 @@ class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModule
     ``p.grad`` ends as the owned shard of (1/W) Σ_r S_r, exactly what FSDP's reduce-scatter of an ordinary
     backward would leave, so the FSDP optimizer treats both kinds of mode alike.
     """
-
-    #: The rules see FSDP's unsharded parameters, not the sharded ones an arena would be laid out for;
-    #: per-sample gradients stay per layer and go to the reducer one by one.
-    uses_arena = False
 
     def __init__(self, m: nn.Module, **kwargs):
         super().__init__(m, **kwargs)
