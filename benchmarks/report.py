@@ -7,6 +7,10 @@ mode, one row of panels per batch size) next to the results (``--plots-dir`` to 
 rewrites the README region between ``<!-- benchmark-table:start -->`` and
 ``<!-- benchmark-table:end -->`` (``--readme``; ``--no-readme`` to skip). Without the markers it
 prints the tables and exits with status 2; nothing else in the README is touched.
+
+``--repeats FILE ...`` adds a table for configurations measured again in further runs (each in its own
+process, as in the main run): every run's time ratio, sorted, and their median with the main run's.
+Steps bounded by the host's issue time move by ±10-20 % between processes; the median is their figure.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -133,6 +138,32 @@ def format_tables(data: Dict, source: Optional[str] = None) -> str:
     return "\n".join(out)
 
 
+def format_repeats(data: Dict, repeats: Sequence[Dict]) -> str:
+    """Time ratios of the configurations that ``repeats`` measured again: one column per run (the main run
+    first), and the median of all of them; modes other than the ratio bases only."""
+    runs = [data, *repeats]
+    keyed = [{(r["workload"], r["dtype"], r["B"], r["T"], r["mode"]): r for r in run["records"]} for run in runs]
+    keys = [k for k in keyed[1] if k[4] != ratio_base(k[4]) and all(k in run for run in keyed[1:])] if repeats else []
+    if not keys:
+        return ""
+    shapes = _rows([dict(zip(("workload", "dtype", "B", "T"), k[:4])) for k in keys])
+    modes = _modes_present([{"mode": k[4]} for k in keys])
+    out = [f"**Repeated** in {len(repeats)} more runs (one process per configuration each; time ratio to the "
+           "non-DP step of the same run; main run first, then the repeats; median of all):", "",
+           "| workload | dtype | B | T | mode | ratios | median |", "|---|---|---|---|---|---|---:|"]
+    for shape in shapes:
+        for mode in modes:
+            recs = [run.get((*shape, mode)) for run in keyed]
+            ratios = [r["time_ratio"] for r in recs if r is not None and r.get("time_ratio")]
+            if (*shape, mode) not in keys or not ratios:
+                continue
+            out.append(f"| {' | '.join(map(str, shape))} | {MODE_LABELS.get(mode, mode)} | "
+                       f"{', '.join(f'{v:.2f}' for v in ratios)} | {statistics.median(ratios):.2f}× |")
+    commits = sorted({((run.get("meta") or {}).get("git") or {}).get("commit") or "?" for run in repeats})
+    out += ["", f"Repeats: commit {', '.join(commits)}."]
+    return "\n".join(out)
+
+
 def update_readme(path: str, block: str) -> bool:
     """Replaces the text between the markers of ``path``; False when the file or a marker is missing."""
     if not os.path.exists(path):
@@ -215,10 +246,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-readme", action="store_true", help="print the tables; leave every README alone")
     p.add_argument("--plots-dir", default=None, help="where the PNGs go (default: the results' folder)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--repeats", nargs="*", default=[], help="results JSONs of runs that measured some configurations again")
     args = p.parse_args(argv)
 
     data = load(args.results)
     block = format_tables(data, source=os.path.relpath(args.results))
+    repeated = format_repeats(data, [load(path) for path in args.repeats])
+    if repeated:
+        block += "\n\n" + repeated
     if not args.no_plots:
         out_dir = args.plots_dir or os.path.dirname(os.path.abspath(args.results))
         stem = os.path.splitext(os.path.basename(args.results))[0]

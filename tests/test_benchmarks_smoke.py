@@ -92,6 +92,25 @@ def test_failures_are_rendered(tmp_path):
     assert "not run" in row
 
 
+def test_repeated_configurations_get_every_ratio_and_their_median():
+    from benchmarks.report import format_repeats
+
+    def run(ratio, commit, with_ghost=True):
+        base = dict(workload="gpt2", B=8, T=1024, dtype="bf16", status="ok", ms=40.0, peak_gib=7.0)
+        records = [dict(base, mode="nondp", time_ratio=1.0), dict(base, mode="flash_fuse", time_ratio=ratio)]
+        if with_ghost:
+            records.append(dict(base, mode="ghost", time_ratio=2.0))
+        return {"meta": {"git": {"commit": commit}}, "records": records}
+
+    main = run(1.34, "aaa")
+    table = format_repeats(main, [run(1.20, "bbb"), run(1.24, "bbb", with_ghost=False)])
+    row = next(line for line in table.splitlines() if "flash_fuse" in line)
+    assert row == "| gpt2 | bf16 | 8 | 1024 | FlashNorm flash_fuse | 1.34, 1.20, 1.24 | 1.24× |"
+    assert "ghost" not in table.replace("flash_fuse", ""), "a mode missing from one repeat is not summarised"
+    assert "| non-DP |" not in table and "Repeats: commit bbb." in table
+    assert format_repeats(main, []) == ""
+
+
 def test_graphed_modes_take_their_ratios_to_graphed_non_dp():
     from benchmarks.run import add_ratios
 

@@ -191,6 +191,19 @@ def bench_clipped_grad(rows, log):
         torch.cuda.empty_cache()
 
 
+def host_us(fn, calls: int, warmup: int) -> float:
+    """Host µs per call of fn(): CPU wall time over ``calls`` calls, the GPU not waited for in between."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def bench_launch_cost(rows, log):
     """Host time per call (µs, CPU wall over 300 calls, GPU not waited for) at B·T = 128 rows, where a launch
     costs more than its GPU work: each kernel wrapper with and without tensor descriptors, and torch ops."""
@@ -208,14 +221,7 @@ def bench_launch_cost(rows, log):
         "torch_zeros": lambda: torch.zeros(8, device="cuda"),
     }
     for name, fn in calls.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(300):
-            fn()
-        row = dict(kernel="launch_cost", call=name, B=8, T=16, d=768, p=2304, host_us=(time.perf_counter() - start) / 300 * 1e6)
-        torch.cuda.synchronize()
+        row = dict(kernel="launch_cost", call=name, B=8, T=16, d=768, p=2304, host_us=host_us(fn, calls=300, warmup=20))
         rows.append(row)
         log(row)
 
@@ -240,14 +246,7 @@ def bench_tma_tradeoff(rows, log):
                                  ("clipped", lambda tma: clipped_weight_grad_fused(x, g, coef, use_tma=tma))):  # fmt: skip
                 for label, tma in (("tma", True), ("pointers", False)):
                     fn = functools.partial(call, tma)
-                    for _ in range(10):
-                        fn()
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(100):
-                        fn()
-                    row[f"{kernel}_{label}_host_us"] = (time.perf_counter() - start) / 100 * 1e6
-                    torch.cuda.synchronize()
+                    row[f"{kernel}_{label}_host_us"] = host_us(fn, calls=100, warmup=10)
                     row[f"{kernel}_{label}_gpu_us"] = graph_timed(fn, rep_ms=50.0) * 1e3
             rows.append(row)
             log(row)
