@@ -119,6 +119,32 @@ def test_single_sample_tail_by_the_multi_tensor_kernels(kind, reduction, steps, 
         torch.testing.assert_close(grad.double().cpu(), oracle.clipped_sum[name], rtol=rtol, atol=atol)
 
 
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+@pytest.mark.parametrize("steps", (1, 37))
+@pytest.mark.parametrize("mode", ["flash", "flash_fuse"])
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_normalisation_layers_by_the_affine_norm_kernel(kind, mode, steps, device, monkeypatch):
+    """FLASHNORM_BACKEND=triton (the interpreter on CPU): the normalisation layer's per-sample gradients come from
+    the one-pass kernel, into the arena's slots; norms and clipped gradients exact against the float64 oracle."""
+    from flashnorm.kernels import affine_norm
+
+    monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
+    calls = []
+    kernel = affine_norm.affine_norm_grads_triton
+    monkeypatch.setattr(affine_norm, "affine_norm_grads_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    model, x, y = build(kind, steps)
+    clip = 1e-2
+    oracle = microbatch_reference(model.double(), x.double(), y,
+                                  lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), clip)
+    dp_model, grads = dp_clipped_step(model.float().to(device), x.float().to(device), y.to(device), mode=mode,
+                                      reduction="mean", max_grad_norm=clip)
+    assert calls == [1], "the normalisation layer goes through the kernel once per step"
+    rtol, atol = fp32_tolerance(device)
+    torch.testing.assert_close(dp_model.get_norm_sample().double().cpu(), oracle.norms, rtol=rtol, atol=atol)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.double().cpu(), oracle.clipped_sum[name] / x.shape[0], rtol=rtol, atol=atol)
+
+
 class _SeqFirstAttention(nn.Module):
     """Opacus's DPMultiheadAttention in its default layout: inputs [T, B, d] (batch_first=False)."""
 

@@ -4,6 +4,7 @@ Each kernel has a PyTorch reference beside it; the dispatcher picks Triton on CU
 reference elsewhere (``FLASHNORM_BACKEND=triton|torch`` forces either).
 """
 
+from .affine_norm import affine_norm_grads, affine_norm_grads_reference
 from .clipped_grad import (
     clipped_bias_grad,
     clipped_weight_grad,
@@ -16,6 +17,8 @@ from .gram_norm import gram_norm_sq, gram_norm_sq_reference
 from .weighted_sum import weighted_row_sum, weighted_row_sum_reference
 
 __all__ = [
+    "affine_norm_grads",
+    "affine_norm_grads_reference",
     "flash_norm_sq",
     "flash_norm_sq_reference",
     "flash_norm_sq_and_grads",

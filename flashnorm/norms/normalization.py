@@ -7,6 +7,8 @@ gradient, the per-sample gradients are small (B × C), so they are materialised:
 
 summed over every position that shares a parameter element (sequence positions for
 LayerNorm/RMSNorm, spatial positions for GroupNorm's channels). Norm and clipped gradient follow.
+A LayerNorm or RMSNorm over its last dimension with a trainable weight goes through
+:func:`~flashnorm.kernels.affine_norm.affine_norm_grads` (one kernel when selected, else its reference).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
+from ..kernels.affine_norm import affine_norm_grads
 from .registry import NormRule, register_norm_rule
 
 
@@ -35,13 +38,25 @@ class _AffineNormRule(NormRule):
     def per_sample_dtype(self, layer, x_dtype, g_dtype):
         return accumulation_dtype_of(x_dtype, g_dtype)
 
+    #: LayerNorm (True: subtract the mean) or RMSNorm (False) over the last dim: the one-pass kernel applies
+    #: (:func:`~flashnorm.kernels.affine_norm.affine_norm_grads`); None: the general sums below.
+    centered: Optional[bool] = None
+
     def per_sample_grads(self, layer, x, g, out=None):
+        weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+        if self.centered is not None and len(layer.normalized_shape) == 1 and weight is not None and weight.requires_grad:
+            out = out or {}
+            with_bias = bias is not None and bias.requires_grad
+            rows = (x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1]))
+            eps = layer.eps if layer.eps is not None else torch.finfo(accumulation_dtype(x, g)).eps
+            w, b = affine_norm_grads(*rows, eps=eps, center=self.centered, with_bias=with_bias,
+                                     weight_out=out.get(weight), bias_out=out.get(bias) if with_bias else None)
+            return {weight: w, bias: b} if with_bias else {weight: w}
         acc = accumulation_dtype(x, g)
         x, g = x.to(acc), g.to(acc)
         dims = self.reduce_dims(layer, x)
         out = out or {}
         grads = {}
-        weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
         if weight is not None and weight.requires_grad:
             grads[weight] = _sum_onto(g * self.normalized(layer, x), dims, weight, out.get(weight))
         if bias is not None and bias.requires_grad:
@@ -64,12 +79,16 @@ def _sum_onto(term: torch.Tensor, dims: tuple, param: nn.Parameter, out: Optiona
 
 @register_norm_rule(nn.LayerNorm)
 class LayerNormRule(_AffineNormRule):
+    centered = True
+
     def normalized(self, layer, x):
         return F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
 
 
 @register_norm_rule(nn.RMSNorm)
 class RMSNormRule(_AffineNormRule):
+    centered = False
+
     def normalized(self, layer, x):
         return F.rms_norm(x, layer.normalized_shape, eps=layer.eps)
 
