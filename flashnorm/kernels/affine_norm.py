@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ._chunks import accumulation_dtype
 from .backend import cdiv, multiprocessor_count, triton_choice
+from .flash_norm import _block
 
 try:
     import triton
@@ -86,7 +87,7 @@ def _affine_norm_grads_kernel(
 def launch_shape(batch: int, steps: int, n: int, n_sms: int) -> Tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_N, rows per program, programs per sample): tiles of ``TILE_ELEMENTS``, and T split
     until about 2 programs per SM, each keeping at least ``MIN_BLOCKS_PER_SPLIT`` BLOCK_T steps."""
-    block_n = max(16, 1 << max(0, n - 1).bit_length())
+    block_n = _block(n, MAX_N)
     block_t = max(2, min(TILE_ELEMENTS // block_n, 1 << max(0, steps - 1).bit_length()))
     splits = max(1, min(cdiv(steps, block_t * MIN_BLOCKS_PER_SPLIT), cdiv(2 * n_sms, max(1, batch))))
     t_chunk = cdiv(cdiv(max(1, steps), splits), block_t) * block_t
@@ -111,12 +112,12 @@ def affine_norm_grads_triton(
         return weight_out, bias_out
     block_t, block_n, t_chunk, splits = launch_shape(batch, steps, n, multiprocessor_count(x.device))
     atomic = splits > 1
-    if atomic or steps == 0:
+    if atomic or steps == 0:  # split programs add into zeros; no rows: the gradients are zero
         weight_out.zero_()
         if bias_out is not None:
             bias_out.zero_()
-    if steps == 0:
-        return weight_out, bias_out
+        if steps == 0:
+            return weight_out, bias_out
     bias_arg = bias_out if bias_out is not None else weight_out
     _affine_norm_grads_kernel[(batch, splits)](
         x, g, weight_out, bias_arg, steps, n, t_chunk, x.stride(0), g.stride(0), weight_out.stride(0), bias_arg.stride(0),

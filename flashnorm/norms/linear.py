@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..kernels._chunks import accumulation_dtype
 from ..kernels import clipped_bias_grad, clipped_weight_grad, flash_norm_sq, gram_norm_sq, per_sample_weight_grads
-from .registry import NormRule, register_norm_rule
+from .registry import NormRule, flatten_to_sequences, register_norm_rule
 
 try:  # transformers is optional: GPT-2's Conv1D gets the rule when it is installed.
     from transformers.pytorch_utils import Conv1D
@@ -37,11 +37,11 @@ class LinearFamilyRule(NormRule):
     # -- layout hooks, overridden per layer type -------------------------------------------------
     def as_sequences(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """X: [B, T, d], G: [B, T, p]."""
-        return _as_3d(x), self.output_sequences(layer, g)
+        return flatten_to_sequences(x), self.output_sequences(layer, g)
 
     def output_sequences(self, layer: nn.Module, g: torch.Tensor) -> torch.Tensor:
         """G: [B, T, p] alone (what the bias needs)."""
-        return _as_3d(g)
+        return flatten_to_sequences(g)
 
     def weight_from_pd(self, layer: nn.Module, grad_pd: torch.Tensor) -> torch.Tensor:
         """Maps a [..., p, d] gradient to the weight's layout."""
@@ -115,11 +115,6 @@ class LinearFamilyRule(NormRule):
 def _bias_grads(gs: torch.Tensor, slot: Optional[torch.Tensor]) -> torch.Tensor:
     """β_b = Σ_t G_b[t] for gs: [B, T, p] → [B, p], summed into ``slot`` (in its dtype) when given."""
     return gs.sum(dim=1) if slot is None else torch.sum(gs, dim=1, dtype=slot.dtype, out=slot)
-
-
-def _as_3d(t: torch.Tensor) -> torch.Tensor:
-    """[B, ..., n] → [B, T, n] (T = the product of the middle sizes; 1 for 2-D); 3-D tensors as they are."""
-    return t if t.dim() == 3 else t.reshape(t.shape[0], -1, t.shape[-1])
 
 
 @register_norm_rule(nn.Linear)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
 from ..kernels.affine_norm import affine_norm_grads
-from .registry import NormRule, register_norm_rule
+from .registry import NormRule, flatten_to_sequences, register_norm_rule
 
 
 class _AffineNormRule(NormRule):
@@ -38,7 +38,7 @@ class _AffineNormRule(NormRule):
     def per_sample_dtype(self, layer, x_dtype, g_dtype):
         return accumulation_dtype_of(x_dtype, g_dtype)
 
-    #: LayerNorm (True: subtract the mean) or RMSNorm (False) over the last dim: the one-pass kernel applies
+    #: LayerNorm (True: subtract the mean) or RMSNorm (False) over the last dim: the one-launch kernel applies
     #: (:func:`~flashnorm.kernels.affine_norm.affine_norm_grads`); None: the general sums below.
     centered: Optional[bool] = None
 
@@ -47,7 +47,7 @@ class _AffineNormRule(NormRule):
         if self.centered is not None and len(layer.normalized_shape) == 1 and weight is not None and weight.requires_grad:
             out = out or {}
             with_bias = bias is not None and bias.requires_grad
-            rows = (x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1]))
+            rows = (flatten_to_sequences(x), flatten_to_sequences(g))
             eps = layer.eps if layer.eps is not None else torch.finfo(accumulation_dtype(x, g)).eps
             w, b = affine_norm_grads(*rows, eps=eps, center=self.centered, with_bias=with_bias,
                                      weight_out=out.get(weight), bias_out=out.get(bias) if with_bias else None)

@@ -111,6 +111,11 @@ def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:
     return _RULES.get(type(layer))
 
 
+def flatten_to_sequences(t: torch.Tensor) -> torch.Tensor:
+    """[B, ..., n] → [B, T, n] (T = the product of the middle sizes; 1 for 2-D); 3-D tensors as they are."""
+    return t if t.dim() == 3 else t.reshape(t.shape[0], -1, t.shape[-1])
+
+
 def trainable_own_parameters(layer: nn.Module) -> List[nn.Parameter]:
     """Trainable parameters the layer holds directly (not its children's)."""
     return [p for p in layer.parameters(recurse=False) if p.requires_grad]
