@@ -9,7 +9,7 @@ bf16 rows run with TF32 off, fp32 rows with TF32 on (cuBLAS and the kernel both 
 
 Also: the Gram/flash crossover (both kernels for T = 64…4096 at d = p = 768 and 1024), the
 clipped-gradient assembly (scaling + cuBLAS vs the fused kernel vs cuBLAS alone; ``--only clipped``),
-and with ``--sweep`` a sweep of tile configs. Usage::
+the LayerNorm/RMSNorm per-sample gradients (the affine_norm kernel vs its reference; ``--only affine``), and with ``--sweep`` a sweep of tile configs. Usage::
 
     PYTHONPATH=. python benchmarks/kernels/bench_flash_norm.py --out "$OUT" [--sweep] [--plot]
 """
@@ -36,6 +36,7 @@ from flashnorm.kernels import (
     weighted_row_sum,
 )
 from benchmarks.run import _git as git_commit  # the runner's record (FLASHNORM_GIT_COMMIT on a copied tree)
+from flashnorm.kernels.affine_norm import affine_norm_grads_reference, affine_norm_grads_triton
 from flashnorm.kernels.flash_norm import FlashConfig, _flash_norm_launch, flash_norm_sq_triton
 from flashnorm.kernels.gram_norm import GramConfig, gram_norm_sq_triton
 
@@ -224,6 +225,36 @@ def bench_launch_cost(rows, log):
         row = dict(kernel="launch_cost", call=name, B=8, T=16, d=768, p=2304, host_us=host_us(fn, calls=300, warmup=20))
         rows.append(row)
         log(row)
+
+#: (B, T, n, LayerNorm?) of the normalisation layers in the end-to-end workloads: GPT-2's LayerNorm, Llama's RMSNorm.
+AFFINE_SHAPES = ((8, 1024, 768, True), (1, 4096, 768, True), (1, 16384, 768, True), (4, 4096, 2048, False))
+
+
+def bench_affine_norm(rows, log):
+    """Per-sample LayerNorm/RMSNorm (weight, bias) gradients: the Triton kernel against its PyTorch reference,
+    GPU µs (CUDA-graph replay), host µs per call (GPU not waited for) and the largest error relative to
+    float64 over the weight gradients (normalised by the largest |entry|)."""
+    for name in ("bf16", "fp32"):
+        for batch, steps, n, center in AFFINE_SHAPES:
+            x, g = inputs(batch, steps, n, n, DTYPES[name])
+            eps = 1e-5
+            xd = x.double()
+            if center:
+                xd = xd - xd.mean(-1, keepdim=True)
+            truth = (g.double() * xd / torch.sqrt(xd.square().mean(-1, keepdim=True) + eps)).sum(1)
+            row = dict(kernel="affine_norm", dtype=name, B=batch, T=steps, n=n, norm="layer" if center else "rms")
+            for label, fn in (("triton", affine_norm_grads_triton), ("reference", affine_norm_grads_reference)):
+                call = functools.partial(fn, x, g, eps=eps, center=center, with_bias=center)
+                row[f"{label}_gpu_us"] = graph_timed(call) * 1e3
+                row[f"{label}_host_us"] = host_us(call, calls=200, warmup=10)
+                weight = call()[0].double()
+                row[f"{label}_rel_err"] = ((weight - truth).abs().max() / truth.abs().max()).item()
+            row["gpu_speedup"] = row["reference_gpu_us"] / row["triton_gpu_us"]
+            row["host_speedup"] = row["reference_host_us"] / row["triton_host_us"]
+            rows.append(row)
+            log(row)
+            del x, g, xd, truth
+            torch.cuda.empty_cache()
 
 
 #: Shapes of the descriptor trade-off: GPT-2's at B = 8, T = 1024 and B = 1, T = 4096, the Linear stack's, Llama's.
@@ -416,7 +447,7 @@ def main():
     parser.add_argument("--name", default="kernels_h200")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs")
     parser.add_argument("--no-main", action="store_true", help="skip the main table and the crossover")
-    parser.add_argument("--only", help="comma list of sections to run alone: main, crossover, clipped, launch, tf32, sweep")
+    parser.add_argument("--only", help="comma list of sections to run alone: main, crossover, clipped, launch, affine, tma, tf32, sweep")
     parser.add_argument("--main-shapes", help="main rows only for these dtype:B:T:d:p, comma separated")
     parser.add_argument("--plot", action="store_true", help="write a PNG beside the JSON")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a saved result (no GPU needed)")
@@ -459,7 +490,7 @@ def main():
         bench_main(rows, log, only)
 
     named = {"main": main_rows, "crossover": bench_crossover, "clipped": bench_clipped_grad,
-             "launch": bench_launch_cost, "tma": bench_tma_tradeoff, "tf32": bench_tf32_operands, "sweep": bench_sweep}  # fmt: skip
+             "launch": bench_launch_cost, "affine": bench_affine_norm, "tma": bench_tma_tradeoff, "tf32": bench_tf32_operands, "sweep": bench_sweep}  # fmt: skip
     if args.only:
         sections = [named[name] for name in args.only.split(",")]
     else:
