@@ -8,7 +8,7 @@ gradient, the per-sample gradients are small (B × C), so they are materialised:
 summed over every position that shares a parameter element (sequence positions for
 LayerNorm/RMSNorm, spatial positions for GroupNorm's channels). Norm and clipped gradient follow.
 A LayerNorm or RMSNorm over its last dimension with a trainable weight goes through
-:func:`~flashnorm.kernels.affine_norm.affine_norm_grads` (one kernel when selected, else its reference).
+:func:`~flashnorm.kernels.affine_norm.affine_norm_grads` (one kernel on CUDA, its reference elsewhere).
 """
 
 from __future__ import annotations

@@ -74,13 +74,18 @@ def test_without_bias_and_empty_shapes(device):
     assert w.shape == (0, 5) and b.shape == (0, 5)
 
 
-def test_dispatcher_takes_the_kernel_only_when_selected(monkeypatch, device):
-    """The reference is the default everywhere (float64 stays float64); FLASHNORM_BACKEND=triton takes the kernel
-    for float32 outputs and rows up to MAX_N, the reference past it."""
+def test_dispatcher_takes_the_kernel_on_cuda_or_when_selected(monkeypatch, device):
+    """The kernel is the default on CUDA and the reference elsewhere and under FLASHNORM_BACKEND=torch (float64
+    stays float64); FLASHNORM_BACKEND=triton takes the kernel for float32 outputs and rows up to MAX_N, the
+    reference past it."""
     calls = []
     kernel = affine_norm.affine_norm_grads_triton
     monkeypatch.setattr(affine_norm, "affine_norm_grads_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     x, g = torch.randn(2, 4, 6, device=device), torch.randn(2, 4, 6, device=device)
+    affine_norm_grads(x, g, eps=1e-5, center=True)
+    assert calls == ([1] if device == "cuda" else [])
+    calls.clear()
+    monkeypatch.setenv("FLASHNORM_BACKEND", "torch")
     affine_norm_grads(x, g, eps=1e-5, center=True)
     assert calls == []
     monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
