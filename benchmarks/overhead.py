@@ -18,10 +18,9 @@ spends issuing it. Two measurements:
    wrapped with timers at run time in this process only (the library is not modified); timers on
    functions that a version of the library does not have are skipped.
 
-``--profile`` adds a ``torch.profiler`` run with Python stacks: CPU self time attributed to the nearest
-Python frame outside torch (FlashNorm's hooks and bookkeeping, FlashNorm's optimizer, Opacus, the model)
-or to the autograd engine, as shares of the step (the profiler's Python tracing inflates absolute
-times), the top FlashNorm frames, and optionally a Chrome trace (``--trace PATH``).
+``--profile`` adds a ``torch.profiler`` run of the mode whose ranges are the same categories: CPU self
+time of the ops issued in each (and of its own Python), kernel launches per step and the top ops, as
+shares of the step (the profiler inflates absolute times), and optionally a Chrome trace (``--trace PATH``).
 """
 
 from __future__ import annotations
@@ -214,65 +213,74 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: Prefix of the ``torch.profiler`` ranges that :func:`profile_flashnorm` opens around each timed region.
+RANGE_PREFIX = "overhead::"
+#: Bucket of CPU ops outside every region: on CUDA, the model's backward ops (autograd's device thread).
+OUTSIDE = "outside the regions (model backward ops on autograd's thread, Python glue)"
+
+
+class _ProfiledBreakdown(Breakdown):
+    """A :class:`Breakdown` whose regions are also ``torch.profiler`` ranges named ``RANGE_PREFIX + category``."""
+
+    @contextlib.contextmanager
+    def region(self, category: str):
+        with torch.profiler.record_function(RANGE_PREFIX + category), super().region(category):
+            yield
+
+
+def profile_breakdown(events, steps: int) -> Dict[str, Dict]:
+    """Per category: CPU self time (ms/step) of the ops it issued and of its own Python (the range's self
+    time), kernel launches per step, and its top ops. Each CPU event goes to its innermost enclosing range,
+    found through the profiler's parent links, which hold on every thread (the autograd engine's hooks
+    included); events under no range go to ``OUTSIDE``."""
+    out: Dict[str, Dict] = defaultdict(lambda: {"ms": 0.0, "launches": 0.0, "ops": defaultdict(float)})
+    for ev in events:
+        if ev.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        node, category = ev, OUTSIDE
+        while node is not None:
+            if node.name.startswith(RANGE_PREFIX):
+                category = node.name[len(RANGE_PREFIX):]
+                break
+            node = node.cpu_parent
+        entry = out[category]
+        entry["ms"] += ev.self_cpu_time_total / 1e3 / steps
+        entry["launches"] += ("LaunchKernel" in ev.name) / steps
+        op = "(Python in the region)" if ev.name.startswith(RANGE_PREFIX) else ev.name
+        entry["ops"][op] += ev.self_cpu_time_total / 1e3 / steps
+    return out
+
+
 def profile_flashnorm(mode: str, args, batch: int, trace: Optional[str]) -> str:
-    """Shares of CPU self time under ``flashnorm/``, ``opacus/`` and the rest, with Python stacks."""
+    """``torch.profiler`` over a few steps of ``mode``, its CPU time split by the breakdown's categories."""
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(args.device)
-    step = _build(mode, args, batch)
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
+    bd = _ProfiledBreakdown()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     n = max(3, min(args.steps, 10))
-    with profile(activities=activities, with_stack=True) as prof:
-        for _ in range(n):
+    with instrumented(bd, flashnorm_too=True):
+        step = _build(mode, args, batch, region=bd.region)
+        for _ in range(args.warmup):
             step()
-            _sync(device)
+        _sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(n):
+                step()
+                _sync(device)
     if trace:
         prof.export_chrome_trace(trace)
-
-    def owner(event):
-        """(owner, frame): the nearest Python frame outside torch decides; torch.autograd / torch.optim frames
-        on the way claim the op for the engine / the optimizer (ops of the backward pass have no user frame)."""
-        node = event
-        while node is not None:
-            name = node.name
-            if ".py(" in name:
-                path = name.split("(")[0]
-                if path.startswith("torch/") or "/torch/" in path:
-                    if "torch/autograd/" in path:
-                        return "autograd engine (backward ops)", None
-                    if "torch/optim/" in path:
-                        return "torch.optim", None
-                elif "flashnorm/optimizers/" in path:
-                    return "flashnorm optimizer (noise, scale)", name
-                elif "flashnorm/" in path:
-                    return "flashnorm hooks + bookkeeping", name
-                elif "opacus/" in path:
-                    return "opacus", name
-                else:
-                    return "model / step (benchmarks)", None
-            node = node.cpu_parent
-        return "autograd engine (backward ops)", None
-
-    shares: Dict[str, float] = defaultdict(float)
-    per_fn: Dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CPU:
-            continue
-        who, frame = owner(ev)
-        shares[who] += ev.self_cpu_time_total
-        if frame is not None and who.startswith("flashnorm"):
-            per_fn[frame] += ev.self_cpu_time_total
-    total = sum(shares.values()) or 1.0
-    lines = [f"torch.profiler, {n} steps of {mode} (B={batch}, T={args.seq}), CPU self time by the nearest "
-             "non-torch Python frame (shares; Python tracing inflates absolute times):"]
-    for who, us in sorted(shares.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {who:<36} {us / n / 1e3:8.3f} ms/step  {100 * us / total:5.1f}%")
-    lines.append("  top FlashNorm frames (the frame's own time and the torch ops it calls):")
-    for name, us in sorted(per_fn.items(), key=lambda kv: -kv[1])[:12]:
-        lines.append(f"    {us / n / 1e3:8.3f} ms/step  {name}")
+    found = profile_breakdown(prof.events(), n)
+    labels = {key: label for key, label, _ in CATEGORIES}
+    order = [key for key, _, _ in CATEGORIES if key in found] + sorted(k for k in found if k not in labels)
+    total = sum(entry["ms"] for entry in found.values()) or 1.0
+    lines = [f"torch.profiler, {n} steps of {mode} (B={batch}, T={args.seq}): CPU self time of each category's ops "
+             "and Python (the profiler inflates absolute times; read the shares), kernel launches, top ops:"]
+    for key in order:
+        entry = found[key]
+        top = ", ".join(f"{op} {ms:.2f}" for op, ms in sorted(entry["ops"].items(), key=lambda kv: -kv[1])[:3])
+        lines.append(f"  {labels.get(key, key)[:56]:<56} {entry['ms']:8.3f} ms/step {100 * entry['ms'] / total:5.1f}%"
+                     f" {entry['launches']:6.0f} launches  [{top}]")
     if trace:
         lines.append(f"  Chrome trace: {trace}")
     return "\n".join(lines)
@@ -344,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="both steps (non-DP and the mode) replay their forward, loss and backward from a CUDA graph "
                         "(flashnorm.cuda_graphs.CudaGraphStep); hooks and launches then run at capture only")
-    p.add_argument("--profile", action="store_true", help="also run torch.profiler with Python stacks")
+    p.add_argument("--profile", action="store_true", help="also run torch.profiler, CPU time and launches per category")
     p.add_argument("--trace", default=None, help="Chrome trace path for --profile")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--target-ms", type=float, default=2.0)

@@ -166,10 +166,11 @@ def test_results_record_the_commit_given_for_a_copied_tree(monkeypatch):
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graphs"])
 def test_overhead_benchmark_reports_every_category(tmp_path, graphs):
     """``python -m benchmarks.overhead`` on a tiny GPT-2: step times, the breakdown of both steps and the
-    FlashNorm CPU figure (``--cuda-graphs`` runs eagerly on the CPU, through the same step object)."""
+    FlashNorm CPU figure (``--cuda-graphs`` runs eagerly on the CPU, through the same step object); eager,
+    also the profiler's split of CPU time by the same categories."""
     out = tmp_path / "overhead.json"
     args = ["-m", "benchmarks.overhead", "--device", "cpu", "--smoke", "--batch", "2", "--steps", "2", "--warmup", "1",
-            "--json", str(out)] + (["--cuda-graphs"] if graphs else [])
+            "--json", str(out)] + (["--cuda-graphs"] if graphs else ["--profile"])
     proc = _python(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as fh:
@@ -182,6 +183,11 @@ def test_overhead_benchmark_reports_every_category(tmp_path, graphs):
     assert ("graph" in dp) is graphs
     assert 0 < result["flashnorm_cpu_ms"] < dp["total"]
     assert "FlashNorm hooks + bookkeeping, CPU" in proc.stdout
+    if not graphs:  # every FlashNorm category the eager step passes through got CPU time in the profile
+        profiled = proc.stdout.split("torch.profiler, ")[1]
+        for label in ("FlashNorm forward hooks", "FlashNorm backward hooks", "FlashNorm norm kernels"):
+            line = next(line for line in profiled.splitlines() if line.strip().startswith(label))
+            assert float(line.split("ms/step")[0].split()[-1]) > 0, line
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
