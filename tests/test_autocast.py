@@ -63,3 +63,30 @@ def test_linear_inputs_are_kept_in_the_autocast_dtype():
     kept = {layer.name: layer.x.dtype for layer in gsm.layers}
     assert kept["up"] == kept["down"] == kept["head"] == torch.bfloat16  # as autograd keeps them
     assert kept["norm"] == torch.float32 and kept["embed"] == torch.int64
+
+
+def test_linear_layers_compute_with_the_one_cast_input_that_is_kept():
+    """The kept X is the cast input the layer itself computed with (one cast and one copy, not two), and a
+    float64 input, which autocast leaves alone, stays float64; outputs equal the unhooked model's."""
+    from flashnorm.grad_sample import GradSampleModuleFastGradientClippingFuse
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    ids = torch.randint(0, VOCAB, (3, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(ids)
+    gsm = GradSampleModuleFastGradientClippingFuse(model)
+    received = {}
+    for name in ("up", "head"):
+        getattr(model, name).register_forward_hook(lambda m, inputs, out, name=name: received.__setitem__(name, inputs[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gsm(ids)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    kept = {layer.name: layer.x for layer in gsm.layers}
+    for name in ("up", "head"):
+        assert received[name].dtype == torch.bfloat16 and kept[name].data_ptr() == received[name].data_ptr(), name
+
+    linear = GradSampleModuleFastGradientClippingFuse(nn.Sequential(nn.Linear(4, 3).double()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear(torch.randn(2, 5, 4, dtype=torch.float64))
+    assert linear.layers[0].x.dtype == torch.float64

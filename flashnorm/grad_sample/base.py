@@ -74,6 +74,22 @@ def _anchor_node_type():
 _ANCHOR_NODE = _anchor_node_type()
 
 
+#: Dtypes autocast casts for its lower-precision ops (float64 is left alone).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_target(x) -> Optional[torch.dtype]:
+    """The dtype autocast casts tensor ``x`` to for a lower-precision op (a matmul) here, or ``None`` where
+    it leaves ``x`` as it is (autocast off on its device, an ineligible dtype, already that dtype)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _AUTOCAST_ELIGIBLE:
+        return None
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return None if dtype == x.dtype else dtype
+
+
 _NON_FINITE = (
     "The loss is not finite (NaN or inf) for some sample; the gradients were discarded and no parameter "
     "changed. Check the learning rate, the inputs, or use a loss scaler under fp16."
@@ -288,6 +304,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def _attach_forward_hooks(self) -> None:
         for layer in self.layers:
+            if layer.rule.autocast_input:
+                layer.handles.append(layer.module.register_forward_pre_hook(self._cast_input_for_autocast))
             layer.handles.append(layer.module.register_forward_hook(partial(self._capture_forward, layer)))
 
     def _detach_forward_hooks(self) -> None:
@@ -356,6 +374,16 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         """The layer's first input is a tensor whose batch dimension is 1."""
         return self._leading_batch_size(inputs) == 1
 
+    def _cast_input_for_autocast(self, module: nn.Module, inputs):
+        """Forward pre-hook of the layers whose rule keeps X in autocast's lower precision
+        (``rule.autocast_input``): the layer gets its first input already cast, so its own autocast cast
+        is a no-op and the X captured after it is the very tensor autograd saves for the backward — one
+        cast and one copy of X, not two."""
+        if not (self.hooks_enabled and self.training and torch.is_grad_enabled()) or not inputs:
+            return None
+        dtype = _autocast_target(inputs[0])
+        return None if dtype is None else (inputs[0].to(dtype), *inputs[1:])
+
     def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output):
         # The wrapper's mode decides, not the layer's: a trainable layer left in eval mode inside a training
         # forward still gets gradients, so its norm must be counted.
@@ -392,8 +420,6 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             output = output.expand(*(self._batch_size if i == batch_dim else -1 for i in range(output.dim())))
         if self._single_sample_step():
             return None  # the batch gradient is the per-sample gradient: nothing to capture
-        if layer.rule.autocast_input and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
         layer.x = x
         shape = output.shape if self.batch_first else (output.shape[1], output.shape[0], *output.shape[2:])
         layer.out_meta = (shape, output.dtype)

@@ -38,8 +38,8 @@ class NormRule:
 
     #: Methods this rule can compute norms with; the planner picks among them.
     methods: Tuple[str, ...] = ("per_sample",)
-    #: The layer computes in autocast's lower precision (matmuls, convolutions): its input is kept
-    #: in that dtype, as autograd keeps it, rather than in the dtype it arrived in.
+    #: The layer computes in autocast's lower precision (matmuls): a forward pre-hook hands it its input
+    #: already cast, and that tensor, which autograd keeps too, is the X kept (not the input as it arrived).
     autocast_input: bool = False
 
     def supports(self, layer: nn.Module) -> Optional[str]:
