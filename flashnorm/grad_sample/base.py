@@ -335,8 +335,14 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         """Turns capture off: the module then trains like the plain module."""
         self.hooks_enabled = False
 
+    def _capturing_forward(self) -> bool:
+        """Whether this forward captures: hooks on, the wrapper in training mode (its mode decides, not a
+        layer's: a trainable layer left in eval mode inside a training forward still gets gradients, so its
+        norm must be counted) and grad enabled."""
+        return self.hooks_enabled and self.training and torch.is_grad_enabled()
+
     def forward(self, *args, **kwargs):
-        if self.hooks_enabled and self.training and torch.is_grad_enabled():
+        if self._capturing_forward():
             self._step += 1  # a forward that captures starts a new step (eval / no_grad ones leave it be)
             leading = self._leading_batch_size(args)
             # The first argument's batch size speaks for the layers' once a step with hooks saw them agree.
@@ -379,15 +385,13 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         (``rule.autocast_input``): the layer gets its first input already cast, so its own autocast cast
         is a no-op and the X captured after it is the very tensor autograd saves for the backward — one
         cast and one copy of X, not two."""
-        if not (self.hooks_enabled and self.training and torch.is_grad_enabled()) or not inputs:
+        if not inputs or not self._capturing_forward():
             return None
         dtype = _autocast_target(inputs[0])
         return None if dtype is None else (inputs[0].to(dtype), *inputs[1:])
 
     def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output):
-        # The wrapper's mode decides, not the layer's: a trainable layer left in eval mode inside a training
-        # forward still gets gradients, so its norm must be counted.
-        if not (self.hooks_enabled and self.training and torch.is_grad_enabled()):
+        if not self._capturing_forward():
             return None
         if self._single_sample_step() and self._holds_one_sample(inputs):
             return None  # B = 1, known from an earlier layer: nothing to capture (the fast path of every hook)
