@@ -107,8 +107,17 @@ def register_norm_rule(layer_types, *, force: bool = False):
 
 
 def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:
-    """The rule registered for ``type(layer)`` (exact type), or ``None``."""
-    return _RULES.get(type(layer))
+    """The rule registered for the nearest class in ``type(layer)``'s MRO, or ``None``.
+
+    A subclass inherits its parent's rule (a user's ``class MyLinear(nn.Linear)`` gets the Linear rule) only
+    while it computes what the parent computes: one that overrides ``forward`` gets ``None`` (and so the
+    exact per-sample fallback), since the parent's algebra need not hold for its own forward.
+    """
+    for cls in type(layer).__mro__:
+        rule = _RULES.get(cls)
+        if rule is not None:
+            return rule if type(layer).forward is cls.forward else None
+    return None
 
 
 def flatten_to_sequences(t: torch.Tensor) -> torch.Tensor:
