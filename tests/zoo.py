@@ -1,9 +1,13 @@
 """Small models, one per supported layer type, each ending in a 2-D Linear head and a per-sample loss.
 
-``build(kind, steps)`` → (model, inputs, targets); the sequence (or spatial) length is ``steps``.
+``ZOO`` maps a kind to its :class:`Kind` row; ``build(kind, steps)`` → (model, inputs, targets), the
+sequence (or spatial) length being ``steps``. ``KINDS`` is the table's keys.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
@@ -44,70 +48,6 @@ class Attention(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
-def _head(d):
-    return nn.Linear(d, CLASSES)
-
-
-def build(kind: str, steps: int, batch: int = BATCH):
-    b, t = batch, steps
-    if kind == "linear2d":
-        model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), _head(D_HID))
-        x = torch.randn(b, D_IN)
-    elif kind == "linear3d":
-        model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), MeanOver(1), _head(D_HID))
-        x = torch.randn(b, t, D_IN)
-    elif kind == "linear4d":
-        model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), MeanOver(1, 2), _head(D_HID))
-        x = torch.randn(b, 2, t, D_IN)
-    elif kind == "linear_nobias":
-        model = nn.Sequential(nn.Linear(D_IN, D_HID, bias=False), nn.Tanh(), MeanOver(1), _head(D_HID))
-        x = torch.randn(b, t, D_IN)
-    elif kind == "embedding":
-        model = nn.Sequential(nn.Embedding(VOCAB, D_HID, padding_idx=0), MeanOver(1), _head(D_HID))
-        x = torch.randint(0, VOCAB, (b, t))
-    elif kind == "layernorm":
-        model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.LayerNorm(D_HID), nn.Tanh(), MeanOver(1), _head(D_HID))
-        x = torch.randn(b, t, D_IN)
-    elif kind == "rmsnorm":
-        model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.RMSNorm(D_HID), nn.Tanh(), MeanOver(1), _head(D_HID))
-        x = torch.randn(b, t, D_IN)
-    elif kind == "groupnorm":
-        # 4 channels per group: at T = 1 a 2-element group's normalisation amplifies fp32 rounding
-        # (~1e-6 relative) regardless of the DP algorithm; fp64 covers the algebra at 1e-10.
-        model = nn.Sequential(nn.Conv1d(D_IN, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Tanh(), MeanOver(2), _head(8))
-        x = torch.randn(b, D_IN, t)
-    elif kind == "conv1d":
-        model = nn.Sequential(nn.Conv1d(D_IN, D_HID, 3, padding="same", dilation=2), nn.Tanh(), MeanOver(2), _head(D_HID))
-        x = torch.randn(b, D_IN, t)
-    elif kind == "conv2d":
-        model = nn.Sequential(nn.Conv2d(3, D_HID, 3, padding=1, stride=(2, 1)), nn.Tanh(), MeanOver(2, 3), _head(D_HID))
-        x = torch.randn(b, 3, t, 3)
-    elif kind == "hf_conv1d":
-        from transformers.pytorch_utils import Conv1D
-
-        model = nn.Sequential(Conv1D(D_HID, D_IN), nn.Tanh(), MeanOver(1), _head(D_HID))
-        x = torch.randn(b, t, D_IN)
-    elif kind == "dp_mha":
-        model = nn.Sequential(nn.Linear(D_IN, 4), Attention(4), MeanOver(1), _head(4))
-        x = torch.randn(b, t, D_IN)
-    elif kind == "shared_position":
-        model = PositionalLM()
-        x = torch.randint(0, VOCAB, (b, t))
-    elif kind == "fallback":
-        model = nn.Sequential(nn.Linear(D_IN, D_HID), Scale(D_HID), nn.Tanh(), MeanOver(1), _head(D_HID))
-        x = torch.randn(b, t, D_IN)
-    else:
-        raise KeyError(kind)
-    y = torch.randint(0, CLASSES, (b,))
-    return model, x, y
-
-
-KINDS = (
-    "linear2d", "linear3d", "linear4d", "linear_nobias", "embedding", "layernorm", "rmsnorm",
-    "groupnorm", "conv1d", "conv2d", "hf_conv1d", "dp_mha", "fallback", "shared_position",
-)
-
-
 class PositionalLM(nn.Module):
     """Token + position embeddings, the position table shared by the batch (input [1, T], broadcast)."""
 
@@ -120,3 +60,76 @@ class PositionalLM(nn.Module):
     def forward(self, ids):
         positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         return self.head(torch.tanh(self.wte(ids) + self.wpe(positions)).mean(dim=1))
+
+
+def _head(d):
+    return nn.Linear(d, CLASSES)
+
+
+def _pooled(*layers, dims=(1,), width=D_HID) -> nn.Sequential:
+    """layers → mean over ``dims`` → head (the head is created last, after the layers' weights)."""
+    return nn.Sequential(*layers, MeanOver(*dims), _head(width))
+
+
+def _hf_conv1d() -> nn.Module:
+    from transformers.pytorch_utils import Conv1D  # imported when used: transformers is slow to import
+
+    return _pooled(Conv1D(D_HID, D_IN), nn.Tanh())
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One model of the zoo: ``model()`` is built first (so a seed fixes its weights), then
+    ``inputs(batch, steps)`` gives its batch-first input."""
+
+    model: Callable[[], nn.Module]
+    inputs: Callable[[int, int], torch.Tensor]
+
+
+def _features(*shape: int) -> Callable[[int, int], torch.Tensor]:
+    """Standard normal input [B, *shape], ``None`` in ``shape`` standing for the length T."""
+    return lambda b, t: torch.randn(b, *(t if n is None else n for n in shape))
+
+
+def _tokens(b: int, t: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (b, t))
+
+
+T = None  # the sequence (or spatial) length in an input shape
+
+ZOO: Dict[str, Kind] = {
+    "linear2d": Kind(lambda: nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), _head(D_HID)), _features(D_IN)),
+    "linear3d": Kind(lambda: _pooled(nn.Linear(D_IN, D_HID), nn.Tanh()), _features(T, D_IN)),
+    "linear4d": Kind(lambda: _pooled(nn.Linear(D_IN, D_HID), nn.Tanh(), dims=(1, 2)), _features(2, T, D_IN)),
+    "linear_nobias": Kind(lambda: _pooled(nn.Linear(D_IN, D_HID, bias=False), nn.Tanh()), _features(T, D_IN)),
+    "embedding": Kind(lambda: _pooled(nn.Embedding(VOCAB, D_HID, padding_idx=0)), _tokens),
+    "layernorm": Kind(lambda: _pooled(nn.Linear(D_IN, D_HID), nn.LayerNorm(D_HID), nn.Tanh()), _features(T, D_IN)),
+    "rmsnorm": Kind(lambda: _pooled(nn.Linear(D_IN, D_HID), nn.RMSNorm(D_HID), nn.Tanh()), _features(T, D_IN)),
+    # 4 channels per group: at T = 1 a 2-element group's normalisation amplifies fp32 rounding
+    # (~1e-6 relative) regardless of the DP algorithm; fp64 covers the algebra at 1e-10.
+    "groupnorm": Kind(
+        lambda: _pooled(nn.Conv1d(D_IN, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Tanh(), dims=(2,), width=8),
+        _features(D_IN, T),
+    ),
+    "conv1d": Kind(
+        lambda: _pooled(nn.Conv1d(D_IN, D_HID, 3, padding="same", dilation=2), nn.Tanh(), dims=(2,)), _features(D_IN, T)
+    ),
+    "conv2d": Kind(
+        lambda: _pooled(nn.Conv2d(3, D_HID, 3, padding=1, stride=(2, 1)), nn.Tanh(), dims=(2, 3)), _features(3, T, 3)
+    ),
+    "hf_conv1d": Kind(_hf_conv1d, _features(T, D_IN)),
+    "dp_mha": Kind(lambda: _pooled(nn.Linear(D_IN, 4), Attention(4), width=4), _features(T, D_IN)),
+    "fallback": Kind(lambda: _pooled(nn.Linear(D_IN, D_HID), Scale(D_HID), nn.Tanh()), _features(T, D_IN)),
+    "shared_position": Kind(PositionalLM, _tokens),
+}
+KINDS = tuple(ZOO)
+
+
+def build(kind: str, steps: int, batch: int = BATCH):
+    """(model, inputs [batch, ...], targets [batch]) of ``kind`` with length ``steps``."""
+    if kind not in ZOO:
+        raise KeyError(f"unknown zoo kind {kind!r}; one of {', '.join(KINDS)}")
+    row = ZOO[kind]
+    model = row.model()
+    inputs = row.inputs(batch, steps)
+    return model, inputs, torch.randint(0, CLASSES, (batch,))
