@@ -1,6 +1,7 @@
 # FlashNorm development environment. Use:  source setup_env.sh
 #
-# Creates .venv with uv and installs flashnorm in editable mode with its dev extras.
+# Creates .venv with uv and installs flashnorm in editable mode with its dev extra (tests, Hugging Face,
+# tutorials, docs: what .ci/run needs).
 # * A machine whose python3 already imports torch (a GPU user's CUDA build) keeps it and its Triton:
 #   the venv sees the system site-packages and pip installs only what is missing.
 # * Otherwise the CPU build torch==2.13.0 is installed with Triton 3.6 (the kernels' interpreter),
