@@ -1,0 +1,1 @@
+"""Unit tests of the norm rules, one file per family in flashnorm/norms/."""
