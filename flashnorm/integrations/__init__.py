@@ -1,0 +1,3 @@
+"""Training-loop integrations: :mod:`flashnorm.integrations.transformers` (``DPTrainer``, extra ``[hf]``) and
+:mod:`flashnorm.integrations.lightning` (extra ``[lightning]``). Import the submodule you need; neither is
+imported here, so FlashNorm itself does not depend on those packages."""

@@ -1,0 +1,362 @@
+"""Hugging Face ``Trainer`` with FlashNorm's DP-SGD: :class:`DPTrainer` and :class:`PrivacyArguments`.
+
+The privacy unit is the sequence (one row of the batch). One DP step per *logical batch* of
+L = ``per_device_train_batch_size`` × ``gradient_accumulation_steps`` × world size samples:
+
+* the logical batch is Poisson-sampled as a whole, at Opacus's rate for a loader of batch size L,
+  q = 1 / ⌈N / L⌉, and cut into ``gradient_accumulation_steps`` micro-batches in sampled order (sizes
+  differ by at most one; any of them may be empty);
+* each micro-batch is back-propagated alone through FlashNorm's DP criterion, leaving Σ_b c_b ∇ℓ_b over
+  its samples, c_b = min(1, C / (‖∇ℓ_b‖ + 1e-6)); every micro-batch but the last ends with a *skipped*
+  optimizer step (Opacus's ``BatchMemoryManager`` protocol: the sums accumulate; no noise, no accounting);
+* the last micro-batch's step adds N(0, σ²C²) once per element, divides by the expected logical batch
+  size (``loss_reduction="mean"``) and steps the optimizer; the accountant records one step (σ, q).
+
+The per-sample loss ℓ_b is the model's own loss on that sample alone (computed from the logits, not
+from ``outputs.loss``, which is a batch mean):
+
+* causal LM: cross-entropy of ``logits[t]`` against ``labels[t + 1]``, averaged over the sample's
+  positions whose label is not -100 (a sample with none has ℓ_b = 0);
+* sequence classification: the model's ``problem_type`` (inferred as transformers does when unset):
+  cross-entropy (ignore_index -100), squared error, or binary cross-entropy averaged over the labels.
+
+Needs the ``[hf]`` extra (``transformers>=5.3``, ``accelerate``). One process (CPU or one GPU); fp32 or
+bf16 (``TrainingArguments(bf16=True)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import transformers
+from opacus.accountants.utils import get_noise_multiplier
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
+
+from ..modes import get_mode
+from ..privacy_engine import FlashNormPrivacyEngine
+from ..utils.export import unwrap_model
+from ..utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PrivacyArguments:
+    """What :class:`DPTrainer` needs beyond ``TrainingArguments`` (parsable by ``HfArgumentParser``).
+
+    Args:
+        noise_multiplier: σ; give it or ``target_epsilon``, not both.
+        target_epsilon: ε to reach at the end of training (σ from Opacus's ``get_noise_multiplier``
+            for the run's number of DP steps and sample rate).
+        target_delta: δ of the guarantee and of the logged ε.
+        max_grad_norm: the per-sample clipping bound C. (``TrainingArguments.max_grad_norm``, a clip
+            of the batch gradient, is not applied: DP clips per sample.)
+        grad_sample_mode: a FlashNorm clipping mode: ``flash_fuse`` (default), ``flash`` or ``ghost``.
+        accountant: Opacus's accountant: ``prv`` (default, as ``opacus.PrivacyEngine``), ``rdp`` or ``gdp``.
+        poisson_sampling: Poisson-sample each logical batch (default; what the accountant assumes).
+    """
+
+    noise_multiplier: Optional[float] = None
+    target_epsilon: Optional[float] = None
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    grad_sample_mode: str = "flash_fuse"
+    accountant: str = "prv"
+    poisson_sampling: bool = True
+
+    def __post_init__(self):
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                f"Give exactly one of noise_multiplier ({self.noise_multiplier}) and target_epsilon "
+                f"({self.target_epsilon})."
+            )
+        mode = get_mode(self.grad_sample_mode)  # raises on an unknown mode, listing the valid ones
+        if mode.delegated or mode.fsdp:
+            raise ValueError(
+                f"grad_sample_mode={self.grad_sample_mode!r}: DPTrainer trains with FlashNorm's single-process "
+                "clipping modes: 'flash_fuse', 'flash' or 'ghost'."
+            )
+
+
+class _MicroBatchSampler(Sampler):
+    """Cuts each logical batch of ``logical`` (a batch sampler) into ``parts`` consecutive micro-batches.
+
+    ``logical`` is assigned after ``make_private`` (Opacus's Poisson sampler replaces the plain one);
+    both have the same length, so the Trainer's step count, taken before, stays right.
+    """
+
+    def __init__(self, logical: Sampler, parts: int):
+        self.logical, self.parts = logical, parts
+
+    def __iter__(self):
+        for indices in self.logical:
+            for part in np.array_split(np.asarray(list(indices), dtype=np.int64), self.parts):
+                yield part.tolist()
+
+    def __len__(self) -> int:
+        return len(self.logical) * self.parts
+
+
+class _CollateOrEmpty:
+    """The data collator; an empty micro-batch becomes the collated first sample cut to 0 rows."""
+
+    def __init__(self, collate, dataset):
+        self.collate, self.dataset = collate, dataset
+
+    def __call__(self, features):
+        if features:
+            return self.collate(features)
+        return {k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in self.collate([self.dataset[0]]).items()}
+
+
+def _batch_size(inputs: Dict) -> int:
+    for v in inputs.values():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return v.shape[0]
+    raise ValueError(f"The batch holds no tensor with a batch dimension (keys: {sorted(inputs)}).")
+
+
+class DPTrainer(transformers.Trainer):
+    """``transformers.Trainer`` that trains with DP-SGD (see the module docstring for the exact step).
+
+    Example:
+        >>> trainer = DPTrainer(model=model, args=TrainingArguments(..., gradient_accumulation_steps=4),
+        ...                     train_dataset=train, data_collator=collator,
+        ...                     privacy_args=PrivacyArguments(target_epsilon=8.0, max_grad_norm=1.0))
+        >>> trainer.train()          # logs "epsilon" with the loss
+        >>> trainer.get_epsilon()    # ε at privacy_args.target_delta
+        >>> trainer.save_model(path) # the plain model: keys without wrapper prefixes
+
+    The model is used as it comes (a ``...ForCausalLM`` or ``...ForSequenceClassification`` model, ``labels``
+    in the batch). Other models: override :meth:`dp_loss`. Refused: several processes or GPUs, fp16,
+    DeepSpeed/FSDP, iterable datasets, resuming from a checkpoint (the accountant's state is not saved).
+
+    Attributes (after training starts):
+        privacy_engine: the :class:`~flashnorm.FlashNormPrivacyEngine` (its ``accountant`` holds the history).
+        dp_model: the grad-sample module around ``self.model`` (``self.model`` stays the plain model).
+        noise_multiplier, sample_rate: σ and q of every DP step.
+    """
+
+    def __init__(self, *args, privacy_args: PrivacyArguments, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.privacy_args = privacy_args
+        self.privacy_engine: Optional[FlashNormPrivacyEngine] = None
+        self.dp_model = None
+        self.noise_multiplier: Optional[float] = None
+        self.sample_rate: Optional[float] = None
+        self._dp_optimizer = None
+        self._logical_loader: Optional[DataLoader] = None
+        self._micro_batches: Optional[_MicroBatchSampler] = None
+        self._dp_batch_sampler: Optional[Sampler] = None
+        self._dp_losses: Dict[type, DPLossFastGradientClipping] = {}
+        self._check_supported()
+
+    def _check_supported(self) -> None:
+        args = self.args
+        if args.world_size > 1 or args.n_gpu > 1:
+            raise NotImplementedError(
+                f"DPTrainer runs on one process and one device (world size {args.world_size}, {args.n_gpu} GPUs "
+                "visible). For DDP/FSDP use FlashNormPrivacyEngine directly (docs/distributed.md); for one GPU of "
+                "several, set CUDA_VISIBLE_DEVICES."
+            )
+        if args.fp16:
+            raise ValueError("fp16 needs a gradient scaler, which the DP step does not use: use bf16=True or fp32.")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError("DPTrainer does not support DeepSpeed or FSDP through the Trainer.")
+
+    # -- data ----------------------------------------------------------------------------------------
+    @property
+    def logical_batch_size(self) -> int:
+        """L = per-device batch × gradient accumulation steps × world size."""
+        args = self.args
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Micro-batches of the logical batches: ``gradient_accumulation_steps`` per logical batch.
+
+        The logical batches come from a loader of batch size L over the training set (shuffled with
+        ``data_seed``/``seed``); :meth:`create_optimizer` hands it to ``make_private``, whose Poisson
+        sampler then draws them."""
+        dataset = self.train_dataset
+        if dataset is None:
+            raise ValueError("DPTrainer: training requires a train_dataset.")
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ValueError("DPTrainer needs a dataset with a length (Poisson sampling draws indices).")
+        collator = self.data_collator
+        if transformers.utils.is_datasets_available():
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="training")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        generator = torch.Generator().manual_seed(seed)
+        self._logical_loader = DataLoader(
+            dataset,
+            batch_size=self.logical_batch_size,
+            sampler=RandomSampler(dataset, generator=generator),
+            collate_fn=collator,
+            generator=generator,
+        )
+        logical = self._dp_batch_sampler or self._logical_loader.batch_sampler  # Poisson's once make_private ran
+        self._micro_batches = _MicroBatchSampler(logical, self.args.gradient_accumulation_steps)
+        return DataLoader(
+            dataset,
+            batch_sampler=self._micro_batches,
+            collate_fn=_CollateOrEmpty(collator, dataset),
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+
+    # -- privacy engine ------------------------------------------------------------------------------
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's optimizer, then ``make_private`` on (model, optimizer, logical-batch loader).
+
+        σ is ``privacy_args.noise_multiplier`` or, for ``target_epsilon``, Opacus's ``get_noise_multiplier``
+        for the run's DP steps (``max_steps``, or ⌈epochs × logical batches per epoch⌉) at rate q."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.privacy_engine is not None:
+            return optimizer
+        if self._logical_loader is None:
+            raise RuntimeError("DPTrainer.create_optimizer runs inside train(), after get_train_dataloader().")
+        pa = self.privacy_args
+        self.sample_rate = 1 / len(self._logical_loader)
+        sigma = pa.noise_multiplier
+        if sigma is None:
+            steps = self.args.max_steps
+            if steps <= 0:
+                steps = math.ceil(self.args.num_train_epochs * len(self._logical_loader))
+            sigma = get_noise_multiplier(
+                target_epsilon=pa.target_epsilon, target_delta=pa.target_delta, sample_rate=self.sample_rate,
+                steps=steps, accountant=pa.accountant,
+            )
+        self.noise_multiplier = sigma
+        self.privacy_engine = FlashNormPrivacyEngine(accountant=pa.accountant)
+        self.dp_model, self._dp_optimizer, _, loader = self.privacy_engine.make_private(
+            module=self.model,
+            optimizer=optimizer,
+            criterion=nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
+            data_loader=self._logical_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=pa.max_grad_norm,
+            poisson_sampling=pa.poisson_sampling,
+            grad_sample_mode=pa.grad_sample_mode,
+        )
+        self._dp_batch_sampler = self._micro_batches.logical = loader.batch_sampler
+        self.optimizer = self._dp_optimizer
+        self.model_wrapped = self.dp_model  # the training loop runs the wrapper; self.model stays the plain model
+        return self.optimizer
+
+    # -- the step ------------------------------------------------------------------------------------
+    def _dp_criterion(self, loss: nn.Module) -> DPLossFastGradientClipping:
+        criterion = self._dp_losses.get(type(loss))
+        if criterion is None:
+            criterion = DPLossFastGradientClipping(self.dp_model, self._dp_optimizer, loss, "mean")
+            self._dp_losses[type(loss)] = criterion
+        return criterion
+
+    def dp_loss(self, model: nn.Module, inputs: Dict) -> DPTensorFastGradientClipping:
+        """Per-sample losses ℓ: [B] of one micro-batch (``inputs`` holds ``labels``), as a DP tensor whose
+        ``backward()`` writes Σ_b c_b ∇ℓ_b. Override for other heads: run ``model`` (the grad-sample module)
+        and pass per-sample losses through a :class:`~flashnorm.utils.fast_gradient_clipping_utils.
+        DPLossFastGradientClipping` built on ``self.dp_model`` and ``self.optimizer``."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError("DPTrainer needs `labels` in every batch (the per-sample loss is computed from them).")
+        name = type(unwrap_model(model)).__name__
+        logits = model(**inputs).logits
+        if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            b, t, v = logits.shape
+            criterion = self._dp_criterion(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX))
+            return criterion(
+                logits[:, :-1].float().reshape(-1, v), labels[:, 1:].reshape(-1), shape=(b, t - 1, v)
+            )
+        if name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
+            return self._classification_loss(unwrap_model(model).config, logits, labels)
+        raise NotImplementedError(
+            f"DPTrainer computes per-sample losses for causal-LM and sequence-classification models; {name} is "
+            "neither: override DPTrainer.dp_loss."
+        )
+
+    def _classification_loss(self, config, logits: torch.Tensor, labels: torch.Tensor) -> DPTensorFastGradientClipping:
+        """transformers' ``ForSequenceClassificationLoss`` per sample: logits [B, K], labels [B] or [B, K]."""
+        b, k = logits.shape
+        problem = config.problem_type
+        if problem is None:  # what transformers infers at the first loss
+            if k == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "single_label_classification":
+            return self._dp_criterion(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX))(logits, labels.view(-1))
+        if problem == "regression" and k == 1:
+            return self._dp_criterion(nn.MSELoss())(logits.view(-1), labels.view(-1).to(logits.dtype))
+        loss = nn.MSELoss() if problem == "regression" else nn.BCEWithLogitsLoss()
+        # [B·K] element losses, averaged per sample over its K labels
+        return self._dp_criterion(loss)(logits.reshape(-1), labels.reshape(-1).to(logits.dtype), shape=(b, k, 1))
+
+    def training_step(self, model: nn.Module, inputs: Dict, num_items_in_batch=None) -> torch.Tensor:
+        """One micro-batch: Σ_b c_b ∇ℓ_b accumulated; a skipped step unless it ends the logical batch (the
+        Trainer then calls ``optimizer.step()``: noise, division, accountant step).
+
+        Returns Σ_b ℓ_b / (expected logical batch size), detached: the logged loss, summed over the
+        micro-batches by the Trainer, is the logical batch's mean loss as the DP step weighs it."""
+        model.train()
+        last = self.accelerator.sync_gradients  # the Trainer steps the optimizer after this micro-batch
+        loss_sum = torch.zeros((), device=self.args.device)
+        if _batch_size(inputs) == 0:
+            self._dp_optimizer.zero_grad(set_to_none=True)  # nothing to add (summed sums stay)
+        else:
+            inputs = self._prepare_inputs(inputs)
+            with self.accelerator.autocast():
+                loss = self.dp_loss(model, inputs)
+            loss.backward()
+            loss_sum = loss.loss_per_sample.detach().sum()
+        if not last:
+            self._dp_optimizer.signal_skip_step(do_skip=True)
+            self._dp_optimizer.step()
+        return loss_sum / self._dp_optimizer.expected_batch_size
+
+    def _clip_grad_norm(self, model):
+        return None  # clipping is per sample (PrivacyArguments.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return None  # the gradient norm before noise is not private: never logged
+
+    # -- privacy accounting --------------------------------------------------------------------------
+    def get_epsilon(self, delta: Optional[float] = None) -> float:
+        """ε spent so far at ``delta`` (default ``privacy_args.target_delta``), from the accountant's history."""
+        if self.privacy_engine is None:
+            return 0.0
+        if any(sigma == 0 for sigma, _, _ in self.privacy_engine.accountant.history):
+            return math.inf  # a step without noise has no finite guarantee (Opacus's accountants fail on σ = 0)
+        return self.privacy_engine.get_epsilon(self.privacy_args.target_delta if delta is None else delta)
+
+    def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+        """The Trainer's logging, with ``epsilon`` added once a DP step has been taken."""
+        if self.privacy_engine is not None and len(self.privacy_engine.accountant) > 0:
+            logs = {**logs, "epsilon": self.get_epsilon()}
+        super().log(logs, *args, **kwargs)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint:
+            raise NotImplementedError(
+                "DPTrainer cannot resume from a checkpoint yet: the privacy accountant's history is not saved with "
+                "it, so the resumed run would under-report ε."
+            )
+        return super().train(None, *args, **kwargs)
