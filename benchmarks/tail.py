@@ -4,7 +4,7 @@
     python -m benchmarks.tail --device cpu --smoke # tiny GPT-2, interpreter (a few seconds)
 
 Two tails, each timed in one process on the same gradients, with the Triton kernels and with
-``FLASHNORM_BACKEND=torch`` (the foreach references):
+the ``torch`` backend (the foreach references):
 
 * **clip** (the B = 1 shortcut of :class:`~flashnorm.grad_sample.base.FlashNormGradSampleModule`,
   :func:`~flashnorm.kernels.multi_tensor.clip_by_total_norm_`):
@@ -21,7 +21,6 @@ over ``--trials`` trials.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ from typing import Callable, Dict
 
 import torch
 
+from .history import describe, save_json
 from .models import build_model
 
 
@@ -70,9 +70,9 @@ def _print_profile(label: str, fn: Callable[[], None], reps: int) -> None:
 
 def backends(device: torch.device):
     """The backends that can run here: Triton on CUDA or under TRITON_INTERPRET=1, the references everywhere."""
-    from flashnorm.kernels.backend import interpreter_enabled
+    from flashnorm.kernels.backend import INTERPRET
 
-    return ("triton", "torch") if device.type == "cuda" or interpreter_enabled() else ("torch",)
+    return ("triton", "torch") if device.type == "cuda" or INTERPRET else ("torch",)
 
 
 def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: bool = False) -> Dict:
@@ -84,8 +84,8 @@ def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: 
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [torch.randn_like(p) for p in params]
 
-    def clip():
-        multi_tensor.clip_by_total_norm_(grads, 1.0)
+    def clip(backend: str):
+        return lambda: multi_tensor.clip_by_total_norm_(grads, 1.0, backend=backend)
 
     optimizer = DPOptimizerFastGradientClipping(torch.optim.SGD(params, lr=0.0), noise_multiplier=1.0,
                                                 max_grad_norm=1.0, expected_batch_size=8)
@@ -107,8 +107,8 @@ def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: 
     before = os.environ.get("FLASHNORM_BACKEND")
     try:
         for backend in backends(device):
-            os.environ["FLASHNORM_BACKEND"] = backend
-            for name, fn in (("clip", clip), ("noise fused", noise(True)), ("noise unfused", noise(False))):
+            os.environ["FLASHNORM_BACKEND"] = backend  # the optimizer's default backend (it takes no argument)
+            for name, fn in (("clip", clip(backend)), ("noise fused", noise(True)), ("noise unfused", noise(False))):
                 fn()  # compile, build the tables
                 results[f"{name} / {backend}"] = _time(fn, device, reps, trials)
                 if profile:
@@ -136,8 +136,9 @@ def main(argv=None) -> int:
         gpu = f"   GPU {r['gpu_ms_min']:7.3f} ms (median {r['gpu_ms_median']:.3f})" if "gpu_ms_min" in r else ""
         print(f"  {name:24s} host {r['host_ms_min']:7.3f} ms (median {r['host_ms_median']:.3f}){gpu}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        command = "python -m benchmarks.tail " + " ".join(sys.argv[1:] if argv is None else argv)
+        meta = dict(describe(command, args.device), smoke=args.smoke, reps=args.reps, trials=args.trials)
+        save_json(args.json, {"meta": meta, **out}, suite="tail")
     return 0
 
 

@@ -1,13 +1,11 @@
-"""Sweeps behind the flash-norm configs of under-filled launches and the per-sample option (H200).
+"""Sweeps behind the flash-norm configs of under-filled launches (H200).
 
 GPU time of CUDA-graph replays (no launch overhead). One JSON row per measurement in ``$OUT/kexp.jsonl``::
 
-    PYTHONPATH=. python benchmarks/kernels/sweep_underfilled.py --only split,store
+    PYTHONPATH=. python benchmarks/kernels/sweep_underfilled.py --only split,stages
 
 * ``split``: 16-bit (and tf32) shapes where batch × output tiles under-fills the GPU: tile configs × T-splits
   (the last-arriving program of a tile sums its partials), against cuBLAS doing the same GEMM.
-* ``store``: the planner's per-sample option: cuBLAS ``bmm`` into an arena slot against the flash tiles
-  writing the gradients (and their norm) into it, at GPT-2 shapes.
 * ``stages``: pipeline depth (3 or 4 stages) of the under-filled tile configs.
 * ``tf32``: the float32 K-major path split into its copies and its tiles.
 """
@@ -22,15 +20,8 @@ from triton.testing import do_bench_cudagraph
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashnorm.kernels import flash_norm_sq_reference
-from flashnorm.kernels.clipped_grad import per_sample_weight_grads_reference
-from flashnorm.kernels.flash_norm import (
-    FlashConfig,
-    _launch_tiles,
-    _tf32_copy_kernel,
-    flash_norm_sq_and_grads,
-    flash_norm_sq_triton,
-    tf32_copy,
-)
+from flashnorm.kernels.flash_norm import FlashConfig, _launch_tiles, flash_norm_sq_triton
+from flashnorm.kernels.tiles import _tf32_copy_kernel, tf32_copy
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: (T×p×d block, warps, stages) candidates for under-filled launches.
@@ -40,11 +31,6 @@ CONFIGS = ((64, 128, 256, 8, 3), (64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (6
 SPLIT_SHAPES = (("bf16", 1, 4100, 1024, 1024), ("bf16", 1, 8196, 1024, 1024), ("bf16", 1, 16384, 1024, 1024),
                 ("bf16", 3, 4100, 1024, 1024), ("bf16", 1, 4100, 2048, 2048), ("bf16", 1, 4100, 768, 3072),
                 ("bf16", 1, 8196, 768, 3072), ("fp16", 1, 4100, 1024, 1024))  # fmt: skip
-#: (B, T, d, p, transposed) of the store sweep: GPT-2 small's layers (Conv1D: transposed) at the shapes
-#: where the planner picks per_sample.
-STORE_SHAPES = ((8, 1024, 768, 2304, True), (8, 1024, 768, 768, True), (8, 1024, 768, 3072, True),
-                (8, 1024, 3072, 768, True), (8, 1024, 768, 50257, False), (1, 4096, 768, 3072, True),
-                (1, 4096, 1024, 1024, False))  # fmt: skip
 
 
 def gpu_ms(fn, rep=20):
@@ -76,30 +62,6 @@ def sweep_configs(log, exp, shapes, variants):
 def split_sweep(log):
     variants = [(FlashConfig(*c), s) for c in CONFIGS for s in (1, 2, 3, 4, 6)]
     sweep_configs(log, "split", SPLIT_SHAPES, variants)
-
-
-def store_sweep(log):
-    for name in ("bf16", "fp32"):
-        dtype = DTYPES[name]
-        torch.backends.cuda.matmul.allow_tf32 = name == "fp32"
-        for batch, steps, d, p, transposed in STORE_SHAPES:
-            x, g = torch.randn(batch, steps, d, device="cuda", dtype=dtype), torch.randn(batch, steps, p, device="cuda", dtype=dtype)
-            buffer = torch.empty(batch, d * p + 64, device="cuda", dtype=dtype)
-            slot = buffer[:, 64:].view(batch, *((d, p) if transposed else (p, d)))
-            want = torch.einsum("btp,btd->bpd", g[:1].double(), x[:1].double())
-            want = want.transpose(1, 2) if transposed else want
-
-            def err():
-                return ((slot[:1].double() - want).abs().max() / want.abs().max()).item()
-
-            bmm = gpu_ms(lambda: per_sample_weight_grads_reference(x, g, out=slot, transposed=transposed))
-            bmm_err = err()
-            bmm_norm = gpu_ms(lambda: (per_sample_weight_grads_reference(x, g, out=slot, transposed=transposed),
-                                       torch.linalg.vector_norm(buffer, dim=1, dtype=torch.float32)))  # fmt: skip
-            kernel = gpu_ms(lambda: flash_norm_sq_and_grads(x, g, out=slot, transposed=transposed))
-            log(dict(exp="store", dtype=name, B=batch, T=steps, d=d, p=p, transposed=transposed, bmm_ms=bmm,
-                     bmm_and_norm_ms=bmm_norm, kernel_ms=kernel, speedup=bmm_norm / kernel, bmm_err=bmm_err,
-                     kernel_err=err()))  # fmt: skip
 
 
 STAGES_SHAPES = (("bf16", 1, 4096, 1024, 1024), ("bf16", 1, 4100, 1024, 1024), ("bf16", 1, 8196, 1024, 1024),
@@ -141,9 +103,9 @@ def tf32_sweep(log):
 
 
 def main():
-    sections = {"split": split_sweep, "store": store_sweep, "stages": stages_sweep, "tf32": tf32_sweep}
+    sections = {"split": split_sweep, "stages": stages_sweep, "tf32": tf32_sweep}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="split,store", help=f"comma list of sections: {', '.join(sections)}")
+    parser.add_argument("--only", default="split", help=f"comma list of sections: {', '.join(sections)}")
     args = parser.parse_args()
     out = open(os.path.join(os.environ.get("OUT", "."), "kexp.jsonl"), "a")
 

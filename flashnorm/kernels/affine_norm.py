@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ._chunks import accumulation_dtype
-from .backend import cdiv, multiprocessor_count, triton_choice
-from .flash_norm import _block
+from .backend import cdiv, multiprocessor_count, resolve_backend, triton_choice
+from .tiles import block_size
 
 try:
     import triton
@@ -89,7 +89,7 @@ def _affine_norm_grads_kernel(
 def launch_shape(batch: int, steps: int, n: int, n_sms: int) -> Tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_N, rows per program, programs per sample): tiles of ``TILE_ELEMENTS``, and T split
     until about 2 programs per SM, each keeping at least ``MIN_BLOCKS_PER_SPLIT`` BLOCK_T steps."""
-    block_n = _block(n, MAX_N)
+    block_n = block_size(n, MAX_N)
     block_t = max(2, min(TILE_ELEMENTS // block_n, 1 << max(0, steps - 1).bit_length()))
     splits = max(1, min(cdiv(steps, block_t * MIN_BLOCKS_PER_SPLIT), cdiv(2 * n_sms, max(1, batch))))
     t_chunk = cdiv(cdiv(max(1, steps), splits), block_t) * block_t
@@ -147,16 +147,16 @@ def affine_norm_grads_reference(
 
 def affine_norm_grads(
     x: torch.Tensor, g: torch.Tensor, *, eps: float, center: bool, with_bias: bool = True,
-    weight_out: Optional[torch.Tensor] = None, bias_out: Optional[torch.Tensor] = None,
+    weight_out: Optional[torch.Tensor] = None, bias_out: Optional[torch.Tensor] = None, backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-sample (W, β) of a LayerNorm (``center``) or RMSNorm over the last dim of x, g: [B, T, n].
 
-    :func:`affine_norm_grads_triton` on CUDA (and under ``FLASHNORM_BACKEND=triton``) for n ≤ ``MAX_N`` and
-    float32 outputs, else :func:`affine_norm_grads_reference` (other devices, ``FLASHNORM_BACKEND=torch``;
-    float64 stays float64).
+    :func:`affine_norm_grads_triton` on CUDA (and with ``backend="triton"``) for n ≤ ``MAX_N`` and float32
+    outputs, else :func:`affine_norm_grads_reference` (other devices, ``backend="torch"``; float64 stays
+    float64). ``backend``: see :func:`~flashnorm.kernels.backend.resolve_backend`.
     """
     kwargs = dict(eps=eps, center=center, with_bias=with_bias, weight_out=weight_out, bias_out=bias_out)
-    if triton_choice(x, g) is not None and x.shape[-1] <= MAX_N and _float32_rows(weight_out, bias_out):
+    if triton_choice(x, g, resolve_backend(backend)) is not None and x.shape[-1] <= MAX_N and _float32_rows(weight_out, bias_out):
         return affine_norm_grads_triton(x, g, **kwargs)
     return affine_norm_grads_reference(x, g, **kwargs)
 

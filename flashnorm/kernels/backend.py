@@ -1,8 +1,9 @@
 """Backend choice for the norm kernels: Triton on CUDA, PyTorch elsewhere.
 
-``FLASHNORM_BACKEND=triton|torch`` forces one. It is read at every call, so tests can flip it — except
-inside :func:`environment_read_once`, which a clipping step enters: one read of the environment serves
-the step's ~100 kernel calls (each ``os.environ`` lookup costs microseconds of host time).
+Every public kernel takes ``backend``: ``"auto"`` (Triton on CUDA where it was measured faster, the PyTorch
+reference elsewhere), ``"triton"`` (forced; CPU tensors need ``TRITON_INTERPRET=1``) or ``"torch"`` (the
+references). ``None`` reads ``FLASHNORM_BACKEND`` at the call (unset or empty: ``"auto"``), so callers that
+resolve once with :func:`resolve_backend` and pass the result pay no environment lookup per call.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional
 
 import torch
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("auto", "triton", "torch")
+#: ``TRITON_INTERPRET=1`` as read at import: Triton reads it when the kernels are defined, so later
+#: changes to the environment would not change how the kernels run.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -32,70 +36,54 @@ def triton_available() -> bool:
     return True
 
 
-#: (FLASHNORM_BACKEND, TRITON_INTERPRET) as read on entering :func:`environment_read_once`, else None.
-_snapshot: Optional[Tuple[str, bool]] = None
-
-
-def interpreter_enabled() -> bool:
-    """True under ``TRITON_INTERPRET=1`` (Triton kernels run on CPU tensors)."""
-    if _snapshot is not None:
-        return _snapshot[1]
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def forced_backend() -> str:
-    """``FLASHNORM_BACKEND`` (``"triton"``, ``"torch"``), or ``""`` when unset.
+def resolve_backend(value: Optional[str]) -> str:
+    """``"auto"``, ``"triton"`` or ``"torch"`` from a ``backend`` argument; None: ``FLASHNORM_BACKEND``
+    (unset or empty: ``"auto"``). Case and surrounding blanks are ignored.
 
     Raises:
-        ValueError: an unknown value.
+        ValueError: an unknown value (naming ``FLASHNORM_BACKEND`` when it came from there).
     """
-    if _snapshot is not None:
-        return _snapshot[0]
-    forced = os.environ.get("FLASHNORM_BACKEND", "").strip().lower()
-    if forced and forced not in BACKENDS:
-        raise ValueError(f"FLASHNORM_BACKEND={forced!r} is not one of {', '.join(BACKENDS)} (or unset).")
-    return forced
+    if value in BACKENDS:  # the hot path: a caller passing what it resolved once
+        return value
+    source = "backend"
+    if value is None:
+        source, value = "FLASHNORM_BACKEND", os.environ.get("FLASHNORM_BACKEND", "")
+        if not value:
+            return "auto"
+    name = value.strip().lower() if isinstance(value, str) else value
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={value!r} is not one of {', '.join(BACKENDS)}" + (" (or unset)." if source != "backend" else "."))
+    return name
 
 
 @contextlib.contextmanager
 def environment_read_once() -> Iterator[None]:
-    """Within the block, :func:`forced_backend` and :func:`interpreter_enabled` return what they read on
-    entry (validated there). A module global, not a context variable: the autograd engine runs the
-    backward hooks, and hence the kernel calls, on its own device threads. Nests."""
-    global _snapshot
-    outer = _snapshot
-    if outer is None:
-        _snapshot = (forced_backend(), interpreter_enabled())
-    try:
-        yield
-    finally:
-        _snapshot = outer
+    """Deprecated no-op (the backend is an argument now), kept until its last caller is gone."""
+    yield
 
 
-def triton_choice(x: torch.Tensor, g: torch.Tensor) -> Optional[str]:
-    """How the Triton kernels apply to inputs x and g (``FLASHNORM_BACKEND`` read once):
+def triton_choice(x: torch.Tensor, g: torch.Tensor, backend: str) -> Optional[str]:
+    """How the Triton kernels apply to inputs x and g under a resolved ``backend``:
 
-    ``"forced"`` (``FLASHNORM_BACKEND=triton``), ``"default"`` (CUDA tensors, nothing forced: the caller
-    may still prefer its reference where that was measured faster), or ``None``: the PyTorch reference
-    (other devices, ``FLASHNORM_BACKEND=torch``, or a float64 input, which the reference keeps in float64).
+    ``"forced"`` (``"triton"``), ``"default"`` (``"auto"`` and CUDA tensors: the caller may still prefer its
+    reference where that was measured faster), or ``None``: the PyTorch reference (``"torch"``, ``"auto"`` on
+    other devices, or a float64 input, which the reference keeps in float64).
 
     Raises:
-        ValueError: ``FLASHNORM_BACKEND`` holds an unknown value.
         RuntimeError: Triton is forced but cannot run on these tensors.
     """
-    forced = forced_backend()
-    if forced == "torch":
+    if backend == "torch":
         return None
     on_cuda = x.is_cuda and g.is_cuda
-    runnable = triton_available() and (on_cuda or interpreter_enabled())
-    if forced == "triton" and not runnable:
+    runnable = triton_available() and (on_cuda or INTERPRET)
+    if backend == "triton" and not runnable:
         raise RuntimeError(
-            "FLASHNORM_BACKEND=triton, but Triton cannot run here: it needs CUDA tensors, "
-            "or TRITON_INTERPRET=1 for CPU tensors, and the triton package."
+            "the triton backend was asked for (backend='triton' or FLASHNORM_BACKEND=triton), but Triton cannot "
+            "run here: it needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors, and the triton package."
         )
-    if torch.float64 in (x.dtype, g.dtype) or not (forced == "triton" or (runnable and on_cuda)):
+    if torch.float64 in (x.dtype, g.dtype) or not (backend == "triton" or (runnable and on_cuda)):
         return None
-    return "forced" if forced == "triton" else "default"
+    return "forced" if backend == "triton" else "default"
 
 
 class _TritonStub:
@@ -120,7 +108,7 @@ def multiprocessor_count(device: torch.device) -> int:
 
 def supports_tma(device: torch.device) -> bool:
     """Tensor-memory-accelerator loads through Triton tensor descriptors: compute capability 9.x, not interpreted."""
-    if device.type != "cuda" or interpreter_enabled():
+    if device.type != "cuda" or INTERPRET:
         return False
     props = _device_properties(device.index if device.index is not None else torch.cuda.current_device())
     return props.major == 9
@@ -131,11 +119,10 @@ def tf32_enabled() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def dispatch(triton_fn, reference_fn, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``triton_fn(x, g)`` wherever :func:`triton_choice` allows Triton, else ``reference_fn(x, g)``.
-
-    float64 always takes the reference, which stays in float64 (the oracle tests rely on it).
+def dispatch(triton_fn, reference_fn, x: torch.Tensor, g: torch.Tensor, backend: str) -> torch.Tensor:
+    """``triton_fn(x, g)`` wherever :func:`triton_choice` allows Triton under the resolved ``backend``, else
+    ``reference_fn(x, g)``. float64 always takes the reference, which stays in float64 (the oracle tests rely on it).
     """
-    if triton_choice(x, g) is not None:
+    if triton_choice(x, g, backend) is not None:
         return triton_fn(x, g)
     return reference_fn(x, g)

@@ -21,16 +21,10 @@ from typing import Optional
 
 import torch
 
-from .backend import cdiv, interpreter_enabled, multiprocessor_count, tf32_enabled, triton_choice
-from .flash_norm import (
-    MIN_BLOCKS_PER_SPLIT,
-    _accumulate_rows,
-    flash_norm_config,
-    flash_norm_sq_and_grads,
-    prepare_pair,
-    row_operands,
-    use_descriptors,
-)
+from .backend import INTERPRET, cdiv, multiprocessor_count, resolve_backend, tf32_enabled, triton_choice
+from .flash_norm import MIN_BLOCKS_PER_SPLIT, flash_norm_config
+from .operands import prepare_pair, row_operands, use_descriptors
+from .tiles import accumulate_rows
 
 try:
     import triton
@@ -75,9 +69,9 @@ def _clipped_weight_grad_kernel(
         t_start = (u % n_chunks) * t_chunk
         t_end = tl.minimum(t_start + t_chunk, T)
         base = b.to(tl.int64) * T
-        acc = _accumulate_rows(x_desc, g_desc, x_ptr, g_ptr, base + t_start, base + t_end, p0, d0, p, d,
-                               tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32),
-                               BLOCK_T, BLOCK_P, BLOCK_D, USE_TMA, ALLOW_TF32)
+        acc = accumulate_rows(x_desc, g_desc, x_ptr, g_ptr, base + t_start, base + t_end, p0, d0, p, d,
+                              tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32),
+                              BLOCK_T, BLOCK_P, BLOCK_D, USE_TMA, ALLOW_TF32)
         total += tl.load(coef_ptr + b) * acc
 
     rows = p0 + tl.arange(0, BLOCK_P)
@@ -129,7 +123,7 @@ def clipped_weight_grad_fused(
     coef = coef.to(device=x.device, dtype=torch.float32).contiguous()
     allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
     x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
-    cfg = config or flash_norm_config(d, p, x.dtype, interpret=interpreter_enabled())
+    cfg = config or flash_norm_config(d, p, x.dtype, interpret=INTERPRET)
     n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
     t_chunk, n_chunks, per_split = work or clipped_weight_grad_work(
         batch, steps, n_tiles, cfg.block_t, multiprocessor_count(x.device)
@@ -163,14 +157,17 @@ def _scaled(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
 FUSED_MIN_STEPS = 4096
 
 
-def clipped_weight_grad(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+def clipped_weight_grad(
+    x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *, backend: Optional[str] = None
+) -> torch.Tensor:
     """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d].
 
     :func:`clipped_weight_grad_fused` (float32 result) on CUDA for 16-bit inputs with T ≥
-    ``FUSED_MIN_STEPS``, and whenever ``FLASHNORM_BACKEND=triton``; otherwise
-    :func:`clipped_weight_grad_reference` (result in the inputs' dtype). Callers cast to the parameter's dtype.
+    ``FUSED_MIN_STEPS``, and whenever ``backend="triton"``; otherwise :func:`clipped_weight_grad_reference`
+    (result in the inputs' dtype). Callers cast to the parameter's dtype. ``backend``: see
+    :func:`~flashnorm.kernels.backend.resolve_backend`.
     """
-    choice = triton_choice(x, g)
+    choice = triton_choice(x, g, resolve_backend(backend))
     sixteen_bit = {x.dtype, g.dtype} <= {torch.bfloat16, torch.float16}
     if choice == "forced" or (choice == "default" and sixteen_bit and x.shape[1] >= FUSED_MIN_STEPS):
         return clipped_weight_grad_fused(x, g, coef)
@@ -199,26 +196,9 @@ def per_sample_weight_grads(
     x: torch.Tensor, g: torch.Tensor, *, out: Optional[torch.Tensor] = None, transposed: bool = False
 ) -> torch.Tensor:
     """G_bᵀX_b for every sample: [B, p, d], or X_bᵀG_b: [B, d, p] with ``transposed`` (B·d·p memory;
-    the planner decides when it fits). ``out``: a [B, p, d] (or [B, d, p]) tensor to write into, whose
-    samples may be strided (one slot of a larger buffer).
-
-    cuBLAS ``bmm`` (:func:`per_sample_weight_grads_reference`); with ``FLASHNORM_BACKEND=triton``, the flash
-    tiles writing the gradients (:func:`~flashnorm.kernels.flash_norm.flash_norm_sq_and_grads`). Both do
-    2·B·T·d·p FLOPs and round each W_b once from float32. The kernel also yields the norms, which the arena
-    already gets from one reduction per buffer; on the H200 at GPT-2's per-sample shapes (B = 8, T = 1024
-    and B = 1, T = 4096; ``store`` rows of benchmarks/results/kernels_h200_split_stages.json) it ran at
-    0.83-1.14× the time of bmm plus that reduction, 0.5× for the 768×50257 head, and slower than bmm
-    alone everywhere, so bmm stays the default.
+    the planner decides when it fits), by cuBLAS ``bmm`` in the promoted dtype of x and g. ``out``: a
+    [B, p, d] (or [B, d, p]) tensor to write into, whose samples may be strided (one slot of a larger buffer).
     """
-    if triton_choice(x, g) == "forced":
-        return flash_norm_sq_and_grads(x, g, out=out, transposed=transposed)[1]
-    return per_sample_weight_grads_reference(x, g, out=out, transposed=transposed)
-
-
-def per_sample_weight_grads_reference(
-    x: torch.Tensor, g: torch.Tensor, *, out: Optional[torch.Tensor] = None, transposed: bool = False
-) -> torch.Tensor:
-    """:func:`per_sample_weight_grads` by cuBLAS ``bmm`` in the promoted dtype of x and g."""
     dtype = torch.promote_types(x.dtype, g.dtype)
     x, g = x.to(dtype), g.to(dtype)
     if transposed:

@@ -14,13 +14,14 @@ Layout of this file: the Triton kernel ``_gram_norm_kernel``, its config, the la
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import cdiv, dispatch, interpreter_enabled, tf32_enabled
-from .flash_norm import _block, _check_sequence_pair, _dot_acc, _load_rows, prepare_launch, row_operands, tf32_copy, use_descriptors
+from .backend import INTERPRET, cdiv, dispatch, resolve_backend, tf32_enabled
+from .operands import check_sequence_pair, prepare_launch, row_operands, use_descriptors
+from .tiles import block_size, dot_acc, load_rows, tf32_copy
 
 try:
     import triton
@@ -70,14 +71,14 @@ def _gram_norm_kernel(
     # -- X_I X_Jᵀ over d, then G_I G_Jᵀ over p, in float32 ----------------------------------------
     xx = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
-        xi = _load_rows(x_desc, x_ptr, row_i, row_end, k0, d, BLOCK_T, BLOCK_K, USE_TMA)
-        xj = _load_rows(x_desc, x_ptr, row_j, row_end, k0, d, BLOCK_T, BLOCK_K, USE_TMA)
-        xx = _dot_acc(xi, tl.trans(xj), xx, ALLOW_TF32)
+        xi = load_rows(x_desc, x_ptr, row_i, row_end, k0, d, BLOCK_T, BLOCK_K, USE_TMA)
+        xj = load_rows(x_desc, x_ptr, row_j, row_end, k0, d, BLOCK_T, BLOCK_K, USE_TMA)
+        xx = dot_acc(xi, tl.trans(xj), xx, ALLOW_TF32)
     gg = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
     for k0 in range(0, p, BLOCK_K):
-        gi = _load_rows(g_desc, g_ptr, row_i, row_end, k0, p, BLOCK_T, BLOCK_K, USE_TMA)
-        gj = _load_rows(g_desc, g_ptr, row_j, row_end, k0, p, BLOCK_T, BLOCK_K, USE_TMA)
-        gg = _dot_acc(gi, tl.trans(gj), gg, ALLOW_TF32)
+        gi = load_rows(g_desc, g_ptr, row_i, row_end, k0, p, BLOCK_T, BLOCK_K, USE_TMA)
+        gj = load_rows(g_desc, g_ptr, row_j, row_end, k0, p, BLOCK_T, BLOCK_K, USE_TMA)
+        gg = dot_acc(gi, tl.trans(gj), gg, ALLOW_TF32)
 
     # -- epilogue: ⟨·,·⟩ over valid (t, s), doubled off the diagonal ------------------------------
     t_ok = (i * BLOCK_T + tl.arange(0, BLOCK_T)) < T
@@ -108,9 +109,9 @@ def gram_norm_config(steps: int, d: int, p: int, dtype: torch.dtype, interpret: 
     Under the interpreter: 128-step blocks and 64-wide slices (fewer, larger numpy calls).
     """
     if interpret:
-        return GramConfig(_block(steps, 128), _block(max(d, p), 64), 4, 1)
+        return GramConfig(block_size(steps, 128), block_size(max(d, p), 64), 4, 1)
     block_k = 32 if dtype == torch.float32 else 128
-    return GramConfig(_block(steps, 64), min(block_k, _block(max(d, p), block_k)), 4, 3)
+    return GramConfig(block_size(steps, 64), min(block_k, block_size(max(d, p), block_k)), 4, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def gram_norm_sq_triton(
     """Triton ⟨X_bX_bᵀ, G_bG_bᵀ⟩ for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
     ``config`` and ``use_tma`` default to :func:`gram_norm_config` and
-    :func:`~flashnorm.kernels.flash_norm.use_descriptors`. float32 inputs use tf32 dots when ``torch.backends.cuda.matmul.allow_tf32`` is set,
+    :func:`~flashnorm.kernels.operands.use_descriptors`. float32 inputs use tf32 dots when ``torch.backends.cuda.matmul.allow_tf32`` is set,
     on copies rounded to nearest tf32. Non-contiguous inputs are copied contiguous; mixed dtypes are
     promoted.
     """
@@ -140,7 +141,7 @@ def _gram_norm_launch(x, g, *, config=None, use_tma=None):
         return norm_sq, None
     batch, steps, d = x.shape
     p = g.shape[-1]
-    cfg = config or gram_norm_config(steps, d, p, x.dtype, interpreter_enabled())
+    cfg = config or gram_norm_config(steps, d, p, x.dtype, INTERPRET)
     n_blocks = cdiv(steps, cfg.block_t)
     allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
     if allow_tf32:  # round to nearest first: the tensor cores would truncate float32 operands
@@ -172,7 +173,7 @@ def gram_norm_sq_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     Blocks of ``tb`` steps are chosen so that a chunk's block pair stays under
     ``MAX_CHUNK_ELEMENTS``; accumulates in float32 (float64 for float64 inputs).
     """
-    _check_sequence_pair(x, g)
+    check_sequence_pair(x, g)
     batch, steps, _ = x.shape
     acc = accumulation_dtype(x, g)
     norm_sq = torch.zeros(batch, dtype=acc, device=x.device)
@@ -189,10 +190,10 @@ def gram_norm_sq_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return norm_sq
 
 
-def gram_norm_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """⟨X_bX_bᵀ, G_bG_bᵀ⟩ per sample, x: [B, T, d], g: [B, T, p] → float32 [B].
+def gram_norm_sq(x: torch.Tensor, g: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """⟨X_bX_bᵀ, G_bG_bᵀ⟩ per sample, x: [B, T, d], g: [B, T, p] → float32 [B] (float64 inputs: float64).
 
-    Dispatches to :func:`gram_norm_sq_triton` on CUDA (or when ``FLASHNORM_BACKEND=triton``), else
-    to :func:`gram_norm_sq_reference`. float64 inputs always take the reference, which returns float64.
+    :func:`gram_norm_sq_triton` where ``backend`` (:func:`~flashnorm.kernels.backend.resolve_backend`)
+    allows Triton, else :func:`gram_norm_sq_reference`.
     """
-    return dispatch(gram_norm_sq_triton, gram_norm_sq_reference, x, g)
+    return dispatch(gram_norm_sq_triton, gram_norm_sq_reference, x, g, resolve_backend(backend))

@@ -22,7 +22,7 @@ Arithmetic in float32 whatever the storage dtype, rounded once on store.
 
 The Triton path needs every tensor contiguous and is not used while a CUDA graph is being captured
 (the table upload is a host-to-device copy): the PyTorch references (``torch._foreach_*``) serve there,
-on other devices, for float64 and with ``FLASHNORM_BACKEND=torch``.
+on other devices, for float64 and with ``backend="torch"``.
 
 Layout of this file: the Triton kernels, the work table, the launch wrappers, the PyTorch references,
 the dispatchers.
@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._chunks import accumulation_dtype, accumulation_dtype_of
-from .backend import interpreter_enabled, triton_choice
+from .backend import INTERPRET, resolve_backend, triton_choice
 
 try:
     import triton
@@ -123,7 +123,7 @@ _tables: "OrderedDict[Tuple, _ListLayout]" = OrderedDict()
 
 
 def _block() -> int:
-    return CHUNK if interpreter_enabled() else 2048
+    return CHUNK if INTERPRET else 2048
 
 
 def work_table(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -266,20 +266,21 @@ def same_kind_groups(tensors: Sequence[torch.Tensor]) -> List[List[torch.Tensor]
     return list(groups.values())
 
 
-def _triton_applies(tensors: Sequence[torch.Tensor]) -> bool:
-    """Triton for one (device, dtype) group: where :func:`triton_choice` allows it, every tensor is contiguous
-    and no CUDA graph is being captured."""
+def _triton_applies(tensors: Sequence[torch.Tensor], backend: str) -> bool:
+    """Triton for one (device, dtype) group: where :func:`triton_choice` allows it under the resolved ``backend``,
+    every tensor is contiguous and no CUDA graph is being captured."""
     first = tensors[0]
-    if triton_choice(first, first) is None:
+    if triton_choice(first, first, backend) is None:
         return False
     if first.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     return all(t.is_contiguous() for t in tensors)
 
 
-def _launches(groups: List[List[torch.Tensor]]) -> List[Optional[Launch]]:
+def _launches(groups: List[List[torch.Tensor]], backend: Optional[str]) -> List[Optional[Launch]]:
     """Per group, its (table, addresses) when the Triton path applies, else None (the reference)."""
-    return [work_table(group) if _triton_applies(group) else None for group in groups]
+    backend = resolve_backend(backend)
+    return [work_table(group) if _triton_applies(group, backend) else None for group in groups]
 
 
 def _sum_of_squares(groups, launches) -> torch.Tensor:
@@ -302,16 +303,17 @@ def _clip_groups(groups, launches, norm_sq: torch.Tensor, max_norm: float) -> No
             clip_reference_(group, s, max_norm)
 
 
-def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def squared_norm(tensors: Sequence[torch.Tensor], *, backend: Optional[str] = None) -> torch.Tensor:
     """Σ_i ‖g_i‖² over a non-empty list → [1] on the first tensor's device, float32 (float64 when any tensor is).
 
-    One Triton launch (and one sum) per dtype on CUDA, the foreach reference elsewhere.
+    One Triton launch (and one sum) per dtype on CUDA, the foreach reference elsewhere (``backend``: see
+    :func:`~flashnorm.kernels.backend.resolve_backend`, as for every function below).
     """
     groups = same_kind_groups(tensors)
-    return _sum_of_squares(groups, _launches(groups))
+    return _sum_of_squares(groups, _launches(groups, backend))
 
 
-def clip_(tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: float) -> None:
+def clip_(tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: float, *, backend: Optional[str] = None) -> None:
     """Clips the list as one vector: g_i ← c · g_i in place, c = min(1, C / (√s + 1e-6)).
 
     Args:
@@ -321,23 +323,23 @@ def clip_(tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: floa
         max_norm: C.
     """
     groups = same_kind_groups(tensors)
-    _clip_groups(groups, _launches(groups), norm_sq, max_norm)
+    _clip_groups(groups, _launches(groups, backend), norm_sq, max_norm)
 
 
-def clip_by_total_norm_(tensors: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_by_total_norm_(tensors: Sequence[torch.Tensor], max_norm: float, *, backend: Optional[str] = None) -> torch.Tensor:
     """:func:`squared_norm` then :func:`clip_` with it, the list grouped and its tables looked up once.
 
     Returns:
         s = Σ_i ‖g_i‖² before clipping: [1], float32 (float64 when any tensor is).
     """
     groups = same_kind_groups(tensors)
-    launches = _launches(groups)
+    launches = _launches(groups, backend)
     norm_sq = _sum_of_squares(groups, launches)
     _clip_groups(groups, launches, norm_sq, max_norm)
     return norm_sq
 
 
-def add_then_scale_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
+def add_then_scale_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float, *, backend: Optional[str] = None) -> None:
     """g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · alpha in place, for tensors of one device and dtype.
 
     Args:
@@ -349,7 +351,7 @@ def add_then_scale_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: flo
         raise ValueError("add_then_scale_ takes tensors of one device and dtype and a flat z of their total size")
     if z.device != tensors[0].device or z.dtype != tensors[0].dtype:
         raise ValueError(f"z is {z.dtype} on {z.device}; the tensors are {tensors[0].dtype} on {tensors[0].device}")
-    if _triton_applies(tensors) and z.is_contiguous():
+    if _triton_applies(tensors, resolve_backend(backend)) and z.is_contiguous():
         add_then_scale_triton_(tensors, z, alpha)
     else:
         add_then_scale_reference_(tensors, z, alpha)

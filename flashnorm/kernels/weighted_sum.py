@@ -15,10 +15,12 @@ PyTorch reference and the dispatcher :func:`weighted_row_sum`.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import cdiv, dispatch, interpreter_enabled
+from .backend import INTERPRET, cdiv, dispatch, resolve_backend
 
 try:
     import triton
@@ -54,7 +56,7 @@ def weighted_row_sum_triton(coef: torch.Tensor, a: torch.Tensor) -> torch.Tensor
         return out
     if batch == 0:
         return out.zero_()
-    block = 1 << 14 if interpreter_enabled() else 2048
+    block = 1 << 14 if INTERPRET else 2048
     _weighted_row_sum_kernel[(cdiv(n, block),)](
         coef.to(torch.float32).contiguous(), a, out, batch, n, a.stride(0), BLOCK_N=block, num_warps=8
     )
@@ -77,12 +79,13 @@ def weighted_row_sum_reference(coef: torch.Tensor, a: torch.Tensor) -> torch.Ten
     return out
 
 
-def weighted_row_sum(coef: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def weighted_row_sum(coef: torch.Tensor, a: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """Σ_b c_b A[b] for coef: [B], a: [B, N] → [N], float32 (float64 for float64 inputs).
 
-    Triton on CUDA (or with ``FLASHNORM_BACKEND=triton``), the reference elsewhere.
+    Triton on CUDA or with ``backend="triton"``, the reference elsewhere (``backend``: see
+    :func:`~flashnorm.kernels.backend.resolve_backend`).
     """
-    return dispatch(weighted_row_sum_triton, weighted_row_sum_reference, coef, a)
+    return dispatch(weighted_row_sum_triton, weighted_row_sum_reference, coef, a, resolve_backend(backend))
 
 
 def _check(coef: torch.Tensor, a: torch.Tensor) -> None:

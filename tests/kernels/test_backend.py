@@ -1,4 +1,5 @@
-"""FLASHNORM_BACKEND: triton | torch | unset; bad values and impossible requests fail clearly."""
+"""The backend choice: an explicit ``backend`` argument, else FLASHNORM_BACKEND, else auto; bad values and
+impossible requests fail clearly."""
 
 import os
 import subprocess
@@ -7,9 +8,10 @@ import sys
 import pytest
 import torch
 
+import flashnorm.kernels.backend as backend_module
 import flashnorm.kernels.flash_norm as flash_norm_module
 import flashnorm.kernels.gram_norm as gram_norm_module
-from flashnorm.kernels import flash_norm_sq, gram_norm_sq
+from flashnorm.kernels import affine_norm, clipped_grad, flash_norm_sq, gram_norm_sq, multi_tensor, resolve_backend, weighted_sum
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -18,73 +20,122 @@ def _refuse(*_args, **_kwargs):
     raise AssertionError("the Triton kernel ran although the torch backend was asked for")
 
 
+def _count(monkeypatch, module, name):
+    """Replaces module.name by a wrapper that records its calls; returns the list of calls."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _pair(device):
+    return torch.randn(2, 5, 3, device=device), torch.randn(2, 5, 4, device=device)
+
+
+#: Every public dispatcher: (module, its Triton function, a call with ``backend``).
+DISPATCHERS = {
+    "flash_norm_sq": (flash_norm_module, "flash_norm_sq_triton", lambda x, g, b: flash_norm_sq(x, g, backend=b)),
+    "gram_norm_sq": (gram_norm_module, "gram_norm_sq_triton", lambda x, g, b: gram_norm_sq(x, g, backend=b)),
+    "clipped_weight_grad": (clipped_grad, "clipped_weight_grad_fused",
+                            lambda x, g, b: clipped_grad.clipped_weight_grad(x, g, torch.rand(2, device=x.device), backend=b)),
+    "affine_norm_grads": (affine_norm, "affine_norm_grads_triton",
+                          lambda x, g, b: affine_norm.affine_norm_grads(x, x, eps=1e-5, center=True, backend=b)),
+    "weighted_row_sum": (weighted_sum, "weighted_row_sum_triton",
+                         lambda x, g, b: weighted_sum.weighted_row_sum(torch.rand(2, device=x.device), x[:, 0], backend=b)),
+    "squared_norm": (multi_tensor, "squared_norm_triton", lambda x, g, b: multi_tensor.squared_norm([x, g], backend=b)),
+    "clip_": (multi_tensor, "clip_triton_",
+              lambda x, g, b: multi_tensor.clip_([x, g], torch.ones(1, device=x.device), 0.5, backend=b)),
+    "clip_by_total_norm_": (multi_tensor, "clip_triton_", lambda x, g, b: multi_tensor.clip_by_total_norm_([x, g], 0.5, backend=b)),
+    "add_then_scale_": (multi_tensor, "add_then_scale_triton_",
+                        lambda x, g, b: multi_tensor.add_then_scale_([x], torch.zeros(x.numel(), device=x.device), 2.0, backend=b)),
+}
+
+
+@pytest.mark.parametrize("name", DISPATCHERS)
+def test_the_argument_beats_the_environment(name, monkeypatch, device):
+    """backend="torch" under FLASHNORM_BACKEND=triton never runs Triton; backend="triton" under
+    FLASHNORM_BACKEND=torch runs it once."""
+    module, triton_fn, call = DISPATCHERS[name]
+    x, g = _pair(device)
+    monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
+    calls = _count(monkeypatch, module, triton_fn)
+    call(x, g, "torch")
+    assert calls == []
+    monkeypatch.setenv("FLASHNORM_BACKEND", "torch")
+    call(x, g, "triton")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("name", DISPATCHERS)
+def test_none_reads_the_environment(name, monkeypatch, device):
+    module, triton_fn, call = DISPATCHERS[name]
+    x, g = _pair(device)
+    calls = _count(monkeypatch, module, triton_fn)
+    monkeypatch.setenv("FLASHNORM_BACKEND", "torch")
+    call(x, g, None)
+    assert calls == []
+    monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
+    call(x, g, None)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("name", DISPATCHERS)
+def test_a_bad_argument_is_an_error(name, device):
+    with pytest.raises(ValueError, match="backend='cuda' is not one of auto, triton, torch"):
+        DISPATCHERS[name][2](*_pair(device), "cuda")
+
+
 def test_torch_backend_never_runs_triton(monkeypatch, device):
     monkeypatch.setenv("FLASHNORM_BACKEND", "torch")
     monkeypatch.setattr(flash_norm_module, "flash_norm_sq_triton", _refuse)
     monkeypatch.setattr(gram_norm_module, "gram_norm_sq_triton", _refuse)
-    x, g = torch.randn(2, 5, 3, device=device), torch.randn(2, 5, 4, device=device)
+    x, g = _pair(device)
     torch.testing.assert_close(flash_norm_sq(x, g), gram_norm_sq(x, g))
 
 
-@pytest.mark.parametrize("value", ("triton", "TRITON", " triton "))
-def test_triton_backend_runs_triton(monkeypatch, device, value):
-    monkeypatch.setenv("FLASHNORM_BACKEND", value)
-    calls = []
-    real = flash_norm_module.flash_norm_sq_triton
-    monkeypatch.setattr(flash_norm_module, "flash_norm_sq_triton", lambda x, g: calls.append(1) or real(x, g))
-    flash_norm_sq(torch.randn(2, 5, 3, device=device), torch.randn(2, 5, 4, device=device))
-    assert calls == [1]
+def test_resolve_backend(monkeypatch):
+    """Explicit values pass (case and blanks ignored); None reads the environment, unset or empty meaning auto."""
+    monkeypatch.setenv("FLASHNORM_BACKEND", "torch")
+    assert [resolve_backend(v) for v in ("auto", " Triton ", "TORCH", None)] == ["auto", "triton", "torch", "torch"]
+    monkeypatch.setenv("FLASHNORM_BACKEND", " TRITON ")
+    assert resolve_backend(None) == "triton"
+    monkeypatch.setenv("FLASHNORM_BACKEND", "")
+    assert resolve_backend(None) == "auto"
+    monkeypatch.delenv("FLASHNORM_BACKEND")
+    assert resolve_backend(None) == "auto"
+    with pytest.raises(ValueError, match="backend='' is not one of auto, triton, torch"):
+        resolve_backend("")
 
 
-def test_unset_backend_picks_torch_on_cpu(monkeypatch):
+def test_auto_picks_torch_on_cpu(monkeypatch):
     monkeypatch.delenv("FLASHNORM_BACKEND", raising=False)
     monkeypatch.setattr(flash_norm_module, "flash_norm_sq_triton", _refuse)
-    flash_norm_sq(torch.randn(2, 5, 3), torch.randn(2, 5, 4))
+    flash_norm_sq(*_pair("cpu"))
+    flash_norm_sq(*_pair("cpu"), backend="auto")
 
 
-def test_bad_backend_value_is_an_error(monkeypatch):
+def test_a_bad_environment_value_is_an_error_naming_it(monkeypatch):
     monkeypatch.setenv("FLASHNORM_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="FLASHNORM_BACKEND='cuda' is not one of triton, torch"):
-        flash_norm_sq(torch.randn(2, 5, 3), torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match=r"FLASHNORM_BACKEND='cuda' is not one of auto, triton, torch \(or unset\)"):
+        flash_norm_sq(*_pair("cpu"))
+    flash_norm_sq(*_pair("cpu"), backend="torch")  # an explicit argument never reads it
 
 
 def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
-    monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backend_module, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        gram_norm_sq(torch.randn(2, 5, 3), torch.randn(2, 5, 4))
+        gram_norm_sq(*_pair("cpu"), backend="triton")
 
 
 def test_package_imports_without_triton():
     """With triton unimportable the references still run, and forcing Triton says why it cannot."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import os, torch, flashnorm.kernels as k\n"
+        "import torch, flashnorm.kernels as k\n"
         "x, g = torch.randn(2, 5, 3), torch.randn(2, 5, 4)\n"
         "assert torch.allclose(k.flash_norm_sq(x, g), k.gram_norm_sq(x, g))\n"
-        "os.environ['FLASHNORM_BACKEND'] = 'triton'\n"
-        "try:\n    k.flash_norm_sq(x, g)\nexcept RuntimeError as e:\n    print('refused:', e)\n"
+        "try:\n    k.flash_norm_sq(x, g, backend='triton')\nexcept RuntimeError as e:\n    print('refused:', e)\n"
     )
     env = {**os.environ, "FLASHNORM_BACKEND": "", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "refused: FLASHNORM_BACKEND=triton" in result.stdout
-
-
-def test_a_clipping_step_reads_the_environment_once(monkeypatch):
-    """Inside environment_read_once (entered by every clipping step) the values read on entry hold; outside,
-    every call reads the environment again; a bad value fails on entry and leaves no snapshot behind."""
-    from flashnorm.kernels import backend
-
-    monkeypatch.setenv("FLASHNORM_BACKEND", "torch")
-    with backend.environment_read_once():
-        monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
-        assert backend.forced_backend() == "torch"
-        with backend.environment_read_once():
-            assert backend.forced_backend() == "torch"
-        assert backend.forced_backend() == "torch"
-    assert backend.forced_backend() == "triton"
-    monkeypatch.setenv("FLASHNORM_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="FLASHNORM_BACKEND='cuda'"), backend.environment_read_once():
-        pass
-    assert backend._snapshot is None
+    assert "refused: the triton backend was asked for" in result.stdout

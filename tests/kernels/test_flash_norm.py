@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flashnorm.kernels import flash_norm_sq, flash_norm_sq_reference
-from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_config, flash_norm_splits, flash_norm_sq_and_grads, flash_norm_sq_triton, tf32_copy
+from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_config, flash_norm_splits, flash_norm_sq_triton
 from tests.conftest import TOLERANCES
 from tests.kernels.truth import assert_norms_close, norm_sq_float64, random_pair, skip_without_tma
 
@@ -51,43 +51,6 @@ def test_t_split_sums_each_tile_once_in_split_order(device):
         assert torch.equal(run, runs[0])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("steps", STEPS)
-@pytest.mark.parametrize("batch", (0, 1, 3))
-@pytest.mark.parametrize("transposed", (False, True), ids=["pd", "dp"])
-def test_norm_kernel_writes_per_sample_grads(dtype, steps, batch, transposed, device):
-    """The planner's per-sample option from the norm kernel: W_b (or W_bᵀ) written into a slot of a wider
-    buffer, rounded once, with its norm; the buffer's other columns are never touched."""
-    x, g = random_pair(batch, steps, D, P, DTYPES[dtype], device)
-    shape = (D, P) if transposed else (P, D)
-    buffer = torch.full((batch, 7 + D * P + 5), float("nan"), dtype=DTYPES[dtype], device=device)
-    slot = buffer[:, 7 : 7 + D * P].view(batch, *shape)
-    norm_sq, grads = flash_norm_sq_and_grads(x, g, out=slot, transposed=transposed)
-    assert grads.data_ptr() == slot.data_ptr()
-    want = torch.einsum("btp,btd->bpd", g.double(), x.double())
-    want = want.transpose(1, 2) if transposed else want
-    rtol, _ = TOLERANCES[dtype]
-    torch.testing.assert_close(grads.double(), want, rtol=rtol, atol=rtol * max(1.0, want.abs().max().item() if batch else 1.0))
-    assert_norms_close(norm_sq, norm_sq_float64(x, g), TOLERANCES[dtype])
-    assert torch.isnan(buffer[:, :7]).all() and torch.isnan(buffer[:, 7 + D * P :]).all()
-
-
-def test_per_sample_grads_round_once_to_a_float32_slot(device):
-    """fp16 inputs into a float32 slot: the float32 tiles are stored as they are (no fp16 rounding)."""
-    x, g = random_pair(3, 600, D, P, torch.float16, device)
-    _, grads = flash_norm_sq_and_grads(x, g, out=torch.empty(3, P, D, device=device))
-    want = torch.einsum("btp,btd->bpd", g.double(), x.double())
-    torch.testing.assert_close(grads.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-
-
-def test_per_sample_grads_reject_a_slot_of_the_wrong_shape():
-    x, g = random_pair(2, 5, D, P, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"out must be a \[2, 40, 72\] tensor"):
-        flash_norm_sq_and_grads(x, g, out=torch.empty(2, D, P))
-    with pytest.raises(ValueError, match="contiguous rows"):
-        flash_norm_sq_and_grads(x, g, out=torch.empty(2, D, P).transpose(1, 2))
-
-
 @pytest.mark.parametrize("use_tma", (False, True), ids=["pointers", "tma"])
 @pytest.mark.parametrize("splits", (1, 3))
 def test_rows_past_t_contribute_nothing(use_tma, splits, device):
@@ -124,25 +87,6 @@ def test_k_major_rows_past_t_contribute_nothing(g_rows, device, set_tf32):
     assert_norms_close(out[keep], norm_sq_float64(x[keep], g[keep]), TOLERANCES["tf32"])
 
 
-def _round_tf32_torch(v):
-    """Nearest tf32 (ties away from zero) by integer arithmetic on the float32 bits; NaN stays NaN."""
-    rounded = ((v.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
-    return torch.where(v.isnan(), v, rounded)
-
-
-@pytest.mark.parametrize("transpose", (False, True))
-def test_tf32_copy_rounds_to_nearest(transpose, device):
-    v = torch.randn(2, 37, 41, device=device) * torch.logspace(-30, 30, 41, device=device)
-    v[0, 0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, 1 + 2**-11, -(1 + 2**-11)])
-    buf, shape, strides = tf32_copy(v, transpose=transpose)
-    want = _round_tf32_torch(v)
-    want = want.transpose(1, 2).reshape(shape) if transpose else want.reshape(shape)
-    got = torch.as_strided(buf, shape, strides)
-    assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
-    ties = got[4:6, 0] if transpose else got[0, 4:6]
-    assert ties.tolist() == [1 + 2**-10, -(1 + 2**-10)]  # ties away from zero
-
-
 @pytest.mark.parametrize("k_major,g_rows", [(False, None), (True, False), (True, True)],
                          ids=["mn-major", "k-major", "k-major-x-only"])
 @pytest.mark.parametrize("splits", (1, 3))
@@ -156,24 +100,6 @@ def test_tf32_paths_are_unbiased(k_major, g_rows, splits, steps, device, set_tf3
     cfg = FlashConfig(block_t=32, block_p=32, block_d=64, num_warps=4, num_stages=1)
     out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=k_major, k_major=k_major, g_rows=g_rows)
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["tf32"])
-
-
-@pytest.mark.parametrize("g_rows", (False, True), ids=["k-major", "k-major-x-only"])
-@pytest.mark.parametrize("transposed", (False, True), ids=["pd", "dp"])
-def test_k_major_tf32_path_writes_per_sample_grads(g_rows, transposed, device, set_tf32):
-    """The tf32 K-major tiles (transposed rounded copies, per group of samples) written as per-sample gradients."""
-    skip_without_tma(True, device)
-    set_tf32(True)
-    x, g = random_pair(3, 37, D, P, torch.float32, device)
-    cfg = FlashConfig(block_t=32, block_p=32, block_d=64, num_warps=4, num_stages=1)
-    norm_sq, grads = flash_norm_sq_and_grads(
-        x, g, transposed=transposed, config=cfg, use_tma=True, k_major=True, g_rows=g_rows
-    )
-    want = torch.einsum("btp,btd->bpd", g.double(), x.double())
-    want = want.transpose(1, 2) if transposed else want
-    rtol, _ = TOLERANCES["tf32"]
-    torch.testing.assert_close(grads.double(), want, rtol=rtol, atol=rtol * want.abs().max().item())
-    assert_norms_close(norm_sq, norm_sq_float64(x, g), TOLERANCES["tf32"])
 
 
 def test_k_major_needs_tf32(device, set_tf32):

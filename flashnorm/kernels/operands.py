@@ -1,0 +1,91 @@
+"""Operands of the Linear-layer kernels (flash, Gram, clipped gradient): x: [B, T, d] and g: [B, T, p] checked
+and made contiguous, and the policy for reading them through TMA tensor descriptors or plain pointers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import supports_tma, tf32_enabled
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # flashnorm imports without Triton; descriptors are then never asked for
+    TensorDescriptor = None
+
+#: Input dtypes the Triton kernels take (float64 always goes to the reference, which stays float64).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Work (rows · d · p) from which 16-bit and float32 (tf32 off) launches use tensor descriptors by default.
+#: The launcher encodes two tensor maps per launch, 20-30 µs more host time on the H200 machine, for a
+#: GPU saving in bf16 of 1-12 µs per flash launch and 6-70 µs (5-10 %) per clipped-gradient launch, and
+#: none in float32 (``tma_tradeoff`` rows of benchmarks/results/kernels_h200_tma.json). Below this work
+#: (≈ 0.2 ms of bf16 tiles) a step tends to wait for the host, not the GPU (GPT-2 at B = 8, T = 1024:
+#: 1.5-1.9·10¹⁰ per layer), so pointer loads are faster where it counts.
+TMA_MIN_WORK = 1 << 36
+#: float32 with tf32: rows (B·T) from which descriptors are used. They enable the K-major tf32 path
+#: (tiles 1.2-1.3× faster, benchmarks/results/kernels_h200_sweep2.json), whose launches are long.
+TMA_MIN_ROWS_TF32 = 1024
+
+
+def check_sequence_pair(x: torch.Tensor, g: torch.Tensor) -> None:
+    """Raises ValueError unless x: [B, T, d] and g: [B, T, p] share B and T."""
+    if x.dim() != 3 or g.dim() != 3 or x.shape[:2] != g.shape[:2]:
+        raise ValueError(
+            f"expected x: [B, T, d] and g: [B, T, p] with the same B and T; got {tuple(x.shape)} and {tuple(g.shape)}"
+        )
+
+
+def prepare_pair(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked, contiguous x: [B, T, d] and g: [B, T, p] of one Triton dtype (promoted if they differ).
+
+    Raises:
+        ValueError: shapes that are not [B, T, d] and [B, T, p], or tensors on different devices.
+        TypeError: a dtype the Triton kernels do not take (float64 and others: use the reference).
+    """
+    check_sequence_pair(x, g)
+    if x.device != g.device:
+        raise ValueError(f"x is on {x.device} but g is on {g.device}; move both to one device.")
+    dtype = torch.promote_types(x.dtype, g.dtype)
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"the Triton norm kernels take float32, float16 or bfloat16 inputs, got {x.dtype} and {g.dtype}; "
+            "use the *_reference functions (float64 stays float64 there)."
+        )
+    return x.to(dtype).contiguous(), g.to(dtype).contiguous()
+
+
+def prepare_launch(x: torch.Tensor, g: torch.Tensor):
+    """:func:`prepare_pair`, plus the zeroed float32 output [B] and whether any size is 0 (nothing to launch).
+
+    Returns:
+        (x, g, norm_sq, empty).
+    """
+    x, g = prepare_pair(x, g)
+    norm_sq = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    return x, g, norm_sq, 0 in (*x.shape, g.shape[-1])
+
+
+def use_descriptors(x2: torch.Tensor, g2: torch.Tensor) -> bool:
+    """Default of ``use_tma`` for row-major x2: [rows, d], g2: [rows, p]: compute capability 9.x, aligned rows,
+    and at least ``TMA_MIN_WORK`` of work (``TMA_MIN_ROWS_TF32`` rows for float32 with tf32)."""
+    if not (supports_tma(x2.device) and tma_compatible(x2, g2)):
+        return False
+    if x2.dtype == torch.float32 and tf32_enabled():
+        return x2.shape[0] >= TMA_MIN_ROWS_TF32
+    return x2.shape[0] * x2.shape[1] * g2.shape[1] >= TMA_MIN_WORK
+
+
+def row_operands(x2: torch.Tensor, g2: torch.Tensor, use_tma: bool, block_rows: int, block_x: int, block_g: int):
+    """The kernels' (x_desc, g_desc) for row-major x2: [rows, d], g2: [rows, p]: tensor descriptors with
+    [block_rows, block_x] and [block_rows, block_g] boxes when ``use_tma``, else the matrices themselves."""
+    if not use_tma:
+        return x2, g2
+    return TensorDescriptor.from_tensor(x2, [block_rows, block_x]), TensorDescriptor.from_tensor(g2, [block_rows, block_g])
+
+
+def tma_compatible(*matrices: torch.Tensor) -> bool:
+    """Whether 2-D row-major matrices meet the tensor-descriptor rules (16-byte aligned base and rows, < 2³¹ rows)."""
+    return all(
+        m.data_ptr() % 16 == 0 and (m.stride(0) * m.element_size()) % 16 == 0 and m.shape[0] < 2**31 for m in matrices
+    )
