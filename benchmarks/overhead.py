@@ -1,4 +1,4 @@
-"""Per-step Python/CPU overhead of FlashNorm's hooks and bookkeeping (issue 4, item 3).
+"""Per-step Python/CPU overhead of FlashNorm's hooks and bookkeeping.
 
     python -m benchmarks.overhead                        # GPT-2 small, flash_fuse, T=16, B=1 and 8, bf16 on CUDA
     python -m benchmarks.overhead --mode flash --batch 8 --seq 64 --profile
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .harness import GRAPHED, _StepTimer, make_step, quiet_warnings, set_precision_flags
-from .run import _git as git_commit  # the runner's record (FLASHNORM_GIT_COMMIT on a copied tree)
+from .history import describe, save_json
 from .models import build_model, make_batch
 
 #: Breakdown categories, in print order: (key, label, FlashNorm's own?).
@@ -376,12 +375,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(profile_flashnorm(args.mode, args, batch, args.trace))
         print()
     if args.json:
-        meta = {"device": args.device, "dtype": args.dtype, "smoke": args.smoke, "cuda_graphs": args.cuda_graphs,
-                "torch": torch.__version__, "git": git_commit(),
-                "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
-                "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv)}
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "results": results}, fh, indent=1)
+        command = "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv)
+        meta = dict(describe(command, args.device), device=args.device, dtype=args.dtype, smoke=args.smoke,
+                    cuda_graphs=args.cuda_graphs)
+        save_json(args.json, {"meta": meta, "results": results}, suite="overhead")
     return 0
 
 

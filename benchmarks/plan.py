@@ -1,7 +1,7 @@
 """Which configurations a run launches, in which order, and a rough cost model for the time budget.
 
-The ``issue4`` suite (issue 4's grid) lists shape groups by importance; within a group non-DP runs
-first (the base of the ratios), then FlashNorm's modes, then the peers. The cost model predicts a
+The ``end_to_end`` suite lists shape groups by importance; within a group non-DP runs first (the base
+of the ratios), then FlashNorm's modes, then the peers. The cost model predicts a
 configuration's seconds on an H200 from model FLOPs; the runner uses it to skip what cannot fit in
 the remaining budget and to report the plan (``--dry-run``). It is deliberately simple: the runner's
 per-configuration limit, not the model, is what bounds the wall time.
@@ -41,9 +41,9 @@ class Config:
         return f"{self.workload} B={self.B} T={self.T} {self.dtype} {self.mode}"
 
 
-#: Shape groups of the issue-4 suite, most important first: (workload, dtype, B, T).
-ISSUE4_GROUPS: Tuple[Tuple[str, str, int, int], ...] = (
-    # The targets of issue 4 item 2.
+#: Shape groups of the end-to-end suite, most important first: (workload, dtype, B, T).
+END_TO_END_GROUPS: Tuple[Tuple[str, str, int, int], ...] = (
+    # The headline shapes: GPT-2 at long and batched sequences, one long linear layer.
     ("gpt2", "bf16", 1, 4096),
     ("gpt2", "bf16", 1, 16384),
     ("gpt2", "bf16", 8, 1024),
@@ -65,17 +65,17 @@ ISSUE4_GROUPS: Tuple[Tuple[str, str, int, int], ...] = (
     ("gpt2", "fp32", 1, 4096),
     ("linear", "fp32", 4, 262144),
 )
-SUITES = {"issue4": ISSUE4_GROUPS}
+SUITES = {"end_to_end": END_TO_END_GROUPS}
 #: Shape groups of a suite that also run the CUDA-graph pair (``nondp_graphed``, ``flash_fuse_graphed``):
 #: the short GPT steps, where the eager step is bound by the CPU's issue rate.
 GRAPHED_GROUPS = {
-    "issue4": {("gpt2", "bf16", 1, 1024), ("gpt2", "bf16", 1, 4096), ("gpt2", "bf16", 8, 1024),
-               ("gpt2", "bf16", 1, 16384)},
+    "end_to_end": {("gpt2", "bf16", 1, 1024), ("gpt2", "bf16", 1, 4096), ("gpt2", "bf16", 8, 1024),
+                   ("gpt2", "bf16", 1, 16384)},
 }
 
 #: Settings a suite implies unless given on the command line.
 SUITE_DEFAULTS = {
-    "issue4": dict(steps=10, warmup=3, min_timed_s=0.5, timeout=45.0, max_minutes=8.0),
+    "end_to_end": dict(steps=10, warmup=3, min_timed_s=0.5, timeout=45.0, max_minutes=8.0),
 }
 
 

@@ -7,14 +7,13 @@ events, as the runner measures it), then ``--profiled`` steps under ``torch.prof
 activity. Per step: GPU busy time (sum of kernel durations), kernel launches, and the kernels
 grouped by family — GEMMs (cuBLAS/CUTLASS), FlashNorm's Triton norm kernels, attention, copies and
 casts, elementwise, reductions, memset/memcpy, other — with the top kernels by GPU time. The
-difference to non-DP per family is the breakdown of the gap (issue 4); step time minus GPU busy
+difference to non-DP per family is the breakdown of the gap; step time minus GPU busy
 time is time the GPU waits for the CPU (Python, launches, host syncs).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -24,6 +23,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from .harness import MODES, _StepTimer, make_step, quiet_warnings, set_precision_flags
+from .history import describe, save_json
 from .models import build_model, make_batch
 
 #: Kernel families, first match wins (regular expressions on the kernel name, case-insensitive).
@@ -137,9 +137,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{args.workload} B={args.batch} T={args.seq} {args.dtype} on {gpu}")
     print(report(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"workload": args.workload, "B": args.batch, "T": args.seq, "dtype": args.dtype,
-                       "gpu": gpu, "results": results}, f, indent=1)
+        command = "python -m benchmarks.profile_step " + " ".join(sys.argv[1:] if argv is None else argv)
+        save_json(args.json, {"meta": dict(describe(command, args.device), smoke=args.smoke), "workload": args.workload,
+                              "B": args.batch, "T": args.seq, "dtype": args.dtype, "results": results},
+                  suite="profile")
     return 0
 
 

@@ -1,16 +1,19 @@
-"""Plots and the README table from a results JSON of :mod:`benchmarks.run`.
+"""Plots, the README table and the performance page's tables from a results JSON of :mod:`benchmarks.run`.
 
-    python -m benchmarks.report --results benchmarks/results/e2e_h200.json
+    python -m benchmarks.report                 # benchmarks/results/e2e_h200.json → README.md, docs/performance.md
 
 writes ``<stem>_<workload>_<dtype>.png`` (time and memory ratio to non-DP against T, one line per
 mode, one row of panels per batch size) next to the results (``--plots-dir`` to change), and
-rewrites the README region between ``<!-- benchmark-table:start -->`` and
-``<!-- benchmark-table:end -->`` (``--readme``; ``--no-readme`` to skip). Without the markers it
-prints the tables and exits with status 2; nothing else in the README is touched.
+rewrites the region between ``<!-- benchmark-table:start -->`` and ``<!-- benchmark-table:end -->`` of
+``--readme`` (one table of ratios to non-DP) and of ``--docs`` (step times and peak memory in full,
+and the repeated configurations); ``--no-readme`` prints them and touches neither file. A file without
+the markers is left alone and the exit status is 2; nothing outside the markers is touched.
 
-``--repeats FILE ...`` adds a table for configurations measured again in further runs (each in its own
-process, as in the main run): every run's time ratio, sorted, and their median with the main run's.
-Steps bounded by the host's issue time move by ±10-20 % between processes; the median is their figure.
+Repeated configurations: ``<stem>_repeats.json`` beside the results, when it exists (``--repeats`` to
+name others; a file of ``benchmarks.run --repeat N`` holds N runs), adds a table of the configurations
+measured again, each in its own process as in the main run: every run's time ratio and their median
+with the main run's. Steps bounded by the host's issue time move by ±10-20 % between processes; the
+median is their figure.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -35,14 +39,22 @@ WORKLOAD_ORDER = ("gpt2", "llama1b", "linear")
 _FAILED = {"oom": "OOM", "timeout": "timeout", "error": "error", "not_run": "not run"}
 
 
-def load(path: str) -> Dict:
+def load_runs(path: str) -> List[Dict]:
+    """The runs in a results file: ``{"meta", "records"}`` is one, ``{"runs": [...]}`` (``--repeat``) several."""
     with open(path) as fh:
         data = json.load(fh)
-    if isinstance(data, list):  # a bare list of records
-        data = {"meta": {}, "records": data}
-    if "records" not in data:
-        raise ValueError(f"{path}: expected {{'meta': ..., 'records': [...]}} from benchmarks.run")
-    return data
+    runs = data.get("runs", [data]) if isinstance(data, dict) else [data]
+    if not runs or not all(isinstance(run, dict) and "records" in run for run in runs):
+        raise ValueError(f"{path}: expected {{'meta': ..., 'records': [...]}} or {{'runs': [...]}} from benchmarks.run")
+    return runs
+
+
+def load(path: str) -> Dict:
+    """The one run of a results file."""
+    runs = load_runs(path)
+    if len(runs) != 1:
+        raise ValueError(f"{path}: holds {len(runs)} runs; pass it as --repeats")
+    return runs[0]
 
 
 def _modes_present(records: List[Dict]) -> List[str]:
@@ -97,6 +109,54 @@ def format_table(data: Dict, kind: str = "time") -> str:
     return "\n".join(lines)
 
 
+def _ratio_cell(rec: Optional[Dict]) -> str:
+    if rec is None:
+        return "—"
+    if rec.get("status") != "ok":
+        return _cell(rec, "time")
+    time_ratio, mem_ratio = rec.get("time_ratio"), rec.get("mem_ratio")
+    return " · ".join("?" if v is None else f"{v:.2f}×" for v in (time_ratio, mem_ratio))
+
+
+def format_ratio_table(data: Dict) -> str:
+    """A markdown table: rows (workload, dtype, B, T); non-DP's step time and peak memory, then per mode
+    ``time× · memory×`` (ratios to the non-DP step of the same run; graphed modes to graphed non-DP)."""
+    records = data["records"]
+    modes = [m for m in _modes_present(records) if m == "nondp" or m != ratio_base(m)]
+    index = {(r["workload"], r["dtype"], r["B"], r["T"], r["mode"]): r for r in records}
+    head = ["workload", "dtype", "B", "T"] + [MODE_LABELS.get(m, m) for m in modes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * len(modes)]
+    for w, dtype, b, t in _rows(records):
+        cells = [w, dtype, str(b), str(t)]
+        for m in modes:
+            rec = index.get((w, dtype, b, t, m))
+            if m == "nondp" and rec is not None and rec.get("status") == "ok":
+                cells.append(f"{_cell(rec, 'time')}, {_cell(rec, 'memory')}")
+            else:
+                cells.append(_ratio_cell(rec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _command(meta: Dict) -> str:
+    """The run's command without ``--out PATH`` (a path on the machine that ran it; the file is named above)."""
+    return re.sub(r"\s--out(=|\s+)\S+", "", meta.get("command", ""))
+
+
+def format_summary(data: Dict, source: Optional[str] = None) -> str:
+    """The README block: run line, the ratio table, a one-line legend."""
+    meta = data.get("meta", {})
+    origin = f" from `{source}`" if source else ""
+    out = [f"_Generated by `python -m benchmarks.report`{origin}. {_meta_line(meta)}._", ""]
+    out.append("Per mode: **step time × · peak memory ×**, ratios to the non-DP step of the same run "
+               "(non-DP column: its median step time and peak memory):")
+    out += ["", format_ratio_table(data), ""]
+    out.append("fp32 = TF32 off; bf16 = autocast; CUDA graphs = forward, loss and backward replayed by "
+               "`flashnorm.CudaGraphStep` (ratio to non-DP with CUDA graphs). OOM / timeout / error are "
+               "recorded failures (* = predicted, not run).")
+    return "\n".join(out)
+
+
 def _meta_line(meta: Dict) -> str:
     versions = meta.get("versions", {})
     parts = [f"GPU: {meta.get('gpu') or meta.get('device', '?')}"]
@@ -117,7 +177,7 @@ def format_tables(data: Dict, source: Optional[str] = None) -> str:
     origin = f" from `{source}`" if source else ""
     out.append(f"_Generated by `python -m benchmarks.report`{origin}. {_meta_line(meta)}._")
     if meta.get("command"):
-        out.append(f"Command: `{meta['command']}`" + ("" if meta.get("complete", True) else " (incomplete run)"))
+        out.append(f"Command: `{_command(meta)}`" + ("" if meta.get("complete", True) else " (incomplete run)"))
     out.append("")
     out.append("**Median step time** (forward, backward, `optimizer.step()`, `zero_grad()`; "
                "ratio to non-DP of the same run):")
@@ -164,7 +224,7 @@ def format_repeats(data: Dict, repeats: Sequence[Dict]) -> str:
     return "\n".join(out)
 
 
-def update_readme(path: str, block: str) -> bool:
+def update_region(path: str, block: str) -> bool:
     """Replaces the text between the markers of ``path``; False when the file or a marker is missing."""
     if not os.path.exists(path):
         return False
@@ -242,36 +302,46 @@ def make_plots(data: Dict, out_dir: str, stem: str) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=os.path.join("benchmarks", "results", "e2e_h200.json"), help="results JSON")
-    p.add_argument("--readme", default="README.md", help="README whose marked region is regenerated")
-    p.add_argument("--no-readme", action="store_true", help="print the tables; leave every README alone")
+    p.add_argument("--readme", default="README.md", help="file whose marked region gets the ratio table")
+    p.add_argument("--docs", default=os.path.join("docs", "performance.md"),
+                   help="file whose marked region gets the full tables")
+    p.add_argument("--no-readme", action="store_true", help="print the tables; leave the README and the docs alone")
     p.add_argument("--plots-dir", default=None, help="where the PNGs go (default: the results' folder)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--repeats", nargs="*", default=[], help="results JSONs of runs that measured some configurations again")
+    p.add_argument("--repeats", nargs="*", default=None,
+                   help="results JSONs of runs that measured some configurations again (default: <stem>_repeats.json "
+                        "beside the results, if it exists)")
     args = p.parse_args(argv)
 
     data = load(args.results)
-    block = format_tables(data, source=os.path.relpath(args.results))
-    repeated = format_repeats(data, [load(path) for path in args.repeats])
+    stem = os.path.splitext(os.path.basename(args.results))[0]
+    if args.repeats is None:
+        beside = os.path.join(os.path.dirname(args.results), f"{stem}_repeats.json")
+        args.repeats = [beside] if os.path.exists(beside) else []
+    source = os.path.relpath(args.results)
+    summary = format_summary(data, source=source)
+    full = format_tables(data, source=source)
+    repeated = format_repeats(data, [run for path in args.repeats for run in load_runs(path)])
     if repeated:
-        block += "\n\n" + repeated
+        full += "\n\n" + repeated
     if not args.no_plots:
         out_dir = args.plots_dir or os.path.dirname(os.path.abspath(args.results))
-        stem = os.path.splitext(os.path.basename(args.results))[0]
         for path in make_plots(data, out_dir, stem):
             print(f"wrote {os.path.relpath(path)}")
     if args.no_readme:
-        print(block)
+        print(summary + "\n\n" + full)
         return 0
-    if not update_readme(args.readme, block):
+    status = 0
+    for path, block in ((args.readme, summary), (args.docs, full)):
+        if update_region(path, block):
+            print(f"updated the benchmark table in {path}")
+            continue
         print(block)
-        print(
-            f"\nerror: {args.readme} has no region between '{START}' and '{END}' (or does not exist); "
-            "add both markers on their own lines where the table belongs, or pass --readme PATH / --no-readme.",
-            file=sys.stderr,
-        )
-        return 2
-    print(f"updated the benchmark table in {args.readme}")
-    return 0
+        print(f"\nerror: {path} has no region between '{START}' and '{END}' (or does not exist); add both markers "
+              "on their own lines where the table belongs, or pass --readme/--docs PATH, or --no-readme.",
+              file=sys.stderr)
+        status = 2
+    return status
 
 
 if __name__ == "__main__":

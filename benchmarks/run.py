@@ -1,9 +1,9 @@
-"""End-to-end DP-SGD benchmark runner (DESIGN §6, issue 4).
+"""End-to-end DP-SGD benchmark runner (DESIGN §6).
 
-    python -m benchmarks.run --suite issue4                       # the issue-4 grid on one GPU, ≤ 8 min
+    python -m benchmarks.run --suite end_to_end                   # the end-to-end grid on one GPU, ≤ 8 min
     python -m benchmarks.run --workloads gpt2 --dtypes bf16 --seq 4096 --modes nondp,flash_fuse
     python -m benchmarks.run --device cpu --smoke                 # tiny shapes, every mode, seconds
-    python -m benchmarks.run --suite issue4 --dry-run             # the plan and its predicted cost
+    python -m benchmarks.run --suite end_to_end --dry-run         # the plan and its predicted cost
 
 Modes: ``nondp`` (plain PyTorch), ``opacus_hooks`` and ``opacus_ghost`` (the real ``opacus`` package),
 FlashNorm ``ghost``, ``flash``, ``flash_fuse``; ``nondp_graphed`` and ``flash_fuse_graphed`` replay the
@@ -14,6 +14,10 @@ build, not the imports. Each has a time limit
 (``--timeout``); the run has a budget (``--max-minutes``): once it is spent nothing new starts, and
 what did not run is recorded as ``not_run``. OOM, errors and timeouts are recorded, never skipped.
 The JSON (``--out``) is rewritten after every configuration, so a killed run keeps what it measured.
+``--suite end_to_end`` writes ``benchmarks/results/e2e_<gpu>.json``; the run it replaces goes to
+``benchmarks/results/history.jsonl`` first (:mod:`benchmarks.history`). ``--repeat N`` runs the plan N
+times, each configuration in a fresh process every time, and writes ``{"runs": [...]}``: the report's
+table of repeated configurations.
 
 Record fields: workload, B, T, dtype, mode, status (ok | oom | error | timeout | not_run), message,
 ms (median step), ms_min/ms_mean/ms_p20/ms_p80, wall_ms, steps, warmup, peak_gib, static_gib,
@@ -31,16 +35,20 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from tqdm import tqdm
+
+from . import history
 from . import plan as planning
 from .harness import DTYPES, MODES, is_flashnorm, ratio_base
+from .history import git_commit as _git
 from .models import WORKLOADS
 
-DEFAULT_OUT = os.path.join("benchmarks", "results", "e2e_h200.json")
+#: File stem of the runner's results: ``benchmarks/results/<stem>_<gpu>.json``.
+STEM = "e2e"
 #: Modules the fork server imports once (a child pays for none of them).
 # torch._dynamo: torch.optim imports it on first use (≈2 s per process otherwise).
 PRELOAD = ["torch", "torch._dynamo", "triton", "opacus", "flashnorm", "resource", "benchmarks.models",
@@ -86,7 +94,7 @@ def _shapes(text: str) -> List[tuple]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=sorted(planning.SUITES), help="a preset grid in priority order (issue4)")
+    p.add_argument("--suite", choices=sorted(planning.SUITES), help="a preset grid in priority order (end_to_end)")
     p.add_argument("--workloads", type=_csv("workload", list(WORKLOADS)), default=list(WORKLOADS),
                    help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
     p.add_argument("--modes", type=_csv("mode", MODES), default=list(MODES),
@@ -100,15 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="minimum timed steps (default 10; smoke 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; smoke 1; 2 once a step > 0.5 s)")
     p.add_argument("--min-timed-s", type=float, default=None,
-                   help="time short steps for at least this long (default 0.75 s; issue4 0.5 s; smoke 0)")
+                   help="time short steps for at least this long (default 0.75 s; end_to_end 0.5 s; smoke 0)")
     p.add_argument("--max-steps", type=int, default=200, help="cap on timed steps (default 200)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per configuration (default 60; issue4: 45)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per configuration (default 60; end_to_end: 45)")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="budget for the whole run: nothing starts once spent (default: none; issue4: 8)")
+                   help="budget for the whole run: nothing starts once spent (default: none; end_to_end: 8)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--smoke", action="store_true", help="tiny models and shapes (CPU smoke test)")
     p.add_argument("--out", default=None,
-                   help=f"results JSON (default {DEFAULT_OUT}; benchmarks/results/e2e_smoke_<device>.json for --smoke)")
+                   help="results JSON (default: benchmarks/results/e2e_<gpu>.json for --suite, e2e_custom_<gpu>.json "
+                        "otherwise, e2e_smoke_<device>.json for --smoke)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole plan this many times (fresh processes each time); the JSON holds every run")
     p.add_argument("--resume", action="store_true",
                    help="continue the results in --out: keep its shape groups that completed, re-run the others whole "
                         "(so every ratio still comes from one run)")
@@ -140,11 +151,18 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.steps < 1:
         raise SystemExit("--steps must be at least 1")
+    if args.repeat < 1 or (args.repeat > 1 and args.resume):
+        raise SystemExit("--repeat must be at least 1, and a repeated run cannot --resume")
     if args.dtypes is None:
         args.dtypes = ["fp32"] if args.device == "cpu" else list(DTYPES)
-    if args.out is None:
-        smoke_out = os.path.join("benchmarks", "results", f"e2e_smoke_{args.device.split(':')[0]}.json")
-        args.out = smoke_out if args.smoke else DEFAULT_OUT
+    if args.out is None and not args.dry_run:
+        if args.smoke:
+            args.out = os.path.join(history.RESULTS_DIR, f"{STEM}_smoke_{args.device.split(':')[0]}.json")
+        else:
+            import torch
+
+            gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None
+            args.out = history.stable_path(STEM if args.suite else f"{STEM}_custom", gpu)
     return args
 
 
@@ -165,23 +183,6 @@ def _version(dist: str) -> Optional[str]:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _git() -> Dict:
-    """The commit that runs. ``FLASHNORM_GIT_COMMIT`` overrides git for copies of the tree whose git metadata
-    is not theirs (e.g. a working tree copied to a remote GPU machine)."""
-    given = os.environ.get("FLASHNORM_GIT_COMMIT", "").strip()
-    if given:
-        return {"commit": given, "dirty": None, "source": "FLASHNORM_GIT_COMMIT"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = {}
-    with contextlib.suppress(Exception):
-        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                       timeout=10).stdout.strip() or None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10).stdout
-        out["dirty"] = bool(status.strip())
-    return out
 
 
 def run_metadata(args, argv: Sequence[str]) -> Dict:
@@ -232,16 +233,12 @@ def add_ratios(records: List[Dict]) -> None:
         r["mem_ratio"] = round(r["peak_gib"] / ref["peak_gib"], 4) if ok and ref.get("peak_gib") else None
 
 
-def write_results(path: str, meta: Dict, records: List[Dict]) -> None:
-    """Atomic write of ``{"meta": ..., "records": [...]}``."""
+def write_results(path: str, meta: Dict, records: List[Dict], earlier: Sequence[Dict] = ()) -> None:
+    """Atomic write of ``{"meta": ..., "records": [...]}``; after the ``earlier`` runs of a ``--repeat``,
+    ``{"runs": [earlier..., this run]}``."""
     add_ratios(records)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump({"meta": meta, "records": records}, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
+    run = {"meta": meta, "records": records}
+    history.save_json(path, {"runs": [*earlier, run]} if earlier or meta.get("repeat") else run)
 
 
 # -- launching ------------------------------------------------------------------------------------
@@ -403,35 +400,17 @@ def dry_run(configs: List[planning.Config], args) -> None:
            "(--resume in a later run picks them up)" if budget else ""))
 
 
-def run(args, argv: Sequence[str]) -> int:
-    configs = make_plan(args)
-    if not configs:
-        print("Nothing to run: the filters leave no configuration.", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        dry_run(configs, args)
-        return 0
+def _run_plan(ctx, configs: List[planning.Config], args, meta: Dict, records: List[Dict], write) -> int:
+    """Runs (or records as skipped) every configuration of ``configs`` into ``records``, calling ``write()``
+    after each; 130 when interrupted (what did not run is recorded as ``not_run``), else 0."""
     t_start = time.monotonic()
     budget = args.max_minutes * 60.0 if args.max_minutes else None
-    meta = run_metadata(args, argv)
-    records: List[Dict] = []
-    if args.resume:
-        records, configs, earlier = resume_state(args.out, configs)
-        meta["earlier_runs"] = earlier
-        gpus = {m.get("gpu") for m in earlier if m.get("gpu")}
-        if gpus:
-            meta["gpu"] = sorted(gpus)[0]
-        print(f"--resume: keeping {len(records)} records of {args.out}; {len(configs)} configurations to run",
-              flush=True)
-        if not configs:
-            return 0
-    t_server = time.monotonic()
-    ctx = _context()
-    meta["server_start_s"] = round(time.monotonic() - t_server, 2)
-    print(f"{len(configs)} configurations on {args.device}; results → {args.out}", flush=True)
     compiled = set()
+    # The bar goes to stderr and only on a terminal; the per-configuration lines go through tqdm.write.
+    bar = tqdm(configs, unit="config", file=sys.stderr, disable=None, dynamic_ncols=True, leave=False)
     try:
-        for cfg in configs:
+        for cfg in bar:
+            bar.set_postfix_str(str(cfg))
             elapsed = time.monotonic() - t_start
             record = None
             cuda_full = args.device != "cpu" and not args.smoke
@@ -470,36 +449,79 @@ def run(args, argv: Sequence[str]) -> int:
                 if is_flashnorm(cfg.mode):
                     compiled.add((cfg.workload, cfg.dtype))
                 if record.get("gpu") and meta["gpu"] not in (None, record["gpu"]):
-                    print(f"warning: this run's GPU ({record['gpu']}) differs from the earlier runs' ({meta['gpu']})",
-                          file=sys.stderr)
+                    tqdm.write(f"warning: this run's GPU ({record['gpu']}) differs from the earlier runs' "
+                               f"({meta['gpu']})", file=sys.stderr)
                 if record.get("gpu"):
                     meta["gpu"] = record["gpu"]
             record["run_date"] = meta["date"]
             records.append(record)
             meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
-            write_results(args.out, meta, records)
+            write()
             if not args.quiet:
-                print(_summary_line(record, time.monotonic() - t_start), flush=True)
+                tqdm.write(_summary_line(record, time.monotonic() - t_start), file=sys.stdout)
     except KeyboardInterrupt:
         print("interrupted: writing what was measured", file=sys.stderr)
         done = {(r["workload"], r["B"], r["T"], r["dtype"], r["mode"]) for r in records}
-        records = list(records)
         for cfg in configs:
             if (cfg.workload, cfg.B, cfg.T, cfg.dtype, cfg.mode) not in done:
                 records.append(_skip_record(cfg, "not_run", "not run: interrupted", None))
-        write_results(args.out, meta, records)
+        write()
         return 130
+    finally:
+        bar.close()
     meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
     meta["complete"] = True
-    write_results(args.out, meta, records)
+    write()
+    return 0
+
+
+def run(args, argv: Sequence[str]) -> int:
+    configs = make_plan(args)
+    if not configs:
+        print("Nothing to run: the filters leave no configuration.", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        dry_run(configs, args)
+        return 0
+    meta = run_metadata(args, argv)
+    records: List[Dict] = []
+    if args.resume:
+        records, configs, earlier = resume_state(args.out, configs)
+        meta["earlier_runs"] = earlier
+        gpus = {m.get("gpu") for m in earlier if m.get("gpu")}
+        if gpus:
+            meta["gpu"] = sorted(gpus)[0]
+        print(f"--resume: keeping {len(records)} records of {args.out}; {len(configs)} configurations to run",
+              flush=True)
+        if not configs:
+            return 0
+    elif not args.smoke:
+        history.archive(args.out, (args.suite or "custom") + ("_repeats" if args.repeat > 1 else ""))
+    t_server = time.monotonic()
+    ctx = _context()
+    meta["server_start_s"] = round(time.monotonic() - t_server, 2)
+    print(f"{len(configs)} configurations on {args.device}" + (f", {args.repeat} times" if args.repeat > 1 else "")
+          + f"; results → {args.out}", flush=True)
+    runs: List[Dict] = []
+    for repeat in range(1, args.repeat + 1):
+        if repeat > 1:
+            meta, records = run_metadata(args, argv), []
+        if args.repeat > 1:
+            meta["repeat"] = repeat
+        code = _run_plan(ctx, configs, args, meta, records,
+                         lambda: write_results(args.out, meta, records, runs))
+        if code:
+            return code
+        runs.append({"meta": meta, "records": records})
     counts: Dict[str, int] = {}
-    for r in records:
+    for r in (r for done in runs for r in done["records"]):
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    print(f"done in {meta['elapsed_s']:.0f} s: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    elapsed = sum(done["meta"]["elapsed_s"] for done in runs)
+    print(f"done in {elapsed:.0f} s: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     with contextlib.suppress(Exception):
         from .report import format_tables
 
-        print(format_tables({"meta": meta, "records": records}))
+        print(format_tables(runs[0]))
     return 0
 
 

@@ -54,25 +54,65 @@ def test_runner_records(smoke_results):
 
 def test_report_table_and_plots(smoke_results, tmp_path):
     results, data = smoke_results
-    readme = tmp_path / "README.md"
-    readme.write_text("# Title\n\nbefore\n<!-- benchmark-table:start -->\nold table\n"
-                      "<!-- benchmark-table:end -->\nafter\n")
-    proc = _python("-m", "benchmarks.report", "--results", str(results), "--readme", str(readme),
+    readme, docs = tmp_path / "README.md", tmp_path / "performance.md"
+    for path in (readme, docs):
+        path.write_text("# Title\n\nbefore\n<!-- benchmark-table:start -->\nold table\n"
+                        "<!-- benchmark-table:end -->\nafter\n")
+    proc = _python("-m", "benchmarks.report", "--results", str(results), "--readme", str(readme), "--docs", str(docs),
                    "--plots-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = readme.read_text()
-    assert text.startswith("# Title\n\nbefore\n<!-- benchmark-table:start -->\n")
-    assert text.endswith("<!-- benchmark-table:end -->\nafter\n") and "old table" not in text
-    assert "| linear | fp32 | 2 | 64 |" in text and "| gpt2 | fp32 | 2 | 32 |" in text
-    assert "FlashNorm flash_fuse" in text and "Opacus ghost" in text and "×)" in text
+    for path in (readme, docs):
+        text = path.read_text()
+        assert text.startswith("# Title\n\nbefore\n<!-- benchmark-table:start -->\n")
+        assert text.endswith("<!-- benchmark-table:end -->\nafter\n") and "old table" not in text
+        assert "| linear | fp32 | 2 | 64 |" in text and "| gpt2 | fp32 | 2 | 32 |" in text
+        assert "FlashNorm flash_fuse" in text and "Opacus ghost" in text
+    # The README gets the ratios (time · memory), the docs the step times and peak memory with their ratios.
+    summary, full = readme.read_text(), docs.read_text()
+    assert "×)" not in summary and "× · " in summary and "Peak memory" not in summary
+    assert "×)" in full and "**Median step time**" in full and "**Peak memory**" in full
+    assert "--out" not in summary + full, "the output path of the machine that ran is not shown"
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["smoke_gpt2_fp32.png", "smoke_linear_fp32.png"]
 
     # Without the markers: the table is printed, the file is left alone, the exit status says so.
     bare = tmp_path / "BARE.md"
     bare.write_text("# no markers\n")
-    proc = _python("-m", "benchmarks.report", "--results", str(results), "--readme", str(bare), "--no-plots")
+    proc = _python("-m", "benchmarks.report", "--results", str(results), "--readme", str(bare), "--docs", str(docs),
+                   "--no-plots")
     assert proc.returncode == 2 and "benchmark-table:start" in proc.stderr and "| linear |" in proc.stdout
     assert bare.read_text() == "# no markers\n"
+
+
+def test_ratio_table_has_one_cell_per_mode():
+    from benchmarks.report import format_ratio_table
+
+    base = dict(workload="gpt2", B=1, T=4096, dtype="bf16", message="", status="ok")
+    records = [dict(base, mode="nondp", ms=30.0, peak_gib=4.0, time_ratio=1.0, mem_ratio=1.0),
+               dict(base, mode="flash_fuse", ms=33.0, peak_gib=4.1, time_ratio=1.1, mem_ratio=1.025),
+               dict(base, mode="opacus_ghost", status="oom"),
+               dict(base, mode="nondp_graphed", ms=20.0, peak_gib=5.0, time_ratio=1.0, mem_ratio=1.0),
+               dict(base, mode="flash_fuse_graphed", ms=21.0, peak_gib=4.0, time_ratio=1.05, mem_ratio=0.8)]
+    header, _, row = format_ratio_table({"records": records}).splitlines()
+    assert "non-DP, CUDA graphs" not in header, "the graphed base is the graphed ratios' denominator, not a column"
+    assert row == "| gpt2 | bf16 | 1 | 4096 | 30.0 ms, 4.00 GiB | 1.10× · 1.02× | **OOM** | 1.05× · 0.80× |"
+
+
+def test_repeated_run_is_one_file_of_runs_that_the_report_reads(tmp_path):
+    """``--repeat 2`` writes ``{"runs": [...]}``; the report finds it as ``<stem>_repeats.json`` beside the results."""
+    out = tmp_path / "e2e_repeats.json"
+    proc = _python("-m", "benchmarks.run", "--device", "cpu", "--smoke", "--workloads", "linear",
+                   "--modes", "nondp,flash_fuse", "--steps", "1", "--warmup", "1", "--repeat", "2", "--quiet",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["meta"]["repeat"] for run in runs] == [1, 2] and all(run["meta"]["complete"] for run in runs)
+    assert all({r["mode"] for r in run["records"]} == {"nondp", "flash_fuse"} for run in runs)
+    (tmp_path / "e2e.json").write_text(json.dumps(runs[0]))
+    proc = _python("-m", "benchmarks.report", "--results", str(tmp_path / "e2e.json"), "--no-readme", "--no-plots")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| linear | fp32 | 2 | 64 | FlashNorm"))
+    ratios = [r["time_ratio"] for run in (runs[0], *runs) for r in run["records"] if r["mode"] == "flash_fuse"]
+    assert row.split(" | ")[5] == ", ".join(f"{v:.2f}" for v in ratios)
 
 
 def test_failures_are_rendered(tmp_path):
@@ -123,14 +163,14 @@ def test_graphed_modes_take_their_ratios_to_graphed_non_dp():
                       "flash_fuse_graphed": (1.05, 0.8)}
 
 
-def test_issue4_suite_graphs_only_its_short_gpt_groups():
+def test_end_to_end_suite_graphs_only_its_short_gpt_groups():
     from benchmarks import plan
 
-    configs = plan.suite_configs("issue4", ["gpt2", "linear", "llama1b"], ["fp32", "bf16"], MODES)
+    configs = plan.suite_configs("end_to_end", ["gpt2", "linear", "llama1b"], ["fp32", "bf16"], MODES)
     graphed = {(c.workload, c.dtype, c.B, c.T) for c in configs if c.mode.endswith("_graphed")}
-    assert graphed == plan.GRAPHED_GROUPS["issue4"]
+    assert graphed == plan.GRAPHED_GROUPS["end_to_end"]
     eager = {(c.workload, c.dtype, c.B, c.T) for c in configs if c.mode == "flash_fuse"}
-    assert eager == set(plan.ISSUE4_GROUPS)
+    assert eager == set(plan.END_TO_END_GROUPS)
 
 
 def test_resume_keeps_complete_groups(smoke_results, tmp_path):
@@ -155,12 +195,43 @@ def test_resume_keeps_complete_groups(smoke_results, tmp_path):
 
 def test_results_record_the_commit_given_for_a_copied_tree(monkeypatch):
     """A tree copied to another machine carries stale git metadata: FLASHNORM_GIT_COMMIT names the real commit."""
-    from benchmarks.run import _git
+    from benchmarks.history import git_commit
 
     monkeypatch.setenv("FLASHNORM_GIT_COMMIT", "abc1234")
-    assert _git() == {"commit": "abc1234", "dirty": None, "source": "FLASHNORM_GIT_COMMIT"}
+    assert git_commit() == {"commit": "abc1234", "dirty": None, "source": "FLASHNORM_GIT_COMMIT"}
     monkeypatch.delenv("FLASHNORM_GIT_COMMIT")
-    assert _git().get("source") is None
+    assert git_commit().get("source") is None
+
+
+def test_overwriting_a_result_moves_it_to_the_history(tmp_path):
+    """The latest run keeps the stable name; the run it replaces becomes one line of history.jsonl, whole."""
+    from benchmarks import history
+
+    assert history.stable_path("e2e", "NVIDIA H200") == os.path.join("benchmarks", "results", "e2e_h200.json")
+    assert history.gpu_tag("NVIDIA A100-SXM4-80GB") == "a100" and history.gpu_tag(None) == "cpu"
+
+    def run(commit, ms, smoke=False):
+        meta = {"command": "python -m benchmarks.run --suite end_to_end", "date": f"2026-12-0{ms}T00:00:00+00:00",
+                "gpu": "NVIDIA H200", "git": {"commit": commit}, "settings": {"smoke": smoke}}
+        return {"meta": meta, "records": [dict(workload="gpt2", B=1, T=16, dtype="bf16", mode="nondp", ms=float(ms),
+                                               gpu="NVIDIA H200", run_date=meta["date"])]}
+
+    path = str(tmp_path / "e2e_h200.json")
+    history.save_json(path, run("aaa", 1), suite="end_to_end")
+    assert not (tmp_path / "history.jsonl").exists(), "nothing was there to archive"
+    history.save_json(path, run("bbb", 2), suite="end_to_end")
+    history.save_json(path, run("bbb", 2), suite="end_to_end")  # the same run again: it replaces nothing
+    (line,) = history.read_history(str(tmp_path / "history.jsonl"))
+    assert {k: line[k] for k in history.COLUMNS} == {
+        "suite": "end_to_end", "kind": "results", "file": "e2e_h200.json", "commit": "aaa",
+        "date": "2026-12-01T00:00:00+00:00", "gpu": "NVIDIA H200", "command": "python -m benchmarks.run --suite end_to_end"}
+    assert line["records"] == [dict(workload="gpt2", B=1, T=16, dtype="bf16", mode="nondp", ms=1.0)]
+    assert json.loads(open(path).read())["meta"]["git"]["commit"] == "bbb"
+
+    smoke = str(tmp_path / "smoke.json")
+    history.save_json(smoke, run("ccc", 3, smoke=True), suite="end_to_end")
+    history.save_json(smoke, run("ddd", 4, smoke=True), suite="end_to_end")
+    assert len(history.read_history(str(tmp_path / "history.jsonl"))) == 1, "smoke runs measure nothing"
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graphs"])
