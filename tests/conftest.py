@@ -31,9 +31,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def device():
-    """Where the end-to-end mode tests run: ``FLASHNORM_TEST_DEVICE`` (default cpu; cuda on the GPU)."""
-    return torch.device(os.environ.get("FLASHNORM_TEST_DEVICE", "cpu"))
+def device() -> torch.device:
+    """Where the tests run: ``FLASHNORM_TEST_DEVICE`` when set, else CUDA when present (the kernels compiled),
+    else CPU (the kernels under TRITON_INTERPRET=1)."""
+    return torch.device(os.environ.get("FLASHNORM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def fp32_tolerance(device) -> tuple:

@@ -1,13 +1,7 @@
-"""Fixtures of the kernel tests: the device they run on and the forced Triton backend."""
+"""Fixtures of the kernel tests: the forced Triton backend and the tf32 switch (``device``: tests/conftest.py)."""
 
 import pytest
 import torch
-
-
-@pytest.fixture
-def device() -> str:
-    """CUDA when present (the kernels run compiled), else CPU (the kernels run under TRITON_INTERPRET=1)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture

@@ -40,5 +40,5 @@ def random_pair(batch: int, steps: int, d: int, p: int, dtype: torch.dtype, devi
 
 def skip_without_tma(use_tma: bool, device) -> None:
     """Skips a TMA case on a CUDA device without tensor descriptors (on CPU the interpreter takes pointers)."""
-    if use_tma and device == "cuda" and not supports_tma(torch.device(device)):
+    if use_tma and torch.device(device).type == "cuda" and not supports_tma(torch.device(device)):
         pytest.skip("tensor descriptors need compute capability 9.x")
