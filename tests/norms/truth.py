@@ -2,7 +2,8 @@
 
 The output gradient g is the gradient of Σ_b ℓ_b with respect to the layer's output y (batch first), and
 y_b depends on sample b alone, so ∇_θ ℓ_b = ∇_θ ⟨y_b, g_b⟩: one sample at a time through a float64 copy of
-the layer, with ordinary autograd (the style of tests/oracle.py), never through flashnorm.
+the layer, with ordinary autograd (the style of tests/oracle.py), never through flashnorm. A rule that the
+library must pick up in a real step is checked by :func:`assert_step_exact` against tests/oracle.py itself.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from flashnorm import FlashNormPrivacyEngine
 from flashnorm.norms import NormRule
 from tests.conftest import TOLERANCES
+from tests.oracle import microbatch_reference
 
 Grads = Dict[nn.Parameter, torch.Tensor]
 
@@ -127,3 +131,22 @@ def assert_rule_exact(
         clipped = rule.clipped_grads(layer, x, g, coef, vectors=False)
         assert_grads_match(clipped, clipped_of(rest, coef), dtype, "clipped_grads(vectors=False)", names,
                            per_sample=False)
+
+
+def assert_step_exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, max_grad_norm: float = 1e-2) -> None:
+    """One DP step of a float64 ``model`` through the public API (σ = 0, sum reduction, every sample clipped)
+    against the float64 microbatch oracle: per-sample norms and the clipped sum Σ_b c_b ∇ℓ_b."""
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    oracle = microbatch_reference(model, x, y, loss, max_grad_norm)
+    assert (oracle.norms > max_grad_norm).all(), "the case must clip every sample"
+    dp_model, optimizer, criterion, _ = FlashNormPrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=loss,
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=x.shape[0]), noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm, poisson_sampling=False, grad_sample_mode=mode, loss_reduction="sum",
+    )  # fmt: skip
+    criterion(dp_model(x), y).backward()
+    optimizer.step()
+    rtol, atol = TOLERANCES["fp64"]
+    torch.testing.assert_close(dp_model.get_norm_sample(), oracle.norms, rtol=rtol, atol=atol)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
