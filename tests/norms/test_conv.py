@@ -22,7 +22,9 @@ LAYERS = {
         lambda: nn.Conv2d(C_IN, C_OUT, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
         lambda t: (C_IN, t, WIDTH),
     ),
-    "conv2d_same_even_nobias": (lambda: nn.Conv2d(C_IN, C_OUT, 2, padding="same", bias=False), lambda t: (C_IN, t, WIDTH)),
+    "conv2d_same_even_nobias": (
+        lambda: nn.Conv2d(C_IN, C_OUT, 2, padding="same", bias=False), lambda t: (C_IN, t, WIDTH)
+    ),
 }
 
 

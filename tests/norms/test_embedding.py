@@ -43,7 +43,7 @@ def test_empty_batch(device):
 
 
 def test_repeated_ids_sum_before_the_norm(device):
-    """One sample looking up one id twice: its gradient row is g₁ + g₂, so ‖∇‖² = ‖g₁ + g₂‖², not ‖g₁‖² + ‖g₂‖²."""
+    """Id 3 twice in one sample: its gradient row is g₁ + g₂, so ‖∇‖² = ‖g₁ + g₂‖², not ‖g₁‖² + ‖g₂‖²."""
     layer = nn.Embedding(VOCAB, DIM).to(device, torch.float64)
     ids = torch.tensor([[3, 3]], device=device)
     g = torch.randn(1, 2, DIM, dtype=torch.float64, device=device)

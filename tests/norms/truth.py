@@ -80,7 +80,8 @@ def assert_grads_match(
     out: Grads, truth: Grads, dtype: torch.dtype, what: str, names: Dict[nn.Parameter, str], per_sample: bool = True
 ) -> None:
     """The same parameters, each matching (per sample, or as one vector for a clipped sum)."""
-    assert set(out) == set(truth), f"{what}: parameters {sorted(names[p] for p in out)}, expected {sorted(names[p] for p in truth)}"
+    got_names, expected_names = sorted(names[p] for p in out), sorted(names[p] for p in truth)
+    assert got_names == expected_names, f"{what}: parameters {got_names}, expected {expected_names}"
     for p, expected in truth.items():
         got = out[p] if per_sample else out[p].unsqueeze(0)
         assert_matches(got, expected if per_sample else expected.unsqueeze(0), dtype, f"{what}[{names[p]}]")
@@ -128,13 +129,16 @@ def assert_rule_exact(
         rest = {p: gs for p, gs in truth.items() if p not in vector_truth}
         for method in rule.methods if methods is None else methods:
             out = rule.norm_sq(layer, x, g, method=method, vectors=False)
-            assert_matches(out.unsqueeze(1), norm_sq_of(rest, batch).unsqueeze(1), dtype, f"norm_sq({method!r}, vectors=False)")
+            expected = norm_sq_of(rest, batch).unsqueeze(1)
+            assert_matches(out.unsqueeze(1), expected, dtype, f"norm_sq({method!r}, vectors=False)")
         clipped = rule.clipped_grads(layer, x, g, coef, vectors=False)
         assert_grads_match(clipped, clipped_of(rest, coef), dtype, "clipped_grads(vectors=False)", names,
                            per_sample=False)
 
 
-def assert_step_exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, max_grad_norm: float = 1e-2) -> None:
+def assert_step_exact(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, max_grad_norm: float = 1e-2
+) -> None:
     """One DP step of a float64 ``model`` through the public API (σ = 0, sum reduction, every sample clipped)
     against the float64 microbatch oracle: per-sample norms and the clipped sum Σ_b c_b ∇ℓ_b."""
     loss = nn.CrossEntropyLoss(reduction="sum")
@@ -150,4 +154,5 @@ def assert_step_exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: 
     rtol, atol = TOLERANCES["fp64"]
     torch.testing.assert_close(dp_model.get_norm_sample(), oracle.norms, rtol=rtol, atol=atol)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        expected = oracle.clipped_sum[name]
+        torch.testing.assert_close(p.grad, expected, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
