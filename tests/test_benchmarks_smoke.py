@@ -95,6 +95,10 @@ def test_ratio_table_has_one_cell_per_mode():
     header, _, row = format_ratio_table({"records": records}).splitlines()
     assert "non-DP, CUDA graphs" not in header, "the graphed base is the graphed ratios' denominator, not a column"
     assert row == "| gpt2 | bf16 | 1 | 4096 | 30.0 ms, 4.00 GiB | 1.10× · 1.02× | **OOM** | 1.05× · 0.80× |"
+    # A configuration measured again shows the median time ratio of all its runs, marked.
+    repeated = {("gpt2", "bf16", 1, 4096, "flash_fuse"): [1.1, 0.9, 1.0]}
+    row = format_ratio_table({"records": records}, repeated).splitlines()[2]
+    assert "| 1.00×† · 1.02× |" in row and "| 1.05× · 0.80× |" in row
 
 
 def test_repeated_run_is_one_file_of_runs_that_the_report_reads(tmp_path):
@@ -113,6 +117,7 @@ def test_repeated_run_is_one_file_of_runs_that_the_report_reads(tmp_path):
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| linear | fp32 | 2 | 64 | FlashNorm"))
     ratios = [r["time_ratio"] for run in (runs[0], *runs) for r in run["records"] if r["mode"] == "flash_fuse"]
     assert row.split(" | ")[5] == ", ".join(f"{v:.2f}" for v in ratios)
+    assert "×† · " in proc.stdout, "the README table shows the repeated configuration's median"
 
 
 def test_failures_are_rendered(tmp_path):
