@@ -98,11 +98,10 @@ def test_inherited_rule_is_exact_on_the_subclass(device):
                       methods=("flash", "gram"))  # fmt: skip
 
 
-class Twice(nn.Module):
-    pass
-
-
 def test_registering_twice_needs_force():
+    class Twice(nn.Module):  # a fresh type per run: the registry is process-wide
+        pass
+
     @register_norm_rule(Twice)
     class First(NormRule):
         def per_sample_grads(self, layer, x, g, out=None, *, backend=None):
