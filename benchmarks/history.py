@@ -72,6 +72,9 @@ def stable_path(stem: str, gpu: Optional[str]) -> str:
 
 
 def _meta(data: Dict) -> Dict:
+    """A results file's metadata: ``meta`` (``env`` for the kernel benchmarks; a ``--repeat`` file's first run's)."""
+    if isinstance(data.get("runs"), list) and data["runs"]:
+        return _meta(data["runs"][0])
     meta = data.get("meta") if isinstance(data.get("meta"), dict) else data.get("env")
     return meta if isinstance(meta, dict) else {}
 

@@ -111,6 +111,9 @@ def test_repeated_run_is_one_file_of_runs_that_the_report_reads(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [run["meta"]["repeat"] for run in runs] == [1, 2] and all(run["meta"]["complete"] for run in runs)
     assert all({r["mode"] for r in run["records"]} == {"nondp", "flash_fuse"} for run in runs)
+    from benchmarks import history
+
+    assert history.is_smoke({"runs": runs}) and not history.archive(str(out), "custom_repeats")
     (tmp_path / "e2e.json").write_text(json.dumps(runs[0]))
     proc = _python("-m", "benchmarks.report", "--results", str(tmp_path / "e2e.json"), "--no-readme", "--no-plots")
     assert proc.returncode == 0, proc.stderr[-3000:]
