@@ -7,7 +7,7 @@ Each case is the first call of the kernel at its shape (no autotuning: configs a
 import pytest
 import torch
 
-from flashnorm.kernels import flash_norm, flash_norm_sq
+from flashnorm.kernels import flash_norm_sq, operands
 from flashnorm.kernels.backend import supports_tma
 from flashnorm.kernels.flash_norm import _flash_norm_launch, flash_norm_sq_triton
 from tests.conftest import TOLERANCES
@@ -89,9 +89,9 @@ def test_tma_bulk_copies_in_ptx(dtype, tf32, set_tf32, monkeypatch):
     x = torch.randn(1, 4100, 1024, device="cuda", dtype=DTYPES[dtype])
     g = torch.randn(1, 4100, 1024, device="cuda", dtype=DTYPES[dtype])
     work = 4100 * 1024 * 1024
-    assert work < flash_norm.TMA_MIN_WORK
+    assert work < operands.TMA_MIN_WORK
     _, kernel = _flash_norm_launch(x, g)
     assert ("cp.async.bulk.tensor" in kernel.asm["ptx"]) == tf32, "below TMA_MIN_WORK only the tf32 path takes descriptors"
-    monkeypatch.setattr(flash_norm, "TMA_MIN_WORK", work)
+    monkeypatch.setattr(operands, "TMA_MIN_WORK", work)
     _, kernel = _flash_norm_launch(x, g)
     assert "cp.async.bulk.tensor" in kernel.asm["ptx"]
