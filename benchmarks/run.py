@@ -37,7 +37,7 @@ import platform
 import shlex
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -256,8 +256,9 @@ def _context():
     return ctx
 
 
-def launch(ctx, cfg: Dict, limit_s: float) -> Dict:
-    """Runs ``cfg`` in a child process; kills it ``GRACE_S`` after ``limit_s``; always returns a record."""
+def launch(ctx, cfg: Dict, limit_s: float, on_step: Optional[Callable[[List[Dict]], None]] = None) -> Dict:
+    """Runs ``cfg`` in a child process; kills it ``GRACE_S`` after ``limit_s``; always returns a record.
+    ``on_step`` sees the steps reported so far (``{"phase", "ms"}`` each) after every step."""
     from .harness import child_main
 
     reader, writer = ctx.Pipe(duplex=False)
@@ -280,6 +281,8 @@ def launch(ctx, cfg: Dict, limit_s: float) -> Dict:
                     break
                 if kind == "progress":
                     progress.append(payload)
+                    if on_step is not None:
+                        on_step(progress)
                 else:
                     record = payload
             elif not proc.is_alive():
@@ -362,6 +365,12 @@ def _prediction(cfg: planning.Config, records: List[Dict], args) -> tuple:
     return planning.predict_step_s(cfg, args.smoke), "cost model"
 
 
+def _step_note(cfg: planning.Config, steps: List[Dict]) -> str:
+    """The progress bar's note while ``cfg`` runs: its last step's phase, number in that phase and time."""
+    phase = steps[-1]["phase"]
+    return f"{cfg}: {phase} step {sum(s['phase'] == phase for s in steps)}, {steps[-1]['ms']:.1f} ms"
+
+
 def _summary_line(rec: Dict, clock: float) -> str:
     head = f"[{clock:6.0f} s] {rec['workload']} B={rec['B']} T={rec['T']} {rec['dtype']} {rec['mode']}:"
     if rec.get("status") != "ok":
@@ -442,7 +451,8 @@ def _run_plan(ctx, configs: List[planning.Config], args, meta: Dict, records: Li
                 limit = args.timeout if budget is None else max(1.0, min(args.timeout, budget - elapsed))
                 child_cfg = dict(cfg.as_dict(), device=args.device, smoke=args.smoke, steps=args.steps,
                                  warmup=args.warmup, min_timed_s=args.min_timed_s, max_steps=args.max_steps)
-                record = launch(ctx, child_cfg, limit)
+                record = launch(ctx, child_cfg, limit,
+                                lambda steps, cfg=cfg: bar.set_postfix_str(_step_note(cfg, steps), refresh=True))
                 record["limit_s"] = round(limit, 1)
                 if record.get("status") == "timeout" and limit < args.timeout:
                     record["message"] += f" (limit cut to the budget left: {limit:.0f} s)"

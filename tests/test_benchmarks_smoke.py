@@ -283,3 +283,12 @@ def test_tail_benchmark_runs_on_cpu(tmp_path, capsys):
                                       for backend in tail.backends(torch.device("cpu"))}
     assert all(r["host_ms_min"] > 0 for r in record["results"].values())
     assert "host" in capsys.readouterr().out
+
+
+def test_progress_note_counts_the_steps_of_the_current_phase():
+    from benchmarks.plan import Config
+    from benchmarks.run import _step_note
+
+    steps = [{"phase": "warmup", "ms": 30.0}, {"phase": "warmup", "ms": 9.0}, {"phase": "timed", "ms": 8.04}]
+    assert _step_note(Config("gpt2", 8, 1024, "bf16", "flash_fuse"), steps) == \
+        "gpt2 B=8 T=1024 bf16 flash_fuse: timed step 1, 8.0 ms"
