@@ -131,11 +131,11 @@ def instrumented(breakdown: Breakdown, flashnorm_too: bool):
         patches.patch(torch.autograd, "backward", "autograd")
         patches.patch(torch.autograd, "grad", "autograd")
         if flashnorm_too:
-            from flashnorm.grad_sample import base, fuse, two_pass
+            from flashnorm.grad_sample import loss_check, one_pass, packed_grads, two_passes, workflow
             from flashnorm.norms import registry
 
-            patches.patch(base._FiniteCheck, "result", "wait")
-            gsm = base.FlashNormGradSampleModule
+            patches.patch(loss_check.FiniteLossCheck, "result", "wait")
+            gsm = workflow.FlashNormGradSampleModule
             for name, category in (
                 ("_capture_forward", "hooks_forward"), ("_capture_backward", "hooks_backward"),
                 ("_check_loss", "checks"), ("get_clipping_coef", "checks"),
@@ -144,15 +144,12 @@ def instrumented(breakdown: Breakdown, flashnorm_too: bool):
                 ("_single_sample_backward", "bookkeeping"),
             ):
                 patches.patch(gsm, name, category)
-            for cls in (fuse.GradSampleModuleFastGradientClippingFuse, two_pass.GradSampleModuleFastGradientClipping):
+            for cls in (one_pass.GradSampleModuleFastGradientClippingFuse, two_passes.GradSampleModuleFastGradientClipping):
                 patches.patch(cls, "_write_clipped_gradients", "assembly")
-            patches.patch(base, "per_sample_norm_sq", "norms")
-            with contextlib.suppress(ImportError):
-                from flashnorm.grad_sample.arena import PerSampleArena
-
-                patches.patch(PerSampleArena, "norms", "norms")
-                patches.patch(PerSampleArena, "clipped_sum", "assembly")
-                patches.patch(gsm, "_plan_arena", "bookkeeping")
+            patches.patch(workflow, "per_sample_norms", "norms")
+            patches.patch(packed_grads.PackedPerSampleGrads, "norms", "norms")
+            patches.patch(packed_grads.PackedPerSampleGrads, "clipped_sum", "assembly")
+            patches.patch(workflow, "plan_packed_grads", "bookkeeping")
             rule_classes = {type(rule) for _, rule in registry.iter_rules()}
             with contextlib.suppress(ImportError):
                 from flashnorm.norms import PerSampleGradFallback

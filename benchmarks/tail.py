@@ -6,7 +6,7 @@
 Two tails, each timed in one process on the same gradients, with the Triton kernels and with
 the ``torch`` backend (the foreach references):
 
-* **clip** (the B = 1 shortcut of :class:`~flashnorm.grad_sample.base.FlashNormGradSampleModule`,
+* **clip** (the B = 1 shortcut of :class:`~flashnorm.grad_sample.FlashNormGradSampleModule`,
   :func:`~flashnorm.kernels.multi_tensor.clip_by_total_norm_`):
   s = Σ‖g‖², c = min(1, C/(√s + 10⁻⁶)), g ← c·g;
 * **noise** (the optimizer's ``pre_step``: accumulate, noise, scale): per ~64M-element bucket one
@@ -77,6 +77,7 @@ def backends(device: torch.device):
 
 def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: bool = False) -> Dict:
     from flashnorm.kernels import multi_tensor
+    from flashnorm.grad_sample.provenance import mark_clipped
     from flashnorm.optimizers import DPOptimizerFastGradientClipping
 
     torch.manual_seed(0)
@@ -98,6 +99,7 @@ def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: 
                 p.grad = g
                 if hasattr(g, "_processed"):  # the same tensors serve every call: not a reused gradient here
                     del g._processed
+            mark_clipped(params, 1)  # stands in for the clipping workflow's record
             optimizer.pre_step()
             optimizer.zero_grad()
 

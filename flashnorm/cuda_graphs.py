@@ -40,7 +40,9 @@ import torch
 import torch.nn as nn
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 
-from .grad_sample.base import FlashNormGradSampleModule, _FiniteCheck
+from .grad_sample import FlashNormGradSampleModule
+from .grad_sample.loss_check import FiniteLossCheck
+from .grad_sample.provenance import mark_clipped
 from .utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
 
@@ -54,7 +56,7 @@ class _Captured:
     grads: List[Tuple[nn.Parameter, Optional[torch.Tensor]]]
     dp_module: Optional[FlashNormGradSampleModule] = None
     optimizer: Optional[object] = None
-    finite_check: Optional[_FiniteCheck] = None  # the module's loss check, recorded in the graph
+    finite_check: Optional[FiniteLossCheck] = None  # the module's loss check, recorded in the graph
     norm_sq: Optional[torch.Tensor] = None
 
 
@@ -173,4 +175,5 @@ class CudaGraphStep:
             p.grad = grad
         if captured.dp_module is not None:
             captured.dp_module.record_norm_sq(captured.norm_sq)
+            mark_clipped([p for p, _ in captured.grads], 1)  # the replay wrote this step's clipped gradients
         return captured.loss.clone()

@@ -1,62 +1,34 @@
 """``FlashNormPrivacyEngine``: Opacus's ``PrivacyEngine`` with FlashNorm's clipping modes.
 
-Accountants, Poisson data loading, module validation, noise, checkpoints and
-``make_private_with_epsilon`` are Opacus's. For ``ghost``, ``flash`` and ``flash_fuse``
-(alias ``flash_bk``), ``make_private`` returns ``(module, optimizer, criterion, data_loader)``;
-``criterion(...).backward()`` runs the clipping workflow and ``optimizer.step()`` adds noise once.
+Accountants, Poisson data loading, module validation and ``make_private_with_epsilon`` are Opacus's. For
+``ghost``, ``flash`` and ``flash_fuse`` (alias ``flash_bk``), ``make_private`` returns
+``(module, optimizer, criterion, data_loader)``; ``criterion(...).backward()`` runs the clipping workflow
+and ``optimizer.step()`` adds noise once. The mode's row (:mod:`flashnorm.modes`) and the way the module is
+distributed decide the classes (:mod:`flashnorm.resolver`).
 
-Distributed: pass a module wrapped with PyTorch's DDP or Opacus's ``DPDDP`` (modes ``ghost``,
-``flash``, ``flash_fuse``) or with FSDP2 (modes ``ghost_fsdp``, ``flash_fsdp``, ``flash_fuse_fsdp``; see
-:func:`flashnorm.utils.fsdp_utils.FSDP2Wrapper`). A step on W ranks then equals the single-process step
-on the union of the local batches, divided by the expected global batch size (``mean``), with the noise
-added once across the world; see :mod:`flashnorm.grad_sample.ddp`, :mod:`flashnorm.grad_sample.fsdp` and
-:mod:`flashnorm.optimizers`.
+Distributed: pass a module wrapped with PyTorch's DDP or Opacus's ``DPDDP`` (modes ``ghost``, ``flash``,
+``flash_fuse``) or with FSDP2 (modes ``ghost_fsdp``, ``flash_fsdp``, ``flash_fuse_fsdp``; see
+:func:`flashnorm.utils.fsdp_utils.FSDP2Wrapper`). A step on W ranks then equals the single-process step on
+the union of the local batches, divided by the expected global batch size (``mean``), with the noise added
+once across the world.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from opacus import PrivacyEngine as _OpacusPrivacyEngine
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
-from torch.distributed.fsdp import FSDPModule
-from torch.nn.parallel import DistributedDataParallel
 
-from .grad_sample import gsm_class
-from .grad_sample.ddp import DDPGradSampleModuleFastGradientClipping, DDPGradSampleModuleFastGradientClippingFuse
-from .grad_sample.fsdp import (
-    FSDPGradSampleModuleFastGradientClipping,
-    FSDPGradSampleModuleFastGradientClippingFuse,
-    check_fsdp_layout,
-)
 from .modes import Mode, get_mode
-from .optimizers import (
-    DistributedDPOptimizerFastGradientClipping,
-    DPOptimizerFastGradientClipping,
-    FSDPOptimizerFastGradientClipping,
-)
-from .utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
-
-def _gsm_class_for(mode: Mode, module: nn.Module) -> type:
-    """The grad-sample module class for ``mode`` and the way ``module`` is distributed.
-
-    Raises:
-        ValueError: an ``_fsdp`` mode without FSDP2, or FSDP2 without an ``_fsdp`` mode.
-        NotImplementedError: an FSDP2 layout FlashNorm's hooks cannot serve.
-    """
-    if mode.fsdp:
-        check_fsdp_layout(module)
-        return FSDPGradSampleModuleFastGradientClippingFuse if mode.fused else FSDPGradSampleModuleFastGradientClipping
-    if any(isinstance(m, FSDPModule) for m in module.modules()):
-        raise ValueError(
-            f"The module is wrapped with FSDP2; use grad_sample_mode={mode.name + '_fsdp'!r} instead of {mode.name!r}."
-        )
-    if isinstance(module, DistributedDataParallel):
-        return DDPGradSampleModuleFastGradientClippingFuse if mode.fused else DDPGradSampleModuleFastGradientClipping
-    return gsm_class(mode)
+from .utils.privacy_parameters import check_privacy_parameters
+from .resolver import resolve
 
 
 def _check_same_on_every_rank(name: str, value: float, device: torch.device) -> None:
@@ -89,60 +61,127 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         *,
         module: nn.Module,
         optimizer,
-        criterion=nn.CrossEntropyLoss(),  # noqa: B008 - Opacus's default
+        criterion: Optional[nn.Module] = None,
         data_loader,
         noise_multiplier: float,
         max_grad_norm,
+        batch_first: bool = True,
         loss_reduction: str = "mean",
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        noise_generator=None,
         grad_sample_mode: str = "hooks",
+        wrap_model: bool = True,
+        rand_on_empty: bool = False,
+        norm_method: Optional[str] = None,
+        backend: Optional[str] = None,
         **kwargs,
     ):
         """Opacus's ``make_private``; ``grad_sample_mode`` takes any mode of :mod:`flashnorm.modes`.
 
+        ``criterion`` defaults to ``nn.CrossEntropyLoss(reduction=loss_reduction)``. For FlashNorm's modes,
+        ``norm_method`` forces a norm method (``"flash"``, ``"gram"``, ``"per_sample"``; default
+        ``FLASHNORM_NORM_METHOD``, else planned per layer) and ``backend`` the kernels' backend (``"auto"``,
+        ``"triton"``, ``"torch"``; default ``FLASHNORM_BACKEND``, else ``"auto"``).
+
+        Returns:
+            ``(module, optimizer, criterion, data_loader)`` for FlashNorm's modes and Opacus's ghost mode,
+            ``(module, optimizer, data_loader)`` for Opacus's other modes.
+
         Raises:
-            ValueError: unknown ``grad_sample_mode`` (the message lists the valid ones); an ``_fsdp`` mode
-                without an FSDP2 module or the reverse; ranks that disagree on the expected batch size.
+            ValueError: unknown ``grad_sample_mode`` (the message lists the valid ones); a non-finite or
+                non-positive ``max_grad_norm``, a negative or non-finite ``noise_multiplier``; a criterion whose
+                reduction is not ``loss_reduction``; an ``_fsdp`` mode without an FSDP2 module or the reverse;
+                ranks that disagree on the expected batch size. All before the model is wrapped.
         """
         mode = get_mode(grad_sample_mode)
-        result = super().make_private(
-            module=module,
-            optimizer=optimizer,
-            criterion=criterion,
-            data_loader=data_loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            loss_reduction=loss_reduction,
-            grad_sample_mode=mode.name,
+        if criterion is None:
+            criterion = nn.CrossEntropyLoss(reduction=loss_reduction)
+        if mode.delegated:
+            return super().make_private(
+                module=module, optimizer=optimizer, criterion=criterion, data_loader=data_loader,
+                noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, batch_first=batch_first,
+                loss_reduction=loss_reduction, poisson_sampling=poisson_sampling, clipping=clipping,
+                noise_generator=noise_generator, grad_sample_mode=mode.name, wrap_model=wrap_model,
+                rand_on_empty=rand_on_empty, **kwargs,
+            )
+        check_privacy_parameters(noise_multiplier, max_grad_norm)
+        if getattr(criterion, "reduction", loss_reduction) != loss_reduction:
+            raise ValueError(
+                f"The criterion has reduction={criterion.reduction!r} but loss_reduction={loss_reduction!r}: pass "
+                f"a criterion with reduction={loss_reduction!r} (or omit it for cross-entropy)."
+            )
+        if clipping != "flat":
+            raise ValueError(f"clipping={clipping!r}: grad_sample_mode={mode.name!r} supports flat clipping only.")
+        if noise_generator is not None and self.secure_mode:
+            raise ValueError("Passing noise_generator is prohibited in secure mode")
+        model_parameters = set(module.parameters())
+        if any(p not in model_parameters for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("Module parameters are different than optimizer Parameters")
+        classes = resolve(mode, module)
+
+        module = self._wrap_model(
+            module, classes.grad_sample_module, mode, batch_first=batch_first, loss_reduction=loss_reduction,
+            max_grad_norm=max_grad_norm, wrap_model=wrap_model, norm_method=norm_method, backend=backend,
+        )
+        data_loader = self._prepare_data_loader(
+            data_loader, distributed=classes.distributed, poisson_sampling=poisson_sampling,
+            batch_first=batch_first, rand_on_empty=rand_on_empty,
+        )
+        sample_rate = 1 / len(data_loader)
+        expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+        if classes.distributed:
+            expected_batch_size /= dist.get_world_size()
+        if isinstance(optimizer, DPOptimizer):
+            optimizer = optimizer.original_optimizer
+        if classes.distributed:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if params:
+                _check_same_on_every_rank("expected_batch_size", expected_batch_size, params[0].device)
+        optimizer = classes.optimizer(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
+            generator=self.secure_rng if self.secure_mode else noise_generator, secure_mode=self.secure_mode,
             **kwargs,
         )
-        if mode.delegated or len(result) == 4:
-            return result
-        module, optimizer, data_loader = result
-        criterion = self._prepare_criterion(
-            module=module, optimizer=optimizer, criterion=criterion, loss_reduction=loss_reduction
-        )
+        optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        criterion = classes.criterion(module, optimizer, criterion, loss_reduction)
         return module, optimizer, criterion, data_loader
 
-    def _prepare_model(
+    def make_private_with_epsilon(
         self,
-        module: nn.Module,
         *,
-        batch_first: bool = True,
-        max_grad_norm=1.0,
+        module: nn.Module,
+        optimizer,
+        criterion: Optional[nn.Module] = None,
+        data_loader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm,
         loss_reduction: str = "mean",
-        grad_sample_mode: str = "hooks",
-        wrap_model: bool = True,
+        epsilon_tolerance: float = 0.01,
+        **kwargs,
     ):
-        mode = get_mode(grad_sample_mode)
-        if mode.delegated:
-            return super()._prepare_model(
-                module,
-                batch_first=batch_first,
-                max_grad_norm=max_grad_norm,
-                loss_reduction=loss_reduction,
-                grad_sample_mode=mode.name,
-                wrap_model=wrap_model,
+        """Opacus's ``make_private_with_epsilon``: σ from Opacus's ``get_noise_multiplier`` for ``epochs`` at the
+        loader's sample rate, then :meth:`make_private` (which takes every other keyword)."""
+        if len(self.accountant) > 0:
+            warnings.warn(
+                "You're calling make_private_with_epsilon with non-zero privacy budget already spent. Returned "
+                "noise_multiplier assumes zero starting point, so your overall privacy budget will be higher."
             )
+        noise_multiplier = get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1 / len(data_loader), epochs=epochs,
+            accountant=self.accountant.mechanism(), epsilon_tolerance=epsilon_tolerance,
+        )
+        return self.make_private(
+            module=module, optimizer=optimizer, criterion=criterion, data_loader=data_loader,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction, **kwargs,
+        )
+
+    def _wrap_model(self, module, gsm_class, mode: Mode, *, batch_first, loss_reduction, max_grad_norm, wrap_model,
+                    norm_method, backend):
+        """Validates ``module`` (Opacus's validators) and wraps it with ``gsm_class`` (or checks an existing wrap)."""
         if not wrap_model:
             raise NotImplementedError(
                 f"wrap_model=False is not supported with grad_sample_mode={mode.name!r}; use wrap_model=True "
@@ -150,67 +189,17 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             )
         self.validate(module=module, optimizer=None, data_loader=None)
         if isinstance(module, AbstractGradSampleModule):
-            cls = _gsm_class_for(mode, module._module)
-            if type(module) is not cls or module.batch_first != batch_first or module.loss_reduction != loss_reduction:
+            if type(module) is not gsm_class or module.batch_first != batch_first or module.loss_reduction != loss_reduction:
                 raise ValueError(
                     f"The module is already wrapped ({type(module).__name__}, batch_first={module.batch_first}, "
                     f"loss_reduction={module.loss_reduction!r}), which does not match grad_sample_mode={mode.name!r}, "
                     f"batch_first={batch_first}, loss_reduction={loss_reduction!r}. Pass the plain nn.Module instead."
                 )
             return module
-        return _gsm_class_for(mode, module)(
-            module,
-            batch_first=batch_first,
-            loss_reduction=loss_reduction,
-            max_grad_norm=max_grad_norm,
-            use_flash_clipping=mode.norm_method == "flash",
-            use_ghost_clipping=True,
+        return gsm_class(
+            module, batch_first=batch_first, loss_reduction=loss_reduction, max_grad_norm=max_grad_norm,
+            norm_algorithm=mode.norm_method, norm_method=norm_method, backend=backend,
         )
-
-    def _prepare_optimizer(
-        self,
-        *,
-        optimizer,
-        noise_multiplier: float,
-        max_grad_norm,
-        expected_batch_size: int,
-        loss_reduction: str = "mean",
-        distributed: bool = False,
-        clipping: str = "flat",
-        noise_generator=None,
-        grad_sample_mode: str = "hooks",
-        **kwargs,
-    ):
-        mode = get_mode(grad_sample_mode)
-        if mode.delegated:
-            return super()._prepare_optimizer(
-                optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, distributed=distributed,
-                clipping=clipping, noise_generator=noise_generator, grad_sample_mode=mode.name, **kwargs,
-            )
-        if clipping != "flat":
-            raise ValueError(f"clipping={clipping!r}: grad_sample_mode={mode.name!r} supports flat clipping only.")
-        if isinstance(optimizer, DPOptimizer):
-            optimizer = optimizer.original_optimizer
-        optim_class = DPOptimizerFastGradientClipping
-        if distributed:
-            optim_class = FSDPOptimizerFastGradientClipping if mode.fsdp else DistributedDPOptimizerFastGradientClipping
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if params:
-                _check_same_on_every_rank("expected_batch_size", expected_batch_size, params[0].device)
-        return optim_class(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction=loss_reduction,
-            generator=self.secure_rng if self.secure_mode else noise_generator,
-            secure_mode=self.secure_mode,
-            **kwargs,
-        )
-
-    def _prepare_criterion(self, *, module, optimizer, criterion, loss_reduction: str = "mean", **kwargs):
-        return DPLossFastGradientClipping(module, optimizer, criterion, loss_reduction)
 
 
 #: Opacus's name, for a one-line import change.

@@ -90,12 +90,20 @@ def test_planner_choices():
     assert plan_linear(Problem(4, 4096, 1024, 1024), base="gram", fused=True) == "gram"
 
 
-def test_forced_method_env(monkeypatch):
-    monkeypatch.setenv("FLASHNORM_NORM_METHOD", "bogus")
+def test_forced_method_env_is_read_at_construction(monkeypatch):
+    """FLASHNORM_NORM_METHOD is only the default of norm_method: read (and refused) when the module is built."""
     model, x, y = build("linear3d", 5)
+    monkeypatch.setenv("FLASHNORM_NORM_METHOD", "bogus")
+    with pytest.raises(ValueError, match="FLASHNORM_NORM_METHOD='bogus'"):
+        _wrap(GradSampleModuleFastGradientClippingFuse, model)
+    monkeypatch.setenv("FLASHNORM_NORM_METHOD", "gram")
     gsm, _, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model)
-    with pytest.raises(ValueError, match="FLASHNORM_NORM_METHOD"):
-        criterion(gsm(x), y).backward()
+    assert gsm.norm_method == "gram"
+    monkeypatch.setenv("FLASHNORM_NORM_METHOD", "per_sample")  # later changes do not reach a built module
+    criterion(gsm(x), y).backward()
+    assert {layer.plan[1] for layer in gsm.layers if isinstance(layer.module, nn.Linear)} == {"gram"}
+    explicit, _, _ = _wrap(GradSampleModuleFastGradientClippingFuse, model, norm_method="flash")
+    assert explicit.norm_method == "flash", "the argument beats the environment"
 
 
 def test_eval_forward_between_forward_and_backward_keeps_the_step():
@@ -192,7 +200,7 @@ class _TwoHeads(nn.Module):
 
 @pytest.mark.parametrize("use_second", [False, True])
 def test_one_pass_keeps_per_sample_gradients_in_one_buffer(use_second):
-    """Small layers go to the arena: all their clipped gradients are views of one sum, exact against the
+    """Small layers are packed: all their clipped gradients are views of one sum, exact against the
     float64 oracle, and a hooked layer the loss never reaches gets zeros (its slot is never read unwritten)."""
     from tests.oracle import microbatch_reference
 
@@ -204,19 +212,19 @@ def test_one_pass_keeps_per_sample_gradients_in_one_buffer(use_second):
     criterion(gsm(x), y).backward()
     assert all(layer.plan[1] == "per_sample" for layer in gsm.layers)
     storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
-    assert len(storages) == 1, "every per-sample gradient should be summed by one weighted sum of the arena"
+    assert len(storages) == 1, "every per-sample gradient should be summed by one weighted sum of the packed buffer"
     torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
     if not use_second:
         assert torch.count_nonzero(model.unused.weight.grad) == 0
-    assert gsm._arena is None, "the arena is released once the gradients are assembled"
+    assert gsm._packed is None, "the packed buffers are released once the gradients are assembled"
 
 
 @pytest.mark.parametrize("method", ["flash", "gram"])
 @pytest.mark.parametrize("frozen", [None, "trunk.weight", "trunk.bias"])
-def test_one_pass_keeps_biases_of_kernel_layers_in_the_arena(method, frozen):
-    """A Linear whose weight takes a norm kernel keeps its bias's per-sample gradients in the arena (one norm
+def test_one_pass_keeps_biases_of_kernel_layers_packed(method, frozen):
+    """A Linear whose weight takes a norm kernel keeps its bias's per-sample gradients packed (one norm
     and one clipped sum with the LayerNorm's); exact against the float64 oracle, frozen parameters included."""
     from tests.oracle import microbatch_reference
 
@@ -230,12 +238,12 @@ def test_one_pass_keeps_biases_of_kernel_layers_in_the_arena(method, frozen):
     criterion(gsm(x), y).backward()
     linears = [layer for layer in gsm.layers if isinstance(layer.module, nn.Linear)]
     assert all(layer.plan[1] == method for layer in linears)
-    arena_storage = model.norm.weight.grad.untyped_storage().data_ptr()
+    packed_storage = model.norm.weight.grad.untyped_storage().data_ptr()
     for layer in linears:
         bias, weight = layer.module.bias, layer.module.weight
         if bias.requires_grad:
-            in_arena = bias.grad.untyped_storage().data_ptr() == arena_storage
-            assert in_arena == weight.requires_grad, f"{layer.name}.bias: arena only beside a trainable weight"
+            packed = bias.grad.untyped_storage().data_ptr() == packed_storage
+            assert packed == weight.requires_grad, f"{layer.name}.bias: packed only beside a trainable weight"
     torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -247,16 +255,16 @@ def test_one_pass_keeps_biases_of_kernel_layers_in_the_arena(method, frozen):
 
 
 @pytest.mark.parametrize("method", ["flash", "gram", "per_sample"])
-def test_two_pass_norms_keep_only_vector_parameters_in_the_arena(monkeypatch, method):
-    """In the norm pass of a two-pass mode, biases and normalisation weights go to the arena (one norm per
-    buffer); matrices never do, even when planned per sample. The arena is released before the second pass,
-    and norms and clipped gradients are exact against the float64 oracle."""
-    from flashnorm.grad_sample.arena import PerSampleArena
+def test_two_pass_norms_pack_only_vector_parameters(monkeypatch, method):
+    """In the norm pass of a two-pass mode, biases and normalisation weights are packed (one norm per
+    buffer); matrices never are, even when planned per sample. The packed buffers are released before the
+    second pass, and norms and clipped gradients are exact against the float64 oracle."""
+    from flashnorm.grad_sample.packed_grads import PackedPerSampleGrads
     from tests.oracle import microbatch_reference
 
     reserved = []
-    original = PerSampleArena.reserve
-    monkeypatch.setattr(PerSampleArena, "reserve", lambda self, p, dtype: (reserved.append(p), original(self, p, dtype))[1])
+    original = PackedPerSampleGrads.reserve
+    monkeypatch.setattr(PackedPerSampleGrads, "reserve", lambda self, p, dtype: (reserved.append(p), original(self, p, dtype))[1])
     torch.manual_seed(0)
     model = _TwoHeads(use_second=True).double()
     x, y = torch.randn(4, 7, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
@@ -265,8 +273,8 @@ def test_two_pass_norms_keep_only_vector_parameters_in_the_arena(monkeypatch, me
     loss = criterion(gsm(x), y)
     gsm.compute_clipping_coef(loss.loss_per_sample)
     vectors = {id(p) for p in model.parameters() if p.dim() == 1}
-    assert reserved and {id(p) for p in reserved} == vectors, "exactly the vector parameters get arena slots"
-    assert gsm._arena is None, "the two-pass norm pass releases its arena"
+    assert reserved and {id(p) for p in reserved} == vectors, "exactly the vector parameters are packed"
+    assert gsm._packed is None, "the two-pass norm pass releases its packed buffers"
     torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
     gsm.write_clipped_gradients(loss.loss_per_sample, gsm.get_clipping_coef())
     for name, p in model.named_parameters():

@@ -88,7 +88,7 @@ def test_single_sample_batch(mode, kind, reduction, device):
     oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), clip)
     dp_model, grads = dp_clipped_step(model.to(device), x.to(device), y.to(device), mode=mode, reduction=reduction,
                                       max_grad_norm=clip)
-    assert not dp_model._anchors, "a batch of one sample needs no capture, no norm pass"
+    assert not dp_model._taps, "a batch of one sample needs no capture, no norm pass"
     rtol, atol = TOLERANCES["fp64"]
     # the debugging attribute follows the recorded squared norm when first read (nothing computed it yet)
     torch.testing.assert_close(dp_model.per_sample_gradient_norms.cpu(), oracle.norms, rtol=rtol, atol=atol)
@@ -125,7 +125,7 @@ def test_single_sample_tail_by_the_multi_tensor_kernels(kind, reduction, steps, 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
 def test_normalisation_layers_by_the_affine_norm_kernel(kind, mode, steps, device, monkeypatch):
     """FLASHNORM_BACKEND=triton (the interpreter on CPU): the normalisation layer's per-sample gradients come from
-    the one-pass kernel, into the arena's slots; norms and clipped gradients exact against the float64 oracle."""
+    the one-pass kernel, into their packed slots; norms and clipped gradients exact against the float64 oracle."""
     from flashnorm.kernels import affine_norm
 
     monkeypatch.setenv("FLASHNORM_BACKEND", "triton")

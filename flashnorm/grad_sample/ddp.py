@@ -20,8 +20,8 @@ grad-sample modules are used).
 
 from __future__ import annotations
 
-from .fuse import GradSampleModuleFastGradientClippingFuse
-from .two_pass import GradSampleModuleFastGradientClipping
+from .one_pass import GradSampleModuleFastGradientClippingFuse
+from .two_passes import GradSampleModuleFastGradientClipping
 
 
 class _NoSyncForward:

@@ -4,12 +4,12 @@
 Layout. FSDP2 shards every parameter θ (a ``DTensor``, ``Shard(0)`` over the W data-parallel ranks) and
 all-gathers the parameters of one *unit* (a module given to ``fully_shard``) around its forward and its
 backward. FlashNorm's hooks sit on the layers *inside* the units, so they run while the unit's parameters
-are unsharded: X is kept in the forward, and the output gradient G reaches a layer's anchor after the
+are unsharded: X is kept in the forward, and the output gradient G reaches a layer's gradient tap after the
 unit's pre-backward all-gather. A layer that holds parameters must therefore not be a unit itself; shard
 blocks (:func:`flashnorm.utils.fsdp_utils.FSDP2Wrapper` does).
 
 Norms. Rank r computes ‖∇ℓ_b‖ for its own samples b ∈ ℬ_r from its own X, G. The norm pass
-(``torch.autograd.grad`` to the anchors) computes no parameter gradient, so FSDP's reduce-scatter moves
+(``torch.autograd.grad`` to the gradient taps) computes no parameter gradient, so FSDP's reduce-scatter moves
 nothing; norms of different ranks are never combined.
 
 Clipped gradients. Every rank ends with the shard it owns of FSDP's *average* of the local clipped sums,
@@ -28,7 +28,6 @@ in the same order, with zeros where its batch gave nothing (e.g. an empty Poisso
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from typing import Dict, Optional
 
@@ -38,16 +37,13 @@ import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Partial
 
-from ..norms.registry import clipped_from_per_sample, trainable_own_parameters
+from ..norms.registry import trainable_own_parameters
 from ..utils.fsdp_utils import row_shard
-from .base import HookedLayer
-from .fuse import GradSampleModuleFastGradientClippingFuse
-from .two_pass import GradSampleModuleFastGradientClipping
+from .capture import HookedLayer
+from .kept import KeptInputs, KeptPerSample
+from .one_pass import GradSampleModuleFastGradientClippingFuse
+from .two_passes import GradSampleModuleFastGradientClipping
 
-# The anchor returns its input as an autograd view, which this FSDP2 warning flags when a hooked layer's
-# output is also a unit's output (e.g. an LM head). The hazard it names, an in-place op on that output,
-# already raises in FlashNorm ("Output 0 of _AnchorBackward is a view and is being modified inplace").
-_VIEW_WARNING = r"FSDP2-wrapped module .* returned a view tensor"
 
 
 def _unsharded_class(module: nn.Module) -> type:
@@ -111,20 +107,16 @@ def _data_less_parameters(module: nn.Module):
 
 
 class _FSDPChecks:
-    """Checks the layout at construction; silences FSDP's view warning about FlashNorm's anchors."""
+    """Checks the FSDP2 layout at construction."""
 
-    #: The rules see FSDP's unsharded parameters, not the sharded ones an arena would be laid out for;
+    #: The rules see FSDP's unsharded parameters, not the sharded ones packed buffers would be laid out for;
     #: per-sample gradients stay per layer (one pass: they go to the reducer one by one).
-    uses_arena = False
+    packs_per_sample_grads = False
 
     def __init__(self, m: nn.Module, **kwargs):
         check_fsdp_layout(m)
         super().__init__(m, **kwargs)
 
-    def forward(self, *args, **kwargs):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_VIEW_WARNING, category=UserWarning)
-            return super().forward(*args, **kwargs)
 
 
 class FSDPGradSampleModuleFastGradientClipping(_FSDPChecks, GradSampleModuleFastGradientClipping):
@@ -152,28 +144,27 @@ class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModule
 
     def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, step: int) -> None:
         super()._capture_backward(layer, grad_output, step)
-        if layer.kept is not None and layer.kept[0] == "per_sample":
+        if isinstance(layer.kept, KeptPerSample):
             name_of = {p: n for n, p in layer.module.named_parameters()}  # FSDP's unsharded parameters now
             sharded = self._sharded[layer]
-            layer.kept = ("per_sample", {sharded[name_of[p]]: gs for p, gs in layer.kept[1].items()})
+            layer.kept = KeptPerSample({sharded[name_of[p]]: gs for p, gs in layer.kept.grads.items()})
 
     def _write_clipped_gradients(self, loss_per_sample, coef):
         reducer = _ClippedGradReducer()
         for layer in self.layers:
             kept, layer.kept = layer.kept, None
-            grads = {} if kept is None else self._clipped_grads(layer, kept, coef)
+            grads = {} if kept is None else self._clipped_grads(layer, kept, coef, self.backend)
             for p in layer.params:
                 reducer.add(p, grads.get(p))
         reducer.close()
 
     @staticmethod
-    def _clipped_grads(layer: HookedLayer, kept: tuple, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+    def _clipped_grads(layer: HookedLayer, kept, coef: torch.Tensor, backend: str) -> Dict[nn.Parameter, torch.Tensor]:
         """Σ_{b∈ℬ_r} c_b ∇_θ ℓ_b of the layer's parameters, full shape, keyed by the sharded parameters."""
-        if kept[0] == "per_sample":
-            return clipped_from_per_sample(kept[1], coef)
-        _, x, g, with_vectors = kept
+        if not isinstance(kept, KeptInputs):
+            return kept.clipped_grads(layer.rule, layer.module, coef, backend=backend)
         with _data_less_parameters(layer.module) as owner:
-            grads = layer.rule.clipped_grads(layer.module, x, g, coef, vectors=with_vectors)
+            grads = kept.clipped_grads(layer.rule, layer.module, coef, backend=backend)
         return {owner.get(p, p): grad for p, grad in grads.items()}
 
 

@@ -1,10 +1,9 @@
-"""Buffers for the per-sample gradients a one-pass step keeps.
+"""Packed per-sample gradients: the per-sample gradients a step keeps, side by side in a few [B, N] buffers.
 
 Where the planner materialises per-sample gradients (``per_sample``: small layers, or where they
 take no more memory than the X and G they replace), the one-pass mode needs, per parameter θ,
 the norm ‖∇_θ ℓ_b‖ and the clipped sum Σ_b c_b ∇_θ ℓ_b. Done per parameter that is four to six
-small launches each — most of the CPU cost of a step on a GPT-2 sized model. The arena lays them
-out side by side in a few [B, N] buffers (one dtype each; sample b's gradients contiguous in row b):
+small launches each. Packing lays them out side by side in a few [B, N] buffers (one dtype each; sample b's gradients contiguous in row b):
 
 * the layers write their per-sample gradients into views of them (``slots``) during the backward pass;
 * ‖g_b‖² over all of a buffer is one reduction:   Σ_j A[b, j]²;
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import weighted_row_sum
-from ..kernels._chunks import accumulation_dtype
+from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
 
 #: A buffer is closed once it holds this many bytes (a larger parameter gets a buffer of its own).
 CHUNK_BYTES = 256 << 20
@@ -39,7 +38,7 @@ class _Chunk:
     buffer: Optional[torch.Tensor] = None
 
 
-class PerSampleArena:
+class PackedPerSampleGrads:
     """Per-sample gradient slots of one step, in [B, N] buffers of one dtype each.
 
     Usage: :meth:`reserve` every (parameter, dtype) that will be kept, in the order the backward pass
@@ -109,7 +108,7 @@ class PerSampleArena:
             if c.buffer is not None
         ]
 
-    def clipped_sum(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+    def clipped_sum(self, coef: torch.Tensor, backend: Optional[str] = None) -> Dict[nn.Parameter, torch.Tensor]:
         """Σ_b c_b A[b] for every θ of an allocated buffer, as views of one flat tensor per buffer.
 
         One :func:`~flashnorm.kernels.weighted_row_sum` per buffer (c and the sum in float32), cast
@@ -119,7 +118,7 @@ class PerSampleArena:
         for chunk in self._chunks:
             if chunk.buffer is None:
                 continue
-            summed = weighted_row_sum(coef, chunk.buffer)  # [N] float32 (float64 for float64 buffers)
+            summed = weighted_row_sum(coef, chunk.buffer, backend=backend)  # [N] float32 (float64 for float64 buffers)
             sizes = [param.numel() for param in chunk.params]
             parts = {}  # per parameter dtype: the sum cast once, split into one piece per parameter
             for i, param in enumerate(chunk.params):
@@ -133,3 +132,33 @@ class PerSampleArena:
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` are the same elements (same start, shape and strides)."""
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def plan_packed_grads(layers, batch: int, device: torch.device, method_of, two_passes: bool):
+    """Before the norm pass: a :class:`PackedPerSampleGrads` with room for what this step keeps per sample, or
+    ``None`` when nothing is.
+
+    Room goes to the per-sample gradients of every layer whose ``method_of(layer, x, g_shape, g_dtype)`` is
+    ``per_sample``, and to the vector parameters (biases) of the other layers, in float32 (float64 for
+    float64 inputs), in the order the pass reaches them (last layer first). Two passes need the per-sample
+    gradients for the norms alone: only vector parameters (at most one dimension) are packed there; a
+    matrix's per-sample gradients stay per layer and are freed as soon as they are counted.
+    """
+    packed = None
+    for layer in reversed(layers):
+        x = layer.x
+        if x is None or x.shape[0] == 0 or layer.out_meta is None:
+            continue
+        shape, dtype = layer.out_meta
+        if method_of(layer, x, shape, dtype) == "per_sample":
+            params, slot_dtype = layer.params, layer.rule.per_sample_dtype(layer.module, x.dtype, dtype)
+            if two_passes:
+                params = [p for p in params if p.dim() <= 1]
+        else:
+            params, slot_dtype = layer.vectors, accumulation_dtype_of(x.dtype, dtype)
+        if slot_dtype is None or not params:
+            continue
+        packed = packed or PackedPerSampleGrads(batch, device)
+        for p in params:
+            packed.reserve(p, slot_dtype)
+    return packed

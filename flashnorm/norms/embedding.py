@@ -43,9 +43,9 @@ class EmbeddingRule(NormRule):
             rows = rows * (ids != layer.padding_idx).unsqueeze(1).to(rows.dtype)
         return sample, ids, rows
 
-    def norm_sq(self, layer, x, g, method, vectors=True):
+    def norm_sq(self, layer, x, g, method, vectors=True, *, backend=None):
         if method == "per_sample":
-            return super().norm_sq(layer, x, g, method)
+            return super().norm_sq(layer, x, g, method, backend=backend)
         batch = x.shape[0]
         acc = accumulation_dtype(g)
         sample, ids, rows = self._rows(layer, x, g)
@@ -63,7 +63,7 @@ class EmbeddingRule(NormRule):
         norm_sq = torch.zeros(batch, dtype=acc, device=g.device)
         return norm_sq.index_add_(0, run_sample, summed.square().sum(dim=1))
 
-    def clipped_grads(self, layer, x, g, coef, vectors=True):
+    def clipped_grads(self, layer, x, g, coef, vectors=True, *, backend=None):
         sample, ids, rows = self._rows(layer, x, g)
         weight_grad = torch.zeros_like(layer.weight)
         scaled = rows * coef.to(torch.promote_types(rows.dtype, torch.float32))[sample].unsqueeze(1)  # c unrounded
@@ -72,7 +72,7 @@ class EmbeddingRule(NormRule):
     def per_sample_dtype(self, layer, x_dtype, g_dtype):
         return layer.weight.dtype
 
-    def per_sample_grads(self, layer, x, g, out=None):
+    def per_sample_grads(self, layer, x, g, out=None, *, backend=None):
         sample, ids, rows = self._rows(layer, x, g)
         slot = (out or {}).get(layer.weight)
         if slot is not None:

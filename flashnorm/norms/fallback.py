@@ -26,7 +26,7 @@ class PerSampleGradFallback(NormRule):
             # Our activations and backprops are always batch first (rearranged by the hooks).
             prepare_layer(layer, batch_first=True)
 
-    def per_sample_grads(self, layer, x, g, out=None):  # new tensors: the caller copies them where it keeps them
+    def per_sample_grads(self, layer, x, g, out=None, *, backend=None):  # new tensors: the caller copies them where it keeps them
         if self.sampler is not None:
             grads = self.sampler(layer, [x], g)
         else:

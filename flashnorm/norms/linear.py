@@ -57,18 +57,18 @@ class LinearFamilyRule(NormRule):
         bias = getattr(layer, "bias", None)
         return [bias] if bias is not None and bias.requires_grad and layer.weight.requires_grad else []
 
-    def vector_grads(self, layer, x, g, out):
+    def vector_grads(self, layer, x, g, out, *, backend=None):
         """β_b = Σ_t G_b[t], summed in float32 (float64) into ``out[bias]``."""
         return {layer.bias: _bias_grads(self.output_sequences(layer, g), out[layer.bias])}
 
-    def norm_sq(self, layer, x, g, method, vectors=True):
+    def norm_sq(self, layer, x, g, method, vectors=True, *, backend=None):
         xs, gs = self.as_sequences(layer, x, g)
         total = None
         if layer.weight.requires_grad:
             if method == "flash":
-                total = flash_norm_sq(xs, gs)
+                total = flash_norm_sq(xs, gs, backend=backend)
             elif method == "gram":
-                total = gram_norm_sq(xs, gs)
+                total = gram_norm_sq(xs, gs, backend=backend)
             else:
                 raise ValueError(f"unknown norm method {method!r} for {type(layer).__name__}")
         bias = getattr(layer, "bias", None)
@@ -88,7 +88,7 @@ class LinearFamilyRule(NormRule):
     def per_sample_dtype(self, layer, x_dtype, g_dtype):
         return torch.promote_types(x_dtype, g_dtype)
 
-    def per_sample_grads(self, layer, x, g, out=None):
+    def per_sample_grads(self, layer, x, g, out=None, *, backend=None):
         xs, gs = self.as_sequences(layer, x, g)
         out = out or {}
         grads: Dict[nn.Parameter, torch.Tensor] = {}
@@ -101,11 +101,11 @@ class LinearFamilyRule(NormRule):
             grads[bias] = _bias_grads(gs, out.get(bias))
         return grads
 
-    def clipped_grads(self, layer, x, g, coef, vectors=True):
+    def clipped_grads(self, layer, x, g, coef, vectors=True, *, backend=None):
         xs, gs = self.as_sequences(layer, x, g)
         grads: Dict[nn.Parameter, torch.Tensor] = {}
         if layer.weight.requires_grad:
-            grads[layer.weight] = self.weight_from_pd(layer, clipped_weight_grad(xs, gs, coef)).to(layer.weight.dtype)
+            grads[layer.weight] = self.weight_from_pd(layer, clipped_weight_grad(xs, gs, coef, backend=backend)).to(layer.weight.dtype)
         bias = getattr(layer, "bias", None)
         if bias is not None and bias.requires_grad and (vectors or not self.vector_params(layer)):
             grads[bias] = clipped_bias_grad(gs, coef).to(bias.dtype)

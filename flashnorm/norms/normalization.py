@@ -42,7 +42,7 @@ class _AffineNormRule(NormRule):
     #: (:func:`~flashnorm.kernels.affine_norm.affine_norm_grads`); None: the general sums below.
     centered: Optional[bool] = None
 
-    def per_sample_grads(self, layer, x, g, out=None):
+    def per_sample_grads(self, layer, x, g, out=None, *, backend=None):
         weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
         if self.centered is not None and len(layer.normalized_shape) == 1 and weight is not None and weight.requires_grad:
             out = out or {}
@@ -50,7 +50,8 @@ class _AffineNormRule(NormRule):
             rows = (flatten_to_sequences(x), flatten_to_sequences(g))
             eps = layer.eps if layer.eps is not None else torch.finfo(accumulation_dtype(x, g)).eps
             w, b = affine_norm_grads(*rows, eps=eps, center=self.centered, with_bias=with_bias,
-                                     weight_out=out.get(weight), bias_out=out.get(bias) if with_bias else None)
+                                     weight_out=out.get(weight), bias_out=out.get(bias) if with_bias else None,
+                                     backend=backend)
             return {weight: w, bias: b} if with_bias else {weight: w}
         acc = accumulation_dtype(x, g)
         x, g = x.to(acc), g.to(acc)

@@ -14,9 +14,8 @@ For a Linear-family layer with flattened sizes (B, T, d, p), N = B·T·d·p:
   They are written by cuBLAS ``bmm``, or by the norm kernel's tiles with ``FLASHNORM_BACKEND=triton``
   (:func:`~flashnorm.kernels.per_sample_weight_grads` gives the measurements behind that default).
 
-Other rules have one method. The choice can be forced per module
-(``norm_method=`` on the grad-sample module) or globally (``FLASHNORM_NORM_METHOD``), and it
-is logged at DEBUG level.
+Other rules have one method. The choice can be forced per model (``norm_method=`` of ``make_private`` or of the grad-sample
+module; ``FLASHNORM_NORM_METHOD`` is only its default), and it is logged at DEBUG level.
 """
 
 from __future__ import annotations
@@ -26,9 +25,12 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from .registry import METHODS
+
 logger = logging.getLogger(__name__)
 
-METHODS = ("flash", "gram", "per_sample", "exact")
+#: The modes' algorithms (``Mode.norm_method``): what the planner starts from.
+ALGORITHMS = ("flash", "gram", "per_sample")
 
 #: κ (see above): multiplier on the FLOP-equality bound T* = 2dp/(d+p) below which Gram is used.
 GRAM_CROSSOVER_FILLED = 0.5
@@ -53,13 +55,22 @@ class Problem:
     element_bytes: int = 4
 
 
-def forced_method() -> Optional[str]:
-    """``FLASHNORM_NORM_METHOD`` when set (``auto`` or empty means not forced)."""
-    value = os.environ.get("FLASHNORM_NORM_METHOD", "").strip().lower()
+def resolve_norm_method(value: Optional[str]) -> Optional[str]:
+    """The forced norm method, or ``None`` when the planner chooses (``"auto"``).
+
+    ``value=None`` reads ``FLASHNORM_NORM_METHOD`` (unset or empty: ``"auto"``).
+
+    Raises:
+        ValueError: an unknown method (named with where it came from).
+    """
+    source = "norm_method"
+    if value is None:
+        source, value = "FLASHNORM_NORM_METHOD", os.environ.get("FLASHNORM_NORM_METHOD", "")
+    value = value.strip().lower()
     if value in ("", "auto"):
         return None
     if value not in METHODS:
-        raise ValueError(f"FLASHNORM_NORM_METHOD={value!r} is not one of auto, {', '.join(METHODS)}.")
+        raise ValueError(f"{source}={value!r} is not one of auto, {', '.join(METHODS)}.")
     return value
 
 
@@ -89,11 +100,11 @@ def plan_linear(problem: Problem, *, base: str, fused: bool) -> str:
 
 
 def choose(rule, layer, x, g, *, base: str, fused: bool, override: Optional[str], name: str) -> str:
-    """The method for this call: the override, else ``FLASHNORM_NORM_METHOD``, else the plan.
+    """The method for this call: ``override`` (a forced method), else the plan.
 
     Every rule can do ``"per_sample"``; a forced method the rule lacks is ignored for that layer.
     """
-    method = override or forced_method()
+    method = override
     if method != "per_sample" and method not in rule.methods:
         if base == "per_sample":
             method = "per_sample"

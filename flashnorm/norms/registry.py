@@ -12,6 +12,7 @@ Families live one per file in this package and register on import.
 
 from __future__ import annotations
 
+import abc
 from typing import Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
@@ -20,20 +21,30 @@ import torch.nn as nn
 from ..kernels import weighted_row_sum
 from ..kernels._chunks import accumulation_dtype
 
+#: Every norm method a rule may list (the planner's vocabulary).
+METHODS = ("flash", "gram", "per_sample", "exact")
+
 _RULES: Dict[type, "NormRule"] = {}
 
 
-class NormRule:
-    """Base class of a layer family's norm rule.
+class NormRule(abc.ABC):
+    """The protocol of a layer family's norm rule (one instance per family, registered per layer type).
 
-    Subclasses set ``methods`` and implement :meth:`norm_sq` and :meth:`clipped_grads`;
-    :meth:`per_sample_grads` (B·|θ| memory) serves the ``"per_sample"`` method.
+    Required: :meth:`per_sample_grads` (every rule can materialise per-sample gradients, B·|θ| memory).
 
-    A rule whose layer has small *vector* parameters beside a large one (a Linear's bias beside its
-    weight) lists them in :meth:`vector_params` and forms their per-sample gradients in
-    :meth:`vector_grads`; a one-pass step then keeps those per sample with the other per-sample
-    gradients (one norm and one clipped sum for all of them) and calls :meth:`norm_sq` and
-    :meth:`clipped_grads` with ``vectors=False``, for the remaining parameters only.
+    Optional, with defaults from the per-sample gradients:
+
+    * :meth:`norm_sq` for the other ``methods`` it lists (``"flash"``, ``"gram"``, ``"exact"``);
+    * :meth:`clipped_grads`, the clipped sum the one-pass mode assembles;
+    * :meth:`sizes`, the planner's (B, T, d, p): required when ``methods`` has ``"flash"`` or ``"gram"``;
+    * :meth:`vector_params` / :meth:`vector_grads`: small *vector* parameters beside a large one (a Linear's
+      bias beside its weight), kept per sample with the other per-sample gradients (one norm and one
+      clipped sum for all of them); :meth:`norm_sq` and :meth:`clipped_grads` are then called with
+      ``vectors=False``, for the remaining parameters only;
+    * :meth:`per_sample_dtype`, :meth:`supports`.
+
+    ``backend`` (``"auto"``, ``"triton"``, ``"torch"``; ``None`` reads ``FLASHNORM_BACKEND``) is handed to the
+    kernels a rule calls.
     """
 
     #: Methods this rule can compute norms with; the planner picks among them.
@@ -41,10 +52,24 @@ class NormRule:
     #: The layer computes in autocast's lower precision (matmuls): a forward pre-hook hands it its input
     #: already cast, and that tensor, which autograd keeps too, is the X kept (not the input as it arrived).
     autocast_input: bool = False
+    #: The rule's per-sample gradients cover the parameters of the layer's children too (they get no hooks).
+    covers_children: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.methods) - set(METHODS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.methods has unknown methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
+        if {"flash", "gram"} & set(cls.methods) and cls.sizes is NormRule.sizes:
+            raise TypeError(f"{cls.__name__} lists flash/gram methods and must define sizes() for the planner")
 
     def supports(self, layer: nn.Module) -> Optional[str]:
         """``None`` when the rule handles ``layer``; otherwise why not (the layer falls back)."""
         return None
+
+    def sizes(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Tuple[int, int, int, int]:
+        """(B, T, d, p) of the flattened product G_bᵀX_b, for the planner (rules with flash/gram methods)."""
+        raise NotImplementedError(f"{type(self).__name__} has no flattened Linear problem")
 
     def vector_params(self, layer: nn.Module) -> List[nn.Parameter]:
         """Trainable parameters whose per-sample gradients are vectors cheap to form and keep (B·|θ|, far
@@ -52,20 +77,26 @@ class NormRule:
         return []
 
     def vector_grads(
-        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, out: Dict[nn.Parameter, torch.Tensor]
+        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, out: Dict[nn.Parameter, torch.Tensor], *,
+        backend: Optional[str] = None,
     ) -> Dict[nn.Parameter, torch.Tensor]:
         """∇_θ ℓ_b for θ in :meth:`vector_params`, written into ``out[θ]`` ([B, *θ.shape], any float dtype)."""
         return {}
 
-    def norm_sq(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, method: str, vectors: bool = True) -> torch.Tensor:
+    def norm_sq(
+        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, method: str, vectors: bool = True, *,
+        backend: Optional[str] = None,
+    ) -> torch.Tensor:
         """Σ_params ‖∇_θ ℓ_b‖² per sample → [B] float32 (float64 for float64 inputs); with ``vectors=False``
         the parameters of :meth:`vector_params` are left out."""
         if method != "per_sample":
             raise ValueError(f"{type(self).__name__} has no method {method!r}")
-        return per_sample_norm_sq(self.per_sample_grads(layer, x, g))
+        return per_sample_norm_sq(self.per_sample_grads(layer, x, g, backend=backend))
 
+    @abc.abstractmethod
     def per_sample_grads(
-        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, out: Optional[Dict[nn.Parameter, torch.Tensor]] = None
+        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, out: Optional[Dict[nn.Parameter, torch.Tensor]] = None,
+        *, backend: Optional[str] = None,
     ) -> Dict[nn.Parameter, torch.Tensor]:
         """∇_θ ℓ_b for each trainable parameter θ of the layer: {θ: [B, *θ.shape]}, in the layer's
         compute dtype (callers cast what they assemble to θ's dtype).
@@ -73,7 +104,6 @@ class NormRule:
         ``out`` optionally maps parameters to [B, *θ.shape] tensors of :meth:`per_sample_dtype` to
         write into (and return); a rule may ignore it and return new tensors, which callers copy.
         """
-        raise NotImplementedError
 
     def per_sample_dtype(self, layer: nn.Module, x_dtype: torch.dtype, g_dtype: torch.dtype) -> Optional[torch.dtype]:
         """The dtype :meth:`per_sample_grads` returns for inputs of these dtypes; ``None`` when the rule
@@ -81,11 +111,12 @@ class NormRule:
         return None
 
     def clipped_grads(
-        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, vectors: bool = True
+        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, vectors: bool = True, *,
+        backend: Optional[str] = None,
     ) -> Dict[nn.Parameter, torch.Tensor]:
         """Σ_b c_b ∇_θ ℓ_b for each trainable parameter θ: {θ: θ.shape} (without those of
         :meth:`vector_params` when ``vectors=False``)."""
-        return clipped_from_per_sample(self.per_sample_grads(layer, x, g), coef)
+        return clipped_from_per_sample(self.per_sample_grads(layer, x, g, backend=backend), coef, backend=backend)
 
 
 def register_norm_rule(layer_types, *, force: bool = False):
@@ -140,10 +171,14 @@ def per_sample_norm_sq(grads: Dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
     return torch.stack(per_sample_norms(grads)).square().sum(dim=0)
 
 
-def clipped_from_per_sample(grads: Dict[nn.Parameter, torch.Tensor], coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+def clipped_from_per_sample(
+    grads: Dict[nn.Parameter, torch.Tensor], coef: torch.Tensor, *, backend: Optional[str] = None
+) -> Dict[nn.Parameter, torch.Tensor]:
     """Σ_b c_b grads[θ][b] for each θ, in float32 (float64 for float64 inputs): c is never rounded to a
     16-bit gradient dtype, which could scale a sample past the clipping bound."""
-    return {p: weighted_row_sum(coef, gs.reshape(gs.shape[0], -1)).view(p.shape) for p, gs in grads.items()}
+    return {
+        p: weighted_row_sum(coef, gs.reshape(gs.shape[0], -1), backend=backend).view(p.shape) for p, gs in grads.items()
+    }
 
 
 def iter_rules() -> Iterable[Tuple[Type[nn.Module], NormRule]]:

@@ -25,6 +25,8 @@ from opacus.optimizers import DPOptimizerFastGradientClipping as _OpacusDPOptimi
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from opacus.optimizers.utils import params as trainable_params
 
+from ..grad_sample.provenance import clipped_iterations
+from ..utils.privacy_parameters import check_privacy_parameters
 from ..kernels.multi_tensor import add_then_scale_, same_kind_groups
 
 
@@ -64,6 +66,48 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
     #: Noise and scaling in one pass per bucket; the FSDP optimizer, which adds only owned elements, says False.
     fuses_noise_and_scale = True
 
+    def __init__(self, optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int, **kwargs):
+        check_privacy_parameters(noise_multiplier, max_grad_norm)
+        super().__init__(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size, **kwargs,
+        )
+        self._step_iterations: Optional[int] = None
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """k: how many clipped backward passes the gradients of this step sum (the accountant records k × the
+        sample rate and ``mean`` divides by k × the expected batch size, as in Opacus's hooks mode); 1 when no
+        gradient was written (a step of noise alone)."""
+        if self._step_iterations is not None:
+            return self._step_iterations
+        return self._clipped_iterations()
+
+    def _clipped_iterations(self) -> int:
+        """k from the gradients' provenance records.
+
+        Raises:
+            RuntimeError: a gradient the clipping workflow did not write, before anything changes.
+        """
+        counts = set()
+        for p in self.params:
+            if p.grad is None:
+                continue
+            k = clipped_iterations(p)
+            if k is None:
+                raise RuntimeError(
+                    "optimizer.step() refused: a parameter's gradient was not produced by the clipping workflow (a "
+                    "plain loss.backward(), e.g. HF's outputs.loss or a criterion other than the one make_private "
+                    "returned; a gradient edited in place, e.g. by clip_grad_norm_; or one already used by a step). "
+                    "Stepping on it would apply an unclipped gradient with noise and epsilon as if private. Build "
+                    "the loss with the criterion that make_private returned, call optimizer.zero_grad(), and run "
+                    "forward and backward again; no parameter has changed."
+                )
+            counts.add(k)
+        if len(counts) > 1:
+            raise RuntimeError(f"Parameters' gradients sum different numbers of clipped backward passes: {sorted(counts)}.")
+        return counts.pop() if counts else 1
+
     @property
     def params(self):
         """The trainable parameters of every group (Opacus's list), built once per ``step``."""
@@ -75,9 +119,12 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
         list for the whole step and the noise and scaling fused."""
         self._step_params = trainable_params(self)
         try:
+            self._step_iterations = self._clipped_iterations()
             self.accumulate()
             if self._check_skip_next_step():
                 self._is_last_step_skipped = True
+                for p in self.params:  # accumulated into summed_grad: a later backward must not count it again
+                    _mark_as_processed(p.grad)
                 return False
             self.add_noise_and_scale_grad()
             if self.step_hook:
@@ -85,7 +132,7 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             self._is_last_step_skipped = False
             return True
         finally:
-            self._step_params = None
+            self._step_params = self._step_iterations = None
 
     def accumulate(self):
         virtual_step = bool(self._check_skip_next_step(pop_next=False))

@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+from flashnorm.grad_sample.provenance import mark_clipped
 from flashnorm.optimizers import DPOptimizerFastGradientClipping
 from tests.conftest import TOLERANCES
 from tests.distributed.workers import Case, Launch, build, sample_loss
@@ -134,6 +135,7 @@ def _single_device_noise(case, reference_grads):
     model.to(DEVICE)
     for p in model.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
+    mark_clipped(model.parameters(), 1)
     optimizer = DPOptimizerFastGradientClipping(
         torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=case.sigma, max_grad_norm=case.clip,
         expected_batch_size=case.batch, generator=torch.Generator(device=DEVICE).manual_seed(1234),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FlashNormGradSampleModule
+from .workflow import FlashNormGradSampleModule
 
 
 class GradSampleModuleFastGradientClipping(FlashNormGradSampleModule):

@@ -1,0 +1,243 @@
+"""Capture: which layers are hooked, what their forward keeps (X), and where their output gradient (G) arrives.
+
+Every layer that owns trainable parameters is a :class:`HookedLayer`. Its forward hook keeps its input X
+(batch first) and routes its output through a :class:`GradientTap`: an identity autograd function whose
+backward hands the output gradient G to the layer's callback. A backward pass to the taps alone,
+``torch.autograd.grad(Σ_b ℓ_b, [tap])``, reaches every layer's G while autograd computes no parameter
+gradient. Layers whose rule computes in autocast's lower precision get their input already cast by a
+forward pre-hook, so the X kept is the very tensor autograd saves.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+
+from ..norms import PerSampleGradFallback, get_norm_rule
+from ..norms.registry import NormRule, trainable_own_parameters
+
+logger = logging.getLogger(__name__)
+
+
+class GradientTap(torch.autograd.Function):
+    """Identity on a layer output; its backward hands the output gradient to ``callback(grad, step)``.
+
+    ``tap`` is a scalar leaf that requires grad: differentiating to it reaches every tapped layer. The result
+    shares the output's memory and version counter but is not an autograd view of it, so in-place ops after
+    the layer (``ReLU(inplace=True)``, ``out += identity``) work, and are refused exactly where PyTorch
+    refuses them without the tap (an output the layer saved for its own backward).
+    """
+
+    @staticmethod
+    def forward(ctx, output, tap, callback, step):
+        ctx.callback, ctx.step = callback, step
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ctx.callback(grad_output, ctx.step)
+        return grad_output, None, None, None
+
+
+def _tap_node_type():
+    probe = torch.zeros((), requires_grad=True)
+    return type(GradientTap.apply(probe, probe, None, 0).grad_fn)
+
+
+#: The autograd node class of :class:`GradientTap` (the graph check stops at other layers' taps).
+TAP_NODE = _tap_node_type()
+
+#: Dtypes autocast casts for its lower-precision ops (float64 is left alone).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_target(x) -> Optional[torch.dtype]:
+    """The dtype autocast casts tensor ``x`` to for a lower-precision op (a matmul) here, or ``None`` where
+    it leaves ``x`` as it is (autocast off on its device, an ineligible dtype, already that dtype)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _AUTOCAST_ELIGIBLE:
+        return None
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return None if dtype == x.dtype else dtype
+
+
+@dataclass(eq=False)
+class HookedLayer:
+    """A layer that owns trainable parameters, with its rule and this step's captures."""
+
+    name: str
+    module: nn.Module
+    rule: NormRule
+    params: List[nn.Parameter]
+    x: Optional[torch.Tensor] = None  # this step's input, batch first
+    out_meta: Optional[tuple] = None  # (batch-first shape, dtype) of this step's output: G's shape and dtype
+    kept: Optional[object] = None  # one pass only: a :mod:`~flashnorm.grad_sample.kept` record
+    vectors: List[nn.Parameter] = field(default_factory=list)  # the rule's vector_params, kept per sample
+    handles: list = field(default_factory=list)
+    callback: Optional[Callable] = None  # the tap's callback, bound once
+    graph_ends: Optional[tuple] = None  # (output node, input node) of the checked step, for the graph check
+    plan: Optional[tuple] = None  # ((shapes, dtype), method) of the last call
+
+
+def discover_layers(module: nn.Module, name: str = ""):
+    """Yields a :class:`HookedLayer` for each module owning trainable parameters, depth first.
+
+    A layer without a rule, or whose rule refuses it, falls back to exact per-sample gradients
+    (:class:`~flashnorm.norms.PerSampleGradFallback`); a fallback that covers its children hides them.
+
+    Raises:
+        NotImplementedError: neither a rule nor the fallback can serve the layer (its path in the message).
+    """
+    own = trainable_own_parameters(module)
+    covers_children = False
+    if own:
+        rule = get_norm_rule(module)
+        reason = "it has no FlashNorm norm rule" if rule is None else rule.supports(module)
+        if reason is not None:
+            try:
+                rule = PerSampleGradFallback(module)
+            except NotImplementedError as err:
+                raise NotImplementedError(
+                    f"Layer '{name or '<root>'}' ({type(module).__name__}) is not supported: {reason}, "
+                    f"and per-sample gradients cannot be computed for it ({err}). Fix: register a rule with "
+                    "flashnorm.norms.register_norm_rule, replace the layer, or freeze its parameters."
+                ) from err
+            covers_children = rule.covers_children
+            logger.info("layer %s (%s): %s; falling back to per-sample gradients", name, type(module).__name__, reason)
+        params = [p for p in module.parameters() if p.requires_grad] if covers_children else own
+        yield HookedLayer(name or "<root>", module, rule, params, vectors=rule.vector_params(module))
+    if covers_children:
+        return
+    for child_name, child in module.named_children():
+        yield from discover_layers(child, f"{name}.{child_name}" if name else child_name)
+
+
+class CaptureHooks:
+    """The forward side of a grad-sample module: hooks on its ``layers``, and the batch size they saw.
+
+    The host class provides ``layers``, ``batch_first``, ``training``, ``_distributed``, the step counter
+    ``_step``, ``_uses_checked``, ``_capture_backward(layer, grad, step)`` and ``_single_sample_step()``.
+    """
+
+    def add_hooks(self) -> None:
+        for layer in self.layers:
+            layer.callback = partial(self._capture_backward, layer)
+        self._attach_forward_hooks()
+        self.enable_hooks()
+
+    def remove_hooks(self) -> None:
+        self.disable_hooks()
+        self._detach_forward_hooks()
+        self._hooks_parked = False
+        for layer in self.layers:
+            layer.x, layer.kept = None, None
+
+    def _attach_forward_hooks(self) -> None:
+        for layer in self.layers:
+            if layer.rule.autocast_input:
+                layer.handles.append(layer.module.register_forward_pre_hook(self._cast_input_for_autocast))
+            layer.handles.append(layer.module.register_forward_hook(partial(self._capture_forward, layer)))
+
+    def _detach_forward_hooks(self) -> None:
+        for layer in self.layers:
+            while layer.handles:
+                layer.handles.pop().remove()
+
+    def _park_forward_hooks(self, parked: bool) -> None:
+        """Detaches the layers' forward hooks for a step of one sample (``parked``), or re-attaches them.
+
+        Such a step captures nothing, and a module without hooks runs PyTorch's fast call path.
+        """
+        if parked == self._hooks_parked:
+            return
+        self._hooks_parked = parked
+        if parked:
+            self._detach_forward_hooks()
+        else:
+            self._attach_forward_hooks()
+
+    def enable_hooks(self) -> None:
+        """Turns capture back on (after :meth:`disable_hooks`)."""
+        self.hooks_enabled = True
+
+    def disable_hooks(self) -> None:
+        """Turns capture off: the module then trains like the plain module."""
+        self.hooks_enabled = False
+
+    def _capturing_forward(self) -> bool:
+        """Whether this forward captures: hooks on, the wrapper in training mode (its mode decides, not a
+        layer's: a trainable layer left in eval mode inside a training forward still gets gradients, so its
+        norm must be counted) and grad enabled."""
+        return self.hooks_enabled and self.training and torch.is_grad_enabled()
+
+    def _tap_on(self, device: torch.device) -> torch.Tensor:
+        tap = self._taps.get(device)
+        if tap is None:
+            tap = self._taps[device] = torch.zeros((), device=device, requires_grad=True)
+        return tap
+
+    def _batch_first(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.batch_first else t.movedim(1, 0)
+
+    def _leading_batch_size(self, inputs) -> Optional[int]:
+        """The batch dimension of the first input when it is a tensor, else None."""
+        first = inputs[0] if inputs else None
+        dim = 0 if self.batch_first else 1
+        return first.shape[dim] if isinstance(first, torch.Tensor) and first.dim() > dim else None
+
+    def _cast_input_for_autocast(self, module: nn.Module, inputs):
+        """Forward pre-hook of the layers whose rule keeps X in autocast's lower precision
+        (``rule.autocast_input``): the layer gets its first input already cast, so its own autocast cast
+        is a no-op and the X captured after it is the very tensor autograd saves for the backward."""
+        if not inputs or not self._capturing_forward():
+            return None
+        dtype = autocast_target(inputs[0])
+        return None if dtype is None else (inputs[0].to(dtype), *inputs[1:])
+
+    def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output):
+        if not self._capturing_forward():
+            return None
+        if self._single_sample_step() and self._leading_batch_size(inputs) == 1:
+            return None  # B = 1, known from an earlier layer: nothing to capture (the fast path of every hook)
+        if layer.x is not None:
+            raise NotImplementedError(
+                f"Layer '{layer.name}' ran twice in one forward pass. Per-sample norms of a layer applied more "
+                "than once need cross terms between its uses, which FlashNorm's clipping modes do not compute. "
+                "Fix: use a separate layer per use, or grad_sample_mode='hooks'."
+            )
+        if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
+            raise NotImplementedError(
+                f"Layer '{layer.name}' ({type(module).__name__}) must take a tensor as its first input and return "
+                "one tensor for FlashNorm's hooks."
+            )
+        x = self._batch_first(inputs[0].detach())
+        batch_dim = 0 if self.batch_first else 1
+        if self._batch_size is None:
+            self._batch_size = x.shape[0]
+        elif x.shape[0] != self._batch_size:
+            if x.shape[0] != 1 or output.shape[batch_dim] != 1:
+                raise ValueError(
+                    f"Layer '{layer.name}' saw batch size {x.shape[0]} but an earlier layer saw {self._batch_size} in "
+                    f"the same forward pass. Check batch_first (now {self.batch_first}); a layer shared by the whole "
+                    "batch (e.g. position embeddings) must get a batch dimension of 1, wpe(positions.unsqueeze(0)), "
+                    "and run after a layer that sees the full batch."
+                )
+            # Shared by the batch and broadcast downstream: expand it so that its output gradient
+            # arrives per sample (sample b's gradient of a shared layer is rule(X, G_b)).
+            x = x.expand(self._batch_size, *x.shape[1:])
+            output = output.expand(*(self._batch_size if i == batch_dim else -1 for i in range(output.dim())))
+        if self._single_sample_step():
+            return None  # the batch gradient is the per-sample gradient: nothing to capture
+        layer.x = x
+        shape = output.shape if self.batch_first else (output.shape[1], output.shape[0], *output.shape[2:])
+        layer.out_meta = (shape, output.dtype)
+        if not self._uses_checked:
+            layer.graph_ends = (output.grad_fn, getattr(inputs[0], "grad_fn", None))
+        return GradientTap.apply(output, self._tap_on(output.device), layer.callback, self._step)

@@ -1,0 +1,40 @@
+"""Which gradients the clipping workflow wrote: the DP optimizer steps only on those.
+
+After a clipping step every trainable parameter carries a record of the gradient tensor the workflow left in
+``p.grad`` (a weak reference and its version counter) and how many clipped backward passes it sums. A gradient
+written or modified any other way (a plain ``loss.backward()``, an in-place edit, a gradient already used by a
+step) no longer matches its record, and :class:`~flashnorm.optimizers.DPOptimizerFastGradientClipping` refuses it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+_RECORD = "_flashnorm_clipped_grad"
+
+
+@dataclass(frozen=True)
+class ClippedGradRecord:
+    grad: weakref.ref
+    version: int
+    iterations: int
+
+
+def mark_clipped(params: Iterable[torch.Tensor], iterations: int) -> None:
+    """Records each ``p.grad`` as the clipped sum of ``iterations`` clipped backward passes."""
+    for p in params:
+        if p.grad is not None:
+            setattr(p, _RECORD, ClippedGradRecord(weakref.ref(p.grad), p.grad._version, iterations))
+
+
+def clipped_iterations(p: torch.Tensor) -> Optional[int]:
+    """How many clipped backward passes ``p.grad`` sums, or ``None`` when the workflow did not write it as it is
+    now (no record, another tensor, modified in place since, or already used by an optimizer step)."""
+    record, grad = getattr(p, _RECORD, None), p.grad
+    if record is None or grad is None or record.grad() is not grad or grad._version != record.version:
+        return None
+    return None if hasattr(grad, "_processed") else record.iterations

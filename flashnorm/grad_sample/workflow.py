@@ -1,0 +1,521 @@
+"""The clipping workflow of FlashNorm's grad-sample modules (two passes and one pass).
+
+The *norm pass* ``torch.autograd.grad(Σ_b ℓ_b, [tap])`` walks the whole graph down to the lowest gradient
+tap (:mod:`~flashnorm.grad_sample.capture`), so every hooked layer sees its output gradient G, but autograd
+computes no parameter gradient. In the tap's callback the layer's norm rule turns (X, G) into per-sample
+squared norms, summed into ``norm_sq[b]``; then c_b = min(1, C / (‖g_b‖ + 1e-6)). Subclasses write
+Σ_b c_b ∇ℓ_b into ``p.grad``: a second backward pass of Σ_b c_b ℓ_b
+(:class:`~flashnorm.grad_sample.two_passes.GradSampleModuleFastGradientClipping`) or assembly from what the
+norm pass kept (:class:`~flashnorm.grad_sample.one_pass.GradSampleModuleFastGradientClippingFuse`).
+
+G is the gradient of the *sum* of per-sample losses whatever ``loss_reduction`` is; the reduction is applied
+by the DP optimizer (division by the expected batch size for ``mean``), exactly as in Opacus.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.validators import ModuleValidator
+
+from ..kernels import multi_tensor
+from ..kernels._chunks import accumulation_dtype
+from ..kernels.backend import resolve_backend
+from ..norms.planner import ALGORITHMS, choose, resolve_norm_method
+from ..norms.registry import per_sample_norm_sq, per_sample_norms
+from .capture import TAP_NODE, CaptureHooks, HookedLayer, discover_layers
+from .graph_check import parameters_used_outside
+from .kept import KeptInputs, KeptPacked, KeptPerSample
+from .loss_check import NON_FINITE_LOSS, FiniteLossCheck
+from .packed_grads import PackedPerSampleGrads, plan_packed_grads
+from .provenance import clipped_iterations, mark_clipped
+
+
+def _same_tensors(a: List[torch.Tensor], b: List[torch.Tensor]) -> bool:
+    """The same tensor objects in the same order (``==`` on tensors would compare values)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _is_distributed(module: nn.Module) -> bool:
+    """True when gradients of ``module`` are reduced across ranks by DDP or FSDP2 hooks."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(module, DistributedDataParallel) or any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
+    """Base of FlashNorm's grad-sample modules; see the module docstring for the algorithm.
+
+    Args:
+        m: the module to wrap; its parameters stay the same ``Parameter`` objects.
+        batch_first: inputs are ``[B, ...]`` (else ``[T, B, ...]``).
+        loss_reduction: ``"mean"`` or ``"sum"`` (applied by the optimizer, as in Opacus).
+        max_grad_norm: the clipping bound C.
+        use_flash_clipping: flash norms, the planner choosing per layer (default).
+        use_ghost_clipping: with ``use_flash_clipping=False``, Gram (ghost) norms; both ``False``
+            gives per-sample-gradient norms.
+        strict: validate the module with Opacus's ``ModuleValidator`` (e.g. no BatchNorm).
+        norm_method: force one method (``"flash"``, ``"gram"``, ``"per_sample"``) where a
+            layer's rule has it; ``"auto"`` lets the planner choose; ``None`` reads ``FLASHNORM_NORM_METHOD``
+            (unset: ``"auto"``).
+        norm_algorithm: the mode's algorithm (``"flash"``, ``"gram"``, ``"per_sample"``), as the mode table
+            gives it; when set it replaces the two ``use_*_clipping`` flags (Opacus's spelling).
+        backend: the kernels' backend, ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or
+            ``"torch"``; ``None`` reads ``FLASHNORM_BACKEND`` (unset: ``"auto"``).
+    """
+
+    #: Backward passes per step: 2 (norm pass + clipped pass) or 1 (norm pass + assembly).
+    passes = 2
+    #: Per-sample gradients packed in :class:`PackedPerSampleGrads`: their norms take one reduction per
+    #: buffer, and in one pass their clipped sums one GEMV. Two-pass modes pack only vector parameters
+    #: (biases, normalisation weights: B × n elements each), for the norm pass alone.
+    packs_per_sample_grads = True
+
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        max_grad_norm: float = 1.0,
+        use_flash_clipping: bool = True,
+        use_ghost_clipping: bool = True,
+        strict: bool = True,
+        norm_method: Optional[str] = None,
+        norm_algorithm: Optional[str] = None,
+        backend: Optional[str] = None,
+    ):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}: only 'mean' and 'sum' are supported.")
+        if not isinstance(max_grad_norm, (int, float)) or max_grad_norm <= 0:
+            raise ValueError(
+                f"max_grad_norm={max_grad_norm!r}: FlashNorm's clipping modes need one positive number "
+                "(flat clipping); per-layer bounds need grad_sample_mode='hooks'."
+            )
+        if norm_algorithm is None:
+            norm_algorithm = "flash" if use_flash_clipping else ("gram" if use_ghost_clipping else "per_sample")
+        if norm_algorithm not in ALGORITHMS:
+            raise ValueError(f"norm_algorithm={norm_algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
+        forced = resolve_norm_method(norm_method)
+        backend = resolve_backend(backend)
+        if strict:
+            ModuleValidator.validate(m, strict=True)
+        super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction)
+        self.max_grad_norm = float(max_grad_norm)
+        self.norm_algorithm = norm_algorithm
+        self.norm_method = forced  # None: planned per layer
+        self.backend = backend
+        self.trainable_parameters = [p for p in m.parameters() if p.requires_grad]
+        self.layers = list(discover_layers(m))
+        self._check_no_shared_parameters()
+        self._taps: Dict[torch.device, torch.Tensor] = {}
+        self._capturing = False
+        self._batch_size: Optional[int] = None
+        self._step = 0  # counts capturing forward passes; taps remember theirs
+        self._uses_checked = False  # parameters used outside their layer: checked on the first step
+        self._step_used = False  # this step's forward was back-propagated by the workflow already
+        self._in_workflow = False  # inside clipped_backward (its second pass reaches the taps again)
+        self._plain_norm_terms: List[torch.Tensor] = []  # squared norms from a plain backward, one [B] per layer
+        self._norm_sq: Optional[torch.Tensor] = None
+        self._norm_terms: List[torch.Tensor] = []  # squared per-sample norms, one [B] per layer
+        self._norm_roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
+        self._packed: Optional[PackedPerSampleGrads] = None
+        self._per_sample_gradient_norms: Optional[torch.Tensor] = None
+        #: The loss check of a step captured in a CUDA graph (read after each replay), else None.
+        self.captured_finite_check: Optional[FiniteLossCheck] = None
+        self._distributed = _is_distributed(m)
+        self._hooks_parked = False  # forward hooks detached for steps of one sample (:meth:`_park_forward_hooks`)
+        self._last_leading_batch_size: Optional[int] = None  # of the last capturing forward's first argument
+        self.hooks_enabled = False
+        self.add_hooks()
+
+    def _check_no_shared_parameters(self) -> None:
+        owner: Dict[int, str] = {}
+        for layer in self.layers:
+            for p in layer.params:
+                if id(p) in owner:
+                    raise NotImplementedError(
+                        f"Layers '{owner[id(p)]}' and '{layer.name}' share a parameter (weight tying). The per-sample "
+                        "norm of a shared parameter needs the cross term of both uses, which FlashNorm's clipping "
+                        "modes do not compute. Fix: untie the weights (e.g. tie_word_embeddings=False) or use "
+                        "grad_sample_mode='hooks'."
+                    )
+                owner[id(p)] = layer.name
+
+    def forward(self, *args, **kwargs):
+        if self._capturing_forward():
+            self._step += 1  # a forward that captures starts a new step (eval / no_grad ones leave it be)
+            self._step_used = False
+            self._follow_requires_grad()
+            leading = self._leading_batch_size(args)
+            # The first argument's batch size speaks for the layers' once a step with hooks saw them agree.
+            trusted = leading is not None and leading == self._last_leading_batch_size == self._batch_size
+            self._reset_step()
+            self._last_leading_batch_size = leading
+            single = trusted and leading == 1 and not self._distributed
+            if single:
+                self._batch_size = 1  # what the layers' hooks would have found (the loss is checked against it)
+            self._park_forward_hooks(single)
+        return self._module(*args, **kwargs)
+
+    def _follow_requires_grad(self) -> None:
+        """Re-discovers the hooked layers when ``requires_grad`` changed since the last step (progressive
+        unfreezing): a newly trainable layer gets hooks, a frozen one loses them, on every path (B = 1 too).
+
+        Raises:
+            RuntimeError: under DDP/FSDP, whose gradient reduction was laid out for the original parameters.
+        """
+        trainable = [p for p in self._module.parameters() if p.requires_grad]
+        if _same_tensors(trainable, self.trainable_parameters):
+            return
+        if self._distributed:
+            raise RuntimeError(
+                "requires_grad changed after make_private on a DDP/FSDP model; freeze or unfreeze parameters "
+                "before wrapping it (call make_private again with the new set)."
+            )
+        self.remove_hooks()
+        self.trainable_parameters = trainable
+        self.layers = list(discover_layers(self._module))
+        self._check_no_shared_parameters()
+        self._uses_checked = False
+        self._batch_size = self._last_leading_batch_size = None
+        self.add_hooks()
+
+    def _reset_step(self) -> None:
+        self._batch_size = None
+        self._plain_norm_terms = []
+        self._packed = None
+        for layer in self.layers:
+            layer.x, layer.kept = None, None
+
+    def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, step: int) -> None:
+        if not self._capturing:
+            if not self._in_workflow:
+                self._plain_backward_norm(layer, grad_output, step)
+            return
+        if step != self._step or layer.x is None:
+            # Never skip a layer: a missing norm term would under-clip and break the guarantee.
+            raise RuntimeError(
+                f"Layer '{layer.name}' is back-propagated from a forward pass other than the model's last one "
+                "(or its input was not captured). Run the forward and the DP loss's backward in pairs: "
+                "loss = criterion(model(x), y); loss.backward()."
+            )
+        x, layer.x = layer.x, None
+        g = self._batch_first(grad_output.detach())
+        if x.shape[0] == 0:
+            return
+        method = self._method(layer, x, g.shape, g.dtype, g)
+        if method == "per_sample":
+            kept = self._per_sample(layer, x, g)
+        else:
+            with_vectors = not self._vectors_to_packed(layer, x, g)
+            self._norm_terms.append(layer.rule.norm_sq(layer.module, x, g, method, vectors=with_vectors, backend=self.backend))
+            kept = KeptInputs(method, x, g, with_vectors)
+        if self.passes == 1:
+            layer.kept = kept
+
+    def _plain_backward_norm(self, layer: HookedLayer, grad_output: torch.Tensor, step: int) -> None:
+        """A backward that is not the workflow's (``loss.backward()`` on a loss not built with the DP criterion):
+        the layer's per-sample squared norms are recorded for :meth:`get_norm_sample`, as Opacus's module does.
+        The gradients that backward leaves are unclipped; the DP optimizer refuses to step on them."""
+        if step != self._step or layer.x is None:
+            return
+        x, layer.x = layer.x, None
+        g = self._batch_first(grad_output.detach())
+        self._step_used = True
+        if x.shape[0] == 0:
+            return
+        method = self._method(layer, x, g.shape, g.dtype, g)
+        if method == "per_sample":
+            term = per_sample_norm_sq(layer.rule.per_sample_grads(layer.module, x, g, backend=self.backend))
+        else:
+            term = layer.rule.norm_sq(layer.module, x, g, method, backend=self.backend)
+        self._plain_norm_terms.append(term)
+
+    def _method(self, layer: HookedLayer, x: torch.Tensor, g_shape, g_dtype, g: Optional[torch.Tensor] = None) -> str:
+        """The layer's norm method for these shapes (planned once per new shape; ``g`` may be absent)."""
+        key = (x.shape, g_shape, g_dtype)
+        if layer.plan is None or layer.plan[0] != key:
+            if g is None:
+                g = torch.empty(g_shape, dtype=g_dtype, device="meta")
+            method = choose(
+                layer.rule, layer.module, x, g, base=self.norm_algorithm, fused=self.passes == 1,
+                override=self.norm_method, name=layer.name,
+            )
+            layer.plan = (key, method)
+        return layer.plan[1]
+
+    def _per_sample(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor):
+        """The layer's per-sample gradients, packed where they have room; their norms go to the terms.
+
+        Returns what the one-pass assembly keeps: :class:`KeptPacked` or :class:`KeptPerSample`.
+        """
+        packed = self._packed
+        slots = {p: slot for p in layer.params if (slot := packed.slot(p)) is not None} if packed is not None else {}
+        # (a slot's buffer is allocated here, when the pass first reaches it)
+        grads = layer.rule.per_sample_grads(layer.module, x, g, out=slots or None, backend=self.backend)
+        separate = {}
+        for p, gs in grads.items():
+            slot = slots.get(p)
+            if slot is None or not packed.store(p, gs):
+                separate[p] = gs
+        if separate:  # norms squared and summed once, after the pass; the rest is in the packed norms
+            self._norm_roots.extend(per_sample_norms(separate))
+            return KeptPerSample(separate)
+        return KeptPacked()
+
+    def _vectors_to_packed(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor) -> bool:
+        """Writes the layer's vector parameters' per-sample gradients into their packed slots (the rest of
+        the layer takes a norm kernel); ``False`` when they have no room there (the rule then counts them)."""
+        slots = {p: self._packed.slot(p) for p in layer.vectors} if self._packed is not None else {}
+        if not slots or any(slot is None for slot in slots.values()):
+            return False
+        for p, gs in layer.rule.vector_grads(layer.module, x, g, out=slots, backend=self.backend).items():
+            self._packed.store(p, gs)
+        return True
+
+    # -- the clipping workflow -------------------------------------------------------------------
+    def _single_sample_step(self) -> bool:
+        """True when this step's batch holds one sample and the shortcut applies.
+
+        With B = 1 the batch gradient *is* the per-sample gradient: one ordinary backward, then
+        c = min(1, C/(‖g‖ + 1e-6)) from the gradients themselves, scaled in place. Not under
+        DDP/FSDP, whose reducers would average unclipped gradients during that backward.
+        """
+        return self._batch_size == 1 and not self._distributed
+
+    def clipped_backward(self, loss_per_sample: torch.Tensor, zero_grad=None) -> None:
+        """The whole clipping workflow: adds Σ_b c_b ∇ℓ_b to ``p.grad`` of every trainable parameter.
+
+        Gradients that an earlier clipping step left for the optimizer (k backward passes before one
+        ``step()``: gradient accumulation) are kept and summed with this one; the optimizer then divides by
+        k × the expected batch size and tells the accountant k × the sample rate, as Opacus's hooks mode
+        does. Any other gradient in ``p.grad`` (a plain backward's, one already used by a step) is discarded.
+
+        Args:
+            loss_per_sample: per-sample losses ℓ: [B], from this module's last forward.
+            zero_grad: called as ``zero_grad(set_to_none=True)`` to discard gradients the workflow did not write
+                (the DP criterion passes ``optimizer.zero_grad``).
+
+        Raises:
+            RuntimeError: no training forward captured this step (eval mode, hooks disabled, or the step's
+                forward was already used by a backward), before anything changes.
+            ValueError: a batch-size mismatch, before anything changes; a non-finite loss, after which the
+                gradients are as they were before the call and no parameter has changed. The finiteness flag
+                is copied to the host while the backward is issued (:class:`FiniteLossCheck`) and read at its
+                end, so the GPU never drains mid-step (under DDP/FSDP it is read first, before any collective).
+        """
+        capturing = loss_per_sample.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing and self._distributed:
+            raise NotImplementedError(
+                "CUDA-graph capture of a DDP/FSDP clipping step is not supported (its loss check and collectives "
+                "need the host): run distributed steps eagerly."
+            )
+        self._check_loss(loss_per_sample, finite=self._distributed)
+        self._check_trainable_unchanged()
+        finite = None if self._distributed else FiniteLossCheck(loss_per_sample, capturing)
+        self.captured_finite_check = finite if capturing else None
+        params = self.trainable_parameters
+        prior, iterations = (None, 0) if capturing else self._take_pending_clipped_sum()
+        if prior is None and zero_grad is not None:
+            zero_grad(set_to_none=True)
+        self._in_workflow = True
+        try:
+            self._clip(loss_per_sample)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if finite is not None and not capturing:
+                self._check_finite(finite)
+        except BaseException:
+            for i, p in enumerate(params):
+                p.grad = None if prior is None else prior[i]
+            raise
+        finally:
+            self._in_workflow = False
+            self._step_used = True
+        if prior is not None:
+            for p, earlier in zip(params, prior):
+                p.grad.add_(earlier)
+        mark_clipped(params, iterations + 1)
+
+    def _take_pending_clipped_sum(self):
+        """``(gradients, k)`` when every ``p.grad`` is a clipped sum of k earlier clipping steps still waiting
+        for its optimizer step (taken out of ``p.grad``), else ``(None, 0)``."""
+        params = self.trainable_parameters
+        counts = {clipped_iterations(p) for p in params if p.grad is not None}
+        if len(counts) != 1 or None in counts:
+            return None, 0
+        prior = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return prior, counts.pop()
+
+    def _check_trainable_unchanged(self) -> None:
+        """Raises (before anything changes) when ``requires_grad`` changed since this step's forward."""
+        if not _same_tensors([p for p in self._module.parameters() if p.requires_grad], self.trainable_parameters):
+            self._reset_step()
+            raise RuntimeError(
+                "requires_grad changed between the forward pass and the backward pass; change it between steps "
+                "(the next forward picks it up)."
+            )
+
+    def _clip(self, loss_per_sample: torch.Tensor) -> None:
+        """Σ_b c_b ∇ℓ_b into ``p.grad``: one ordinary backward for a single sample, else the norm pass and
+        the mode's clipped gradients."""
+        if self._single_sample_step():
+            self._single_sample_backward(loss_per_sample)
+        else:
+            coef = self._norm_pass(loss_per_sample)
+            self._write_clipped_gradients(loss_per_sample, coef)
+
+    def compute_clipping_coef(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
+        """The norm pass alone: per-sample norms from every hooked layer → c: [B] (no gradient written)."""
+        self._check_loss(loss_per_sample)
+        return self._norm_pass(loss_per_sample)
+
+    def write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
+        """After :meth:`compute_clipping_coef`: writes Σ_b c_b ∇ℓ_b into ``p.grad`` (zeros where unused)."""
+        self._write_clipped_gradients(loss_per_sample, coef)
+        for p in self.trainable_parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _norm_pass(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
+        if not self._uses_checked:
+            self._check_parameter_uses(loss_per_sample.grad_fn)
+        self._norm_terms, self._norm_roots = [], []  # per-layer terms, summed once after the pass
+        if self.packs_per_sample_grads:
+            self._packed = plan_packed_grads(
+                self.layers, loss_per_sample.shape[0], loss_per_sample.device, self._method, two_passes=self.passes == 2
+            )
+        self._capturing = True
+        try:
+            torch.autograd.grad(
+                loss_per_sample.sum(), list(self._taps.values()), allow_unused=True, retain_graph=self.passes == 2
+            )
+        except BaseException:
+            self._packed = None
+            raise
+        finally:
+            self._capturing = False
+            for layer in self.layers:
+                layer.x = None
+        if self._packed is not None:
+            self._packed.finish()
+            self._norm_roots.extend(self._packed.norms())
+            if self.passes == 2:
+                self._packed = None  # the second pass computes the clipped gradients itself
+        terms, roots = self._norm_terms, self._norm_roots
+        self._norm_terms, self._norm_roots = [], []
+        acc = accumulation_dtype(*terms, *roots)
+        norm_sq = torch.zeros(loss_per_sample.shape[0], dtype=acc, device=loss_per_sample.device)
+        if terms:  # squared norms from the norm kernels, one [B] per layer (stack promotes to acc)
+            norm_sq = norm_sq + torch.stack(terms).sum(dim=0)
+        if roots:  # ‖per-sample gradient‖ per parameter
+            norm_sq = norm_sq + torch.stack(roots).square().sum(dim=0)
+        self.record_norm_sq(norm_sq)
+        return self.get_clipping_coef()
+
+    def _check_parameter_uses(self, root) -> None:
+        """Raises if a parameter reaches the loss other than through its own layer's forward
+        (:mod:`~flashnorm.grad_sample.graph_check`); checked on the first step."""
+        ends = []
+        for layer in self.layers:
+            ends.append((layer.name, layer.params, layer.graph_ends))
+            layer.graph_ends = None
+        self._uses_checked = True
+        outside = parameters_used_outside(root, ends, is_tap=lambda node: isinstance(node, TAP_NODE))
+        if outside:
+            raise NotImplementedError(
+                f"A parameter of layer(s) {outside} reaches the loss outside that layer's forward "
+                "(e.g. F.linear(h, self.wte.weight) for a tied head). Its per-sample gradient would escape the "
+                "norm: use the weight only through its module (an nn.Linear head, untied), or grad_sample_mode="
+                "'hooks'."
+            )
+
+    def _single_sample_backward(self, loss_per_sample: torch.Tensor) -> None:
+        torch.autograd.backward(loss_per_sample.sum())
+        grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
+        if not grads:
+            self.record_norm_sq(torch.zeros(1, dtype=accumulation_dtype(loss_per_sample), device=loss_per_sample.device))
+            return
+        # one multi-tensor pass for the norm (float32, float64 for float64) and one for the clipping, whose
+        # coefficient is computed on the device from the norm
+        self.record_norm_sq(multi_tensor.clip_by_total_norm_(grads, self.max_grad_norm, backend=self.backend))
+
+    def _write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _check_loss(self, loss_per_sample: torch.Tensor, finite: bool = True) -> None:
+        """Raises (and forgets the step) unless the loss is [B] for this forward's B (and, with ``finite``,
+        finite)."""
+        if self._batch_size is None or self._step_used:
+            raise RuntimeError(
+                "No captured forward pass for this loss: run the wrapped model's forward in training mode "
+                "(model.train(), grad enabled, hooks enabled) before each backward on the DP loss; a forward's "
+                "loss can be back-propagated once."
+            )
+        if loss_per_sample.dim() != 1 or loss_per_sample.shape[0] != self._batch_size:
+            self._reset_step()
+            raise ValueError(
+                f"The per-sample loss has shape {tuple(loss_per_sample.shape)} but the model's forward saw batch size "
+                f"{self._batch_size}; the loss must hold one value per sample: [B]. For token-level losses call the "
+                "criterion with shape=(B, T, V) so that the privacy unit is the sequence."
+            )
+        if finite:
+            self._check_finite(FiniteLossCheck(loss_per_sample))
+
+    def _check_finite(self, finite: "FiniteLossCheck") -> None:
+        """Raises (and forgets the step) if the checked loss had a NaN or ±inf (waits for its flag)."""
+        if not finite.result():
+            self.reject_non_finite_step()
+
+    def reject_non_finite_step(self) -> None:
+        """Forgets the step, drops every gradient it wrote (``p.grad = None``) and raises ``ValueError``.
+
+        Called when the loss was not finite: by the eager workflow, and by
+        :class:`~flashnorm.cuda_graphs.CudaGraphStep` after a replay whose ``captured_finite_check`` fails.
+        """
+        self._reset_step()
+        for p in self.trainable_parameters:
+            p.grad = None
+        raise ValueError(NON_FINITE_LOSS)
+
+    # -- Opacus-compatible accessors -------------------------------------------------------------
+    def record_norm_sq(self, norm_sq: torch.Tensor) -> None:
+        """Records the step's squared per-sample gradient norms [B]; the norms follow from them when asked."""
+        self._norm_sq = norm_sq
+        self._per_sample_gradient_norms = None
+
+    def get_norm_sample(self) -> torch.Tensor:
+        """Per-sample gradient norms ‖g_b‖ of the last norm pass (or plain backward): [B]."""
+        if self._plain_norm_terms:
+            terms, self._plain_norm_terms = self._plain_norm_terms, []
+            self.record_norm_sq(torch.stack(terms).sum(dim=0))
+        if self._norm_sq is None:
+            raise AttributeError("No norms yet: call backward on the loss from the DP criterion first.")
+        norms = self._norm_sq.sqrt()
+        self.per_sample_gradient_norms = norms
+        return norms
+
+    def get_clipping_coef(self) -> torch.Tensor:
+        """c_b = min(1, C / (‖g_b‖ + 1e-6)): [B]."""
+        return multi_tensor.clipping_coef(self.get_norm_sample(), self.max_grad_norm)
+
+    @property
+    def per_sample_gradient_norms(self) -> torch.Tensor:
+        """Per-sample gradient norms of the last step (not private: for debugging only)."""
+        if self._per_sample_gradient_norms is None:
+            if self._norm_sq is None:
+                raise AttributeError("per_sample_gradient_norms is not set: run forward and backward first.")
+            self.get_norm_sample()
+        return self._per_sample_gradient_norms
+
+    @per_sample_gradient_norms.setter
+    def per_sample_gradient_norms(self, value: torch.Tensor) -> None:
+        self._per_sample_gradient_norms = value
