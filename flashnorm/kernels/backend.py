@@ -8,10 +8,9 @@ resolve once with :func:`resolve_backend` and pass the result pay no environment
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -52,14 +51,9 @@ def resolve_backend(value: Optional[str]) -> str:
             return "auto"
     name = value.strip().lower() if isinstance(value, str) else value
     if name not in BACKENDS:
-        raise ValueError(f"{source}={value!r} is not one of {', '.join(BACKENDS)}" + (" (or unset)." if source != "backend" else "."))
+        unset = " (or unset)" if source != "backend" else ""
+        raise ValueError(f"{source}={value!r} is not one of {', '.join(BACKENDS)}{unset}.")
     return name
-
-
-@contextlib.contextmanager
-def environment_read_once() -> Iterator[None]:
-    """Deprecated no-op (the backend is an argument now), kept until its last caller is gone."""
-    yield
 
 
 def triton_choice(x: torch.Tensor, g: torch.Tensor, backend: str) -> Optional[str]:
