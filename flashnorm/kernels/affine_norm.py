@@ -147,7 +147,8 @@ def affine_norm_grads_reference(
 
 def affine_norm_grads(
     x: torch.Tensor, g: torch.Tensor, *, eps: float, center: bool, with_bias: bool = True,
-    weight_out: Optional[torch.Tensor] = None, bias_out: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+    weight_out: Optional[torch.Tensor] = None, bias_out: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-sample (W, β) of a LayerNorm (``center``) or RMSNorm over the last dim of x, g: [B, T, n].
 
@@ -156,7 +157,8 @@ def affine_norm_grads(
     float64). ``backend``: see :func:`~flashnorm.kernels.backend.resolve_backend`.
     """
     kwargs = dict(eps=eps, center=center, with_bias=with_bias, weight_out=weight_out, bias_out=bias_out)
-    if triton_choice(x, g, resolve_backend(backend)) is not None and x.shape[-1] <= MAX_N and _float32_rows(weight_out, bias_out):
+    choice = triton_choice(x, g, resolve_backend(backend))
+    if choice is not None and x.shape[-1] <= MAX_N and _float32_rows(weight_out, bias_out):
         return affine_norm_grads_triton(x, g, **kwargs)
     return affine_norm_grads_reference(x, g, **kwargs)
 

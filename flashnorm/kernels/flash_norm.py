@@ -172,20 +172,20 @@ def flash_norm_config(
     """Tile shape for x: [batch, ·, d], g: [batch, ·, p] of ``dtype`` on a GPU of ``n_sms`` multiprocessors.
 
     16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps, 3 stages (H200: within 3% of the best of five
-    configs swept, benchmarks/results/kernels_h200_sweep1.json). When batch × those tiles under-fills
+    configs swept, benchmarks/results/kernels_h200_tile_sweep.json, call 1). When batch × those tiles under-fills
     the GPU (e.g. B = 1, d = p = 1024: 32 programs on 132 SMs), smaller 64×128 output tiles fill it
     without a T-split: 128×64×128 with 4 warps and 4 stages when they make one wave (H200, B = 1,
     d = p = 1024, CUDA-graph time against cuBLAS: 0.82-0.85× at T = 4100, 0.95-0.97× at T = 8196,
     against 0.71-0.73× with 3 stages and 0.60× for 128×128 tiles split in two,
     benchmarks/results/kernels_h200_split_stages.json), 64×64×128 with 3 stages when up to three
     programs share an SM (768×3072: 0.79-0.80× against 0.66-0.69× with 4 stages and 0.59× split).
-    float32: 32×128×128; K-major tf32: 32×128×256 (kernels_h200_sweep2.json). Tiles shrink to the
+    float32: 32×128×128; K-major tf32: 32×128×256 (kernels_h200_tile_sweep.json, call 2). Tiles shrink to the
     next power of two of small d and p. Under the interpreter: one large T block and tiles ≤ 64 (it
     runs each program as numpy calls, so fewer, larger steps are faster).
     """
     if interpret:
         return FlashConfig(128, block_size(p, 64), block_size(d, 64), 4, 1)
-    if k_major:  # H200 sweep (benchmarks/results/kernels_h200_sweep2.json): 128×256 tiles 1.2-1.3× 128×128
+    if k_major:  # H200 sweep (benchmarks/results/kernels_h200_tile_sweep.json, call 2): 128×256 tiles 1.2-1.3× 128×128
         return FlashConfig(32, block_size(p, 128), block_size(d, 256), 8, 3)
     if dtype == torch.float32:
         block_t, block_p, block_d = 32, block_size(p, 128), block_size(d, 128)
@@ -306,7 +306,8 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
     return norm_sq, kernel
 
 
-def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major, g_rows=False):
+def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major,
+                  g_rows=False):
     """One launch of ``_flash_norm_kernel`` over ``batch`` samples (with its workspace and counters when T is split)."""
     n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
     if splits is None:

@@ -313,7 +313,9 @@ def squared_norm(tensors: Sequence[torch.Tensor], *, backend: Optional[str] = No
     return _sum_of_squares(groups, _launches(groups, backend))
 
 
-def clip_(tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: float, *, backend: Optional[str] = None) -> None:
+def clip_(
+    tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: float, *, backend: Optional[str] = None
+) -> None:
     """Clips the list as one vector: g_i ← c · g_i in place, c = min(1, C / (√s + 1e-6)).
 
     Args:
@@ -326,7 +328,9 @@ def clip_(tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: floa
     _clip_groups(groups, _launches(groups, backend), norm_sq, max_norm)
 
 
-def clip_by_total_norm_(tensors: Sequence[torch.Tensor], max_norm: float, *, backend: Optional[str] = None) -> torch.Tensor:
+def clip_by_total_norm_(
+    tensors: Sequence[torch.Tensor], max_norm: float, *, backend: Optional[str] = None
+) -> torch.Tensor:
     """:func:`squared_norm` then :func:`clip_` with it, the list grouped and its tables looked up once.
 
     Returns:
@@ -339,7 +343,9 @@ def clip_by_total_norm_(tensors: Sequence[torch.Tensor], max_norm: float, *, bac
     return norm_sq
 
 
-def add_then_scale_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float, *, backend: Optional[str] = None) -> None:
+def add_then_scale_(
+    tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float, *, backend: Optional[str] = None
+) -> None:
     """g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · alpha in place, for tensors of one device and dtype.
 
     Args:

@@ -24,7 +24,7 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: 1.5-1.9·10¹⁰ per layer), so pointer loads are faster where it counts.
 TMA_MIN_WORK = 1 << 36
 #: float32 with tf32: rows (B·T) from which descriptors are used. They enable the K-major tf32 path
-#: (tiles 1.2-1.3× faster, benchmarks/results/kernels_h200_sweep2.json), whose launches are long.
+#: (tiles 1.2-1.3× faster, benchmarks/results/kernels_h200_tile_sweep.json, call 2), whose launches are long.
 TMA_MIN_ROWS_TF32 = 1024
 
 

@@ -11,7 +11,8 @@ import torch
 import flashnorm.kernels.backend as backend_module
 import flashnorm.kernels.flash_norm as flash_norm_module
 import flashnorm.kernels.gram_norm as gram_norm_module
-from flashnorm.kernels import affine_norm, clipped_grad, flash_norm_sq, gram_norm_sq, multi_tensor, resolve_backend, weighted_sum
+from flashnorm.kernels import affine_norm, clipped_grad, flash_norm_sq, gram_norm_sq, multi_tensor, weighted_sum
+from flashnorm.kernels import resolve_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -31,22 +32,26 @@ def _pair(device):
     return torch.randn(2, 5, 3, device=device), torch.randn(2, 5, 4, device=device)
 
 
-#: Every public dispatcher: (module, its Triton function, a call with ``backend``).
+def _ones(x):
+    return torch.ones(x.shape[0], device=x.device)
+
+
+#: Every public dispatcher: (module, its Triton function, a call on x: [2, 5, 3], g: [2, 5, 4] with ``backend``).
+MT = multi_tensor
 DISPATCHERS = {
     "flash_norm_sq": (flash_norm_module, "flash_norm_sq_triton", lambda x, g, b: flash_norm_sq(x, g, backend=b)),
     "gram_norm_sq": (gram_norm_module, "gram_norm_sq_triton", lambda x, g, b: gram_norm_sq(x, g, backend=b)),
     "clipped_weight_grad": (clipped_grad, "clipped_weight_grad_fused",
-                            lambda x, g, b: clipped_grad.clipped_weight_grad(x, g, torch.rand(2, device=x.device), backend=b)),
+                            lambda x, g, b: clipped_grad.clipped_weight_grad(x, g, _ones(x), backend=b)),
     "affine_norm_grads": (affine_norm, "affine_norm_grads_triton",
                           lambda x, g, b: affine_norm.affine_norm_grads(x, x, eps=1e-5, center=True, backend=b)),
     "weighted_row_sum": (weighted_sum, "weighted_row_sum_triton",
-                         lambda x, g, b: weighted_sum.weighted_row_sum(torch.rand(2, device=x.device), x[:, 0], backend=b)),
-    "squared_norm": (multi_tensor, "squared_norm_triton", lambda x, g, b: multi_tensor.squared_norm([x, g], backend=b)),
-    "clip_": (multi_tensor, "clip_triton_",
-              lambda x, g, b: multi_tensor.clip_([x, g], torch.ones(1, device=x.device), 0.5, backend=b)),
-    "clip_by_total_norm_": (multi_tensor, "clip_triton_", lambda x, g, b: multi_tensor.clip_by_total_norm_([x, g], 0.5, backend=b)),
-    "add_then_scale_": (multi_tensor, "add_then_scale_triton_",
-                        lambda x, g, b: multi_tensor.add_then_scale_([x], torch.zeros(x.numel(), device=x.device), 2.0, backend=b)),
+                         lambda x, g, b: weighted_sum.weighted_row_sum(_ones(x), x[:, 0], backend=b)),
+    "squared_norm": (MT, "squared_norm_triton", lambda x, g, b: MT.squared_norm([x, g], backend=b)),
+    "clip_": (MT, "clip_triton_", lambda x, g, b: MT.clip_([x, g], _ones(x)[:1], 0.5, backend=b)),
+    "clip_by_total_norm_": (MT, "clip_triton_", lambda x, g, b: MT.clip_by_total_norm_([x, g], 0.5, backend=b)),
+    "add_then_scale_": (MT, "add_then_scale_triton_",
+                        lambda x, g, b: MT.add_then_scale_([x], torch.zeros_like(x).view(-1), 2.0, backend=b)),
 }
 
 
