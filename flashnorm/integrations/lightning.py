@@ -76,7 +76,9 @@ class DPStrategy(SingleDeviceStrategy):
                 "given to make_private; clipping the noisy batch gradient again is not part of DP-SGD."
             )
         if str(trainer.precision).startswith("16-mixed"):
-            raise ValueError("precision='16-mixed' needs a loss scaler, which the DP loss does not use: use 'bf16-mixed'.")
+            raise ValueError(
+                "precision='16-mixed' needs a loss scaler, which the DP loss does not use: use 'bf16-mixed'."
+            )
         super().setup(trainer)
 
     def training_step(self, *args: Any, **kwargs: Any):

@@ -20,8 +20,8 @@ from ``outputs.loss``, which is a batch mean):
 * sequence classification: the model's ``problem_type`` (inferred as transformers does when unset):
   cross-entropy (ignore_index -100), squared error, or binary cross-entropy averaged over the labels.
 
-Needs the ``[hf]`` extra (``transformers>=5.3``, ``accelerate``). One process (CPU or one GPU); fp32 or
-bf16 (``TrainingArguments(bf16=True)``).
+Needs the ``[hf]`` extra (``transformers>=5.3``, ``accelerate``). One process (CPU or one GPU). With
+``TrainingArguments(bf16=True)`` the forward runs under the accelerator's autocast (the CPU tests cover fp32).
 """
 
 from __future__ import annotations
@@ -244,6 +244,7 @@ class DPTrainer(transformers.Trainer):
             )
         self.noise_multiplier = sigma
         self.privacy_engine = FlashNormPrivacyEngine(accountant=pa.accountant)
+        self.model.train()  # an evaluate() before train() leaves it in eval mode, which make_private refuses
         self.dp_model, self._dp_optimizer, _, loader = self.privacy_engine.make_private(
             module=self.model,
             optimizer=optimizer,

@@ -218,7 +218,10 @@ def test_save_model_and_save_pretrained_write_the_plain_model(tmp_path):
 
     model = tiny_gpt2()
     trainer = make_trainer(model, lm_rows(8), tmp_path / "run", PrivacyArguments(noise_multiplier=1.0), max_steps=2)
+    trainer.eval_dataset = lm_rows(4)
+    before = trainer.evaluate()["eval_loss"]  # leaves the model in eval mode: train() must still wrap it
     trainer.train()
+    assert trainer.evaluate()["eval_loss"] != before
     assert unwrap_model(trainer.dp_model) is model
     for path, save in [
         (tmp_path / "saved", trainer.save_model),
