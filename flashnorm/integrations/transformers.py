@@ -27,6 +27,7 @@ Needs the ``[hf]`` extra (``transformers>=5.3``, ``accelerate``). One process (C
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -47,6 +48,8 @@ from ..utils.export import unwrap_model
 from ..utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
 
 IGNORE_INDEX = -100
+#: The accountant's state in a checkpoint directory, beside the optimizer's.
+ACCOUNTANT_NAME = "privacy_accountant.pt"
 
 
 @dataclass
@@ -137,8 +140,9 @@ class DPTrainer(transformers.Trainer):
         >>> trainer.save_model(path) # the plain model: keys without wrapper prefixes
 
     The model is used as it comes (a ``...ForCausalLM`` or ``...ForSequenceClassification`` model, ``labels``
-    in the batch). Other models: override :meth:`dp_loss`. Refused: several processes or GPUs, fp16,
-    DeepSpeed/FSDP, iterable datasets, resuming from a checkpoint (the accountant's state is not saved).
+    in the batch). Other models: override :meth:`dp_loss`. Checkpoints carry the accountant's history
+    (``train(resume_from_checkpoint=...)`` goes on from it). Refused: several processes or GPUs, fp16,
+    DeepSpeed/FSDP, iterable datasets.
 
     Attributes (after training starts):
         privacy_engine: the :class:`~flashnorm.FlashNormPrivacyEngine` (its ``accountant`` holds the history).
@@ -354,10 +358,21 @@ class DPTrainer(transformers.Trainer):
             logs = {**logs, "epsilon": self.get_epsilon()}
         super().log(logs, *args, **kwargs)
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint:
-            raise NotImplementedError(
-                "DPTrainer cannot resume from a checkpoint yet: the privacy accountant's history is not saved with "
-                "it, so the resumed run would under-report ε."
+    # -- checkpoints: the accountant's history travels with the optimizer's state ----------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.privacy_engine is not None and self.args.should_save:
+            torch.save(self.privacy_engine.accountant.state_dict(), os.path.join(output_dir, ACCOUNTANT_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        """Resuming restores the optimizer, the scheduler and the accountant's history (so ε goes on from there)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, ACCOUNTANT_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was not written by DPTrainer, and resuming from it would restart "
+                "the privacy accounting at ε = 0."
             )
-        return super().train(None, *args, **kwargs)
+        self.privacy_engine.accountant.load_state_dict(torch.load(path, weights_only=True))

@@ -236,11 +236,23 @@ def test_save_model_and_save_pretrained_write_the_plain_model(tmp_path):
             torch.testing.assert_close(reloaded.get_parameter(name), p, rtol=0, atol=0, msg=name)
 
 
-def test_refuses_what_it_cannot_account(tmp_path):
+def test_privacy_arguments_refuse_ambiguous_settings():
     with pytest.raises(ValueError, match="exactly one"):
         PrivacyArguments()
     with pytest.raises(ValueError, match="flash_fuse"):
         PrivacyArguments(noise_multiplier=1.0, grad_sample_mode="hooks")
-    trainer = make_trainer(tiny_gpt2(), lm_rows(4), tmp_path, PrivacyArguments(noise_multiplier=1.0))
-    with pytest.raises(NotImplementedError, match="accountant"):
-        trainer.train(resume_from_checkpoint=True)
+
+
+def test_resuming_from_a_checkpoint_goes_on_with_the_accountant(tmp_path):
+    privacy = PrivacyArguments(noise_multiplier=1.0, accountant="rdp")
+    first = make_trainer(tiny_gpt2(), lm_rows(8), tmp_path, privacy, max_steps=3, save_strategy="steps", save_steps=2)
+    first.train()
+    resumed = make_trainer(tiny_gpt2(), lm_rows(8), tmp_path, privacy, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 3
+    assert resumed.privacy_engine.accountant.history == first.privacy_engine.accountant.history == [(1.0, 0.25, 3)]
+    assert resumed.get_epsilon() == first.get_epsilon()
+    (tmp_path / "checkpoint-2" / "privacy_accountant.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="privacy accounting"):
+        make_trainer(tiny_gpt2(), lm_rows(8), tmp_path, privacy, max_steps=3).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
