@@ -42,7 +42,7 @@ from .models import build_model, make_batch
 #: Breakdown categories, in print order: (key, label, FlashNorm's own?).
 CATEGORIES = (
     ("forward", "forward (model ops)", False),
-    ("hooks_forward", "FlashNorm forward hooks (capture X, anchor)", True),
+    ("hooks_forward", "FlashNorm forward hooks (capture X, gradient tap)", True),
     ("loss", "loss (criterion)", False),
     ("backward", "backward glue (DP tensor / loss.backward)", False),
     ("graph", "CUDA-graph step (input copy, replay, gradients re-attached)", False),

@@ -27,8 +27,10 @@ from .history import describe, save_json
 from .models import build_model, make_batch
 
 #: Kernel families, first match wins (regular expressions on the kernel name, case-insensitive).
+#: FlashNorm's Triton kernels are all named ``_<op>_kernel`` (norms, clipped gradients, per-sample
+#: LayerNorm/RMSNorm gradients, the multi-tensor tail, copies).
 FAMILIES = (
-    ("flashnorm triton", r"_flash_norm|_gram_norm|_tf32_copy"),
+    ("flashnorm triton", r"^_\w+_kernel$"),
     ("attention", r"flash_fwd|flash_bwd|fmha|attention|sdpa|cudnn.*(fprop|dgrad|wgrad)|efficient"),
     ("gemm", r"gemm|nvjet|sm90_xmma|cutlass|cublas|magma|splitk"),
     ("reduce (norm, sum, softmax)", r"reduce|norm|softmax|cross_entropy|nll|sum_|welford|cunn_"),

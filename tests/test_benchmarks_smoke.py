@@ -292,3 +292,22 @@ def test_progress_note_counts_the_steps_of_the_current_phase():
     steps = [{"phase": "warmup", "ms": 30.0}, {"phase": "warmup", "ms": 9.0}, {"phase": "timed", "ms": 8.04}]
     assert _step_note(Config("gpt2", 8, 1024, "bf16", "flash_fuse"), steps) == \
         "gpt2 B=8 T=1024 bf16 flash_fuse: timed step 1, 8.0 ms"
+
+
+def test_profile_families_put_every_flashnorm_kernel_in_its_own_family():
+    import importlib
+    import pkgutil
+
+    import flashnorm.kernels
+    from benchmarks.profile_step import family
+
+    kernels = set()
+    for info in pkgutil.iter_modules(flashnorm.kernels.__path__):
+        module = importlib.import_module(f"flashnorm.kernels.{info.name}")
+        jitted = (getattr(v, "fn", None) for v in vars(module).values() if type(v).__name__.endswith("Function"))
+        kernels |= {fn.__name__ for fn in jitted if callable(fn) and fn.__name__.endswith("_kernel")}
+    assert len(kernels) >= 9, kernels  # the norms, clipped gradients, affine norms, multi-tensor tail, copies
+    assert {name: family(name) for name in kernels} == {name: "flashnorm triton" for name in kernels}
+    assert family("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT") == "gemm"
+    assert family("void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float>>") == "elementwise"
+    assert family("void at::native::reduce_kernel<512, 1>") == "reduce (norm, sum, softmax)"
