@@ -121,6 +121,14 @@ class _CollateOrEmpty:
         return {k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in self.collate([self.dataset[0]]).items()}
 
 
+def _is_datasets_dataset(dataset) -> bool:
+    if not transformers.utils.is_datasets_available():
+        return False
+    import datasets
+
+    return isinstance(dataset, datasets.Dataset)
+
+
 def _batch_size(inputs: Dict) -> int:
     for v in inputs.values():
         if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -147,6 +155,7 @@ class DPTrainer(transformers.Trainer):
     Attributes (after training starts):
         privacy_engine: the :class:`~flashnorm.FlashNormPrivacyEngine` (its ``accountant`` holds the history).
         dp_model: the grad-sample module around ``self.model`` (``self.model`` stays the plain model).
+        dp_optimizer: the DP optimizer (``self.optimizer`` is the accelerator's wrapper around it).
         noise_multiplier, sample_rate: σ and q of every DP step.
     """
 
@@ -157,11 +166,10 @@ class DPTrainer(transformers.Trainer):
         self.dp_model = None
         self.noise_multiplier: Optional[float] = None
         self.sample_rate: Optional[float] = None
-        self._dp_optimizer = None
+        self.dp_optimizer = None
         self._logical_loader: Optional[DataLoader] = None
         self._micro_batches: Optional[_MicroBatchSampler] = None
         self._dp_batch_sampler: Optional[Sampler] = None
-        self._dp_losses: Dict[type, DPLossFastGradientClipping] = {}
         self._check_supported()
 
     def _check_supported(self) -> None:
@@ -195,14 +203,9 @@ class DPTrainer(transformers.Trainer):
             raise ValueError("DPTrainer: training requires a train_dataset.")
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise ValueError("DPTrainer needs a dataset with a length (Poisson sampling draws indices).")
-        collator = self.data_collator
-        if transformers.utils.is_datasets_available():
-            import datasets
-
-            if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="training")
-            else:
-                collator = self._get_collator_with_removed_columns(collator, description="training")
+        collator = self.data_collator  # unused columns dropped as the Trainer does
+        if _is_datasets_dataset(dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -249,7 +252,7 @@ class DPTrainer(transformers.Trainer):
         self.noise_multiplier = sigma
         self.privacy_engine = FlashNormPrivacyEngine(accountant=pa.accountant)
         self.model.train()  # an evaluate() before train() leaves it in eval mode, which make_private refuses
-        self.dp_model, self._dp_optimizer, _, loader = self.privacy_engine.make_private(
+        self.dp_model, self.dp_optimizer, _, loader = self.privacy_engine.make_private(
             module=self.model,
             optimizer=optimizer,
             criterion=nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
@@ -260,23 +263,20 @@ class DPTrainer(transformers.Trainer):
             grad_sample_mode=pa.grad_sample_mode,
         )
         self._dp_batch_sampler = self._micro_batches.logical = loader.batch_sampler
-        self.optimizer = self._dp_optimizer
+        self.optimizer = self.dp_optimizer
         self.model_wrapped = self.dp_model  # the training loop runs the wrapper; self.model stays the plain model
         return self.optimizer
 
     # -- the step ------------------------------------------------------------------------------------
-    def _dp_criterion(self, loss: nn.Module) -> DPLossFastGradientClipping:
-        criterion = self._dp_losses.get(type(loss))
-        if criterion is None:
-            criterion = DPLossFastGradientClipping(self.dp_model, self._dp_optimizer, loss, "mean")
-            self._dp_losses[type(loss)] = criterion
-        return criterion
+    def dp_criterion(self, loss: nn.Module) -> DPLossFastGradientClipping:
+        """FlashNorm's DP criterion around the loss module ``loss`` (``reduction="mean"``), for this run's
+        grad-sample module and DP optimizer: ``dp_criterion(loss)(output, target, shape=None)`` → ℓ: [B]."""
+        return DPLossFastGradientClipping(self.dp_model, self.dp_optimizer, loss, "mean")
 
     def dp_loss(self, model: nn.Module, inputs: Dict) -> DPTensorFastGradientClipping:
         """Per-sample losses ℓ: [B] of one micro-batch (``inputs`` holds ``labels``), as a DP tensor whose
         ``backward()`` writes Σ_b c_b ∇ℓ_b. Override for other heads: run ``model`` (the grad-sample module)
-        and pass per-sample losses through a :class:`~flashnorm.utils.fast_gradient_clipping_utils.
-        DPLossFastGradientClipping` built on ``self.dp_model`` and ``self.optimizer``."""
+        and return :meth:`dp_criterion` applied to its output."""
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         if labels is None:
@@ -285,7 +285,7 @@ class DPTrainer(transformers.Trainer):
         logits = model(**inputs).logits
         if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
             b, t, v = logits.shape
-            criterion = self._dp_criterion(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX))
+            criterion = self.dp_criterion(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX))
             return criterion(
                 logits[:, :-1].float().reshape(-1, v), labels[:, 1:].reshape(-1), shape=(b, t - 1, v)
             )
@@ -308,12 +308,12 @@ class DPTrainer(transformers.Trainer):
             else:
                 problem = "multi_label_classification"
         if problem == "single_label_classification":
-            return self._dp_criterion(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX))(logits, labels.view(-1))
+            return self.dp_criterion(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX))(logits, labels.view(-1))
         if problem == "regression" and k == 1:
-            return self._dp_criterion(nn.MSELoss())(logits.view(-1), labels.view(-1).to(logits.dtype))
+            return self.dp_criterion(nn.MSELoss())(logits.view(-1), labels.view(-1).to(logits.dtype))
         loss = nn.MSELoss() if problem == "regression" else nn.BCEWithLogitsLoss()
         # [B·K] element losses, averaged per sample over its K labels
-        return self._dp_criterion(loss)(logits.reshape(-1), labels.reshape(-1).to(logits.dtype), shape=(b, k, 1))
+        return self.dp_criterion(loss)(logits.reshape(-1), labels.reshape(-1).to(logits.dtype), shape=(b, k, 1))
 
     def training_step(self, model: nn.Module, inputs: Dict, num_items_in_batch=None) -> torch.Tensor:
         """One micro-batch: Σ_b c_b ∇ℓ_b accumulated; a skipped step unless it ends the logical batch (the
@@ -325,7 +325,7 @@ class DPTrainer(transformers.Trainer):
         last = self.accelerator.sync_gradients  # the Trainer steps the optimizer after this micro-batch
         loss_sum = torch.zeros((), device=self.args.device)
         if _batch_size(inputs) == 0:
-            self._dp_optimizer.zero_grad(set_to_none=True)  # nothing to add (summed sums stay)
+            self.dp_optimizer.zero_grad(set_to_none=True)  # nothing to add (summed sums stay)
         else:
             inputs = self._prepare_inputs(inputs)
             with self.accelerator.autocast():
@@ -333,9 +333,9 @@ class DPTrainer(transformers.Trainer):
             loss.backward()
             loss_sum = loss.loss_per_sample.detach().sum()
         if not last:
-            self._dp_optimizer.signal_skip_step(do_skip=True)
-            self._dp_optimizer.step()
-        return loss_sum / self._dp_optimizer.expected_batch_size
+            self.dp_optimizer.signal_skip_step(do_skip=True)
+            self.dp_optimizer.step()
+        return loss_sum / self.dp_optimizer.expected_batch_size
 
     def _clip_grad_norm(self, model):
         return None  # clipping is per sample (PrivacyArguments.max_grad_norm)

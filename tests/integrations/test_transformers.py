@@ -25,10 +25,10 @@ def tiny_gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
-def tiny_bert():
+def tiny_bert(num_labels=3):
     config = transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config)
@@ -57,10 +57,20 @@ def lm_rows(n):
     return Rows(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def cls_rows(n):
+#: transformers' problem types (inferred from num_labels and the labels' dtype) -> (num_labels, labels of n samples)
+PROBLEMS = {
+    "single_label_classification": (3, lambda n, g: torch.arange(n) % 3),
+    "regression": (1, lambda n, g: torch.randn(n, generator=g)),
+    "multi_label_classification": (3, lambda n, g: (torch.rand(n, 3, generator=g) > 0.5).float()),
+}
+
+
+def cls_rows(n, problem="single_label_classification"):
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, VOCAB, (n, T), generator=g)
-    return Rows(input_ids=ids, attention_mask=torch.ones(n, T, dtype=torch.long), labels=torch.arange(n) % 3)
+    mask = torch.ones(n, T, dtype=torch.long)
+    mask[0, 6:] = 0  # a padded sample
+    return Rows(input_ids=ids, attention_mask=mask, labels=PROBLEMS[problem][1](n, g))
 
 
 def reference_grad(model, rows, clip):
@@ -149,12 +159,14 @@ def test_causal_lm_step_is_the_clipped_mean_over_the_logical_batch(tmp_path, per
     assert_matches(model, grads, before, reference)
 
 
-def test_sequence_classification_step_is_the_clipped_mean(tmp_path):
-    rows = cls_rows(4)
-    model = tiny_bert()
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_sequence_classification_step_is_the_clipped_mean(tmp_path, problem):
+    rows = cls_rows(4, problem)
+    model = tiny_bert(PROBLEMS[problem][0])
     _, norms = reference_grad(model, rows, 1.0)
     clip = float(norms.median())
     reference, _ = reference_grad(model, rows, clip)
+    assert (norms > clip).any() and (norms < clip).any()
     _, grads, before = first_step(model, rows, tmp_path, clip, gradient_accumulation_steps=2)
     assert_matches(model, grads, before, reference)
 
