@@ -33,8 +33,8 @@ for the loaders after the optimizers)::
 Manual optimisation needs no more: ``self.manual_backward(loss)`` runs the DP loss's backward (and
 under ``DPStrategy`` training_step may return the DP loss for logging).
 
-Refused: ``accumulate_grad_batches > 1`` (each backward would replace the last one's clipped sum; take
-a larger batch, or accumulate with ``BatchMemoryManager`` under manual optimisation), ``gradient_clip_val``
+``accumulate_grad_batches=k`` sums the clipped sums of k batches into one step, divided by k × the expected
+batch size and accounted at k × the sample rate, as Opacus's hooks mode does. Refused: ``gradient_clip_val``
 (the per-sample bound is ``max_grad_norm``) and fp16 (its loss scaler is not applied to the DP loss).
 Needs the ``[lightning]`` extra.
 """
@@ -56,20 +56,11 @@ class DPStrategy(SingleDeviceStrategy):
     as there; pass ``device="cuda"`` for a GPU).
     """
 
-    strategy_name = "flashnorm_dp"
-
     def __init__(self, device: Any = "cpu", **kwargs):
         super().__init__(device=device, **kwargs)
         self._dp_loss: Optional[DPTensorFastGradientClipping] = None
 
     def setup(self, trainer) -> None:
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches}: each backward of a DP loss writes its own "
-                "clipped sum, so Lightning's accumulation would keep only the last micro-batch. Use one batch per "
-                "step (its extra memory is O(B) in the flash modes), or manual optimisation with Opacus's "
-                "BatchMemoryManager."
-            )
         if trainer.gradient_clip_val:
             raise ValueError(
                 f"gradient_clip_val={trainer.gradient_clip_val}: DP clips each sample's gradient to the max_grad_norm "

@@ -33,15 +33,16 @@ class Classifier(L.LightningModule):
     """A sequence classifier (mean over the 5 positions) trained with DP; ``returns`` picks what training_step
     hands Lightning."""
 
-    def __init__(self, returns="loss", automatic=True):
+    def __init__(self, returns="loss", automatic=True, accumulate=1):
         super().__init__()
         self.net, self.returns, self.automatic_optimization = net(), returns, automatic
+        self.accumulate = accumulate  # batches per step: the data loader's batch is B / accumulate
         self.engine = PrivacyEngine(accountant="rdp")
 
     def configure_optimizers(self):
         self.dp_net, optimizer, self.criterion, self.loader = self.engine.make_private(
             module=self.net, optimizer=torch.optim.SGD(self.net.parameters(), lr=LR), criterion=nn.CrossEntropyLoss(),
-            data_loader=DataLoader(data(), batch_size=B), noise_multiplier=0.0, max_grad_norm=CLIP,
+            data_loader=DataLoader(data(), batch_size=B // self.accumulate), noise_multiplier=0.0, max_grad_norm=CLIP,
             poisson_sampling=False, grad_sample_mode="flash_fuse",
         )
         return optimizer
@@ -84,12 +85,14 @@ def reference_grad(model):
     return {name: g / B for name, g in oracle.clipped_sum.items()}
 
 
-@pytest.mark.parametrize("returns, automatic", [("loss", True), ("dict", True), ("loss", False)])
-def test_one_step_is_the_clipped_mean(returns, automatic):
-    module = Classifier(returns, automatic)
+@pytest.mark.parametrize(
+    "returns, automatic, accumulate", [("loss", True, 1), ("dict", True, 1), ("loss", False, 1), ("loss", True, 2)]
+)
+def test_one_step_is_the_clipped_mean(returns, automatic, accumulate):
+    module = Classifier(returns, automatic, accumulate)
     before = copy.deepcopy(module.net)
     expected = reference_grad(before)
-    fit(module)
+    fit(module, accumulate_grad_batches=accumulate)
     rtol, atol = TOLERANCES["fp32"]
     for name, p in module.net.named_parameters():
         torch.testing.assert_close(module.applied[name].double(), expected[name], rtol=rtol, atol=atol, msg=name)
@@ -97,8 +100,8 @@ def test_one_step_is_the_clipped_mean(returns, automatic):
     assert module.engine.accountant.history == [(0.0, 1.0, 1)]
 
 
-def test_refuses_a_plain_loss_and_lightning_accumulation():
+def test_refuses_a_plain_loss_and_a_second_clip():
     with pytest.raises(TypeError, match="DP criterion"):
         fit(Classifier("plain"))
-    with pytest.raises(ValueError, match="accumulate_grad_batches"):
-        fit(Classifier(), accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="gradient_clip_val"):
+        fit(Classifier(), gradient_clip_val=1.0)
