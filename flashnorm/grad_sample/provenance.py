@@ -9,7 +9,6 @@ step) no longer matches its record, and :class:`~flashnorm.optimizers.DPOptimize
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -17,24 +16,19 @@ import torch
 _RECORD = "_flashnorm_clipped_grad"
 
 
-@dataclass(frozen=True)
-class ClippedGradRecord:
-    grad: weakref.ref
-    version: int
-    iterations: int
-
-
 def mark_clipped(params: Iterable[torch.Tensor], iterations: int) -> None:
-    """Records each ``p.grad`` as the clipped sum of ``iterations`` clipped backward passes."""
+    """Records each ``p.grad`` as the clipped sum of ``iterations`` clipped backward passes: (weak reference,
+    version counter, iterations)."""
     for p in params:
-        if p.grad is not None:
-            setattr(p, _RECORD, ClippedGradRecord(weakref.ref(p.grad), p.grad._version, iterations))
+        grad = p.grad
+        if grad is not None:
+            setattr(p, _RECORD, (weakref.ref(grad), grad._version, iterations))
 
 
 def clipped_iterations(p: torch.Tensor) -> Optional[int]:
     """How many clipped backward passes ``p.grad`` sums, or ``None`` when the workflow did not write it as it is
     now (no record, another tensor, modified in place since, or already used by an optimizer step)."""
     record, grad = getattr(p, _RECORD, None), p.grad
-    if record is None or grad is None or record.grad() is not grad or grad._version != record.version:
+    if record is None or grad is None or record[0]() is not grad or grad._version != record[1]:
         return None
-    return None if hasattr(grad, "_processed") else record.iterations
+    return None if hasattr(grad, "_processed") else record[2]

@@ -34,11 +34,6 @@ from .packed_grads import PackedPerSampleGrads, plan_packed_grads
 from .provenance import clipped_iterations, mark_clipped
 
 
-def _same_tensors(a: List[torch.Tensor], b: List[torch.Tensor]) -> bool:
-    """The same tensor objects in the same order (``==`` on tensors would compare values)."""
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
 def _is_distributed(module: nn.Module) -> bool:
     """True when gradients of ``module`` are reduced across ranks by DDP or FSDP2 hooks."""
     from torch.distributed.fsdp import FSDPModule
@@ -109,7 +104,9 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
         self.norm_algorithm = norm_algorithm
         self.norm_method = forced  # None: planned per layer
         self.backend = backend
-        self.trainable_parameters = [p for p in m.parameters() if p.requires_grad]
+        self._all_parameters = list(m.parameters())
+        self.trainable_parameters = [p for p in self._all_parameters if p.requires_grad]
+        self._flags_at_discovery = self._trainable_flags()
         self.layers = list(discover_layers(m))
         self._check_no_shared_parameters()
         self._taps: Dict[torch.device, torch.Tensor] = {}
@@ -169,9 +166,9 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
         Raises:
             RuntimeError: under DDP/FSDP, whose gradient reduction was laid out for the original parameters.
         """
-        trainable = [p for p in self._module.parameters() if p.requires_grad]
-        if _same_tensors(trainable, self.trainable_parameters):
+        if self._trainable_flags() == self._flags_at_discovery:
             return
+        trainable = [p for p in self._all_parameters if p.requires_grad]
         if self._distributed:
             raise RuntimeError(
                 "requires_grad changed after make_private on a DDP/FSDP model; freeze or unfreeze parameters "
@@ -179,11 +176,16 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
             )
         self.remove_hooks()
         self.trainable_parameters = trainable
+        self._flags_at_discovery = self._trainable_flags()
         self.layers = list(discover_layers(self._module))
         self._check_no_shared_parameters()
         self._uses_checked = False
         self._batch_size = self._last_leading_batch_size = None
         self.add_hooks()
+
+    def _trainable_flags(self) -> tuple:
+        """``requires_grad`` of every parameter of the wrapped module, in order."""
+        return tuple(p.requires_grad for p in self._all_parameters)
 
     def _reset_step(self) -> None:
         self._batch_size = None
@@ -357,7 +359,7 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
 
     def _check_trainable_unchanged(self) -> None:
         """Raises (before anything changes) when ``requires_grad`` changed since this step's forward."""
-        if not _same_tensors([p for p in self._module.parameters() if p.requires_grad], self.trainable_parameters):
+        if self._trainable_flags() != self._flags_at_discovery:
             self._reset_step()
             raise RuntimeError(
                 "requires_grad changed between the forward pass and the backward pass; change it between steps "

@@ -11,8 +11,7 @@ For a Linear-family layer with flattened sizes (B, T, d, p), N = B·T·d·p:
 * ``per_sample``  (one-pass mode only) 2N FLOPs and B·d·p memory, but it replaces the
   assembly GEMM (another 2N) and the stored X, G. Chosen when the per-sample gradients take no
   more memory than the X and G they replace (d·p ≤ T·(d+p)) and fit ``PER_SAMPLE_BUDGET_BYTES``.
-  They are written by cuBLAS ``bmm``, or by the norm kernel's tiles with ``FLASHNORM_BACKEND=triton``
-  (:func:`~flashnorm.kernels.per_sample_weight_grads` gives the measurements behind that default).
+  They are written by cuBLAS ``bmm`` (:func:`~flashnorm.kernels.per_sample_weight_grads`).
 
 Other rules have one method. The choice can be forced per model (``norm_method=`` of ``make_private`` or of the grad-sample
 module; ``FLASHNORM_NORM_METHOD`` is only its default), and it is logged at DEBUG level.
