@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from flashnorm import FlashNormPrivacyEngine
 from flashnorm.cuda_graphs import CudaGraphStep
 from tests.conftest import TOLERANCES
-from tests.test_autocast import VOCAB, TinyLM, _rel
+from tests.grad_sample.test_capture_autocast import VOCAB, TinyLM, _rel
 from tests.oracle import microbatch_reference
 from tests.zoo import build
 

@@ -1,0 +1,1 @@
+"""Tests of flashnorm/grad_sample/: the clipping workflow and its modes."""

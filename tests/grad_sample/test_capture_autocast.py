@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from tests.conftest import TOLERANCES
+from tests.grad_sample.test_modes_exact import dp_clipped_step
 from tests.oracle import microbatch_reference
-from tests.test_modes_exact import dp_clipped_step
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -1,0 +1,1 @@
+"""Tests of flashnorm/optimizers/, one file per module."""
