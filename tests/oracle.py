@@ -44,8 +44,10 @@ def microbatch_reference(
         x = inputs[b : b + 1]
         x = x.double() if x.is_floating_point() else x
         loss = sample_loss(forward(ref, x), targets[b : b + 1])
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+        for p in params.values():  # an ordinary backward (reentrant checkpointing refuses autograd.grad)
+            p.grad = None
+        loss.backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params.values()]
         norm = torch.sqrt(sum(g.square().sum() for g in grads))
         coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
         for name, g in zip(params, grads):

@@ -311,14 +311,6 @@ def test_unsupported_layer_error_names_its_path(mode):
         private(model, mode=mode)
 
 
-@pytest.mark.parametrize("mode", CLIPPING_MODES)
-def test_weight_tying_is_a_clear_error(mode):
-    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
-    model[1].weight = model[0].weight
-    with pytest.raises(NotImplementedError, match="weight tying"):
-        private(model, mode=mode)
-
-
 def test_to_standard_module_removes_hooks():
     model = small_model()
     _, dp_model, *_ = private(model, mode="flash_fuse")

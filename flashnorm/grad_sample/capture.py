@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 class GradientTap(torch.autograd.Function):
-    """Identity on a layer output; its backward hands the output gradient to ``callback(grad, step)``.
+    """Identity on a layer output; its backward hands the output gradient to ``callback(grad, key)``.
 
     ``tap`` is a scalar leaf that requires grad: differentiating to it reaches every tapped layer. The result
     shares the output's memory and version counter but is not an autograd view of it, so in-place ops after
@@ -34,19 +34,19 @@ class GradientTap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, output, tap, callback, step):
-        ctx.callback, ctx.step = callback, step
+    def forward(ctx, output, tap, callback, key):
+        ctx.callback, ctx.key = callback, key
         return output.detach()
 
     @staticmethod
     def backward(ctx, grad_output):
-        ctx.callback(grad_output, ctx.step)
+        ctx.callback(grad_output, ctx.key)
         return grad_output, None, None, None
 
 
 def _tap_node_type():
     probe = torch.zeros((), requires_grad=True)
-    return type(GradientTap.apply(probe, probe, None, 0).grad_fn)
+    return type(GradientTap.apply(probe, probe, None, None).grad_fn)
 
 
 #: The autograd node class of :class:`GradientTap` (the graph check stops at other layers' taps).
@@ -70,24 +70,43 @@ def autocast_target(x) -> Optional[torch.dtype]:
 
 @dataclass(eq=False)
 class HookedLayer:
-    """A layer that owns trainable parameters, with its rule and this step's captures."""
+    """A layer that owns trainable parameters, with its rule and this step's captures.
+
+    A layer called k times in one forward pass (the same module twice, a module under two names, an RNN
+    cell per time step) has k *uses*: inputs ``xs`` in forward order and their output gradients ``gs``,
+    which arrive in the backward pass in any order.
+    """
 
     name: str
     module: nn.Module
     rule: NormRule
     params: List[nn.Parameter]
-    x: Optional[torch.Tensor] = None  # this step's input, batch first
-    out_meta: Optional[tuple] = None  # (batch-first shape, dtype) of this step's output: G's shape and dtype
+    xs: List[torch.Tensor] = field(default_factory=list)  # this step's inputs, batch first, one per use
+    gs: List[Optional[torch.Tensor]] = field(default_factory=list)  # their output gradients, as they arrive
+    arrived: int = 0  # output gradients received this pass
+    out_meta: Optional[tuple] = None  # (batch-first shape, dtype) of the first use's output: G's shape and dtype
     kept: Optional[object] = None  # one pass only: a :mod:`~flashnorm.grad_sample.kept` record
     vectors: List[nn.Parameter] = field(default_factory=list)  # the rule's vector_params, kept per sample
+    shared: List[nn.Parameter] = field(default_factory=list)  # parameters another layer uses too (tied weights)
     handles: list = field(default_factory=list)
     callback: Optional[Callable] = None  # the tap's callback, bound once
-    graph_ends: Optional[tuple] = None  # (output node, input node) of the checked step, for the graph check
+    graph_ends: list = field(default_factory=list)  # (output node, input node) per use, for the graph check
+    captured_step: int = -1  # the step whose forward captured this layer (a recompute then only fills in X)
     plan: Optional[tuple] = None  # ((shapes, dtype), method) of the last call
 
+    @property
+    def x(self) -> Optional[torch.Tensor]:
+        """The first use's input (``None`` when nothing is captured)."""
+        return self.xs[0] if self.xs else None
 
-def discover_layers(module: nn.Module, name: str = ""):
-    """Yields a :class:`HookedLayer` for each module owning trainable parameters, depth first.
+    def forget(self) -> None:
+        """Drops this step's captures."""
+        self.xs, self.gs, self.arrived, self.kept = [], [], 0, None
+
+
+def discover_layers(module: nn.Module, name: str = "", seen: Optional[set] = None):
+    """Yields a :class:`HookedLayer` for each module owning trainable parameters, depth first (a module
+    registered under several names once, under its first name).
 
     A layer without a rule, or whose rule refuses it, falls back to exact per-sample gradients
     (:class:`~flashnorm.norms.PerSampleGradFallback`); a fallback that covers its children hides them.
@@ -95,7 +114,14 @@ def discover_layers(module: nn.Module, name: str = ""):
     Raises:
         NotImplementedError: neither a rule nor the fallback can serve the layer (its path in the message).
     """
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
     own = trainable_own_parameters(module)
+    if own:  # a parameter registered here and in a child too (Opacus's DP RNNs alias their cells') is the child's
+        in_children = {id(p) for child in module.children() for p in child.parameters()}
+        own = [p for p in own if id(p) not in in_children]
     covers_children = False
     if own:
         rule = get_norm_rule(module)
@@ -116,14 +142,22 @@ def discover_layers(module: nn.Module, name: str = ""):
     if covers_children:
         return
     for child_name, child in module.named_children():
-        yield from discover_layers(child, f"{name}.{child_name}" if name else child_name)
+        yield from discover_layers(child, f"{name}.{child_name}" if name else child_name, seen)
+
+
+def _in_checkpointed_region() -> bool:
+    """Whether this forward runs inside non-reentrant ``torch.utils.checkpoint`` (its saved-tensor hooks are
+    on top), whose backward recomputes it."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 class CaptureHooks:
     """The forward side of a grad-sample module: hooks on its ``layers``, and the batch size they saw.
 
     The host class provides ``layers``, ``batch_first``, ``training``, ``_distributed``, the step counter
-    ``_step``, ``_uses_checked``, ``_capture_backward(layer, grad, step)`` and ``_single_sample_step()``.
+    ``_step``, ``_uses_checked``, ``_capturing``, ``_forward_depth``, ``_no_grad_layers``,
+    ``_capture_backward(layer, grad, key)``, ``_count_if_complete(layer)`` and ``_single_sample_step()``.
     """
 
     def add_hooks(self) -> None:
@@ -137,7 +171,7 @@ class CaptureHooks:
         self._detach_forward_hooks()
         self._hooks_parked = False
         for layer in self.layers:
-            layer.x, layer.kept = None, None
+            layer.forget()
 
     def _attach_forward_hooks(self) -> None:
         for layer in self.layers:
@@ -192,6 +226,17 @@ class CaptureHooks:
         dim = 0 if self.batch_first else 1
         return first.shape[dim] if isinstance(first, torch.Tensor) and first.dim() > dim else None
 
+    def _fill_deferred_input(self, layer: HookedLayer, inputs) -> None:
+        """The recompute's input for the next use whose X the forward left to it (in forward order)."""
+        for i, x in enumerate(layer.xs):
+            if x is None:
+                x = self._batch_first(inputs[0].detach())
+                if self._batch_size is not None and x.shape[0] == 1 != self._batch_size:
+                    x = x.expand(self._batch_size, *x.shape[1:])
+                layer.xs[i] = x
+                self._count_if_complete(layer)
+                return
+
     def _cast_input_for_autocast(self, module: nn.Module, inputs):
         """Forward pre-hook of the layers whose rule keeps X in autocast's lower precision
         (``rule.autocast_input``): the layer gets its first input already cast, so its own autocast cast
@@ -203,15 +248,17 @@ class CaptureHooks:
 
     def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output):
         if not self._capturing_forward():
+            if self._forward_depth and self.hooks_enabled and self.training and not torch.is_grad_enabled():
+                self._no_grad_layers = True  # reentrant checkpointing: captured when the backward recomputes it
             return None
         if self._single_sample_step() and self._leading_batch_size(inputs) == 1:
             return None  # B = 1, known from an earlier layer: nothing to capture (the fast path of every hook)
-        if layer.x is not None:
-            raise NotImplementedError(
-                f"Layer '{layer.name}' ran twice in one forward pass. Per-sample norms of a layer applied more "
-                "than once need cross terms between its uses, which FlashNorm's clipping modes do not compute. "
-                "Fix: use a separate layer per use, or grad_sample_mode='hooks'."
-            )
+        if torch._C._current_graph_task_id() != -1:  # a recompute of activation checkpointing, in a backward pass
+            if layer.captured_step == self._step:  # non-reentrant: the forward tapped this use; X may be due now
+                self._fill_deferred_input(layer, inputs)
+                return None
+            if not self._capturing:
+                return None  # reentrant, outside the norm pass: nothing to capture
         if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
             raise NotImplementedError(
                 f"Layer '{layer.name}' ({type(module).__name__}) must take a tensor as its first input and return "
@@ -235,9 +282,14 @@ class CaptureHooks:
             output = output.expand(*(self._batch_size if i == batch_dim else -1 for i in range(output.dim())))
         if self._single_sample_step():
             return None  # the batch gradient is the per-sample gradient: nothing to capture
-        layer.x = x
-        shape = output.shape if self.batch_first else (output.shape[1], output.shape[0], *output.shape[2:])
-        layer.out_meta = (shape, output.dtype)
+        if not layer.xs:
+            shape = output.shape if self.batch_first else (output.shape[1], output.shape[0], *output.shape[2:])
+            layer.out_meta = (shape, output.dtype)
+        layer.captured_step = self._step
+        # Inside a non-reentrant checkpointed region X is taken from the recompute, keeping the memory saving.
+        layer.xs.append(None if _in_checkpointed_region() else x)
+        layer.gs.append(None)
         if not self._uses_checked:
-            layer.graph_ends = (output.grad_fn, getattr(inputs[0], "grad_fn", None))
-        return GradientTap.apply(output, self._tap_on(output.device), layer.callback, self._step)
+            layer.graph_ends.append((output.grad_fn, getattr(inputs[0], "grad_fn", None)))
+        key = (self._step, len(layer.xs) - 1)
+        return GradientTap.apply(output, self._tap_on(output.device), layer.callback, key)

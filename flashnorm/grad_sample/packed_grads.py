@@ -147,8 +147,8 @@ def plan_packed_grads(layers, batch: int, device: torch.device, method_of, two_p
     packed = None
     for layer in reversed(layers):
         x = layer.x
-        if x is None or x.shape[0] == 0 or layer.out_meta is None:
-            continue
+        if len(layer.xs) != 1 or layer.shared or x is None or x.shape[0] == 0 or layer.out_meta is None:
+            continue  # several uses, tied or deferred inputs are counted on their own
         shape, dtype = layer.out_meta
         if method_of(layer, x, shape, dtype) == "per_sample":
             params, slot_dtype = layer.params, layer.rule.per_sample_dtype(layer.module, x.dtype, dtype)

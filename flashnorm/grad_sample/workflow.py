@@ -24,11 +24,10 @@ from opacus.validators import ModuleValidator
 from ..kernels import multi_tensor
 from ..kernels._chunks import accumulation_dtype
 from ..kernels.backend import resolve_backend
-from ..norms.planner import ALGORITHMS, choose, resolve_norm_method
-from ..norms.registry import per_sample_norm_sq, per_sample_norms
+from ..norms.planner import ALGORITHMS, resolve_norm_method
 from .capture import TAP_NODE, CaptureHooks, HookedLayer, discover_layers
+from .norm_pass import NormPassHooks
 from .graph_check import parameters_used_outside
-from .kept import KeptInputs, KeptPacked, KeptPerSample
 from .loss_check import NON_FINITE_LOSS, FiniteLossCheck
 from .packed_grads import PackedPerSampleGrads, plan_packed_grads
 from .provenance import clipped_iterations, mark_clipped
@@ -42,7 +41,7 @@ def _is_distributed(module: nn.Module) -> bool:
     return isinstance(module, DistributedDataParallel) or any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
+class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, AbstractGradSampleModule):
     """Base of FlashNorm's grad-sample modules; see the module docstring for the algorithm.
 
     Args:
@@ -107,8 +106,8 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
         self._all_parameters = list(m.parameters())
         self.trainable_parameters = [p for p in self._all_parameters if p.requires_grad]
         self._flags_at_discovery = self._trainable_flags()
-        self.layers = list(discover_layers(m))
-        self._check_no_shared_parameters()
+        self._distributed = _is_distributed(m)
+        self._discover()
         self._taps: Dict[torch.device, torch.Tensor] = {}
         self._capturing = False
         self._batch_size: Optional[int] = None
@@ -116,7 +115,11 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
         self._uses_checked = False  # parameters used outside their layer: checked on the first step
         self._step_used = False  # this step's forward was back-propagated by the workflow already
         self._in_workflow = False  # inside clipped_backward (its second pass reaches the taps again)
-        self._plain_norm_terms: List[torch.Tensor] = []  # squared norms from a plain backward, one [B] per layer
+        self._plain_backward = False  # a plain backward (not the workflow's) reached the taps this step
+        self._forward_depth = 0  # inside the wrapper's capturing forward
+        self._no_grad_layers = False  # a hooked layer ran under no_grad in a capturing forward (reentrant checkpoint)
+        self._shared_inputs: Dict[HookedLayer, tuple] = {}  # (x, g) of layers sharing a parameter, this pass
+        self._shared_grads: Dict[HookedLayer, dict] = {}  # or their per-sample gradients
         self._norm_sq: Optional[torch.Tensor] = None
         self._norm_terms: List[torch.Tensor] = []  # squared per-sample norms, one [B] per layer
         self._norm_roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
@@ -124,40 +127,53 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
         #: The loss check of a step captured in a CUDA graph (read after each replay), else None.
         self.captured_finite_check: Optional[FiniteLossCheck] = None
-        self._distributed = _is_distributed(m)
         self._hooks_parked = False  # forward hooks detached for steps of one sample (:meth:`_park_forward_hooks`)
         self._last_leading_batch_size: Optional[int] = None  # of the last capturing forward's first argument
         self.hooks_enabled = False
         self.add_hooks()
 
-    def _check_no_shared_parameters(self) -> None:
-        owner: Dict[int, str] = {}
+    def _discover(self) -> None:
+        """The hooked layers, and the parameters two of them share (tied weights), with their layers.
+
+        Raises:
+            NotImplementedError: a shared parameter under FSDP2, whose one-pass reduction is per layer.
+        """
+        self.layers = list(discover_layers(self._module))
+        users: Dict[int, list] = {}
         for layer in self.layers:
             for p in layer.params:
-                if id(p) in owner:
-                    raise NotImplementedError(
-                        f"Layers '{owner[id(p)]}' and '{layer.name}' share a parameter (weight tying). The per-sample "
-                        "norm of a shared parameter needs the cross term of both uses, which FlashNorm's clipping "
-                        "modes do not compute. Fix: untie the weights (e.g. tie_word_embeddings=False) or use "
-                        "grad_sample_mode='hooks'."
-                    )
-                owner[id(p)] = layer.name
+                users.setdefault(id(p), [p]).append(layer)
+        self._shared_groups = [(found[0], found[1:]) for found in users.values() if len(found) > 2]
+        for param, sharing in self._shared_groups:
+            if self._distributed:
+                raise NotImplementedError(
+                    f"Layers {[layer.name for layer in sharing]} share a parameter (weight tying); FlashNorm computes "
+                    "its cross terms on one device or under DDP, not yet under FSDP2. Fix: untie the weights or use "
+                    "grad_sample_mode='hooks'."
+                )
+            for layer in sharing:
+                layer.shared.append(param)
 
     def forward(self, *args, **kwargs):
-        if self._capturing_forward():
-            self._step += 1  # a forward that captures starts a new step (eval / no_grad ones leave it be)
-            self._step_used = False
-            self._follow_requires_grad()
-            leading = self._leading_batch_size(args)
-            # The first argument's batch size speaks for the layers' once a step with hooks saw them agree.
-            trusted = leading is not None and leading == self._last_leading_batch_size == self._batch_size
-            self._reset_step()
-            self._last_leading_batch_size = leading
-            single = trusted and leading == 1 and not self._distributed
-            if single:
-                self._batch_size = 1  # what the layers' hooks would have found (the loss is checked against it)
-            self._park_forward_hooks(single)
-        return self._module(*args, **kwargs)
+        if not self._capturing_forward():
+            return self._module(*args, **kwargs)
+        self._step += 1  # a forward that captures starts a new step (eval / no_grad ones leave it be)
+        self._step_used = False
+        self._follow_requires_grad()
+        leading = self._leading_batch_size(args)
+        # The first argument's batch size speaks for the layers' once a step with hooks saw them agree.
+        trusted = leading is not None and leading == self._last_leading_batch_size == self._batch_size
+        self._reset_step()
+        self._last_leading_batch_size = leading
+        single = trusted and leading == 1 and not self._distributed
+        if single:
+            self._batch_size = 1  # what the layers' hooks would have found (the loss is checked against it)
+        self._park_forward_hooks(single)
+        self._forward_depth += 1
+        try:
+            return self._module(*args, **kwargs)
+        finally:
+            self._forward_depth -= 1
 
     def _follow_requires_grad(self) -> None:
         """Re-discovers the hooked layers when ``requires_grad`` changed since the last step (progressive
@@ -177,8 +193,7 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
         self.remove_hooks()
         self.trainable_parameters = trainable
         self._flags_at_discovery = self._trainable_flags()
-        self.layers = list(discover_layers(self._module))
-        self._check_no_shared_parameters()
+        self._discover()
         self._uses_checked = False
         self._batch_size = self._last_leading_batch_size = None
         self.add_hooks()
@@ -189,96 +204,12 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
 
     def _reset_step(self) -> None:
         self._batch_size = None
-        self._plain_norm_terms = []
+        self._plain_backward = self._no_grad_layers = False
+        self._norm_terms, self._norm_roots = [], []
+        self._shared_inputs, self._shared_grads = {}, {}
         self._packed = None
         for layer in self.layers:
-            layer.x, layer.kept = None, None
-
-    def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, step: int) -> None:
-        if not self._capturing:
-            if not self._in_workflow:
-                self._plain_backward_norm(layer, grad_output, step)
-            return
-        if step != self._step or layer.x is None:
-            # Never skip a layer: a missing norm term would under-clip and break the guarantee.
-            raise RuntimeError(
-                f"Layer '{layer.name}' is back-propagated from a forward pass other than the model's last one "
-                "(or its input was not captured). Run the forward and the DP loss's backward in pairs: "
-                "loss = criterion(model(x), y); loss.backward()."
-            )
-        x, layer.x = layer.x, None
-        g = self._batch_first(grad_output.detach())
-        if x.shape[0] == 0:
-            return
-        method = self._method(layer, x, g.shape, g.dtype, g)
-        if method == "per_sample":
-            kept = self._per_sample(layer, x, g)
-        else:
-            with_vectors = not self._vectors_to_packed(layer, x, g)
-            self._norm_terms.append(layer.rule.norm_sq(layer.module, x, g, method, vectors=with_vectors, backend=self.backend))
-            kept = KeptInputs(method, x, g, with_vectors)
-        if self.passes == 1:
-            layer.kept = kept
-
-    def _plain_backward_norm(self, layer: HookedLayer, grad_output: torch.Tensor, step: int) -> None:
-        """A backward that is not the workflow's (``loss.backward()`` on a loss not built with the DP criterion):
-        the layer's per-sample squared norms are recorded for :meth:`get_norm_sample`, as Opacus's module does.
-        The gradients that backward leaves are unclipped; the DP optimizer refuses to step on them."""
-        if step != self._step or layer.x is None:
-            return
-        x, layer.x = layer.x, None
-        g = self._batch_first(grad_output.detach())
-        self._step_used = True
-        if x.shape[0] == 0:
-            return
-        method = self._method(layer, x, g.shape, g.dtype, g)
-        if method == "per_sample":
-            term = per_sample_norm_sq(layer.rule.per_sample_grads(layer.module, x, g, backend=self.backend))
-        else:
-            term = layer.rule.norm_sq(layer.module, x, g, method, backend=self.backend)
-        self._plain_norm_terms.append(term)
-
-    def _method(self, layer: HookedLayer, x: torch.Tensor, g_shape, g_dtype, g: Optional[torch.Tensor] = None) -> str:
-        """The layer's norm method for these shapes (planned once per new shape; ``g`` may be absent)."""
-        key = (x.shape, g_shape, g_dtype)
-        if layer.plan is None or layer.plan[0] != key:
-            if g is None:
-                g = torch.empty(g_shape, dtype=g_dtype, device="meta")
-            method = choose(
-                layer.rule, layer.module, x, g, base=self.norm_algorithm, fused=self.passes == 1,
-                override=self.norm_method, name=layer.name,
-            )
-            layer.plan = (key, method)
-        return layer.plan[1]
-
-    def _per_sample(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor):
-        """The layer's per-sample gradients, packed where they have room; their norms go to the terms.
-
-        Returns what the one-pass assembly keeps: :class:`KeptPacked` or :class:`KeptPerSample`.
-        """
-        packed = self._packed
-        slots = {p: slot for p in layer.params if (slot := packed.slot(p)) is not None} if packed is not None else {}
-        # (a slot's buffer is allocated here, when the pass first reaches it)
-        grads = layer.rule.per_sample_grads(layer.module, x, g, out=slots or None, backend=self.backend)
-        separate = {}
-        for p, gs in grads.items():
-            slot = slots.get(p)
-            if slot is None or not packed.store(p, gs):
-                separate[p] = gs
-        if separate:  # norms squared and summed once, after the pass; the rest is in the packed norms
-            self._norm_roots.extend(per_sample_norms(separate))
-            return KeptPerSample(separate)
-        return KeptPacked()
-
-    def _vectors_to_packed(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor) -> bool:
-        """Writes the layer's vector parameters' per-sample gradients into their packed slots (the rest of
-        the layer takes a norm kernel); ``False`` when they have no room there (the rule then counts them)."""
-        slots = {p: self._packed.slot(p) for p in layer.vectors} if self._packed is not None else {}
-        if not slots or any(slot is None for slot in slots.values()):
-            return False
-        for p, gs in layer.rule.vector_grads(layer.module, x, g, out=slots, backend=self.backend).items():
-            self._packed.store(p, gs)
-        return True
+            layer.forget()
 
     # -- the clipping workflow -------------------------------------------------------------------
     def _single_sample_step(self) -> bool:
@@ -397,39 +328,60 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
             )
         self._capturing = True
         try:
-            torch.autograd.grad(
-                loss_per_sample.sum(), list(self._taps.values()), allow_unused=True, retain_graph=self.passes == 2
-            )
+            if self._no_grad_layers:
+                self._full_norm_pass(loss_per_sample)
+            else:
+                torch.autograd.grad(
+                    loss_per_sample.sum(), list(self._taps.values()), allow_unused=True, retain_graph=self.passes == 2
+                )
+            self._finish_pass()
         except BaseException:
             self._packed = None
             raise
         finally:
             self._capturing = False
             for layer in self.layers:
-                layer.x = None
+                layer.xs, layer.gs, layer.arrived = [], [], 0
         if self._packed is not None:
             self._packed.finish()
             self._norm_roots.extend(self._packed.norms())
             if self.passes == 2:
                 self._packed = None  # the second pass computes the clipped gradients itself
+        self.record_norm_sq(self._summed_norm_sq(loss_per_sample.shape[0], loss_per_sample.device))
+        return self.get_clipping_coef()
+
+    def _summed_norm_sq(self, batch: int, device=None) -> torch.Tensor:
+        """Σ of the pass's norm terms ([B] squared norms per layer and cross term, [B] norms per parameter)."""
         terms, roots = self._norm_terms, self._norm_roots
         self._norm_terms, self._norm_roots = [], []
         acc = accumulation_dtype(*terms, *roots)
-        norm_sq = torch.zeros(loss_per_sample.shape[0], dtype=acc, device=loss_per_sample.device)
+        device = device or (terms or roots or [torch.empty(0)])[0].device
+        norm_sq = torch.zeros(batch, dtype=acc, device=device)
         if terms:  # squared norms from the norm kernels, one [B] per layer (stack promotes to acc)
             norm_sq = norm_sq + torch.stack(terms).sum(dim=0)
         if roots:  # ‖per-sample gradient‖ per parameter
             norm_sq = norm_sq + torch.stack(roots).square().sum(dim=0)
-        self.record_norm_sq(norm_sq)
-        return self.get_clipping_coef()
+        return norm_sq
+
+    def _full_norm_pass(self, loss_per_sample: torch.Tensor) -> None:
+        """The norm pass as an ordinary backward, for layers captured only when reentrant activation checkpointing
+        recomputes them (``torch.utils.checkpoint`` refuses ``autograd.grad``): the parameter gradients it also
+        computes are unclipped and discarded."""
+        params = self.trainable_parameters
+        torch.autograd.backward(loss_per_sample.sum(), retain_graph=self.passes == 2)
+        for p in params:
+            p.grad = None
+        for tap in self._taps.values():
+            tap.grad = None
 
     def _check_parameter_uses(self, root) -> None:
         """Raises if a parameter reaches the loss other than through its own layer's forward
         (:mod:`~flashnorm.grad_sample.graph_check`); checked on the first step."""
         ends = []
         for layer in self.layers:
-            ends.append((layer.name, layer.params, layer.graph_ends))
-            layer.graph_ends = None
+            for use_ends in layer.graph_ends or [None]:
+                ends.append((layer.name, layer.params, use_ends))
+            layer.graph_ends = []
         self._uses_checked = True
         outside = parameters_used_outside(root, ends, is_tap=lambda node: isinstance(node, TAP_NODE))
         if outside:
@@ -496,9 +448,10 @@ class FlashNormGradSampleModule(CaptureHooks, AbstractGradSampleModule):
 
     def get_norm_sample(self) -> torch.Tensor:
         """Per-sample gradient norms ‖g_b‖ of the last norm pass (or plain backward): [B]."""
-        if self._plain_norm_terms:
-            terms, self._plain_norm_terms = self._plain_norm_terms, []
-            self.record_norm_sq(torch.stack(terms).sum(dim=0))
+        if self._plain_backward:
+            self._plain_backward = False
+            self._finish_pass()
+            self.record_norm_sq(self._summed_norm_sq(self._batch_size or 0))
         if self._norm_sq is None:
             raise AttributeError("No norms yet: call backward on the loss from the DP criterion first.")
         norms = self._norm_sq.sqrt()

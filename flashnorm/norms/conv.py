@@ -27,6 +27,9 @@ class ConvRule(LinearFamilyRule):
             return f"padding_mode={layer.padding_mode!r}"
         return None
 
+    def join_uses(self, layer, xs, gs):
+        return None  # the uses' patches differ in layout; their per-sample gradients are summed instead
+
     def as_sequences(self, layer, x, g):
         if isinstance(layer, nn.Conv1d):  # a 2-D convolution of height 1
             x = x.unsqueeze(-2)

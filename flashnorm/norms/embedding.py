@@ -43,6 +43,11 @@ class EmbeddingRule(NormRule):
             rows = rows * (ids != layer.padding_idx).unsqueeze(1).to(rows.dtype)
         return sample, ids, rows
 
+    def join_uses(self, layer, xs, gs):
+        """All uses' ids and output-gradient rows of a sample, side by side."""
+        return (torch.cat([x.reshape(x.shape[0], -1) for x in xs], dim=1),
+                torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in gs], dim=1))
+
     def norm_sq(self, layer, x, g, method, vectors=True, *, backend=None):
         if method == "per_sample":
             return super().norm_sq(layer, x, g, method, backend=backend)

@@ -53,6 +53,11 @@ class LinearFamilyRule(NormRule):
         xs, gs = self.as_sequences(layer, x, g)
         return xs.shape[0], xs.shape[1], xs.shape[2], gs.shape[2]
 
+    def join_uses(self, layer, xs, gs):
+        """[X_1; …; X_k], [G_1; …; G_k] along the sequence: Σ_k G_kᵀX_k is one product over the joined rows."""
+        return (torch.cat([flatten_to_sequences(x) for x in xs], dim=1),
+                torch.cat([flatten_to_sequences(g) for g in gs], dim=1))
+
     def vector_params(self, layer):
         bias = getattr(layer, "bias", None)
         return [bias] if bias is not None and bias.requires_grad and layer.weight.requires_grad else []

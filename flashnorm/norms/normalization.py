@@ -38,6 +38,13 @@ class _AffineNormRule(NormRule):
     def per_sample_dtype(self, layer, x_dtype, g_dtype):
         return accumulation_dtype_of(x_dtype, g_dtype)
 
+    def join_uses(self, layer, xs, gs):
+        """Positions normalised one by one (a 1-D ``normalized_shape``) concatenate along the sequence."""
+        if len(getattr(layer, "normalized_shape", ())) != 1:
+            return None
+        return (torch.cat([flatten_to_sequences(x) for x in xs], dim=1),
+                torch.cat([flatten_to_sequences(g) for g in gs], dim=1))
+
     #: LayerNorm (True: subtract the mean) or RMSNorm (False) over the last dim: the one-launch kernel applies
     #: (:func:`~flashnorm.kernels.affine_norm.affine_norm_grads`); None: the general sums below.
     centered: Optional[bool] = None

@@ -41,6 +41,9 @@ class NormRule(abc.ABC):
       bias beside its weight), kept per sample with the other per-sample gradients (one norm and one
       clipped sum for all of them); :meth:`norm_sq` and :meth:`clipped_grads` are then called with
       ``vectors=False``, for the remaining parameters only;
+    * :meth:`join_uses`: a layer called k times in one forward pass as one call on its uses concatenated
+      along the sequence (exact where the rule's algebra is a sum over positions, e.g. Σ_k G_kᵀX_k =
+      [G_1; …; G_k]ᵀ[X_1; …; X_k]); without it the uses' per-sample gradients are summed;
     * :meth:`per_sample_dtype`, :meth:`supports`.
 
     ``backend`` (``"auto"``, ``"triton"``, ``"torch"``; ``None`` reads ``FLASHNORM_BACKEND``) is handed to the
@@ -70,6 +73,12 @@ class NormRule(abc.ABC):
     def sizes(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Tuple[int, int, int, int]:
         """(B, T, d, p) of the flattened product G_bᵀX_b, for the planner (rules with flash/gram methods)."""
         raise NotImplementedError(f"{type(self).__name__} has no flattened Linear problem")
+
+    def join_uses(
+        self, layer: nn.Module, xs: List[torch.Tensor], gs: List[torch.Tensor]
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(x, g) of one call equivalent to the k uses (xs[i], gs[i]) of the layer, or ``None`` (no such form)."""
+        return None
 
     def vector_params(self, layer: nn.Module) -> List[nn.Parameter]:
         """Trainable parameters whose per-sample gradients are vectors cheap to form and keep (B·|θ|, far

@@ -59,13 +59,6 @@ def test_disabled_hooks_train_like_the_plain_module():
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
 
 
-def test_layer_used_twice_is_a_clear_error():
-    layer = nn.Linear(4, 4)
-    gsm = GradSampleModuleFastGradientClippingFuse(nn.Sequential(layer, nn.Tanh(), layer))
-    with pytest.raises(NotImplementedError, match="ran twice"):
-        gsm(torch.randn(2, 4))
-
-
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="loss_reduction"):
         GradSampleModuleFastGradientClipping(nn.Linear(2, 2), loss_reduction="avg")

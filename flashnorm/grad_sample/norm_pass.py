@@ -1,0 +1,170 @@
+"""The backward side of a clipping step: each hooked layer's per-sample squared norms from its captures.
+
+A layer's uses are counted once all their output gradients G (tap callbacks) and inputs X (the forward, or
+the recompute of activation checkpointing) are in: one use as it is; k uses joined into one call where the
+rule can (:meth:`~flashnorm.norms.NormRule.join_uses`), else their per-sample gradients summed. A layer
+sharing a parameter with another (tied weights) is counted like any other, and the cross term
+2⟨∇_θ^A, ∇_θ^B⟩ (:mod:`flashnorm.norms.shared`) is added once both are counted. Uses that never received
+a gradient (outputs that do not reach the loss) contribute nothing, exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..norms.planner import choose
+from ..norms.registry import per_sample_norms
+from ..norms.shared import cross_term
+from .capture import HookedLayer
+from .kept import KeptInputs, KeptPacked, KeptPerSample
+
+
+class NormPassHooks:
+    """Mixin of the grad-sample module: the gradient taps' callback and the per-layer norm terms.
+
+    The host provides ``layers``, ``passes``, ``backend``, ``norm_algorithm``, ``norm_method``, ``_step``,
+    ``_capturing``, ``_in_workflow``, ``_packed``, ``_norm_terms``, ``_norm_roots``, ``_shared_groups`` and
+    ``_batch_first``.
+    """
+
+    def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, key) -> None:
+        step, use = key
+        if not self._capturing and self._in_workflow:
+            return  # the second pass of a two-pass step: norms are done
+        if step != self._step or use >= len(layer.gs):
+            if not self._capturing:
+                return  # a plain backward of an older forward: nothing to record
+            # Never skip a layer: a missing norm term would under-clip and break the guarantee.
+            raise RuntimeError(
+                f"Layer '{layer.name}' is back-propagated from a forward pass other than the model's last one. "
+                "Run the forward and the DP loss's backward in pairs: loss = criterion(model(x), y); loss.backward()."
+            )
+        if not self._capturing:
+            self._plain_backward = True
+            self._step_used = True
+        layer.gs[use] = self._batch_first(grad_output.detach())
+        layer.arrived += 1
+        self._count_if_complete(layer)
+
+    def _count_if_complete(self, layer: HookedLayer) -> None:
+        if layer.arrived == len(layer.xs) and all(x is not None for x in layer.xs):
+            self._count_layer(layer)
+
+    def _count_layer(self, layer: HookedLayer) -> None:
+        """Norm terms of the layer's uses that received a gradient (kept for the one-pass assembly)."""
+        uses = [(x, g) for x, g in zip(layer.xs, layer.gs) if g is not None]
+        missing = [i for i, (x, g) in enumerate(zip(layer.xs, layer.gs)) if g is not None and x is None]
+        layer.xs, layer.gs, layer.arrived = [], [], 0
+        if missing:
+            raise RuntimeError(
+                f"Layer '{layer.name}' received its output gradient but its input was never captured (use "
+                f"{missing[0]}): activation checkpointing that FlashNorm does not recognise. No step was taken."
+            )
+        if not uses or uses[0][0].shape[0] == 0:
+            return
+        x, g = uses[0] if len(uses) == 1 else (layer.rule.join_uses(layer.module, *map(list, zip(*uses))) or (None, None))
+        if x is None:
+            kept = self._per_sample_sum(layer, uses)
+        else:
+            kept = self._count_joined(layer, x, g)
+            if layer.shared:
+                self._shared_inputs[layer] = (x, g)
+        if self.passes == 1 and self._capturing:
+            layer.kept = kept
+
+    def _count_joined(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor):
+        method = self._method(layer, x, g.shape, g.dtype, g)
+        if method == "per_sample":
+            return self._per_sample(layer, x, g)
+        with_vectors = layer.shared or not self._vectors_to_packed(layer, x, g)
+        self._norm_terms.append(layer.rule.norm_sq(layer.module, x, g, method, vectors=with_vectors, backend=self.backend))
+        return KeptInputs(method, x, g, with_vectors)
+
+    def _per_sample_sum(self, layer: HookedLayer, uses) -> KeptPerSample:
+        """Σ over the uses of the per-sample gradients, where the rule cannot join the uses (B·|θ| memory)."""
+        total = {}
+        for x, g in uses:
+            for p, gs in layer.rule.per_sample_grads(layer.module, x, g, backend=self.backend).items():
+                total[p] = gs.clone() if p not in total else total[p].add_(gs)
+        self._norm_roots.extend(per_sample_norms(total))
+        if layer.shared:
+            self._shared_grads[layer] = total
+        return KeptPerSample(total)
+
+    def _finish_pass(self) -> None:
+        """After the backward: layers whose uses did not all receive a gradient, then the cross terms of
+        parameters shared by two layers."""
+        for layer in self.layers:
+            if layer.arrived:
+                self._count_layer(layer)
+            else:
+                layer.xs, layer.gs = [], []
+        try:
+            for param, sharing in self._shared_groups:
+                counted = [layer for layer in sharing if layer in self._shared_inputs or layer in self._shared_grads]
+                for i, a in enumerate(counted):
+                    for b in counted[i + 1:]:
+                        self._norm_terms.append(2 * self._cross(a, b, param))
+        finally:
+            self._shared_inputs, self._shared_grads = {}, {}
+
+    def _cross(self, a: HookedLayer, b: HookedLayer, param) -> torch.Tensor:
+        """⟨∇_θ^A, ∇_θ^B⟩ per sample for θ = ``param`` used by layers a and b."""
+        grads_a, grads_b = self._shared_grads.get(a), self._shared_grads.get(b)
+        if grads_a is None and grads_b is None:
+            return cross_term(a.rule, a.module, *self._shared_inputs[a], b.rule, b.module, *self._shared_inputs[b],
+                              param, backend=self.backend)
+        if grads_a is None:
+            grads_a = a.rule.per_sample_grads(a.module, *self._shared_inputs[a], backend=self.backend)
+        if grads_b is None:
+            grads_b = b.rule.per_sample_grads(b.module, *self._shared_inputs[b], backend=self.backend)
+        ga, gb = grads_a[param], grads_b[param]
+        acc = torch.promote_types(torch.promote_types(ga.dtype, gb.dtype), torch.float32)
+        return (ga.reshape(ga.shape[0], -1).to(acc) * gb.reshape(gb.shape[0], -1).to(acc)).sum(dim=1)
+
+    def _method(self, layer: HookedLayer, x: torch.Tensor, g_shape, g_dtype, g: Optional[torch.Tensor] = None) -> str:
+        """The layer's norm method for these shapes (planned once per new shape; ``g`` may be absent). Layers
+        sharing a parameter keep their X and G (no per-sample gradients) unless forced."""
+        key = (x.shape, g_shape, g_dtype)
+        if layer.plan is None or layer.plan[0] != key:
+            if g is None:
+                g = torch.empty(g_shape, dtype=g_dtype, device="meta")
+            method = choose(
+                layer.rule, layer.module, x, g, base=self.norm_algorithm, fused=self.passes == 1 and not layer.shared,
+                override=self.norm_method, name=layer.name,
+            )
+            layer.plan = (key, method)
+        return layer.plan[1]
+
+    def _per_sample(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor):
+        """The layer's per-sample gradients, packed where they have room; their norms go to the terms.
+
+        Returns what the one-pass assembly keeps: :class:`KeptPacked` or :class:`KeptPerSample`.
+        """
+        packed = self._packed
+        slots = {p: slot for p in layer.params if (slot := packed.slot(p)) is not None} if packed is not None else {}
+        # (a slot's buffer is allocated here, when the pass first reaches it)
+        grads = layer.rule.per_sample_grads(layer.module, x, g, out=slots or None, backend=self.backend)
+        separate = {}
+        for p, gs in grads.items():
+            slot = slots.get(p)
+            if slot is None or not packed.store(p, gs):
+                separate[p] = gs
+        if layer.shared:
+            self._shared_grads[layer] = grads
+        if separate:  # norms squared and summed once, after the pass; the rest is in the packed norms
+            self._norm_roots.extend(per_sample_norms(separate))
+            return KeptPerSample(separate)
+        return KeptPacked()
+
+    def _vectors_to_packed(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor) -> bool:
+        """Writes the layer's vector parameters' per-sample gradients into their packed slots (the rest of
+        the layer takes a norm kernel); ``False`` when they have no room there (the rule then counts them)."""
+        slots = {p: self._packed.slot(p) for p in layer.vectors} if self._packed is not None else {}
+        if not slots or any(slot is None for slot in slots.values()):
+            return False
+        for p, gs in layer.rule.vector_grads(layer.module, x, g, out=slots, backend=self.backend).items():
+            self._packed.store(p, gs)
+        return True
