@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ..kernels import multi_tensor
+from ..kernels._chunks import accumulation_dtype
 from ..norms.planner import choose
 from ..norms.registry import per_sample_norms
 from ..norms.shared import cross_term
@@ -22,11 +24,12 @@ from .kept import KeptInputs, KeptPacked, KeptPerSample
 
 
 class NormPassHooks:
-    """Mixin of the grad-sample module: the gradient taps' callback and the per-layer norm terms.
+    """Mixin of the grad-sample module: the gradient taps' callback, the per-layer norm terms, their sum and
+    Opacus's accessors of the per-sample norms.
 
     The host provides ``layers``, ``passes``, ``backend``, ``norm_algorithm``, ``norm_method``, ``_step``,
-    ``_capturing``, ``_in_workflow``, ``_packed``, ``_norm_terms``, ``_norm_roots``, ``_shared_groups`` and
-    ``_batch_first``.
+    ``_capturing``, ``_in_workflow``, ``_packed``, ``_norm_terms``, ``_norm_roots``, ``_shared_groups``,
+    ``_norm_sq``, ``max_grad_norm`` and ``_batch_first``.
     """
 
     def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, key) -> None:
@@ -168,3 +171,51 @@ class NormPassHooks:
         for p, gs in layer.rule.vector_grads(layer.module, x, g, out=slots, backend=self.backend).items():
             self._packed.store(p, gs)
         return True
+
+    def _summed_norm_sq(self, batch: int, device=None) -> torch.Tensor:
+        """Σ of the pass's norm terms ([B] squared norms per layer and cross term, [B] norms per parameter)."""
+        terms, roots = self._norm_terms, self._norm_roots
+        self._norm_terms, self._norm_roots = [], []
+        acc = accumulation_dtype(*terms, *roots)
+        device = device or (terms or roots or [torch.empty(0)])[0].device
+        norm_sq = torch.zeros(batch, dtype=acc, device=device)
+        if terms:  # squared norms from the norm kernels, one [B] per layer (stack promotes to acc)
+            norm_sq = norm_sq + torch.stack(terms).sum(dim=0)
+        if roots:  # ‖per-sample gradient‖ per parameter
+            norm_sq = norm_sq + torch.stack(roots).square().sum(dim=0)
+        return norm_sq
+
+    # -- Opacus-compatible accessors -------------------------------------------------------------
+    def record_norm_sq(self, norm_sq: torch.Tensor) -> None:
+        """Records the step's squared per-sample gradient norms [B]; the norms follow from them when asked."""
+        self._norm_sq = norm_sq
+        self._per_sample_gradient_norms = None
+
+    def get_norm_sample(self) -> torch.Tensor:
+        """Per-sample gradient norms ‖g_b‖ of the last norm pass (or plain backward): [B]."""
+        if self._plain_backward:
+            self._plain_backward = False
+            self._finish_pass()
+            self.record_norm_sq(self._summed_norm_sq(self._batch_size or 0))
+        if self._norm_sq is None:
+            raise AttributeError("No norms yet: call backward on the loss from the DP criterion first.")
+        norms = self._norm_sq.sqrt()
+        self.per_sample_gradient_norms = norms
+        return norms
+
+    def get_clipping_coef(self) -> torch.Tensor:
+        """c_b = min(1, C / (‖g_b‖ + 1e-6)): [B]."""
+        return multi_tensor.clipping_coef(self.get_norm_sample(), self.max_grad_norm)
+
+    @property
+    def per_sample_gradient_norms(self) -> torch.Tensor:
+        """Per-sample gradient norms of the last step (not private: for debugging only)."""
+        if self._per_sample_gradient_norms is None:
+            if self._norm_sq is None:
+                raise AttributeError("per_sample_gradient_norms is not set: run forward and backward first.")
+            self.get_norm_sample()
+        return self._per_sample_gradient_norms
+
+    @per_sample_gradient_norms.setter
+    def per_sample_gradient_norms(self, value: torch.Tensor) -> None:
+        self._per_sample_gradient_norms = value

@@ -28,7 +28,7 @@ from ..norms.planner import ALGORITHMS, resolve_norm_method
 from .capture import TAP_NODE, CaptureHooks, HookedLayer, discover_layers
 from .norm_pass import NormPassHooks
 from .graph_check import parameters_used_outside
-from .loss_check import NON_FINITE_LOSS, FiniteLossCheck
+from .loss_check import FiniteLossCheck, LossChecks
 from .packed_grads import PackedPerSampleGrads, plan_packed_grads
 from .provenance import clipped_iterations, mark_clipped
 
@@ -41,7 +41,7 @@ def _is_distributed(module: nn.Module) -> bool:
     return isinstance(module, DistributedDataParallel) or any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, AbstractGradSampleModule):
+class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, AbstractGradSampleModule):
     """Base of FlashNorm's grad-sample modules; see the module docstring for the algorithm.
 
     Args:
@@ -350,19 +350,6 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, AbstractGradSampleM
         self.record_norm_sq(self._summed_norm_sq(loss_per_sample.shape[0], loss_per_sample.device))
         return self.get_clipping_coef()
 
-    def _summed_norm_sq(self, batch: int, device=None) -> torch.Tensor:
-        """Σ of the pass's norm terms ([B] squared norms per layer and cross term, [B] norms per parameter)."""
-        terms, roots = self._norm_terms, self._norm_roots
-        self._norm_terms, self._norm_roots = [], []
-        acc = accumulation_dtype(*terms, *roots)
-        device = device or (terms or roots or [torch.empty(0)])[0].device
-        norm_sq = torch.zeros(batch, dtype=acc, device=device)
-        if terms:  # squared norms from the norm kernels, one [B] per layer (stack promotes to acc)
-            norm_sq = norm_sq + torch.stack(terms).sum(dim=0)
-        if roots:  # ‖per-sample gradient‖ per parameter
-            norm_sq = norm_sq + torch.stack(roots).square().sum(dim=0)
-        return norm_sq
-
     def _full_norm_pass(self, loss_per_sample: torch.Tensor) -> None:
         """The norm pass as an ordinary backward, for layers captured only when reentrant activation checkpointing
         recomputes them (``torch.utils.checkpoint`` refuses ``autograd.grad``): the parameter gradients it also
@@ -404,73 +391,3 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, AbstractGradSampleM
 
     def _write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
         raise NotImplementedError
-
-    def _check_loss(self, loss_per_sample: torch.Tensor, finite: bool = True) -> None:
-        """Raises (and forgets the step) unless the loss is [B] for this forward's B (and, with ``finite``,
-        finite)."""
-        if self._batch_size is None or self._step_used:
-            raise RuntimeError(
-                "No captured forward pass for this loss: run the wrapped model's forward in training mode "
-                "(model.train(), grad enabled, hooks enabled) before each backward on the DP loss; a forward's "
-                "loss can be back-propagated once."
-            )
-        if loss_per_sample.dim() != 1 or loss_per_sample.shape[0] != self._batch_size:
-            self._reset_step()
-            raise ValueError(
-                f"The per-sample loss has shape {tuple(loss_per_sample.shape)} but the model's forward saw batch size "
-                f"{self._batch_size}; the loss must hold one value per sample: [B]. For token-level losses call the "
-                "criterion with shape=(B, T, V) so that the privacy unit is the sequence."
-            )
-        if finite:
-            self._check_finite(FiniteLossCheck(loss_per_sample))
-
-    def _check_finite(self, finite: "FiniteLossCheck") -> None:
-        """Raises (and forgets the step) if the checked loss had a NaN or ±inf (waits for its flag)."""
-        if not finite.result():
-            self.reject_non_finite_step()
-
-    def reject_non_finite_step(self) -> None:
-        """Forgets the step, drops every gradient it wrote (``p.grad = None``) and raises ``ValueError``.
-
-        Called when the loss was not finite: by the eager workflow, and by
-        :class:`~flashnorm.cuda_graphs.CudaGraphStep` after a replay whose ``captured_finite_check`` fails.
-        """
-        self._reset_step()
-        for p in self.trainable_parameters:
-            p.grad = None
-        raise ValueError(NON_FINITE_LOSS)
-
-    # -- Opacus-compatible accessors -------------------------------------------------------------
-    def record_norm_sq(self, norm_sq: torch.Tensor) -> None:
-        """Records the step's squared per-sample gradient norms [B]; the norms follow from them when asked."""
-        self._norm_sq = norm_sq
-        self._per_sample_gradient_norms = None
-
-    def get_norm_sample(self) -> torch.Tensor:
-        """Per-sample gradient norms ‖g_b‖ of the last norm pass (or plain backward): [B]."""
-        if self._plain_backward:
-            self._plain_backward = False
-            self._finish_pass()
-            self.record_norm_sq(self._summed_norm_sq(self._batch_size or 0))
-        if self._norm_sq is None:
-            raise AttributeError("No norms yet: call backward on the loss from the DP criterion first.")
-        norms = self._norm_sq.sqrt()
-        self.per_sample_gradient_norms = norms
-        return norms
-
-    def get_clipping_coef(self) -> torch.Tensor:
-        """c_b = min(1, C / (‖g_b‖ + 1e-6)): [B]."""
-        return multi_tensor.clipping_coef(self.get_norm_sample(), self.max_grad_norm)
-
-    @property
-    def per_sample_gradient_norms(self) -> torch.Tensor:
-        """Per-sample gradient norms of the last step (not private: for debugging only)."""
-        if self._per_sample_gradient_norms is None:
-            if self._norm_sq is None:
-                raise AttributeError("per_sample_gradient_norms is not set: run forward and backward first.")
-            self.get_norm_sample()
-        return self._per_sample_gradient_norms
-
-    @per_sample_gradient_norms.setter
-    def per_sample_gradient_norms(self, value: torch.Tensor) -> None:
-        self._per_sample_gradient_norms = value
