@@ -114,6 +114,8 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self._step = 0  # counts capturing forward passes; taps remember theirs
         self._uses_checked = False  # parameters used outside their layer: checked on the first step
         self._step_used = False  # this step's forward was back-propagated by the workflow already
+        self._step_check: Optional[FiniteLossCheck] = None  # the losses (and norms) of the step in progress
+        self._capturing_graph = False  # the step in progress is captured in a CUDA graph
         self._in_workflow = False  # inside clipped_backward (its second pass reaches the taps again)
         self._plain_backward = False  # a plain backward (not the workflow's) reached the taps this step
         self._forward_depth = 0  # inside the wrapper's capturing forward
@@ -250,8 +252,8 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             )
         self._check_loss(loss_per_sample, finite=self._distributed)
         self._check_trainable_unchanged()
-        finite = None if self._distributed else FiniteLossCheck(loss_per_sample, capturing)
-        self.captured_finite_check = finite if capturing else None
+        self._capturing_graph = capturing
+        self._step_check = None
         params = self.trainable_parameters
         prior, iterations = (None, 0) if capturing else self._take_pending_clipped_sum()
         if prior is None and zero_grad is not None:
@@ -262,8 +264,9 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            if finite is not None and not capturing:
-                self._check_finite(finite)
+            self.captured_finite_check = self._step_check if capturing else None
+            if self._step_check is not None and not capturing:
+                self._check_finite(self._step_check)
         except BaseException:
             for i, p in enumerate(params):
                 p.grad = None if prior is None else prior[i]
@@ -301,6 +304,8 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         """Σ_b c_b ∇ℓ_b into ``p.grad``: one ordinary backward for a single sample, else the norm pass and
         the mode's clipped gradients."""
         if self._single_sample_step():
+            if not self._distributed:
+                self._step_check = FiniteLossCheck(loss_per_sample, self._capturing_graph)
             self._single_sample_backward(loss_per_sample)
         else:
             coef = self._norm_pass(loss_per_sample)
@@ -347,7 +352,15 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             self._norm_roots.extend(self._packed.norms())
             if self.passes == 2:
                 self._packed = None  # the second pass computes the clipped gradients itself
-        self.record_norm_sq(self._summed_norm_sq(loss_per_sample.shape[0], loss_per_sample.device))
+        norm_sq = self._summed_norm_sq(loss_per_sample.shape[0], loss_per_sample.device)
+        self.record_norm_sq(norm_sq)
+        if not self._distributed:  # (DDP/FSDP checked the loss before any collective; norms are rank-local)
+            # One check, read after the rest of the step is issued: every loss finite and every norm estimate
+            # finite and ≥ 0. A NaN norm would give c = NaN and poison the other samples' gradients; a negative
+            # one (float32 cancellation) has no bound.
+            valid = torch.where(norm_sq >= 0, norm_sq, torch.full_like(norm_sq, float("nan")))
+            self._step_check = FiniteLossCheck(torch.cat([loss_per_sample.detach().to(norm_sq.dtype), valid]),
+                                               self._capturing_graph)
         return self.get_clipping_coef()
 
     def _full_norm_pass(self, loss_per_sample: torch.Tensor) -> None:

@@ -256,3 +256,51 @@ def test_in_place_ops_on_a_hooked_layer_output_are_exact(mode):
     criterion(dp_model(x), y).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
+
+
+class _InfGradient(torch.autograd.Function):
+    """Identity whose backward overflows for the first sample (as an fp16 overflow would): the loss is finite,
+    the first sample's norm is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    overflow = False
+
+    @staticmethod
+    def backward(ctx, g):
+        if not _InfGradient.overflow:
+            return g
+        g = g.clone()
+        g[0] = float("inf")
+        return g
+
+
+class _Overflowing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(_InfGradient.apply(torch.tanh(self.fc(x))).mean(dim=1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_non_finite_norm_refuses_the_step_and_keeps_earlier_gradients(mode):
+    """A finite loss whose backward overflows for one sample: its norm is inf, c_b would be 0 and 0·inf = NaN
+    would reach every other sample's gradient. The step raises; the earlier micro-batch's clipped sum stays."""
+    torch.manual_seed(0)
+    model = _Overflowing().double()
+    x, y = _data(8, t=5)
+    _, dp_model, dp_opt, criterion, _ = _private(model, mode, x, y, clip=0.1)
+    criterion(dp_model(x[:4]), y[:4]).backward()
+    first = {name: p.grad.clone() for name, p in model.named_parameters()}
+    _InfGradient.overflow = True
+    try:
+        with pytest.raises(ValueError, match="not finite"):
+            criterion(dp_model(x[4:]), y[4:]).backward()
+    finally:
+        _InfGradient.overflow = False
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, first[name]), name
