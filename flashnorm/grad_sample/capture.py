@@ -177,7 +177,11 @@ class CaptureHooks:
         for layer in self.layers:
             if layer.rule.autocast_input:
                 layer.handles.append(layer.module.register_forward_pre_hook(self._cast_input_for_autocast))
-            layer.handles.append(layer.module.register_forward_hook(partial(self._capture_forward, layer)))
+            if getattr(layer.rule, "needs_call", False):  # the fallback re-runs the whole call per sample
+                hook = partial(self._capture_forward_call, layer)
+                layer.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+            else:
+                layer.handles.append(layer.module.register_forward_hook(partial(self._capture_forward, layer)))
 
     def _detach_forward_hooks(self) -> None:
         for layer in self.layers:
@@ -246,7 +250,10 @@ class CaptureHooks:
         dtype = autocast_target(inputs[0])
         return None if dtype is None else (inputs[0].to(dtype), *inputs[1:])
 
-    def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output):
+    def _capture_forward_call(self, layer: HookedLayer, module: nn.Module, inputs, kwargs, output):
+        return self._capture_forward(layer, module, inputs, output, kwargs)
+
+    def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output, kwargs=None):
         if not self._capturing_forward():
             if self._forward_depth and self.hooks_enabled and self.training and not torch.is_grad_enabled():
                 self._no_grad_layers = True  # reentrant checkpointing: captured when the backward recomputes it
@@ -288,6 +295,13 @@ class CaptureHooks:
         layer.captured_step = self._step
         # Inside a non-reentrant checkpointed region X is taken from the recompute, keeping the memory saving.
         layer.xs.append(None if _in_checkpointed_region() else x)
+        if kwargs is not None:
+            if layer.xs[-1] is None:
+                raise NotImplementedError(
+                    f"Layer '{layer.name}' has no norm rule and runs inside activation checkpointing; FlashNorm's "
+                    "per-sample fallback needs its call. Fix: register a rule, or checkpoint outside this layer."
+                )
+            layer.rule.remember_call(x, inputs[1:], kwargs, first_use=len(layer.xs) == 1)
         layer.gs.append(None)
         if not self._uses_checked:
             layer.graph_ends.append((output.grad_fn, getattr(inputs[0], "grad_fn", None)))

@@ -304,3 +304,45 @@ def test_a_non_finite_norm_refuses_the_step_and_keeps_earlier_gradients(mode):
         _InfGradient.overflow = False
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, first[name]), name
+
+
+class _ScaledGate(nn.Module):
+    """No FlashNorm rule and no Opacus grad sampler: the per-sample fallback. Its output depends on a keyword
+    argument and on an attribute that changes after make_private."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5))
+        self.power = 1
+
+    def forward(self, x, *, scale):
+        return (x * self.weight) ** self.power * scale
+
+
+class _GateModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gate, self.head = nn.Linear(6, 5), _ScaledGate(), nn.Linear(5, 3)
+
+    def forward(self, x):
+        scale = 1000.0 * torch.ones(x.shape[0], 1, 1, dtype=x.dtype)
+        return self.head(torch.tanh(self.gate(torch.tanh(self.fc(x)), scale=scale)).mean(dim=1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_fallback_differentiates_the_call_that_ran(mode):
+    """Keyword arguments and attributes changed after make_private reach the per-sample fallback: it re-runs
+    the live module with the whole call, not a copy made at make_private with the first input alone."""
+    torch.manual_seed(0)
+    model = _GateModel().double()
+    x, y = _data(4, t=5)
+    _, dp_model, dp_opt, criterion, _ = _private(model, mode, x, y, clip=0.1)
+    model.gate.power = 2
+    reference = _GateModel().double()
+    reference.load_state_dict(model.state_dict())
+    reference.gate.power = 2
+    oracle = microbatch_reference(reference, x, y, SUM_LOSS, 0.1)
+    criterion(dp_model(x), y).backward()
+    torch.testing.assert_close(dp_model.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
