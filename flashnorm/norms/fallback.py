@@ -4,7 +4,8 @@ A layer type Opacus has a grad sampler for (a function of the layer input and ou
 it. Any other layer, its children included, is differentiated per sample with ``torch.func`` over the *live*
 module and the call that actually ran: its first input, the other positional arguments and the keyword
 arguments of that forward (a tensor whose leading dimension is the batch is split per sample, anything else
-is shared), with the module's current attributes, buffers and parameters. Costs B·|θ| memory for that layer;
+is shared), with the module's current attributes and parameters (a layer holding buffers is refused: a
+per-sample re-run could update them). Costs B·|θ| memory for that layer;
 its gradient is never dropped. A layer that draws random numbers in training (dropout) cannot be
 re-run per sample and raises torch.func's error.
 """
@@ -29,6 +30,9 @@ class PerSampleGradFallback(NormRule):
     def __init__(self, layer: nn.Module):
         self.sampler = GradSampleModule.GRAD_SAMPLERS.get(type(layer))
         self.covers_children = self.sampler is None
+        if self.covers_children and any(True for _ in layer.buffers()):
+            # Re-running a forward per sample would update running statistics B more times.
+            raise NotImplementedError("it holds buffers, which a per-sample re-run of its forward could update")
         #: The rest of each captured call, keyed by the id of its captured first input (kept alive by the capture).
         self.calls: Dict[int, Tuple[tuple, dict]] = {}
 
@@ -59,7 +63,7 @@ def _per_sample_grads_of_call(layer: nn.Module, x, args: tuple, kwargs: dict, g)
     names = [n for n, p in layer.named_parameters() if p.requires_grad]
     trainable = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in layer.named_parameters() if not p.requires_grad}
-    state = {**frozen, **dict(layer.named_buffers())}
+    state = frozen
 
     def per_sample(t):
         return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
