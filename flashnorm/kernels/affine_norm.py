@@ -43,7 +43,7 @@ except ImportError:  # flashnorm imports without Triton; the dispatcher then alw
 MAX_N = 4096
 #: Elements of one [BLOCK_T, BLOCK_N] tile of x (and of g) on the GPU.
 TILE_ELEMENTS = 4096
-#: Fewest BLOCK_T steps a T-split program gets.
+#: Fewest BLOCK_T-row blocks a T-split program gets.
 MIN_BLOCKS_PER_SPLIT = 4
 
 
@@ -86,14 +86,14 @@ def _affine_norm_grads_kernel(
             tl.store(b_ptr + sample * stride_bb + cols, acc_b, mask=col_ok)
 
 
-def launch_shape(batch: int, steps: int, n: int, n_sms: int) -> Tuple[int, int, int, int]:
+def launch_shape(batch: int, seq_len: int, n: int, n_sms: int) -> Tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_N, rows per program, programs per sample): tiles of ``TILE_ELEMENTS``, and T split
-    until about 2 programs per SM, each keeping at least ``MIN_BLOCKS_PER_SPLIT`` BLOCK_T steps."""
+    until about 2 programs per SM, each keeping at least ``MIN_BLOCKS_PER_SPLIT`` blocks of BLOCK_T rows."""
     block_n = block_size(n, MAX_N)
-    block_t = max(2, min(TILE_ELEMENTS // block_n, 1 << max(0, steps - 1).bit_length()))
-    splits = max(1, min(cdiv(steps, block_t * MIN_BLOCKS_PER_SPLIT), cdiv(2 * n_sms, max(1, batch))))
-    t_chunk = cdiv(cdiv(max(1, steps), splits), block_t) * block_t
-    return block_t, block_n, t_chunk, max(1, cdiv(steps, t_chunk))
+    block_t = max(2, min(TILE_ELEMENTS // block_n, 1 << max(0, seq_len - 1).bit_length()))
+    splits = max(1, min(cdiv(seq_len, block_t * MIN_BLOCKS_PER_SPLIT), cdiv(2 * n_sms, max(1, batch))))
+    t_chunk = cdiv(cdiv(max(1, seq_len), splits), block_t) * block_t
+    return block_t, block_n, t_chunk, max(1, cdiv(seq_len, t_chunk))
 
 
 def affine_norm_grads_triton(
@@ -104,7 +104,7 @@ def affine_norm_grads_triton(
     without ``with_bias``), written into ``weight_out`` / ``bias_out`` when given (float32 [B, n] with
     contiguous rows, e.g. arena slots; the sample stride is free)."""
     _check(x, g)
-    batch, steps, n = x.shape
+    batch, seq_len, n = x.shape
     if n > MAX_N:
         raise ValueError(f"the kernel holds rows of at most {MAX_N} elements, got n = {n}; use the reference")
     x, g = x.contiguous(), g.contiguous()
@@ -112,17 +112,17 @@ def affine_norm_grads_triton(
     bias_out = _output(bias_out, batch, n, x.device) if with_bias else None
     if batch == 0 or n == 0:
         return weight_out, bias_out
-    block_t, block_n, t_chunk, splits = launch_shape(batch, steps, n, multiprocessor_count(x.device))
+    block_t, block_n, t_chunk, splits = launch_shape(batch, seq_len, n, multiprocessor_count(x.device))
     atomic = splits > 1
-    if atomic or steps == 0:  # split programs add into zeros; no rows: the gradients are zero
+    if atomic or seq_len == 0:  # split programs add into zeros; no rows: the gradients are zero
         weight_out.zero_()
         if bias_out is not None:
             bias_out.zero_()
-        if steps == 0:
+        if seq_len == 0:
             return weight_out, bias_out
     bias_arg = bias_out if bias_out is not None else weight_out
     _affine_norm_grads_kernel[(batch, splits)](
-        x, g, weight_out, bias_arg, steps, n, t_chunk, x.stride(0), g.stride(0), weight_out.stride(0), bias_arg.stride(0),
+        x, g, weight_out, bias_arg, seq_len, n, t_chunk, x.stride(0), g.stride(0), weight_out.stride(0), bias_arg.stride(0),
         float(eps), CENTER=center, BIAS=with_bias, ATOMIC=atomic, BLOCK_T=block_t, BLOCK_N=block_n,
         num_warps=8 if block_n >= 2048 else 4,
     )  # fmt: skip

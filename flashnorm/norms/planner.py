@@ -35,7 +35,7 @@ ALGORITHMS = ("flash", "gram", "per_sample")
 GRAM_CROSSOVER_FILLED = 0.5
 GRAM_CROSSOVER_UNDERFILLED = {2: 1.5, 4: 1.0}  # by element size in bytes
 #: Below this T an under-filled Gram launch has too few programs to beat flash (H200).
-GRAM_MIN_STEPS_UNDERFILLED = 256
+GRAM_MIN_SEQ_LEN_UNDERFILLED = 256
 #: Output tile of the flash kernel (for counting programs) and the H200's multiprocessors.
 FLASH_TILE = 128
 SM_COUNT = 132
@@ -48,7 +48,7 @@ class Problem:
     """Sizes of one layer's norm problem."""
 
     batch: int
-    steps: int
+    seq_len: int
     d: int
     p: int
     element_bytes: int = 4
@@ -83,13 +83,13 @@ def plan_linear(problem: Problem, *, base: str, fused: bool) -> str:
     """
     if base in ("gram", "per_sample"):
         return base
-    b, t, d, p = problem.batch, problem.steps, problem.d, problem.p
+    b, t, d, p = problem.batch, problem.seq_len, problem.d, problem.p
     if fused and d * p <= t * (d + p) and b * d * p * problem.element_bytes <= PER_SAMPLE_BUDGET_BYTES:
         return "per_sample"
     tiles = -(-d // FLASH_TILE) * -(-p // FLASH_TILE)
     if b * tiles >= SM_COUNT:
         kappa = GRAM_CROSSOVER_FILLED
-    elif t <= GRAM_MIN_STEPS_UNDERFILLED and t > 1:
+    elif t <= GRAM_MIN_SEQ_LEN_UNDERFILLED and t > 1:
         return "flash"
     else:
         kappa = GRAM_CROSSOVER_UNDERFILLED.get(problem.element_bytes, 1.0)
@@ -108,8 +108,8 @@ def choose(rule, layer, x, g, *, base: str, fused: bool, override: Optional[str]
         if base == "per_sample":
             method = "per_sample"
         elif "flash" in rule.methods:
-            batch, steps, d, p = rule.sizes(layer, x, g)
-            method = plan_linear(Problem(batch, steps, d, p, g.element_size()), base=base, fused=fused)
+            batch, seq_len, d, p = rule.sizes(layer, x, g)
+            method = plan_linear(Problem(batch, seq_len, d, p, g.element_size()), base=base, fused=fused)
         else:
             method = rule.methods[0]
     if logger.isEnabledFor(logging.DEBUG):

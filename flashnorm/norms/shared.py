@@ -36,11 +36,11 @@ def _embedding_head_cross(embedding: nn.Embedding, ids, e, head_rule: LinearRule
         e = e * (ids != embedding.padding_idx).unsqueeze(-1).to(e.dtype)
     acc = accumulation_dtype(xs, gs, e)
     out = torch.zeros(batch, dtype=acc, device=gs.device)
-    steps, tokens = xs.shape[1], ids.shape[1]
-    rows = min(steps, rows_per_chunk(tokens))
+    seq_len, tokens = xs.shape[1], ids.shape[1]
+    rows = min(seq_len, rows_per_chunk(tokens))
     for b in range(batch):
         e_b, ids_b = e[b].to(acc), ids[b]
-        for t0 in range(0, steps, rows):
+        for t0 in range(0, seq_len, rows):
             x_blk = xs[b, t0:t0 + rows].to(acc)  # [r, d]
             picked = gs[b, t0:t0 + rows].index_select(1, ids_b).to(acc)  # G_b[t, ids_b[s]]: [r, T']
             out[b] += (x_blk @ e_b.T).mul_(picked).sum()
