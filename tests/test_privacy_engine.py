@@ -344,3 +344,33 @@ def test_batch_memory_manager_virtual_steps_equal_one_logical_step(mode, physica
             dp_opt.zero_grad()
     for name, p in model.named_parameters():
         torch.testing.assert_close(before[name] - p.detach(), oracle.clipped_sum[name] / 12, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_sum_reduction_with_the_default_criterion(mode):
+    """loss_reduction="sum" without a criterion: the default cross-entropy takes that reduction (Opacus's default
+    criterion, a mean, would fail its reduction check)."""
+    torch.manual_seed(0)
+    model = small_model().double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    dp_model, dp_opt, criterion, _ = FlashNormPrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=loader,
+        noise_multiplier=0.0, max_grad_norm=0.1, poisson_sampling=False, grad_sample_mode=mode, loss_reduction="sum",
+    )
+    criterion(dp_model(x), y).backward()
+    dp_opt.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), start[name] - oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
+
+
+def test_a_criterion_whose_reduction_disagrees_is_a_clear_error():
+    model = small_model()
+    with pytest.raises(ValueError, match="reduction='mean' but loss_reduction='sum'"):
+        FlashNormPrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=nn.CrossEntropyLoss(),
+            data_loader=DataLoader(TensorDataset(torch.randn(4, 6)), batch_size=2), noise_multiplier=0.0,
+            max_grad_norm=1.0, grad_sample_mode="flash", loss_reduction="sum",
+        )

@@ -16,9 +16,9 @@ from flashnorm.utils.export import unwrap_model  # noqa: E402
 VOCAB, T = 64, 9
 
 
-def tiny_gpt2():
+def tiny_gpt2(tied=False):
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, tie_word_embeddings=False,
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, tie_word_embeddings=tied,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     torch.manual_seed(0)
@@ -137,16 +137,18 @@ def assert_matches(model, grads, before, reference, lr=1.0):
 
 
 @pytest.mark.parametrize(
-    "per_device, accumulation, mode",
+    "per_device, accumulation, mode, tied",
     [
-        (4, 1, "flash_fuse"),
-        (2, 2, "flash_fuse"),
-        (1, 4, "ghost"),
+        (4, 1, "flash_fuse", False),
+        (2, 2, "flash_fuse", False),
+        (1, 4, "ghost", False),
+        (2, 2, "flash_fuse", True),  # GPT-2 as it comes: the LM head tied to the token embedding
+        (4, 1, "flash", True),
     ],
 )
-def test_causal_lm_step_is_the_clipped_mean_over_the_logical_batch(tmp_path, per_device, accumulation, mode):
+def test_causal_lm_step_is_the_clipped_mean_over_the_logical_batch(tmp_path, per_device, accumulation, mode, tied):
     rows = lm_rows(4)  # the whole training set is the one logical batch
-    model = tiny_gpt2()
+    model = tiny_gpt2(tied)
     _, norms = reference_grad(model, rows, 1.0)
     clip = float(norms.median())  # some samples clipped, some not
     reference, _ = reference_grad(model, rows, clip)
