@@ -259,12 +259,11 @@ class _Gated(nn.Module):
         return self.gate(h, factor=1e3) if self.keyword else self.gate(h)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 18: the fallback re-runs a copy made at make_private on the first input alone "
-                   "(measured influence 401 in ghost/flash; flash_fuse's gradient 1e3x too small)")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("how", ["keyword_argument", "attribute_changed"])
 def test_the_fallback_differentiates_the_function_that_ran(mode, how):
+    """A layer without a norm rule called with a keyword argument, or whose attribute changed after make_private:
+    its per-sample gradients are those of the call that ran (before 32dc7ae: influence 401 in ghost/flash)."""
     def make(batch):
         x, g = batch
         model = _Gated(keyword=how == "keyword_argument").double()
