@@ -8,15 +8,27 @@
 * ``llama1b`` — Llama shape, ≈0.95 B parameters: 16 layers × 2048, 32 heads (MHA), SwiGLU MLP
   (5632), ``nn.RMSNorm``, RoPE (a buffer, not a parameter), vocab 32000, untied LM head.
 
+Hugging Face's own classes, as users fine-tune them (random weights from a config, no download):
+
+* ``hf_gpt2_tied``      — ``GPT2LMHeadModel``, GPT-2 small (12 × 768, 12 heads, vocab 50257), ``lm_head``
+  tied to ``wte``, SDPA attention, dropout 0, ``n_positions = max(1024, T)``.
+* ``hf_gpt2_tied_ckpt`` — the same with ``gradient_checkpointing_enable`` (non-reentrant): each block's
+  activations are recomputed in the backward. ``hf_gpt2_tied_ckpt_reentrant``: the reentrant flavour.
+* ``hf_llama1b_tied``   — ``LlamaForCausalLM``, Llama-3.2-1B shape (16 × 2048, 32 heads, 8 KV heads,
+  SwiGLU 8192, vocab 128256, ≈1.24 B parameters), ``lm_head`` tied to ``embed_tokens``, SDPA attention.
+
+Their forward passes ``position_ids = arange(T)`` expanded to ``[B, T]`` explicitly in every mode (Opacus's
+hooks need the batch dimension on every layer's input; HF's default positions are ``[1, T]``).
+
 Every workload trains with token-level cross-entropy, the sequence being the privacy unit:
-per-sample loss ℓ_b = mean_t CE(logits[b, t], y[b, t]). No ``transformers`` import, no downloads.
-``smoke=True`` gives a tiny model of the same structure (CPU smoke runs, tests).
+per-sample loss ℓ_b = mean_t CE(logits[b, t], y[b, t]). ``transformers`` is imported only by the ``hf_*``
+workloads. ``smoke=True`` gives a tiny model of the same structure (CPU smoke runs, tests).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -171,6 +183,54 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+# -- Hugging Face models ---------------------------------------------------------------------------
+
+
+class HFCausalLM(nn.Module):
+    """A ``transformers`` causal LM as a workload: ``forward(ids: [B, T]) -> logits: [B, T, vocab]``,
+    with ``position_ids: [B, T]`` given explicitly and no KV cache."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        pos = torch.arange(t, device=ids.device).unsqueeze(0).expand(b, t).contiguous()
+        return self.lm(input_ids=ids, position_ids=pos, use_cache=False).logits
+
+
+def _hf_gpt2(max_t: int, smoke: bool, checkpointing: Optional[str] = None) -> nn.Module:
+    """``checkpointing``: None, ``"non_reentrant"`` or ``"reentrant"`` (``torch.utils.checkpoint``'s flavours)."""
+    import transformers
+
+    s = _size(_HF_GPT2, smoke)
+    config = transformers.GPT2Config(
+        vocab_size=s["vocab"], n_embd=s["d"], n_layer=s["n_layer"], n_head=s["n_head"],
+        n_positions=max(s["n_positions"], max_t), tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, attn_implementation="sdpa", use_cache=False, bos_token_id=s["vocab"] - 1,
+        eos_token_id=s["vocab"] - 1)
+    lm = transformers.GPT2LMHeadModel(config)
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+    if checkpointing is not None:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    return HFCausalLM(lm)
+
+
+def _hf_llama(max_t: int, smoke: bool) -> nn.Module:
+    import transformers
+
+    s = _size(_HF_LLAMA, smoke)
+    config = transformers.LlamaConfig(
+        vocab_size=s["vocab"], hidden_size=s["d"], intermediate_size=s["hidden"], num_hidden_layers=s["n_layer"],
+        num_attention_heads=s["n_head"], num_key_value_heads=s["n_kv"], max_position_embeddings=max(8192, max_t),
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, attn_implementation="sdpa",
+        use_cache=False)
+    lm = transformers.LlamaForCausalLM(config)
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    return HFCausalLM(lm)
+
+
 # -- registry ------------------------------------------------------------------------------------
 
 
@@ -185,8 +245,10 @@ class Workload:
         classes: ``classes(smoke)`` → number of classes / vocabulary of the token-level CE.
         token_input: ``True`` when the input is token ids, else features of width ``classes``.
         smoke_shape: the (B, T) of the smoke run.
-        linears: ``linears(smoke)`` → (d, p) of every Linear, for the cost model.
+        linears: ``linears(smoke)`` → (d, p) of every Linear (a tied head once), for the cost model.
         attention: ``attention(smoke)`` → (layers, d) of causal attention, for the cost model.
+        recompute: the backward recomputes the forward (activation checkpointing), for the cost model.
+        imports: modules the build imports (the runner's fork server loads them once).
     """
 
     name: str
@@ -197,6 +259,8 @@ class Workload:
     smoke_shape: Tuple[int, int]
     linears: Callable[[bool], List[Tuple[int, int]]]
     attention: Callable[[bool], Tuple[int, int]]
+    recompute: bool = False
+    imports: Tuple[str, ...] = ()
 
 
 _LINEAR = dict(full=dict(width=1024, depth=8), smoke=dict(width=32, depth=2))
@@ -205,12 +269,19 @@ _LLAMA = dict(full=dict(vocab=32000, d=2048, n_layer=16, n_head=32, hidden=5632)
               smoke=dict(vocab=97, d=64, n_layer=2, n_head=4, hidden=176))
 
 
+_HF_GPT2 = dict(full=dict(vocab=50257, d=768, n_layer=12, n_head=12, n_positions=1024),
+               smoke=dict(vocab=97, d=64, n_layer=2, n_head=2, n_positions=32))
+_HF_LLAMA = dict(full=dict(vocab=128256, d=2048, n_layer=16, n_head=32, n_kv=8, hidden=8192),
+                 smoke=dict(vocab=97, d=64, n_layer=2, n_head=4, n_kv=2, hidden=176))
+_HF_GPT2_IMPORTS = ("transformers", "transformers.models.gpt2.modeling_gpt2")
+
+
 def _size(table, smoke):
     return table["smoke" if smoke else "full"]
 
 
-def _gpt2_linears(smoke):
-    s = _size(_GPT2, smoke)
+def _gpt2_linears(smoke, table=_GPT2):
+    s = _size(table, smoke)
     d = s["d"]
     return [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)] * s["n_layer"] + [(d, s["vocab"])]
 
@@ -219,6 +290,28 @@ def _llama_linears(smoke):
     s = _size(_LLAMA, smoke)
     d, h = s["d"], s["hidden"]
     return [(d, d)] * 4 * s["n_layer"] + [(d, h), (d, h), (h, d)] * s["n_layer"] + [(d, s["vocab"])]
+
+
+def _hf_llama_linears(smoke):
+    s = _size(_HF_LLAMA, smoke)
+    d, h, kv = s["d"], s["hidden"], s["d"] * s["n_kv"] // s["n_head"]
+    attn = [(d, d), (d, kv), (d, kv), (d, d)]
+    return (attn + [(d, h), (d, h), (h, d)]) * s["n_layer"] + [(d, s["vocab"])]
+
+
+def _hf_gpt2_workload(name: str, shapes, checkpointing: Optional[str] = None) -> Workload:
+    return Workload(
+        name,
+        shapes=shapes,
+        build=lambda max_t, smoke: _hf_gpt2(max_t, smoke, checkpointing),
+        classes=lambda smoke: _size(_HF_GPT2, smoke)["vocab"],
+        token_input=True,
+        smoke_shape=(2, 32),
+        linears=lambda smoke: _gpt2_linears(smoke, _HF_GPT2),
+        attention=lambda smoke: (_size(_HF_GPT2, smoke)["n_layer"], _size(_HF_GPT2, smoke)["d"]),
+        recompute=checkpointing is not None,
+        imports=_HF_GPT2_IMPORTS,
+    )
 
 
 WORKLOADS: Dict[str, Workload] = {
@@ -254,6 +347,20 @@ WORKLOADS: Dict[str, Workload] = {
             linears=_llama_linears,
             attention=lambda smoke: (_size(_LLAMA, smoke)["n_layer"], _size(_LLAMA, smoke)["d"]),
         ),
+        _hf_gpt2_workload("hf_gpt2_tied", ((8, 1024), (1, 4096))),
+        _hf_gpt2_workload("hf_gpt2_tied_ckpt", ((1, 16384),), "non_reentrant"),
+        _hf_gpt2_workload("hf_gpt2_tied_ckpt_reentrant", ((1, 16384),), "reentrant"),
+        Workload(
+            "hf_llama1b_tied",
+            shapes=((2, 4096),),
+            build=_hf_llama,
+            classes=lambda smoke: _size(_HF_LLAMA, smoke)["vocab"],
+            token_input=True,
+            smoke_shape=(2, 32),
+            linears=_hf_llama_linears,
+            attention=lambda smoke: (_size(_HF_LLAMA, smoke)["n_layer"], _size(_HF_LLAMA, smoke)["d"]),
+            imports=("transformers", "transformers.models.llama.modeling_llama"),
+        ),
     )
 }
 
@@ -271,7 +378,7 @@ def build_model(name: str, *, seq_len: int, smoke: bool, device: torch.device) -
     workload = get_workload(name)
     with torch.device(device):
         model = workload.build(seq_len, smoke)
-        if name != "linear":
+        if isinstance(model, (GPT2, Llama)):  # Hugging Face's models initialise themselves from their config
             model.apply(_init_weights)
     return model.train()
 
@@ -307,16 +414,18 @@ def count_parameters(model: nn.Module) -> int:
 
 def step_flops(name: str, *, batch: int, seq_len: int, smoke: bool = False) -> float:
     """Model FLOPs of one non-private training step: 6·N·Σ d·p for the Linears (N = B·T tokens) plus causal
-    attention (4·B·T²·d per layer forward, ×0.5 causal, ×3.5 forward + backward). Used by the cost model."""
+    attention (4·B·T²·d per layer forward, ×0.5 causal, ×3.5 forward + backward); activation checkpointing
+    runs the forward twice (8·N·Σ d·p, ×4.5). Used by the cost model."""
     workload = get_workload(name)
     tokens = batch * seq_len
-    linear = 6.0 * tokens * sum(d * p for d, p in workload.linears(smoke))
+    extra = 1.0 if workload.recompute else 0.0  # one more forward
+    linear = (6.0 + 2.0 * extra) * tokens * sum(d * p for d, p in workload.linears(smoke))
     layers, d = workload.attention(smoke)
-    attention = 3.5 * 0.5 * 4.0 * batch * seq_len**2 * d * layers
+    attention = (3.5 + extra) * 0.5 * 4.0 * batch * seq_len**2 * d * layers
     return linear + attention
 
 
 __all__ = [
-    "LinearStack", "GPT2", "Llama", "Workload", "WORKLOADS", "build_model", "make_batch", "get_workload",
+    "LinearStack", "GPT2", "Llama", "HFCausalLM", "Workload", "WORKLOADS", "build_model", "make_batch", "get_workload",
     "count_parameters", "step_flops",
 ]

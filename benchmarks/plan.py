@@ -1,7 +1,9 @@
 """Which configurations a run launches, in which order, and a rough cost model for the time budget.
 
 The ``end_to_end`` suite lists shape groups by importance; within a group non-DP runs first (the base
-of the ratios), then FlashNorm's modes, then the peers. The cost model predicts a
+of the ratios), then FlashNorm's modes, then the peers. The ``tied_models`` suite measures Hugging Face's
+own models with tied embeddings (GPT-2 small, Llama-3.2-1B shape) against Opacus hooks, and the peak
+memory of GPT-2 with activation checkpointing against non-DP with the same checkpointing. The cost model predicts a
 configuration's seconds on an H200 from model FLOPs; the runner uses it to skip what cannot fit in
 the remaining budget and to report the plan (``--dry-run``). It is deliberately simple: the runner's
 per-configuration limit, not the model, is what bounds the wall time.
@@ -65,7 +67,22 @@ END_TO_END_GROUPS: Tuple[Tuple[str, str, int, int], ...] = (
     ("gpt2", "fp32", 1, 4096),
     ("linear", "fp32", 4, 262144),
 )
-SUITES = {"end_to_end": END_TO_END_GROUPS}
+#: Shape groups of the tied-embeddings suite: Hugging Face models as users fine-tune them.
+TIED_MODELS_GROUPS: Tuple[Tuple[str, str, int, int], ...] = (
+    ("hf_gpt2_tied", "bf16", 8, 1024),
+    ("hf_gpt2_tied", "bf16", 1, 4096),
+    ("hf_llama1b_tied", "bf16", 2, 4096),
+    ("hf_gpt2_tied_ckpt", "bf16", 1, 16384),
+    ("hf_gpt2_tied_ckpt_reentrant", "bf16", 1, 16384),
+)
+SUITES = {"end_to_end": END_TO_END_GROUPS, "tied_models": TIED_MODELS_GROUPS}
+#: The modes a suite runs unless ``--modes`` is given (default: every mode).
+SUITE_MODES = {"tied_models": ("nondp", "flash_fuse", "flash", "opacus_hooks")}
+#: Groups of a suite that run only some modes: with checkpointing, peak memory is the measure.
+GROUP_MODES = {
+    "tied_models": {("hf_gpt2_tied_ckpt", "bf16", 1, 16384): ("nondp", "flash_fuse"),
+                    ("hf_gpt2_tied_ckpt_reentrant", "bf16", 1, 16384): ("nondp", "flash_fuse")},
+}
 #: Shape groups of a suite that also run the CUDA-graph pair (``nondp_graphed``, ``flash_fuse_graphed``):
 #: the short GPT steps, where the eager step is bound by the CPU's issue rate.
 GRAPHED_GROUPS = {
@@ -76,6 +93,7 @@ GRAPHED_GROUPS = {
 #: Settings a suite implies unless given on the command line.
 SUITE_DEFAULTS = {
     "end_to_end": dict(steps=10, warmup=3, min_timed_s=0.5, timeout=45.0, max_minutes=8.0),
+    "tied_models": dict(steps=5, warmup=2, min_timed_s=0.25, timeout=40.0, max_minutes=3.0),
 }
 
 
@@ -96,18 +114,24 @@ def grid_configs(workloads: Sequence[str], dtypes: Sequence[str], modes: Sequenc
 
 
 def suite_configs(suite: str, workloads: Sequence[str], dtypes: Sequence[str], modes: Sequence[str],
-                  batches: Optional[Sequence[int]] = None, seqs: Optional[Sequence[int]] = None) -> List[Config]:
+                  batches: Optional[Sequence[int]] = None, seqs: Optional[Sequence[int]] = None,
+                  smoke: bool = False) -> List[Config]:
     """The suite's groups in priority order, filtered by the command line's workloads, dtypes, B and T
-    (graphed modes only in the suite's :data:`GRAPHED_GROUPS`)."""
+    (graphed modes only in the suite's :data:`GRAPHED_GROUPS`, a group of :data:`GROUP_MODES` only its modes).
+    ``smoke``: each group at its workload's smoke shape in every one of ``dtypes`` (a repeated one once)."""
     if suite not in SUITES:
         raise ValueError(f"Unknown suite {suite!r}. Valid suites: {', '.join(SUITES)}.")
-    out = []
+    out: List[Config] = []
     for group in SUITES[suite]:
         name, dtype, b, t = group
-        if name not in workloads or dtype not in dtypes or (batches and b not in batches) or (seqs and t not in seqs):
-            continue
         graphed = group in GRAPHED_GROUPS.get(suite, ())
-        out.extend(Config(name, b, t, dtype, m) for m in _ordered(modes) if graphed or not split_mode(m)[1])
+        only = GROUP_MODES.get(suite, {}).get(group, MODES)
+        runs = [(d, *get_workload(name).smoke_shape) for d in dtypes] if smoke else [(dtype, b, t)]
+        for dtype, b, t in runs:
+            if name not in workloads or dtype not in dtypes or (batches and b not in batches) or (seqs and t not in seqs):
+                continue
+            out.extend(c for c in (Config(name, b, t, dtype, m) for m in _ordered(modes)
+                                   if (graphed or not split_mode(m)[1]) and m in only) if c not in out)
     return out
 
 

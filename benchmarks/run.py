@@ -3,7 +3,9 @@
     python -m benchmarks.run --suite end_to_end                   # the end-to-end grid on one GPU, ≤ 8 min
     python -m benchmarks.run --workloads gpt2 --dtypes bf16 --seq 4096 --modes nondp,flash_fuse
     python -m benchmarks.run --device cpu --smoke                 # tiny shapes, every mode, seconds
+    python -m benchmarks.run --device cpu --smoke --suite tied_models  # a suite's plan at tiny shapes
     python -m benchmarks.run --suite end_to_end --dry-run         # the plan and its predicted cost
+    python -m benchmarks.run --suite tied_models                  # HF models with tied embeddings, ≤ 3 min
 
 Modes: ``nondp`` (plain PyTorch), ``opacus_hooks`` and ``opacus_ghost`` (the real ``opacus`` package),
 FlashNorm ``ghost``, ``flash``, ``flash_fuse``; ``nondp_graphed`` and ``flash_fuse_graphed`` replay the
@@ -14,7 +16,8 @@ build, not the imports. Each has a time limit
 (``--timeout``); the run has a budget (``--max-minutes``): once it is spent nothing new starts, and
 what did not run is recorded as ``not_run``. OOM, errors and timeouts are recorded, never skipped.
 The JSON (``--out``) is rewritten after every configuration, so a killed run keeps what it measured.
-``--suite end_to_end`` writes ``benchmarks/results/e2e_<gpu>.json``; the run it replaces goes to
+``--suite end_to_end`` writes ``benchmarks/results/e2e_<gpu>.json``, another suite
+``e2e_<suite>_<gpu>.json``; the run it replaces goes to
 ``benchmarks/results/history.jsonl`` first (:mod:`benchmarks.history`). ``--repeat N`` runs the plan N
 times, each configuration in a fresh process every time, and writes ``{"runs": [...]}``: the report's
 table of repeated configurations.
@@ -94,11 +97,12 @@ def _shapes(text: str) -> List[tuple]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=sorted(planning.SUITES), help="a preset grid in priority order (end_to_end)")
-    p.add_argument("--workloads", type=_csv("workload", list(WORKLOADS)), default=list(WORKLOADS),
-                   help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
-    p.add_argument("--modes", type=_csv("mode", MODES), default=list(MODES),
-                   help=f"comma list of {', '.join(MODES)} (default: all)")
+    p.add_argument("--suite", choices=sorted(planning.SUITES),
+                   help=f"a preset grid in priority order ({', '.join(planning.SUITES)})")
+    p.add_argument("--workloads", type=_csv("workload", list(WORKLOADS)), default=None,
+                   help=f"comma list of {', '.join(WORKLOADS)} (default: the suite's, else all)")
+    p.add_argument("--modes", type=_csv("mode", MODES), default=None,
+                   help=f"comma list of {', '.join(MODES)} (default: the suite's, else all)")
     p.add_argument("--dtypes", type=_csv("dtype", DTYPES), default=None,
                    help="comma list of fp32 (TF32 off), bf16 (autocast); default: fp32,bf16 (fp32 on CPU)")
     p.add_argument("--batch", type=_ints, default=None, help="keep only these batch sizes, e.g. 1,8")
@@ -155,6 +159,11 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--repeat must be at least 1, and a repeated run cannot --resume")
     if args.dtypes is None:
         args.dtypes = ["fp32"] if args.device == "cpu" else list(DTYPES)
+    if args.workloads is None:
+        suite_workloads = {group[0] for group in planning.SUITES.get(args.suite, ())}
+        args.workloads = [w for w in WORKLOADS if w in suite_workloads] if args.suite else list(WORKLOADS)
+    if args.modes is None:
+        args.modes = list(planning.SUITE_MODES.get(args.suite, MODES))
     if args.out is None and not args.dry_run:
         if args.smoke:
             args.out = os.path.join(history.RESULTS_DIR, f"{STEM}_smoke_{args.device.split(':')[0]}.json")
@@ -162,13 +171,15 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
             import torch
 
             gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None
-            args.out = history.stable_path(STEM if args.suite else f"{STEM}_custom", gpu)
+            stem = STEM if args.suite == "end_to_end" else f"{STEM}_{args.suite or 'custom'}"
+            args.out = history.stable_path(stem, gpu)
     return args
 
 
 def make_plan(args) -> List[planning.Config]:
-    if args.suite and not args.smoke and not args.shapes:
-        return planning.suite_configs(args.suite, args.workloads, args.dtypes, args.modes, args.batch, args.seq)
+    if args.suite and not args.shapes:
+        return planning.suite_configs(args.suite, args.workloads, args.dtypes, args.modes, args.batch, args.seq,
+                                      smoke=args.smoke)
     return planning.grid_configs(args.workloads, args.dtypes, args.modes, smoke=args.smoke, batches=args.batch,
                                  seqs=args.seq, shapes=args.shapes)
 
@@ -244,12 +255,14 @@ def write_results(path: str, meta: Dict, records: List[Dict], earlier: Sequence[
 # -- launching ------------------------------------------------------------------------------------
 
 
-def _context():
-    """The fork-server context, started (its imports done) before the first configuration is timed."""
+def _context(configs: Sequence[planning.Config] = ()):
+    """The fork-server context, started (its imports done) before the first configuration is timed; it also
+    imports what the workloads of ``configs`` build from (``transformers``' model modules)."""
     from .harness import noop
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    extra = {module for cfg in configs for module in WORKLOADS[cfg.workload].imports}
+    ctx.set_forkserver_preload(PRELOAD + sorted(extra))
     proc = ctx.Process(target=noop, daemon=True)
     proc.start()
     proc.join()
@@ -508,7 +521,7 @@ def run(args, argv: Sequence[str]) -> int:
     elif not args.smoke:
         history.archive(args.out, (args.suite or "custom") + ("_repeats" if args.repeat > 1 else ""))
     t_server = time.monotonic()
-    ctx = _context()
+    ctx = _context(configs)
     meta["server_start_s"] = round(time.monotonic() - t_server, 2)
     print(f"{len(configs)} configurations on {args.device}" + (f", {args.repeat} times" if args.repeat > 1 else "")
           + f"; results → {args.out}", flush=True)
