@@ -57,6 +57,17 @@ class NormPassHooks:
 
     def _count_layer(self, layer: HookedLayer) -> None:
         """Norm terms of the layer's uses that received a gradient (kept for the one-pass assembly)."""
+        if len(layer.xs) == 1 and layer.xs[0] is not None and layer.gs[0] is not None:  # one use: the usual case
+            x, g = layer.xs[0], layer.gs[0]
+            layer.xs, layer.gs, layer.arrived = [], [], 0
+            if x.shape[0] == 0:
+                return
+            kept = self._count_joined(layer, x, g)
+            if layer.shared:
+                self._shared_inputs[layer] = (x, g)
+            if self.passes == 1 and self._capturing:
+                layer.kept = kept
+            return
         uses = [(x, g) for x, g in zip(layer.xs, layer.gs) if g is not None]
         missing = [i for i, (x, g) in enumerate(zip(layer.xs, layer.gs)) if g is not None and x is None]
         layer.xs, layer.gs, layer.arrived = [], [], 0
