@@ -276,7 +276,8 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             self._step_used = True
         if prior is not None:
             for p, earlier in zip(params, prior):
-                p.grad.add_(earlier)
+                if earlier is not None:  # (None: frozen during the earlier micro-batches)
+                    p.grad.add_(earlier)
         mark_clipped(params, iterations + 1)
 
     def _take_pending_clipped_sum(self):

@@ -139,7 +139,7 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
         for p in self.params:
             if p.grad is None:  # no gradient reached it (zero_grad with set_to_none): noise still applies
                 p.grad = torch.zeros_like(p)
-            if p.summed_grad is not None:
+            if getattr(p, "summed_grad", None) is not None:  # (a parameter unfrozen after construction has none)
                 p.summed_grad.add_(p.grad)
             else:
                 p.summed_grad = p.grad.detach().clone() if virtual_step else p.grad

@@ -134,14 +134,8 @@ def test_a_plain_backward_is_refused_by_the_optimizer(mode, how, batch_size):
 
 
 # -- requires_grad changed after make_private ----------------------------------------------------------------
-UNFROZEN_MID_STEP = pytest.mark.xfail(strict=True, raises=TypeError,
-                                      reason="issue 18: a layer unfrozen between two micro-batches of one step "
-                                      "fails with TypeError (add_ of None) in clipped_backward")
-
-
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("how", ["unfreeze", "freeze",
-                                 pytest.param("unfreeze_between_micro_batches", marks=UNFROZEN_MID_STEP)])
+@pytest.mark.parametrize("how", ["unfreeze", "freeze", "unfreeze_between_micro_batches"])
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_a_layer_frozen_or_unfrozen_after_make_private_is_clipped(mode, how, batch_size):
     """Progressive unfreezing (the optimizer holds every parameter): the first layer, frozen at make_private, is
@@ -171,9 +165,6 @@ def test_a_layer_frozen_or_unfrozen_after_make_private_is_clipped(mode, how, bat
         assert _influence(make, _sized(batch_size)) is not None
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="issue 18: a step with no backward (noise only) right after unfreezing a layer fails with "
-                   "AttributeError ('Parameter' object has no attribute 'summed_grad')")
 @pytest.mark.parametrize("mode", MODES)
 def test_a_step_without_backward_after_unfreezing_adds_noise_only(mode):
     """Opacus's step of noise alone (no backward) after progressive unfreezing: with noise 0 nothing moves (or
