@@ -128,7 +128,8 @@ def suite_configs(suite: str, workloads: Sequence[str], dtypes: Sequence[str], m
         only = GROUP_MODES.get(suite, {}).get(group, MODES)
         runs = [(d, *get_workload(name).smoke_shape) for d in dtypes] if smoke else [(dtype, b, t)]
         for dtype, b, t in runs:
-            if name not in workloads or dtype not in dtypes or (batches and b not in batches) or (seqs and t not in seqs):
+            if (name not in workloads or dtype not in dtypes or (batches and b not in batches)
+                    or (seqs and t not in seqs)):
                 continue
             out.extend(c for c in (Config(name, b, t, dtype, m) for m in _ordered(modes)
                                    if (graphed or not split_mode(m)[1]) and m in only) if c not in out)

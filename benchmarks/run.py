@@ -109,14 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=_ints, default=None, help="keep only these sequence lengths, e.g. 4096,16k")
     p.add_argument("--shapes", type=_shapes, default=None,
                    help="explicit BxT shapes for every workload instead of its grid, e.g. 1x4096,8x1k")
-    p.add_argument("--steps", type=int, default=None, help="minimum timed steps (default 10; smoke 3)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; smoke 1; 2 once a step > 0.5 s)")
+    p.add_argument("--steps", type=int, default=None, help="minimum timed steps (default 10; tied_models 5; smoke 3)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up steps (default 3; tied_models 2; smoke 1; 2 once a step > 0.5 s)")
     p.add_argument("--min-timed-s", type=float, default=None,
-                   help="time short steps for at least this long (default 0.75 s; end_to_end 0.5 s; smoke 0)")
+                   help="time short steps for at least this long "
+                        "(default 0.75 s; end_to_end 0.5 s; tied_models 0.25 s; smoke 0)")
     p.add_argument("--max-steps", type=int, default=200, help="cap on timed steps (default 200)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per configuration (default 60; end_to_end: 45)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per configuration (default 60; end_to_end: 45; tied_models: 40)")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="budget for the whole run: nothing starts once spent (default: none; end_to_end: 8)")
+                   help="budget for the whole run: nothing starts once spent "
+                        "(default: none; end_to_end: 8; tied_models: 3)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--smoke", action="store_true", help="tiny models and shapes (CPU smoke test)")
     p.add_argument("--out", default=None,

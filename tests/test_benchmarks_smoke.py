@@ -2,7 +2,9 @@
 
 Runs ``python -m benchmarks.run --device cpu --smoke`` for the linear and GPT-2 workloads in every
 mode (FlashNorm's and the Opacus peers) in forked processes, checks the JSON records, and renders the
-README table and the plots from it into a temporary folder (the repository's README is never touched).
+README table and the plots from it into a temporary folder (the repository's README is never touched);
+then the ``tied_models`` suite's plan (Hugging Face models with tied embeddings, with checkpointing) at
+tiny shapes.
 """
 
 import json
@@ -179,6 +181,72 @@ def test_end_to_end_suite_graphs_only_its_short_gpt_groups():
     assert graphed == plan.GRAPHED_GROUPS["end_to_end"]
     eager = {(c.workload, c.dtype, c.B, c.T) for c in configs if c.mode == "flash_fuse"}
     assert eager == set(plan.END_TO_END_GROUPS)
+
+
+TIED_SUITE_MODES = ("nondp", "flash_fuse", "flash", "opacus_hooks")
+#: The tied_models suite's plan on the GPU: (workload, B, T) → modes, all bf16.
+TIED_SUITE = {("hf_gpt2_tied", 8, 1024): TIED_SUITE_MODES, ("hf_gpt2_tied", 1, 4096): TIED_SUITE_MODES,
+              ("hf_llama1b_tied", 2, 4096): TIED_SUITE_MODES,
+              ("hf_gpt2_tied_ckpt", 1, 16384): ("nondp", "flash_fuse"),
+              ("hf_gpt2_tied_ckpt_reentrant", 1, 16384): ("nondp", "flash_fuse")}
+
+
+@pytest.fixture(scope="module")
+def tied_smoke_results(tmp_path_factory):
+    """``--smoke --suite tied_models``: the suite's plan on tiny Hugging Face models, one timed step each."""
+    out = tmp_path_factory.mktemp("bench") / "tied.json"
+    proc = _python("-m", "benchmarks.run", "--device", "cpu", "--smoke", "--suite", "tied_models", "--steps", "1",
+                   "--warmup", "1", "--quiet", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())["records"]
+
+
+def test_tied_models_suite_plan():
+    """The GPU plan is exactly the suite's configurations, in order, and its predicted time fits in 3 minutes."""
+    from benchmarks import plan
+    from benchmarks.models import WORKLOADS
+    from benchmarks.run import build_parser, resolve_settings
+
+    args = resolve_settings(build_parser().parse_args(["--suite", "tied_models", "--device", "cuda", "--dry-run"]))
+    assert args.modes == list(TIED_SUITE_MODES) and args.max_minutes <= 3.0
+    configs = plan.suite_configs("tied_models", list(WORKLOADS), list(args.dtypes), args.modes)
+    assert [(c.workload, c.B, c.T, c.mode) for c in configs] == [
+        (*group, m) for group, modes in TIED_SUITE.items() for m in modes]
+    assert {c.dtype for c in configs} == {"bf16"}
+    predicted = plan.SERVER_START_S + sum(
+        plan.predict_config_s(c, steps=args.steps, warmup=args.warmup, min_timed_s=args.min_timed_s,
+                              max_steps=args.max_steps) for c in configs)
+    predicted += plan.TRITON_COMPILE_S * len({c.workload for c in configs})
+    assert predicted < 0.75 * 180, predicted
+
+    local = resolve_settings(build_parser().parse_args(["--suite", "tied_models", "--device", "cpu"]))
+    assert local.out == os.path.join("benchmarks", "results", "e2e_tied_models_cpu.json"), "not end_to_end's file"
+    assert sorted(local.workloads) == sorted({w for w, _, _ in TIED_SUITE})
+
+
+def test_tied_models_smoke_runs_the_suites_plan(tied_smoke_results):
+    smoke_groups = {}  # at the smoke shape the two GPT-2 groups are one
+    for (workload, _, _), modes in TIED_SUITE.items():
+        smoke_groups.setdefault(workload, modes)
+    assert [(r["workload"], r["mode"]) for r in tied_smoke_results] == [
+        (w, m) for w, modes in smoke_groups.items() for m in modes]
+
+
+@pytest.mark.parametrize("workload", [
+    "hf_gpt2_tied", "hf_llama1b_tied", "hf_gpt2_tied_ckpt_reentrant",
+    pytest.param("hf_gpt2_tied_ckpt", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+        "FlashNorm's modes on HF GPT-2 with non-reentrant checkpointing raise 'Layer ...h.0.mlp.c_proj received its "
+        "output gradient but its input was never captured (use 0)'"))),
+])
+def test_tied_model_steps_in_every_mode_of_the_suite(tied_smoke_results, workload):
+    """Each tiny Hugging Face model (weights tied, positions given) takes its steps in every mode of the suite."""
+    records = [r for r in tied_smoke_results if r["workload"] == workload]
+    assert records
+    for r in records:
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0 and r["steps"] >= 1 and r["time_ratio"] > 0
+        if is_flashnorm(r["mode"]):
+            assert isinstance(r["plan"], dict), r
 
 
 def test_resume_keeps_complete_groups(smoke_results, tmp_path):
