@@ -49,6 +49,7 @@ class NormPassHooks:
             self._step_used = True
         layer.gs[use] = self._batch_first(grad_output.detach())
         layer.arrived += 1
+        self._taps_reached += 1
         self._count_if_complete(layer)
 
     def _count_if_complete(self, layer: HookedLayer) -> None:

@@ -25,10 +25,11 @@ from ..kernels import multi_tensor
 from ..kernels._chunks import accumulation_dtype
 from ..kernels.backend import resolve_backend
 from ..norms.planner import ALGORITHMS, resolve_norm_method
+from ..utils.privacy_parameters import check_privacy_parameters
 from .capture import TAP_NODE, CaptureHooks, HookedLayer, discover_layers
-from .norm_pass import NormPassHooks
 from .graph_check import parameters_used_outside
 from .loss_check import FiniteLossCheck, LossChecks
+from .norm_pass import NormPassHooks
 from .packed_grads import PackedPerSampleGrads, plan_packed_grads
 from .provenance import clipped_iterations, mark_clipped
 
@@ -114,6 +115,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self._step = 0  # counts capturing forward passes; taps remember theirs
         self._uses_checked = False  # parameters used outside their layer: checked on the first step
         self._step_used = False  # this step's forward was back-propagated by the workflow already
+        self._taps_reached = 0  # gradient taps the norm pass reached
         self._step_check: Optional[FiniteLossCheck] = None  # the losses (and norms) of the step in progress
         self._capturing_graph = False  # the step in progress is captured in a CUDA graph
         self._in_workflow = False  # inside clipped_backward (its second pass reaches the taps again)
@@ -223,7 +225,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         """
         return self._batch_size == 1 and not self._distributed
 
-    def clipped_backward(self, loss_per_sample: torch.Tensor, zero_grad=None) -> None:
+    def clipped_backward(self, loss_per_sample: torch.Tensor, zero_grad=None, max_grad_norm=None) -> None:
         """The whole clipping workflow: adds Σ_b c_b ∇ℓ_b to ``p.grad`` of every trainable parameter.
 
         Gradients that an earlier clipping step left for the optimizer (k backward passes before one
@@ -235,6 +237,8 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             loss_per_sample: per-sample losses ℓ: [B], from this module's last forward.
             zero_grad: called as ``zero_grad(set_to_none=True)`` to discard gradients the workflow did not write
                 (the DP criterion passes ``optimizer.zero_grad``).
+            max_grad_norm: the bound C of this step, when the DP optimizer's differs from the module's (Opacus's
+                clipping schedulers change the optimizer's): the noise σ·C is added for that C, so it clips to it.
 
         Raises:
             RuntimeError: no training forward captured this step (eval mode, hooks disabled, or the step's
@@ -250,6 +254,9 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
                 "CUDA-graph capture of a DDP/FSDP clipping step is not supported (its loss check and collectives "
                 "need the host): run distributed steps eagerly."
             )
+        if max_grad_norm is not None and max_grad_norm != self.max_grad_norm:
+            check_privacy_parameters(0.0, max_grad_norm)
+            self.max_grad_norm = float(max_grad_norm)
         self._check_loss(loss_per_sample, finite=self._distributed)
         self._check_trainable_unchanged()
         self._capturing_graph = capturing
@@ -334,11 +341,20 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             )
         self._capturing = True
         try:
+            self._taps_reached = 0
             if self._no_grad_layers:
                 self._full_norm_pass(loss_per_sample)
             else:
                 torch.autograd.grad(
                     loss_per_sample.sum(), list(self._taps.values()), allow_unused=True, retain_graph=self.passes == 2
+                )
+            if self._taps and not self._taps_reached:
+                # The loss reaches no gradient tap: it was built from a forward that captured nothing (eval mode,
+                # hooks disabled) while a training forward's captures wait unused; its norms would read 0.
+                raise RuntimeError(
+                    "No captured forward pass for this loss: the loss does not come from the wrapped model's last "
+                    "training forward (a forward in eval mode or with hooks disabled captures nothing). Run the "
+                    "forward in training mode (model.train(), hooks enabled) before each backward on the DP loss."
                 )
             self._finish_pass()
         except BaseException:

@@ -119,6 +119,8 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
         list for the whole step and the noise and scaling fused."""
         self._step_params = trainable_params(self)
         try:
+            # σ and C may have been changed since construction (Opacus's noise and clipping schedulers).
+            check_privacy_parameters(self.noise_multiplier, self.max_grad_norm)
             self._step_iterations = self._clipped_iterations()
             self.accumulate()
             if self._check_skip_next_step():

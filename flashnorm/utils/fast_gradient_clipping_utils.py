@@ -15,7 +15,9 @@ class DPTensorFastGradientClipping(_opacus.DPTensorFastGradientClipping):
     """Per-sample losses [B] whose ``backward()`` leaves Σ_b c_b ∇ℓ_b in ``p.grad``."""
 
     def backward(self):
-        self.module.clipped_backward(self.loss_per_sample, zero_grad=self.optimizer.zero_grad)
+        self.module.clipped_backward(
+            self.loss_per_sample, zero_grad=self.optimizer.zero_grad, max_grad_norm=self.optimizer.max_grad_norm
+        )
 
 
 def _keep_type(name):
