@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="budget for the whole run: nothing starts once spent "
                         "(default: none; end_to_end: 8; tied_models: 3)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None,
+                   help="cuda or cpu (default: cuda when available, and for a --dry-run without --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny models and shapes (CPU smoke test)")
     p.add_argument("--out", default=None,
                    help="results JSON (default: benchmarks/results/e2e_<gpu>.json for --suite, e2e_custom_<gpu>.json "
@@ -141,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     """Fills defaults that depend on the suite, the device and ``--smoke``."""
-    if args.device is None:
+    if args.device is None:  # a dry run plans the GPU run (the cost model's H200) unless it is a smoke run
         import torch
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = "cuda" if torch.cuda.is_available() or (args.dry_run and not args.smoke) else "cpu"
     if args.device.startswith("cuda"):
         import torch
 
@@ -401,8 +402,8 @@ def _summary_line(rec: Dict, clock: float) -> str:
 def dry_run(configs: List[planning.Config], args) -> None:
     clock, compiled = planning.SERVER_START_S if args.device != "cpu" else 8.0, set()
     budget = args.max_minutes * 60 if args.max_minutes else None
-    lines = []
-    print(f"{'#':>3}  {'configuration':<42} {'step ms':>9} {'config s':>9} {'cumul s':>9}  note")
+    lines, width = [], max(42, *(len(str(cfg)) for cfg in configs))
+    print(f"{'#':>3}  {'configuration':<{width}} {'step ms':>9} {'config s':>9} {'cumul s':>9}  note")
     for i, cfg in enumerate(configs, 1):
         step_s = planning.predict_step_s(cfg, args.smoke)
         total = planning.predict_config_s(cfg, steps=args.steps, warmup=args.warmup, min_timed_s=args.min_timed_s,
@@ -419,7 +420,7 @@ def dry_run(configs: List[planning.Config], args) -> None:
         if budget is not None and clock > budget:
             note += " over budget"
         lines.append((i, note))
-        print(f"{i:>3}  {str(cfg):<42} {step_s * 1e3:>9.1f} {total:>9.1f} {clock:>9.1f}  {note}")
+        print(f"{i:>3}  {str(cfg):<{width}} {step_s * 1e3:>9.1f} {total:>9.1f} {clock:>9.1f}  {note}")
     fits = sum(1 for line in lines if "over budget" not in line[1])
     print(f"{len(configs)} configurations; predicted {clock / 60:.1f} min without a budget" +
           (f"; {fits} start within the {args.max_minutes} min budget, the rest would be recorded as not_run "
