@@ -234,9 +234,7 @@ def test_tied_models_smoke_runs_the_suites_plan(tied_smoke_results):
 
 @pytest.mark.parametrize("workload", [
     "hf_gpt2_tied", "hf_llama1b_tied", "hf_gpt2_tied_ckpt_reentrant",
-    pytest.param("hf_gpt2_tied_ckpt", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "FlashNorm's modes on HF GPT-2 with non-reentrant checkpointing raise 'Layer ...h.0.mlp.c_proj received its "
-        "output gradient but its input was never captured (use 0)'"))),
+    "hf_gpt2_tied_ckpt",
 ])
 def test_tied_model_steps_in_every_mode_of_the_suite(tied_smoke_results, workload):
     """Each tiny Hugging Face model (weights tied, positions given) takes its steps in every mode of the suite."""

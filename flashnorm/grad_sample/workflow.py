@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint as checkpoint
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.validators import ModuleValidator
 
@@ -175,7 +176,10 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self._park_forward_hooks(single)
         self._forward_depth += 1
         try:
-            return self._module(*args, **kwargs)
+            # A non-reentrant checkpointed region must be recomputed to its end: its layers' inputs are captured
+            # there (early stop would skip the layers after the last tensor autograd itself needs).
+            with checkpoint.set_checkpoint_early_stop(False):
+                return self._module(*args, **kwargs)
         finally:
             self._forward_depth -= 1
 

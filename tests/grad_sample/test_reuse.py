@@ -213,7 +213,8 @@ def _hf_model(name):
         model = transformers.BertForSequenceClassification(config)
         return _Classifier(model)
     if name.startswith("gpt2_checkpoint"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": name.endswith("reentrant")})
+        reentrant = name == "gpt2_checkpoint_reentrant"
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     return _LastToken(model)
 
 
@@ -241,3 +242,21 @@ def test_hf_models_are_exact(name, mode):
     rtol, atol = TOLERANCES["fp32"] if name == "llama_tied" and mode != "flash_fuse" else (1e-9, 1e-12)
     for name_, p in model.named_parameters():
         torch.testing.assert_close(grads[name_], oracle.clipped_sum[name_], rtol=rtol, atol=atol)
+
+
+def test_non_reentrant_checkpointing_pins_no_input_in_the_forward():
+    """Inside a non-reentrant checkpointed block the forward keeps no layer input (the memory saving stays): X is
+    taken when the backward recomputes the block."""
+    torch.manual_seed(0)
+    model = _hf_model("gpt2_checkpoint_non_reentrant").double()
+    ids = torch.randint(1, 37, (3, 9))
+    loader = DataLoader(TensorDataset(ids, torch.zeros(3, dtype=torch.long)), batch_size=3)
+    dp_model, _, _, _ = FlashNormPrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=loader,
+        noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="flash_fuse",
+    )
+    dp_model(ids)
+    in_blocks = [layer for layer in dp_model.layers if ".h." in layer.name]
+    outside = [layer for layer in dp_model.layers if ".h." not in layer.name]
+    assert in_blocks and all(layer.xs == [None] for layer in in_blocks)
+    assert all(layer.xs and layer.xs[0] is not None for layer in outside)
