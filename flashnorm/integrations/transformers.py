@@ -20,7 +20,13 @@ from ``outputs.loss``, which is a batch mean):
 * sequence classification: the model's ``problem_type`` (inferred as transformers does when unset):
   cross-entropy (ignore_index -100), squared error, or binary cross-entropy averaged over the labels.
 
-Needs the ``[hf]`` extra (``transformers>=5.3``, ``accelerate``). One process (CPU or one GPU). With
+Several processes (``torchrun``, W > 1): the model is wrapped in PyTorch's ``DistributedDataParallel``
+before ``make_private``, so FlashNorm's DDP classes run the step (each sample's norm on its own rank, no
+reduction in the backward pass, one SUM all-reduce with the noise added once by rank 0; accelerate does not
+wrap the model). Every rank draws the same logical batch (same seed) and keeps its share, the positions
+≡ rank (mod W); the union of the shares is the logical batch, and the step divides by its expected size.
+
+Needs the ``[hf]`` extra (``transformers>=5.3``, ``accelerate``). One process (CPU or one GPU) or DDP. With
 ``TrainingArguments(bf16=True)`` the forward runs under the accelerator's autocast (the CPU tests cover fp32).
 """
 
@@ -36,6 +42,8 @@ import torch
 import torch.nn as nn
 import transformers
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -85,24 +93,27 @@ class PrivacyArguments:
         mode = get_mode(self.grad_sample_mode)  # raises on an unknown mode, listing the valid ones
         if mode.delegated or mode.fsdp:
             raise ValueError(
-                f"grad_sample_mode={self.grad_sample_mode!r}: DPTrainer trains with FlashNorm's single-process "
-                "clipping modes: 'flash_fuse', 'flash' or 'ghost'."
+                f"grad_sample_mode={self.grad_sample_mode!r}: DPTrainer trains with FlashNorm's clipping modes "
+                "for one process or DDP: 'flash_fuse', 'flash' or 'ghost'."
             )
 
 
 class _MicroBatchSampler(Sampler):
-    """Cuts each logical batch of ``logical`` (a batch sampler) into ``parts`` consecutive micro-batches.
+    """Cuts this rank's share of each logical batch of ``logical`` (a batch sampler, the same on every rank)
+    into ``parts`` consecutive micro-batches; the share of rank r of W is ``indices[r::W]``.
 
     ``logical`` is assigned after ``make_private`` (Opacus's Poisson sampler replaces the plain one);
-    both have the same length, so the Trainer's step count, taken before, stays right.
+    both have the same length, so the Trainer's step count, taken before, stays right. Every rank yields
+    ``len(logical) × parts`` micro-batches (empty ones included), so the ranks step together.
     """
 
-    def __init__(self, logical: Sampler, parts: int):
-        self.logical, self.parts = logical, parts
+    def __init__(self, logical: Sampler, parts: int, rank: int = 0, world_size: int = 1):
+        self.logical, self.parts, self.rank, self.world_size = logical, parts, rank, world_size
 
     def __iter__(self):
         for indices in self.logical:
-            for part in np.array_split(np.asarray(list(indices), dtype=np.int64), self.parts):
+            share = np.asarray(list(indices), dtype=np.int64)[self.rank :: self.world_size]
+            for part in np.array_split(share, self.parts):
                 yield part.tolist()
 
     def __len__(self) -> int:
@@ -149,12 +160,13 @@ class DPTrainer(transformers.Trainer):
 
     The model is used as it comes (a ``...ForCausalLM`` or ``...ForSequenceClassification`` model, ``labels``
     in the batch). Other models: override :meth:`dp_loss`. Checkpoints carry the accountant's history
-    (``train(resume_from_checkpoint=...)`` goes on from it). Refused: several processes or GPUs, fp16,
-    DeepSpeed/FSDP, iterable datasets.
+    (``train(resume_from_checkpoint=...)`` goes on from it). Several processes (``torchrun``) train with
+    DDP (module docstring). Refused: several GPUs in one process, fp16, DeepSpeed/FSDP, iterable datasets.
 
     Attributes (after training starts):
         privacy_engine: the :class:`~flashnorm.FlashNormPrivacyEngine` (its ``accountant`` holds the history).
-        dp_model: the grad-sample module around ``self.model`` (``self.model`` stays the plain model).
+        dp_model: the grad-sample module around ``self.model``, or around its DDP wrapper when W > 1
+            (``self.model`` stays the plain model).
         dp_optimizer: the DP optimizer (``self.optimizer`` is the accelerator's wrapper around it).
         noise_multiplier, sample_rate: σ and q of every DP step.
     """
@@ -174,11 +186,10 @@ class DPTrainer(transformers.Trainer):
 
     def _check_supported(self) -> None:
         args = self.args
-        if args.world_size > 1 or args.n_gpu > 1:
+        if args.n_gpu > 1:
             raise NotImplementedError(
-                f"DPTrainer runs on one process and one device (world size {args.world_size}, {args.n_gpu} GPUs "
-                "visible). For DDP/FSDP use FlashNormPrivacyEngine directly (docs/distributed.md); for one GPU of "
-                "several, set CUDA_VISIBLE_DEVICES."
+                f"DPTrainer runs one device per process ({args.n_gpu} GPUs visible to this one): launch one process "
+                "per GPU with torchrun (DDP), or set CUDA_VISIBLE_DEVICES."
             )
         if args.fp16:
             raise ValueError("fp16 needs a gradient scaler, which the DP step does not use: use bf16=True or fp32.")
@@ -196,8 +207,9 @@ class DPTrainer(transformers.Trainer):
         """Micro-batches of the logical batches: ``gradient_accumulation_steps`` per logical batch.
 
         The logical batches come from a loader of batch size L over the training set (shuffled with
-        ``data_seed``/``seed``); :meth:`create_optimizer` hands it to ``make_private``, whose Poisson
-        sampler then draws them."""
+        ``data_seed``/``seed``, alike on every rank); :meth:`create_optimizer` hands it to ``make_private``
+        and then draws them with Opacus's Poisson sampler. Each rank takes its share (:class:`_MicroBatchSampler`).
+        """
         dataset = self.train_dataset
         if dataset is None:
             raise ValueError("DPTrainer: training requires a train_dataset.")
@@ -218,7 +230,9 @@ class DPTrainer(transformers.Trainer):
             generator=generator,
         )
         logical = self._dp_batch_sampler or self._logical_loader.batch_sampler  # Poisson's once make_private ran
-        self._micro_batches = _MicroBatchSampler(logical, self.args.gradient_accumulation_steps)
+        self._micro_batches = _MicroBatchSampler(
+            logical, self.args.gradient_accumulation_steps, self.args.process_index, self.args.world_size
+        )
         return DataLoader(
             dataset,
             batch_sampler=self._micro_batches,
@@ -229,7 +243,13 @@ class DPTrainer(transformers.Trainer):
 
     # -- privacy engine ------------------------------------------------------------------------------
     def create_optimizer(self, *args, **kwargs):
-        """The Trainer's optimizer, then ``make_private`` on (model, optimizer, logical-batch loader).
+        """The Trainer's optimizer, then ``make_private`` on (model, optimizer, logical-batch loader); the model
+        wrapped in DDP first when W > 1.
+
+        The logical batches are then drawn by Opacus's ``UniformWithReplacementSampler`` at q with the loader's
+        generator (seeded alike on every rank, so every rank draws the same logical batch), or by the plain
+        loader without Poisson sampling. (Opacus's distributed sampler skips a rank's empty draws, which would
+        desynchronise the ranks' steps.)
 
         σ is ``privacy_args.noise_multiplier`` or, for ``target_epsilon``, Opacus's ``get_noise_multiplier``
         for the run's DP steps (``max_steps``, or ⌈epochs × logical batches per epoch⌉) at rate q."""
@@ -252,8 +272,13 @@ class DPTrainer(transformers.Trainer):
         self.noise_multiplier = sigma
         self.privacy_engine = FlashNormPrivacyEngine(accountant=pa.accountant)
         self.model.train()  # an evaluate() before train() leaves it in eval mode, which make_private refuses
-        self.dp_model, self.dp_optimizer, _, loader = self.privacy_engine.make_private(
-            module=self.model,
+        module = self.model
+        if self.args.world_size > 1:  # FlashNorm's DDP classes; buffers are not broadcast at forward (a rank
+            # with an empty micro-batch runs none), the replicas' buffers being DDP's broadcast at construction
+            device_ids = [self.args.device.index] if self.args.device.type == "cuda" else None
+            module = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
+        self.dp_model, self.dp_optimizer, _, _ = self.privacy_engine.make_private(
+            module=module,
             optimizer=optimizer,
             criterion=nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
             data_loader=self._logical_loader,
@@ -262,7 +287,14 @@ class DPTrainer(transformers.Trainer):
             poisson_sampling=pa.poisson_sampling,
             grad_sample_mode=pa.grad_sample_mode,
         )
-        self._dp_batch_sampler = self._micro_batches.logical = loader.batch_sampler
+        if pa.poisson_sampling:
+            self._dp_batch_sampler = UniformWithReplacementSampler(
+                num_samples=len(self._logical_loader.dataset), sample_rate=self.sample_rate,
+                generator=self._logical_loader.generator,
+            )
+        else:
+            self._dp_batch_sampler = self._logical_loader.batch_sampler
+        self._micro_batches.logical = self._dp_batch_sampler
         self.optimizer = self.dp_optimizer
         self.model_wrapped = self.dp_model  # the training loop runs the wrapper; self.model stays the plain model
         return self.optimizer
@@ -319,8 +351,9 @@ class DPTrainer(transformers.Trainer):
         """One micro-batch: Σ_b c_b ∇ℓ_b accumulated; a skipped step unless it ends the logical batch (the
         Trainer then calls ``optimizer.step()``: noise, division, accountant step).
 
-        Returns Σ_b ℓ_b / (expected logical batch size), detached: the logged loss, summed over the
-        micro-batches by the Trainer, is the logical batch's mean loss as the DP step weighs it."""
+        Returns Σ_b ℓ_b / (expected logical batch size / W), detached: the logged loss, summed over the
+        micro-batches and averaged over the ranks by the Trainer, is the logical batch's mean loss as the DP
+        step weighs it."""
         model.train()
         last = self.accelerator.sync_gradients  # the Trainer steps the optimizer after this micro-batch
         loss_sum = torch.zeros((), device=self.args.device)

@@ -1,0 +1,111 @@
+"""DPTrainer on 2 processes (DDP, gloo on CPU, the environment torchrun gives): one DP step over the logical
+batch of both ranks equals the float64 per-sample reference; Poisson sampling and accounting of the logical batch."""
+
+import socket
+
+import pytest
+import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from tests.integrations.test_transformers import (
+    assert_matches,
+    lm_rows,
+    opacus_epsilon,
+    reference_grad,
+    tiny_gpt2,
+)
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    _, norms = reference_grad(tiny_gpt2(), lm_rows(4), 1.0)
+    return float(norms.median())  # some samples clipped, some not
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, clip):
+    import torch.multiprocessing as mp
+
+    from tests.integrations.ddp_workers import run
+
+    out = tmp_path_factory.mktemp("hf_ddp")
+    mp.spawn(run, args=(WORLD, _free_port(), str(out), clip), nprocs=WORLD, join=True)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _case(ranks, name):
+    per_rank = [r[name] for r in ranks]
+    for rank, res in enumerate(per_rank):
+        if "error" in res:
+            pytest.fail(f"rank {rank} raised in case {name}:\n{res['error']}")
+    return per_rank
+
+
+def _row_keys(ids: torch.Tensor):
+    return [tuple(row.tolist()) for row in ids]
+
+
+def _assert_ddp_path(res):
+    assert res["world_size"] == WORLD
+    assert (res["gsm"], res["ddp"], res["optimizer"]) == (
+        "DDPGradSampleModuleFastGradientClippingFuse", "DistributedDataParallel",
+        "DistributedDPOptimizerFastGradientClipping",
+    )
+    assert res["ddp_reductions"] == 0  # one reduction per step, the DP optimizer's: none by DDP or accelerate
+
+
+def test_first_step_is_the_clipped_mean_over_both_ranks_logical_batch(ranks, clip):
+    out, ranks = ranks
+    per_rank = _case(ranks, "exact")
+    rows = lm_rows(4)
+    model = tiny_gpt2()
+    reference, norms = reference_grad(model, rows, clip)
+    assert (norms > clip).any() and (norms < clip).any()
+    # each rank ran its share in 2 micro-batches; together they are the logical batch, each sample once
+    assert all(len(res["micro_batches"]) == 2 for res in per_rank)
+    seen = [key for res in per_rank for ids in res["micro_batches"] for key in _row_keys(ids)]
+    assert sorted(seen) == sorted(_row_keys(rows.columns["input_ids"]))
+    for rank, res in enumerate(per_rank):
+        _assert_ddp_path(res)
+        assert res["logical_batch_size"] == 4
+        assert res["history"] == [(0.0, 1.0, 1)]
+        model.load_state_dict(res["params"], strict=False)
+        before = tiny_gpt2()
+        before.load_state_dict(res["before"], strict=False)
+        assert_matches(model, res["grads"], before, reference)
+    for name, p in per_rank[0]["params"].items():  # the replicas stay identical
+        assert torch.equal(p, per_rank[1]["params"][name]), name
+    saved = transformers.GPT2LMHeadModel.from_pretrained(str(out / "exact" / "saved"))  # the plain model
+    for name, p in saved.named_parameters():
+        assert torch.equal(p, per_rank[0]["params"][name]), name
+
+
+def test_poisson_logical_batch_is_shared_by_the_ranks_and_accounted_once(ranks):
+    _, ranks = ranks
+    per_rank = _case(ranks, "poisson")
+    for res in per_rank:
+        _assert_ddp_path(res)
+        assert len(res["micro_batches"]) == 3 * 2  # 3 DP steps of 2 micro-batches on every rank
+        assert res["history"] == [(0.8, 0.5, 3)]  # q = L / N = 8 / 16, one accountant step per logical batch
+        assert res["epsilon"] == opacus_epsilon("rdp", 0.8, 0.5, 3, 1e-5)
+    # Poisson-sampled as a whole (Opacus's sampler, the data seed): the ranks' disjoint shares make up each draw
+    keys = _row_keys(lm_rows(16).columns["input_ids"])
+    draws = UniformWithReplacementSampler(num_samples=16, sample_rate=0.5, generator=torch.Generator().manual_seed(0))
+    for step, drawn in zip(range(3), draws):
+        shares = [[key for ids in res["micro_batches"][2 * step: 2 * step + 2] for key in _row_keys(ids)]
+                  for res in per_rank]
+        assert not set(shares[0]) & set(shares[1])
+        assert sorted(shares[0] + shares[1]) == sorted(keys[i] for i in drawn)
+    for name, p in per_rank[0]["params"].items():  # noise added once and all-reduced: identical replicas
+        assert torch.equal(p, per_rank[1]["params"][name]), name
