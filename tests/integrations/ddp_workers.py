@@ -76,10 +76,10 @@ def exact_step(out_dir: str, clip: float) -> dict:
 
 
 def poisson_steps(out_dir: str) -> dict:
-    """Three noisy DP steps with Poisson sampling: L = 2 × 2 × 2 = 8 of 16 samples, q = 1/2."""
+    """Six noisy DP steps (two epochs) with Poisson sampling: L = 1 × 2 × 2 = 4 of 16 samples, q = 1/4."""
     trainer = make_trainer(
         tiny_gpt2(), lm_rows(16), out_dir, PrivacyArguments(noise_multiplier=0.8, max_grad_norm=1.0, accountant="rdp"),
-        trainer_cls=RecordingTrainer, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
+        trainer_cls=RecordingTrainer, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=6,
         ddp_timeout=120,
     )
     trainer.train()

@@ -96,13 +96,17 @@ def test_poisson_logical_batch_is_shared_by_the_ranks_and_accounted_once(ranks):
     per_rank = _case(ranks, "poisson")
     for res in per_rank:
         _assert_ddp_path(res)
-        assert len(res["micro_batches"]) == 3 * 2  # 3 DP steps of 2 micro-batches on every rank
-        assert res["history"] == [(0.8, 0.5, 3)]  # q = L / N = 8 / 16, one accountant step per logical batch
-        assert res["epsilon"] == opacus_epsilon("rdp", 0.8, 0.5, 3, 1e-5)
-    # Poisson-sampled as a whole (Opacus's sampler, the data seed): the ranks' disjoint shares make up each draw
+        assert len(res["micro_batches"]) == 6 * 2  # 6 DP steps of 2 micro-batches on every rank
+        assert res["history"] == [(0.8, 0.25, 6)]  # q = L / N = 4 / 16, one accountant step per logical batch
+        assert res["epsilon"] == opacus_epsilon("rdp", 0.8, 0.25, 6, 1e-5)
+    assert any(len(ids) == 0 for res in per_rank for ids in res["micro_batches"])  # a rank's empty micro-batch
+    # Poisson-sampled as a whole (Opacus's sampler, the data seed, two epochs): the ranks' disjoint shares make
+    # up each draw
     keys = _row_keys(lm_rows(16).columns["input_ids"])
-    draws = UniformWithReplacementSampler(num_samples=16, sample_rate=0.5, generator=torch.Generator().manual_seed(0))
-    for step, drawn in zip(range(3), draws):
+    generator = torch.Generator().manual_seed(0)
+    sampler = UniformWithReplacementSampler(num_samples=16, sample_rate=0.25, generator=generator)
+    draws = [drawn for _ in range(2) for drawn in sampler]
+    for step, drawn in enumerate(draws[:6]):
         shares = [[key for ids in res["micro_batches"][2 * step: 2 * step + 2] for key in _row_keys(ids)]
                   for res in per_rank]
         assert not set(shares[0]) & set(shares[1])
