@@ -3,8 +3,8 @@
 The model is HF ``transformers``' GPT-2 built from a config (random weights, untied LM head; GPT-2 small
 by default: 12 × 768, vocab 50257, causal SDPA attention), sharded block by block with
 ``flashnorm.utils.fsdp_utils.FSDP2Wrapper`` in bf16 mixed precision (fp32 reduction, norms and optimizer).
-The data are random token sequences; the privacy unit is the sequence. Every step prints the loss, the
-step time and the tokens/s; the end prints ε.
+The data are random token sequences; the privacy unit is the sequence. A progress bar shows each step's loss
+and time; the end prints the tokens/s and ε.
 
     torchrun --nproc_per_node=8 examples/fsdp_gpt.py                  # one node, 8 GPUs
     torchrun --nproc_per_node=2 examples/fsdp_gpt.py --device cpu --tiny   # CPU smoke check (gloo)
@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from flashnorm import FlashNormPrivacyEngine
@@ -103,7 +104,8 @@ def main() -> None:
 
     times, local_tokens = [], 0
     batches = iter(loader)
-    for step in range(args.warmup + args.steps):
+    progress = tqdm(range(args.warmup + args.steps), desc="DP steps", disable=rank != 0)
+    for step in progress:
         if step == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         (ids,) = next(batches)
@@ -127,7 +129,7 @@ def main() -> None:
             times.append(elapsed)
             local_tokens += batch * seq
         if rank == 0:
-            print(f"step {step:3d}  loss {loss.item():.4f}  {elapsed * 1e3:8.1f} ms  local batch {batch}", flush=True)
+            progress.set_postfix(loss=f"{loss.item():.4f}", ms=f"{elapsed * 1e3:.1f}", local_batch=batch)
 
     step_s = statistics.median(times)
     counts = torch.tensor([float(local_tokens)], device=device)
