@@ -27,6 +27,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 
 from .modes import Mode, get_mode
+from .utils.poisson import shared_poisson_loader
 from .utils.privacy_parameters import check_privacy_parameters
 from .resolver import resolve
 
@@ -124,10 +125,16 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             module, classes.grad_sample_module, mode, batch_first=batch_first, loss_reduction=loss_reduction,
             max_grad_norm=max_grad_norm, wrap_model=wrap_model, norm_method=norm_method, backend=backend,
         )
-        data_loader = self._prepare_data_loader(
-            data_loader, distributed=classes.distributed, poisson_sampling=poisson_sampling,
-            batch_first=batch_first, rand_on_empty=rand_on_empty,
-        )
+        if classes.distributed and poisson_sampling and not self.secure_mode:
+            # Every rank takes every draw (Opacus's distributed sampler skips a rank's empty ones).
+            device = next(iter(module.parameters())).device
+            data_loader = shared_poisson_loader(data_loader, device=device, batch_first=batch_first,
+                                                rand_on_empty=rand_on_empty)
+        else:
+            data_loader = self._prepare_data_loader(
+                data_loader, distributed=classes.distributed, poisson_sampling=poisson_sampling,
+                batch_first=batch_first, rand_on_empty=rand_on_empty,
+            )
         sample_rate = 1 / len(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
         if classes.distributed:
