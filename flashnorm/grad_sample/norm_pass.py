@@ -18,7 +18,7 @@ from ..kernels import multi_tensor
 from ..kernels._chunks import accumulation_dtype
 from ..norms.planner import choose
 from ..norms.registry import per_sample_norms
-from ..norms.shared import cross_term
+from ..norms.shared import cross_term, per_sample_dot
 from .capture import HookedLayer
 from .kept import KeptInputs, KeptPacked, KeptPerSample
 
@@ -135,9 +135,7 @@ class NormPassHooks:
             grads_a = a.rule.per_sample_grads(a.module, *self._shared_inputs[a], backend=self.backend)
         if grads_b is None:
             grads_b = b.rule.per_sample_grads(b.module, *self._shared_inputs[b], backend=self.backend)
-        ga, gb = grads_a[param], grads_b[param]
-        acc = torch.promote_types(torch.promote_types(ga.dtype, gb.dtype), torch.float32)
-        return (ga.reshape(ga.shape[0], -1).to(acc) * gb.reshape(gb.shape[0], -1).to(acc)).sum(dim=1)
+        return per_sample_dot(grads_a[param], grads_b[param])
 
     def _method(self, layer: HookedLayer, x: torch.Tensor, g_shape, g_dtype, g: Optional[torch.Tensor] = None) -> str:
         """The layer's norm method for these shapes (planned once per new shape; ``g`` may be absent). Layers

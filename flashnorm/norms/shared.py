@@ -58,7 +58,11 @@ def cross_term(
     ):
         if isinstance(ra, EmbeddingRule) and type(rb) is LinearRule and la.weight is param and lb.weight is param:
             return _embedding_head_cross(la, xa, ga, rb, lb, xb, gb)
-    grad_a = rule_a.per_sample_grads(layer_a, x_a, g_a, backend=backend)[param]
-    grad_b = rule_b.per_sample_grads(layer_b, x_b, g_b, backend=backend)[param]
+    return per_sample_dot(rule_a.per_sample_grads(layer_a, x_a, g_a, backend=backend)[param],
+                          rule_b.per_sample_grads(layer_b, x_b, g_b, backend=backend)[param])
+
+
+def per_sample_dot(grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
+    """⟨grad_a[b], grad_b[b]⟩ for per-sample gradients [B, ...] → [B] (float32, float64 for float64)."""
     acc = accumulation_dtype(grad_a, grad_b)
     return (grad_a.reshape(grad_a.shape[0], -1).to(acc) * grad_b.reshape(grad_b.shape[0], -1).to(acc)).sum(dim=1)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from flashnorm.norms import get_norm_rule
-from tests.norms.truth import assert_rule_exact
+from tests.norms.truth import assert_rule_exact, input_and_output_grad
 
 C_IN, C_OUT, WIDTH = 3, 7, 5
 # PyTorch's note that an even "same" kernel pads a copy of the input (the case is here on purpose).
@@ -31,10 +31,7 @@ LAYERS = {
 def layer_and_pair(name, batch, steps, dtype, device):
     make, shape = LAYERS[name]
     layer = make().to(device, dtype)
-    x = torch.randn(batch, *shape(steps), dtype=dtype, device=device)
-    with torch.no_grad():
-        out_shape = layer(x).shape
-    return layer, x, torch.randn(out_shape, dtype=dtype, device=device)
+    return (layer, *input_and_output_grad(layer, (batch, *shape(steps)), dtype, device))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,7 +7,12 @@ import torch
 import torch.nn as nn
 
 from flashnorm.norms import PerSampleGradFallback, get_norm_rule
-from tests.norms.truth import assert_rule_exact, assert_step_exact, per_sample_truth
+from tests.norms.truth import (
+    assert_rule_exact,
+    assert_step_exact,
+    input_and_output_grad,
+    per_sample_truth,
+)
 from tests.zoo import MeanOver, Scale
 
 D, P = 7, 5
@@ -33,10 +38,7 @@ LAYERS = {
 def layer_and_pair(name, batch, steps, dtype, device):
     make, shape, _ = LAYERS[name]
     layer = make().to(device, dtype)
-    x = torch.randn(batch, *shape(steps), dtype=dtype, device=device)
-    with torch.no_grad():
-        out_shape = layer(x).shape
-    return layer, x, torch.randn(out_shape, dtype=dtype, device=device)
+    return (layer, *input_and_output_grad(layer, (batch, *shape(steps)), dtype, device))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -38,6 +38,14 @@ def per_sample_truth(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Grad
     return truth
 
 
+def input_and_output_grad(layer: nn.Module, x_shape: tuple, dtype: torch.dtype, device) -> tuple:
+    """A random input x of ``x_shape`` and a random output gradient g of the layer's output shape for it."""
+    x = torch.randn(x_shape, dtype=dtype, device=device)
+    with torch.no_grad():
+        out_shape = layer(x).shape
+    return x, torch.randn(out_shape, dtype=dtype, device=device)
+
+
 def norm_sq_of(grads: Grads, batch: int) -> torch.Tensor:
     """Σ_θ ‖grads[θ][b]‖² → [B] float64."""
     total = torch.zeros(batch, dtype=torch.float64)
