@@ -137,7 +137,7 @@ def dp_step(model, x, y, mode, reduction, clip):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("steps", [1, 7])
+@pytest.mark.parametrize("steps", [1, 7, 37])
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("mode", MODES)
 def test_reused_parameters_are_exact(mode, kind, steps, reduction):
