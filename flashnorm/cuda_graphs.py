@@ -58,6 +58,7 @@ class _Captured:
     optimizer: Optional[object] = None
     finite_check: Optional[FiniteLossCheck] = None  # the module's loss check, recorded in the graph
     norm_sq: Optional[torch.Tensor] = None
+    norm_bound: Optional[torch.Tensor] = None  # their rounding upper bound (flashnorm.norms.rounding)
 
 
 class CudaGraphStep:
@@ -151,6 +152,7 @@ class CudaGraphStep:
             module = dp_loss.module
             captured.dp_module, captured.optimizer = module, dp_loss.optimizer
             captured.finite_check, captured.norm_sq = module.captured_finite_check, module._norm_sq
+            captured.norm_bound = module._norm_bound
             module.captured_finite_check = None
         for p in params:  # the capture ran nothing: the first replay computes this batch's gradients
             p.grad = None
@@ -174,6 +176,6 @@ class CudaGraphStep:
                 del grad._processed
             p.grad = grad
         if captured.dp_module is not None:
-            captured.dp_module.record_norm_sq(captured.norm_sq)
+            captured.dp_module.record_norm_sq(captured.norm_sq, captured.norm_bound)
             mark_clipped([p for p, _ in captured.grads], 1)  # the replay wrote this step's clipped gradients
         return captured.loss.clone()

@@ -15,8 +15,8 @@ import torch
 
 NON_FINITE_LOSS = (
     "The loss, or a per-sample gradient norm, is not finite (NaN or inf) for some sample, or a norm estimate is "
-    "negative (float32 cancellation in the Gram form); the step's gradients were discarded and no parameter "
-    "changed. Check the learning rate and the inputs, use a loss scaler under fp16, or norm_method='flash'."
+    "negative beyond its rounding bound; the step's gradients were discarded and no parameter changed. Check the "
+    "learning rate and the inputs, use a loss scaler under fp16, or norm_method='flash'."
 )
 
 

@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from ..kernels import multi_tensor
 from ..kernels._chunks import accumulation_dtype
+from ..norms import rounding
 from ..norms.planner import choose
 from ..norms.registry import per_sample_norms
 from ..norms.shared import cross_term, per_sample_dot
@@ -28,8 +28,8 @@ class NormPassHooks:
     Opacus's accessors of the per-sample norms.
 
     The host provides ``layers``, ``passes``, ``backend``, ``norm_algorithm``, ``norm_method``, ``_step``,
-    ``_capturing``, ``_in_workflow``, ``_packed``, ``_norm_terms``, ``_norm_roots``, ``_shared_groups``,
-    ``_norm_sq``, ``max_grad_norm`` and ``_batch_first``.
+    ``_capturing``, ``_in_workflow``, ``_packed``, ``_norm_terms``, ``_norm_roots``, ``_radii``, ``_slack_sq``,
+    ``_shared_groups``, ``_shared_scales``, ``_norm_sq``, ``_norm_bound``, ``max_grad_norm`` and ``_batch_first``.
     """
 
     def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, key) -> None:
@@ -95,7 +95,28 @@ class NormPassHooks:
             return self._per_sample(layer, x, g)
         with_vectors = layer.shared or not self._vectors_to_packed(layer, x, g)
         self._norm_terms.append(layer.rule.norm_sq(layer.module, x, g, method, vectors=with_vectors, backend=self.backend))
+        self._note_rounding(layer, x, g, method)
         return KeptInputs(method, x, g, with_vectors)
+
+    def _note_rounding(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor, method: str) -> None:
+        """The layer's share of the clipping coefficient's rounding allowance (:mod:`~flashnorm.norms.rounding`):
+        radius r = (γ_norm + γ_applied)·s of the two computations of its per-sample gradient (none where the
+        one-pass mode applies the very per-sample gradients it took the norm of), and the Gram form's γ_G·s²."""
+        consistent = method == "per_sample" and self.passes == 1
+        scale = None if consistent else layer.rule.rounding_scale(layer.module, x, g)
+        if scale is None:
+            return
+        s, terms = scale
+        gamma = rounding.gamma(terms, x.shape[0], g.dtype)
+        if method == "gram":  # the norm's error is γ_G·s² (squared domain); only the applied sum has a radius
+            batch, steps, d, p = layer.rule.sizes(layer.module, x, g)
+            gram_dtype = torch.float64 if rounding.gram_in_float64(steps, g.dtype) else g.dtype
+            self._slack_sq.append(s.square().mul_(rounding.gram_gamma(steps, d, p, gram_dtype)))
+            self._radii.append(s * gamma)
+        else:
+            self._radii.append(s * (2 * gamma))
+        if layer.shared:
+            self._shared_scales[layer] = (s, gamma)
 
     def _per_sample_sum(self, layer: HookedLayer, uses) -> KeptPerSample:
         """Σ over the uses of the per-sample gradients, where the rule cannot join the uses (B·|θ| memory)."""
@@ -103,6 +124,7 @@ class NormPassHooks:
         for x, g in uses:
             for p, gs in layer.rule.per_sample_grads(layer.module, x, g, backend=self.backend).items():
                 total[p] = gs.clone() if p not in total else total[p].add_(gs)
+            self._note_rounding(layer, x, g, "per_sample")
         self._norm_roots.extend(per_sample_norms(total))
         if layer.shared:
             self._shared_grads[layer] = total
@@ -122,8 +144,16 @@ class NormPassHooks:
                 for i, a in enumerate(counted):
                     for b in counted[i + 1:]:
                         self._norm_terms.append(2 * self._cross(a, b, param))
+                        self._note_cross_rounding(a, b)
         finally:
-            self._shared_inputs, self._shared_grads = {}, {}
+            self._shared_inputs, self._shared_grads, self._shared_scales = {}, {}, {}
+
+    def _note_cross_rounding(self, a: HookedLayer, b: HookedLayer) -> None:
+        """The cross term 2⟨Ŵ_A, Ŵ_B⟩ errs by ≤ 2·(γ_cross + γ_A + γ_B)·s_A·s_B (its own rounding, and the layers'
+        radii against the other's gradient): added to the squared-domain allowance."""
+        if a in self._shared_scales and b in self._shared_scales:
+            (s_a, gamma_a), (s_b, gamma_b) = self._shared_scales[a], self._shared_scales[b]
+            self._slack_sq.append((2 * (max(gamma_a, gamma_b) + 2 * gamma_a + 2 * gamma_b)) * s_a * s_b)
 
     def _cross(self, a: HookedLayer, b: HookedLayer, param) -> torch.Tensor:
         """⟨∇_θ^A, ∇_θ^B⟩ per sample for θ = ``param`` used by layers a and b."""
@@ -160,6 +190,7 @@ class NormPassHooks:
         slots = {p: slot for p in layer.params if (slot := packed.slot(p)) is not None} if packed is not None else {}
         # (a slot's buffer is allocated here, when the pass first reaches it)
         grads = layer.rule.per_sample_grads(layer.module, x, g, out=slots or None, backend=self.backend)
+        self._note_rounding(layer, x, g, "per_sample")
         separate = {}
         for p, gs in grads.items():
             slot = slots.get(p)
@@ -195,10 +226,22 @@ class NormPassHooks:
             norm_sq = norm_sq + torch.stack(roots).square().sum(dim=0)
         return norm_sq
 
+    def _rounding_bound(self, norm_sq: torch.Tensor) -> Optional[torch.Tensor]:
+        """U_b = √(‖ĝ_b‖² + Q_b) + R_b from the pass's noted allowances ([B]; ``None`` when none was noted)."""
+        radii, slack_sq = self._radii, self._slack_sq
+        self._radii, self._slack_sq = [], []
+        if not radii and not slack_sq:
+            return None
+        return rounding.upper_bound(
+            norm_sq, torch.stack(radii).square().sum(dim=0) if radii else None,
+            torch.stack(slack_sq).sum(dim=0) if slack_sq else None,
+        )
+
     # -- Opacus-compatible accessors -------------------------------------------------------------
-    def record_norm_sq(self, norm_sq: torch.Tensor) -> None:
-        """Records the step's squared per-sample gradient norms [B]; the norms follow from them when asked."""
-        self._norm_sq = norm_sq
+    def record_norm_sq(self, norm_sq: torch.Tensor, bound: Optional[torch.Tensor] = None) -> None:
+        """Records the step's squared per-sample gradient norms [B] and their rounding upper bound U [B] (or
+        ``None``); the norms follow from them when asked."""
+        self._norm_sq, self._norm_bound = norm_sq, bound
         self._per_sample_gradient_norms = None
 
     def get_norm_sample(self) -> torch.Tensor:
@@ -206,16 +249,18 @@ class NormPassHooks:
         if self._plain_backward:
             self._plain_backward = False
             self._finish_pass()
-            self.record_norm_sq(self._summed_norm_sq(self._batch_size or 0))
+            norm_sq = self._summed_norm_sq(self._batch_size or 0)
+            self.record_norm_sq(norm_sq, self._rounding_bound(norm_sq))
         if self._norm_sq is None:
             raise AttributeError("No norms yet: call backward on the loss from the DP criterion first.")
-        norms = self._norm_sq.sqrt()
+        norms = self._norm_sq.clamp(min=0).sqrt()  # (an estimate cancelled below 0 is ≈ 0; its bound clips it)
         self.per_sample_gradient_norms = norms
         return norms
 
     def get_clipping_coef(self) -> torch.Tensor:
-        """c_b = min(1, C / (‖g_b‖ + 1e-6)): [B]."""
-        return multi_tensor.clipping_coef(self.get_norm_sample(), self.max_grad_norm)
+        """c_b = min(1, C / (‖g_b‖ + 1e-6), (1 + τ)·C / U_b) (:func:`flashnorm.norms.rounding.clipping_coef`): [B]."""
+        self.get_norm_sample()
+        return rounding.clipping_coef(self._norm_sq, self._norm_bound, self.max_grad_norm)
 
     @property
     def per_sample_gradient_norms(self) -> torch.Tensor:

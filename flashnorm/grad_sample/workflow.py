@@ -125,9 +125,13 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self._no_grad_layers = False  # a hooked layer ran under no_grad in a capturing forward (reentrant checkpoint)
         self._shared_inputs: Dict[HookedLayer, tuple] = {}  # (x, g) of layers sharing a parameter, this pass
         self._shared_grads: Dict[HookedLayer, dict] = {}  # or their per-sample gradients
+        self._shared_scales: Dict[HookedLayer, tuple] = {}  # (s, γ) of their rounding (norms.rounding)
         self._norm_sq: Optional[torch.Tensor] = None
+        self._norm_bound: Optional[torch.Tensor] = None  # U_b of norms.rounding, or None
         self._norm_terms: List[torch.Tensor] = []  # squared per-sample norms, one [B] per layer
         self._norm_roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
+        self._radii: List[torch.Tensor] = []  # rounding radii r, one [B] per layer (norms.rounding)
+        self._slack_sq: List[torch.Tensor] = []  # squared-domain rounding allowances Q, one [B] per Gram / cross term
         self._packed: Optional[PackedPerSampleGrads] = None
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
         #: The loss check of a step captured in a CUDA graph (read after each replay), else None.
@@ -213,8 +217,8 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
     def _reset_step(self) -> None:
         self._batch_size = None
         self._plain_backward = self._no_grad_layers = False
-        self._norm_terms, self._norm_roots = [], []
-        self._shared_inputs, self._shared_grads = {}, {}
+        self._norm_terms, self._norm_roots, self._radii, self._slack_sq = [], [], [], []
+        self._shared_inputs, self._shared_grads, self._shared_scales = {}, {}, {}
         self._packed = None
         for layer in self.layers:
             layer.forget()
@@ -338,7 +342,8 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
     def _norm_pass(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
         if not self._uses_checked:
             self._check_parameter_uses(loss_per_sample.grad_fn)
-        self._norm_terms, self._norm_roots = [], []  # per-layer terms, summed once after the pass
+        # per-layer terms and rounding allowances, summed once after the pass
+        self._norm_terms, self._norm_roots, self._radii, self._slack_sq = [], [], [], []
         if self.packs_per_sample_grads:
             self._packed = plan_packed_grads(
                 self.layers, loss_per_sample.shape[0], loss_per_sample.device, self._method, two_passes=self.passes == 2
@@ -374,12 +379,14 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             if self.passes == 2:
                 self._packed = None  # the second pass computes the clipped gradients itself
         norm_sq = self._summed_norm_sq(loss_per_sample.shape[0], loss_per_sample.device)
-        self.record_norm_sq(norm_sq)
+        bound = self._rounding_bound(norm_sq)
+        self.record_norm_sq(norm_sq, bound)
         if not self._distributed:  # (DDP/FSDP checked the loss before any collective; norms are rank-local)
-            # One check, read after the rest of the step is issued: every loss finite and every norm estimate
-            # finite and ≥ 0. A NaN norm would give c = NaN and poison the other samples' gradients; a negative
-            # one (float32 cancellation) has no bound.
-            valid = torch.where(norm_sq >= 0, norm_sq, torch.full_like(norm_sq, float("nan")))
+            # One check, read after the rest of the step is issued: every loss finite, every norm estimate finite
+            # and ≥ 0 or, where it cancelled below 0, its rounding bound finite. A NaN norm would give c = NaN
+            # and poison the other samples' gradients.
+            valid = norm_sq if bound is None else norm_sq.clamp(min=0) + bound
+            valid = torch.where(valid >= 0, valid, torch.full_like(valid, float("nan")))
             self._step_check = FiniteLossCheck(torch.cat([loss_per_sample.detach().to(norm_sq.dtype), valid]),
                                                self._capturing_graph)
         return self.get_clipping_coef()

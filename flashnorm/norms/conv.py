@@ -9,11 +9,14 @@ padding modes fall back to per-sample gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch.nn as nn
 from opacus.utils.tensor_utils import unfold2d
 
 from .linear import LinearFamilyRule
 from .registry import register_norm_rule
+from .rounding import frobenius_per_sample
 
 
 @register_norm_rule([nn.Conv1d, nn.Conv2d])
@@ -39,6 +42,10 @@ class ConvRule(LinearFamilyRule):
             padding, kernel, stride, dilation = layer.padding, layer.kernel_size, layer.stride, layer.dilation
         patches = unfold2d(x, kernel_size=kernel, padding=padding, stride=stride, dilation=dilation)  # [B, d, L]
         return patches.transpose(1, 2), self.output_sequences(layer, g)
+
+    def input_norm(self, layer, x):
+        """‖unfold(x_b)‖_F ≤ √(Πk)·‖x_b‖_F (an input element lies in at most Πk patches), without the unfold."""
+        return math.sqrt(math.prod(layer.kernel_size)) * frobenius_per_sample(x)
 
     def output_sequences(self, layer, g):
         return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)

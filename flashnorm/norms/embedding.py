@@ -13,11 +13,14 @@ The clipped gradient is the embedding backward of c ⊙ G. Sparse embeddings and
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from ..kernels._chunks import accumulation_dtype
 from .registry import NormRule, register_norm_rule
+from .rounding import frobenius_per_sample
 
 
 @register_norm_rule(nn.Embedding)
@@ -67,6 +70,11 @@ class EmbeddingRule(NormRule):
         run_sample = torch.zeros_like(run).scatter_(0, run, sample)
         norm_sq = torch.zeros(batch, dtype=acc, device=g.device)
         return norm_sq.index_add_(0, run_sample, summed.square().sum(dim=1))
+
+    def rounding_scale(self, layer, x, g):
+        """Row v of W_b sums the G_b[t] with ids_b[t] = v: s_b = √T·‖G_b‖_F ≥ Σ_t ‖G_b[t]‖, n = T."""
+        steps = x.reshape(x.shape[0], -1).shape[1]
+        return math.sqrt(steps) * frobenius_per_sample(g), steps
 
     def clipped_grads(self, layer, x, g, coef, vectors=True, *, backend=None):
         sample, ids, rows = self._rows(layer, x, g)

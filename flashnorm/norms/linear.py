@@ -5,7 +5,8 @@ the middle dimensions; T = 1 for 2-D inputs). Per sample, W_b = G_bᵀX_b and β
 
 * ``flash``: ‖W_b‖² tile by tile (:func:`flashnorm.kernels.flash_norm_sq`), 2·B·T·d·p FLOPs;
 * ``gram``: ⟨X_bX_bᵀ, G_bG_bᵀ⟩ (:func:`flashnorm.kernels.gram_norm_sq`), ≈ B·T²·(d+p) FLOPs;
-  rank-one ‖x_b‖²‖g_b‖² when T = 1;
+  rank-one ‖x_b‖²‖g_b‖² when T = 1; in float64 beyond :data:`~flashnorm.norms.rounding.GRAM_FLOAT32_MAX_STEPS`
+  positions (its float32 rounding grows with T);
 * ``per_sample``: W_b materialised (B·d·p memory), then its norm;
 
 plus ‖β_b‖² for the bias. The clipped gradient is (c ⊙ G)ᵀX and Σ_b c_b β_b.
@@ -13,6 +14,7 @@ plus ‖β_b‖² for the bias. The clipped gradient is (c ⊙ G)ᵀX and Σ_b c
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -21,6 +23,7 @@ import torch.nn as nn
 from ..kernels._chunks import accumulation_dtype
 from ..kernels import clipped_bias_grad, clipped_weight_grad, flash_norm_sq, gram_norm_sq, per_sample_weight_grads
 from .registry import NormRule, flatten_to_sequences, register_norm_rule
+from .rounding import frobenius_per_sample, gram_in_float64
 
 try:  # transformers is optional: GPT-2's Conv1D gets the rule when it is installed.
     from transformers.pytorch_utils import Conv1D
@@ -72,6 +75,8 @@ class LinearFamilyRule(NormRule):
         if layer.weight.requires_grad:
             if method == "flash":
                 total = flash_norm_sq(xs, gs, backend=backend)
+            elif method == "gram" and gram_in_float64(xs.shape[1], xs.dtype):
+                total = gram_norm_sq(xs.double(), gs.double(), backend=backend).to(accumulation_dtype(xs, gs))
             elif method == "gram":
                 total = gram_norm_sq(xs, gs, backend=backend)
             else:
@@ -82,6 +87,20 @@ class LinearFamilyRule(NormRule):
             bias_sq = torch.linalg.vector_norm(gs.sum(dim=1, dtype=accumulation_dtype(xs, gs)), dim=1).square_()
             total = bias_sq if total is None else total.add_(bias_sq)
         return total
+
+    def rounding_scale(self, layer, x, g):
+        """s_b = ‖X_b‖_F‖G_b‖_F for the weight, + √T·‖G_b‖_F for the bias (Σ_t G_b[t]); n = T."""
+        steps = self.output_sequences(layer, g).shape[1]
+        g_norm = frobenius_per_sample(g)
+        scale = self.input_norm(layer, x) * g_norm if layer.weight.requires_grad else torch.zeros_like(g_norm)
+        bias = getattr(layer, "bias", None)
+        if bias is not None and bias.requires_grad:
+            scale = scale + math.sqrt(steps) * g_norm
+        return scale, steps
+
+    def input_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """‖X_b‖_F of the flattened input: [B]."""
+        return frobenius_per_sample(x)
 
     def per_sample_weight(self, layer: nn.Module, xs: torch.Tensor, gs: torch.Tensor, out: Optional[torch.Tensor]):
         """W_b in the weight's layout, [B, *weight.shape], written into ``out`` when given."""

@@ -6,8 +6,11 @@ For a Linear-family layer with flattened sizes (B, T, d, p), N = B·T·d·p:
 * ``gram``        ≈ B·T²·(d+p) FLOPs, O(B) memory: chosen when T < κ·2dp/(d+p), where κ comes
   from the H200 measurements (benchmarks/results/kernels_h200*.json): the flash kernel runs at
   640–700 TFLOP/s in bf16 and the Gram kernel at ≈350, so with a full GPU (B × output tiles ≥ the
-  SM count) κ = 0.5; when flash under-fills the GPU (e.g. B = 1) Gram's extra parallelism helps:
-  κ = 1.5 for 16-bit inputs and 1.0 for fp32, but Gram has too few programs at T ≤ 256;
+  SM count) κ = 0.5; when flash under-fills the GPU (e.g. B = 1) Gram's extra parallelism helps
+  (κ = 1.0), but Gram has too few programs at T ≤ 256. Below float64, Gram only up to
+  :data:`~flashnorm.norms.rounding.GRAM_FLOAT32_MAX_STEPS` positions, where its float32 rounding stays inside
+  the clipping coefficient's allowance on ordinary inputs (:mod:`~flashnorm.norms.rounding`): so T = 1 (rank
+  one) and short sequences on a full GPU;
 * ``per_sample``  (one-pass mode only) 2N FLOPs and B·d·p memory, but it replaces the
   assembly GEMM (another 2N) and the stored X, G. Chosen when the per-sample gradients take no
   more memory than the X and G they replace (d·p ≤ T·(d+p)) and fit ``PER_SAMPLE_BUDGET_BYTES``.
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .registry import METHODS
+from .rounding import GRAM_FLOAT32_MAX_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ ALGORITHMS = ("flash", "gram", "per_sample")
 
 #: κ (see above): multiplier on the FLOP-equality bound T* = 2dp/(d+p) below which Gram is used.
 GRAM_CROSSOVER_FILLED = 0.5
-GRAM_CROSSOVER_UNDERFILLED = {2: 1.5, 4: 1.0}  # by element size in bytes
+GRAM_CROSSOVER_UNDERFILLED = 1.0
 #: Below this T an under-filled Gram launch has too few programs to beat flash (H200).
 GRAM_MIN_SEQ_LEN_UNDERFILLED = 256
 #: Output tile of the flash kernel (for counting programs) and the H200's multiprocessors.
@@ -92,8 +96,8 @@ def plan_linear(problem: Problem, *, base: str, fused: bool) -> str:
     elif t <= GRAM_MIN_SEQ_LEN_UNDERFILLED and t > 1:
         return "flash"
     else:
-        kappa = GRAM_CROSSOVER_UNDERFILLED.get(problem.element_bytes, 1.0)
-    if t < kappa * 2 * d * p / max(1, d + p):
+        kappa = GRAM_CROSSOVER_UNDERFILLED
+    if t < kappa * 2 * d * p / max(1, d + p) and (problem.element_bytes == 8 or t <= GRAM_FLOAT32_MAX_STEPS):
         return "gram"
     return "flash"
 

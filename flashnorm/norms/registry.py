@@ -44,6 +44,8 @@ class NormRule(abc.ABC):
     * :meth:`join_uses`: a layer called k times in one forward pass as one call on its uses concatenated
       along the sequence (exact where the rule's algebra is a sum over positions, e.g. Σ_k G_kᵀX_k =
       [G_1; …; G_k]ᵀ[X_1; …; X_k]); without it the uses' per-sample gradients are summed;
+    * :meth:`rounding_scale`: how large the rounding of the layer's per-sample gradient can be, for the
+      clipping coefficient's allowance (:mod:`~flashnorm.norms.rounding`);
     * :meth:`per_sample_dtype`, :meth:`supports`.
 
     ``backend`` (``"auto"``, ``"triton"``, ``"torch"``; ``None`` reads ``FLASHNORM_BACKEND``) is handed to the
@@ -101,6 +103,12 @@ class NormRule(abc.ABC):
         if method != "per_sample":
             raise ValueError(f"{type(self).__name__} has no method {method!r}")
         return per_sample_norm_sq(self.per_sample_grads(layer, x, g, backend=backend))
+
+    def rounding_scale(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
+        """(s, n): every computation of sample b's gradient sums n terms whose norms add up to at most s_b ([B]),
+        so its rounding errs by at most γ_n·s_b (:mod:`~flashnorm.norms.rounding`); ``None`` when not modelled.
+        For W_b = G_bᵀX_b: s_b = ‖X_b‖_F‖G_b‖_F and n = T."""
+        return None
 
     @abc.abstractmethod
     def per_sample_grads(

@@ -70,13 +70,18 @@ def test_bad_arguments_are_clear_errors():
 
 def test_planner_choices():
     # d = p = 1024: T* = 2dp/(d+p) = 1024; 64 output tiles of 128², so B = 4 fills the 132 SMs (κ = 0.5).
-    assert plan_linear(Problem(4, 400, 1024, 1024), base="flash", fused=False) == "gram"
-    assert plan_linear(Problem(4, 600, 1024, 1024), base="flash", fused=False) == "flash"
+    assert plan_linear(Problem(4, 400, 1024, 1024, element_bytes=8), base="flash", fused=False) == "gram"
+    assert plan_linear(Problem(4, 600, 1024, 1024, element_bytes=8), base="flash", fused=False) == "flash"
     assert plan_linear(Problem(4, 4096, 1024, 1024), base="flash", fused=False) == "flash"
-    # B = 1 under-fills: κ = 1.5 in bf16, 1.0 in fp32, and never Gram at T <= 256 (too few programs).
-    assert plan_linear(Problem(1, 1200, 1024, 1024, element_bytes=2), base="flash", fused=False) == "gram"
-    assert plan_linear(Problem(1, 1200, 1024, 1024, element_bytes=4), base="flash", fused=False) == "flash"
-    assert plan_linear(Problem(1, 200, 1024, 1024), base="flash", fused=False) == "flash"
+    # Below float64, Gram only up to 32 positions (its float32 rounding, norms.rounding).
+    assert plan_linear(Problem(4, 32, 1024, 1024), base="flash", fused=False) == "gram"
+    assert plan_linear(Problem(4, 33, 1024, 1024), base="flash", fused=False) == "flash"
+    assert plan_linear(Problem(4, 400, 1024, 1024, element_bytes=2), base="flash", fused=False) == "flash"
+    # B = 1 under-fills: κ = 1.0, and never Gram at T <= 256 (too few programs).
+    assert plan_linear(Problem(1, 1000, 1024, 1024, element_bytes=8), base="flash", fused=False) == "gram"
+    assert plan_linear(Problem(1, 1200, 1024, 1024, element_bytes=8), base="flash", fused=False) == "flash"
+    assert plan_linear(Problem(1, 1200, 1024, 1024, element_bytes=2), base="flash", fused=False) == "flash"
+    assert plan_linear(Problem(1, 200, 1024, 1024, element_bytes=8), base="flash", fused=False) == "flash"
     assert plan_linear(Problem(1, 1, 1024, 1024), base="flash", fused=False) == "gram"  # rank one
     assert plan_linear(Problem(1, 4096, 1024, 1024), base="flash", fused=True) == "per_sample"
     assert plan_linear(Problem(64, 4096, 4096, 4096), base="flash", fused=True) == "flash"  # over the budget
