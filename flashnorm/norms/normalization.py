@@ -13,6 +13,7 @@ A LayerNorm or RMSNorm over its last dimension with a trainable weight goes thro
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
 from ..kernels.affine_norm import affine_norm_grads
 from .registry import NormRule, flatten_to_sequences, register_norm_rule
+from .rounding import frobenius_per_sample
 
 
 class _AffineNormRule(NormRule):
@@ -37,6 +39,12 @@ class _AffineNormRule(NormRule):
 
     def per_sample_dtype(self, layer, x_dtype, g_dtype):
         return accumulation_dtype_of(x_dtype, g_dtype)
+
+    def rounding_scale(self, layer, x, g):
+        """x̂ has mean square ≤ 1 per normalised group, so ‖X̂_b‖_F ≤ √(numel x_b): s_b = ‖G_b‖_F·(√numel + √n)
+        bounds Σ over the n summed positions of ‖g ⊙ x̂‖ (weight) and ‖g‖ (bias)."""
+        positions = math.prod(x.shape[d] for d in self.reduce_dims(layer, x))
+        return frobenius_per_sample(g) * (math.sqrt(x[0].numel()) + math.sqrt(positions)), positions
 
     def join_uses(self, layer, xs, gs):
         """Positions normalised one by one (a 1-D ``normalized_shape``) concatenate along the sequence."""

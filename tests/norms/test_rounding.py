@@ -53,6 +53,26 @@ def test_linear_scale_bounds_the_float32_rounding_of_cancelling_positions(steps)
     assert radius[1] > 10 * exact[1], "the cancelling sample's rounding dwarfs its gradient"
 
 
+@pytest.mark.parametrize("layer", [nn.LayerNorm(8), nn.RMSNorm(8), nn.GroupNorm(2, 8)], ids=lambda m: type(m).__name__)
+def test_normalisation_scale_bounds_the_float32_rounding_of_cancelling_positions(layer):
+    """Sample 1: equal inputs at positions 0 and 2 with output gradients 1e8·h and −1e8·h: its per-sample sums
+    cancel to the middle position's term, their float32 rounding does not."""
+    torch.manual_seed(0)
+    channels_first = isinstance(layer, nn.GroupNorm)  # [B, C, L] with positions last, else [B, T, C]
+    x, g = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    h = 1e8 * torch.randn(8)
+    x[1, 2], g[1, 0], g[1, 2] = x[1, 0], h, -h
+    if channels_first:
+        x, g = x.transpose(1, 2).contiguous(), g.transpose(1, 2).contiguous()
+    rule = get_norm_rule(layer)
+    s, terms = rule.rounding_scale(layer, x, g)
+    exact = rule.per_sample_grads(layer.double(), x.double(), g.double())
+    computed = rule.per_sample_grads(layer.float(), x, g)
+    error = torch.stack([(computed[p].double() - exact[p]).flatten(1).norm(dim=1) for p in computed]).norm(dim=0)
+    assert (error <= rounding.gamma(terms, 2, x.dtype) * s.double()).all(), (error, s)
+    assert error[1] > 1.0, "the cancelling sample's float32 rounding is large"
+
+
 @pytest.mark.parametrize("steps,shrink", [(37, 0.0), (600, 1e-3), (1030, 1e-3)])
 def test_ordinary_inputs_keep_opacus_coefficient_or_shrink_it_by_less_than_the_allowance(steps, shrink):
     """Random inputs (the least aligned per-sample gradients, ‖W_b‖ ≈ s_b/√T): the coefficient is Opacus's at
