@@ -43,6 +43,10 @@ class ConvRule(LinearFamilyRule):
         patches = unfold2d(x, kernel_size=kernel, padding=padding, stride=stride, dilation=dilation)  # [B, d, L]
         return patches.transpose(1, 2), self.output_sequences(layer, g)
 
+    def sizes(self, layer, x, g):
+        """(B, L, C_in·Πk, C_out) from the shapes alone (no unfold)."""
+        return x.shape[0], math.prod(g.shape[2:]), layer.in_channels * math.prod(layer.kernel_size), g.shape[1]
+
     def input_norm(self, layer, x):
         """‖unfold(x_b)‖_F ≤ √(Πk)·‖x_b‖_F (an input element lies in at most Πk patches), without the unfold."""
         return math.sqrt(math.prod(layer.kernel_size)) * frobenius_per_sample(x)

@@ -63,6 +63,15 @@ def test_sizes_are_the_unfolded_problem():
     assert get_norm_rule(layer).sizes(layer, x, g) == (3, 19 * 3, C_IN * 3 * 2, C_OUT)
 
 
+@pytest.mark.parametrize("name", LAYERS)
+def test_sizes_from_shapes_equal_the_unfolded_sequences(name):
+    """``sizes`` reads the shapes (the planner and the rounding allowance call it every step) without unfolding."""
+    layer, x, g = layer_and_pair(name, 2, 37, torch.float32, "cpu")
+    rule = get_norm_rule(layer)
+    xs, gs = rule.as_sequences(layer, x, g)
+    assert rule.sizes(layer, x, g) == (*xs.shape, gs.shape[-1])
+
+
 @pytest.mark.parametrize(
     "layer,reason",
     [
