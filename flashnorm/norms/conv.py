@@ -40,8 +40,11 @@ class ConvRule(LinearFamilyRule):
             kernel, stride, dilation = (1, *layer.kernel_size), (1, *layer.stride), (1, *layer.dilation)
         else:
             padding, kernel, stride, dilation = layer.padding, layer.kernel_size, layer.stride, layer.dilation
+        gs = self.output_sequences(layer, g)
+        if x.shape[0] == 0:  # (Opacus's unfold2d reshapes with -1, ambiguous for an empty batch)
+            return x.new_empty(0, gs.shape[1], layer.in_channels * math.prod(kernel)), gs
         patches = unfold2d(x, kernel_size=kernel, padding=padding, stride=stride, dilation=dilation)  # [B, d, L]
-        return patches.transpose(1, 2), self.output_sequences(layer, g)
+        return patches.transpose(1, 2), gs
 
     def sizes(self, layer, x, g):
         """(B, L, C_in·Πk, C_out) from the shapes alone (no unfold)."""
@@ -52,7 +55,7 @@ class ConvRule(LinearFamilyRule):
         return math.sqrt(math.prod(layer.kernel_size)) * frobenius_per_sample(x)
 
     def output_sequences(self, layer, g):
-        return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+        return g.reshape(g.shape[0], g.shape[1], math.prod(g.shape[2:])).transpose(1, 2)
 
     def weight_from_pd(self, layer, grad_pd):
         return grad_pd.reshape(*grad_pd.shape[:-2], *layer.weight.shape)

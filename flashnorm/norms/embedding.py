@@ -38,8 +38,8 @@ class EmbeddingRule(NormRule):
     def _rows(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor):
         """Flattened (sample index, id, gradient row); rows at ``padding_idx`` are zeroed (no host sync)."""
         batch = ids.shape[0]
-        ids = ids.reshape(batch, -1)
-        rows = g.reshape(batch, ids.shape[1], -1)
+        ids = ids.reshape(batch, math.prod(ids.shape[1:]))  # (not -1: ambiguous for an empty batch)
+        rows = g.reshape(batch, ids.shape[1], g.shape[-1])
         sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)
         ids, rows, sample = ids.reshape(-1), rows.reshape(-1, rows.shape[-1]), sample.reshape(-1)
         if layer.padding_idx is not None:
@@ -73,7 +73,7 @@ class EmbeddingRule(NormRule):
 
     def rounding_scale(self, layer, x, g):
         """Row v of W_b sums the G_b[t] with ids_b[t] = v: s_b = √T·‖G_b‖_F ≥ Σ_t ‖G_b[t]‖, n = T."""
-        steps = x.reshape(x.shape[0], -1).shape[1]
+        steps = math.prod(x.shape[1:])
         return math.sqrt(steps) * frobenius_per_sample(g), steps
 
     def clipped_grads(self, layer, x, g, coef, vectors=True, *, backend=None):

@@ -70,6 +70,8 @@ class LinearFamilyRule(NormRule):
         return {layer.bias: _bias_grads(self.output_sequences(layer, g), out[layer.bias])}
 
     def norm_sq(self, layer, x, g, method, vectors=True, *, backend=None):
+        if method == "per_sample":
+            return super().norm_sq(layer, x, g, method, vectors, backend=backend)
         xs, gs = self.as_sequences(layer, x, g)
         total = None
         if layer.weight.requires_grad:

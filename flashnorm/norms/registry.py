@@ -13,6 +13,7 @@ Families live one per file in this package and register on import.
 from __future__ import annotations
 
 import abc
+import math
 from typing import Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
@@ -102,7 +103,11 @@ class NormRule(abc.ABC):
         the parameters of :meth:`vector_params` are left out."""
         if method != "per_sample":
             raise ValueError(f"{type(self).__name__} has no method {method!r}")
-        return per_sample_norm_sq(self.per_sample_grads(layer, x, g, backend=backend))
+        grads = self.per_sample_grads(layer, x, g, backend=backend)
+        if not vectors:
+            for p in self.vector_params(layer):
+                grads.pop(p, None)
+        return per_sample_norm_sq(grads)
 
     def rounding_scale(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
         """(s, n): every computation of sample b's gradient sums n terms whose norms add up to at most s_b ([B]),
@@ -170,7 +175,7 @@ def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:
 
 def flatten_to_sequences(t: torch.Tensor) -> torch.Tensor:
     """[B, ..., n] → [B, T, n] (T = the product of the middle sizes; 1 for 2-D); 3-D tensors as they are."""
-    return t if t.dim() == 3 else t.reshape(t.shape[0], -1, t.shape[-1])
+    return t if t.dim() == 3 else t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
 
 
 def trainable_own_parameters(layer: nn.Module) -> List[nn.Parameter]:
@@ -180,7 +185,7 @@ def trainable_own_parameters(layer: nn.Module) -> List[nn.Parameter]:
 
 def per_sample_norms(grads: Dict[nn.Parameter, torch.Tensor]) -> List[torch.Tensor]:
     """‖grads[θ][b]‖ for each θ: a list of [B], accumulated in float32 (float64 for float64 grads)."""
-    return [torch.linalg.vector_norm(gs.reshape(gs.shape[0], -1), dim=1, dtype=accumulation_dtype(gs)) for gs in grads.values()]
+    return [torch.linalg.vector_norm(gs.flatten(1), dim=1, dtype=accumulation_dtype(gs)) for gs in grads.values()]
 
 
 def per_sample_norm_sq(grads: Dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
@@ -194,7 +199,7 @@ def clipped_from_per_sample(
     """Σ_b c_b grads[θ][b] for each θ, in float32 (float64 for float64 inputs): c is never rounded to a
     16-bit gradient dtype, which could scale a sample past the clipping bound."""
     return {
-        p: weighted_row_sum(coef, gs.reshape(gs.shape[0], -1), backend=backend).view(p.shape) for p, gs in grads.items()
+        p: weighted_row_sum(coef, gs.flatten(1), backend=backend).view(p.shape) for p, gs in grads.items()
     }
 
 

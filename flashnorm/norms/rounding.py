@@ -69,7 +69,7 @@ def gram_in_float64(steps: int, dtype: torch.dtype) -> bool:
 def frobenius_per_sample(t: torch.Tensor) -> torch.Tensor:
     """‖t_b‖_F for t: [B, ...] → [B], accumulated in float32 (float64 for float64)."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=acc)
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], math.prod(t.shape[1:])), dim=1, dtype=acc)
 
 
 def upper_bound(norm_sq: torch.Tensor, radius_sq: Optional[torch.Tensor], slack_sq: Optional[torch.Tensor]) -> torch.Tensor:

@@ -42,12 +42,6 @@ def test_rule_matches_float64(name, steps, dtype, device):
     assert_rule_exact(get_norm_rule(layer), layer, x, g, methods=("flash", "gram"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="Opacus's unfold2d reshapes the patches with (B, -1, L), ambiguous for B = 0 (latent: the library "
-    "skips empty batches before calling a rule)",
-)
 @pytest.mark.parametrize("name", ("conv1d", "conv2d"))
 def test_empty_batch(name, device):
     layer, x, g = layer_and_pair(name, 0, 37, torch.float32, device)

@@ -66,12 +66,6 @@ def test_rules_and_sizes():
     assert get_norm_rule(linear).vector_params(linear) == [linear.bias]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="LinearFamilyRule lists 'per_sample' in methods, but its norm_sq raises 'unknown norm method' for it "
-    "(the library routes that method through per_sample_grads, so only direct callers of the rule see it)",
-)
 @pytest.mark.parametrize("name", LAYERS)
 def test_norm_sq_by_every_listed_method(name, device):
     """The registry's contract: norm_sq accepts every method the rule lists in ``methods``."""
