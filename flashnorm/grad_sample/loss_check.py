@@ -66,6 +66,11 @@ class FiniteLossCheck:
             self._event.record()
         self._flag = flag
 
+    def __deepcopy__(self, memo) -> "FiniteLossCheck":
+        """The check itself: a CUDA event cannot be copied, and a copy of a wrapped model (reached through its
+        hooks) shares the verdict on the step in flight."""
+        return self
+
     def result(self) -> bool:
         if self._event is None:
             return bool(self._flag)

@@ -59,6 +59,22 @@ def test_disabled_hooks_train_like_the_plain_module():
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("cls", [GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse])
+def test_a_wrapped_model_deep_copies_after_a_step(cls, device):
+    """copy.deepcopy of the user's model (reaching the grad-sample module through its hooks) after a step: the
+    step's loss check (a CUDA event on the GPU) is shared, not copied; the copy computes what the model does."""
+    import copy
+
+    model, x, y = build("linear3d", 5)
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    gsm, opt, criterion = _wrap(cls, model)
+    criterion(gsm(x), y).backward()
+    opt.step()
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(x), model(x))
+
+
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="loss_reduction"):
         GradSampleModuleFastGradientClipping(nn.Linear(2, 2), loss_reduction="avg")
