@@ -10,6 +10,7 @@ a gradient (outputs that do not reach the loss) contribute nothing, exactly.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -28,8 +29,8 @@ class NormPassHooks:
     Opacus's accessors of the per-sample norms.
 
     The host provides ``layers``, ``passes``, ``backend``, ``norm_algorithm``, ``norm_method``, ``_step``,
-    ``_capturing``, ``_in_workflow``, ``_packed``, ``_norm_terms``, ``_norm_roots``, ``_radii``, ``_slack_sq``,
-    ``_shared_groups``, ``_shared_scales``, ``_norm_sq``, ``_norm_bound``, ``max_grad_norm`` and ``_batch_first``.
+    ``_capturing``, ``_in_workflow``, ``_packed``, ``_norm_terms``, ``_norm_roots``, ``_radii``,
+    ``_shared_radius``, ``_slack_sq``, ``_shared_groups``, ``_shared_scales``, ``_norm_sq``, ``_norm_bound``, ``max_grad_norm`` and ``_batch_first``.
     """
 
     def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, key) -> None:
@@ -95,36 +96,54 @@ class NormPassHooks:
             return self._per_sample(layer, x, g)
         with_vectors = layer.shared or not self._vectors_to_packed(layer, x, g)
         self._norm_terms.append(layer.rule.norm_sq(layer.module, x, g, method, vectors=with_vectors, backend=self.backend))
-        self._note_rounding(layer, x, g, method)
+        self._add_radius(layer, self._note_rounding(layer, x, g, method))
         return KeptInputs(method, x, g, with_vectors)
 
-    def _note_rounding(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor, method: str) -> None:
+    def _note_rounding(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor, method: str) -> Optional[torch.Tensor]:
         """The layer's share of the clipping coefficient's rounding allowance (:mod:`~flashnorm.norms.rounding`):
-        radius r = (γ_norm + γ_applied)·s of the two computations of its per-sample gradient (none where the
-        one-pass mode applies the very per-sample gradients it took the norm of), and the Gram form's γ_G·s²."""
+        returns its radius r = (γ_norm + γ_applied)·s over the two computations of its per-sample gradient (``None``
+        where the one-pass mode applies the very per-sample gradients it took the norm of, or the rule has no
+        model), notes the Gram form's γ_G·s², and keeps (s, γ, n) of a layer sharing a parameter for the cross
+        terms."""
         consistent = method == "per_sample" and self.passes == 1
-        scale = None if consistent else layer.rule.rounding_scale(layer.module, x, g)
+        scale = None if consistent and not layer.shared else layer.rule.rounding_scale(layer.module, x, g)
         if scale is None:
-            return
+            return None
         s, terms = scale
         gamma = rounding.gamma(terms, x.shape[0], g.dtype)
+        if layer.shared:  # a layer's uses add up (a multi-use layer is noted once per use)
+            kept = self._shared_scales.get(layer)
+            self._shared_scales[layer] = (s, gamma, terms) if kept is None else (
+                kept[0] + s, max(kept[1], gamma), kept[2] + terms)
+        if consistent:
+            return None
         if method == "gram":  # the norm's error is γ_G·s² (squared domain); only the applied sum has a radius
             batch, steps, d, p = layer.rule.sizes(layer.module, x, g)
             gram_dtype = torch.float64 if rounding.gram_in_float64(steps, g.dtype) else g.dtype
             self._slack_sq.append(s.square().mul_(rounding.gram_gamma(steps, d, p, gram_dtype)))
-            self._radii.append(s * gamma)
-        else:
-            self._radii.append(s * (2 * gamma))
+            return s * gamma
+        return s * (2 * gamma)
+
+    def _add_radius(self, layer: HookedLayer, radius: Optional[torch.Tensor]) -> None:
+        """Radii of different parameters add in quadrature (their errors lie on different coordinates); those of
+        layers sharing a parameter, and of one layer's uses, add linearly (theirs fall on the same ones)."""
+        if radius is None:
+            return
         if layer.shared:
-            self._shared_scales[layer] = (s, gamma)
+            self._shared_radius = radius if self._shared_radius is None else self._shared_radius + radius
+        else:
+            self._radii.append(radius)
 
     def _per_sample_sum(self, layer: HookedLayer, uses) -> KeptPerSample:
         """Σ over the uses of the per-sample gradients, where the rule cannot join the uses (B·|θ| memory)."""
-        total = {}
+        total, radii = {}, []
         for x, g in uses:
             for p, gs in layer.rule.per_sample_grads(layer.module, x, g, backend=self.backend).items():
                 total[p] = gs.clone() if p not in total else total[p].add_(gs)
-            self._note_rounding(layer, x, g, "per_sample")
+            radius = self._note_rounding(layer, x, g, "per_sample")
+            if radius is not None:
+                radii.append(radius)
+        self._add_radius(layer, sum(radii) if radii else None)  # the uses' errors fall on the same coordinates
         self._norm_roots.extend(per_sample_norms(total))
         if layer.shared:
             self._shared_grads[layer] = total
@@ -149,11 +168,13 @@ class NormPassHooks:
             self._shared_inputs, self._shared_grads, self._shared_scales = {}, {}, {}
 
     def _note_cross_rounding(self, a: HookedLayer, b: HookedLayer) -> None:
-        """The cross term 2⟨Ŵ_A, Ŵ_B⟩ errs by ≤ 2·(γ_cross + γ_A + γ_B)·s_A·s_B (its own rounding, and the layers'
-        radii against the other's gradient): added to the squared-domain allowance."""
+        """The cross term 2⟨Ŵ_A, Ŵ_B⟩ errs by ≤ 2·(γ_cross + 2γ_A + 2γ_B)·s_A·s_B: its own rounding over the
+        n_A·n_B products it sums (γ_cross ≈ γ_A·√n_B), and each layer's radius against the other's gradient;
+        added to the squared-domain allowance."""
         if a in self._shared_scales and b in self._shared_scales:
-            (s_a, gamma_a), (s_b, gamma_b) = self._shared_scales[a], self._shared_scales[b]
-            self._slack_sq.append((2 * (max(gamma_a, gamma_b) + 2 * gamma_a + 2 * gamma_b)) * s_a * s_b)
+            (s_a, gamma_a, n_a), (s_b, gamma_b, n_b) = self._shared_scales[a], self._shared_scales[b]
+            gamma_cross = max(gamma_a * math.sqrt(n_b), gamma_b * math.sqrt(n_a))
+            self._slack_sq.append((2 * (gamma_cross + 2 * gamma_a + 2 * gamma_b)) * s_a * s_b)
 
     def _cross(self, a: HookedLayer, b: HookedLayer, param) -> torch.Tensor:
         """⟨∇_θ^A, ∇_θ^B⟩ per sample for θ = ``param`` used by layers a and b."""
@@ -190,7 +211,7 @@ class NormPassHooks:
         slots = {p: slot for p in layer.params if (slot := packed.slot(p)) is not None} if packed is not None else {}
         # (a slot's buffer is allocated here, when the pass first reaches it)
         grads = layer.rule.per_sample_grads(layer.module, x, g, out=slots or None, backend=self.backend)
-        self._note_rounding(layer, x, g, "per_sample")
+        self._add_radius(layer, self._note_rounding(layer, x, g, "per_sample"))
         separate = {}
         for p, gs in grads.items():
             slot = slots.get(p)
@@ -229,7 +250,9 @@ class NormPassHooks:
     def _rounding_bound(self, norm_sq: torch.Tensor) -> Optional[torch.Tensor]:
         """U_b = √(‖ĝ_b‖² + Q_b) + R_b from the pass's noted allowances ([B]; ``None`` when none was noted)."""
         radii, slack_sq = self._radii, self._slack_sq
-        self._radii, self._slack_sq = [], []
+        if self._shared_radius is not None:
+            radii = radii + [self._shared_radius]
+        self._radii, self._slack_sq, self._shared_radius = [], [], None
         if not radii and not slack_sq:
             return None
         return rounding.upper_bound(

@@ -131,6 +131,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self._norm_terms: List[torch.Tensor] = []  # squared per-sample norms, one [B] per layer
         self._norm_roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
         self._radii: List[torch.Tensor] = []  # rounding radii r, one [B] per layer (norms.rounding)
+        self._shared_radius: Optional[torch.Tensor] = None  # Σ of the radii of layers sharing a parameter
         self._slack_sq: List[torch.Tensor] = []  # squared-domain rounding allowances Q, one [B] per Gram / cross term
         self._packed: Optional[PackedPerSampleGrads] = None
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
@@ -219,6 +220,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self._plain_backward = self._no_grad_layers = False
         self._norm_terms, self._norm_roots, self._radii, self._slack_sq = [], [], [], []
         self._shared_inputs, self._shared_grads, self._shared_scales = {}, {}, {}
+        self._shared_radius = None
         self._packed = None
         for layer in self.layers:
             layer.forget()
@@ -344,6 +346,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             self._check_parameter_uses(loss_per_sample.grad_fn)
         # per-layer terms and rounding allowances, summed once after the pass
         self._norm_terms, self._norm_roots, self._radii, self._slack_sq = [], [], [], []
+        self._shared_radius = None
         if self.packs_per_sample_grads:
             self._packed = plan_packed_grads(
                 self.layers, loss_per_sample.shape[0], loss_per_sample.device, self._method, two_passes=self.passes == 2

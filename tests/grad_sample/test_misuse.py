@@ -327,6 +327,39 @@ def test_float32_absorption(mode, norm_method, x0_norm, steps):
     _float32_influence(mode, norm_method, _float32_batch(0, ([x0, xm, x0], [h, h, -h]), steps))
 
 
+class _TiedPair(nn.Module):
+    """Two Linear(4, 3) layers sharing one weight (float32), both on x: output [B, 2T, 3] = [fc_a(x); fc_b(x)]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc_a, self.fc_b = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
+        self.fc_b.weight = self.fc_a.weight
+
+    def forward(self, x):
+        return torch.cat([self.fc_a(x), self.fc_b(x)], dim=1)
+
+
+@pytest.mark.parametrize("steps", [2, 40])
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_cancellation_across_layers_sharing_a_weight(mode, steps):
+    """Positions x0 (|x0| = 1e8) and xm; fc_a's output gradients h, h and fc_b's −h, 0: the shared weight's gradient
+    h x0ᵀ + h xmᵀ − h x0ᵀ = h xmᵀ is small, each layer's part and their cross term ≈ −‖h x0ᵀ‖² are not."""
+    gen = torch.Generator().manual_seed(0)
+    x0, xm, h = _direction(gen, 4, 1e8), _direction(gen, 4, 0.5), _direction(gen, 3, 1.0)
+    x, g = torch.randn(3, steps, 4, generator=gen), torch.randn(3, 2 * steps, 3, generator=gen)
+    x[-1], g[-1] = 0.0, 0.0
+    x[-1, 0], x[-1, 1], g[-1, 0], g[-1, 1], g[-1, steps] = x0, xm, h, h, -h
+
+    def make(b):
+        xb, gb = b
+        model = _TiedPair()
+        private = make_private(model, mode, clip=C)
+        return Attempt(model, lambda: _step(private, xb, gb))
+
+    _influence(make, ((x, g), (x[:-1], g[:-1])), refusal=FLOAT32_REFUSAL)
+
+
 # -- invalid max_grad_norm / noise_multiplier ----------------------------------------------------------------
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name,value", [("noise_multiplier", -1.0), ("noise_multiplier", float("nan")),
