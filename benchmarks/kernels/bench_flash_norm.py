@@ -283,6 +283,40 @@ def bench_tma_tradeoff(rows, log):
             torch.cuda.empty_cache()
 
 
+#: (B, T, d, p) of the unaligned rows: GPT-2's LM head (50257 logits per row) at the tied_models suite's shapes.
+UNALIGNED_SHAPES = ((8, 1024, 768, 50257), (1, 4096, 768, 50257), (2, 4096, 768, 50257))
+
+
+def bench_unaligned(rows, log):
+    """Rows that are not 16-byte aligned (bf16): pointer loads against the default launch (zero-padded aligned
+    copies read through descriptors), CUDA-graph GPU time and eager time, with cuBLAS's G^T X for scale
+    (it too runs ``align1`` kernels there) and the peak memory each adds over the inputs."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for batch, steps, d, p in UNALIGNED_SHAPES:
+        x, g = inputs(batch, steps, d, p, torch.bfloat16)
+        flops = 2 * batch * steps * d * p
+        row = dict(kernel="unaligned", dtype="bf16", B=batch, T=steps, d=d, p=p, flops=flops)
+        for label, fn in (("pointers", lambda: flash_norm_sq_triton(x, g, use_tma=False)),
+                          ("aligned_copies", lambda: flash_norm_sq_triton(x, g)),
+                          ("cublas", lambda: g.view(-1, p).t() @ x.view(-1, d))):  # fmt: skip
+            row[f"{label}_ms"] = timed(fn)
+            row[f"{label}_graph_ms"] = graph_timed(fn)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            row[f"{label}_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        row["aligned_copies_speedup"] = row["pointers_graph_ms"] / row["aligned_copies_graph_ms"]
+        row["aligned_copies_tflops"] = flops / row["aligned_copies_graph_ms"] / 1e9
+        truth = torch.einsum("tp,td->pd", g[0].double(), x[0].double()).square().sum().item()
+        row["aligned_copies_rel_err_sample0"] = abs(flash_norm_sq_triton(x, g)[0].item() - truth) / truth
+        rows.append(row)
+        log(row)
+        del x, g
+        torch.cuda.empty_cache()
+
+
 def bench_tf32_operands(rows, log):
     """K-major tf32 path with both operands copied transposed against x alone (g rounded in registers),
     CUDA-graph GPU time against cuBLAS, and the error of each against float64."""
@@ -445,7 +479,7 @@ def main():
     parser.add_argument("--name", default="kernels_h200")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs")
     parser.add_argument("--no-main", action="store_true", help="skip the main table and the crossover")
-    parser.add_argument("--only", help="comma list of sections to run alone: main, crossover, clipped, launch, affine, tma, tf32, sweep")
+    parser.add_argument("--only", help="comma list of sections to run alone: main, crossover, clipped, launch, affine, tma, tf32, sweep, unaligned")
     parser.add_argument("--main-shapes", help="main rows only for these dtype:B:T:d:p, comma separated")
     parser.add_argument("--plot", action="store_true", help="write a PNG beside the JSON")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a saved result (no GPU needed)")
@@ -488,7 +522,8 @@ def main():
         bench_main(rows, log, only)
 
     named = {"main": main_rows, "crossover": bench_crossover, "clipped": bench_clipped_grad,
-             "launch": bench_launch_cost, "affine": bench_affine_norm, "tma": bench_tma_tradeoff, "tf32": bench_tf32_operands, "sweep": bench_sweep}  # fmt: skip
+             "launch": bench_launch_cost, "affine": bench_affine_norm, "tma": bench_tma_tradeoff, "tf32": bench_tf32_operands, "sweep": bench_sweep,
+             "unaligned": bench_unaligned}  # fmt: skip
     if args.only:
         sections = [named[name] for name in args.only.split(",")]
     else:

@@ -27,7 +27,16 @@ import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
 from .backend import INTERPRET, cdiv, dispatch, multiprocessor_count, resolve_backend, tf32_enabled
-from .operands import check_sequence_pair, prepare_launch, row_operands, use_descriptors
+from .operands import (
+    aligned_copies_pay,
+    aligned_copy_group,
+    check_sequence_pair,
+    padded_to_aligned_rows,
+    prepare_launch,
+    row_operands,
+    tma_compatible,
+    use_descriptors,
+)
 from .tiles import accumulate_rows, block_size, dot_acc, round_tf32, tf32_copy
 
 try:
@@ -241,7 +250,10 @@ def flash_norm_sq_triton(
 
     ``config``, ``splits`` (programs per sample's T range), ``use_tma`` and ``k_major`` default to
     :func:`flash_norm_config`, :func:`flash_norm_splits`, :func:`use_descriptors`
-    and "TMA and tf32"; tests set them to reach every path. float32 inputs use tf32 dots when
+    and "TMA and tf32"; tests set them to reach every path. With ``use_tma`` (by default from
+    :func:`~flashnorm.kernels.operands.aligned_copies_pay`), rows that are not 16-byte aligned (an odd
+    vocabulary: GPT-2's 50257 logits) are first copied, a group of samples at a time, into zero-padded aligned
+    buffers that the descriptors can read. float32 inputs use tf32 dots when
     ``torch.backends.cuda.matmul.allow_tf32`` is set (like ``torch.matmul``), with operands rounded to
     nearest; the K-major path first writes tf32-rounded transposed copies of a group of samples
     (at most ``K_MAJOR_GROUP_ELEMENTS`` elements, or one sample) — of x alone when ``g_rows`` (default:
@@ -277,12 +289,14 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
     if use_tma is None:
         use_tma = use_descriptors(x2, g2)
     if k_major is None:
-        k_major = use_tma and allow_tf32 and batch * max(d, p) < 2**31
+        k_major = use_tma and allow_tf32 and tma_compatible(x2, g2) and batch * max(d, p) < 2**31
     if k_major and not (use_tma and allow_tf32):
         raise ValueError("the K-major layout is the tf32 path: it needs use_tma and float32 inputs with allow_tf32 set")
     cfg = config or flash_norm_config(
         d, p, x.dtype, INTERPRET, k_major, batch, multiprocessor_count(x.device)
     )
+    if use_tma and not k_major and not tma_compatible(x2, g2):
+        return norm_sq, _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32)
     if not k_major:
         kernel = _launch_tiles(
             x2, g2, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, False
@@ -304,6 +318,23 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
             x_desc, g_desc, xs, gs, norm_sq[b0 : b0 + n], n, steps, d, p, cfg, splits, True, True, True, g_rows
         )
     return norm_sq, kernel
+
+
+def _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32):
+    """Descriptor launches over groups of samples whose unaligned rows were copied into zero-padded aligned
+    buffers (:func:`~flashnorm.kernels.operands.padded_to_aligned_rows`: a group's copies hold at most
+    ``ALIGNED_COPY_BYTES``, so the peak memory barely moves). Returns the last compiled kernel."""
+    batch, steps, d = x.shape
+    group = aligned_copy_group(steps, (d + 8, g.shape[-1] + 8), x.element_size())
+    kernel = None
+    for b0 in range(0, batch, group):
+        xs, gs = padded_to_aligned_rows(x[b0 : b0 + group]), padded_to_aligned_rows(g[b0 : b0 + group])
+        n, _, dp = xs.shape
+        pp = gs.shape[-1]
+        cfg = config or flash_norm_config(dp, pp, x.dtype, INTERPRET, False, n, multiprocessor_count(x.device))
+        x2, g2 = xs.view(n * steps, dp), gs.view(n * steps, pp)
+        kernel = _launch_tiles(x2, g2, x2, g2, norm_sq[b0 : b0 + n], n, steps, dp, pp, cfg, splits, True, allow_tf32, False)
+    return kernel
 
 
 def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major,

@@ -26,6 +26,9 @@ TMA_MIN_WORK = 1 << 36
 #: float32 with tf32: rows (B·T) from which descriptors are used. They enable the K-major tf32 path
 #: (tiles 1.2-1.3× faster, benchmarks/results/kernels_h200_tile_sweep.json, call 2), whose launches are long.
 TMA_MIN_ROWS_TF32 = 1024
+#: Bytes of the zero-padded aligned copies made at once for operands whose rows are not 16-byte aligned
+#: (:func:`padded_to_aligned_rows`): a vocabulary of 50257 bf16 logits per row, GPT-2's LM head, is one.
+ALIGNED_COPY_BYTES = 1 << 27
 
 
 def check_sequence_pair(x: torch.Tensor, g: torch.Tensor) -> None:
@@ -74,6 +77,37 @@ def use_descriptors(x2: torch.Tensor, g2: torch.Tensor) -> bool:
     if x2.dtype == torch.float32 and tf32_enabled():
         return x2.shape[0] >= TMA_MIN_ROWS_TF32
     return x2.shape[0] * x2.shape[1] * g2.shape[1] >= TMA_MIN_WORK
+
+
+def aligned_copies_pay(x2: torch.Tensor, g2: torch.Tensor) -> bool:
+    """Whether a launch over row-major x2: [rows, d], g2: [rows, p] whose rows are not all 16-byte aligned should
+    read zero-padded aligned copies through tensor descriptors: compute capability 9.x, 16-bit inputs (or float32
+    with tf32 off) and at least ``TMA_MIN_WORK`` of work. Unaligned rows rule out vectorised and asynchronous
+    loads: the pointer path then runs at about a fifth of the descriptor path's throughput (H200, GPT-2's LM head,
+    ``unaligned`` rows of benchmarks/results/kernels_h200_unaligned.json), while the copies cost one read and one
+    write of the operand."""
+    if not supports_tma(x2.device) or tma_compatible(x2, g2):
+        return False
+    if x2.dtype == torch.float32 and tf32_enabled():
+        return False
+    return x2.shape[0] * x2.shape[1] * g2.shape[1] >= TMA_MIN_WORK
+
+
+def padded_to_aligned_rows(m: torch.Tensor) -> torch.Tensor:
+    """m: [n, T, k] itself when its rows are 16-byte aligned, else a copy [n, T, k'] zero-padded to the next
+    k' whose rows are (zero columns add nothing to ‖G_bᵀX_b‖² nor to Gram products)."""
+    pad = -m.shape[-1] % (16 // m.element_size())
+    if pad:
+        return torch.nn.functional.pad(m, (0, pad))
+    if m.is_contiguous() and m.data_ptr() % 16 == 0:
+        return m
+    return m.clone(memory_format=torch.contiguous_format)  # (a fresh block is aligned)
+
+
+def aligned_copy_group(steps: int, widths: tuple, element_size: int) -> int:
+    """Samples whose padded copies of ``widths`` columns (T = ``steps`` rows each) fit ``ALIGNED_COPY_BYTES`` (≥ 1)."""
+    per_sample = steps * sum(widths) * element_size
+    return max(1, ALIGNED_COPY_BYTES // max(1, per_sample))
 
 
 def row_operands(x2: torch.Tensor, g2: torch.Tensor, use_tma: bool, block_rows: int, block_x: int, block_g: int):

@@ -7,7 +7,7 @@ On CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/conftest.py); bf16
 import pytest
 import torch
 
-from flashnorm.kernels import flash_norm_sq, flash_norm_sq_reference
+from flashnorm.kernels import flash_norm_sq, flash_norm_sq_reference, operands
 from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_config, flash_norm_splits, flash_norm_sq_triton
 from tests.conftest import TOLERANCES
 from tests.kernels.truth import assert_norms_close, norm_sq_float64, random_pair, skip_without_tma
@@ -28,7 +28,9 @@ def test_triton_matches_float64(dtype, steps, batch, device, triton_backend):
     assert_norms_close(flash_norm_sq(x, g), norm_sq_float64(x, g), TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("use_tma,d,p", [(False, 23, 9), (True, 72, 40)], ids=["pointers-odd", "tma-aligned"])
+@pytest.mark.parametrize(
+    "use_tma,d,p", [(False, 23, 9), (True, 72, 40), (True, 23, 9)], ids=["pointers-odd", "tma-aligned", "tma-aligned-copies"]
+)
 @pytest.mark.parametrize("splits", (1, 3, 64))
 @pytest.mark.parametrize("steps", (37, 1030))
 def test_every_path_is_exact(use_tma, d, p, splits, steps, device):
@@ -38,6 +40,21 @@ def test_every_path_is_exact(use_tma, d, p, splits, steps, device):
     cfg = FlashConfig(block_t=32, block_p=16, block_d=32, num_warps=4, num_stages=1)
     out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=use_tma)
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["fp32"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_rows_copied_a_group_at_a_time_are_exact(dtype, device, monkeypatch):
+    """Rows that are not 16-byte aligned (d = 23, p = 9: an odd vocabulary in miniature) are read through descriptors
+    from zero-padded copies; with copies of at most one sample, each sample is its own launch."""
+    skip_without_tma(True, device)
+    x, g = random_pair(3, 37, 23, 9, DTYPES[dtype], device)
+    monkeypatch.setattr(operands, "ALIGNED_COPY_BYTES", 1)
+    assert operands.aligned_copy_group(37, (23, 9), x.element_size()) == 1
+    out = flash_norm_sq_triton(x, g, use_tma=True)
+    assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES[dtype])
+    padded = operands.padded_to_aligned_rows(g)
+    assert padded.shape[-1] * padded.element_size() % 16 == 0 and torch.equal(padded[..., :9], g)
+    assert not padded[..., 9:].any()
 
 
 def test_t_split_sums_each_tile_once_in_split_order(device):
