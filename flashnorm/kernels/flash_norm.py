@@ -287,7 +287,7 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
     allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
     x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
     if use_tma is None:
-        use_tma = use_descriptors(x2, g2)
+        use_tma = use_descriptors(x2, g2) or aligned_copies_pay(x2, g2)
     if k_major is None:
         k_major = use_tma and allow_tf32 and tma_compatible(x2, g2) and batch * max(d, p) < 2**31
     if k_major and not (use_tma and allow_tf32):

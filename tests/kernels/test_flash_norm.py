@@ -57,6 +57,24 @@ def test_unaligned_rows_copied_a_group_at_a_time_are_exact(dtype, device, monkey
     assert not padded[..., 9:].any()
 
 
+def test_default_launch_takes_aligned_copies_where_they_pay(device, monkeypatch):
+    """The default policy (compute capability 9.x, 16-bit, work ≥ TMA_MIN_WORK, unaligned rows) routes the launch
+    through the aligned copies; aligned rows never are."""
+    from flashnorm.kernels import flash_norm
+
+    taken = []
+    original = flash_norm._launch_on_aligned_copies
+    monkeypatch.setattr(flash_norm, "_launch_on_aligned_copies", lambda *a: taken.append(1) or original(*a))
+    monkeypatch.setattr(operands, "supports_tma", lambda device: True)
+    monkeypatch.setattr(operands, "TMA_MIN_WORK", 1)
+    x, g = random_pair(2, 37, 24, 9, torch.float16, device)
+    assert_norms_close(flash_norm_sq_triton(x, g), norm_sq_float64(x, g), TOLERANCES["fp16"])
+    assert taken == [1]
+    x, g = random_pair(2, 37, 24, 16, torch.float16, device)
+    flash_norm_sq_triton(x, g)
+    assert taken == [1]
+
+
 def test_t_split_sums_each_tile_once_in_split_order(device):
     """The last-arriving program of a tile sums its partials in split order: every tile counted once (the norm
     matches float64), and the bits do not depend on which program happened to arrive last."""
