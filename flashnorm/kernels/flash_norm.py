@@ -29,7 +29,7 @@ from ._chunks import accumulation_dtype, rows_per_chunk
 from .backend import INTERPRET, cdiv, dispatch, multiprocessor_count, resolve_backend, tf32_enabled
 from .operands import (
     aligned_copies_pay,
-    aligned_copy_group,
+    aligned_copy_columns,
     check_sequence_pair,
     padded_to_aligned_rows,
     prepare_launch,
@@ -252,8 +252,8 @@ def flash_norm_sq_triton(
     :func:`flash_norm_config`, :func:`flash_norm_splits`, :func:`use_descriptors`
     and "TMA and tf32"; tests set them to reach every path. With ``use_tma`` (by default from
     :func:`~flashnorm.kernels.operands.aligned_copies_pay`), rows that are not 16-byte aligned (an odd
-    vocabulary: GPT-2's 50257 logits) are first copied, a group of samples at a time, into zero-padded aligned
-    buffers that the descriptors can read. float32 inputs use tf32 dots when
+    vocabulary: GPT-2's 50257 logits) are first copied, a block of columns at a time, into aligned buffers that
+    the descriptors can read (:func:`_launch_on_aligned_copies`). float32 inputs use tf32 dots when
     ``torch.backends.cuda.matmul.allow_tf32`` is set (like ``torch.matmul``), with operands rounded to
     nearest; the K-major path first writes tf32-rounded transposed copies of a group of samples
     (at most ``K_MAJOR_GROUP_ELEMENTS`` elements, or one sample) — of x alone when ``g_rows`` (default:
@@ -321,19 +321,30 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
 
 
 def _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32):
-    """Descriptor launches over groups of samples whose unaligned rows were copied into zero-padded aligned
-    buffers (:func:`~flashnorm.kernels.operands.padded_to_aligned_rows`: a group's copies hold at most
-    ``ALIGNED_COPY_BYTES``, so the peak memory barely moves). Returns the last compiled kernel."""
-    batch, steps, d = x.shape
-    group = aligned_copy_group(steps, (d + 8, g.shape[-1] + 8), x.element_size())
+    """Descriptor launches on aligned copies of operands whose rows are not 16-byte aligned; returns the last
+    compiled kernel.
+
+    ‖G_bᵀX_b‖² = ‖X_bᵀG_b‖², so the wider operand plays G, and it is a sum over column blocks c of G:
+    Σ_c ‖G_b[:, c]ᵀX_b‖². An unaligned G is copied one column block at a time (at most ``ALIGNED_COPY_BYTES``,
+    :func:`~flashnorm.kernels.operands.aligned_copy_columns`, the last block zero-padded), each block one launch
+    adding into ``norm_sq``: the peak memory moves by one block whatever B and T. An unaligned X, the narrower,
+    is copied whole (:func:`~flashnorm.kernels.operands.padded_to_aligned_rows`).
+    """
+    if x.shape[-1] > g.shape[-1]:
+        x, g = g, x
+    batch, steps, _ = x.shape
+    x = padded_to_aligned_rows(x)
+    d, p = x.shape[-1], g.shape[-1]
+    x2 = x.view(batch * steps, d)
+    width = p if tma_compatible(g.view(batch * steps, p)) else aligned_copy_columns(batch * steps, p, g.element_size())
     kernel = None
-    for b0 in range(0, batch, group):
-        xs, gs = padded_to_aligned_rows(x[b0 : b0 + group]), padded_to_aligned_rows(g[b0 : b0 + group])
-        n, _, dp = xs.shape
-        pp = gs.shape[-1]
-        cfg = config or flash_norm_config(dp, pp, x.dtype, INTERPRET, False, n, multiprocessor_count(x.device))
-        x2, g2 = xs.view(n * steps, dp), gs.view(n * steps, pp)
-        kernel = _launch_tiles(x2, g2, x2, g2, norm_sq[b0 : b0 + n], n, steps, dp, pp, cfg, splits, True, allow_tf32, False)
+    for c0 in range(0, p, width):
+        block = padded_to_aligned_rows(g[:, :, c0 : c0 + width])
+        cols = block.shape[-1]
+        cfg = config or flash_norm_config(d, cols, x.dtype, INTERPRET, False, batch, multiprocessor_count(x.device))
+        g2 = block.view(batch * steps, cols)
+        kernel = _launch_tiles(x2, g2, x2, g2, norm_sq, batch, steps, d, cols, cfg, splits, True, allow_tf32, False)
+        block = g2 = None  # (freed before the next block is copied)
     return kernel
 
 

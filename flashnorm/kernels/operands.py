@@ -26,8 +26,8 @@ TMA_MIN_WORK = 1 << 36
 #: float32 with tf32: rows (B·T) from which descriptors are used. They enable the K-major tf32 path
 #: (tiles 1.2-1.3× faster, benchmarks/results/kernels_h200_tile_sweep.json, call 2), whose launches are long.
 TMA_MIN_ROWS_TF32 = 1024
-#: Bytes of the zero-padded aligned copies made at once for operands whose rows are not 16-byte aligned
-#: (:func:`padded_to_aligned_rows`): a vocabulary of 50257 bf16 logits per row, GPT-2's LM head, is one.
+#: Bytes of the aligned copies made at once of an operand whose rows are not 16-byte aligned (a block of its
+#: columns, :func:`aligned_copy_columns`): a vocabulary of 50257 bf16 logits per row, GPT-2's LM head, is one.
 ALIGNED_COPY_BYTES = 1 << 27
 
 
@@ -104,10 +104,11 @@ def padded_to_aligned_rows(m: torch.Tensor) -> torch.Tensor:
     return m.clone(memory_format=torch.contiguous_format)  # (a fresh block is aligned)
 
 
-def aligned_copy_group(steps: int, widths: tuple, element_size: int) -> int:
-    """Samples whose padded copies of ``widths`` columns (T = ``steps`` rows each) fit ``ALIGNED_COPY_BYTES`` (≥ 1)."""
-    per_sample = steps * sum(widths) * element_size
-    return max(1, ALIGNED_COPY_BYTES // max(1, per_sample))
+def aligned_copy_columns(rows: int, cols: int, element_size: int, multiple: int = 128) -> int:
+    """Columns of a [rows, cols] operand copied at once: as many as fit ``ALIGNED_COPY_BYTES``, a multiple of
+    ``multiple`` (a tile width), at least one multiple, at most all of them."""
+    fit = ALIGNED_COPY_BYTES // max(1, rows * element_size) // multiple * multiple
+    return min(max(multiple, fit), cols)
 
 
 def row_operands(x2: torch.Tensor, g2: torch.Tensor, use_tma: bool, block_rows: int, block_x: int, block_g: int):

@@ -43,18 +43,25 @@ def test_every_path_is_exact(use_tma, d, p, splits, steps, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_unaligned_rows_copied_a_group_at_a_time_are_exact(dtype, device, monkeypatch):
-    """Rows that are not 16-byte aligned (d = 23, p = 9: an odd vocabulary in miniature) are read through descriptors
-    from zero-padded copies; with copies of at most one sample, each sample is its own launch."""
+@pytest.mark.parametrize("d,p", [(23, 301), (301, 23)], ids=["g-wider", "x-wider"])
+def test_unaligned_rows_copied_in_column_blocks_are_exact(dtype, d, p, device, monkeypatch):
+    """Rows that are not 16-byte aligned (an odd vocabulary in miniature) are read through descriptors from aligned
+    copies: the wider operand as G in blocks of 128 columns (here three launches, the last block zero-padded),
+    the narrower copied whole."""
+    from flashnorm.kernels import flash_norm
+
     skip_without_tma(True, device)
-    x, g = random_pair(3, 37, 23, 9, DTYPES[dtype], device)
+    launches = []
+    original = flash_norm._launch_tiles
+    monkeypatch.setattr(flash_norm, "_launch_tiles", lambda *a: launches.append(a[8]) or original(*a))
     monkeypatch.setattr(operands, "ALIGNED_COPY_BYTES", 1)
-    assert operands.aligned_copy_group(37, (23, 9), x.element_size()) == 1
+    x, g = random_pair(3, 37, d, p, DTYPES[dtype], device)
     out = flash_norm_sq_triton(x, g, use_tma=True)
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES[dtype])
+    assert launches == [128, 128, 48]  # columns per launch: 301 = 128 + 128 + 45, padded to 16 bytes
     padded = operands.padded_to_aligned_rows(g)
-    assert padded.shape[-1] * padded.element_size() % 16 == 0 and torch.equal(padded[..., :9], g)
-    assert not padded[..., 9:].any()
+    assert padded.shape[-1] * padded.element_size() % 16 == 0 and torch.equal(padded[..., :p], g)
+    assert not padded[..., p:].any()
 
 
 def test_default_launch_takes_aligned_copies_where_they_pay(device, monkeypatch):

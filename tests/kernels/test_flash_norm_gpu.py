@@ -97,15 +97,16 @@ def test_tma_bulk_copies_in_ptx(dtype, tf32, set_tf32, monkeypatch):
     assert "cp.async.bulk.tensor" in kernel.asm["ptx"]
 
 
-@pytest.mark.parametrize("group_bytes", (None, 1), ids=["default-groups", "one-sample-groups"])
+@pytest.mark.parametrize("block_bytes", (None, 2 * 1030 * 2 * 4096), ids=["default-blocks", "4096-column-blocks"])
 @pytest.mark.parametrize("dtype", ("bf16", "fp16"))
-def test_unaligned_vocabulary_reads_aligned_copies_through_descriptors(dtype, group_bytes, monkeypatch, cuda_default_backend):
+def test_unaligned_vocabulary_reads_aligned_copies_through_descriptors(dtype, block_bytes, monkeypatch, cuda_default_backend):
     """GPT-2's LM head (p = 50257: rows of 100514 bytes, not 16-byte aligned): the default launch copies G into
-    zero-padded aligned buffers and loads tiles with ``cp.async.bulk.tensor``; exact against float64."""
+    aligned buffers a block of columns at a time and loads tiles with ``cp.async.bulk.tensor``; exact against
+    float64."""
     if not supports_tma(torch.device("cuda")):
         pytest.skip("needs compute capability 9.x")
-    if group_bytes is not None:
-        monkeypatch.setattr(operands, "ALIGNED_COPY_BYTES", group_bytes)
+    if block_bytes is not None:
+        monkeypatch.setattr(operands, "ALIGNED_COPY_BYTES", block_bytes)
     x = torch.randn(2, 1030, 768, device="cuda", dtype=DTYPES[dtype])
     g = torch.randn(2, 1030, 50257, device="cuda", dtype=DTYPES[dtype])
     assert not operands.tma_compatible(g.view(-1, 50257)) and operands.aligned_copies_pay(x.view(-1, 768), g.view(-1, 50257))
