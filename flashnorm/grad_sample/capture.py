@@ -155,7 +155,8 @@ def _in_checkpointed_region() -> bool:
 class CaptureHooks:
     """The forward side of a grad-sample module: hooks on its ``layers``, and the batch size they saw.
 
-    The host class provides ``layers``, ``batch_first``, ``training``, ``_distributed``, the step counter
+    The host class provides ``layers``, ``batch_first``, ``training``, ``_distributed``, ``_aliases`` (the
+    layers' :class:`~flashnorm.grad_sample.aliases.ParameterAliases`, or ``None``), the step counter
     ``_step``, ``_uses_checked``, ``_capturing``, ``_forward_depth``, ``_no_grad_layers``,
     ``_capture_backward(layer, grad, key)``, ``_count_if_complete(layer)`` and ``_single_sample_step()``.
     """
@@ -175,8 +176,8 @@ class CaptureHooks:
 
     def _attach_forward_hooks(self) -> None:
         for layer in self.layers:
-            if layer.rule.autocast_input:
-                layer.handles.append(layer.module.register_forward_pre_hook(self._cast_input_for_autocast))
+            if layer.rule.autocast_input or self._aliases is not None:
+                layer.handles.append(layer.module.register_forward_pre_hook(partial(self._enter_layer, layer)))
             if getattr(layer.rule, "needs_call", False):  # the fallback re-runs the whole call per sample
                 hook = partial(self._capture_forward_call, layer)
                 layer.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
@@ -241,11 +242,14 @@ class CaptureHooks:
                 self._count_if_complete(layer)
                 return
 
-    def _cast_input_for_autocast(self, module: nn.Module, inputs):
-        """Forward pre-hook of the layers whose rule keeps X in autocast's lower precision
-        (``rule.autocast_input``): the layer gets its first input already cast, so its own autocast cast
-        is a no-op and the X captured after it is the very tensor autograd saves for the backward."""
-        if not inputs or not self._capturing_forward():
+    def _enter_layer(self, layer: HookedLayer, module: nn.Module, inputs):
+        """Forward pre-hook: with hooks on, the layer's parameters are read through their aliases while it runs
+        (:mod:`~flashnorm.grad_sample.aliases`; its forward hook points them back). Layers whose rule keeps X in
+        autocast's lower precision (``rule.autocast_input``) get their first input already cast, so their own
+        autocast cast is a no-op and the X captured after it is the very tensor autograd saves for the backward."""
+        if self._aliases is not None and self.hooks_enabled:
+            self._aliases.enter(layer)
+        if not layer.rule.autocast_input or not inputs or not self._capturing_forward():
             return None
         dtype = autocast_target(inputs[0])
         return None if dtype is None else (inputs[0].to(dtype), *inputs[1:])
@@ -254,6 +258,8 @@ class CaptureHooks:
         return self._capture_forward(layer, module, inputs, output, kwargs)
 
     def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output, kwargs=None):
+        if self._aliases is not None:
+            self._aliases.leave(layer)
         if not self._capturing_forward():
             if self._forward_depth and self.hooks_enabled and self.training and not torch.is_grad_enabled():
                 self._no_grad_layers = True  # reentrant checkpointing: captured when the backward recomputes it

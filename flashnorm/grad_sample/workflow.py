@@ -14,6 +14,7 @@ by the DP optimizer (division by the expected batch size for ``mean``), exactly 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -27,6 +28,7 @@ from ..kernels._chunks import accumulation_dtype
 from ..kernels.backend import resolve_backend
 from ..norms.planner import ALGORITHMS, resolve_norm_method
 from ..utils.privacy_parameters import check_privacy_parameters
+from .aliases import ParameterAliases, registrations
 from .capture import TAP_NODE, CaptureHooks, HookedLayer, discover_layers
 from .graph_check import parameters_used_outside
 from .loss_check import FiniteLossCheck, LossChecks
@@ -109,12 +111,14 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self.trainable_parameters = [p for p in self._all_parameters if p.requires_grad]
         self._flags_at_discovery = self._trainable_flags()
         self._distributed = _is_distributed(m)
+        self._aliases: Optional[ParameterAliases] = None
         self._discover()
         self._taps: Dict[torch.device, torch.Tensor] = {}
         self._capturing = False
         self._batch_size: Optional[int] = None
         self._step = 0  # counts capturing forward passes; taps remember theirs
-        self._uses_checked = False  # parameters used outside their layer: checked on the first step
+        # parameters used outside their layer: every step through the aliases; under DDP/FSDP on the first step
+        self._uses_checked = self._aliases is not None
         self._step_used = False  # this step's forward was back-propagated by the workflow already
         self._taps_reached = 0  # gradient taps the norm pass reached
         self._step_check: Optional[FiniteLossCheck] = None  # the losses (and norms) of the step in progress
@@ -163,6 +167,13 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
                 )
             for layer in sharing:
                 layer.shared.append(param)
+        self._hooked_params = list({id(p): p for layer in self.layers for p in layer.params}.values())
+        if not self._distributed:
+            self._aliases = ParameterAliases({
+                layer: registrations(list(layer.module.modules()) if layer.rule.covers_children else [layer.module],
+                                     layer.params)
+                for layer in self.layers
+            })  # fmt: skip
 
     def forward(self, *args, **kwargs):
         if not self._capturing_forward():
@@ -187,6 +198,8 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
                 return self._module(*args, **kwargs)
         finally:
             self._forward_depth -= 1
+            if self._aliases is not None:
+                self._aliases.leave_all()  # (a layer whose forward raised)
 
     def _follow_requires_grad(self) -> None:
         """Re-discovers the hooked layers when ``requires_grad`` changed since the last step (progressive
@@ -207,7 +220,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self.trainable_parameters = trainable
         self._flags_at_discovery = self._trainable_flags()
         self._discover()
-        self._uses_checked = False
+        self._uses_checked = self._aliases is not None
         self._batch_size = self._last_leading_batch_size = None
         self.add_hooks()
 
@@ -354,12 +367,17 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self._capturing = True
         try:
             self._taps_reached = 0
+            outside: List[nn.Parameter] = []
             if self._no_grad_layers:
-                self._full_norm_pass(loss_per_sample)
+                outside = self._full_norm_pass(loss_per_sample)
             else:
-                torch.autograd.grad(
-                    loss_per_sample.sum(), list(self._taps.values()), allow_unused=True, retain_graph=self.passes == 2
+                taps = list(self._taps.values())
+                # the parameters too, under aliases: a gradient there comes from a use outside its layer
+                params = self._hooked_params if self._aliases is not None else []
+                grads = torch.autograd.grad(
+                    loss_per_sample.sum(), taps + params, allow_unused=True, retain_graph=self.passes == 2
                 )
+                outside = [p for p, grad in zip(params, grads[len(taps):]) if grad is not None]
             if self._taps and not self._taps_reached:
                 # The loss reaches no gradient tap: it was built from a forward that captured nothing (eval mode,
                 # hooks disabled) while a training forward's captures wait unused; its norms would read 0.
@@ -368,6 +386,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
                     "training forward (a forward in eval mode or with hooks disabled captures nothing). Run the "
                     "forward in training mode (model.train(), hooks enabled) before each backward on the DP loss."
                 )
+            self._refuse_outside_uses(outside)
             self._finish_pass()
         except BaseException:
             self._packed = None
@@ -394,20 +413,28 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
                                                self._capturing_graph)
         return self.get_clipping_coef()
 
-    def _full_norm_pass(self, loss_per_sample: torch.Tensor) -> None:
+    def _full_norm_pass(self, loss_per_sample: torch.Tensor) -> List[nn.Parameter]:
         """The norm pass as an ordinary backward, for layers captured only when reentrant activation checkpointing
         recomputes them (``torch.utils.checkpoint`` refuses ``autograd.grad``): the parameter gradients it also
-        computes are unclipped and discarded."""
+        computes are unclipped and discarded (those of the aliases are dropped as they arrive, so a gradient
+        left on a hooked parameter comes from a use outside its layer: those parameters are returned)."""
         params = self.trainable_parameters
-        torch.autograd.backward(loss_per_sample.sum(), retain_graph=self.passes == 2)
+        prior = [p.grad for p in params]
         for p in params:
             p.grad = None
-        for tap in self._taps.values():
-            tap.grad = None
+        try:
+            with self._aliases.dropping_gradients() if self._aliases is not None else contextlib.nullcontext():
+                torch.autograd.backward(loss_per_sample.sum(), retain_graph=self.passes == 2)
+            return [p for p in self._hooked_params if p.grad is not None] if self._aliases is not None else []
+        finally:
+            for p, grad in zip(params, prior):
+                p.grad = grad
+            for tap in self._taps.values():
+                tap.grad = None
 
     def _check_parameter_uses(self, root) -> None:
         """Raises if a parameter reaches the loss other than through its own layer's forward
-        (:mod:`~flashnorm.grad_sample.graph_check`); checked on the first step."""
+        (:mod:`~flashnorm.grad_sample.graph_check`); under DDP/FSDP, which have no aliases, on the first step."""
         ends = []
         for layer in self.layers:
             for use_ends in layer.graph_ends or [None]:
@@ -416,12 +443,24 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self._uses_checked = True
         outside = parameters_used_outside(root, ends, is_tap=lambda node: isinstance(node, TAP_NODE))
         if outside:
+            raise NotImplementedError(self._outside_use_message(outside))
+
+    def _refuse_outside_uses(self, params: List[nn.Parameter]) -> None:
+        """Raises when any of ``params`` (hooked parameters) received gradient from a use outside its layer."""
+        if params:
+            found = {id(p) for p in params}
             raise NotImplementedError(
-                f"A parameter of layer(s) {outside} reaches the loss outside that layer's forward "
-                "(e.g. F.linear(h, self.wte.weight) for a tied head). Its per-sample gradient would escape the "
-                "norm: use the weight only through its module (an nn.Linear head, untied), or grad_sample_mode="
-                "'hooks'."
+                self._outside_use_message(sorted({layer.name for layer in self.layers for p in layer.params if id(p) in found}))
             )
+
+    @staticmethod
+    def _outside_use_message(names: List[str]) -> str:
+        return (
+            f"A parameter of layer(s) {names} reaches the loss outside that layer's forward "
+            "(e.g. F.linear(h, self.wte.weight) for a tied head). Its per-sample gradient would escape the "
+            "norm: use the weight only through its module (an nn.Linear head, or tie it through two modules), "
+            "or grad_sample_mode='hooks'."
+        )
 
     def _single_sample_backward(self, loss_per_sample: torch.Tensor) -> None:
         torch.autograd.backward(loss_per_sample.sum())

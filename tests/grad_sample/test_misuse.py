@@ -193,31 +193,40 @@ def test_requires_grad_changed_between_forward_and_backward_is_refused(mode):
 
 # -- a parameter read outside its layer from step 2 on -------------------------------------------------------
 class _Leaky(nn.Module):
-    """Linear(4, 3); with ``leak`` its weight is also read by ``F.linear`` outside the layer."""
+    """Linear(4, 3); with ``leak`` one of its parameters is also read outside the layer: by ``F.linear`` (the weight),
+    by an addition (the bias: an op that saves nothing for it) or by an embedding lookup (the weight: saves only
+    the indices)."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.fc = nn.Linear(4, 3).double()
-        self.leak = False
+        self.leak = None
 
     def forward(self, x):
         out = self.fc(x)
-        return out + F.linear(x, self.fc.weight) if self.leak else out
+        if self.leak == "linear":
+            return out + F.linear(x, self.fc.weight)
+        if self.leak == "bias_add":
+            return out + 10 * self.fc.bias
+        if self.leak == "lookup":
+            ids = torch.zeros(x.shape[:-1], dtype=torch.long)
+            return out + 10 * F.embedding(ids, self.fc.weight)[..., :3]
+        return out
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 18: parameters used outside their layer are checked on the first step only "
-                   "(measured influence 2.0 in ghost/flash; flash_fuse drops that gradient)")
+@pytest.mark.parametrize("leak", ["linear", "bias_add", "lookup"])
 @pytest.mark.parametrize("mode", MODES)
-def test_a_parameter_read_outside_its_layer_from_step_two_on(mode):
+def test_a_parameter_read_outside_its_layer_from_step_two_on(mode, leak):
+    """Checked on every step (parameter aliases; before: on the first step only, influence 2.0 in ghost/flash and the
+    gradient dropped in flash_fuse)."""
     def make(batch):
         x, g = batch
         model = _Leaky()
         private = make_private(model, mode, clip=C)
         _step(private, *_batch(4, seed=2))
         private.optimizer.zero_grad()
-        model.leak = True
+        model.leak = leak
         return Attempt(model, lambda: _step(private, x, g), expected=oracle(private.model, x, g, C))
 
     _influence(make, _adversarial(), refusal="outside that layer")

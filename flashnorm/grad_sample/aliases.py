@@ -1,0 +1,120 @@
+"""Parameter aliases: every step's check that no parameter reaches the loss outside its own layer, at no cost.
+
+A hooked layer's norm rule sees only what happens inside the layer's forward. A parameter read anywhere else
+(``F.linear(h, layer.weight)``) sends gradient along a path no norm measures: the two-pass modes would apply it
+unclipped, the one-pass mode would drop it. So, while a hooked layer runs, its registrations of each parameter p
+(``module._parameters[name]``) point to an *alias* a_p: a leaf ``nn.Parameter`` sharing p's storage and version
+counter; everywhere else they point to p. Autograd then ends every edge made inside a layer at a_p's gradient
+accumulator and every edge made outside at p's. Asking the norm pass for the gradients of the parameters
+themselves (``torch.autograd.grad(..., taps + params, allow_unused=True)``) costs nothing while no such edge
+exists (an unused input is never computed), and returns a gradient exactly where one does: the step then refuses
+before any parameter changes.
+
+A backward that accumulates into a_p.grad (the second pass of ``ghost``/``flash``, a plain ``loss.backward()``,
+a step of one sample) moves it into p.grad at once, so ``p.grad`` is what plain autograd would leave; where p
+has hooks of its own (``register_hook``, ``register_post_accumulate_grad_hook``) the gradient goes through p's
+accumulator, so they run as they would without FlashNorm.
+
+Aliases are cached per parameter and rebuilt when the parameter's data is replaced (``p.data = ...``,
+``model.to(...)``). Not used under DDP/FSDP, whose gradient hooks live on the parameters themselves (there the
+first step's autograd-graph check, :mod:`~flashnorm.grad_sample.graph_check`, stands in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+import torch.nn as nn
+
+
+class _AliasCache(dict):
+    """id(p) → (p, a_p); a deep copy of a wrapped model starts with none (its parameters are new tensors)."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+
+class ParameterAliases:
+    """The alias slots of hooked layers: (module, name, p) for each registration of a layer parameter in the
+    modules whose forward the layer covers.
+
+    Args:
+        slots: per layer key, its list of (module, name, parameter).
+    """
+
+    def __init__(self, slots: Dict[object, List[Tuple[nn.Module, str, nn.Parameter]]]):
+        self._slots = slots
+        self._cache = _AliasCache()
+        self._entered: Dict[object, int] = {}  # layer key → nesting depth of its forward (a layer calling itself)
+        self._swapped: Dict[object, list] = {}  # layer key → the slots its outermost call pointed to aliases
+        self._moving = True  # alias gradients go into p.grad (else they are dropped: the reentrant norm pass)
+
+    def enter(self, key) -> None:
+        """Points the layer's registrations to the aliases (forward pre-hook). Registrations that do not hold the
+        parameter right now are left alone: ``torch.func.functional_call`` (the per-sample fallback re-running
+        the layer) has put its own tensors there."""
+        depth = self._entered.get(key, 0)
+        self._entered[key] = depth + 1
+        if depth == 0:
+            swapped = [slot for slot in self._slots.get(key, ()) if slot[0]._parameters.get(slot[1]) is slot[2]]
+            for module, name, p in swapped:
+                module._parameters[name] = self._alias(p)
+            self._swapped[key] = swapped
+
+    def leave(self, key) -> None:
+        """Points the layer's registrations back to the parameters (at the layer's forward hook)."""
+        depth = self._entered.get(key, 0)
+        if depth > 1:
+            self._entered[key] = depth - 1
+            return
+        self._entered.pop(key, None)
+        for module, name, p in self._swapped.pop(key, ()):
+            module._parameters[name] = p
+
+    def leave_all(self) -> None:
+        """Restores every registration (a layer's forward raised before its forward hook)."""
+        for key in list(self._entered):
+            self._entered[key] = 1
+            self.leave(key)
+
+    @contextlib.contextmanager
+    def dropping_gradients(self) -> Iterator[None]:
+        """Alias gradients are dropped instead of moved into p.grad (a norm pass that must run as a full backward)."""
+        self._moving = False
+        try:
+            yield
+        finally:
+            self._moving = True
+
+    def _alias(self, p: nn.Parameter) -> nn.Parameter:
+        cached = self._cache.get(id(p))
+        if cached is not None and cached[0] is p:
+            alias = cached[1]
+            if alias.data_ptr() == p.data_ptr() and alias.shape == p.shape and alias.dtype == p.dtype:
+                return alias
+        alias = nn.Parameter(p.detach(), requires_grad=True)
+        alias.register_post_accumulate_grad_hook(self._mover(p))
+        self._cache[id(p)] = (p, alias)
+        return alias
+
+    def _mover(self, p: nn.Parameter):
+        def move(alias: torch.Tensor) -> None:
+            grad, alias.grad = alias.grad, None
+            if not self._moving or grad is None:
+                return
+            if p._backward_hooks or p._post_accumulate_grad_hooks:
+                torch.autograd.backward(p, grad)  # through p's accumulator: its own hooks run as in plain autograd
+            elif p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
+
+        return move
+
+
+def registrations(modules: List[nn.Module], params: List[nn.Parameter]) -> List[Tuple[nn.Module, str, nn.Parameter]]:
+    """(module, name, p) for every entry of ``module._parameters`` (over ``modules``) holding one of ``params``."""
+    wanted = {id(p) for p in params}
+    return [(m, name, p) for m in modules for name, p in m._parameters.items() if p is not None and id(p) in wanted]
