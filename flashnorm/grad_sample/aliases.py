@@ -16,8 +16,9 @@ has hooks of its own (``register_hook``, ``register_post_accumulate_grad_hook``)
 accumulator, so they run as they would without FlashNorm.
 
 Aliases are cached per parameter and rebuilt when the parameter's data is replaced (``p.data = ...``,
-``model.to(...)``). Not used under DDP/FSDP, whose gradient hooks live on the parameters themselves (there the
-first step's autograd-graph check, :mod:`~flashnorm.grad_sample.graph_check`, stands in).
+``model.to(...)``). Under DDP they work as on one process (FlashNorm runs DDP's forward under ``no_sync``, so
+DDP's gradient hooks are idle and the DP optimizer reduces). Not under FSDP2, which puts unsharded tensors, not the
+parameters, in the registrations for each forward: there a parameter read outside its layer is not detected.
 """
 
 from __future__ import annotations

@@ -44,14 +44,6 @@ class GradientTap(torch.autograd.Function):
         return grad_output, None, None, None
 
 
-def _tap_node_type():
-    probe = torch.zeros((), requires_grad=True)
-    return type(GradientTap.apply(probe, probe, None, None).grad_fn)
-
-
-#: The autograd node class of :class:`GradientTap` (the graph check stops at other layers' taps).
-TAP_NODE = _tap_node_type()
-
 #: Dtypes autocast casts for its lower-precision ops (float64 is left alone).
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -90,7 +82,6 @@ class HookedLayer:
     shared: List[nn.Parameter] = field(default_factory=list)  # parameters another layer uses too (tied weights)
     handles: list = field(default_factory=list)
     callback: Optional[Callable] = None  # the tap's callback, bound once
-    graph_ends: list = field(default_factory=list)  # (output node, input node) per use, for the graph check
     captured_step: int = -1  # the step whose forward captured this layer (a recompute then only fills in X)
     plan: Optional[tuple] = None  # ((shapes, dtype), method) of the last call
 
@@ -157,7 +148,7 @@ class CaptureHooks:
 
     The host class provides ``layers``, ``batch_first``, ``training``, ``_distributed``, ``_aliases`` (the
     layers' :class:`~flashnorm.grad_sample.aliases.ParameterAliases`, or ``None``), the step counter
-    ``_step``, ``_uses_checked``, ``_capturing``, ``_forward_depth``, ``_no_grad_layers``,
+    ``_step``, ``_capturing``, ``_forward_depth``, ``_no_grad_layers``,
     ``_capture_backward(layer, grad, key)``, ``_count_if_complete(layer)`` and ``_single_sample_step()``.
     """
 
@@ -309,7 +300,5 @@ class CaptureHooks:
                 )
             layer.rule.remember_call(x, inputs[1:], kwargs, first_use=len(layer.xs) == 1)
         layer.gs.append(None)
-        if not self._uses_checked:
-            layer.graph_ends.append((output.grad_fn, getattr(inputs[0], "grad_fn", None)))
         key = (self._step, len(layer.xs) - 1)
         return GradientTap.apply(output, self._tap_on(output.device), layer.callback, key)

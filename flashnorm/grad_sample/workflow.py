@@ -29,20 +29,25 @@ from ..kernels.backend import resolve_backend
 from ..norms.planner import ALGORITHMS, resolve_norm_method
 from ..utils.privacy_parameters import check_privacy_parameters
 from .aliases import ParameterAliases, registrations
-from .capture import TAP_NODE, CaptureHooks, HookedLayer, discover_layers
-from .graph_check import parameters_used_outside
+from .capture import CaptureHooks, HookedLayer, discover_layers
 from .loss_check import FiniteLossCheck, LossChecks
 from .norm_pass import NormPassHooks
 from .packed_grads import PackedPerSampleGrads, plan_packed_grads
 from .provenance import clipped_iterations, mark_clipped
 
 
+def _is_fsdp(module: nn.Module) -> bool:
+    """True when ``module`` holds FSDP2 units (which swap their parameters for unsharded ones in each forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 def _is_distributed(module: nn.Module) -> bool:
     """True when gradients of ``module`` are reduced across ranks by DDP or FSDP2 hooks."""
-    from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
-    return isinstance(module, DistributedDataParallel) or any(isinstance(m, FSDPModule) for m in module.modules())
+    return isinstance(module, DistributedDataParallel) or _is_fsdp(module)
 
 
 class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, AbstractGradSampleModule):
@@ -111,14 +116,13 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self.trainable_parameters = [p for p in self._all_parameters if p.requires_grad]
         self._flags_at_discovery = self._trainable_flags()
         self._distributed = _is_distributed(m)
+        self._fsdp = _is_fsdp(m)
         self._aliases: Optional[ParameterAliases] = None
         self._discover()
         self._taps: Dict[torch.device, torch.Tensor] = {}
         self._capturing = False
         self._batch_size: Optional[int] = None
         self._step = 0  # counts capturing forward passes; taps remember theirs
-        # parameters used outside their layer: every step through the aliases; under DDP/FSDP on the first step
-        self._uses_checked = self._aliases is not None
         self._step_used = False  # this step's forward was back-propagated by the workflow already
         self._taps_reached = 0  # gradient taps the norm pass reached
         self._step_check: Optional[FiniteLossCheck] = None  # the losses (and norms) of the step in progress
@@ -168,7 +172,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             for layer in sharing:
                 layer.shared.append(param)
         self._hooked_params = list({id(p): p for layer in self.layers for p in layer.params}.values())
-        if not self._distributed:
+        if not self._fsdp:  # (FSDP2 puts unsharded tensors in the registrations during each forward)
             self._aliases = ParameterAliases({
                 layer: registrations(list(layer.module.modules()) if layer.rule.covers_children else [layer.module],
                                      layer.params)
@@ -220,7 +224,6 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self.trainable_parameters = trainable
         self._flags_at_discovery = self._trainable_flags()
         self._discover()
-        self._uses_checked = self._aliases is not None
         self._batch_size = self._last_leading_batch_size = None
         self.add_hooks()
 
@@ -355,8 +358,6 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
                 p.grad = torch.zeros_like(p)
 
     def _norm_pass(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
-        if not self._uses_checked:
-            self._check_parameter_uses(loss_per_sample.grad_fn)
         # per-layer terms and rounding allowances, summed once after the pass
         self._norm_terms, self._norm_roots, self._radii, self._slack_sq = [], [], [], []
         self._shared_radius = None
@@ -431,19 +432,6 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
                 p.grad = grad
             for tap in self._taps.values():
                 tap.grad = None
-
-    def _check_parameter_uses(self, root) -> None:
-        """Raises if a parameter reaches the loss other than through its own layer's forward
-        (:mod:`~flashnorm.grad_sample.graph_check`); under DDP/FSDP, which have no aliases, on the first step."""
-        ends = []
-        for layer in self.layers:
-            for use_ends in layer.graph_ends or [None]:
-                ends.append((layer.name, layer.params, use_ends))
-            layer.graph_ends = []
-        self._uses_checked = True
-        outside = parameters_used_outside(root, ends, is_tap=lambda node: isinstance(node, TAP_NODE))
-        if outside:
-            raise NotImplementedError(self._outside_use_message(outside))
 
     def _refuse_outside_uses(self, params: List[nn.Parameter]) -> None:
         """Raises when any of ``params`` (hooked parameters) received gradient from a use outside its layer."""

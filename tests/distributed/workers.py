@@ -45,6 +45,7 @@ class Case:
     secure: bool = False  # secure_mode's noise sampler (a seeded generator stands in for the CSPRNG)
     shard_dim1: bool = False  # FSDP2 shards matrices along dim 1, not its default layout (even widths)
     rank_batch: bool = False  # the loader's batch size differs across ranks (make_private must refuse)
+    leak: bool = False  # from the second step on, the head's weight is also read outside the head (must refuse)
     seed: int = 0
 
     @property
@@ -77,12 +78,14 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList([Block(d, hidden) for _ in range(2)])
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, CLASSES)
+        self.leak = False
 
     def forward(self, ids):
         h = self.embed(ids)
         for block in self.blocks:
             h = block(h)
-        return self.head(self.norm(h).mean(dim=1))
+        z = self.norm(h).mean(dim=1)
+        return self.head(z) + nn.functional.linear(z, self.head.weight) if self.leak else self.head(z)
 
 
 def build(case: Case):
@@ -160,6 +163,11 @@ def run_case(case: Case, device: torch.device) -> Dict:
         index = torch.arange(start, start + case.sizes[rank])
         x, y = ids[index], targets[index]
     x, y = x.to(device), y.to(device)
+    if case.leak:  # a clean first step, then the head's weight is read outside the head too
+        criterion(dp_model(x), y).backward()
+        dp_opt.step()
+        dp_opt.zero_grad()
+        model.leak = True
     out = dp_model(x)
     criterion(out.float() if out.dtype == torch.bfloat16 else out, y).backward()
     norms = dp_model.get_norm_sample().detach().double().cpu() if len(index) else torch.zeros(0)
