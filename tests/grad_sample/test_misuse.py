@@ -493,7 +493,7 @@ def test_in_place_ops_on_hooked_outputs(mode, batch_size):
 
 # -- property test: zoo models × misuses × modes × reductions ------------------------------------------------
 MISUSES = ("eval", "hooks_disabled", "plain_backward", "second_backward", "unfreeze", "freeze", "accumulation",
-           "skip_step", "invalid_clip", "invalid_sigma")
+           "skip_step", "invalid_clip", "invalid_sigma", "outside_read")
 ZOO_CLIP = 1e-3  # below every zoo sample's gradient norm: an unclipped sample shows
 
 
@@ -521,10 +521,13 @@ def _zoo_case(kind, misuse, mode, reduction):
         def expected():
             return oracle(private.model, x, y, ZOO_CLIP, loss=_cross_entropy_sum)
 
-        if misuse in ("eval", "hooks_disabled", "unfreeze", "freeze"):
+        if misuse in ("eval", "hooks_disabled", "unfreeze", "freeze", "outside_read"):
             _step(private, warm_x, warm_y)
             private.optimizer.zero_grad()
-            if misuse == "eval":
+            if misuse == "outside_read":  # from now on the output also reads the head's first parameter directly
+                weight = next(head.parameters())
+                model.register_forward_hook(lambda module, inputs, out: out + weight.sum())
+            elif misuse == "eval":
                 private.model.eval()
             elif misuse == "hooks_disabled":
                 private.model.disable_hooks()
@@ -589,7 +592,7 @@ def test_zoo_misuse_is_bounded_or_refused(kind, misuse, mode, reduction):
     x = x.double() if x.is_floating_point() else x
     make = _zoo_case(kind, misuse, mode, reduction)
     refusal = {"eval": NO_CAPTURE, "hooks_disabled": NO_CAPTURE, "second_backward": NO_CAPTURE,
-               "plain_backward": NOT_CLIPPED, "invalid_clip": "max_grad_norm",
+               "plain_backward": NOT_CLIPPED, "invalid_clip": "max_grad_norm", "outside_read": "outside that layer",
                "invalid_sigma": "noise_multiplier"}.get(misuse, r"$^")
     if misuse.startswith("invalid"):
         with pytest.raises(ValueError, match=refusal):
