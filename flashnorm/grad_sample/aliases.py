@@ -17,14 +17,16 @@ accumulator, so they run as they would without FlashNorm.
 
 Aliases are cached per parameter and rebuilt when the parameter's data is replaced (``p.data = ...``,
 ``model.to(...)``). Under DDP they work as on one process (FlashNorm runs DDP's forward under ``no_sync``, so
-DDP's gradient hooks are idle and the DP optimizer reduces). Not under FSDP2, which puts unsharded tensors, not the
-parameters, in the registrations for each forward: there a parameter read outside its layer is not detected.
+DDP's gradient hooks are idle and the DP optimizer reduces). Under FSDP2 the registrations hold each parameter's
+unsharded counterpart while its unit runs: that is what gets an alias, and whose gradient the norm pass asks
+for; the moved gradient lands in the unsharded parameter's ``.grad`` before FSDP2's post-backward reads it
+(autograd runs gradient accumulators as soon as they are ready).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -43,25 +45,32 @@ class ParameterAliases:
 
     Args:
         slots: per layer key, its list of (module, name, parameter).
+        counterpart: the tensor that stands for a parameter in the registrations while its layer runs, when it is
+            not the parameter itself (FSDP2's unsharded parameter), else ``None``.
     """
 
-    def __init__(self, slots: Dict[object, List[Tuple[nn.Module, str, nn.Parameter]]]):
+    def __init__(self, slots: Dict[object, List[Tuple[nn.Module, str, nn.Parameter]]],
+                 counterpart: Optional[Callable[[nn.Parameter], Optional[nn.Parameter]]] = None):
         self._slots = slots
+        self._counterpart = counterpart
         self._cache = _AliasCache()
         self._entered: Dict[object, int] = {}  # layer key → nesting depth of its forward (a layer calling itself)
         self._swapped: Dict[object, list] = {}  # layer key → the slots its outermost call pointed to aliases
         self._moving = True  # alias gradients go into p.grad (else they are dropped: the reentrant norm pass)
 
     def enter(self, key) -> None:
-        """Points the layer's registrations to the aliases (forward pre-hook). Registrations that do not hold the
-        parameter right now are left alone: ``torch.func.functional_call`` (the per-sample fallback re-running
-        the layer) has put its own tensors there."""
+        """Points the layer's registrations to the aliases (forward pre-hook). Registrations that hold neither the
+        parameter nor its counterpart right now are left alone: ``torch.func.functional_call`` (the per-sample
+        fallback re-running the layer) has put its own tensors there."""
         depth = self._entered.get(key, 0)
         self._entered[key] = depth + 1
         if depth == 0:
-            swapped = [slot for slot in self._slots.get(key, ()) if slot[0]._parameters.get(slot[1]) is slot[2]]
-            for module, name, p in swapped:
-                module._parameters[name] = self._alias(p)
+            swapped = []
+            for module, name, p in self._slots.get(key, ()):
+                current = module._parameters.get(name)
+                if current is not None and (current is p or current is self.original(p)):
+                    module._parameters[name] = self._alias(current)
+                    swapped.append((module, name, current))
             self._swapped[key] = swapped
 
     def leave(self, key) -> None:
@@ -73,6 +82,11 @@ class ParameterAliases:
         self._entered.pop(key, None)
         for module, name, p in self._swapped.pop(key, ()):
             module._parameters[name] = p
+
+    def original(self, p: nn.Parameter) -> nn.Parameter:
+        """The tensor whose gradient accumulator an outside read of ``p`` reaches: p, or its counterpart."""
+        other = self._counterpart(p) if self._counterpart is not None else None
+        return p if other is None else other
 
     def leave_all(self) -> None:
         """Restores every registration (a layer's forward raised before its forward hook)."""

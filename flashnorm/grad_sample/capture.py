@@ -147,7 +147,7 @@ class CaptureHooks:
     """The forward side of a grad-sample module: hooks on its ``layers``, and the batch size they saw.
 
     The host class provides ``layers``, ``batch_first``, ``training``, ``_distributed``, ``_aliases`` (the
-    layers' :class:`~flashnorm.grad_sample.aliases.ParameterAliases`, or ``None``), the step counter
+    layers' :class:`~flashnorm.grad_sample.aliases.ParameterAliases`), the step counter
     ``_step``, ``_capturing``, ``_forward_depth``, ``_no_grad_layers``,
     ``_capture_backward(layer, grad, key)``, ``_count_if_complete(layer)`` and ``_single_sample_step()``.
     """
@@ -167,8 +167,7 @@ class CaptureHooks:
 
     def _attach_forward_hooks(self) -> None:
         for layer in self.layers:
-            if layer.rule.autocast_input or self._aliases is not None:
-                layer.handles.append(layer.module.register_forward_pre_hook(partial(self._enter_layer, layer)))
+            layer.handles.append(layer.module.register_forward_pre_hook(partial(self._enter_layer, layer)))
             if getattr(layer.rule, "needs_call", False):  # the fallback re-runs the whole call per sample
                 hook = partial(self._capture_forward_call, layer)
                 layer.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
@@ -238,7 +237,7 @@ class CaptureHooks:
         (:mod:`~flashnorm.grad_sample.aliases`; its forward hook points them back). Layers whose rule keeps X in
         autocast's lower precision (``rule.autocast_input``) get their first input already cast, so their own
         autocast cast is a no-op and the X captured after it is the very tensor autograd saves for the backward."""
-        if self._aliases is not None and self.hooks_enabled:
+        if self.hooks_enabled:
             self._aliases.enter(layer)
         if not layer.rule.autocast_input or not inputs or not self._capturing_forward():
             return None
@@ -249,8 +248,7 @@ class CaptureHooks:
         return self._capture_forward(layer, module, inputs, output, kwargs)
 
     def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output, kwargs=None):
-        if self._aliases is not None:
-            self._aliases.leave(layer)
+        self._aliases.leave(layer)
         if not self._capturing_forward():
             if self._forward_depth and self.hooks_enabled and self.training and not torch.is_grad_enabled():
                 self._no_grad_layers = True  # reentrant checkpointing: captured when the backward recomputes it

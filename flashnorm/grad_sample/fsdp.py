@@ -106,8 +106,18 @@ def _data_less_parameters(module: nn.Module):
         module._parameters.update(saved)
 
 
+def _param_groups(unit: FSDPModule) -> list:
+    """The FSDP2 parameter groups of one unit (torch ≥ 2.12 keeps a list, earlier versions one group or None)."""
+    state = unit._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        groups = [state._fsdp_param_group] if getattr(state, "_fsdp_param_group", None) is not None else []
+    return list(groups)
+
+
 class _FSDPChecks:
-    """Checks the FSDP2 layout at construction."""
+    """Checks the FSDP2 layout at construction; maps sharded parameters to FSDP2's unsharded ones (the aliases'
+    counterparts: :mod:`~flashnorm.grad_sample.aliases`)."""
 
     #: The rules see FSDP's unsharded parameters, not the sharded ones packed buffers would be laid out for;
     #: per-sample gradients stay per layer (one pass: they go to the reducer one by one).
@@ -115,7 +125,18 @@ class _FSDPChecks:
 
     def __init__(self, m: nn.Module, **kwargs):
         check_fsdp_layout(m)
+        self._fsdp_params = {
+            id(fsdp_param.sharded_param): fsdp_param
+            for unit in m.modules() if isinstance(unit, FSDPModule)
+            for group in _param_groups(unit) for fsdp_param in group.fsdp_params
+        }  # fmt: skip
         super().__init__(m, **kwargs)
+
+    def _parameter_counterpart(self, p: nn.Parameter) -> Optional[nn.Parameter]:
+        """FSDP2's unsharded parameter of sharded ``p`` (what its registrations hold while its unit runs), once the
+        first all-gather has made it."""
+        fsdp_param = self._fsdp_params.get(id(p))
+        return getattr(fsdp_param, "_unsharded_param", None) if fsdp_param is not None else None
 
 
 

@@ -14,7 +14,6 @@ by the DP optimizer (division by the expected batch size for ``mean``), exactly 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -36,18 +35,12 @@ from .packed_grads import PackedPerSampleGrads, plan_packed_grads
 from .provenance import clipped_iterations, mark_clipped
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    """True when ``module`` holds FSDP2 units (which swap their parameters for unsharded ones in each forward)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in module.modules())
-
-
 def _is_distributed(module: nn.Module) -> bool:
     """True when gradients of ``module`` are reduced across ranks by DDP or FSDP2 hooks."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
-    return isinstance(module, DistributedDataParallel) or _is_fsdp(module)
+    return isinstance(module, DistributedDataParallel) or any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, AbstractGradSampleModule):
@@ -116,8 +109,6 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self.trainable_parameters = [p for p in self._all_parameters if p.requires_grad]
         self._flags_at_discovery = self._trainable_flags()
         self._distributed = _is_distributed(m)
-        self._fsdp = _is_fsdp(m)
-        self._aliases: Optional[ParameterAliases] = None
         self._discover()
         self._taps: Dict[torch.device, torch.Tensor] = {}
         self._capturing = False
@@ -172,12 +163,11 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             for layer in sharing:
                 layer.shared.append(param)
         self._hooked_params = list({id(p): p for layer in self.layers for p in layer.params}.values())
-        if not self._fsdp:  # (FSDP2 puts unsharded tensors in the registrations during each forward)
-            self._aliases = ParameterAliases({
-                layer: registrations(list(layer.module.modules()) if layer.rule.covers_children else [layer.module],
-                                     layer.params)
-                for layer in self.layers
-            })  # fmt: skip
+        self._aliases = ParameterAliases({
+            layer: registrations(list(layer.module.modules()) if layer.rule.covers_children else [layer.module],
+                                 layer.params)
+            for layer in self.layers
+        }, counterpart=self._parameter_counterpart)  # fmt: skip
 
     def forward(self, *args, **kwargs):
         if not self._capturing_forward():
@@ -202,8 +192,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
                 return self._module(*args, **kwargs)
         finally:
             self._forward_depth -= 1
-            if self._aliases is not None:
-                self._aliases.leave_all()  # (a layer whose forward raised)
+            self._aliases.leave_all()  # (a layer whose forward raised)
 
     def _follow_requires_grad(self) -> None:
         """Re-discovers the hooked layers when ``requires_grad`` changed since the last step (progressive
@@ -373,8 +362,8 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
                 outside = self._full_norm_pass(loss_per_sample)
             else:
                 taps = list(self._taps.values())
-                # the parameters too, under aliases: a gradient there comes from a use outside its layer
-                params = self._hooked_params if self._aliases is not None else []
+                # the parameters too: with the aliases, a gradient there comes from a use outside its layer
+                params = [self._aliases.original(p) for p in self._hooked_params]
                 grads = torch.autograd.grad(
                     loss_per_sample.sum(), taps + params, allow_unused=True, retain_graph=self.passes == 2
                 )
@@ -424,14 +413,18 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         for p in params:
             p.grad = None
         try:
-            with self._aliases.dropping_gradients() if self._aliases is not None else contextlib.nullcontext():
+            with self._aliases.dropping_gradients():
                 torch.autograd.backward(loss_per_sample.sum(), retain_graph=self.passes == 2)
-            return [p for p in self._hooked_params if p.grad is not None] if self._aliases is not None else []
+            return [p for p in self._hooked_params if p.grad is not None or self._aliases.original(p).grad is not None]
         finally:
             for p, grad in zip(params, prior):
                 p.grad = grad
             for tap in self._taps.values():
                 tap.grad = None
+
+    def _parameter_counterpart(self, p: nn.Parameter) -> Optional[nn.Parameter]:
+        """The tensor that stands for ``p`` in its registrations while its layer runs, if not ``p`` (FSDP2)."""
+        return None
 
     def _refuse_outside_uses(self, params: List[nn.Parameter]) -> None:
         """Raises when any of ``params`` (hooked parameters) received gradient from a use outside its layer."""

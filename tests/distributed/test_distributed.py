@@ -60,7 +60,8 @@ ERROR_CASES = [  # (case, what every rank's error must say)
     (Case("ddp-with-fsdp-mode", "ddp", "flash_fsdp"), "need a module wrapped with FSDP2"),
     (Case("ranks-disagree-on-batch", "fsdp", "flash_fsdp", rank_batch=True),
      "expected_batch_size differs across ranks"),
-    *((Case(f"{m}-outside-use-step-two", "ddp", m, leak=True), "outside that layer") for m in MODES["ddp"]),
+    *((Case(f"{m}-outside-use-step-two", w, m, leak=True), "outside that layer")
+      for w, modes in MODES.items() for m in modes),
 ]
 BF16_CASES = [Case(f"{m}-bf16", "fsdp", m, sizes=(3, 4), bf16=True) for m in MODES["fsdp"]]
 
