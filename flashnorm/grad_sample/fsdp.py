@@ -139,7 +139,6 @@ class _FSDPChecks:
         return getattr(fsdp_param, "_unsharded_param", None) if fsdp_param is not None else None
 
 
-
 class FSDPGradSampleModuleFastGradientClipping(_FSDPChecks, GradSampleModuleFastGradientClipping):
     """Two passes (``ghost_fsdp``, ``flash_fsdp``): the second goes through FSDP's reduce-scatter.
 

@@ -171,7 +171,10 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
 
     def forward(self, *args, **kwargs):
         if not self._capturing_forward():
-            return self._module(*args, **kwargs)
+            try:
+                return self._module(*args, **kwargs)
+            finally:
+                self._aliases.leave_all()  # (a layer whose forward raised)
         self._step += 1  # a forward that captures starts a new step (eval / no_grad ones leave it be)
         self._step_used = False
         self._follow_requires_grad()

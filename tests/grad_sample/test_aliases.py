@@ -49,10 +49,12 @@ def test_registrations_hold_the_parameters_outside_a_layer_forward_even_after_it
     private.criterion(private.model(x), g).backward()
     assert [p for _, _, p in _registered(model)] == params
     model.fail = True
-    with pytest.raises(RuntimeError, match="boom"):
-        private.model(x)
-    assert all(m._parameters[name] is p for m, name, p in _registered(model)) and list(model.parameters()) == params
-    assert model.second.weight is params[2]
+    for training in (True, False):  # a capturing forward, and an evaluation one
+        private.model.train(training)
+        with pytest.raises(RuntimeError, match="boom"):
+            private.model(x)
+        assert all(m._parameters[name] is p for m, name, p in _registered(model)) and list(model.parameters()) == params
+        assert model.second.weight is params[2]
 
 
 @pytest.mark.parametrize("mode", MODES)
