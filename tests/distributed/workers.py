@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -138,9 +139,11 @@ def run_case(case: Case, device: torch.device) -> Dict:
     else:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if case.bf16 else None
         layout = dict(shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None) if case.shard_dim1 else {}
+        # the mesh on the case's device: FSDP2's default mesh would take cuda:0 on a GPU host even under gloo
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         if case.wrapper == "fsdp-leaf":
-            fully_shard(model.blocks[0].fc1)
-        wrapped = FSDP2Wrapper(model, mp_policy=policy, **layout)
+            fully_shard(model.blocks[0].fc1, mesh=mesh)
+        wrapped = FSDP2Wrapper(model, mp_policy=policy, mesh=mesh, **layout)
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=1.0)
     # A loader over the 2·B_global samples (ids twice) with batch size B_global: Opacus's expected batch
     # size is B_global (sampling rate 1/2), divided by W for the per-worker value it gives the optimizer.
