@@ -2,7 +2,9 @@
 
 The *norm pass* ``torch.autograd.grad(Σ_b ℓ_b, [tap])`` walks the whole graph down to the lowest gradient
 tap (:mod:`~flashnorm.grad_sample.capture`), so every hooked layer sees its output gradient G, but autograd
-computes no parameter gradient. In the tap's callback the layer's norm rule turns (X, G) into per-sample
+computes no parameter gradient. It also names the parameters as inputs: inside their layers they are read through
+aliases (:mod:`~flashnorm.grad_sample.aliases`), so a gradient there means a read outside its layer, and the step
+refuses. In the tap's callback the layer's norm rule turns (X, G) into per-sample
 squared norms, summed into ``norm_sq[b]``; then c_b = min(1, C / (‖g_b‖ + 1e-6)). Subclasses write
 Σ_b c_b ∇ℓ_b into ``p.grad``: a second backward pass of Σ_b c_b ℓ_b
 (:class:`~flashnorm.grad_sample.two_passes.GradSampleModuleFastGradientClipping`) or assembly from what the
