@@ -435,18 +435,13 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         """Raises when any of ``params`` (hooked parameters) received gradient from a use outside its layer."""
         if params:
             found = {id(p) for p in params}
+            names = sorted({layer.name for layer in self.layers for p in layer.params if id(p) in found})
             raise NotImplementedError(
-                self._outside_use_message(sorted({layer.name for layer in self.layers for p in layer.params if id(p) in found}))
+                f"A parameter of layer(s) {names} reaches the loss outside that layer's forward "
+                "(e.g. F.linear(h, self.wte.weight) for a tied head). Its per-sample gradient would escape the "
+                "norm: use the weight only through its module (an nn.Linear head, or tie it through two modules), "
+                "or grad_sample_mode='hooks'."
             )
-
-    @staticmethod
-    def _outside_use_message(names: List[str]) -> str:
-        return (
-            f"A parameter of layer(s) {names} reaches the loss outside that layer's forward "
-            "(e.g. F.linear(h, self.wte.weight) for a tied head). Its per-sample gradient would escape the "
-            "norm: use the weight only through its module (an nn.Linear head, or tie it through two modules), "
-            "or grad_sample_mode='hooks'."
-        )
 
     def _single_sample_backward(self, loss_per_sample: torch.Tensor) -> None:
         torch.autograd.backward(loss_per_sample.sum())

@@ -286,17 +286,18 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
     p = g.shape[-1]
     allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
     x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
+    aligned = tma_compatible(x2, g2)
     if use_tma is None:
-        use_tma = use_descriptors(x2, g2) or aligned_copies_pay(x2, g2)
+        use_tma = use_descriptors(x2, g2) if aligned else aligned_copies_pay(x2, g2)
     if k_major is None:
-        k_major = use_tma and allow_tf32 and tma_compatible(x2, g2) and batch * max(d, p) < 2**31
+        k_major = use_tma and allow_tf32 and aligned and batch * max(d, p) < 2**31
     if k_major and not (use_tma and allow_tf32):
         raise ValueError("the K-major layout is the tf32 path: it needs use_tma and float32 inputs with allow_tf32 set")
+    if use_tma and not k_major and not aligned:
+        return norm_sq, _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32)
     cfg = config or flash_norm_config(
         d, p, x.dtype, INTERPRET, k_major, batch, multiprocessor_count(x.device)
     )
-    if use_tma and not k_major and not tma_compatible(x2, g2):
-        return norm_sq, _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32)
     if not k_major:
         kernel = _launch_tiles(
             x2, g2, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, False

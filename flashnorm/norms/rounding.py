@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from ..kernels import multi_tensor
+from ..kernels._chunks import accumulation_dtype
 
 #: τ: the relative excess over C allowed to rounding (the guarantee is ‖applied_b‖ ≤ (1 + τ)·C).
 ALLOWANCE = 1e-3
@@ -68,8 +69,7 @@ def gram_in_float64(steps: int, dtype: torch.dtype) -> bool:
 
 def frobenius_per_sample(t: torch.Tensor) -> torch.Tensor:
     """‖t_b‖_F for t: [B, ...] → [B], accumulated in float32 (float64 for float64)."""
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], math.prod(t.shape[1:])), dim=1, dtype=acc)
+    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=accumulation_dtype(t))
 
 
 def upper_bound(norm_sq: torch.Tensor, radius_sq: Optional[torch.Tensor], slack_sq: Optional[torch.Tensor]) -> torch.Tensor:

@@ -65,4 +65,4 @@ def cross_term(
 def per_sample_dot(grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
     """⟨grad_a[b], grad_b[b]⟩ for per-sample gradients [B, ...] → [B] (float32, float64 for float64)."""
     acc = accumulation_dtype(grad_a, grad_b)
-    return (grad_a.reshape(grad_a.shape[0], -1).to(acc) * grad_b.reshape(grad_b.shape[0], -1).to(acc)).sum(dim=1)
+    return (grad_a.flatten(1).to(acc) * grad_b.flatten(1).to(acc)).sum(dim=1)
