@@ -42,9 +42,10 @@ def test_every_path_is_exact(use_tma, d, p, splits, steps, device):
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["fp32"])
 
 
+@pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d,p", [(23, 301), (301, 23)], ids=["g-wider", "x-wider"])
-def test_unaligned_rows_copied_in_column_blocks_are_exact(dtype, d, p, device, monkeypatch):
+def test_unaligned_rows_copied_in_column_blocks_are_exact(dtype, d, p, steps, device, monkeypatch):
     """Rows that are not 16-byte aligned (an odd vocabulary in miniature) are read through descriptors from aligned
     copies: the wider operand as G in blocks of 128 columns (here three launches, the last block zero-padded),
     the narrower copied whole."""
@@ -55,7 +56,7 @@ def test_unaligned_rows_copied_in_column_blocks_are_exact(dtype, d, p, device, m
     original = flash_norm._launch_tiles
     monkeypatch.setattr(flash_norm, "_launch_tiles", lambda *a: launches.append(a[8]) or original(*a))
     monkeypatch.setattr(operands, "ALIGNED_COPY_BYTES", 1)
-    x, g = random_pair(3, 37, d, p, DTYPES[dtype], device)
+    x, g = random_pair(3, steps, d, p, DTYPES[dtype], device)
     out = flash_norm_sq_triton(x, g, use_tma=True)
     assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES[dtype])
     assert launches == [128, 128, 48]  # columns per launch: 301 = 128 + 128 + 45, padded to 16 bytes
