@@ -150,7 +150,7 @@ def instrumented(breakdown: Breakdown, flashnorm_too: bool):
             patches.patch(packed_grads.PackedPerSampleGrads, "norms", "norms")
             patches.patch(packed_grads.PackedPerSampleGrads, "clipped_sum", "assembly")
             patches.patch(workflow, "plan_packed_grads", "bookkeeping")
-            rule_classes = {type(rule) for _, rule in registry.iter_rules()}
+            rule_classes = {type(rule) for rule in registry.all_rules()}
             with contextlib.suppress(ImportError):
                 from flashnorm.norms import PerSampleGradFallback
 

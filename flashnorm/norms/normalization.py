@@ -9,6 +9,9 @@ summed over every position that shares a parameter element (sequence positions f
 LayerNorm/RMSNorm, spatial positions for GroupNorm's channels). Norm and clipped gradient follow.
 A LayerNorm or RMSNorm over its last dimension with a trainable weight goes through
 :func:`~flashnorm.kernels.affine_norm.affine_norm_grads` (one kernel on CUDA, its reference elsewhere).
+
+Hugging Face's RMSNorm (``LlamaRMSNorm`` and the classes copied from it: Mistral, Qwen2, Phi-3, …) gets the
+RMSNorm rule too, recognised by its forward's bytecode (:func:`~flashnorm.norms.registry.same_forward`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
 from ..kernels.affine_norm import affine_norm_grads
-from .registry import NormRule, flatten_to_sequences, register_norm_rule
+from .registry import NormRule, flatten_to_sequences, register_norm_rule, register_norm_rule_matching, same_forward
 from .rounding import frobenius_per_sample
 
 
@@ -30,12 +33,25 @@ class _AffineNormRule(NormRule):
     methods = ("per_sample",)
 
     def normalized(self, layer, x):  # pragma: no cover - abstract
+        """x̂ as the layer's forward forms it (in x's accumulation dtype, or as the layer rounds it)."""
         raise NotImplementedError
+
+    def normalized_ndim(self, layer) -> int:
+        """How many trailing dims of x are normalised together (``len(normalized_shape)``)."""
+        return len(layer.normalized_shape)
+
+    def epsilon(self, layer, dtype: torch.dtype) -> float:
+        """The layer's ε (``None``: the machine epsilon of the accumulation ``dtype``, as ``F.rms_norm``)."""
+        return layer.eps if layer.eps is not None else torch.finfo(dtype).eps
+
+    def kernel_applies(self, layer, x) -> bool:
+        """Whether :func:`~flashnorm.kernels.affine_norm.affine_norm_grads` computes this layer's x̂ for input x."""
+        return True
 
     def reduce_dims(self, layer, x):
         """Dims of x (batch first) summed to bring a per-position term onto the parameter: every dim
-        between the batch and the trailing ``normalized_shape`` (LayerNorm, RMSNorm)."""
-        return tuple(range(1, x.dim() - len(layer.normalized_shape)))
+        between the batch and the trailing normalised ones (LayerNorm, RMSNorm)."""
+        return tuple(range(1, x.dim() - self.normalized_ndim(layer)))
 
     def per_sample_dtype(self, layer, x_dtype, g_dtype):
         return accumulation_dtype_of(x_dtype, g_dtype)
@@ -48,7 +64,7 @@ class _AffineNormRule(NormRule):
 
     def join_uses(self, layer, xs, gs):
         """Positions normalised one by one (a 1-D ``normalized_shape``) concatenate along the sequence."""
-        if len(getattr(layer, "normalized_shape", ())) != 1:
+        if self.normalized_ndim(layer) != 1:
             return None
         return (torch.cat([flatten_to_sequences(x) for x in xs], dim=1),
                 torch.cat([flatten_to_sequences(g) for g in gs], dim=1))
@@ -59,22 +75,23 @@ class _AffineNormRule(NormRule):
 
     def per_sample_grads(self, layer, x, g, out=None, *, backend=None):
         weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
-        if self.centered is not None and len(layer.normalized_shape) == 1 and weight is not None and weight.requires_grad:
+        if (self.centered is not None and self.normalized_ndim(layer) == 1 and weight is not None and weight.requires_grad
+                and self.kernel_applies(layer, x)):
             out = out or {}
             with_bias = bias is not None and bias.requires_grad
             rows = (flatten_to_sequences(x), flatten_to_sequences(g))
-            eps = layer.eps if layer.eps is not None else torch.finfo(accumulation_dtype(x, g)).eps
-            w, b = affine_norm_grads(*rows, eps=eps, center=self.centered, with_bias=with_bias,
+            w, b = affine_norm_grads(*rows, eps=self.epsilon(layer, accumulation_dtype(x, g)), center=self.centered,
+                                     with_bias=with_bias,
                                      weight_out=out.get(weight), bias_out=out.get(bias) if with_bias else None,
                                      backend=backend)
             return {weight: w, bias: b} if with_bias else {weight: w}
         acc = accumulation_dtype(x, g)
-        x, g = x.to(acc), g.to(acc)
+        g = g.to(acc)
         dims = self.reduce_dims(layer, x)
         out = out or {}
         grads = {}
         if weight is not None and weight.requires_grad:
-            grads[weight] = _sum_onto(g * self.normalized(layer, x), dims, weight, out.get(weight))
+            grads[weight] = _sum_onto(g * self.normalized(layer, x).to(acc), dims, weight, out.get(weight))
         if bias is not None and bias.requires_grad:
             grads[bias] = _sum_onto(g, dims, bias, out.get(bias))
         return grads
@@ -98,7 +115,8 @@ class LayerNormRule(_AffineNormRule):
     centered = True
 
     def normalized(self, layer, x):
-        return F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
+        acc = accumulation_dtype(x)
+        return F.layer_norm(x.to(acc), layer.normalized_shape, eps=layer.eps)
 
 
 @register_norm_rule(nn.RMSNorm)
@@ -106,13 +124,59 @@ class RMSNormRule(_AffineNormRule):
     centered = False
 
     def normalized(self, layer, x):
-        return F.rms_norm(x, layer.normalized_shape, eps=layer.eps)
+        acc = accumulation_dtype(x)
+        return F.rms_norm(x.to(acc), layer.normalized_shape, eps=layer.eps)
+
+
+def _is_hf_rms_norm(cls: type) -> bool:
+    """``cls`` computes what ``transformers``' ``LlamaRMSNorm`` computes (its forward's very bytecode)."""
+    if not cls.__name__.endswith("RMSNorm") or not cls.__module__.startswith("transformers."):
+        return False
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:  # pragma: no cover - a transformers without Llama
+        return False
+    return same_forward(cls, LlamaRMSNorm)
+
+
+@register_norm_rule_matching(_is_hf_rms_norm)
+class HFRMSNormRule(RMSNormRule):
+    """``transformers``' RMSNorm: y = w ⊙ cast(x̂) with x̂ = x₃₂ · rsqrt(mean(x₃₂²) + ε) computed in float32
+    whatever x's dtype, cast back to x's dtype (ε = ``variance_epsilon``), so ∇w_b = Σ_t g_t ⊙ cast(x̂_t).
+
+    For float32 x the cast is the identity and the one-pass kernel applies; otherwise x̂ is formed as the
+    layer forms it (float32, then rounded to x's dtype: bf16 for a bf16 model, exact for float64)."""
+
+    def supports(self, layer):
+        weight = getattr(layer, "weight", None)
+        if not isinstance(getattr(layer, "variance_epsilon", None), (int, float)) or weight is None or weight.dim() != 1:
+            return "it has no 1-D weight and float variance_epsilon"
+        return None
+
+    def normalized_ndim(self, layer) -> int:
+        return 1
+
+    def epsilon(self, layer, dtype):
+        return layer.variance_epsilon
+
+    def kernel_applies(self, layer, x) -> bool:
+        return x.dtype == torch.float32
+
+    def normalized(self, layer, x):
+        h = x.to(torch.float32)
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + layer.variance_epsilon)).to(x.dtype)
+
+    def rounding_scale(self, layer, x, g):
+        """As RMSNorm's, with ‖cast(x̂)‖ ≤ (1 + u)·‖x̂‖ for the unit roundoff u of x's dtype."""
+        scale, positions = super().rounding_scale(layer, x, g)
+        return scale * (1.0 + torch.finfo(x.dtype).eps), positions
 
 
 @register_norm_rule(nn.GroupNorm)
 class GroupNormRule(_AffineNormRule):
     def normalized(self, layer, x):
-        return F.group_norm(x, layer.num_groups, eps=layer.eps)
+        acc = accumulation_dtype(x)
+        return F.group_norm(x.to(acc), layer.num_groups, eps=layer.eps)
 
     def reduce_dims(self, layer, x):
         return tuple(range(2, x.dim()))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Dict, Iterable, List, Optional, Tuple, Type
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,9 @@ from ..kernels._chunks import accumulation_dtype
 METHODS = ("flash", "gram", "per_sample", "exact")
 
 _RULES: Dict[type, "NormRule"] = {}
+#: Rules for layer classes recognised by what their ``forward`` computes (a library's many copies of one
+#: class), as (matches(layer type), rule), consulted when no registered class is in the layer's MRO.
+_MATCHED: List[Tuple[Callable[[type], bool], "NormRule"]] = []
 
 
 class NormRule(abc.ABC):
@@ -159,8 +162,32 @@ def register_norm_rule(layer_types, *, force: bool = False):
     return decorator
 
 
+def register_norm_rule_matching(matches: Callable[[type], bool]):
+    """Class decorator: registers an instance of the decorated :class:`NormRule` for every layer class for which
+    ``matches(cls)`` holds (e.g. a forward with the very bytecode of a reference class, :func:`same_forward`)."""
+
+    def decorator(rule_cls):
+        _MATCHED.append((matches, rule_cls()))
+        return rule_cls
+
+    return decorator
+
+
+def same_forward(cls: type, reference: type) -> bool:
+    """Whether ``cls.forward`` is ``reference.forward`` or has its very bytecode, constants and names (a copy of
+    the same source, as Hugging Face's "Copied from" classes are): it then computes the same function."""
+    forward, ref = getattr(cls, "forward", None), reference.forward
+    if forward is ref:
+        return True
+    code, ref_code = getattr(forward, "__code__", None), ref.__code__
+    return code is not None and all(
+        getattr(code, attr) == getattr(ref_code, attr) for attr in ("co_code", "co_consts", "co_names", "co_varnames")
+    )
+
+
 def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:
-    """The rule registered for the nearest class in ``type(layer)``'s MRO, or ``None``.
+    """The rule registered for the nearest class in ``type(layer)``'s MRO, else the first matching rule
+    (:func:`register_norm_rule_matching`), or ``None``.
 
     A subclass inherits its parent's rule (a user's ``class MyLinear(nn.Linear)`` gets the Linear rule) only
     while it computes what the parent computes: one that overrides ``forward`` gets ``None`` (and so the
@@ -170,7 +197,7 @@ def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:
         rule = _RULES.get(cls)
         if rule is not None:
             return rule if type(layer).forward is cls.forward else None
-    return None
+    return next((rule for matches, rule in _MATCHED if matches(type(layer))), None)
 
 
 def flatten_to_sequences(t: torch.Tensor) -> torch.Tensor:
@@ -204,5 +231,10 @@ def clipped_from_per_sample(
 
 
 def iter_rules() -> Iterable[Tuple[Type[nn.Module], NormRule]]:
-    """Registered (layer type, rule) pairs."""
+    """Registered (layer type, rule) pairs (rules registered by a match are in :func:`all_rules`)."""
     return _RULES.items()
+
+
+def all_rules() -> List[NormRule]:
+    """Every registered rule instance, by class or by match."""
+    return list({id(rule): rule for rule in [*_RULES.values(), *(rule for _, rule in _MATCHED)]}.values())

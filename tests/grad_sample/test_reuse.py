@@ -10,6 +10,7 @@ from opacus.layers import DPGRU, DPLSTM, DPRNN
 from torch.utils.data import DataLoader, TensorDataset
 
 from flashnorm import FlashNormPrivacyEngine
+from flashnorm.norms import PerSampleGradFallback
 from tests.conftest import TOLERANCES
 from tests.oracle import microbatch_reference
 
@@ -236,6 +237,8 @@ def test_hf_models_are_exact(name, mode):
     target = torch.randint(0, 3, (3,))
     oracle = microbatch_reference(model, ids, target, _sum_loss, 0.1)
     dp_model, grads = dp_step(model, ids, target, mode, "sum", 0.1)
+    fallback = [layer.name for layer in dp_model.layers if isinstance(layer.rule, PerSampleGradFallback)]
+    assert not fallback, f"layers on the per-sample fallback: {fallback}"  # LlamaRMSNorm has the RMSNorm rule
     torch.testing.assert_close(dp_model.get_norm_sample(), oracle.norms, rtol=1e-9, atol=1e-12)
     # LlamaRMSNorm computes in float32 whatever the model's dtype: the second pass of a two-pass mode sends
     # c_b-scaled gradients through those casts, which round them differently from the oracle's unscaled ones.

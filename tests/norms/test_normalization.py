@@ -1,6 +1,6 @@
 """The normalisation rules (flashnorm/norms/normalization.py): LayerNorm and RMSNorm over the last dim (the
 affine-norm kernel's path) and over two dims (the general sums), GroupNorm over channels and positions, with
-and without bias, a frozen weight, against the float64 truth."""
+and without bias, a frozen weight, and Hugging Face's RMSNorm copies, against the float64 truth."""
 
 import pytest
 import torch
@@ -21,6 +21,12 @@ def _random_affine(layer: nn.Module) -> nn.Module:
     return layer
 
 
+def _hf_rms_norm(model: str):
+    """``transformers``' RMSNorm of ``model`` (LlamaRMSNorm or one of its copies), with a non-default ε."""
+    modeling = pytest.importorskip(f"transformers.models.{model.lower()}.modeling_{model.lower()}")
+    return getattr(modeling, f"{model}RMSNorm")(C, eps=1e-3)
+
+
 #: name → (layer, input shape after the batch for a length T).
 LAYERS = {
     "layernorm": (lambda: nn.LayerNorm(C), lambda t: (t, C)),
@@ -30,6 +36,8 @@ LAYERS = {
     "rmsnorm": (lambda: nn.RMSNorm(C), lambda t: (t, C)),
     "rmsnorm_eps_none": (lambda: nn.RMSNorm(C, eps=None), lambda t: (t, C)),
     "rmsnorm_2dims": (lambda: nn.RMSNorm((3, C)), lambda t: (t, 3, C)),
+    "hf_llama_rmsnorm": (lambda: _hf_rms_norm("Llama"), lambda t: (t, C)),
+    "hf_qwen2_rmsnorm_4d": (lambda: _hf_rms_norm("Qwen2"), lambda t: (2, t, C)),
     "groupnorm_1d": (lambda: nn.GroupNorm(3, C), lambda t: (C, t)),
     "groupnorm_2d": (lambda: nn.GroupNorm(3, C), lambda t: (C, t, 3)),
 }
@@ -72,3 +80,26 @@ def test_frozen_parameter(name, frozen, device):
 def test_empty_batch(name, device):
     layer, x, g = layer_and_pair(name, 0, 37, torch.float32, device)
     assert_rule_exact(get_norm_rule(layer), layer, x, g)
+
+
+@pytest.mark.parametrize("model", ("Llama", "Qwen2"))
+def test_hf_rms_norm_gets_the_rmsnorm_rule(model):
+    """The copies of LlamaRMSNorm are recognised by their forward; GemmaRMSNorm (x̂ ⊙ (1 + w)) is not."""
+    assert type(get_norm_rule(_hf_rms_norm(model))).__name__ == "HFRMSNormRule"
+    gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
+    assert get_norm_rule(gemma.GemmaRMSNorm(C)) is None
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_hf_rms_norm_in_16_bit_rounds_x_hat_as_the_layer(dtype, device):
+    """A 16-bit HF RMSNorm multiplies w by x̂ rounded to the input dtype, so ∇w_b = Σ_t g_t ⊙ x̂_t with that
+    rounded x̂, which the layer itself returns when its weight is 1; the rule's sums are float32."""
+    layer = _random_affine(_hf_rms_norm("Llama")).to(device, dtype)
+    x = torch.randn(3, 37, C, dtype=dtype, device=device) * 3
+    g = torch.randn_like(x)
+    grads = get_norm_rule(layer).per_sample_grads(layer, x, g)[layer.weight]
+    with torch.no_grad():
+        unit = _hf_rms_norm("Llama").to(device, dtype)
+        expected = (g.float() * unit(x).float()).sum(dim=1)
+    assert grads.dtype == torch.float32
+    torch.testing.assert_close(grads, expected, rtol=1e-6, atol=1e-5)
