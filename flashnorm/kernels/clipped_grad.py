@@ -21,9 +21,18 @@ from typing import Optional
 
 import torch
 
+from ._chunks import accumulation_dtype
 from .backend import INTERPRET, cdiv, multiprocessor_count, resolve_backend, tf32_enabled, triton_choice
 from .flash_norm import MIN_BLOCKS_PER_SPLIT, flash_norm_config
-from .operands import prepare_pair, row_operands, use_descriptors
+from .operands import (
+    aligned_copies_pay,
+    aligned_copy_columns,
+    padded_to_aligned_rows,
+    prepare_pair,
+    row_operands,
+    tma_compatible,
+    use_descriptors,
+)
 from .tiles import accumulate_rows
 
 try:
@@ -109,6 +118,8 @@ def clipped_weight_grad_fused(
 
     ``config`` (tiles, as :func:`~flashnorm.kernels.flash_norm.flash_norm_config`), ``work``
     (:func:`clipped_weight_grad_work`) and ``use_tma`` have defaults; tests set them to reach every path.
+    With ``use_tma`` (by default from :func:`~flashnorm.kernels.operands.aligned_copies_pay`), rows that are not
+    16-byte aligned (GPT-2's 50257 logits) are read from aligned copies (:func:`_clipped_on_aligned_copies`).
     float32 inputs use tf32 dots (operands rounded to nearest) when ``torch.backends.cuda.matmul.allow_tf32``
     is set. Several programs adding into one output tile use float32 atomics: the result is exact to
     float32 rounding but its last bits may differ from run to run.
@@ -121,19 +132,58 @@ def clipped_weight_grad_fused(
     if 0 in (batch, steps, d, p):
         return torch.zeros(p, d, dtype=torch.float32, device=x.device)
     coef = coef.to(device=x.device, dtype=torch.float32).contiguous()
-    allow_tf32 = x.dtype == torch.float32 and tf32_enabled()
     x2, g2 = x.view(batch * steps, d), g.view(batch * steps, p)
-    cfg = config or flash_norm_config(d, p, x.dtype, interpret=INTERPRET)
+    aligned = tma_compatible(x2, g2)
+    if use_tma is None:
+        use_tma = use_descriptors(x2, g2) if aligned else aligned_copies_pay(x2, g2)
+    if use_tma and not aligned:
+        return _clipped_on_aligned_copies(x, g, coef, config, work)
+    out = torch.empty(p, d, dtype=torch.float32, device=x.device)
+    _launch_clipped(x2, g2, coef, out, batch, steps, config, work, use_tma)
+    return out
+
+
+def _clipped_on_aligned_copies(x, g, coef, config, work) -> torch.Tensor:
+    """Σ_b c_b G_bᵀX_b → float32 [p, d] from aligned copies of operands whose rows are not 16-byte aligned.
+
+    Σ_b c_b G_bᵀX_b = (Σ_b c_b X_bᵀG_b)ᵀ, so the wider operand plays G. Its column block c gives the output's
+    rows c: one launch per block of at most ``ALIGNED_COPY_BYTES`` (the last zero-padded; zero columns give zero
+    rows, dropped), so the peak memory moves by one block. The narrower operand is padded whole (zero columns
+    give zero output columns, dropped).
+    """
+    swap = x.shape[-1] > g.shape[-1]
+    if swap:
+        x, g = g, x
+    batch, steps, d = x.shape
+    p = g.shape[-1]
+    x2 = padded_to_aligned_rows(x).view(batch * steps, -1)
+    width = p if tma_compatible(g.view(batch * steps, p)) else aligned_copy_columns(batch * steps, p, g.element_size())
+    last = p - (p - 1) // width * width  # columns of the last block, before its padding
+    out = torch.empty(p + -last % (16 // g.element_size()), x2.shape[1], dtype=torch.float32, device=x.device)
+    for c0 in range(0, p, width):
+        block = padded_to_aligned_rows(g[:, :, c0 : c0 + width])
+        cols = block.shape[-1]
+        _launch_clipped(x2, block.view(batch * steps, cols), coef, out[c0 : c0 + cols], batch, steps, config, work, True)
+        block = None  # (freed before the next block is copied)
+    out = out[:p, :d]
+    return out.t().contiguous() if swap else out.contiguous()
+
+
+def _launch_clipped(x2, g2, coef, out, batch, steps, config, work, use_tma) -> None:
+    """One launch of ``_clipped_weight_grad_kernel`` writing Σ_b c_b G_bᵀX_b into ``out``: a contiguous [p, d]
+    float32 tensor (zeroed here when programs add into it)."""
+    d, p = x2.shape[1], g2.shape[1]
+    allow_tf32 = x2.dtype == torch.float32 and tf32_enabled()
+    cfg = config or flash_norm_config(d, p, x2.dtype, interpret=INTERPRET)
     n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
     t_chunk, n_chunks, per_split = work or clipped_weight_grad_work(
-        batch, steps, n_tiles, cfg.block_t, multiprocessor_count(x.device)
+        batch, steps, n_tiles, cfg.block_t, multiprocessor_count(x2.device)
     )
     n_units = batch * n_chunks
     splits = cdiv(n_units, per_split)
-    if use_tma is None:
-        use_tma = use_descriptors(x2, g2)
     x_desc, g_desc = row_operands(x2, g2, use_tma, cfg.block_t, cfg.block_d, cfg.block_p)
-    out = (torch.zeros if splits > 1 else torch.empty)(p, d, dtype=torch.float32, device=x.device)
+    if splits > 1:
+        out.zero_()
     _clipped_weight_grad_kernel[(n_tiles * splits,)](
         x_desc, g_desc, x2, g2, coef, out,
         steps, d, p, t_chunk, n_chunks, per_split, n_units,
@@ -141,55 +191,49 @@ def clipped_weight_grad_fused(
         ATOMIC=splits > 1, USE_TMA=use_tma, ALLOW_TF32=allow_tf32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return out
 
 
 def _scaled(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """c_b · G_b in the dtype of g, multiplied in float32 and rounded once (one pass over g)."""
+    """c_b · G_b in the dtype of g (float32 or float64: callers never round c ⊙ G to 16 bits), one pass over g."""
     out = torch.empty_like(g, memory_format=torch.contiguous_format)
-    return torch.mul(g, coef.to(torch.promote_types(g.dtype, torch.float32)).view(-1, *([1] * (g.dim() - 1))), out=out)
-
-
-#: The fused kernel beats scaling + cuBLAS for 16-bit inputs from this many rows per sample on (H200,
-#: benchmarks/results/kernels_h200_clipped.json: 1.09-1.98× at T ≥ 4096; at T = 1024 it wins for
-#: 768×2304 and 768×3072 but loses 0.55-0.65× for 3072×768, 768×768 and the 768×50257 head), and loses
-#: for float32 (0.29-0.31×: no K-major tf32 path), so those keep the reference.
-FUSED_MIN_STEPS = 4096
+    return torch.mul(g, coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))), out=out)
 
 
 def clipped_weight_grad(
     x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *, backend: Optional[str] = None
 ) -> torch.Tensor:
-    """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d].
+    """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d] (float32; float64 for float64 inputs).
 
-    :func:`clipped_weight_grad_fused` (float32 result) on CUDA for 16-bit inputs with T ≥
-    ``FUSED_MIN_STEPS``, and whenever ``backend="triton"``; otherwise :func:`clipped_weight_grad_reference`
-    (result in the inputs' dtype). Callers cast to the parameter's dtype. ``backend``: see
-    :func:`~flashnorm.kernels.backend.resolve_backend`.
+    c is applied in float32 to products that are float32-exact, never by rounding c ⊙ G to a 16-bit dtype: that
+    rounding errs by 2⁻⁹ of every term, far beyond the clipping coefficient's float32 allowance
+    (:mod:`~flashnorm.norms.rounding`), and inputs whose terms cancel could push a sample past C. So 16-bit inputs
+    take :func:`clipped_weight_grad_fused` on CUDA (and whenever ``backend="triton"``), and
+    :func:`clipped_weight_grad_reference` in float32 elsewhere; float32 inputs take the reference (cuBLAS),
+    which is faster there (benchmarks/results/kernels_h200_clipped.json: the fused kernel has no K-major tf32
+    path). ``backend``: see :func:`~flashnorm.kernels.backend.resolve_backend`. Callers cast to the parameter's dtype.
     """
     choice = triton_choice(x, g, resolve_backend(backend))
     sixteen_bit = {x.dtype, g.dtype} <= {torch.bfloat16, torch.float16}
-    if choice == "forced" or (choice == "default" and sixteen_bit and x.shape[1] >= FUSED_MIN_STEPS):
+    if choice == "forced" or (choice == "default" and sixteen_bit):
         return clipped_weight_grad_fused(x, g, coef)
     return clipped_weight_grad_reference(x, g, coef)
 
 
 def clipped_weight_grad_reference(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d] in the dtype of x and g.
+    """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d] in float32 (float64 for float64 inputs).
 
-    Scaling (c_b · G_b multiplied in float32, rounded once to G's dtype) and one cuBLAS GEMM over all B·T
-    rows. On the H200 (benchmarks/results/kernels_h200_clipped.json) the scaling pass adds 20-190% to the
-    GEMM alone, and in bf16 the result is 1000× less accurate than the fused kernel's (3e-3 against 1e-6
-    relative to the largest element), which applies c in float32 and never rounds c ⊙ G.
+    Scaling (c_b · G_b in float32, 16-bit inputs widened first) and one GEMM over all B·T rows.
     """
-    dtype = torch.promote_types(x.dtype, g.dtype)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, g.dtype), torch.float32)
     scaled = _scaled(g.to(dtype), coef).reshape(-1, g.shape[-1])
     return scaled.t().mm(x.to(dtype).reshape(-1, x.shape[-1]))
 
 
 def clipped_bias_grad(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """Σ_b c_b Σ_t G_b[t] for g: [B, T, p] → [p]."""
-    return _scaled(g, coef).sum(dim=(0, 1))
+    """Σ_b c_b Σ_t G_b[t] for g: [B, T, p] → [p] (float32; float64 for float64): each sample's sum accumulated
+    in float32, then weighted by c in float32 (c ⊙ G is never rounded to 16 bits)."""
+    acc = accumulation_dtype(g)
+    return coef.to(acc) @ g.sum(dim=1, dtype=acc)
 
 
 def per_sample_weight_grads(

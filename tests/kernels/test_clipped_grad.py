@@ -100,38 +100,115 @@ def test_fused_on_the_gpu_matches_float64(dtype, batch, steps, d, p):
     _assert_clipped_close(clipped_weight_grad_fused(x, g, coef), x, g, coef, TOLERANCES["tf32" if dtype == "fp32" else dtype])
 
 
-def test_dispatch_picks_the_measured_faster_path(monkeypatch, device):
-    """float64 always takes the reference (float64 result); FLASHNORM_BACKEND=triton takes the fused kernel
-    (float32 result for fp16 inputs, where the reference would return fp16), both exact."""
+def test_dispatch_never_rounds_c_times_g_to_16_bits(monkeypatch, device):
+    """float64 takes the reference (float64 result); 16-bit inputs give float32 either way: the reference widens
+    them, FLASHNORM_BACKEND=triton runs the fused kernel; both exact."""
     x, g, coef = torch.randn(3, 37, 72, device=device), torch.randn(3, 37, 40, device=device), torch.rand(3, device=device)
     monkeypatch.delenv("FLASHNORM_BACKEND", raising=False)
     want, largest = _clipped_float64(x, g, coef)
     by_default = clipped_weight_grad(x.double(), g.double(), coef.double())
     assert by_default.dtype == torch.float64
     torch.testing.assert_close(by_default, want, rtol=1e-12, atol=1e-12 * largest)
-    monkeypatch.setenv("FLASHNORM_BACKEND", "triton")
     x16, g16 = x.half(), g.half()
     want16, largest16 = _clipped_float64(x16, g16, coef)
-    forced = clipped_weight_grad(x16, g16, coef)
-    assert forced.dtype == torch.float32, "forced Triton runs the fused kernel, which returns float32"
-    torch.testing.assert_close(forced.double(), want16, rtol=1e-5, atol=1e-5 * largest16)
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FLASHNORM_BACKEND", backend)
+        out = clipped_weight_grad(x16, g16, coef)
+        assert out.dtype == torch.float32, backend
+        torch.testing.assert_close(out.double(), want16, rtol=1e-5, atol=1e-5 * largest16)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=("bf16", "fp16"))
+def test_c_is_applied_without_16_bit_rounding_on_cancelling_terms(dtype, monkeypatch):
+    """An attacker's sample: positions whose G rows nearly cancel (a, −a·(1 + 2⁻⁷), …) against equal inputs, so
+    that W_b is 2⁻⁸ of the terms. Rounding c·g_t to 16 bits would err by up to 2⁻⁹ of each term, i.e. up to half
+    of W_b, far past the clipping coefficient's float32 allowance γ·s_b. The applied weight and bias gradients stay
+    within that allowance of c·W_b (the reference here; the fused kernel keeps c in float32 by construction)."""
+    from flashnorm.norms import rounding
+
+    monkeypatch.setenv("FLASHNORM_BACKEND", "torch")
+    steps, d = 64, 8
+    x = torch.ones(1, steps, d, dtype=dtype)
+    rows = torch.tensor([1.0, -(1.0 + 2.0**-7)]).repeat(steps // 2)
+    g = (rows[:, None] * torch.tensor([1.0, 3.0, 5.0, 7.0])).to(dtype)[None]
+    exact_w = torch.einsum("btp,btd->pd", g.double(), x.double())
+    exact_b = g.double().sum(dim=(0, 1))
+    s = x.double().norm() * g.double().norm()
+    beyond = 0
+    for c in (0.3, 0.7071, 0.123, 0.999):
+        coef = torch.tensor([c])
+        radius = 2 * rounding.gamma(steps, 1, dtype) * c * s
+        err_w = (clipped_weight_grad(x, g, coef).double() - c * exact_w).norm()
+        err_b = (clipped_bias_grad(g, coef).double() - c * exact_b).norm()
+        assert err_w <= radius and err_b <= radius, (c, err_w.item(), err_b.item(), radius.item())
+        rounded = (g.float() * c).to(dtype).double()  # what a 16-bit scaling applies
+        beyond += (torch.einsum("btp,btd->pd", rounded, x.double()) - c * exact_w).norm() > 10 * radius
+    assert beyond, "the inputs must make a 16-bit scaling leave the allowance, or the test shows nothing"
 
 
 @pytest.mark.gpu
-def test_dispatch_on_the_gpu_follows_the_measurements(monkeypatch):
-    """CUDA: 16-bit inputs from FUSED_MIN_STEPS rows per sample take the fused kernel, shorter ones and float32
-    the reference."""
-    from flashnorm.kernels.clipped_grad import FUSED_MIN_STEPS
+def test_dispatch_on_the_gpu_takes_the_fused_kernel_for_16_bit(monkeypatch):
+    """CUDA: 16-bit inputs take the fused kernel at every T (c applied in float32), float32 inputs the reference."""
+    from flashnorm.kernels import clipped_grad
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.delenv("FLASHNORM_BACKEND", raising=False)
+    fused = []
+    original = clipped_grad.clipped_weight_grad_fused
+    monkeypatch.setattr(clipped_grad, "clipped_weight_grad_fused", lambda *a, **k: fused.append(1) or original(*a, **k))
     coef = torch.rand(2, device="cuda")
-    for steps, dtype, fused in ((FUSED_MIN_STEPS, torch.bfloat16, True), (1024, torch.bfloat16, False), (FUSED_MIN_STEPS, torch.float32, False)):
+    for steps, dtype, want_fused in ((4096, torch.bfloat16, True), (37, torch.bfloat16, True), (1024, torch.float16, True),
+                                     (4096, torch.float32, False)):
+        fused.clear()
         x, g = torch.randn(2, steps, 64, device="cuda", dtype=dtype), torch.randn(2, steps, 48, device="cuda", dtype=dtype)
         out = clipped_weight_grad(x, g, coef)
-        assert out.dtype == (torch.float32 if fused else dtype), (steps, dtype, out.dtype)
-        _assert_clipped_close(out.float(), x, g, coef, TOLERANCES["tf32" if dtype == torch.float32 else "bf16"])
+        assert bool(fused) == want_fused and out.dtype == torch.float32, (steps, dtype)
+        _assert_clipped_close(out, x, g, coef, TOLERANCES["tf32" if dtype == torch.float32 else "bf16"])
+
+
+@pytest.mark.parametrize("d,p", [(24, 301), (301, 24), (23, 9)], ids=["g-wider", "x-wider", "both-odd"])
+@pytest.mark.parametrize("steps", (1, 37))
+def test_fused_on_unaligned_rows_reads_aligned_copies(d, p, steps, device, monkeypatch):
+    """Rows that are not 16-byte aligned are read through descriptors from aligned copies: the wider operand as
+    G in blocks of 128 columns (the last zero-padded: its zero output rows are dropped), the narrower whole."""
+    from flashnorm.kernels import clipped_grad, operands
+    from flashnorm.kernels.clipped_grad import clipped_weight_grad_fused
+    from tests.kernels.truth import skip_without_tma
+
+    skip_without_tma(True, device)
+    launches = []
+    original = clipped_grad._launch_clipped
+    monkeypatch.setattr(clipped_grad, "_launch_clipped", lambda *a: launches.append(a[1].shape[1]) or original(*a))
+    monkeypatch.setattr(operands, "ALIGNED_COPY_BYTES", 1)
+    dt = torch.float16
+    x, g = torch.randn(3, steps, d, device=device, dtype=dt), torch.randn(3, steps, p, device=device, dtype=dt)
+    coef = torch.tensor([0.25, 1.0, 0.5], device=device)
+    out = clipped_weight_grad_fused(x, g, coef, use_tma=True)
+    assert out.is_contiguous()
+    _assert_clipped_close(out, x, g, coef, TOLERANCES["fp16"])
+    assert launches == ([128, 128, 48] if max(d, p) == 301 else [24])  # (23, 9): 23 plays G, padded to 24
+
+
+def test_fused_default_takes_aligned_copies_where_they_pay(device, monkeypatch):
+    """The default policy (compute capability 9.x, 16-bit, work ≥ TMA_MIN_WORK, unaligned rows) routes the launch
+    through the aligned copies; aligned rows never are."""
+    from flashnorm.kernels import clipped_grad, operands
+    from flashnorm.kernels.clipped_grad import clipped_weight_grad_fused
+
+    taken = []
+    original = clipped_grad._clipped_on_aligned_copies
+    monkeypatch.setattr(clipped_grad, "_clipped_on_aligned_copies", lambda *a: taken.append(1) or original(*a))
+    monkeypatch.setattr(operands, "supports_tma", lambda device: True)
+    monkeypatch.setattr(operands, "TMA_MIN_WORK", 1)
+    coef = torch.rand(2, device=device)
+    dt = torch.float16
+    x, g = torch.randn(2, 37, 24, device=device, dtype=dt), torch.randn(2, 37, 9, device=device, dtype=dt)
+    _assert_clipped_close(clipped_weight_grad_fused(x, g, coef), x, g, coef, TOLERANCES["fp16"])
+    assert taken == [1]
+    g = torch.randn(2, 37, 16, device=device, dtype=dt)
+    clipped_weight_grad_fused(x, g, coef)
+    assert taken == [1]
 
 
 def test_fused_rejects_bad_inputs_clearly(device):
