@@ -164,7 +164,7 @@ def register_norm_rule(layer_types, *, force: bool = False):
 
 def register_norm_rule_matching(matches: Callable[[type], bool]):
     """Class decorator: registers an instance of the decorated :class:`NormRule` for every layer class for which
-    ``matches(cls)`` holds (e.g. a forward with the very bytecode of a reference class, :func:`same_forward`)."""
+    ``matches(cls)`` holds (e.g. a forward with the very bytecode of a reference class, :func:`same_code`)."""
 
     def decorator(rule_cls):
         _MATCHED.append((matches, rule_cls()))
@@ -173,16 +173,21 @@ def register_norm_rule_matching(matches: Callable[[type], bool]):
     return decorator
 
 
-def same_forward(cls: type, reference: type) -> bool:
-    """Whether ``cls.forward`` is ``reference.forward`` or has its very bytecode, constants and names (a copy of
-    the same source, as Hugging Face's "Copied from" classes are): it then computes the same function."""
-    forward, ref = getattr(cls, "forward", None), reference.forward
-    if forward is ref:
-        return True
-    code, ref_code = getattr(forward, "__code__", None), ref.__code__
-    return code is not None and all(
-        getattr(code, attr) == getattr(ref_code, attr) for attr in ("co_code", "co_consts", "co_names", "co_varnames")
-    )
+def same_code(cls: type, reference: type, methods: Tuple[str, ...] = ("forward",)) -> bool:
+    """Whether each of ``methods`` of ``cls`` is ``reference``'s or has its very bytecode, constants and names (a
+    copy of the same source, as Hugging Face's "Copied from" classes are): ``cls`` then computes what
+    ``reference`` computes."""
+
+    def same(name: str) -> bool:
+        method, ref = getattr(cls, name, None), getattr(reference, name)
+        if method is ref:
+            return True
+        code, ref_code = getattr(method, "__code__", None), ref.__code__
+        return code is not None and all(
+            getattr(code, attr) == getattr(ref_code, attr) for attr in ("co_code", "co_consts", "co_names", "co_varnames")
+        )
+
+    return all(same(name) for name in methods)
 
 
 def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:
@@ -190,13 +195,15 @@ def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:
     (:func:`register_norm_rule_matching`), or ``None``.
 
     A subclass inherits its parent's rule (a user's ``class MyLinear(nn.Linear)`` gets the Linear rule) only
-    while it computes what the parent computes: one that overrides ``forward`` gets ``None`` (and so the
-    exact per-sample fallback), since the parent's algebra need not hold for its own forward.
+    while it computes what the parent computes: one that overrides ``forward`` gets a matching rule or ``None``
+    (and so the exact per-sample fallback), since the parent's algebra need not hold for its own forward.
     """
     for cls in type(layer).__mro__:
         rule = _RULES.get(cls)
         if rule is not None:
-            return rule if type(layer).forward is cls.forward else None
+            if type(layer).forward is cls.forward:
+                return rule
+            break
     return next((rule for matches, rule in _MATCHED if matches(type(layer))), None)
 
 

@@ -38,6 +38,8 @@ LAYERS = {
     "rmsnorm_2dims": (lambda: nn.RMSNorm((3, C)), lambda t: (t, 3, C)),
     "hf_llama_rmsnorm": (lambda: _hf_rms_norm("Llama"), lambda t: (t, C)),
     "hf_qwen2_rmsnorm_4d": (lambda: _hf_rms_norm("Qwen2"), lambda t: (2, t, C)),
+    "hf_gemma_rmsnorm": (lambda: _hf_rms_norm("Gemma"), lambda t: (t, C)),
+    "hf_gemma2_rmsnorm_4d": (lambda: _hf_rms_norm("Gemma2"), lambda t: (2, t, C)),
     "groupnorm_1d": (lambda: nn.GroupNorm(3, C), lambda t: (C, t)),
     "groupnorm_2d": (lambda: nn.GroupNorm(3, C), lambda t: (C, t, 3)),
 }
@@ -54,6 +56,8 @@ def layer_and_pair(name, batch, steps, dtype, device):
 @pytest.mark.parametrize("steps", (1, 37, 601))
 @pytest.mark.parametrize("name", LAYERS)
 def test_rule_matches_float64(name, steps, dtype, device):
+    if name.startswith("hf_gemma") and dtype == "fp64":
+        pytest.skip("Gemma's RMSNorm forms its gradient in float32 whatever its dtype: no float64 truth to match")
     layer, x, g = layer_and_pair(name, 3, steps, DTYPES[dtype], device)
     assert_rule_exact(get_norm_rule(layer), layer, x, g)
 
@@ -82,12 +86,29 @@ def test_empty_batch(name, device):
     assert_rule_exact(get_norm_rule(layer), layer, x, g)
 
 
-@pytest.mark.parametrize("model", ("Llama", "Qwen2"))
-def test_hf_rms_norm_gets_the_rmsnorm_rule(model):
-    """The copies of LlamaRMSNorm are recognised by their forward; GemmaRMSNorm (x̂ ⊙ (1 + w)) is not."""
-    assert type(get_norm_rule(_hf_rms_norm(model))).__name__ == "HFRMSNormRule"
-    gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
-    assert get_norm_rule(gemma.GemmaRMSNorm(C)) is None
+@pytest.mark.parametrize("model,rule", [("Llama", "HFRMSNormRule"), ("Qwen2", "HFRMSNormRule"),
+                                        ("Gemma", "HFGemmaRMSNormRule"), ("Gemma3", "HFGemmaRMSNormRule")])
+def test_hf_rms_norms_are_recognised_by_their_code(model, rule):
+    """LlamaRMSNorm (w ⊙ cast(x̂)) and GemmaRMSNorm (cast(x̂ ⊙ (1 + w))) and their copies each get their rule;
+    T5's layer norm (x̂ cast to the weight's dtype) has other code and takes the fallback."""
+    assert type(get_norm_rule(_hf_rms_norm(model))).__name__ == rule
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    assert get_norm_rule(t5.T5LayerNorm(C)) is None
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_hf_gemma_rms_norm_in_16_bit_keeps_x_hat_in_float32(dtype, device):
+    """A 16-bit Gemma RMSNorm multiplies x̂ by (1 + w) in float32 before the cast, so ∇w_b = Σ_t g_t ⊙ x̂_t with
+    x̂ unrounded: what the layer itself returns in float32 when w = 0, for its input widened."""
+    layer = _random_affine(_hf_rms_norm("Gemma")).to(device, dtype)
+    x = torch.randn(3, 37, C, dtype=dtype, device=device) * 3
+    g = torch.randn_like(x)
+    grads = get_norm_rule(layer).per_sample_grads(layer, x, g)[layer.weight]
+    with torch.no_grad():
+        zero = _hf_rms_norm("Gemma").to(device)
+        expected = (g.float() * zero(x.float())).sum(dim=1)
+    assert grads.dtype == torch.float32
+    torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
