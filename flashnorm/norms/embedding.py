@@ -9,6 +9,9 @@ computed by summing G rows per distinct (sample, id) key (a sort and an ``index_
 rows; no B×V×D or B×T×T tensor, no host synchronisation). Rows at ``padding_idx`` get no gradient, as in ``nn.Embedding``.
 The clipped gradient is the embedding backward of c ⊙ G. Sparse embeddings and
 ``scale_grad_by_freq`` fall back to per-sample gradients.
+
+Gemma's ``GemmaTextScaledWordEmbedding`` (a lookup times a constant ``embed_scale``, and its copies, recognised by
+their code) takes the same rule on the lookup's gradient G·scale (:meth:`EmbeddingRule.lookup_grad`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels._chunks import accumulation_dtype
-from .registry import NormRule, register_norm_rule
+from .registry import NormRule, register_norm_rule, register_norm_rule_matching, same_code
 from .rounding import frobenius_per_sample
 
 
@@ -34,12 +37,15 @@ class EmbeddingRule(NormRule):
             return "scale_grad_by_freq=True"
         return None
 
-    @staticmethod
-    def _rows(layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor):
+    def lookup_grad(self, layer: nn.Embedding, g: torch.Tensor) -> torch.Tensor:
+        """The gradient of the looked-up rows, from the gradient g of the layer's output (the same here)."""
+        return g
+
+    def _rows(self, layer: nn.Embedding, ids: torch.Tensor, g: torch.Tensor):
         """Flattened (sample index, id, gradient row); rows at ``padding_idx`` are zeroed (no host sync)."""
         batch = ids.shape[0]
         ids = ids.reshape(batch, math.prod(ids.shape[1:]))  # (not -1: ambiguous for an empty batch)
-        rows = g.reshape(batch, ids.shape[1], g.shape[-1])
+        rows = self.lookup_grad(layer, g).reshape(batch, ids.shape[1], g.shape[-1])
         sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)
         ids, rows, sample = ids.reshape(-1), rows.reshape(-1, rows.shape[-1]), sample.reshape(-1)
         if layer.padding_idx is not None:
@@ -74,7 +80,7 @@ class EmbeddingRule(NormRule):
     def rounding_scale(self, layer, x, g):
         """Row v of W_b sums the G_b[t] with ids_b[t] = v: s_b = √T·‖G_b‖_F ≥ Σ_t ‖G_b[t]‖, n = T."""
         steps = math.prod(x.shape[1:])
-        return math.sqrt(steps) * frobenius_per_sample(g), steps
+        return math.sqrt(steps) * frobenius_per_sample(self.lookup_grad(layer, g)), steps
 
     def clipped_grads(self, layer, x, g, coef, vectors=True, *, backend=None):
         sample, ids, rows = self._rows(layer, x, g)
@@ -94,3 +100,23 @@ class EmbeddingRule(NormRule):
             grads = torch.zeros(x.shape[0], *layer.weight.shape, dtype=layer.weight.dtype, device=g.device)
         grads.index_put_((sample, ids), rows.to(grads.dtype), accumulate=True)
         return {layer.weight: grads}
+
+
+def _is_hf_scaled_embedding(cls: type) -> bool:
+    """``cls`` is a ``transformers`` class with the code of Gemma's ``GemmaTextScaledWordEmbedding``."""
+    if not cls.__module__.startswith("transformers.") or not issubclass(cls, nn.Embedding):
+        return False
+    try:
+        from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+    except ImportError:  # pragma: no cover - a transformers without Gemma
+        return False
+    return same_code(cls, GemmaTextScaledWordEmbedding)
+
+
+@register_norm_rule_matching(_is_hf_scaled_embedding)
+class ScaledEmbeddingRule(EmbeddingRule):
+    """Gemma's embedding: y = lookup(ids) · s, s the constant buffer ``embed_scale`` cast to the weight's dtype, so
+    the lookup's gradient is g · s, formed as autograd forms it."""
+
+    def lookup_grad(self, layer, g):
+        return g * layer.embed_scale.to(layer.weight.dtype)

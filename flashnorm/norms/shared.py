@@ -57,7 +57,7 @@ def cross_term(
         ((rule_b, layer_b, x_b, g_b), (rule_a, layer_a, x_a, g_a)),
     ):
         if isinstance(ra, EmbeddingRule) and type(rb) is LinearRule and la.weight is param and lb.weight is param:
-            return _embedding_head_cross(la, xa, ga, rb, lb, xb, gb)
+            return _embedding_head_cross(la, xa, ra.lookup_grad(la, ga), rb, lb, xb, gb)
     return per_sample_dot(rule_a.per_sample_grads(layer_a, x_a, g_a, backend=backend)[param],
                           rule_b.per_sample_grads(layer_b, x_b, g_b, backend=backend)[param])
 

@@ -50,3 +50,15 @@ def test_unsupported_options_fall_back(option):
     layer = nn.Embedding(VOCAB, DIM, **{option: True})
     assert get_norm_rule(layer).supports(layer) == f"{option}=True"
     assert get_norm_rule(nn.Embedding(VOCAB, DIM)).supports(nn.Embedding(VOCAB, DIM)) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("steps", (1, 37, 601))
+def test_gemma_scaled_embedding_matches_float64(steps, dtype, device):
+    """Gemma's embedding (lookup · embed_scale, a buffer): recognised by its code, exact with its padding row."""
+    modeling = pytest.importorskip("transformers.models.gemma.modeling_gemma")
+    layer = modeling.GemmaTextScaledWordEmbedding(VOCAB, DIM, padding_idx=0, embed_scale=DIM**0.5).to(device, DTYPES[dtype])
+    assert type(get_norm_rule(layer)).__name__ == "ScaledEmbeddingRule"
+    ids = torch.randint(0, VOCAB, (3, steps), device=device)
+    g = torch.randn(3, steps, DIM, dtype=DTYPES[dtype], device=device)
+    assert_rule_exact(get_norm_rule(layer), layer, ids, g, methods=("exact", "per_sample"))
