@@ -2,6 +2,8 @@
 a layer called twice, a module under two names, a weight tied between two layers, Opacus's DP RNNs (an
 ``RNNLinear`` called once per time step), and activation checkpointing (reentrant and not)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -258,6 +260,27 @@ def test_hf_models_are_exact(name, mode):
         rtol, atol = TOLERANCES["fp32"]
     for name_, p in model.named_parameters():
         torch.testing.assert_close(grads[name_], oracle.clipped_sum[name_], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "gemma_tied"])
+@pytest.mark.parametrize("mode", MODES)
+def test_hf_tied_models_bound_an_adversarial_samples_influence(name, mode):
+    """As an attacker would, noise 0: a sample that repeats one token and targets that same token (its tied
+    embedding row and head row both carry its gradient, the cross term at its largest) changes the summed clipped
+    gradient by at most C, through the RMSNorm, scaled-embedding and tied-head rules."""
+    torch.manual_seed(0)
+    model = _hf_model(name).double()
+    ids = torch.randint(1, 37, (5, 9))
+    target = torch.randint(0, 37, (5,))
+    ids[-1], target[-1] = 7, 7
+    clip = 1e-3
+
+    def summed(x, y):
+        _, grads = dp_step(copy.deepcopy(model), x, y, mode, "sum", clip)
+        return torch.cat([g.flatten() for g in grads.values()])
+
+    influence = (summed(ids, target) - summed(ids[:-1], target[:-1])).norm()
+    assert influence <= clip * (1 + 1e-3), influence
 
 
 def test_non_reentrant_checkpointing_pins_no_input_in_the_forward():

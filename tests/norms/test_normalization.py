@@ -124,3 +124,11 @@ def test_hf_rms_norm_in_16_bit_rounds_x_hat_as_the_layer(dtype, device):
         expected = (g.float() * unit(x).float()).sum(dim=1)
     assert grads.dtype == torch.float32
     torch.testing.assert_close(grads, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_hf_rms_norm_without_its_epsilon_is_refused_by_the_rule_with_the_reason():
+    """A copy whose ε is not a number (here None) is not the layer the rule's algebra describes: the rule says why,
+    and discovery then puts the layer on the exact fallback."""
+    layer = _hf_rms_norm("Llama")
+    layer.variance_epsilon = None
+    assert get_norm_rule(layer).supports(layer) == "it has no 1-D weight and float variance_epsilon"
