@@ -25,9 +25,8 @@ from ._chunks import accumulation_dtype
 from .backend import INTERPRET, cdiv, multiprocessor_count, resolve_backend, tf32_enabled, triton_choice
 from .flash_norm import MIN_BLOCKS_PER_SPLIT, flash_norm_config
 from .operands import (
+    aligned_copies,
     aligned_copies_pay,
-    aligned_copy_columns,
-    padded_to_aligned_rows,
     prepare_pair,
     row_operands,
     tma_compatible,
@@ -144,29 +143,21 @@ def clipped_weight_grad_fused(
 
 
 def _clipped_on_aligned_copies(x, g, coef, config, work) -> torch.Tensor:
-    """Σ_b c_b G_bᵀX_b → float32 [p, d] from aligned copies of operands whose rows are not 16-byte aligned.
-
-    Σ_b c_b G_bᵀX_b = (Σ_b c_b X_bᵀG_b)ᵀ, so the wider operand plays G. Its column block c gives the output's
-    rows c: one launch per block of at most ``ALIGNED_COPY_BYTES`` (the last zero-padded; zero columns give zero
-    rows, dropped), so the peak memory moves by one block. The narrower operand is padded whole (zero columns
-    give zero output columns, dropped).
-    """
-    swap = x.shape[-1] > g.shape[-1]
-    if swap:
-        x, g = g, x
-    batch, steps, d = x.shape
-    p = g.shape[-1]
-    x2 = padded_to_aligned_rows(x).view(batch * steps, -1)
-    width = p if tma_compatible(g.view(batch * steps, p)) else aligned_copy_columns(batch * steps, p, g.element_size())
-    last = p - (p - 1) // width * width  # columns of the last block, before its padding
-    out = torch.empty(p + -last % (16 // g.element_size()), x2.shape[1], dtype=torch.float32, device=x.device)
-    for c0 in range(0, p, width):
-        block = padded_to_aligned_rows(g[:, :, c0 : c0 + width])
-        cols = block.shape[-1]
-        _launch_clipped(x2, block.view(batch * steps, cols), coef, out[c0 : c0 + cols], batch, steps, config, work, True)
-        block = None  # (freed before the next block is copied)
-    out = out[:p, :d]
-    return out.t().contiguous() if swap else out.contiguous()
+    """Σ_b c_b G_bᵀX_b → float32 [p, d] from aligned copies of operands whose rows are not 16-byte aligned
+    (:func:`~flashnorm.kernels.operands.aligned_copies`: the wider operand plays G, copied a block of columns at a
+    time). G's column block c gives the output's rows c, one launch each; the zero rows and columns of the
+    padding are dropped, and a swapped result is transposed back."""
+    copies = aligned_copies(x, g)
+    batch, steps = x.shape[:2]
+    p = copies.g.shape[-1]
+    last = p - (p - 1) // copies.width * copies.width  # columns of the last block, before its padding
+    out = torch.empty(p + -last % (16 // g.element_size()), copies.x2.shape[1], dtype=torch.float32, device=x.device)
+    for c0 in range(0, p, copies.width):
+        g2 = copies.block(c0)
+        _launch_clipped(copies.x2, g2, coef, out[c0 : c0 + g2.shape[1]], batch, steps, config, work, True)
+        g2 = None  # (freed before the next block is copied)
+    out = out[:p, : copies.d]
+    return out.t().contiguous() if copies.swapped else out.contiguous()
 
 
 def _launch_clipped(x2, g2, coef, out, batch, steps, config, work, use_tma) -> None:

@@ -28,10 +28,9 @@ import torch
 from ._chunks import accumulation_dtype, rows_per_chunk
 from .backend import INTERPRET, cdiv, dispatch, multiprocessor_count, resolve_backend, tf32_enabled
 from .operands import (
+    aligned_copies,
     aligned_copies_pay,
-    aligned_copy_columns,
     check_sequence_pair,
-    padded_to_aligned_rows,
     prepare_launch,
     row_operands,
     tma_compatible,
@@ -326,26 +325,20 @@ def _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32):
     compiled kernel.
 
     ‖G_bᵀX_b‖² = ‖X_bᵀG_b‖², so the wider operand plays G, and it is a sum over column blocks c of G:
-    Σ_c ‖G_b[:, c]ᵀX_b‖². An unaligned G is copied one column block at a time (at most ``ALIGNED_COPY_BYTES``,
-    :func:`~flashnorm.kernels.operands.aligned_copy_columns`, the last block zero-padded), each block one launch
-    adding into ``norm_sq``: the peak memory moves by one block whatever B and T. An unaligned X, the narrower,
-    is copied whole (:func:`~flashnorm.kernels.operands.padded_to_aligned_rows`).
+    Σ_c ‖G_b[:, c]ᵀX_b‖², one launch per block (:func:`~flashnorm.kernels.operands.aligned_copies`), each adding
+    into ``norm_sq``. Zero-padded columns add nothing.
     """
-    if x.shape[-1] > g.shape[-1]:
-        x, g = g, x
-    batch, steps, _ = x.shape
-    x = padded_to_aligned_rows(x)
-    d, p = x.shape[-1], g.shape[-1]
-    x2 = x.view(batch * steps, d)
-    width = p if tma_compatible(g.view(batch * steps, p)) else aligned_copy_columns(batch * steps, p, g.element_size())
+    copies = aligned_copies(x, g)
+    batch, steps = x.shape[:2]
+    d = copies.x2.shape[1]
     kernel = None
-    for c0 in range(0, p, width):
-        block = padded_to_aligned_rows(g[:, :, c0 : c0 + width])
-        cols = block.shape[-1]
+    for c0 in range(0, copies.g.shape[-1], copies.width):
+        g2 = copies.block(c0)
+        cols = g2.shape[1]
         cfg = config or flash_norm_config(d, cols, x.dtype, INTERPRET, False, batch, multiprocessor_count(x.device))
-        g2 = block.view(batch * steps, cols)
-        kernel = _launch_tiles(x2, g2, x2, g2, norm_sq, batch, steps, d, cols, cfg, splits, True, allow_tf32, False)
-        block = g2 = None  # (freed before the next block is copied)
+        kernel = _launch_tiles(copies.x2, g2, copies.x2, g2, norm_sq, batch, steps, d, cols, cfg, splits, True,
+                               allow_tf32, False)
+        g2 = None  # (freed before the next block is copied)
     return kernel
 
 

@@ -4,6 +4,8 @@ and made contiguous, and the policy for reading them through TMA tensor descript
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .backend import supports_tma, tf32_enabled
@@ -109,6 +111,38 @@ def aligned_copy_columns(rows: int, cols: int, element_size: int, multiple: int 
     ``multiple`` (a tile width), at least one multiple, at most all of them."""
     fit = ALIGNED_COPY_BYTES // max(1, rows * element_size) // multiple * multiple
     return min(max(multiple, fit), cols)
+
+
+class AlignedCopies(NamedTuple):
+    """How a launch over x: [B, T, d], g: [B, T, p] whose rows are not all 16-byte aligned reads aligned copies.
+
+    The wider operand plays g (``swapped`` when that is x: ‖G_bᵀX_b‖ and Σ_b c_b X_bᵀG_b = (Σ_b c_b G_bᵀX_b)ᵀ
+    allow it) and is copied one block of ``width`` columns at a time (:meth:`block`), so the peak memory moves by
+    one block whatever B and T; the narrower, ``x2``, is copied whole, zero-padded (``d`` columns before).
+    """
+
+    swapped: bool
+    x2: torch.Tensor  # [B·T, d'] aligned rows
+    d: int
+    g: torch.Tensor  # [B, T, p], the wider operand
+    width: int  # columns per block of g
+
+    def block(self, c0: int) -> torch.Tensor:
+        """g's columns [c0, c0 + width) as an aligned [B·T, cols] copy (the last block zero-padded; g itself when
+        its rows are aligned)."""
+        block = padded_to_aligned_rows(self.g[:, :, c0 : c0 + self.width])
+        return block.view(-1, block.shape[-1])
+
+
+def aligned_copies(x: torch.Tensor, g: torch.Tensor) -> AlignedCopies:
+    """The :class:`AlignedCopies` layout of contiguous x: [B, T, d], g: [B, T, p]."""
+    swapped = x.shape[-1] > g.shape[-1]
+    if swapped:
+        x, g = g, x
+    batch, steps, d = x.shape
+    p = g.shape[-1]
+    width = p if tma_compatible(g.view(batch * steps, p)) else aligned_copy_columns(batch * steps, p, g.element_size())
+    return AlignedCopies(swapped, padded_to_aligned_rows(x).view(batch * steps, -1), d, g, width)
 
 
 def row_operands(x2: torch.Tensor, g2: torch.Tensor, use_tma: bool, block_rows: int, block_x: int, block_g: int):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels._chunks import accumulation_dtype
-from .registry import NormRule, register_norm_rule, register_norm_rule_matching, same_code
+from .registry import NormRule, copies_of, register_norm_rule, register_norm_rule_matching
 from .rounding import frobenius_per_sample
 
 
@@ -102,18 +102,9 @@ class EmbeddingRule(NormRule):
         return {layer.weight: grads}
 
 
-def _is_hf_scaled_embedding(cls: type) -> bool:
-    """``cls`` is a ``transformers`` class with the code of Gemma's ``GemmaTextScaledWordEmbedding``."""
-    if not cls.__module__.startswith("transformers.") or not issubclass(cls, nn.Embedding):
-        return False
-    try:
-        from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
-    except ImportError:  # pragma: no cover - a transformers without Gemma
-        return False
-    return same_code(cls, GemmaTextScaledWordEmbedding)
-
-
-@register_norm_rule_matching(_is_hf_scaled_embedding)
+@register_norm_rule_matching(
+    copies_of("transformers.models.gemma.modeling_gemma", "GemmaTextScaledWordEmbedding", base=nn.Embedding)
+)
 class ScaledEmbeddingRule(EmbeddingRule):
     """Gemma's embedding: y = lookup(ids) · s, s the constant buffer ``embed_scale`` cast to the weight's dtype, so
     the lookup's gradient is g · s, formed as autograd forms it."""

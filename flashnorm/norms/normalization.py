@@ -11,13 +11,12 @@ A LayerNorm or RMSNorm over its last dimension with a trainable weight goes thro
 :func:`~flashnorm.kernels.affine_norm.affine_norm_grads` (one kernel on CUDA, its reference elsewhere).
 
 Hugging Face's RMSNorms get the RMSNorm rule too, recognised by their code
-(:func:`~flashnorm.norms.registry.same_code`): ``LlamaRMSNorm`` and the classes copied from it (Mistral, Qwen2,
+(:func:`~flashnorm.norms.registry.copies_of`): ``LlamaRMSNorm`` and the classes copied from it (Mistral, Qwen2,
 Phi-3, …), and ``GemmaRMSNorm``'s x̂ ⊙ (1 + w) and its copies (Gemma 2 and 3, Qwen3-Next, …).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional
 
@@ -27,8 +26,8 @@ import torch.nn.functional as F
 
 from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
 from ..kernels.affine_norm import affine_norm_grads
-from .registry import NormRule, flatten_to_sequences, register_norm_rule, register_norm_rule_matching, same_code
-from .rounding import frobenius_per_sample
+from .registry import NormRule, copies_of, flatten_to_sequences, register_norm_rule, register_norm_rule_matching
+from .rounding import frobenius_per_sample, unit_roundoff
 
 
 class _AffineNormRule(NormRule):
@@ -130,40 +129,33 @@ class RMSNormRule(_AffineNormRule):
         return F.rms_norm(x.to(acc), layer.normalized_shape, eps=layer.eps)
 
 
-def _hf_rms_norm_like(model: str, methods: tuple):
-    """matches(cls): ``cls`` is a ``transformers`` RMSNorm with the code of ``<model>RMSNorm``'s ``methods``."""
+class _HFRMSNormRule(RMSNormRule):
+    """What ``transformers``' RMSNorms share: a 1-D weight over the last dim, ε in the attribute ``eps_attribute``."""
 
-    def matches(cls: type) -> bool:
-        if not cls.__name__.endswith("RMSNorm") or not cls.__module__.startswith("transformers."):
-            return False
-        try:
-            modeling = importlib.import_module(f"transformers.models.{model.lower()}.modeling_{model.lower()}")
-        except ImportError:  # pragma: no cover - a transformers without that model
-            return False
-        return same_code(cls, getattr(modeling, f"{model}RMSNorm"), methods)
-
-    return matches
-
-
-@register_norm_rule_matching(_hf_rms_norm_like("Llama", ("forward",)))
-class HFRMSNormRule(RMSNormRule):
-    """``transformers``' RMSNorm: y = w ⊙ cast(x̂) with x̂ = x₃₂ · rsqrt(mean(x₃₂²) + ε) computed in float32
-    whatever x's dtype, cast back to x's dtype (ε = ``variance_epsilon``), so ∇w_b = Σ_t g_t ⊙ cast(x̂_t).
-
-    For float32 x the cast is the identity and the one-pass kernel applies; otherwise x̂ is formed as the
-    layer forms it (float32, then rounded to x's dtype: bf16 for a bf16 model, exact for float64)."""
+    eps_attribute = "eps"
 
     def supports(self, layer):
         weight = getattr(layer, "weight", None)
-        if not isinstance(getattr(layer, "variance_epsilon", None), (int, float)) or weight is None or weight.dim() != 1:
-            return "it has no 1-D weight and float variance_epsilon"
+        if not isinstance(getattr(layer, self.eps_attribute, None), (int, float)) or weight is None or weight.dim() != 1:
+            return f"it has no 1-D weight and float {self.eps_attribute}"
         return None
 
     def normalized_ndim(self, layer) -> int:
         return 1
 
     def epsilon(self, layer, dtype):
-        return layer.variance_epsilon
+        return getattr(layer, self.eps_attribute)
+
+
+@register_norm_rule_matching(copies_of("transformers.models.llama.modeling_llama", "LlamaRMSNorm"))
+class HFRMSNormRule(_HFRMSNormRule):
+    """``transformers``' RMSNorm: y = w ⊙ cast(x̂) with x̂ = x₃₂ · rsqrt(mean(x₃₂²) + ε) computed in float32
+    whatever x's dtype, cast back to x's dtype (ε = ``variance_epsilon``), so ∇w_b = Σ_t g_t ⊙ cast(x̂_t).
+
+    For float32 x the cast is the identity and the one-pass kernel applies; otherwise x̂ is formed as the
+    layer forms it (float32, then rounded to x's dtype: bf16 for a bf16 model, exact for float64)."""
+
+    eps_attribute = "variance_epsilon"
 
     def kernel_applies(self, layer, x) -> bool:
         return x.dtype == torch.float32
@@ -178,20 +170,13 @@ class HFRMSNormRule(RMSNormRule):
         return scale * (1.0 + torch.finfo(x.dtype).eps), positions
 
 
-@register_norm_rule_matching(_hf_rms_norm_like("Gemma", ("forward", "_norm")))
-class HFGemmaRMSNormRule(RMSNormRule):
+@register_norm_rule_matching(
+    copies_of("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", methods=("forward", "_norm"))
+)
+class HFGemmaRMSNormRule(_HFRMSNormRule):
     """``transformers``' Gemma RMSNorm: y = cast(x̂ ⊙ (1 + w)) with x̂ = x₃₂ · rsqrt(mean(x₃₂²) + ε) in float32
     whatever x's dtype (ε = ``eps``), so ∇w_b = Σ_t g_t ⊙ x̂_t with x̂ unrounded: the affine-norm kernel, which
     normalises in float32, for float32 and 16-bit x; for float64 x the layer's own ``_norm`` in float32."""
-
-    def supports(self, layer):
-        weight = getattr(layer, "weight", None)
-        if not isinstance(getattr(layer, "eps", None), (int, float)) or weight is None or weight.dim() != 1:
-            return "it has no 1-D weight and float eps"
-        return None
-
-    def normalized_ndim(self, layer) -> int:
-        return 1
 
     def kernel_applies(self, layer, x) -> bool:
         return x.dtype != torch.float64
@@ -203,7 +188,9 @@ class HFGemmaRMSNormRule(RMSNormRule):
         """As RMSNorm's. The layer forms its weight's gradient in float32 whatever x's dtype, so for float64 x the
         scale is widened by float32's unit roundoff over float64's: the allowance then covers float32 rounding."""
         scale, positions = super().rounding_scale(layer, x, g)
-        return (scale * 2.0**29 if x.dtype == torch.float64 else scale), positions
+        if x.dtype == torch.float64:
+            scale = scale * (unit_roundoff(torch.float32) / unit_roundoff(torch.float64))
+        return scale, positions
 
 
 @register_norm_rule(nn.GroupNorm)

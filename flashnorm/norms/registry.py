@@ -13,6 +13,7 @@ Families live one per file in this package and register on import.
 from __future__ import annotations
 
 import abc
+import importlib
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 
@@ -188,6 +189,23 @@ def same_code(cls: type, reference: type, methods: Tuple[str, ...] = ("forward",
         )
 
     return all(same(name) for name in methods)
+
+
+def copies_of(module: str, name: str, methods: Tuple[str, ...] = ("forward",), base: type = nn.Module):
+    """matches(cls) for :func:`register_norm_rule_matching`: ``cls`` is a subclass of ``base`` from the same library
+    as ``module.name`` whose ``methods`` have that class's code (:func:`same_code`; ``base`` keeps a ``super()`` call
+    in the code meaning the same). The reference is imported when first asked; no match without its library."""
+
+    def matches(cls: type) -> bool:
+        if not cls.__module__.startswith(module.split(".")[0] + ".") or not issubclass(cls, base):
+            return False
+        try:
+            reference = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return False
+        return same_code(cls, reference, methods)
+
+    return matches
 
 
 def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:

@@ -193,22 +193,15 @@ def test_fused_on_unaligned_rows_reads_aligned_copies(d, p, steps, device, monke
 def test_fused_default_takes_aligned_copies_where_they_pay(device, monkeypatch):
     """The default policy (compute capability 9.x, 16-bit, work ≥ TMA_MIN_WORK, unaligned rows) routes the launch
     through the aligned copies; aligned rows never are."""
-    from flashnorm.kernels import clipped_grad, operands
+    from flashnorm.kernels import clipped_grad
     from flashnorm.kernels.clipped_grad import clipped_weight_grad_fused
+    from tests.kernels.truth import assert_default_takes_aligned_copies
 
-    taken = []
-    original = clipped_grad._clipped_on_aligned_copies
-    monkeypatch.setattr(clipped_grad, "_clipped_on_aligned_copies", lambda *a: taken.append(1) or original(*a))
-    monkeypatch.setattr(operands, "supports_tma", lambda device: True)
-    monkeypatch.setattr(operands, "TMA_MIN_WORK", 1)
     coef = torch.rand(2, device=device)
-    dt = torch.float16
-    x, g = torch.randn(2, 37, 24, device=device, dtype=dt), torch.randn(2, 37, 9, device=device, dtype=dt)
-    _assert_clipped_close(clipped_weight_grad_fused(x, g, coef), x, g, coef, TOLERANCES["fp16"])
-    assert taken == [1]
-    g = torch.randn(2, 37, 16, device=device, dtype=dt)
-    clipped_weight_grad_fused(x, g, coef)
-    assert taken == [1]
+    assert_default_takes_aligned_copies(
+        monkeypatch, clipped_grad, "_clipped_on_aligned_copies", lambda x, g: clipped_weight_grad_fused(x, g, coef),
+        lambda out, x, g: _assert_clipped_close(out, x, g, coef, TOLERANCES["fp16"]), device,
+    )
 
 
 def test_fused_rejects_bad_inputs_clearly(device):

@@ -10,7 +10,13 @@ import torch
 from flashnorm.kernels import flash_norm_sq, flash_norm_sq_reference, operands
 from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_config, flash_norm_splits, flash_norm_sq_triton
 from tests.conftest import TOLERANCES
-from tests.kernels.truth import assert_norms_close, norm_sq_float64, random_pair, skip_without_tma
+from tests.kernels.truth import (
+    assert_default_takes_aligned_copies,
+    assert_norms_close,
+    norm_sq_float64,
+    random_pair,
+    skip_without_tma,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 STEPS = (1, 37, 600, 1030)
@@ -70,17 +76,10 @@ def test_default_launch_takes_aligned_copies_where_they_pay(device, monkeypatch)
     through the aligned copies; aligned rows never are."""
     from flashnorm.kernels import flash_norm
 
-    taken = []
-    original = flash_norm._launch_on_aligned_copies
-    monkeypatch.setattr(flash_norm, "_launch_on_aligned_copies", lambda *a: taken.append(1) or original(*a))
-    monkeypatch.setattr(operands, "supports_tma", lambda device: True)
-    monkeypatch.setattr(operands, "TMA_MIN_WORK", 1)
-    x, g = random_pair(2, 37, 24, 9, torch.float16, device)
-    assert_norms_close(flash_norm_sq_triton(x, g), norm_sq_float64(x, g), TOLERANCES["fp16"])
-    assert taken == [1]
-    x, g = random_pair(2, 37, 24, 16, torch.float16, device)
-    flash_norm_sq_triton(x, g)
-    assert taken == [1]
+    assert_default_takes_aligned_copies(
+        monkeypatch, flash_norm, "_launch_on_aligned_copies", flash_norm_sq_triton,
+        lambda out, x, g: assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["fp16"]), device,
+    )
 
 
 def test_t_split_sums_each_tile_once_in_split_order(device):

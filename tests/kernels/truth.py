@@ -42,3 +42,22 @@ def skip_without_tma(use_tma: bool, device) -> None:
     """Skips a TMA case on a CUDA device without tensor descriptors (on CPU the interpreter takes pointers)."""
     if use_tma and torch.device(device).type == "cuda" and not supports_tma(torch.device(device)):
         pytest.skip("tensor descriptors need compute capability 9.x")
+
+
+def assert_default_takes_aligned_copies(monkeypatch, module, wrapper: str, run, check, device) -> None:
+    """The default policy (compute capability 9.x, 16-bit, work ≥ TMA_MIN_WORK, unaligned rows) routes a launch
+    through ``module.<wrapper>``, its aligned-copy path; aligned rows never are. ``run(x, g)`` launches with the
+    defaults, ``check(out, x, g)`` holds the result to float64."""
+    from flashnorm.kernels import operands
+
+    taken = []
+    original = getattr(module, wrapper)
+    monkeypatch.setattr(module, wrapper, lambda *a: taken.append(1) or original(*a))
+    monkeypatch.setattr(operands, "supports_tma", lambda device: True)
+    monkeypatch.setattr(operands, "TMA_MIN_WORK", 1)
+    x, g = random_pair(2, 37, 24, 9, torch.float16, device)
+    check(run(x, g), x, g)
+    assert taken == [1]
+    x, g = random_pair(2, 37, 24, 16, torch.float16, device)
+    run(x, g)
+    assert taken == [1]
