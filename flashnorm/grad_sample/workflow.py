@@ -117,7 +117,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
         self._batch_size: Optional[int] = None
         self._step = 0  # counts capturing forward passes; taps remember theirs
         self._step_used = False  # this step's forward was back-propagated by the workflow already
-        self._taps_reached = 0  # gradient taps the norm pass reached
+        self._taps_reached = False  # the norm pass reached a gradient tap
         self._step_check: Optional[FiniteLossCheck] = None  # the losses (and norms) of the step in progress
         self._capturing_graph = False  # the step in progress is captured in a CUDA graph
         self._in_workflow = False  # inside clipped_backward (its second pass reaches the taps again)
@@ -361,7 +361,7 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             )
         self._capturing = True
         try:
-            self._taps_reached = 0
+            self._taps_reached = False
             outside: List[nn.Parameter] = []
             if self._no_grad_layers:
                 outside = self._full_norm_pass(loss_per_sample)

@@ -234,8 +234,9 @@ def per_sample_weight_grads(
     the planner decides when it fits), by cuBLAS ``bmm`` in the promoted dtype of x and g. ``out``: a
     [B, p, d] (or [B, d, p]) tensor to write into, whose samples may be strided (one slot of a larger buffer).
     """
-    dtype = torch.promote_types(x.dtype, g.dtype)
-    x, g = x.to(dtype), g.to(dtype)
+    if x.dtype != g.dtype:
+        dtype = torch.promote_types(x.dtype, g.dtype)
+        x, g = x.to(dtype), g.to(dtype)
     if transposed:
         return torch.bmm(x.transpose(1, 2), g, out=out)
     return torch.bmm(g.transpose(1, 2), x, out=out)
