@@ -150,8 +150,8 @@ def _clipped_on_aligned_copies(x, g, coef, config, work) -> torch.Tensor:
     copies = aligned_copies(x, g)
     batch, steps = x.shape[:2]
     p = copies.g.shape[-1]
-    last = p - (p - 1) // copies.width * copies.width  # columns of the last block, before its padding
-    out = torch.empty(p + -last % (16 // g.element_size()), copies.x2.shape[1], dtype=torch.float32, device=x.device)
+    # blocks are whole multiples of the alignment but the last, padded like g: the padded rows of out
+    out = torch.empty(p + -p % (16 // copies.g.element_size()), copies.x2.shape[1], dtype=torch.float32, device=x.device)
     for c0 in range(0, p, copies.width):
         g2 = copies.block(c0)
         _launch_clipped(copies.x2, g2, coef, out[c0 : c0 + g2.shape[1]], batch, steps, config, work, True)
