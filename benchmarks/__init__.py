@@ -1,4 +1,4 @@
-"""End-to-end DP-SGD benchmarks (DESIGN §6).
+"""End-to-end DP-SGD benchmarks.
 
 ``python -m benchmarks.run`` (the runner; ``--suite end_to_end`` is the published grid),
 ``benchmarks.report`` (plots, the README table and docs/performance.md's tables),

@@ -180,7 +180,7 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
     return step
 
 
-class _StepTimer:
+class StepTimer:
     """Times one step: CUDA events between two synchronisations on GPU, ``perf_counter`` on CPU."""
 
     def __init__(self, device: torch.device):
@@ -279,7 +279,7 @@ def run_config(cfg: Dict, limit_s: float, progress: Optional[Callable[[Dict], No
         inputs, targets = make_batch(cfg["workload"], batch=cfg["B"], seq_len=cfg["T"], smoke=cfg["smoke"],
                                      device=device)
         step = make_step(cfg, model, inputs, targets)
-        timer = _StepTimer(device)
+        timer = StepTimer(device)
         record["setup_s"] = round(time.perf_counter() - t_begin, 3)
 
         record["phase"] = "warmup"

@@ -1,4 +1,4 @@
-"""The end-to-end workloads (DESIGN §6): plain ``nn.Module``s whose every trainable layer has a FlashNorm rule.
+"""The end-to-end workloads: plain ``nn.Module``s whose every trainable layer has a FlashNorm rule.
 
 * ``linear``  — 8 × ``Linear(1024, 1024)`` with ReLU between; the last Linear is the head of a
   1024-class token-level cross-entropy. Input ``x: [B, T, 1024]`` float32.

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .harness import MODES, _StepTimer, make_step, quiet_warnings, set_precision_flags
+from .harness import MODES, StepTimer, make_step, quiet_warnings, set_precision_flags
 from .history import describe, save_json
 from .models import build_model, make_batch
 
@@ -56,7 +56,7 @@ def profile_mode(cfg: Dict, steps: int, profiled: int, top: int) -> Dict:
     model = build_model(cfg["workload"], seq_len=cfg["T"], smoke=cfg["smoke"], device=device)
     inputs, targets = make_batch(cfg["workload"], batch=cfg["B"], seq_len=cfg["T"], smoke=cfg["smoke"], device=device)
     step = make_step(cfg, model, inputs, targets)
-    timer = _StepTimer(device)
+    timer = StepTimer(device)
     for _ in range(5):
         timer(step)
     times = [timer(step)[0] for _ in range(steps)]

@@ -1,4 +1,4 @@
-"""End-to-end DP-SGD benchmark runner (DESIGN §6).
+"""End-to-end DP-SGD benchmark runner.
 
     python -m benchmarks.run --suite end_to_end                   # the end-to-end grid on one GPU, ≤ 8 min
     python -m benchmarks.run --workloads gpt2 --dtypes bf16 --seq 4096 --modes nondp,flash_fuse

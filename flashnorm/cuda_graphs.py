@@ -40,10 +40,10 @@ import torch
 import torch.nn as nn
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 
-from .grad_sample import FlashNormGradSampleModule
+from .grad_sample import FlashNormGradSampleModule, NormRecord
 from .grad_sample.loss_check import FiniteLossCheck
 from .grad_sample.provenance import mark_clipped
-from .utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from .criterion import DPTensorFastGradientClipping
 
 
 @dataclass(eq=False)
@@ -57,8 +57,7 @@ class _Captured:
     dp_module: Optional[FlashNormGradSampleModule] = None
     optimizer: Optional[object] = None
     finite_check: Optional[FiniteLossCheck] = None  # the module's loss check, recorded in the graph
-    norm_sq: Optional[torch.Tensor] = None
-    norm_bound: Optional[torch.Tensor] = None  # their rounding upper bound (flashnorm.norms.rounding)
+    norms: Optional[NormRecord] = None  # the norms the graph computes (and their rounding bound)
 
 
 class CudaGraphStep:
@@ -151,8 +150,7 @@ class CudaGraphStep:
         if dp_loss is not None:
             module = dp_loss.module
             captured.dp_module, captured.optimizer = module, dp_loss.optimizer
-            captured.finite_check, captured.norm_sq = module.captured_finite_check, module._norm_sq
-            captured.norm_bound = module._norm_bound
+            captured.finite_check, captured.norms = module.captured_finite_check, module.last_norms
             module.captured_finite_check = None
         for p in params:  # the capture ran nothing: the first replay computes this batch's gradients
             p.grad = None
@@ -176,6 +174,6 @@ class CudaGraphStep:
                 del grad._processed
             p.grad = grad
         if captured.dp_module is not None:
-            captured.dp_module.record_norm_sq(captured.norm_sq, captured.norm_bound)
+            captured.dp_module.record_norms(captured.norms)
             mark_clipped([p for p, _ in captured.grads], 1)  # the replay wrote this step's clipped gradients
         return captured.loss.clone()

@@ -1,23 +1,29 @@
-"""The one table of ``grad_sample_mode`` strings (DESIGN §2). Everything else asks it.
+"""The one table of ``grad_sample_mode`` strings. Everything else asks it.
 
-=========================  ======  ====================  ==========================================
-mode                       passes  norm algorithm        notes
-=========================  ======  ====================  ==========================================
-hooks, functorch, ew,      1       per-sample gradients  delegated to Opacus unchanged
+=========================  ====================  =======================  ==========================================
+mode                       norm algorithm        writer                   notes
+=========================  ====================  =======================  ==========================================
+hooks, functorch, ew,      per-sample gradients  (Opacus)                 delegated to Opacus unchanged
 no_op
-ghost                      2       Gram (ghost)          Opacus-equivalent baseline
-flash                      2       flash, planned        pass 1 computes no parameter gradients
-flash_fuse (flash_bk)      1       flash + bookkeeping   layers compute no weight gradient in the
-                                                         pass; clipped gradients assembled after it
-ghost_fsdp, flash_fsdp,    as      as above              module wrapped with FSDP2 (``fully_shard``,
-flash_fuse_fsdp            above                         e.g. via ``flashnorm.utils.fsdp_utils.FSDP2Wrapper``)
-=========================  ======  ====================  ==========================================
+ghost                      Gram (ghost)          SecondBackward           Opacus-equivalent baseline, two passes
+flash                      flash, planned        SecondBackward           pass 1 computes no parameter gradients
+flash_fuse (flash_bk)      flash, planned        AssembleFromKept         one pass: layers compute no weight gradient;
+                                                                          clipped gradients assembled after it
+ghost_fsdp, flash_fsdp     as above              SecondBackward           module wrapped with FSDP2 (``fully_shard``,
+flash_fuse_fsdp            flash, planned        ReduceScatterAssembly    e.g. ``flashnorm.utils.fsdp_utils.FSDP2Wrapper``)
+=========================  ====================  =======================  ==========================================
+
+The writer (:mod:`flashnorm.grad_sample.writers`) says how the clipped gradients are written once the coefficients
+are known; a new clipping mode is a row here plus, if it needs one, a writer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, Optional
+
+from .grad_sample.fsdp import ReduceScatterAssembly
+from .grad_sample.writers import AssembleFromKept, SecondBackward
 
 
 @dataclass(frozen=True)
@@ -27,21 +33,21 @@ class Mode:
     Attributes:
         name: the ``grad_sample_mode`` string.
         delegated: ``True`` when Opacus handles the mode unchanged.
-        passes: backward passes per step (1 or 2) for FlashNorm's own modes.
-        norm_method: ``"gram"``, ``"flash"`` (planned per layer) for FlashNorm's modes.
+        norm_algorithm: ``"gram"``, ``"flash"`` (planned per layer) for FlashNorm's modes.
+        writer: the :class:`~flashnorm.grad_sample.writers.ClippedGradientWriter` class of FlashNorm's modes.
         fsdp: the module is wrapped with FSDP2.
     """
 
     name: str
     delegated: bool
-    passes: Optional[int] = None
-    norm_method: Optional[str] = None
+    norm_algorithm: Optional[str] = None
+    writer: Optional[type] = None
     fsdp: bool = False
 
     @property
-    def fused(self) -> bool:
-        """One backward pass with bookkeeping (the layers compute no weight gradient)."""
-        return self.passes == 1 and not self.delegated
+    def passes(self) -> Optional[int]:
+        """Backward passes per step (the writer's), ``None`` for Opacus's modes."""
+        return None if self.writer is None else self.writer.backward_passes
 
 
 _MODES: Dict[str, Mode] = {}
@@ -80,9 +86,9 @@ def get_mode(name: str) -> Mode:
 
 for _name in ("hooks", "functorch", "ew", "no_op"):
     register_mode(Mode(_name, delegated=True))
-register_mode(Mode("ghost", False, passes=2, norm_method="gram"))
-register_mode(Mode("flash", False, passes=2, norm_method="flash"))
-register_mode(Mode("flash_fuse", False, passes=1, norm_method="flash"), aliases=("flash_bk",))
-register_mode(Mode("ghost_fsdp", False, passes=2, norm_method="gram", fsdp=True))
-register_mode(Mode("flash_fsdp", False, passes=2, norm_method="flash", fsdp=True))
-register_mode(Mode("flash_fuse_fsdp", False, passes=1, norm_method="flash", fsdp=True))
+register_mode(Mode("ghost", False, norm_algorithm="gram", writer=SecondBackward))
+register_mode(Mode("flash", False, norm_algorithm="flash", writer=SecondBackward))
+register_mode(Mode("flash_fuse", False, norm_algorithm="flash", writer=AssembleFromKept), aliases=("flash_bk",))
+register_mode(Mode("ghost_fsdp", False, norm_algorithm="gram", writer=SecondBackward, fsdp=True))
+register_mode(Mode("flash_fsdp", False, norm_algorithm="flash", writer=SecondBackward, fsdp=True))
+register_mode(Mode("flash_fuse_fsdp", False, norm_algorithm="flash", writer=ReduceScatterAssembly, fsdp=True))

@@ -28,8 +28,8 @@ from opacus.optimizers import DPOptimizer
 
 from .modes import Mode, get_mode
 from .utils.poisson import shared_poisson_loader
-from .utils.privacy_parameters import check_privacy_parameters
-from .resolver import resolve
+from .utils.privacy_parameters import PrivacyParameters
+from .resolver import ModeClasses, resolve
 
 
 def _check_same_on_every_rank(name: str, value: float, device: torch.device) -> None:
@@ -106,7 +106,7 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
                 noise_generator=noise_generator, grad_sample_mode=mode.name, wrap_model=wrap_model,
                 rand_on_empty=rand_on_empty, **kwargs,
             )
-        check_privacy_parameters(noise_multiplier, max_grad_norm)
+        PrivacyParameters(noise_multiplier, max_grad_norm)  # checked before anything is wrapped
         if getattr(criterion, "reduction", loss_reduction) != loss_reduction:
             raise ValueError(
                 f"The criterion has reduction={criterion.reduction!r} but loss_reduction={loss_reduction!r}: pass "
@@ -122,7 +122,7 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         classes = resolve(mode, module)
 
         module = self._wrap_model(
-            module, classes.grad_sample_module, mode, batch_first=batch_first, loss_reduction=loss_reduction,
+            module, classes, mode, batch_first=batch_first, loss_reduction=loss_reduction,
             max_grad_norm=max_grad_norm, wrap_model=wrap_model, norm_method=norm_method, backend=backend,
         )
         if classes.distributed and poisson_sampling and not self.secure_mode:
@@ -186,9 +186,11 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction, **kwargs,
         )
 
-    def _wrap_model(self, module, gsm_class, mode: Mode, *, batch_first, loss_reduction, max_grad_norm, wrap_model,
+    def _wrap_model(self, module, classes: ModeClasses, mode: Mode, *, batch_first, loss_reduction, max_grad_norm, wrap_model,
                     norm_method, backend):
-        """Validates ``module`` (Opacus's validators) and wraps it with ``gsm_class`` (or checks an existing wrap)."""
+        """Validates ``module`` (Opacus's validators) and wraps it with the mode's class and writer (or checks an
+        existing wrap)."""
+        gsm_class = classes.grad_sample_module
         if not wrap_model:
             raise NotImplementedError(
                 f"wrap_model=False is not supported with grad_sample_mode={mode.name!r}; use wrap_model=True "
@@ -196,7 +198,7 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             )
         self.validate(module=module, optimizer=None, data_loader=None)
         if isinstance(module, AbstractGradSampleModule):
-            if type(module) is not gsm_class or module.batch_first != batch_first or module.loss_reduction != loss_reduction:
+            if type(module) is not gsm_class or type(module.config.writer) is not classes.writer or module.batch_first != batch_first or module.loss_reduction != loss_reduction:
                 raise ValueError(
                     f"The module is already wrapped ({type(module).__name__}, batch_first={module.batch_first}, "
                     f"loss_reduction={module.loss_reduction!r}), which does not match grad_sample_mode={mode.name!r}, "
@@ -205,7 +207,7 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             return module
         return gsm_class(
             module, batch_first=batch_first, loss_reduction=loss_reduction, max_grad_norm=max_grad_norm,
-            norm_algorithm=mode.norm_method, norm_method=norm_method, backend=backend,
+            norm_algorithm=mode.norm_algorithm, norm_method=norm_method, backend=backend, writer=classes.writer(),
         )
 
 

@@ -11,36 +11,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.nn as nn
-from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
-from torch.distributed.fsdp import FSDPModule
-from torch.nn.parallel import DistributedDataParallel
 
-from .grad_sample import GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse
-from .grad_sample.ddp import DDPGradSampleModuleFastGradientClipping, DDPGradSampleModuleFastGradientClippingFuse
-from .grad_sample.fsdp import (
+from .grad_sample import (
+    DDPGradSampleModule,
+    DDPGradSampleModuleFastGradientClipping,
+    DDPGradSampleModuleFastGradientClippingFuse,
+    FlashNormGradSampleModule,
+    FSDPGradSampleModule,
     FSDPGradSampleModuleFastGradientClipping,
     FSDPGradSampleModuleFastGradientClippingFuse,
-    check_fsdp_layout,
+    GradSampleModuleFastGradientClipping,
+    GradSampleModuleFastGradientClippingFuse,
 )
+from .grad_sample.fsdp import check_fsdp_layout
 from .modes import Mode
 from .optimizers import (
     DistributedDPOptimizerFastGradientClipping,
     DPOptimizerFastGradientClipping,
     FSDPOptimizerFastGradientClipping,
 )
-from .utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from .parallelism import parallelism_of
+from .criterion import DPLossFastGradientClipping
 
-#: (parallelism, passes) → grad-sample module class.
-_GRAD_SAMPLE_MODULES = {
-    ("single", 2): GradSampleModuleFastGradientClipping,
-    ("single", 1): GradSampleModuleFastGradientClippingFuse,
-    ("dpddp", 2): GradSampleModuleFastGradientClipping,  # DPDDP reduces nothing in the backward pass
-    ("dpddp", 1): GradSampleModuleFastGradientClippingFuse,
-    ("ddp", 2): DDPGradSampleModuleFastGradientClipping,
-    ("ddp", 1): DDPGradSampleModuleFastGradientClippingFuse,
-    ("fsdp", 2): FSDPGradSampleModuleFastGradientClipping,
-    ("fsdp", 1): FSDPGradSampleModuleFastGradientClippingFuse,
+#: parallelism → the grad-sample module class for a writer of its own, and the named classes of the table's writers.
+_MODULE_BASES = {
+    "single": FlashNormGradSampleModule,
+    "dpddp": FlashNormGradSampleModule,  # DPDDP reduces nothing in the backward pass
+    "ddp": DDPGradSampleModule,
+    "fsdp": FSDPGradSampleModule,
 }
+_NAMED = [
+    GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse,
+    DDPGradSampleModuleFastGradientClipping, DDPGradSampleModuleFastGradientClippingFuse,
+    FSDPGradSampleModuleFastGradientClipping, FSDPGradSampleModuleFastGradientClippingFuse,
+]
 _OPTIMIZERS = {
     "single": DPOptimizerFastGradientClipping,
     "dpddp": DistributedDPOptimizerFastGradientClipping,
@@ -51,23 +55,20 @@ _OPTIMIZERS = {
 
 @dataclass(frozen=True)
 class ModeClasses:
-    """The classes one mode builds for one module."""
+    """The classes one mode builds for one module, and its writer."""
 
     grad_sample_module: type
     optimizer: type
     criterion: type
     distributed: bool
+    writer: type
 
 
-def parallelism_of(module: nn.Module) -> str:
-    """``"fsdp"`` (FSDP2 anywhere in the module), ``"ddp"`` (PyTorch's DDP), ``"dpddp"`` (Opacus's) or ``"single"``."""
-    if any(isinstance(m, FSDPModule) for m in module.modules()):
-        return "fsdp"
-    if isinstance(module, DPDDP):
-        return "dpddp"
-    if isinstance(module, DistributedDataParallel):
-        return "ddp"
-    return "single"
+def module_class(parallelism: str, writer: type) -> type:
+    """The grad-sample module class of a parallelism whose default writer is ``writer`` (the public class names),
+    else the parallelism's base class (the writer is passed to it)."""
+    base = _MODULE_BASES[parallelism]
+    return next((cls for cls in _NAMED if cls.__mro__[1] is base and cls.writer_class is writer), base)
 
 
 def resolve(mode: Mode, module: nn.Module) -> ModeClasses:
@@ -87,8 +88,9 @@ def resolve(mode: Mode, module: nn.Module) -> ModeClasses:
             f"The module is wrapped with FSDP2; use grad_sample_mode={mode.name + '_fsdp'!r} instead of {mode.name!r}."
         )
     return ModeClasses(
-        grad_sample_module=_GRAD_SAMPLE_MODULES[parallelism, mode.passes],
+        grad_sample_module=module_class(parallelism, mode.writer),
         optimizer=_OPTIMIZERS[parallelism],
         criterion=DPLossFastGradientClipping,
         distributed=parallelism != "single",
+        writer=mode.writer,
     )

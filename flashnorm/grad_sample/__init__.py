@@ -1,11 +1,32 @@
-"""FlashNorm's grad-sample modules: two passes (``ghost``, ``flash``) and one pass (``flash_fuse``)."""
+"""FlashNorm's grad-sample modules: the clipping step (:mod:`.step`), its writers (:mod:`.writers`), the layers'
+hooks (:mod:`.hooks`) and the module classes of every mode and parallelism."""
 
-from .one_pass import GradSampleModuleFastGradientClippingFuse
-from .two_passes import GradSampleModuleFastGradientClipping
-from .workflow import FlashNormGradSampleModule
+from .ddp import DDPGradSampleModule, DDPGradSampleModuleFastGradientClipping, DDPGradSampleModuleFastGradientClippingFuse
+from .fsdp import (
+    FSDPGradSampleModule,
+    FSDPGradSampleModuleFastGradientClipping,
+    FSDPGradSampleModuleFastGradientClippingFuse,
+    ReduceScatterAssembly,
+)
+from .module import FlashNormGradSampleModule, GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse
+from .step import ClippingStep, NormRecord, StepState
+from .writers import AssembleFromKept, ClippedGradientWriter, SecondBackward
 
 __all__ = [
+    "AssembleFromKept",
+    "ClippedGradientWriter",
+    "ClippingStep",
+    "DDPGradSampleModule",
+    "DDPGradSampleModuleFastGradientClipping",
+    "DDPGradSampleModuleFastGradientClippingFuse",
+    "FSDPGradSampleModule",
+    "FSDPGradSampleModuleFastGradientClipping",
+    "FSDPGradSampleModuleFastGradientClippingFuse",
     "FlashNormGradSampleModule",
     "GradSampleModuleFastGradientClipping",
     "GradSampleModuleFastGradientClippingFuse",
+    "NormRecord",
+    "ReduceScatterAssembly",
+    "SecondBackward",
+    "StepState",
 ]

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..norms import PerSampleGradFallback, get_norm_rule
 from ..norms.registry import NormRule, trainable_own_parameters
+from .aliases import ParameterAliases, registrations
 
 logger = logging.getLogger(__name__)
 
@@ -62,37 +62,49 @@ def autocast_target(x) -> Optional[torch.dtype]:
 
 @dataclass(eq=False)
 class HookedLayer:
-    """A layer that owns trainable parameters, with its rule and this step's captures.
+    """A layer that owns trainable parameters, with its rule: what stays the same from step to step.
 
-    A layer called k times in one forward pass (the same module twice, a module under two names, an RNN
-    cell per time step) has k *uses*: inputs ``xs`` in forward order and their output gradients ``gs``,
-    which arrive in the backward pass in any order.
+    A layer called k times in one forward pass (the same module twice, a module under two names, an RNN cell
+    per time step) has k *uses*; what one step captured of them is its :class:`LayerCapture`.
     """
 
     name: str
     module: nn.Module
     rule: NormRule
     params: List[nn.Parameter]
-    xs: List[torch.Tensor] = field(default_factory=list)  # this step's inputs, batch first, one per use
-    gs: List[Optional[torch.Tensor]] = field(default_factory=list)  # their output gradients, as they arrive
-    arrived: int = 0  # output gradients received this pass
-    out_meta: Optional[tuple] = None  # (batch-first shape, dtype) of the first use's output: G's shape and dtype
-    kept: Optional[object] = None  # one pass only: a :mod:`~flashnorm.grad_sample.kept` record
+    index: int = 0  # position in the hooked model's ``layers`` (the step's captures are indexed by it)
     vectors: List[nn.Parameter] = field(default_factory=list)  # the rule's vector_params, kept per sample
     shared: List[nn.Parameter] = field(default_factory=list)  # parameters another layer uses too (tied weights)
     handles: list = field(default_factory=list)
     callback: Optional[Callable] = None  # the tap's callback, bound once
-    captured_step: int = -1  # the step whose forward captured this layer (a recompute then only fills in X)
     plan: Optional[tuple] = None  # ((shapes, dtype), method) of the last call
+
+
+@dataclass(eq=False)
+class LayerCapture:
+    """What one step captured of one layer: inputs ``xs`` in forward order (``None`` where activation
+    checkpointing's recompute will supply it) and their output gradients ``gs``, which arrive in the backward
+    pass in any order."""
+
+    xs: List[Optional[torch.Tensor]] = field(default_factory=list)
+    gs: List[Optional[torch.Tensor]] = field(default_factory=list)
+    arrived: int = 0  # output gradients received this pass
+    out_meta: Optional[tuple] = None  # (batch-first shape, dtype) of the first use's output: G's shape and dtype
 
     @property
     def x(self) -> Optional[torch.Tensor]:
         """The first use's input (``None`` when nothing is captured)."""
         return self.xs[0] if self.xs else None
 
-    def forget(self) -> None:
-        """Drops this step's captures."""
-        self.xs, self.gs, self.arrived, self.kept = [], [], 0, None
+    def complete(self) -> bool:
+        """Every use's output gradient and input are in."""
+        return self.arrived == len(self.xs) and all(x is not None for x in self.xs)
+
+    def take(self) -> tuple:
+        """(xs, gs), leaving the capture empty (its uses are counted once)."""
+        xs, gs = self.xs, self.gs
+        self.xs, self.gs, self.arrived = [], [], 0
+        return xs, gs
 
 
 def discover_layers(module: nn.Module, name: str = "", seen: Optional[set] = None):
@@ -136,167 +148,73 @@ def discover_layers(module: nn.Module, name: str = "", seen: Optional[set] = Non
         yield from discover_layers(child, f"{name}.{child_name}" if name else child_name, seen)
 
 
-def _in_checkpointed_region() -> bool:
+def in_checkpointed_region() -> bool:
     """Whether this forward runs inside non-reentrant ``torch.utils.checkpoint`` (its saved-tensor hooks are
     on top), whose backward recomputes it."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     return hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
 
 
-class CaptureHooks:
-    """The forward side of a grad-sample module: hooks on its ``layers``, and the batch size they saw.
+@dataclass(eq=False)
+class HookedModel:
+    """The hooked layers of a wrapped module and what connects them, fixed until ``requires_grad`` changes.
 
-    The host class provides ``layers``, ``batch_first``, ``training``, ``_distributed``, ``_aliases`` (the
-    layers' :class:`~flashnorm.grad_sample.aliases.ParameterAliases`), the step counter
-    ``_step``, ``_capturing``, ``_forward_depth``, ``_no_grad_layers``,
-    ``_capture_backward(layer, grad, key)``, ``_count_if_complete(layer)`` and ``_single_sample_step()``.
+    Attributes:
+        layers: the :class:`HookedLayer` s, depth first (``layer.index`` is the position here).
+        shared_groups: (θ, layers using θ) for each parameter used by two or more layers (tied weights).
+        hooked_params: every parameter of a hooked layer, once.
+        aliases: the layers' :class:`~flashnorm.grad_sample.aliases.ParameterAliases`.
+        taps: the gradient taps, one scalar leaf per device (made by the first capturing forward there).
     """
 
-    def add_hooks(self) -> None:
-        for layer in self.layers:
-            layer.callback = partial(self._capture_backward, layer)
-        self._attach_forward_hooks()
-        self.enable_hooks()
+    layers: List[HookedLayer]
+    shared_groups: List[Tuple[nn.Parameter, List[HookedLayer]]]
+    hooked_params: List[nn.Parameter]
+    aliases: ParameterAliases
+    taps: Dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
-    def remove_hooks(self) -> None:
-        self.disable_hooks()
-        self._detach_forward_hooks()
-        self._hooks_parked = False
-        for layer in self.layers:
-            layer.forget()
-
-    def _attach_forward_hooks(self) -> None:
-        for layer in self.layers:
-            layer.handles.append(layer.module.register_forward_pre_hook(partial(self._enter_layer, layer)))
-            if getattr(layer.rule, "needs_call", False):  # the fallback re-runs the whole call per sample
-                hook = partial(self._capture_forward_call, layer)
-                layer.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
-            else:
-                layer.handles.append(layer.module.register_forward_hook(partial(self._capture_forward, layer)))
-
-    def _detach_forward_hooks(self) -> None:
-        for layer in self.layers:
-            while layer.handles:
-                layer.handles.pop().remove()
-
-    def _park_forward_hooks(self, parked: bool) -> None:
-        """Detaches the layers' forward hooks for a step of one sample (``parked``), or re-attaches them.
-
-        Such a step captures nothing, and a module without hooks runs PyTorch's fast call path.
-        """
-        if parked == self._hooks_parked:
-            return
-        self._hooks_parked = parked
-        if parked:
-            self._detach_forward_hooks()
-        else:
-            self._attach_forward_hooks()
-
-    def enable_hooks(self) -> None:
-        """Turns capture back on (after :meth:`disable_hooks`)."""
-        self.hooks_enabled = True
-
-    def disable_hooks(self) -> None:
-        """Turns capture off: the module then trains like the plain module."""
-        self.hooks_enabled = False
-
-    def _capturing_forward(self) -> bool:
-        """Whether this forward captures: hooks on, the wrapper in training mode (its mode decides, not a
-        layer's: a trainable layer left in eval mode inside a training forward still gets gradients, so its
-        norm must be counted) and grad enabled."""
-        return self.hooks_enabled and self.training and torch.is_grad_enabled()
-
-    def _tap_on(self, device: torch.device) -> torch.Tensor:
-        tap = self._taps.get(device)
+    def tap_on(self, device: torch.device) -> torch.Tensor:
+        """The gradient tap of ``device``."""
+        tap = self.taps.get(device)
         if tap is None:
-            tap = self._taps[device] = torch.zeros((), device=device, requires_grad=True)
+            tap = self.taps[device] = torch.zeros((), device=device, requires_grad=True)
         return tap
 
-    def _batch_first(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.batch_first else t.movedim(1, 0)
 
-    def _leading_batch_size(self, inputs) -> Optional[int]:
-        """The batch dimension of the first input when it is a tensor, else None."""
-        first = inputs[0] if inputs else None
-        dim = 0 if self.batch_first else 1
-        return first.shape[dim] if isinstance(first, torch.Tensor) and first.dim() > dim else None
+def hook_model(module: nn.Module, *, shared_allowed: bool = True,
+               counterpart: Optional[Callable[[nn.Parameter], Optional[nn.Parameter]]] = None) -> HookedModel:
+    """Discovers the hooked layers of ``module`` and the parameters two of them share (tied weights).
 
-    def _fill_deferred_input(self, layer: HookedLayer, inputs) -> None:
-        """The recompute's input for the next use whose X the forward left to it (in forward order)."""
-        for i, x in enumerate(layer.xs):
-            if x is None:
-                x = self._batch_first(inputs[0].detach())
-                if self._batch_size is not None and x.shape[0] == 1 != self._batch_size:
-                    x = x.expand(self._batch_size, *x.shape[1:])
-                layer.xs[i] = x
-                self._count_if_complete(layer)
-                return
+    Args:
+        module: the wrapped module.
+        shared_allowed: ``False`` under FSDP2, whose one-pass reduction is per layer.
+        counterpart: the tensor that stands for a parameter in its registrations while its layer runs, when not
+            the parameter itself (FSDP2's unsharded parameter).
 
-    def _enter_layer(self, layer: HookedLayer, module: nn.Module, inputs):
-        """Forward pre-hook: with hooks on, the layer's parameters are read through their aliases while it runs
-        (:mod:`~flashnorm.grad_sample.aliases`; its forward hook points them back). Layers whose rule keeps X in
-        autocast's lower precision (``rule.autocast_input``) get their first input already cast, so their own
-        autocast cast is a no-op and the X captured after it is the very tensor autograd saves for the backward."""
-        if self.hooks_enabled:
-            self._aliases.enter(layer)
-        if not layer.rule.autocast_input or not inputs or not self._capturing_forward():
-            return None
-        dtype = autocast_target(inputs[0])
-        return None if dtype is None else (inputs[0].to(dtype), *inputs[1:])
-
-    def _capture_forward_call(self, layer: HookedLayer, module: nn.Module, inputs, kwargs, output):
-        return self._capture_forward(layer, module, inputs, output, kwargs)
-
-    def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output, kwargs=None):
-        self._aliases.leave(layer)
-        if not self._capturing_forward():
-            if self._forward_depth and self.hooks_enabled and self.training and not torch.is_grad_enabled():
-                self._no_grad_layers = True  # reentrant checkpointing: captured when the backward recomputes it
-            return None
-        if self._single_sample_step() and self._leading_batch_size(inputs) == 1:
-            return None  # B = 1, known from an earlier layer: nothing to capture (the fast path of every hook)
-        if torch._C._current_graph_task_id() != -1:  # a recompute of activation checkpointing, in a backward pass
-            if layer.captured_step == self._step:  # non-reentrant: the forward tapped this use; X may be due now
-                self._fill_deferred_input(layer, inputs)
-                return None
-            if not self._capturing:
-                return None  # reentrant, outside the norm pass: nothing to capture
-        if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
+    Raises:
+        NotImplementedError: a layer that neither a rule nor the fallback can serve; a shared parameter where
+            ``shared_allowed`` is ``False``.
+    """
+    layers = list(discover_layers(module))
+    users: Dict[int, list] = {}
+    for index, layer in enumerate(layers):
+        layer.index = index
+        for p in layer.params:
+            users.setdefault(id(p), [p]).append(layer)
+    shared_groups = [(found[0], found[1:]) for found in users.values() if len(found) > 2]
+    for param, sharing in shared_groups:
+        if not shared_allowed:
             raise NotImplementedError(
-                f"Layer '{layer.name}' ({type(module).__name__}) must take a tensor as its first input and return "
-                "one tensor for FlashNorm's hooks."
+                f"Layers {[layer.name for layer in sharing]} share a parameter (weight tying); FlashNorm computes "
+                "its cross terms on one device or under DDP, not yet under FSDP2. Fix: untie the weights or use "
+                "grad_sample_mode='hooks'."
             )
-        x = self._batch_first(inputs[0].detach())
-        batch_dim = 0 if self.batch_first else 1
-        if self._batch_size is None:
-            self._batch_size = x.shape[0]
-        elif x.shape[0] != self._batch_size:
-            if x.shape[0] != 1 or output.shape[batch_dim] != 1:
-                raise ValueError(
-                    f"Layer '{layer.name}' saw batch size {x.shape[0]} but an earlier layer saw {self._batch_size} in "
-                    f"the same forward pass. Check batch_first (now {self.batch_first}); a layer shared by the whole "
-                    "batch (e.g. position embeddings) must get a batch dimension of 1, wpe(positions.unsqueeze(0)), "
-                    "and run after a layer that sees the full batch."
-                )
-            # Shared by the batch and broadcast downstream: expand it so that its output gradient
-            # arrives per sample (sample b's gradient of a shared layer is rule(X, G_b)).
-            x = x.expand(self._batch_size, *x.shape[1:])
-            output = output.expand(*(self._batch_size if i == batch_dim else -1 for i in range(output.dim())))
-        if self._single_sample_step():
-            return None  # the batch gradient is the per-sample gradient: nothing to capture
-        if not layer.xs:
-            shape = output.shape if self.batch_first else (output.shape[1], output.shape[0], *output.shape[2:])
-            layer.out_meta = (shape, output.dtype)
-        layer.captured_step = self._step
-        # Inside a non-reentrant checkpointed region X is taken from the recompute, keeping the memory saving.
-        layer.xs.append(None if _in_checkpointed_region() else x)
-        if kwargs is not None:
-            if layer.xs[-1] is None:
-                raise NotImplementedError(
-                    f"Layer '{layer.name}' has no norm rule and runs inside activation checkpointing; FlashNorm's "
-                    "per-sample fallback needs its call. Fix: register a rule, or checkpoint outside this layer."
-                )
-            layer.rule.remember_call(x, inputs[1:], kwargs, first_use=len(layer.xs) == 1)
-        layer.gs.append(None)
-        key = (self._step, len(layer.xs) - 1)
-        return GradientTap.apply(output, self._tap_on(output.device), layer.callback, key)
+        for layer in sharing:
+            layer.shared.append(param)
+    hooked_params = list({id(p): p for layer in layers for p in layer.params}.values())
+    aliases = ParameterAliases({
+        layer: registrations(list(layer.module.modules()) if layer.rule.covers_children else [layer.module],
+                             layer.params)
+        for layer in layers
+    }, counterpart=counterpart)  # fmt: skip
+    return HookedModel(layers, shared_groups, hooked_params, aliases)

@@ -20,21 +20,26 @@ grad-sample modules are used).
 
 from __future__ import annotations
 
-from .one_pass import GradSampleModuleFastGradientClippingFuse
-from .two_passes import GradSampleModuleFastGradientClipping
+from .module import FlashNormGradSampleModule
+from .writers import AssembleFromKept, SecondBackward
 
 
-class _NoSyncForward:
-    """Runs the wrapped DDP module's forward under ``no_sync()``: its backward passes reduce nothing."""
+class DDPGradSampleModule(FlashNormGradSampleModule):
+    """Runs the wrapped DDP module's forward under ``no_sync()``: its backward passes reduce nothing, and
+    ``p.grad`` ends as the local S_r."""
 
     def forward(self, *args, **kwargs):
         with self._module.no_sync():
             return super().forward(*args, **kwargs)
 
 
-class DDPGradSampleModuleFastGradientClipping(_NoSyncForward, GradSampleModuleFastGradientClipping):
-    """Two passes (``ghost``, ``flash``) on a DDP-wrapped model; ``p.grad`` ends as the local S_r."""
+class DDPGradSampleModuleFastGradientClipping(DDPGradSampleModule):
+    """Two passes (``ghost``, ``flash``) on a DDP-wrapped model."""
+
+    writer_class = SecondBackward
 
 
-class DDPGradSampleModuleFastGradientClippingFuse(_NoSyncForward, GradSampleModuleFastGradientClippingFuse):
-    """One pass (``flash_fuse``) on a DDP-wrapped model; ``p.grad`` ends as the local S_r."""
+class DDPGradSampleModuleFastGradientClippingFuse(DDPGradSampleModule):
+    """One pass (``flash_fuse``) on a DDP-wrapped model."""
+
+    writer_class = AssembleFromKept

@@ -40,10 +40,8 @@ from torch.distributed.tensor import DTensor, Partial
 from ..norms.registry import trainable_own_parameters
 from ..utils.fsdp_utils import row_shard
 from .capture import HookedLayer
-from .kept import KeptInputs, KeptPerSample
-from .one_pass import GradSampleModuleFastGradientClippingFuse
-from .two_passes import GradSampleModuleFastGradientClipping
-
+from .module import FlashNormGradSampleModule
+from .writers import AssembleFromKept, KeptInputs, KeptPerSample, SecondBackward
 
 
 def _unsharded_class(module: nn.Module) -> type:
@@ -115,9 +113,13 @@ def _param_groups(unit: FSDPModule) -> list:
     return list(groups)
 
 
-class _FSDPChecks:
-    """Checks the FSDP2 layout at construction; maps sharded parameters to FSDP2's unsharded ones (the aliases'
-    counterparts: :mod:`~flashnorm.grad_sample.aliases`)."""
+class FSDPGradSampleModule(FlashNormGradSampleModule):
+    """The grad-sample module of the ``_fsdp`` modes: checks the FSDP2 layout at construction and maps sharded
+    parameters to FSDP2's unsharded ones (the aliases' counterparts: :mod:`~flashnorm.grad_sample.aliases`).
+
+    ``p.grad`` ends as the owned shard of (1/W) Σ_r S_r (FSDP's average), whichever the writer: the second backward
+    goes through FSDP's own reduce-scatter; :class:`ReduceScatterAssembly` reduce-scatters what it assembles.
+    """
 
     #: The rules see FSDP's unsharded parameters, not the sharded ones packed buffers would be laid out for;
     #: per-sample gradients stay per layer (one pass: they go to the reducer one by one).
@@ -139,41 +141,37 @@ class _FSDPChecks:
         return getattr(fsdp_param, "_unsharded_param", None) if fsdp_param is not None else None
 
 
-class FSDPGradSampleModuleFastGradientClipping(_FSDPChecks, GradSampleModuleFastGradientClipping):
-    """Two passes (``ghost_fsdp``, ``flash_fsdp``): the second goes through FSDP's reduce-scatter.
+class ReduceScatterAssembly(AssembleFromKept):
+    """One pass (``flash_fuse_fsdp``): the assembled clipped gradients reduce-scattered bucket by bucket.
 
-    ``p.grad`` ends as the owned shard of (1/W) Σ_r S_r (FSDP's average).
+    ``p.grad`` ends as the owned shard of (1/W) Σ_r S_r, exactly what FSDP's reduce-scatter of an ordinary backward
+    would leave, so the FSDP optimizer treats both kinds of mode alike.
     """
 
+    def __init__(self):
+        # Sharded parameters by name, per layer: per-sample gradients kept during the backward are keyed by FSDP's
+        # unsharded parameters, which are re-keyed by name onto these.
+        self._sharded: Dict[HookedLayer, Dict[str, nn.Parameter]] = {}
 
-class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModuleFastGradientClippingFuse):
-    """One pass (``flash_fuse_fsdp``): assembled clipped gradients reduce-scattered bucket by bucket.
-
-    ``p.grad`` ends as the owned shard of (1/W) Σ_r S_r, exactly what FSDP's reduce-scatter of an ordinary
-    backward would leave, so the FSDP optimizer treats both kinds of mode alike.
-    """
-
-    def __init__(self, m: nn.Module, **kwargs):
-        super().__init__(m, **kwargs)
-        # Sharded parameters by name, per layer: per-sample gradients kept during the backward are keyed by
-        # FSDP's unsharded parameters, which are re-keyed by name onto these.
-        self._sharded: Dict[HookedLayer, Dict[str, nn.Parameter]] = {
+    def bind(self, layers) -> None:
+        self._sharded = {
             layer: {n: p for n, p in layer.module.named_parameters() if any(p is q for q in layer.params)}
-            for layer in self.layers
+            for layer in layers
         }
 
-    def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, step: int) -> None:
-        super()._capture_backward(layer, grad_output, step)
-        if isinstance(layer.kept, KeptPerSample):
+    def keep(self, kept_by_layer, layer, kept):
+        if isinstance(kept, KeptPerSample):
             name_of = {p: n for n, p in layer.module.named_parameters()}  # FSDP's unsharded parameters now
             sharded = self._sharded[layer]
-            layer.kept = KeptPerSample({sharded[name_of[p]]: gs for p, gs in layer.kept.grads.items()})
+            kept = KeptPerSample({sharded[name_of[p]]: gs for p, gs in kept.grads.items()})
+        kept_by_layer[layer] = kept
 
-    def _write_clipped_gradients(self, loss_per_sample, coef):
+    def write(self, step, loss_per_sample, coef, backend):
         reducer = _ClippedGradReducer()
-        for layer in self.layers:
-            kept, layer.kept = layer.kept, None
-            grads = {} if kept is None else self._clipped_grads(layer, kept, coef, self.backend)
+        kept_by_layer, step.kept = step.kept, {}
+        for layer in step.layers:
+            kept = kept_by_layer.get(layer)
+            grads = {} if kept is None else self._clipped_grads(layer, kept, coef, backend)
             for p in layer.params:
                 reducer.add(p, grads.get(p))
         reducer.close()
@@ -186,6 +184,18 @@ class FSDPGradSampleModuleFastGradientClippingFuse(_FSDPChecks, GradSampleModule
         with _data_less_parameters(layer.module) as owner:
             grads = kept.clipped_grads(layer.rule, layer.module, coef, backend=backend)
         return {owner.get(p, p): grad for p, grad in grads.items()}
+
+
+class FSDPGradSampleModuleFastGradientClipping(FSDPGradSampleModule):
+    """Two passes (``ghost_fsdp``, ``flash_fsdp``): the second goes through FSDP's reduce-scatter."""
+
+    writer_class = SecondBackward
+
+
+class FSDPGradSampleModuleFastGradientClippingFuse(FSDPGradSampleModule):
+    """One pass (``flash_fuse_fsdp``): the assembled clipped gradients reduce-scattered (:class:`ReduceScatterAssembly`)."""
+
+    writer_class = ReduceScatterAssembly
 
 
 #: Clipped gradients are reduce-scattered in buckets of about this many (padded, full-shape) elements.

@@ -1,7 +1,8 @@
 """Whether every per-sample loss of a step is finite, read without draining the GPU.
 
 A non-finite loss (NaN or ±inf) would spread NaN into every parameter's clipped gradient; the clipping
-workflow checks the loss once, after the gradients are written, and discards them when it fails.
+workflow checks the loss once, after the gradients are written, and discards them when it fails
+(:meth:`~flashnorm.grad_sample.FlashNormGradSampleModule.reject_non_finite_step`).
 :class:`FiniteLossCheck` is public: :class:`~flashnorm.cuda_graphs.CudaGraphStep` reads the check recorded
 in a graph after each replay.
 """
@@ -86,45 +87,3 @@ class FiniteLossCheck:
                 copied.record()
             copied.synchronize()
         return bool(self._host)
-
-
-class LossChecks:
-    """Mixin of the grad-sample module: the per-sample loss matches the captured forward and is finite.
-
-    The host provides ``_batch_size``, ``_step_used``, ``_reset_step()`` and ``trainable_parameters``.
-    """
-
-    def _check_loss(self, loss_per_sample: torch.Tensor, finite: bool = True) -> None:
-        """Raises (and forgets the step) unless the loss is [B] for this forward's B (and, with ``finite``,
-        finite)."""
-        if self._batch_size is None or self._step_used:
-            raise RuntimeError(
-                "No captured forward pass for this loss: run the wrapped model's forward in training mode "
-                "(model.train(), grad enabled, hooks enabled) before each backward on the DP loss; a forward's "
-                "loss can be back-propagated once."
-            )
-        if loss_per_sample.dim() != 1 or loss_per_sample.shape[0] != self._batch_size:
-            self._reset_step()
-            raise ValueError(
-                f"The per-sample loss has shape {tuple(loss_per_sample.shape)} but the model's forward saw batch size "
-                f"{self._batch_size}; the loss must hold one value per sample: [B]. For token-level losses call the "
-                "criterion with shape=(B, T, V) so that the privacy unit is the sequence."
-            )
-        if finite:
-            self._check_finite(FiniteLossCheck(loss_per_sample))
-
-    def _check_finite(self, finite: "FiniteLossCheck") -> None:
-        """Raises (and forgets the step) if the checked loss had a NaN or ±inf (waits for its flag)."""
-        if not finite.result():
-            self.reject_non_finite_step()
-
-    def reject_non_finite_step(self) -> None:
-        """Forgets the step, drops every gradient it wrote (``p.grad = None``) and raises ``ValueError``.
-
-        Called when the loss was not finite: by the eager workflow, and by
-        :class:`~flashnorm.cuda_graphs.CudaGraphStep` after a replay whose ``captured_finite_check`` fails.
-        """
-        self._reset_step()
-        for p in self.trainable_parameters:
-            p.grad = None
-        raise ValueError(NON_FINITE_LOSS)

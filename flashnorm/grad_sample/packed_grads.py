@@ -134,25 +134,26 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
-def plan_packed_grads(layers, batch: int, device: torch.device, method_of, two_passes: bool):
+def plan_packed_grads(captured, batch: int, device: torch.device, method_of, vectors_only: bool):
     """Before the norm pass: a :class:`PackedPerSampleGrads` with room for what this step keeps per sample, or
     ``None`` when nothing is.
 
-    Room goes to the per-sample gradients of every layer whose ``method_of(layer, x, g_shape, g_dtype)`` is
-    ``per_sample``, and to the vector parameters (biases) of the other layers, in float32 (float64 for
-    float64 inputs), in the order the pass reaches them (last layer first). Two passes need the per-sample
-    gradients for the norms alone: only vector parameters (at most one dimension) are packed there; a
-    matrix's per-sample gradients stay per layer and are freed as soon as they are counted.
+    ``captured`` lists (layer, :class:`~flashnorm.grad_sample.capture.LayerCapture`) in forward order. Room goes to
+    the per-sample gradients of every layer whose ``method_of(layer, x, g_shape, g_dtype)`` is ``per_sample``, and
+    to the vector parameters (biases) of the other layers, in float32 (float64 for float64 inputs), in the order the
+    pass reaches them (last layer first). With ``vectors_only`` (a writer that back-propagates again needs the
+    per-sample gradients for the norms alone) only vector parameters (at most one dimension) are packed; a matrix's
+    per-sample gradients stay per layer and are freed as soon as they are counted.
     """
     packed = None
-    for layer in reversed(layers):
-        x = layer.x
-        if len(layer.xs) != 1 or layer.shared or x is None or x.shape[0] == 0 or layer.out_meta is None:
+    for layer, capture in reversed(captured):
+        x = capture.x
+        if len(capture.xs) != 1 or layer.shared or x is None or x.shape[0] == 0 or capture.out_meta is None:
             continue  # several uses, tied or deferred inputs are counted on their own
-        shape, dtype = layer.out_meta
+        shape, dtype = capture.out_meta
         if method_of(layer, x, shape, dtype) == "per_sample":
             params, slot_dtype = layer.params, layer.rule.per_sample_dtype(layer.module, x.dtype, dtype)
-            if two_passes:
+            if vectors_only:
                 params = [p for p in params if p.dim() <= 1]
         else:
             params, slot_dtype = layer.vectors, accumulation_dtype_of(x.dtype, dtype)

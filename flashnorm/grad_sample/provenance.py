@@ -9,7 +9,7 @@ step) no longer matches its record, and :class:`~flashnorm.optimizers.DPOptimize
 from __future__ import annotations
 
 import weakref
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 
@@ -32,3 +32,15 @@ def clipped_iterations(p: torch.Tensor) -> Optional[int]:
     if record is None or grad is None or record[0]() is not grad or grad._version != record[1]:
         return None
     return None if hasattr(grad, "_processed") else record[2]
+
+
+def take_pending_clipped_sum(params: List[torch.Tensor]) -> Tuple[Optional[list], int]:
+    """``(gradients, k)`` when every ``p.grad`` is a clipped sum of k earlier clipping steps still waiting for its
+    optimizer step (taken out of ``p.grad``: gradient accumulation), else ``(None, 0)``."""
+    counts = {clipped_iterations(p) for p in params if p.grad is not None}
+    if len(counts) != 1 or None in counts:
+        return None, 0
+    prior = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return prior, counts.pop()

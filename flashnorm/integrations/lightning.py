@@ -46,7 +46,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from ..utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from ..criterion import DPTensorFastGradientClipping
 
 
 class DPStrategy(SingleDeviceStrategy):

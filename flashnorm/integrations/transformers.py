@@ -53,7 +53,7 @@ from transformers.models.auto.modeling_auto import (
 from ..modes import get_mode
 from ..privacy_engine import FlashNormPrivacyEngine
 from ..utils.export import unwrap_model
-from ..utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from ..criterion import DPLossFastGradientClipping, DPTensorFastGradientClipping
 
 IGNORE_INDEX = -100
 #: The accountant's state in a checkpoint directory, beside the optimizer's.

@@ -32,7 +32,7 @@ from .rounding import GRAM_FLOAT32_MAX_STEPS
 
 logger = logging.getLogger(__name__)
 
-#: The modes' algorithms (``Mode.norm_method``): what the planner starts from.
+#: The modes' algorithms (``Mode.norm_algorithm``): what the planner starts from.
 ALGORITHMS = ("flash", "gram", "per_sample")
 
 #: κ (see above): multiplier on the FLOP-equality bound T* = 2dp/(d+p) below which Gram is used.

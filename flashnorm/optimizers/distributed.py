@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .fast_gradient_clipping import DPOptimizerFastGradientClipping, _same_kind_buckets
+from .fast_gradient_clipping import DPOptimizerFastGradientClipping, same_kind_buckets
 
 
 class DistributedDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
@@ -52,7 +52,7 @@ class DistributedDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping
 
     def reduce_gradients(self):
         """``p.grad`` ← Σ_r p.grad_r on every rank: one SUM all-reduce per flattened bucket."""
-        for bucket in _same_kind_buckets([p.grad for p in self.params]):
+        for bucket in same_kind_buckets([p.grad for p in self.params]):
             flat = torch.cat([g.reshape(-1) for g in bucket])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             reduced = flat.split([g.numel() for g in bucket])

@@ -26,7 +26,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, 
 from opacus.optimizers.utils import params as trainable_params
 
 from ..grad_sample.provenance import clipped_iterations
-from ..utils.privacy_parameters import check_privacy_parameters
+from ..utils.privacy_parameters import PrivacyParameters, privacy_attribute
 from ..kernels.multi_tensor import add_then_scale_, same_kind_groups
 
 
@@ -49,7 +49,7 @@ def _buckets(tensors, limit):
         yield bucket
 
 
-def _same_kind_buckets(tensors):
+def same_kind_buckets(tensors):
     """The tensors in buckets of one device and dtype and at most ``NOISE_BUCKET_ELEMENTS`` elements, in order."""
     for same_kind in same_kind_groups(tensors) if tensors else ():
         yield from _buckets(same_kind, NOISE_BUCKET_ELEMENTS)
@@ -67,12 +67,16 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
     fuses_noise_and_scale = True
 
     def __init__(self, optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int, **kwargs):
-        check_privacy_parameters(noise_multiplier, max_grad_norm)
+        #: σ and C: this optimizer owns them; the DP criterion shares them with the grad-sample module.
+        self.privacy = PrivacyParameters(noise_multiplier, max_grad_norm)
         super().__init__(
             optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch_size, **kwargs,
         )
         self._step_iterations: Optional[int] = None
+
+    noise_multiplier = privacy_attribute("noise_multiplier", "σ (Opacus's noise schedulers set it between steps).")
+    max_grad_norm = privacy_attribute("max_grad_norm", "C (Opacus's clipping schedulers set it between steps).")
 
     @property
     def accumulated_iterations(self) -> int:
@@ -120,7 +124,7 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
         self._step_params = trainable_params(self)
         try:
             # σ and C may have been changed since construction (Opacus's noise and clipping schedulers).
-            check_privacy_parameters(self.noise_multiplier, self.max_grad_norm)
+            self.privacy.check()
             self._step_iterations = self._clipped_iterations()
             self.accumulate()
             if self._check_skip_next_step():
@@ -161,7 +165,7 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             if self.secure_mode:
                 self._add_secure_noise(grads, std)
             else:
-                for bucket in _same_kind_buckets(grads):
+                for bucket in same_kind_buckets(grads):
                     self._add_noise_to_bucket(bucket, std)
         self._publish_summed_grads()
 
@@ -175,7 +179,7 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             return
         grads = self._checked_summed_grads()
         factor = self._grad_scale()
-        for bucket in _same_kind_buckets(grads):
+        for bucket in same_kind_buckets(grads):
             add_then_scale_(bucket, self._bucket_noise(bucket, std), factor)
         self._publish_summed_grads()
 

@@ -60,7 +60,7 @@ def test_linear_inputs_are_kept_in_the_autocast_dtype():
     gsm = GradSampleModuleFastGradientClippingFuse(TinyLM())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         gsm(torch.randint(0, VOCAB, (3, 5)))
-    kept = {layer.name: layer.x.dtype for layer in gsm.layers}
+    kept = {layer.name: gsm.step.inputs_of(layer)[0].dtype for layer in gsm.layers}
     assert kept["up"] == kept["down"] == kept["head"] == torch.bfloat16  # as autograd keeps them
     assert kept["norm"] == torch.float32 and kept["embed"] == torch.int64
 
@@ -82,11 +82,11 @@ def test_linear_layers_compute_with_the_one_cast_input_that_is_kept():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = gsm(ids)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    kept = {layer.name: layer.x for layer in gsm.layers}
+    kept = {layer.name: gsm.step.inputs_of(layer)[0] for layer in gsm.layers if gsm.step.inputs_of(layer)}
     for name in ("up", "head"):
         assert received[name].dtype == torch.bfloat16 and kept[name].data_ptr() == received[name].data_ptr(), name
 
     linear = GradSampleModuleFastGradientClippingFuse(nn.Sequential(nn.Linear(4, 3).double()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         linear(torch.randn(2, 5, 4, dtype=torch.float64))
-    assert linear.layers[0].x.dtype == torch.float64
+    assert linear.step.inputs_of(linear.layers[0])[0].dtype == torch.float64

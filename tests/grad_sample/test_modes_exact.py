@@ -88,7 +88,7 @@ def test_single_sample_batch(mode, kind, reduction, device):
     oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), clip)
     dp_model, grads = dp_clipped_step(model.to(device), x.to(device), y.to(device), mode=mode, reduction=reduction,
                                       max_grad_norm=clip)
-    assert not dp_model._taps, "a batch of one sample needs no capture, no norm pass"
+    assert not dp_model.taps, "a batch of one sample needs no capture, no norm pass"
     rtol, atol = TOLERANCES["fp64"]
     # the debugging attribute follows the recorded squared norm when first read (nothing computed it yet)
     torch.testing.assert_close(dp_model.per_sample_gradient_norms.cpu(), oracle.norms, rtol=rtol, atol=atol)

@@ -297,5 +297,5 @@ def test_non_reentrant_checkpointing_pins_no_input_in_the_forward():
     dp_model(ids)
     in_blocks = [layer for layer in dp_model.layers if ".h." in layer.name]
     outside = [layer for layer in dp_model.layers if ".h." not in layer.name]
-    assert in_blocks and all(layer.xs == [None] for layer in in_blocks)
-    assert all(layer.xs and layer.xs[0] is not None for layer in outside)
+    assert in_blocks and all(dp_model.step.inputs_of(layer) == [None] for layer in in_blocks)
+    assert all(dp_model.step.inputs_of(layer) and dp_model.step.inputs_of(layer)[0] is not None for layer in outside)

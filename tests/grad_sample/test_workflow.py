@@ -232,7 +232,7 @@ def test_one_pass_keeps_per_sample_gradients_in_one_buffer(use_second):
         torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
     if not use_second:
         assert torch.count_nonzero(model.unused.weight.grad) == 0
-    assert gsm._packed is None, "the packed buffers are released once the gradients are assembled"
+    assert gsm.step is None, "the packed buffers are released once the gradients are assembled (with the step)"
 
 
 @pytest.mark.parametrize("method", ["flash", "gram"])
@@ -288,7 +288,7 @@ def test_two_pass_norms_pack_only_vector_parameters(monkeypatch, method):
     gsm.compute_clipping_coef(loss.loss_per_sample)
     vectors = {id(p) for p in model.parameters() if p.dim() == 1}
     assert reserved and {id(p) for p in reserved} == vectors, "exactly the vector parameters are packed"
-    assert gsm._packed is None, "the two-pass norm pass releases its packed buffers"
+    assert gsm.step.packed is None, "the two-pass norm pass releases its packed buffers"
     torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
     gsm.write_clipped_gradients(loss.loss_per_sample, gsm.get_clipping_coef())
     for name, p in model.named_parameters():

@@ -1,0 +1,52 @@
+"""The configuration a clipping step reads: fixed when the grad-sample module is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..norms.planner import choose
+from .capture import HookedLayer
+from .writers import ClippedGradientWriter
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How a step captures, measures and writes: the grad-sample module's configuration.
+
+    Attributes:
+        backend: the kernels' resolved backend.
+        norm_algorithm: the mode's algorithm, the planner's starting point.
+        norm_method: a forced method, or ``None`` (planned per layer).
+        writer: the mode's :class:`~flashnorm.grad_sample.writers.ClippedGradientWriter`.
+        batch_first: inputs are ``[B, ...]`` (else ``[T, B, ...]``).
+        distributed: gradients are reduced across ranks by DDP or FSDP2 (no one-sample shortcut; the loss is
+            checked before any collective).
+        packs_per_sample_grads: per-sample gradients go to packed buffers
+            (:class:`~flashnorm.grad_sample.packed_grads.PackedPerSampleGrads`); ``False`` under FSDP2.
+    """
+
+    backend: str
+    norm_algorithm: str
+    norm_method: Optional[str]
+    writer: ClippedGradientWriter
+    batch_first: bool = True
+    distributed: bool = False
+    packs_per_sample_grads: bool = True
+
+    def method(self, layer: HookedLayer, x: torch.Tensor, g_shape, g_dtype, g: Optional[torch.Tensor] = None) -> str:
+        """The layer's norm method for these shapes (planned once per new shape; ``g`` may be absent). Layers
+        sharing a parameter keep their X and G (no per-sample gradients) unless forced."""
+        key = (x.shape, g_shape, g_dtype)
+        if layer.plan is None or layer.plan[0] != key:
+            if g is None:
+                g = torch.empty(g_shape, dtype=g_dtype, device="meta")
+            method = choose(
+                layer.rule, layer.module, x, g, base=self.norm_algorithm,
+                fused=self.writer.applies_kept_per_sample and not layer.shared, override=self.norm_method,
+                name=layer.name,
+            )
+            layer.plan = (key, method)
+        return layer.plan[1]

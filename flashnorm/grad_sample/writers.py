@@ -1,0 +1,121 @@
+"""How a step writes Σ_b c_b ∇ℓ_b into ``p.grad`` once the coefficients c are known: the mode's *writer*.
+
+The mode table (:mod:`flashnorm.modes`) names one writer per mode:
+
+* :class:`SecondBackward` (``ghost``, ``flash``): back-propagates Σ_b c_b ℓ_b, an ordinary second backward pass.
+  The norm pass keeps the autograd graph for it and keeps nothing of the layers.
+* :class:`AssembleFromKept` (``flash_fuse``): the norm pass was the only backward pass; each counted layer kept
+  what its plan needs (X and G, or its per-sample gradients, packed or not), and the clipped gradient is assembled
+  from it: (c ⊙ G)ᵀX for a Linear weight, Σ_b c_b g_b from per-sample gradients, one weighted sum per packed buffer.
+
+FSDP2's one-pass writer (reduce-scatter of the assembled gradients) is in :mod:`flashnorm.grad_sample.fsdp`. A new
+writer subclasses :class:`ClippedGradientWriter`; the norm pass asks it the three questions below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from ..norms.registry import NormRule, clipped_from_per_sample
+
+
+@dataclass
+class KeptPerSample:
+    """Per-sample gradients {θ: [B, *θ.shape]} kept apart from the packed buffers."""
+
+    grads: Dict[nn.Parameter, torch.Tensor]
+
+    def clipped_grads(self, rule: NormRule, layer: nn.Module, coef: torch.Tensor, backend: str):
+        """Σ_b c_b ∇_θ ℓ_b for each kept θ."""
+        return clipped_from_per_sample(self.grads, coef, backend=backend)
+
+
+@dataclass
+class KeptPacked:
+    """Every per-sample gradient of the layer lives in the packed buffers, whose clipped sum covers it."""
+
+    def clipped_grads(self, rule: NormRule, layer: nn.Module, coef: torch.Tensor, backend: str):
+        return {}
+
+
+@dataclass
+class KeptInputs:
+    """The layer input X and output gradient G, for the rule's clipped gradient (c ⊙ G)ᵀX.
+
+    ``with_vectors`` is ``False`` when the rule's vector parameters (biases) went to the packed buffers.
+    """
+
+    method: str
+    x: torch.Tensor
+    g: torch.Tensor
+    with_vectors: bool
+
+    def clipped_grads(self, rule: NormRule, layer: nn.Module, coef: torch.Tensor, backend: str):
+        return rule.clipped_grads(layer, self.x, self.g, coef, vectors=self.with_vectors, backend=backend)
+
+
+class ClippedGradientWriter:
+    """Writes a step's clipped gradients. One instance per grad-sample module (:meth:`bind` sees its layers).
+
+    Attributes:
+        backward_passes: backward passes per step (the modes table's column).
+        retains_graph: the norm pass keeps the autograd graph (the writer back-propagates again).
+        applies_kept_per_sample: per-sample gradients the norm pass measured are the very ones applied, so the
+            planner may choose them for any layer (they cost B·|θ| memory) and their rounding needs no allowance;
+            every trainable parameter, vectors and matrices, can be packed.
+    """
+
+    backward_passes = 2
+    retains_graph = True
+    applies_kept_per_sample = False
+
+    def bind(self, layers: List) -> None:
+        """Called with the hooked layers whenever they are (re)discovered."""
+
+    def keep(self, kept_by_layer: dict, layer, kept) -> None:
+        """Stores what the norm pass counted of ``layer`` for :meth:`write` (nothing by default)."""
+
+    def write(self, step, loss_per_sample: torch.Tensor, coef: torch.Tensor, backend: str) -> None:
+        """Adds Σ_b c_b ∇ℓ_b into ``p.grad`` (``coef``: c [B]; ``step``: the :class:`~.step.ClippingStep`)."""
+        raise NotImplementedError
+
+
+class SecondBackward(ClippedGradientWriter):
+    """Back-propagates Σ_b c_b ℓ_b: autograd computes the clipped gradients as an ordinary backward would."""
+
+    def write(self, step, loss_per_sample, coef, backend):
+        weighted = (coef.detach().to(loss_per_sample.dtype) * loss_per_sample).sum()
+        torch.autograd.backward(weighted)
+
+
+class AssembleFromKept(ClippedGradientWriter):
+    """Assembles the clipped gradients from what the norm pass kept of each layer (its only backward pass)."""
+
+    backward_passes = 1
+    retains_graph = False
+    applies_kept_per_sample = True
+
+    def keep(self, kept_by_layer, layer, kept):
+        kept_by_layer[layer] = kept
+
+    def write(self, step, loss_per_sample, coef, backend):
+        packed, step.packed = step.packed, None
+        if packed is not None:  # every packed per-sample gradient: one weighted sum per buffer
+            for p, grad in packed.clipped_sum(coef, backend=backend).items():
+                p.grad = grad if p.grad is None else p.grad.add_(grad)
+        kept_by_layer, step.kept = step.kept, {}
+        for layer in step.layers:
+            kept = kept_by_layer.get(layer)
+            if kept is None:  # not reached by this loss, or an empty batch
+                continue
+            for p, grad in kept.clipped_grads(layer.rule, layer.module, coef, backend=backend).items():
+                if grad.dtype != p.dtype:
+                    grad = grad.to(p.dtype)
+                if p.grad is None:
+                    p.grad = grad
+                else:
+                    p.grad.add_(grad)
