@@ -30,14 +30,7 @@ import torch.nn.functional as F
 from ._chunks import accumulation_dtype
 from .backend import cdiv, multiprocessor_count, resolve_backend, triton_choice
 from .tiles import block_size
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .triton_support import tl, triton
 
 #: Widest normalised size the kernel holds in registers (two rows of x and g per step, plus both sums).
 MAX_N = 4096

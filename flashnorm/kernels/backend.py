@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from . import triton_support
+
 BACKENDS = ("auto", "triton", "torch")
 #: ``TRITON_INTERPRET=1`` as read at import: Triton reads it when the kernels are defined, so later
 #: changes to the environment would not change how the kernels run.
@@ -25,14 +27,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """True when the ``triton`` package imports."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_support.AVAILABLE
 
 
 def resolve_backend(value: Optional[str]) -> str:
@@ -80,14 +77,6 @@ def triton_choice(x: torch.Tensor, g: torch.Tensor, backend: str) -> Optional[st
     return "forced" if backend == "triton" else "default"
 
 
-class _TritonStub:
-    """Stands in for ``triton`` when it does not import: kernels stay plain functions, never launched."""
-
-    @staticmethod
-    def jit(fn=None, **_options):
-        return fn if fn is not None else (lambda f: f)
-
-
 @functools.lru_cache(maxsize=None)
 def _device_properties(index: int):
     return torch.cuda.get_device_properties(index)
@@ -102,7 +91,7 @@ def multiprocessor_count(device: torch.device) -> int:
 
 def supports_tma(device: torch.device) -> bool:
     """Tensor-memory-accelerator loads through Triton tensor descriptors: compute capability 9.x, not interpreted."""
-    if device.type != "cuda" or INTERPRET:
+    if device.type != "cuda" or INTERPRET or triton_support.TensorDescriptor is None:
         return False
     props = _device_properties(device.index if device.index is not None else torch.cuda.current_device())
     return props.major == 9

@@ -33,14 +33,7 @@ from .operands import (
     use_descriptors,
 )
 from .tiles import accumulate_rows
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the reference is then the only path
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .triton_support import tl, triton
 
 
 @triton.jit(do_not_specialize=["T", "t_chunk", "n_chunks", "units_per_split", "n_units"])

@@ -37,15 +37,7 @@ from .operands import (
     use_descriptors,
 )
 from .tiles import accumulate_rows, block_size, dot_acc, round_tf32, tf32_copy
-
-try:
-    import triton
-    import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
-    from .backend import _TritonStub as triton
-
-    tl = TensorDescriptor = None
+from .triton_support import TensorDescriptor, tl, triton
 
 # ---------------------------------------------------------------------------------------------
 # Kernels

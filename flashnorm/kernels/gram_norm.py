@@ -22,14 +22,7 @@ from ._chunks import accumulation_dtype, rows_per_chunk
 from .backend import INTERPRET, cdiv, dispatch, resolve_backend, tf32_enabled
 from .operands import check_sequence_pair, prepare_launch, row_operands, use_descriptors
 from .tiles import block_size, dot_acc, load_rows, tf32_copy
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .triton_support import tl, triton
 
 # ---------------------------------------------------------------------------------------------
 # Kernel

@@ -37,14 +37,7 @@ import torch
 
 from ._chunks import accumulation_dtype, accumulation_dtype_of
 from .backend import INTERPRET, resolve_backend, triton_choice
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the dispatchers then always take the references
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .triton_support import tl, triton
 
 
 # -- Triton kernels: program r handles row r of the work table ------------------------------------------------------

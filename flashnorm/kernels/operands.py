@@ -9,11 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .backend import supports_tma, tf32_enabled
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # flashnorm imports without Triton; descriptors are then never asked for
-    TensorDescriptor = None
+from .triton_support import TensorDescriptor
 
 #: Input dtypes the Triton kernels take (float64 always goes to the reference, which stays float64).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

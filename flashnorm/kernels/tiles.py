@@ -9,14 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backend import cdiv
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the dispatchers then always take the references
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .triton_support import tl, triton
 
 
 def block_size(n: int, cap: int) -> int:

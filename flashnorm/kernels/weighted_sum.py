@@ -21,14 +21,7 @@ import torch
 
 from ._chunks import accumulation_dtype, rows_per_chunk
 from .backend import INTERPRET, cdiv, dispatch, resolve_backend
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .triton_support import tl, triton
 
 
 @triton.jit(do_not_specialize=["batch", "n"])
