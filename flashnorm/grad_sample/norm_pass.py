@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels._chunks import accumulation_dtype
+from ..kernels.accumulation import accumulation_dtype
 from ..norms import rounding
 from ..norms.planner import choose
 from ..norms.registry import per_sample_norms

@@ -25,7 +25,7 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.validators import ModuleValidator
 
 from ..kernels import multi_tensor
-from ..kernels._chunks import accumulation_dtype
+from ..kernels.accumulation import accumulation_dtype
 from ..kernels.backend import resolve_backend
 from ..norms.planner import ALGORITHMS, resolve_norm_method
 from ..utils.privacy_parameters import check_privacy_parameters

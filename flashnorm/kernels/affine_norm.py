@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._chunks import accumulation_dtype
+from .accumulation import accumulation_dtype
 from .backend import cdiv, multiprocessor_count, resolve_backend, triton_choice
 from .tiles import block_size
 from .triton_support import tl, triton

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ._chunks import accumulation_dtype
+from .accumulation import accumulation_dtype
 from .backend import INTERPRET, cdiv, multiprocessor_count, resolve_backend, tf32_enabled, triton_choice
 from .flash_norm import MIN_BLOCKS_PER_SPLIT, flash_norm_config
 from .operands import (

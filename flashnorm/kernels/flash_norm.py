@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._chunks import accumulation_dtype, rows_per_chunk
+from .accumulation import accumulation_dtype, rows_per_chunk
 from .backend import INTERPRET, cdiv, dispatch, multiprocessor_count, resolve_backend, tf32_enabled
 from .operands import (
     aligned_copies,

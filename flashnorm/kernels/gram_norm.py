@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._chunks import accumulation_dtype, rows_per_chunk
+from .accumulation import accumulation_dtype, rows_per_chunk
 from .backend import INTERPRET, cdiv, dispatch, resolve_backend, tf32_enabled
 from .operands import check_sequence_pair, prepare_launch, row_operands, use_descriptors
 from .tiles import block_size, dot_acc, load_rows, tf32_copy

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._chunks import accumulation_dtype, accumulation_dtype_of
+from .accumulation import accumulation_dtype, accumulation_dtype_of
 from .backend import INTERPRET, resolve_backend, triton_choice
 from .triton_support import tl, triton
 

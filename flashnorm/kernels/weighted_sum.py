@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ._chunks import accumulation_dtype, rows_per_chunk
+from .accumulation import accumulation_dtype, rows_per_chunk
 from .backend import INTERPRET, cdiv, dispatch, resolve_backend
 from .triton_support import tl, triton
 

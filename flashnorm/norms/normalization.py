@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
+from ..kernels.accumulation import accumulation_dtype, accumulation_dtype_of
 from ..kernels.affine_norm import affine_norm_grads
 from .registry import NormRule, copies_of, flatten_to_sequences, register_norm_rule, register_norm_rule_matching
 from .rounding import frobenius_per_sample, unit_roundoff

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..kernels import multi_tensor
-from ..kernels._chunks import accumulation_dtype
+from ..kernels.accumulation import accumulation_dtype
 
 #: τ: the relative excess over C allowed to rounding (the guarantee is ‖applied_b‖ ≤ (1 + τ)·C).
 ALLOWANCE = 1e-3
