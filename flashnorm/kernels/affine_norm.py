@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .accumulation import accumulation_dtype
-from .backend import cdiv, multiprocessor_count, resolve_backend, triton_choice
+from .backend import cdiv, multiprocessor_count, resolve_backend, use_triton
 from .tiles import block_size
 from .triton_support import tl, triton
 
@@ -146,19 +146,26 @@ def affine_norm_grads(
     """Per-sample (W, β) of a LayerNorm (``center``) or RMSNorm over the last dim of x, g: [B, T, n].
 
     :func:`affine_norm_grads_triton` on CUDA (and with ``backend="triton"``) for n ≤ ``MAX_N`` and float32
-    outputs, else :func:`affine_norm_grads_reference` (other devices, ``backend="torch"``; float64 stays
-    float64). ``backend``: see :func:`~flashnorm.kernels.backend.resolve_backend`.
+    outputs with contiguous rows, else :func:`affine_norm_grads_reference` (other devices, ``backend="torch"``;
+    float64 stays float64). ``backend``: see :func:`~flashnorm.kernels.backend.use_triton`; a forced
+    ``"triton"`` raises where the kernel does not apply (n > ``MAX_N``, other outputs).
     """
     kwargs = dict(eps=eps, center=center, with_bias=with_bias, weight_out=weight_out, bias_out=bias_out)
-    choice = triton_choice(x, g, resolve_backend(backend))
-    if choice is not None and x.shape[-1] <= MAX_N and _float32_rows(weight_out, bias_out):
+    if use_triton(resolve_backend(backend), x, g, name="affine_norm_grads",
+                  unsupported=lambda: _unsupported(x.shape[-1], weight_out, bias_out)):
         return affine_norm_grads_triton(x, g, **kwargs)
     return affine_norm_grads_reference(x, g, **kwargs)
 
 
-def _float32_rows(*outs: Optional[torch.Tensor]) -> bool:
-    """Outputs the kernel can write: absent, or float32 with contiguous rows."""
-    return all(o is None or (o.dtype == torch.float32 and o.stride(-1) == 1) for o in outs)
+def _unsupported(n: int, *outs: Optional[torch.Tensor]) -> Optional[str]:
+    """Why the kernel cannot compute rows of n elements into ``outs`` (None when it can): it holds rows of at most
+    ``MAX_N`` elements and writes absent outputs or float32 ones with contiguous rows."""
+    if n > MAX_N:
+        return f"holds rows of at most MAX_N = {MAX_N} elements, got n = {n}"
+    for o in outs:
+        if o is not None and (o.dtype != torch.float32 or o.stride(-1) != 1):
+            return f"writes float32 outputs with contiguous rows, got a {o.dtype} output with strides {o.stride()}"
+    return None
 
 
 def _output(out: Optional[torch.Tensor], batch: int, n: int, device: torch.device) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .accumulation import accumulation_dtype
-from .backend import INTERPRET, cdiv, multiprocessor_count, resolve_backend, tf32_enabled, triton_choice
+from .backend import INTERPRET, cdiv, multiprocessor_count, resolve_backend, tf32_enabled, use_triton
 from .flash_norm import MIN_BLOCKS_PER_SPLIT, flash_norm_config
 from .operands import (
     aligned_copies,
@@ -196,9 +196,8 @@ def clipped_weight_grad(
     which is faster there (benchmarks/results/kernels_h200_clipped.json: the fused kernel has no K-major tf32
     path). ``backend``: see :func:`~flashnorm.kernels.backend.resolve_backend`. Callers cast to the parameter's dtype.
     """
-    choice = triton_choice(x, g, resolve_backend(backend))
     sixteen_bit = {x.dtype, g.dtype} <= {torch.bfloat16, torch.float16}
-    if choice == "forced" or (choice == "default" and sixteen_bit):
+    if use_triton(resolve_backend(backend), x, g, name="clipped_weight_grad", reference_faster=not sixteen_bit):
         return clipped_weight_grad_fused(x, g, coef)
     return clipped_weight_grad_reference(x, g, coef)
 

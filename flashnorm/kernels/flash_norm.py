@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .accumulation import accumulation_dtype, rows_per_chunk
-from .backend import INTERPRET, cdiv, dispatch, multiprocessor_count, resolve_backend, tf32_enabled
+from .backend import INTERPRET, cdiv, multiprocessor_count, resolve_backend, tf32_enabled, use_triton
 from .operands import (
     aligned_copies,
     aligned_copies_pay,
@@ -389,9 +389,11 @@ def flash_norm_sq(x: torch.Tensor, g: torch.Tensor, *, backend: Optional[str] = 
     """‖G_bᵀX_b‖²_F per sample, x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
     :func:`flash_norm_sq_triton` on CUDA or with ``backend="triton"``, else :func:`flash_norm_sq_reference`
-    (``backend``: see :func:`~flashnorm.kernels.backend.resolve_backend`). float64 inputs always take the
+    (``backend``: see :func:`~flashnorm.kernels.backend.use_triton`). float64 inputs always take the
     reference, which returns float64.
     """
-    return dispatch(flash_norm_sq_triton, flash_norm_sq_reference, x, g, resolve_backend(backend))
+    if use_triton(resolve_backend(backend), x, g, name="flash_norm_sq"):
+        return flash_norm_sq_triton(x, g)
+    return flash_norm_sq_reference(x, g)
 
 

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .accumulation import accumulation_dtype, rows_per_chunk
-from .backend import INTERPRET, cdiv, dispatch, resolve_backend, tf32_enabled
+from .backend import INTERPRET, cdiv, resolve_backend, tf32_enabled, use_triton
 from .operands import check_sequence_pair, prepare_launch, row_operands, use_descriptors
 from .tiles import block_size, dot_acc, load_rows, tf32_copy
 from .triton_support import tl, triton
@@ -186,7 +186,9 @@ def gram_norm_sq_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def gram_norm_sq(x: torch.Tensor, g: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """⟨X_bX_bᵀ, G_bG_bᵀ⟩ per sample, x: [B, T, d], g: [B, T, p] → float32 [B] (float64 inputs: float64).
 
-    :func:`gram_norm_sq_triton` where ``backend`` (:func:`~flashnorm.kernels.backend.resolve_backend`)
-    allows Triton, else :func:`gram_norm_sq_reference`.
+    :func:`gram_norm_sq_triton` where ``backend`` (:func:`~flashnorm.kernels.backend.use_triton`) allows Triton,
+    else :func:`gram_norm_sq_reference`.
     """
-    return dispatch(gram_norm_sq_triton, gram_norm_sq_reference, x, g, resolve_backend(backend))
+    if use_triton(resolve_backend(backend), x, g, name="gram_norm_sq"):
+        return gram_norm_sq_triton(x, g)
+    return gram_norm_sq_reference(x, g)

@@ -21,8 +21,9 @@ Memory-bound passes: ``squared_norm`` reads ν elements (float32 partial sums pe
 Arithmetic in float32 whatever the storage dtype, rounded once on store.
 
 The Triton path needs every tensor contiguous and is not used while a CUDA graph is being captured
-(the table upload is a host-to-device copy): the PyTorch references (``torch._foreach_*``) serve there,
-on other devices, for float64 and with ``backend="torch"``.
+(the table upload is a host-to-device copy): the PyTorch references (``torch._foreach_*``) serve there
+under ``backend="auto"`` (a forced ``"triton"`` raises), on other devices, for float64 and with
+``backend="torch"``.
 
 Layout of this file: the Triton kernels, the work table, the launch wrappers, the PyTorch references,
 the dispatchers.
@@ -36,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .accumulation import accumulation_dtype, accumulation_dtype_of
-from .backend import INTERPRET, resolve_backend, triton_choice
+from .backend import INTERPRET, resolve_backend, use_triton
 from .triton_support import tl, triton
 
 
@@ -259,21 +260,26 @@ def same_kind_groups(tensors: Sequence[torch.Tensor]) -> List[List[torch.Tensor]
     return list(groups.values())
 
 
-def _triton_applies(tensors: Sequence[torch.Tensor], backend: str) -> bool:
-    """Triton for one (device, dtype) group: where :func:`triton_choice` allows it under the resolved ``backend``,
-    every tensor is contiguous and no CUDA graph is being captured."""
-    first = tensors[0]
-    if triton_choice(first, first, backend) is None:
-        return False
-    if first.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    return all(t.is_contiguous() for t in tensors)
+def _unsupported(tensors: Sequence[torch.Tensor]) -> Optional[str]:
+    """Why the Triton path cannot take one (device, dtype) group, or None: a CUDA graph being captured (the work
+    table's upload is a host-to-device copy), or a tensor that is not contiguous."""
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return "cannot run while a CUDA graph is being captured (its work table reaches the device by a host copy)"
+    for i, t in enumerate(tensors):
+        if not t.is_contiguous():
+            return f"needs contiguous tensors, and tensor {i} ({list(t.shape)}, strides {t.stride()}) is not"
+    return None
 
 
-def _launches(groups: List[List[torch.Tensor]], backend: Optional[str]) -> List[Optional[Launch]]:
+def _triton_applies(tensors: Sequence[torch.Tensor], backend: str, name: str) -> bool:
+    """:func:`~flashnorm.kernels.backend.use_triton` for one (device, dtype) group under the resolved ``backend``."""
+    return use_triton(backend, tensors[0], name=name, unsupported=lambda: _unsupported(tensors))
+
+
+def _launches(groups: List[List[torch.Tensor]], backend: Optional[str], name: str) -> List[Optional[Launch]]:
     """Per group, its (table, addresses) when the Triton path applies, else None (the reference)."""
     backend = resolve_backend(backend)
-    return [work_table(group) if _triton_applies(group, backend) else None for group in groups]
+    return [work_table(group) if _triton_applies(group, backend, name) else None for group in groups]
 
 
 def _sum_of_squares(groups, launches) -> torch.Tensor:
@@ -300,10 +306,10 @@ def squared_norm(tensors: Sequence[torch.Tensor], *, backend: Optional[str] = No
     """Σ_i ‖g_i‖² over a non-empty list → [1] on the first tensor's device, float32 (float64 when any tensor is).
 
     One Triton launch (and one sum) per dtype on CUDA, the foreach reference elsewhere (``backend``: see
-    :func:`~flashnorm.kernels.backend.resolve_backend`, as for every function below).
+    :func:`~flashnorm.kernels.backend.use_triton`, as for every function below).
     """
     groups = same_kind_groups(tensors)
-    return _sum_of_squares(groups, _launches(groups, backend))
+    return _sum_of_squares(groups, _launches(groups, backend, "squared_norm"))
 
 
 def clip_(
@@ -318,7 +324,7 @@ def clip_(
         max_norm: C.
     """
     groups = same_kind_groups(tensors)
-    _clip_groups(groups, _launches(groups, backend), norm_sq, max_norm)
+    _clip_groups(groups, _launches(groups, backend, "clip_"), norm_sq, max_norm)
 
 
 def clip_by_total_norm_(
@@ -330,7 +336,7 @@ def clip_by_total_norm_(
         s = Σ_i ‖g_i‖² before clipping: [1], float32 (float64 when any tensor is).
     """
     groups = same_kind_groups(tensors)
-    launches = _launches(groups, backend)
+    launches = _launches(groups, backend, "clip_by_total_norm_")
     norm_sq = _sum_of_squares(groups, launches)
     _clip_groups(groups, launches, norm_sq, max_norm)
     return norm_sq
@@ -350,7 +356,11 @@ def add_then_scale_(
         raise ValueError("add_then_scale_ takes tensors of one device and dtype and a flat z of their total size")
     if z.device != tensors[0].device or z.dtype != tensors[0].dtype:
         raise ValueError(f"z is {z.dtype} on {z.device}; the tensors are {tensors[0].dtype} on {tensors[0].device}")
-    if _triton_applies(tensors, resolve_backend(backend)) and z.is_contiguous():
+
+    def unsupported() -> Optional[str]:
+        return _unsupported(tensors) or (None if z.is_contiguous() else "needs a contiguous z")
+
+    if use_triton(resolve_backend(backend), tensors[0], name="add_then_scale_", unsupported=unsupported):
         add_then_scale_triton_(tensors, z, alpha)
     else:
         add_then_scale_reference_(tensors, z, alpha)

@@ -131,12 +131,8 @@ def test_tables_are_cached_by_sizes_and_follow_new_addresses(device, triton_back
     assert len(multi_tensor._tables) == 2 and len(uploads) == 3
 
 
-def test_mixed_dtypes_and_non_contiguous_tensors(device, triton_backend):
-    """Groups by dtype; a non-contiguous tensor sends its group to the reference; the norm sums the groups."""
-    a = torch.randn(37, 5, device=device)
-    b = torch.randn(9, 11, device=device).t()  # non-contiguous
-    c = torch.randn(1030, device=device, dtype=torch.float16)
-    tensors = [a, c, b]
+def _assert_mixed_list_is_exact(tensors, device):
+    """squared_norm sums the (device, dtype) groups; clip_ applies one coefficient to all of them."""
     truth = sum(float(t.double().square().sum()) for t in tensors)
     torch.testing.assert_close(multi_tensor.squared_norm(tensors).double().cpu(), torch.tensor([truth], dtype=torch.float64),
                                rtol=1e-5, atol=0)
@@ -145,6 +141,27 @@ def test_mixed_dtypes_and_non_contiguous_tensors(device, triton_backend):
     coef = 0.5 / (truth ** 0.5 + 1e-6)
     for t, x in zip(tensors, before):
         torch.testing.assert_close(t.double(), coef * x, rtol=1e-3, atol=1e-5)
+
+
+def test_mixed_dtypes(device, triton_backend):
+    """Groups by dtype, each through the Triton kernels; the norm sums the groups."""
+    a, b = torch.randn(37, 5, device=device), torch.randn(11, 9, device=device)
+    c = torch.randn(1030, device=device, dtype=torch.float16)
+    _assert_mixed_list_is_exact([a, c, b], device)
+
+
+def test_a_non_contiguous_tensor_sends_its_group_to_the_reference(device, monkeypatch):
+    """Under backend="auto" a group with a non-contiguous tensor takes the foreach reference (on CUDA the other
+    group still takes Triton); a forced Triton backend refuses it (tests/kernels/test_backend.py)."""
+    monkeypatch.delenv("FLASHNORM_BACKEND", raising=False)
+    calls = []
+    kernel = multi_tensor.clip_triton_
+    monkeypatch.setattr(multi_tensor, "clip_triton_", lambda group, *a: calls.append(group[0].dtype) or kernel(group, *a))
+    a = torch.randn(37, 5, device=device)
+    b = torch.randn(9, 11, device=device).t()  # non-contiguous
+    c = torch.randn(1030, device=device, dtype=torch.float16)
+    _assert_mixed_list_is_exact([a, c, b], device)
+    assert calls == ([torch.float16] if device.type == "cuda" else [])
 
 
 def test_float64_stays_float64(device, triton_backend):
@@ -163,8 +180,10 @@ def test_add_then_scale_refuses_a_mismatched_z(device):
 
 
 @pytest.mark.gpu
-def test_a_cuda_graph_capture_takes_the_reference_and_replays_correctly(triton_backend):
-    """The table upload is a host-to-device copy, illegal during capture: the foreach reference is captured."""
+def test_a_cuda_graph_capture_takes_the_reference_and_replays_correctly(monkeypatch):
+    """The table upload is a host-to-device copy, illegal during capture: under backend="auto" the foreach reference
+    is captured."""
+    monkeypatch.delenv("FLASHNORM_BACKEND", raising=False)
     tensors = _tensors("fp32", "cuda")
     norm_sq = torch.tensor([0.25], device="cuda")
     stream = torch.cuda.Stream()
@@ -180,6 +199,20 @@ def test_a_cuda_graph_capture_takes_the_reference_and_replays_correctly(triton_b
     torch.cuda.synchronize()
     for t in tensors:
         torch.testing.assert_close(t, torch.full_like(t, 3.0 / (4 + 1e-6)))
+
+
+@pytest.mark.gpu
+def test_a_forced_triton_backend_refuses_a_cuda_graph_capture(triton_backend):
+    """backend="triton" never falls back to the reference: under capture the multi-tensor passes raise."""
+    tensors = _tensors("fp32", "cuda")
+    norm_sq = torch.tensor([0.25], device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            multi_tensor.clip_(tensors, norm_sq, 1.0)
+    torch.cuda.current_stream().wait_stream(stream)
 
 
 @pytest.mark.gpu
