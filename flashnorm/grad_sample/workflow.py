@@ -27,6 +27,7 @@ from opacus.validators import ModuleValidator
 from ..kernels import multi_tensor
 from ..kernels.accumulation import accumulation_dtype
 from ..kernels.backend import resolve_backend
+from ..norms import rounding
 from ..norms.planner import ALGORITHMS, resolve_norm_method
 from ..utils.privacy_parameters import check_privacy_parameters
 from .aliases import ParameterAliases, registrations
@@ -451,7 +452,9 @@ class FlashNormGradSampleModule(CaptureHooks, NormPassHooks, LossChecks, Abstrac
             return
         # one multi-tensor pass for the norm (float32, float64 for float64) and one for the clipping, whose
         # coefficient is computed on the device from the norm
-        self.record_norm_sq(multi_tensor.clip_by_total_norm_(grads, self.max_grad_norm, backend=self.backend))
+        norm_sq = multi_tensor.squared_norm(grads, backend=self.backend)
+        multi_tensor.scale_(grads, rounding.clipping_coef(norm_sq, None, self.max_grad_norm), backend=self.backend)
+        self.record_norm_sq(norm_sq)
 
     def _write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
         raise NotImplementedError

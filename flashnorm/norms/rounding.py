@@ -29,7 +29,6 @@ from typing import Optional
 
 import torch
 
-from ..kernels import multi_tensor
 from ..kernels.accumulation import accumulation_dtype
 
 #: τ: the relative excess over C allowed to rounding (the guarantee is ‖applied_b‖ ≤ (1 + τ)·C).
@@ -79,7 +78,12 @@ def upper_bound(norm_sq: torch.Tensor, radius_sq: Optional[torch.Tensor], slack_
 
 
 def clipping_coef(norm_sq: torch.Tensor, bound: Optional[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """c_b = min(1, C / (‖ĝ_b‖ + 10⁻⁶), (1 + τ)·C / U_b): [B] (Opacus's coefficient when ``bound`` is ``None``;
-    a negative estimate counts as 0 there, the bound then deciding)."""
-    coef = multi_tensor.clipping_coef(norm_sq.clamp(min=0).sqrt(), max_norm)
+    """c_b = min(1, C / (‖ĝ_b‖ + 10⁻⁶), (1 + τ)·C / U_b): [B] — the library's one clipping coefficient, computed on
+    ``norm_sq``'s device with no host sync (a B = 1 step passes its one-element s to
+    :func:`~flashnorm.kernels.multi_tensor.scale_`).
+
+    Opacus's coefficient when ``bound`` is ``None`` (the same operations as its optimizer's
+    ``(max_grad_norm / (norms + 1e-6)).clamp(max=1.0)``); a negative estimate counts as 0 there, the bound then
+    deciding."""
+    coef = (max_norm / (norm_sq.clamp(min=0).sqrt() + 1e-6)).clamp(max=1.0)
     return coef if bound is None else torch.minimum(coef, (1.0 + ALLOWANCE) * max_norm / bound)

@@ -48,8 +48,7 @@ DISPATCHERS = {
     "weighted_row_sum": (weighted_sum, "weighted_row_sum_triton",
                          lambda x, g, b: weighted_sum.weighted_row_sum(_ones(x), x[:, 0], backend=b)),
     "squared_norm": (MT, "squared_norm_triton", lambda x, g, b: MT.squared_norm([x, g], backend=b)),
-    "clip_": (MT, "clip_triton_", lambda x, g, b: MT.clip_([x, g], _ones(x)[:1], 0.5, backend=b)),
-    "clip_by_total_norm_": (MT, "clip_triton_", lambda x, g, b: MT.clip_by_total_norm_([x, g], 0.5, backend=b)),
+    "scale_": (MT, "scale_triton_", lambda x, g, b: MT.scale_([x, g], _ones(x)[:1], backend=b)),
     "add_then_scale_": (MT, "add_then_scale_triton_",
                         lambda x, g, b: MT.add_then_scale_([x], torch.zeros_like(x).view(-1), 2.0, backend=b)),
 }
@@ -70,8 +69,8 @@ UNSUPPORTED = {
     "squared_norm/non-contiguous": (
         MT, "squared_norm_triton", "tensor 1", lambda x, g, b: MT.squared_norm([x, g.transpose(1, 2)], backend=b),
     ),
-    "clip_/non-contiguous": (
-        MT, "clip_triton_", "tensor 0", lambda x, g, b: MT.clip_([x.transpose(0, 2), g], _ones(x)[:1], 0.5, backend=b),
+    "scale_/non-contiguous": (
+        MT, "scale_triton_", "tensor 0", lambda x, g, b: MT.scale_([x.transpose(0, 2), g], _ones(x)[:1], backend=b),
     ),
     "add_then_scale_/non-contiguous": (
         MT, "add_then_scale_triton_", "tensor 0",
