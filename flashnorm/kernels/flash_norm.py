@@ -244,14 +244,14 @@ def flash_norm_sq_triton(
     and "TMA and tf32"; tests set them to reach every path. With ``use_tma`` (by default from
     :func:`~flashnorm.kernels.operands.aligned_copies_pay`), rows that are not 16-byte aligned (an odd
     vocabulary: GPT-2's 50257 logits) are first copied, a block of columns at a time, into aligned buffers that
-    the descriptors can read (:func:`_launch_on_aligned_copies`). float32 inputs use tf32 dots when
+    the descriptors can read (:func:`launch_on_aligned_copies`). float32 inputs use tf32 dots when
     ``torch.backends.cuda.matmul.allow_tf32`` is set (like ``torch.matmul``), with operands rounded to
     nearest; the K-major path first writes tf32-rounded transposed copies of a group of samples
     (at most ``K_MAJOR_GROUP_ELEMENTS`` elements, or one sample) — of x alone when ``g_rows`` (default:
     d ≤ ``G_ROWS_MAX_D``), g then being rounded in registers. Non-contiguous inputs are copied
     contiguous; x and g of different dtypes are promoted to a common one.
     """
-    norm_sq, _ = _flash_norm_launch(x, g, config=config, splits=splits, use_tma=use_tma, k_major=k_major, g_rows=g_rows)
+    norm_sq, _ = flash_norm_launch(x, g, config=config, splits=splits, use_tma=use_tma, k_major=k_major, g_rows=g_rows)
     return norm_sq
 
 
@@ -267,8 +267,9 @@ G_ROWS_MAX_D = 1024
 K_MAJOR_GROUP_ELEMENTS = 1 << 28
 
 
-def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None, g_rows=None):
-    """Launch ``_flash_norm_kernel``; returns (norm_sq, last compiled kernel or None)."""
+def flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None, g_rows=None):
+    """:func:`flash_norm_sq_triton` returning (norm_sq, last compiled kernel or None): the kernel's PTX, registers
+    and shared memory for inspection. Internal but stable for tools: ``benchmarks/`` and the GPU tests call it."""
     # (1) check shapes and dtypes, make rows contiguous; (2) allocate the output
     x, g, norm_sq, empty = prepare_launch(x, g)
     if empty:
@@ -285,12 +286,12 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
     if k_major and not (use_tma and allow_tf32):
         raise ValueError("the K-major layout is the tf32 path: it needs use_tma and float32 inputs with allow_tf32 set")
     if use_tma and not k_major and not aligned:
-        return norm_sq, _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32)
+        return norm_sq, launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32)
     cfg = config or flash_norm_config(
         d, p, x.dtype, INTERPRET, k_major, batch, multiprocessor_count(x.device)
     )
     if not k_major:
-        kernel = _launch_tiles(
+        kernel = launch_tiles(
             x2, g2, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, False
         )
         return norm_sq, kernel
@@ -306,15 +307,15 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
             g_desc = TensorDescriptor(gs, [n, steps, p], [steps * p, p, 1], [1, cfg.block_t, cfg.block_p])
         else:
             g_desc = TensorDescriptor(*tf32_copy(gs, transpose=True), block_shape=[cfg.block_p, cfg.block_t])
-        kernel = _launch_tiles(
+        kernel = launch_tiles(
             x_desc, g_desc, xs, gs, norm_sq[b0 : b0 + n], n, steps, d, p, cfg, splits, True, True, True, g_rows
         )
     return norm_sq, kernel
 
 
-def _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32):
+def launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32):
     """Descriptor launches on aligned copies of operands whose rows are not 16-byte aligned; returns the last
-    compiled kernel.
+    compiled kernel (a public name: the tests check that the default policy routes unaligned rows here).
 
     ‖G_bᵀX_b‖² = ‖X_bᵀG_b‖², so the wider operand plays G, and it is a sum over column blocks c of G:
     Σ_c ‖G_b[:, c]ᵀX_b‖², one launch per block (:func:`~flashnorm.kernels.operands.aligned_copies`), each adding
@@ -328,15 +329,21 @@ def _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32):
         g2 = copies.block(c0)
         cols = g2.shape[1]
         cfg = config or flash_norm_config(d, cols, x.dtype, INTERPRET, False, batch, multiprocessor_count(x.device))
-        kernel = _launch_tiles(copies.x2, g2, copies.x2, g2, norm_sq, batch, steps, d, cols, cfg, splits, True,
-                               allow_tf32, False)
+        kernel = launch_tiles(copies.x2, g2, copies.x2, g2, norm_sq, batch, steps, d, cols, cfg, splits, True,
+                              allow_tf32, False)
         g2 = None  # (freed before the next block is copied)
     return kernel
 
 
-def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major,
-                  g_rows=False):
-    """One launch of ``_flash_norm_kernel`` over ``batch`` samples (with its workspace and counters when T is split)."""
+def launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major,
+                 g_rows=False):
+    """One launch of ``_flash_norm_kernel`` over ``batch`` samples (with its workspace and counters when T is split),
+    adding into ``norm_sq``; returns the compiled kernel.
+
+    Internal but stable for tools: ``benchmarks/`` times the tiles alone on operands it prepared (e.g. the K-major
+    tf32 copies), and tests wrap it to count launches. x_desc, g_desc: what :func:`~flashnorm.kernels.operands.
+    row_operands` gives for row-major x2: [batch·steps, d], g2: [batch·steps, p] (ignored unless ``k_major``, whose
+    descriptors the caller builds); ``splits`` None: :func:`flash_norm_splits`."""
     n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
     if splits is None:
         splits = flash_norm_splits(batch, steps, n_tiles, cfg, multiprocessor_count(x2.device), x2.dtype)

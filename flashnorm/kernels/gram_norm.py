@@ -122,12 +122,13 @@ def gram_norm_sq_triton(
     on copies rounded to nearest tf32. Non-contiguous inputs are copied contiguous; mixed dtypes are
     promoted.
     """
-    norm_sq, _ = _gram_norm_launch(x, g, config=config, use_tma=use_tma)
+    norm_sq, _ = gram_norm_launch(x, g, config=config, use_tma=use_tma)
     return norm_sq
 
 
-def _gram_norm_launch(x, g, *, config=None, use_tma=None):
-    """Launch ``_gram_norm_kernel``; returns (norm_sq, compiled kernel or None)."""
+def gram_norm_launch(x, g, *, config=None, use_tma=None):
+    """:func:`gram_norm_sq_triton` returning (norm_sq, compiled kernel or None): the kernel's PTX for inspection.
+    Internal but stable for tools: ``benchmarks/`` and the GPU tests call it."""
     # (1) check shapes and dtypes, make rows contiguous; (2) allocate the output
     x, g, norm_sq, empty = prepare_launch(x, g)
     if empty:

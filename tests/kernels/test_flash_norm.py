@@ -62,8 +62,8 @@ def test_unaligned_rows_copied_in_column_blocks_are_exact(dtype, d, p, steps, de
 
     skip_without_tma(True, device)
     launches = []
-    original = flash_norm._launch_tiles
-    monkeypatch.setattr(flash_norm, "_launch_tiles", lambda *a: launches.append(a[8]) or original(*a))
+    original = flash_norm.launch_tiles
+    monkeypatch.setattr(flash_norm, "launch_tiles", lambda *a: launches.append(a[8]) or original(*a))
     monkeypatch.setattr(operands, "ALIGNED_COPY_BYTES", 1)
     x, g = random_pair(3, steps, d, p, DTYPES[dtype], device)
     out = flash_norm_sq_triton(x, g, use_tma=True)
@@ -80,7 +80,7 @@ def test_default_launch_takes_aligned_copies_where_they_pay(device, monkeypatch)
     from flashnorm.kernels import flash_norm
 
     assert_default_takes_aligned_copies(
-        monkeypatch, flash_norm, "_launch_on_aligned_copies", flash_norm_sq_triton,
+        monkeypatch, flash_norm, "launch_on_aligned_copies", flash_norm_sq_triton,
         lambda out, x, g: assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["fp16"]), device,
     )
 
