@@ -193,9 +193,9 @@ def clipped_weight_grad(
     rounding errs by 2⁻⁹ of every term, far beyond the clipping coefficient's float32 allowance
     (:mod:`~flashnorm.norms.rounding`), and inputs whose terms cancel could push a sample past C. So 16-bit inputs
     take :func:`clipped_weight_grad_fused` on CUDA (and whenever ``backend="triton"``), and
-    :func:`clipped_weight_grad_reference` in float32 elsewhere; float32 inputs take the reference (cuBLAS),
-    which is faster there (benchmarks/results/kernels_h200_clipped.json: the fused kernel has no K-major tf32
-    path). ``backend``: see :func:`~flashnorm.kernels.backend.resolve_backend`. Callers cast to the parameter's dtype.
+    :func:`clipped_weight_grad_reference` in float32 elsewhere; under ``backend="auto"`` float32 inputs take the
+    reference (cuBLAS), which is faster there: the fused kernel has no K-major tf32 path. ``backend``: see
+    :func:`~flashnorm.kernels.backend.use_triton`. Callers cast to the parameter's dtype.
     """
     sixteen_bit = {x.dtype, g.dtype} <= {torch.bfloat16, torch.float16}
     if use_triton(resolve_backend(backend), x, g, name="clipped_weight_grad", reference_faster=not sixteen_bit):

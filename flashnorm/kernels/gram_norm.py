@@ -97,7 +97,7 @@ class GramConfig(NamedTuple):
 def gram_norm_config(steps: int, d: int, p: int, dtype: torch.dtype, interpret: bool = False) -> GramConfig:
     """Block shape for T = ``steps``: 64-step blocks, 128-wide (16-bit) or 32-wide (float32) K slices.
 
-    16-bit: 64×128 was the fastest of four on the H200 (benchmarks/results/kernels_h200_tile_sweep.json).
+    16-bit: 64×128, the fastest block shape measured.
 
     Under the interpreter: 128-step blocks and 64-wide slices (fewer, larger numpy calls).
     """

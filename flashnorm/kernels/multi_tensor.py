@@ -156,7 +156,7 @@ def work_table(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Ten
 
 #: Pinned host slots for the address arrays, per device, used in turn. A copy from pinned memory is queued
 #: without the host waiting; from pageable memory the driver stages it and may wait for the previous staged
-#: copy, which tied the host to the GPU's progress (measured on the H200: host time = GPU time of the tail).
+#: copy, which ties the host to the GPU's progress.
 _STAGING_SLOTS = 64
 _staging: Dict[torch.device, list] = {}
 

@@ -134,8 +134,7 @@ def tf32_copy(
         out = torch.empty(size, dtype=torch.float32, device=m.device)
     elif out.dtype != torch.float32 or out.device != m.device or not out.is_contiguous() or out.numel() < size:
         raise ValueError(f"out must be a contiguous float32 buffer of at least {size} elements on {m.device}")
-    # transposed: tall, narrow blocks (128 rows × 32 columns) copy fastest, their stores running along the
-    # transposed rows
+    # transposed: 128 rows × 32 columns per program, the fastest block measured for this copy
     block_r, block_c = block or ((128, 32) if transpose else (64, 64))
     grid = (n * cdiv(rows, block_r) * cdiv(cols, block_c),)
     _tf32_copy_kernel[grid](m, out, rows, cols, stride, TRANSPOSE=transpose, BLOCK_R=block_r, BLOCK_C=block_c,

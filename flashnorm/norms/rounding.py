@@ -18,8 +18,8 @@ T ≈ 600 in float32 accumulation, beyond which it shrinks by 10⁻⁴ (T = 1030
 
 γ_n = λ·√n·u (Higham & Mary's probabilistic bound, λ = 8): the deterministic n·u would shrink every clipped
 gradient at long sequences (n·u·√T > τ from T ≈ 600 in float32), while λ√n·u covers rounding errors that do not
-all align; inputs crafted so that every rounding of a long sum goes the same way can exceed it (README, "Not yet
-guaranteed").
+all align; inputs crafted so that every rounding of a long sum goes the same way can exceed it (a limit of the
+guarantee).
 """
 
 from __future__ import annotations

@@ -187,7 +187,7 @@ def test_t_split_choice():
 
 
 def test_under_filled_16_bit_configs():
-    """Tiles by how well batch × tiles fills 132 SMs (H200 sweeps cited in flash_norm_config)."""
+    """Tiles by how well batch × tiles fills 132 SMs (the H200 sweeps of docs/performance.md)."""
     config = lambda batch, d, p: flash_norm_config(d, p, torch.bfloat16, batch=batch, n_sms=132)  # noqa: E731
     assert config(8, 1024, 1024) == FlashConfig(64, 128, 256, 8, 3)  # 256 big tiles: full
     assert config(1, 1024, 1024) == FlashConfig(128, 64, 128, 4, 4)  # 128 small tiles: one deep-pipelined wave
