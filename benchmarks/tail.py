@@ -6,9 +6,9 @@
 Two tails, each timed in one process on the same gradients, with the Triton kernels and with
 the ``torch`` backend (the foreach references):
 
-* **clip** (the B = 1 shortcut of :class:`~flashnorm.grad_sample.FlashNormGradSampleModule`,
-  :func:`~flashnorm.kernels.multi_tensor.clip_by_total_norm_`):
-  s = Σ‖g‖², c = min(1, C/(√s + 10⁻⁶)), g ← c·g;
+* **clip** (the B = 1 shortcut of :class:`~flashnorm.grad_sample.FlashNormGradSampleModule`):
+  s = Σ‖g‖² (:func:`~flashnorm.kernels.multi_tensor.squared_norm`), c = min(1, C/(√s + 10⁻⁶))
+  (:func:`~flashnorm.norms.rounding.clipping_coef`), g ← c·g (:func:`~flashnorm.kernels.multi_tensor.scale_`);
 * **noise** (the optimizer's ``pre_step``: accumulate, noise, scale): per ~64M-element bucket one
   ``torch.normal``, then g ← (g + ξ) / B in one pass (``fused``), or ξ added then the scaling
   (``unfused``, the FSDP optimizer's order).
@@ -78,6 +78,7 @@ def backends(device: torch.device):
 def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: bool = False) -> Dict:
     from flashnorm.kernels import multi_tensor
     from flashnorm.grad_sample.provenance import mark_clipped
+    from flashnorm.norms.rounding import clipping_coef
     from flashnorm.optimizers import DPOptimizerFastGradientClipping
 
     torch.manual_seed(0)
@@ -86,7 +87,12 @@ def measure(device: torch.device, smoke: bool, reps: int, trials: int, profile: 
     grads = [torch.randn_like(p) for p in params]
 
     def clip(backend: str):
-        return lambda: multi_tensor.clip_by_total_norm_(grads, 1.0, backend=backend)
+        def step():
+            norm_sq = multi_tensor.squared_norm(grads, backend=backend)
+            multi_tensor.scale_(grads, clipping_coef(norm_sq, None, 1.0), backend=backend)
+            return norm_sq
+
+        return step
 
     optimizer = DPOptimizerFastGradientClipping(torch.optim.SGD(params, lr=0.0), noise_multiplier=1.0,
                                                 max_grad_norm=1.0, expected_batch_size=8)

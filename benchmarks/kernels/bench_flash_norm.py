@@ -37,7 +37,7 @@ from flashnorm.kernels import (
 )
 from benchmarks.run import _git as git_commit  # the runner's record (FLASHNORM_GIT_COMMIT on a copied tree)
 from flashnorm.kernels.affine_norm import affine_norm_grads_reference, affine_norm_grads_triton
-from flashnorm.kernels.flash_norm import FlashConfig, _flash_norm_launch, flash_norm_sq_triton
+from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_launch, flash_norm_sq_triton
 from flashnorm.kernels.gram_norm import GramConfig, gram_norm_sq_triton
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -394,7 +394,7 @@ def ptx_facts():
     for name in ("bf16", "fp16", "fp32", "fp32-ieee"):
         set_tf32(name)  # "fp32": tf32 on (the K-major path); "fp32-ieee": off
         x, g = inputs(1, 4100, 1024, 1024, DTYPES[name.split("-")[0]])
-        _, kernel = _flash_norm_launch(x, g)
+        _, kernel = flash_norm_launch(x, g)
         ptx = kernel.asm["ptx"]
         facts[name] = {
             "cp.async.bulk.tensor": "cp.async.bulk.tensor" in ptx,

@@ -15,13 +15,12 @@ import json
 import os
 
 import torch
-import triton
 from triton.testing import do_bench_cudagraph
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashnorm.kernels import flash_norm_sq_reference
-from flashnorm.kernels.flash_norm import FlashConfig, _launch_tiles, flash_norm_sq_triton
-from flashnorm.kernels.tiles import _tf32_copy_kernel, tf32_copy
+from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_sq_triton, launch_tiles
+from flashnorm.kernels.tiles import tf32_copy
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: (T×p×d block, warps, stages) candidates for under-filled launches.
@@ -84,19 +83,16 @@ def tf32_sweep(log):
         default = gpu_ms(lambda: flash_norm_sq_triton(x, g))
         copies = gpu_ms(lambda: (tf32_copy(x, True), tf32_copy(g, True)))
         log(dict(exp="fp32B8", T=steps, cublas=cublas, default=default, ratio=cublas / default, copies=copies))
-        n, rows, cols = x.shape
-        stride = triton.cdiv(rows, 4) * 4
-        buf = torch.empty(n * cols * stride, device="cuda")
+        buf = tf32_copy(x, True)[0]
         for br, bc, w in ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (128, 32, 4), (64, 64, 8), (128, 64, 8)):
-            grid = (n * triton.cdiv(rows, br) * triton.cdiv(cols, bc),)
-            ms = gpu_ms(lambda: _tf32_copy_kernel[grid](x, buf, rows, cols, stride, TRANSPOSE=True, BLOCK_R=br, BLOCK_C=bc, num_warps=w))
+            ms = gpu_ms(lambda: tf32_copy(x, True, block=(br, bc), num_warps=w, out=buf))
             log(dict(exp="fp32copy", T=steps, block=(br, bc, w), ms=ms, gbps=2 * x.numel() * 4 / ms / 1e6))
         for cfg in map(lambda c: FlashConfig(*c), ((32, 128, 256, 8, 3), (32, 256, 128, 8, 3), (32, 128, 256, 8, 4), (64, 128, 256, 8, 2), (16, 128, 256, 8, 5))):
             try:
                 xd = TensorDescriptor(*tf32_copy(x, transpose=True), block_shape=[cfg.block_d, cfg.block_t])
                 gd = TensorDescriptor(*tf32_copy(g, transpose=True), block_shape=[cfg.block_p, cfg.block_t])
                 ns = torch.zeros(8, device="cuda")
-                ms = gpu_ms(lambda: _launch_tiles(xd, gd, x, g, ns, 8, steps, d, p, cfg, None, True, True, True))
+                ms = gpu_ms(lambda: launch_tiles(xd, gd, x, g, ns, 8, steps, d, p, cfg, None, True, True, True))
                 log(dict(exp="fp32tiles", T=steps, cfg=list(cfg), ms=ms, cublas=cublas))
             except Exception as e:
                 log(dict(exp="fp32tiles", cfg=list(cfg), error=str(e)[:150]))

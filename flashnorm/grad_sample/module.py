@@ -246,10 +246,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             RuntimeError: no training forward captured this step (eval mode, hooks disabled, or the step's forward
                 was already used by a backward), before anything changes.
             ValueError: invalid privacy parameters or a batch-size mismatch, before anything changes; a non-finite
-                loss, after which the gradients are as they were before the call and no parameter has changed. The
-                finiteness flag is copied to the host while the backward is issued (:class:`FiniteLossCheck`) and
-                read at its end, so the GPU never drains mid-step (under DDP/FSDP it is read first, before any
-                collective).
+                loss, after which the gradients are as they were before the call. The finiteness flag is copied to
+                the host while the backward is issued and read at its end (under DDP/FSDP first, before any
+                collective), so the GPU never drains mid-step.
         """
         with phase(CLIPPED_BACKWARD):
             capturing = loss_per_sample.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -320,12 +319,10 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         return step
 
     def _finish(self, step: ClippingStep) -> None:
-        """Drops the step; its batch sizes are remembered (for the next forward's one-sample shortcut) unless a check
-        abandoned it."""
+        """Drops the step; its batch sizes are remembered for the next forward's one-sample shortcut if it clipped."""
         if self.step is step:
             self.step = None
-            self._last_sizes = (step.leading_batch_size, step.batch_size) if step.norms is not None or (
-                step.single_sample) else None
+            self._last_sizes = (step.leading_batch_size, step.batch_size) if step.norms is not None else None
 
     def _check_trainable_unchanged(self) -> None:
         """Raises (before anything changes) when ``requires_grad`` changed since this step's forward."""

@@ -19,13 +19,13 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..kernels._chunks import accumulation_dtype
+from ..kernels.accumulation import accumulation_dtype
 from ..norms import rounding
 from ..norms.registry import per_sample_norms
 from ..norms.tied import cross_term, per_sample_dot
 from .capture import HookedLayer, HookedModel
-from .packed_grads import PackedPerSampleGrads
 from .config import StepConfig
+from .packed_grads import PackedPerSampleGrads
 from .writers import KeptInputs, KeptPacked, KeptPerSample
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import weighted_row_sum
-from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
+from ..kernels.accumulation import accumulation_dtype, accumulation_dtype_of
 
 #: A buffer is closed once it holds this many bytes (a larger parameter gets a buffer of its own).
 CHUNK_BYTES = 256 << 20

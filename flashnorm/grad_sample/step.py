@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import multi_tensor
-from ..kernels._chunks import accumulation_dtype
+from ..kernels.accumulation import accumulation_dtype
 from ..norms import rounding
 from .capture import HookedLayer, HookedModel, LayerCapture
 from .config import StepConfig
@@ -308,8 +308,8 @@ class ClippingStep:
     # -- one sample -------------------------------------------------------------------------------------
     def single_sample_backward(self, loss_per_sample: torch.Tensor, params: List[nn.Parameter], clip: float) -> NormRecord:
         """B = 1: one ordinary backward, then the gradients clipped as one vector, c = min(1, C/(‖g‖ + 10⁻⁶)):
-        one multi-tensor pass for the norm (float32, float64 for float64) and one for the clipping, whose
-        coefficient is computed on the device from the norm."""
+        one multi-tensor pass for the norm (float32, float64 for float64), the coefficient computed from it on the
+        device (:func:`~flashnorm.norms.rounding.clipping_coef`), and one multi-tensor scaling by it."""
         if not self.config.distributed:
             self.check = FiniteLossCheck(loss_per_sample, self.graph_capture)
         torch.autograd.backward(loss_per_sample.sum())
@@ -317,7 +317,8 @@ class ClippingStep:
         if not grads:
             norm_sq = torch.zeros(1, dtype=accumulation_dtype(loss_per_sample), device=loss_per_sample.device)
         else:
-            norm_sq = multi_tensor.clip_by_total_norm_(grads, clip, backend=self.config.backend)
+            norm_sq = multi_tensor.squared_norm(grads, backend=self.config.backend)
+            multi_tensor.scale_(grads, rounding.clipping_coef(norm_sq, None, clip), backend=self.config.backend)
         self.norms = NormRecord(norm_sq)
         return self.norms
 

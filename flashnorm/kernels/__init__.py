@@ -6,7 +6,8 @@ see :func:`~flashnorm.kernels.backend.resolve_backend`).
 
 Modules: one per operation (``flash_norm``, ``gram_norm``, ``clipped_grad``, ``affine_norm``,
 ``weighted_sum``, ``multi_tensor``), plus ``tiles`` (Triton helpers they share), ``operands`` (input checks
-and the TMA policy) and ``backend`` (the backend choice and device queries).
+and the TMA policy), ``backend`` (the backend policy and device queries), ``accumulation`` (the accumulation
+dtype and the references' chunk sizes) and ``triton_support`` (Triton, or a stub where it does not import).
 """
 
 from .affine_norm import affine_norm_grads, affine_norm_grads_reference

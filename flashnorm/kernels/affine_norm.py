@@ -12,10 +12,9 @@ once, normalises BLOCK_T rows at a time in registers and accumulates both sums i
 alone would leave the GPU idle, programs split T and add their partial sums into zeroed outputs with
 float32 atomics (exact to float32 rounding; the last bits may differ from run to run).
 
-The kernel is the default on CUDA (:func:`affine_norm_grads`): on the H200 it took 16-57 µs of GPU where
-the reference took 69-406 µs in bf16 (4.4-7.2×), 17-72 against 46-214 µs in fp32 (2.4-3.0×), at GPT-2's
-LayerNorm and Llama's RMSNorm shapes, for about the same host time per call
-(``benchmarks/results/kernels_h200_affine.json``, ``bench_flash_norm.py --only affine``).
+The kernel is the default on CUDA (:func:`affine_norm_grads`): with one read of x and g against the
+reference's several passes, it takes a fraction of the reference's GPU time at transformers' LayerNorm and
+RMSNorm shapes, for about the same host time per call.
 
 Layout of this file: the Triton kernel, its launch wrapper, the PyTorch reference and the dispatcher.
 """
@@ -27,17 +26,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._chunks import accumulation_dtype
-from .backend import cdiv, multiprocessor_count, resolve_backend, triton_choice
+from .accumulation import accumulation_dtype
+from .backend import cdiv, multiprocessor_count, resolve_backend, use_triton
 from .tiles import block_size
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .triton_support import tl, triton
 
 #: Widest normalised size the kernel holds in registers (two rows of x and g per step, plus both sums).
 MAX_N = 4096
@@ -153,19 +145,26 @@ def affine_norm_grads(
     """Per-sample (W, β) of a LayerNorm (``center``) or RMSNorm over the last dim of x, g: [B, T, n].
 
     :func:`affine_norm_grads_triton` on CUDA (and with ``backend="triton"``) for n ≤ ``MAX_N`` and float32
-    outputs, else :func:`affine_norm_grads_reference` (other devices, ``backend="torch"``; float64 stays
-    float64). ``backend``: see :func:`~flashnorm.kernels.backend.resolve_backend`.
+    outputs with contiguous rows, else :func:`affine_norm_grads_reference` (other devices, ``backend="torch"``;
+    float64 stays float64). ``backend``: see :func:`~flashnorm.kernels.backend.use_triton`; a forced
+    ``"triton"`` raises where the kernel does not apply (n > ``MAX_N``, other outputs).
     """
     kwargs = dict(eps=eps, center=center, with_bias=with_bias, weight_out=weight_out, bias_out=bias_out)
-    choice = triton_choice(x, g, resolve_backend(backend))
-    if choice is not None and x.shape[-1] <= MAX_N and _float32_rows(weight_out, bias_out):
+    if use_triton(resolve_backend(backend), x, g, name="affine_norm_grads",
+                  unsupported=lambda: _unsupported(x.shape[-1], weight_out, bias_out)):
         return affine_norm_grads_triton(x, g, **kwargs)
     return affine_norm_grads_reference(x, g, **kwargs)
 
 
-def _float32_rows(*outs: Optional[torch.Tensor]) -> bool:
-    """Outputs the kernel can write: absent, or float32 with contiguous rows."""
-    return all(o is None or (o.dtype == torch.float32 and o.stride(-1) == 1) for o in outs)
+def _unsupported(n: int, *outs: Optional[torch.Tensor]) -> Optional[str]:
+    """Why the kernel cannot compute rows of n elements into ``outs`` (None when it can): it holds rows of at most
+    ``MAX_N`` elements and writes absent outputs or float32 ones with contiguous rows."""
+    if n > MAX_N:
+        return f"holds rows of at most MAX_N = {MAX_N} elements, got n = {n}"
+    for o in outs:
+        if o is not None and (o.dtype != torch.float32 or o.stride(-1) != 1):
+            return f"writes float32 outputs with contiguous rows, got a {o.dtype} output with strides {o.stride()}"
+    return None
 
 
 def _output(out: Optional[torch.Tensor], batch: int, n: int, device: torch.device) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Backend choice for the norm kernels: Triton on CUDA, PyTorch elsewhere.
 
-Every public kernel takes ``backend``: ``"auto"`` (Triton on CUDA where it was measured faster, the PyTorch
-reference elsewhere), ``"triton"`` (forced; CPU tensors need ``TRITON_INTERPRET=1``) or ``"torch"`` (the
-references). ``None`` reads ``FLASHNORM_BACKEND`` at the call (unset or empty: ``"auto"``), so callers that
+Every public kernel takes ``backend``: ``"auto"`` (Triton on CUDA where it applies and is faster, the PyTorch
+reference elsewhere), ``"triton"`` (forced: Triton or an error, never the reference; CPU tensors need
+``TRITON_INTERPRET=1``) or ``"torch"`` (the references); :func:`use_triton` is the one policy every dispatcher
+asks. ``None`` reads ``FLASHNORM_BACKEND`` at the call (unset or empty: ``"auto"``), so callers that
 resolve once with :func:`resolve_backend` and pass the result pay no environment lookup per call.
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from . import triton_support
 
 BACKENDS = ("auto", "triton", "torch")
 #: ``TRITON_INTERPRET=1`` as read at import: Triton reads it when the kernels are defined, so later
@@ -25,14 +28,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """True when the ``triton`` package imports."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_support.AVAILABLE
 
 
 def resolve_backend(value: Optional[str]) -> str:
@@ -56,36 +54,58 @@ def resolve_backend(value: Optional[str]) -> str:
     return name
 
 
-def triton_choice(x: torch.Tensor, g: torch.Tensor, backend: str) -> Optional[str]:
-    """How the Triton kernels apply to inputs x and g under a resolved ``backend``:
+#: Names the forced setting in errors: an argument or the environment may have asked for it.
+_FORCED = "the triton backend was asked for (backend='triton' or FLASHNORM_BACKEND=triton)"
+#: The fix offered when a forced Triton backend cannot run.
+_FIX = "use backend='auto' (the PyTorch reference then serves these inputs) or backend='torch'"
 
-    ``"forced"`` (``"triton"``), ``"default"`` (``"auto"`` and CUDA tensors: the caller may still prefer its
-    reference where that was measured faster), or ``None``: the PyTorch reference (``"torch"``, ``"auto"`` on
-    other devices, or a float64 input, which the reference keeps in float64).
+
+def use_triton(
+    backend: str,
+    *tensors: torch.Tensor,
+    name: str,
+    unsupported: Optional[Callable[[], Optional[str]]] = None,
+    reference_faster: bool = False,
+) -> bool:
+    """The kernels' one dispatch policy: True to run ``name``'s Triton kernel on ``tensors``, False for its PyTorch
+    reference. Every dispatcher asks it, with the ``backend`` resolved by :func:`resolve_backend`:
+
+    * ``"torch"``: the reference.
+    * float64 among the tensors: the reference, under every backend. The Triton kernels have no float64 path and
+      the reference keeps float64 exact (the oracle tests rely on it); float64 work inside a lower-precision run
+      (e.g. long-sequence Gram norms) therefore runs under a forced ``"triton"`` too.
+    * ``"auto"``: Triton for CUDA tensors when the package imports, the kernel takes these inputs (``unsupported``
+      gives no reason) and the reference is not faster for them; the reference otherwise.
+    * ``"triton"``: Triton, or a RuntimeError saying why it cannot run and what to do instead; never the reference.
+
+    Args:
+        name: the dispatcher, named in errors.
+        unsupported: called only where the answer matters: why the Triton kernel does not take these inputs
+            (a shape, a layout, a CUDA-graph capture under way), or None when it does.
+        reference_faster: the reference is faster for these inputs, so ``"auto"`` takes it.
 
     Raises:
-        RuntimeError: Triton is forced but cannot run on these tensors.
+        RuntimeError: ``"triton"`` was asked for and the kernel cannot run: no triton package, CPU tensors without
+            ``TRITON_INTERPRET=1``, or the reason ``unsupported`` gives.
     """
     if backend == "torch":
-        return None
-    on_cuda = x.is_cuda and g.is_cuda
-    runnable = triton_available() and (on_cuda or INTERPRET)
-    if backend == "triton" and not runnable:
+        return False
+    if any(t.dtype == torch.float64 for t in tensors):
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend != "triton":
+        return on_cuda and not reference_faster and triton_available() and (unsupported is None or unsupported() is None)
+    if not triton_available():
+        raise RuntimeError(f"{_FORCED}, but the triton package does not import here; install triton, or {_FIX}.")
+    if not (on_cuda or INTERPRET):
         raise RuntimeError(
-            "the triton backend was asked for (backend='triton' or FLASHNORM_BACKEND=triton), but Triton cannot "
-            "run here: it needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors, and the triton package."
+            f"{_FORCED}, but {name} got tensors on {', '.join(sorted({str(t.device) for t in tensors}))}: Triton needs "
+            f"CUDA tensors, or TRITON_INTERPRET=1 (set before flashnorm is imported) for CPU tensors; {_FIX}."
         )
-    if torch.float64 in (x.dtype, g.dtype) or not (backend == "triton" or (runnable and on_cuda)):
-        return None
-    return "forced" if backend == "triton" else "default"
-
-
-class _TritonStub:
-    """Stands in for ``triton`` when it does not import: kernels stay plain functions, never launched."""
-
-    @staticmethod
-    def jit(fn=None, **_options):
-        return fn if fn is not None else (lambda f: f)
+    reason = unsupported() if unsupported is not None else None
+    if reason is not None:
+        raise RuntimeError(f"{_FORCED}, but the Triton kernel of {name} {reason}; {_FIX}.")
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,7 +122,7 @@ def multiprocessor_count(device: torch.device) -> int:
 
 def supports_tma(device: torch.device) -> bool:
     """Tensor-memory-accelerator loads through Triton tensor descriptors: compute capability 9.x, not interpreted."""
-    if device.type != "cuda" or INTERPRET:
+    if device.type != "cuda" or INTERPRET or triton_support.TensorDescriptor is None:
         return False
     props = _device_properties(device.index if device.index is not None else torch.cuda.current_device())
     return props.major == 9
@@ -111,12 +131,3 @@ def supports_tma(device: torch.device) -> bool:
 def tf32_enabled() -> bool:
     """Whether float32 dots may use tf32: follows ``torch.backends.cuda.matmul.allow_tf32`` like ``torch.matmul``."""
     return bool(torch.backends.cuda.matmul.allow_tf32)
-
-
-def dispatch(triton_fn, reference_fn, x: torch.Tensor, g: torch.Tensor, backend: str) -> torch.Tensor:
-    """``triton_fn(x, g)`` wherever :func:`triton_choice` allows Triton under the resolved ``backend``, else
-    ``reference_fn(x, g)``. float64 always takes the reference, which stays in float64 (the oracle tests rely on it).
-    """
-    if triton_choice(x, g, backend) is not None:
-        return triton_fn(x, g)
-    return reference_fn(x, g)

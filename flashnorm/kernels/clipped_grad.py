@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from ._chunks import accumulation_dtype
-from .backend import INTERPRET, cdiv, multiprocessor_count, resolve_backend, tf32_enabled, triton_choice
+from .accumulation import accumulation_dtype
+from .backend import INTERPRET, cdiv, multiprocessor_count, resolve_backend, tf32_enabled, use_triton
 from .flash_norm import MIN_BLOCKS_PER_SPLIT, flash_norm_config
 from .operands import (
     aligned_copies,
@@ -33,14 +33,7 @@ from .operands import (
     use_descriptors,
 )
 from .tiles import accumulate_rows
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the reference is then the only path
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .triton_support import tl, triton
 
 
 @triton.jit(do_not_specialize=["T", "t_chunk", "n_chunks", "units_per_split", "n_units"])
@@ -118,7 +111,7 @@ def clipped_weight_grad_fused(
     ``config`` (tiles, as :func:`~flashnorm.kernels.flash_norm.flash_norm_config`), ``work``
     (:func:`clipped_weight_grad_work`) and ``use_tma`` have defaults; tests set them to reach every path.
     With ``use_tma`` (by default from :func:`~flashnorm.kernels.operands.aligned_copies_pay`), rows that are not
-    16-byte aligned (GPT-2's 50257 logits) are read from aligned copies (:func:`_clipped_on_aligned_copies`).
+    16-byte aligned (GPT-2's 50257 logits) are read from aligned copies (:func:`clipped_on_aligned_copies`).
     float32 inputs use tf32 dots (operands rounded to nearest) when ``torch.backends.cuda.matmul.allow_tf32``
     is set. Several programs adding into one output tile use float32 atomics: the result is exact to
     float32 rounding but its last bits may differ from run to run.
@@ -136,17 +129,18 @@ def clipped_weight_grad_fused(
     if use_tma is None:
         use_tma = use_descriptors(x2, g2) if aligned else aligned_copies_pay(x2, g2)
     if use_tma and not aligned:
-        return _clipped_on_aligned_copies(x, g, coef, config, work)
+        return clipped_on_aligned_copies(x, g, coef, config, work)
     out = torch.empty(p, d, dtype=torch.float32, device=x.device)
-    _launch_clipped(x2, g2, coef, out, batch, steps, config, work, use_tma)
+    launch_clipped(x2, g2, coef, out, batch, steps, config, work, use_tma)
     return out
 
 
-def _clipped_on_aligned_copies(x, g, coef, config, work) -> torch.Tensor:
+def clipped_on_aligned_copies(x, g, coef, config, work) -> torch.Tensor:
     """Σ_b c_b G_bᵀX_b → float32 [p, d] from aligned copies of operands whose rows are not 16-byte aligned
     (:func:`~flashnorm.kernels.operands.aligned_copies`: the wider operand plays G, copied a block of columns at a
     time). G's column block c gives the output's rows c, one launch each; the zero rows and columns of the
-    padding are dropped, and a swapped result is transposed back."""
+    padding are dropped, and a swapped result is transposed back. A public name: the tests check that the default
+    policy routes unaligned rows here."""
     copies = aligned_copies(x, g)
     batch, steps = x.shape[:2]
     p = copies.g.shape[-1]
@@ -154,15 +148,15 @@ def _clipped_on_aligned_copies(x, g, coef, config, work) -> torch.Tensor:
     out = torch.empty(p + -p % (16 // copies.g.element_size()), copies.x2.shape[1], dtype=torch.float32, device=x.device)
     for c0 in range(0, p, copies.width):
         g2 = copies.block(c0)
-        _launch_clipped(copies.x2, g2, coef, out[c0 : c0 + g2.shape[1]], batch, steps, config, work, True)
+        launch_clipped(copies.x2, g2, coef, out[c0 : c0 + g2.shape[1]], batch, steps, config, work, True)
         g2 = None  # (freed before the next block is copied)
     out = out[:p, : copies.d]
     return out.t().contiguous() if copies.swapped else out.contiguous()
 
 
-def _launch_clipped(x2, g2, coef, out, batch, steps, config, work, use_tma) -> None:
+def launch_clipped(x2, g2, coef, out, batch, steps, config, work, use_tma) -> None:
     """One launch of ``_clipped_weight_grad_kernel`` writing Σ_b c_b G_bᵀX_b into ``out``: a contiguous [p, d]
-    float32 tensor (zeroed here when programs add into it)."""
+    float32 tensor (zeroed here when programs add into it). A public name: the tests wrap it to count launches."""
     d, p = x2.shape[1], g2.shape[1]
     allow_tf32 = x2.dtype == torch.float32 and tf32_enabled()
     cfg = config or flash_norm_config(d, p, x2.dtype, interpret=INTERPRET)
@@ -199,13 +193,12 @@ def clipped_weight_grad(
     rounding errs by 2⁻⁹ of every term, far beyond the clipping coefficient's float32 allowance
     (:mod:`~flashnorm.norms.rounding`), and inputs whose terms cancel could push a sample past C. So 16-bit inputs
     take :func:`clipped_weight_grad_fused` on CUDA (and whenever ``backend="triton"``), and
-    :func:`clipped_weight_grad_reference` in float32 elsewhere; float32 inputs take the reference (cuBLAS),
-    which is faster there (benchmarks/results/kernels_h200_clipped.json: the fused kernel has no K-major tf32
-    path). ``backend``: see :func:`~flashnorm.kernels.backend.resolve_backend`. Callers cast to the parameter's dtype.
+    :func:`clipped_weight_grad_reference` in float32 elsewhere; under ``backend="auto"`` float32 inputs take the
+    reference (cuBLAS), which is faster there: the fused kernel has no K-major tf32 path. ``backend``: see
+    :func:`~flashnorm.kernels.backend.use_triton`. Callers cast to the parameter's dtype.
     """
-    choice = triton_choice(x, g, resolve_backend(backend))
     sixteen_bit = {x.dtype, g.dtype} <= {torch.bfloat16, torch.float16}
-    if choice == "forced" or (choice == "default" and sixteen_bit):
+    if use_triton(resolve_backend(backend), x, g, name="clipped_weight_grad", reference_faster=not sixteen_bit):
         return clipped_weight_grad_fused(x, g, coef)
     return clipped_weight_grad_reference(x, g, coef)
 

@@ -6,11 +6,9 @@ gradient is W_b = G_bᵀX_b ∈ ℝ^{p×d} and
     norm_sq[b] = ‖G_bᵀX_b‖²_F.
 
 The tiled algorithm accumulates each output tile of W_b over T and adds Σ tile² into norm_sq[b];
-the tile never reaches memory. Cost: 2·B·T·d·p FLOPs, O(B) extra memory.
-
-On the H200 (benchmarks/results/kernels_h200.json) the bf16 kernel runs at 0.91-1.05× the
-throughput of a cuBLAS GEMM doing the same 2·B·T·d·p FLOPs once B·tiles fills the GPU, and the
-float32/tf32 path at 0.77-1.6× (it pays for K-major copies; cuBLAS is slow on this layout too).
+the tile never reaches memory. Cost: 2·B·T·d·p FLOPs, O(B) extra memory: about the work of one GEMM
+over all B·T rows, whose throughput the kernel approaches once B·tiles fills the GPU (the float32/tf32
+path also pays for its K-major copies).
 
 Layout of this file: the Triton kernel ``_flash_norm_kernel`` and its T-split epilogue ``_sum_split_tile``,
 their configs and T-split model, the launch wrapper :func:`flash_norm_sq_triton`, the PyTorch reference
@@ -25,8 +23,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import INTERPRET, cdiv, dispatch, multiprocessor_count, resolve_backend, tf32_enabled
+from .accumulation import accumulation_dtype, rows_per_chunk
+from .backend import INTERPRET, cdiv, multiprocessor_count, resolve_backend, tf32_enabled, use_triton
 from .operands import (
     aligned_copies,
     aligned_copies_pay,
@@ -37,15 +35,7 @@ from .operands import (
     use_descriptors,
 )
 from .tiles import accumulate_rows, block_size, dot_acc, round_tf32, tf32_copy
-
-try:
-    import triton
-    import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
-    from .backend import _TritonStub as triton
-
-    tl = TensorDescriptor = None
+from .triton_support import TensorDescriptor, tl, triton
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -179,21 +169,17 @@ def flash_norm_config(
 ) -> FlashConfig:
     """Tile shape for x: [batch, ·, d], g: [batch, ·, p] of ``dtype`` on a GPU of ``n_sms`` multiprocessors.
 
-    16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps, 3 stages (H200: within 3% of the best of five
-    configs swept, benchmarks/results/kernels_h200_tile_sweep.json, call 1). When batch × those tiles under-fills
-    the GPU (e.g. B = 1, d = p = 1024: 32 programs on 132 SMs), smaller 64×128 output tiles fill it
-    without a T-split: 128×64×128 with 4 warps and 4 stages when they make one wave (H200, B = 1,
-    d = p = 1024, CUDA-graph time against cuBLAS: 0.82-0.85× at T = 4100, 0.95-0.97× at T = 8196,
-    against 0.71-0.73× with 3 stages and 0.60× for 128×128 tiles split in two,
-    benchmarks/results/kernels_h200_split_stages.json), 64×64×128 with 3 stages when up to three
-    programs share an SM (768×3072: 0.79-0.80× against 0.66-0.69× with 4 stages and 0.59× split).
-    float32: 32×128×128; K-major tf32: 32×128×256 (kernels_h200_tile_sweep.json, call 2). Tiles shrink to the
+    Each choice is the fastest measured for its case. 16-bit inputs: 64×128×256 (T×p×d) tiles, 8 warps,
+    3 stages. When batch × those tiles under-fills the GPU (e.g. B = 1, d = p = 1024: 32 programs on 132 SMs),
+    smaller 64×128 output tiles fill it without a T-split (faster than larger tiles split over T):
+    128×64×128 with 4 warps and 4 stages when they make one wave, 64×64×128 with 3 stages when up to
+    three programs share an SM. float32: 32×128×128; K-major tf32: 32×128×256. Tiles shrink to the
     next power of two of small d and p. Under the interpreter: one large T block and tiles ≤ 64 (it
     runs each program as numpy calls, so fewer, larger steps are faster).
     """
     if interpret:
         return FlashConfig(128, block_size(p, 64), block_size(d, 64), 4, 1)
-    if k_major:  # H200 sweep (benchmarks/results/kernels_h200_tile_sweep.json, call 2): 128×256 tiles 1.2-1.3× 128×128
+    if k_major:  # 128×256 output tiles: faster than 128×128 on this path
         return FlashConfig(32, block_size(p, 128), block_size(d, 256), 8, 3)
     if dtype == torch.float32:
         block_t, block_p, block_d = 32, block_size(p, 128), block_size(d, 128)
@@ -252,31 +238,29 @@ def flash_norm_sq_triton(
     and "TMA and tf32"; tests set them to reach every path. With ``use_tma`` (by default from
     :func:`~flashnorm.kernels.operands.aligned_copies_pay`), rows that are not 16-byte aligned (an odd
     vocabulary: GPT-2's 50257 logits) are first copied, a block of columns at a time, into aligned buffers that
-    the descriptors can read (:func:`_launch_on_aligned_copies`). float32 inputs use tf32 dots when
+    the descriptors can read (:func:`launch_on_aligned_copies`). float32 inputs use tf32 dots when
     ``torch.backends.cuda.matmul.allow_tf32`` is set (like ``torch.matmul``), with operands rounded to
     nearest; the K-major path first writes tf32-rounded transposed copies of a group of samples
     (at most ``K_MAJOR_GROUP_ELEMENTS`` elements, or one sample) — of x alone when ``g_rows`` (default:
     d ≤ ``G_ROWS_MAX_D``), g then being rounded in registers. Non-contiguous inputs are copied
     contiguous; x and g of different dtypes are promoted to a common one.
     """
-    norm_sq, _ = _flash_norm_launch(x, g, config=config, splits=splits, use_tma=use_tma, k_major=k_major, g_rows=g_rows)
+    norm_sq, _ = flash_norm_launch(x, g, config=config, splits=splits, use_tma=use_tma, k_major=k_major, g_rows=g_rows)
     return norm_sq
 
 
 #: K-major path: up to this d, only x gets a transposed copy and g is read row-major through a [B, T, p]
 #: descriptor and rounded in registers. That saves g's copy (about a third of the time at d = p = 1024) but
-#: slows the tiles (≈ 20% at 1024², 40% at 4096²). H200, CUDA-graph time against cuBLAS
-#: (benchmarks/results/kernels_h200_tf32.json): B=8, d=p=1024: 0.89× against 0.83× (T=4100) and 0.88×
-#: against 0.81× (T=8196); B=8, 768×3072: 1.07× against 1.06×; B=3, 2048²: 0.87× against 0.90×;
-#: B=1, 4096², T=65536: 1.02× against 1.26×.
+#: slows the tiles (≈ 20% at 1024², 40% at 4096²): a net gain up to d = 1024, a loss beyond.
 G_ROWS_MAX_D = 1024
 
 #: Elements of the tf32 transposed copies made at once on the K-major path (1 GiB of float32).
 K_MAJOR_GROUP_ELEMENTS = 1 << 28
 
 
-def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None, g_rows=None):
-    """Launch ``_flash_norm_kernel``; returns (norm_sq, last compiled kernel or None)."""
+def flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None, g_rows=None):
+    """:func:`flash_norm_sq_triton` returning (norm_sq, last compiled kernel or None): the kernel's PTX, registers
+    and shared memory for inspection. Internal but stable for tools: ``benchmarks/`` and the GPU tests call it."""
     # (1) check shapes and dtypes, make rows contiguous; (2) allocate the output
     x, g, norm_sq, empty = prepare_launch(x, g)
     if empty:
@@ -293,12 +277,12 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
     if k_major and not (use_tma and allow_tf32):
         raise ValueError("the K-major layout is the tf32 path: it needs use_tma and float32 inputs with allow_tf32 set")
     if use_tma and not k_major and not aligned:
-        return norm_sq, _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32)
+        return norm_sq, launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32)
     cfg = config or flash_norm_config(
         d, p, x.dtype, INTERPRET, k_major, batch, multiprocessor_count(x.device)
     )
     if not k_major:
-        kernel = _launch_tiles(
+        kernel = launch_tiles(
             x2, g2, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, False
         )
         return norm_sq, kernel
@@ -314,15 +298,15 @@ def _flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=
             g_desc = TensorDescriptor(gs, [n, steps, p], [steps * p, p, 1], [1, cfg.block_t, cfg.block_p])
         else:
             g_desc = TensorDescriptor(*tf32_copy(gs, transpose=True), block_shape=[cfg.block_p, cfg.block_t])
-        kernel = _launch_tiles(
+        kernel = launch_tiles(
             x_desc, g_desc, xs, gs, norm_sq[b0 : b0 + n], n, steps, d, p, cfg, splits, True, True, True, g_rows
         )
     return norm_sq, kernel
 
 
-def _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32):
+def launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32):
     """Descriptor launches on aligned copies of operands whose rows are not 16-byte aligned; returns the last
-    compiled kernel.
+    compiled kernel (a public name: the tests check that the default policy routes unaligned rows here).
 
     ‖G_bᵀX_b‖² = ‖X_bᵀG_b‖², so the wider operand plays G, and it is a sum over column blocks c of G:
     Σ_c ‖G_b[:, c]ᵀX_b‖², one launch per block (:func:`~flashnorm.kernels.operands.aligned_copies`), each adding
@@ -336,15 +320,21 @@ def _launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32):
         g2 = copies.block(c0)
         cols = g2.shape[1]
         cfg = config or flash_norm_config(d, cols, x.dtype, INTERPRET, False, batch, multiprocessor_count(x.device))
-        kernel = _launch_tiles(copies.x2, g2, copies.x2, g2, norm_sq, batch, steps, d, cols, cfg, splits, True,
-                               allow_tf32, False)
+        kernel = launch_tiles(copies.x2, g2, copies.x2, g2, norm_sq, batch, steps, d, cols, cfg, splits, True,
+                              allow_tf32, False)
         g2 = None  # (freed before the next block is copied)
     return kernel
 
 
-def _launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major,
-                  g_rows=False):
-    """One launch of ``_flash_norm_kernel`` over ``batch`` samples (with its workspace and counters when T is split)."""
+def launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, splits, use_tma, allow_tf32, k_major,
+                 g_rows=False):
+    """One launch of ``_flash_norm_kernel`` over ``batch`` samples (with its workspace and counters when T is split),
+    adding into ``norm_sq``; returns the compiled kernel.
+
+    Internal but stable for tools: ``benchmarks/`` times the tiles alone on operands it prepared (e.g. the K-major
+    tf32 copies), and tests wrap it to count launches. x_desc, g_desc: what :func:`~flashnorm.kernels.operands.
+    row_operands` gives for row-major x2: [batch·steps, d], g2: [batch·steps, p] (ignored unless ``k_major``, whose
+    descriptors the caller builds); ``splits`` None: :func:`flash_norm_splits`."""
     n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
     if splits is None:
         splits = flash_norm_splits(batch, steps, n_tiles, cfg, multiprocessor_count(x2.device), x2.dtype)
@@ -397,9 +387,11 @@ def flash_norm_sq(x: torch.Tensor, g: torch.Tensor, *, backend: Optional[str] = 
     """‖G_bᵀX_b‖²_F per sample, x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
     :func:`flash_norm_sq_triton` on CUDA or with ``backend="triton"``, else :func:`flash_norm_sq_reference`
-    (``backend``: see :func:`~flashnorm.kernels.backend.resolve_backend`). float64 inputs always take the
+    (``backend``: see :func:`~flashnorm.kernels.backend.use_triton`). float64 inputs always take the
     reference, which returns float64.
     """
-    return dispatch(flash_norm_sq_triton, flash_norm_sq_reference, x, g, resolve_backend(backend))
+    if use_triton(resolve_backend(backend), x, g, name="flash_norm_sq"):
+        return flash_norm_sq_triton(x, g)
+    return flash_norm_sq_reference(x, g)
 
 

@@ -18,18 +18,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import INTERPRET, cdiv, dispatch, resolve_backend, tf32_enabled
+from .accumulation import accumulation_dtype, rows_per_chunk
+from .backend import INTERPRET, cdiv, resolve_backend, tf32_enabled, use_triton
 from .operands import check_sequence_pair, prepare_launch, row_operands, use_descriptors
 from .tiles import block_size, dot_acc, load_rows, tf32_copy
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .triton_support import tl, triton
 
 # ---------------------------------------------------------------------------------------------
 # Kernel
@@ -104,7 +97,7 @@ class GramConfig(NamedTuple):
 def gram_norm_config(steps: int, d: int, p: int, dtype: torch.dtype, interpret: bool = False) -> GramConfig:
     """Block shape for T = ``steps``: 64-step blocks, 128-wide (16-bit) or 32-wide (float32) K slices.
 
-    16-bit: 64×128 was the fastest of four on the H200 (benchmarks/results/kernels_h200_tile_sweep.json).
+    16-bit: 64×128, the fastest block shape measured.
 
     Under the interpreter: 128-step blocks and 64-wide slices (fewer, larger numpy calls).
     """
@@ -129,12 +122,13 @@ def gram_norm_sq_triton(
     on copies rounded to nearest tf32. Non-contiguous inputs are copied contiguous; mixed dtypes are
     promoted.
     """
-    norm_sq, _ = _gram_norm_launch(x, g, config=config, use_tma=use_tma)
+    norm_sq, _ = gram_norm_launch(x, g, config=config, use_tma=use_tma)
     return norm_sq
 
 
-def _gram_norm_launch(x, g, *, config=None, use_tma=None):
-    """Launch ``_gram_norm_kernel``; returns (norm_sq, compiled kernel or None)."""
+def gram_norm_launch(x, g, *, config=None, use_tma=None):
+    """:func:`gram_norm_sq_triton` returning (norm_sq, compiled kernel or None): the kernel's PTX for inspection.
+    Internal but stable for tools: ``benchmarks/`` and the GPU tests call it."""
     # (1) check shapes and dtypes, make rows contiguous; (2) allocate the output
     x, g, norm_sq, empty = prepare_launch(x, g)
     if empty:
@@ -193,7 +187,9 @@ def gram_norm_sq_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def gram_norm_sq(x: torch.Tensor, g: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """⟨X_bX_bᵀ, G_bG_bᵀ⟩ per sample, x: [B, T, d], g: [B, T, p] → float32 [B] (float64 inputs: float64).
 
-    :func:`gram_norm_sq_triton` where ``backend`` (:func:`~flashnorm.kernels.backend.resolve_backend`)
-    allows Triton, else :func:`gram_norm_sq_reference`.
+    :func:`gram_norm_sq_triton` where ``backend`` (:func:`~flashnorm.kernels.backend.use_triton`) allows Triton,
+    else :func:`gram_norm_sq_reference`.
     """
-    return dispatch(gram_norm_sq_triton, gram_norm_sq_reference, x, g, resolve_backend(backend))
+    if use_triton(resolve_backend(backend), x, g, name="gram_norm_sq"):
+        return gram_norm_sq_triton(x, g)
+    return gram_norm_sq_reference(x, g)

@@ -4,9 +4,11 @@ For tensors g_1 … g_n of one dtype on one device, ν = Σ_i numel(g_i) element
 o_i = Σ_{j<i} numel(g_j) the offset of g_i in their concatenation:
 
     squared_norm(gs)            → s = Σ_i ‖g_i‖²                          float32 [1] (float64 for float64)
-    clip_(gs, s, C)               g_i ← c · g_i,  c = min(1, C / (√s + 1e-6))     s: [1] on the device (no host sync)
-    clip_by_total_norm_(gs, C)  → s, after clip_(gs, s, C) (the B = 1 step: its one gradient is the sample's)
+    scale_(gs, c)                 g_i ← c · g_i                              c: one element on the device (no host sync)
     add_then_scale_(gs, z, a)     g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · a     z: [ν] flat, a: a float
+
+(The B = 1 step clips its one gradient, the sample's, by ``scale_`` with the coefficient that
+:func:`flashnorm.norms.rounding.clipping_coef` computes from ``squared_norm``.)
 
 A model's gradients are ~150 tensors. torch's foreach ops launch few kernels, but build one tensor per
 parameter on the host for every result (the norms) or argument (views of a flat noise buffer): at
@@ -16,13 +18,14 @@ list) — built once per list of sizes and cached on the device, plus the tensor
 again only when they changed since the last launch over that list; a launch runs one program per row.
 
 Memory-bound passes: ``squared_norm`` reads ν elements (float32 partial sums per chunk, then one sum);
-``clip_`` reads and writes ν (every program computes c from s: no coefficient ops on the host's path);
+``scale_`` reads and writes ν (every program reads c on the device);
 ``add_then_scale_`` reads 2ν and writes ν, where an add then a multiply would read 3ν and write 2ν.
 Arithmetic in float32 whatever the storage dtype, rounded once on store.
 
 The Triton path needs every tensor contiguous and is not used while a CUDA graph is being captured
-(the table upload is a host-to-device copy): the PyTorch references (``torch._foreach_*``) serve there,
-on other devices, for float64 and with ``backend="torch"``.
+(the table upload is a host-to-device copy): the PyTorch references (``torch._foreach_*``) serve there
+under ``backend="auto"`` (a forced ``"triton"`` raises), on other devices, for float64 and with
+``backend="torch"``.
 
 Layout of this file: the Triton kernels, the work table, the launch wrappers, the PyTorch references,
 the dispatchers.
@@ -35,16 +38,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._chunks import accumulation_dtype, accumulation_dtype_of
-from .backend import INTERPRET, resolve_backend, triton_choice
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the dispatchers then always take the references
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .accumulation import accumulation_dtype, accumulation_dtype_of
+from .backend import INTERPRET, resolve_backend, use_triton
+from .triton_support import tl, triton
 
 
 # -- Triton kernels: program r handles row r of the work table ------------------------------------------------------
@@ -72,13 +68,11 @@ def _squared_norm_kernel(table_ptr, address_ptr, partial_ptr, DTYPE: tl.constexp
 
 
 @triton.jit
-def _clip_kernel(table_ptr, address_ptr, norm_sq_ptr, max_norm, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """x ← c · x over the chunk of row r, c = min(1, C · (1 / (√s + 1e-6))) from s = norm_sq[0] read on the device
-    (IEEE square root and division: the rounding steps of :func:`clipping_coef`)."""
+def _scale_kernel(table_ptr, address_ptr, coef_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """x ← c · x over the chunk of row r, c = coef[0] read on the device, in float32."""
     row = tl.program_id(0)
     base, length, _ = _chunk(table_ptr, address_ptr, row, DTYPE)
-    norm = tl.sqrt_rn(tl.load(norm_sq_ptr).to(tl.float32))
-    c = tl.minimum(tl.div_rn(1.0, norm + 1e-6) * max_norm, 1.0)
+    c = tl.load(coef_ptr).to(tl.float32)
     for start in range(0, length, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < length
@@ -106,10 +100,10 @@ CHUNK = 1 << 16
 
 #: Tables kept, most recently used last: a training loop has a few gradient lists (all of them, then the
 #: noise buckets), whose sizes never change.
-_TABLE_CACHE_SIZE = 64
+TABLE_CACHE_SIZE = 64
 
 
-class _ListLayout:
+class ListLayout:
     """The work table of one list of sizes, and the addresses last uploaded for it: (stream, addresses, device copy)."""
 
     __slots__ = ("table", "uploaded")
@@ -119,7 +113,9 @@ class _ListLayout:
         self.uploaded: Optional[Tuple[int, List[int], torch.Tensor]] = None
 
 
-_tables: "OrderedDict[Tuple, _ListLayout]" = OrderedDict()
+#: The cached :class:`ListLayout` of each list of sizes, keyed by (device, dtype, numels), most recently used last.
+#: Internal but stable for tools and tests (they count and reset it): read by :func:`work_table` at every launch.
+work_tables: "OrderedDict[Tuple, ListLayout]" = OrderedDict()
 
 
 def _block() -> int:
@@ -134,40 +130,42 @@ def work_table(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Ten
     contribute no row. addresses: int64 [n], g_i's address on the device. In a training loop the caching allocator
     usually hands the gradients the same blocks at every step: the device copy of the last addresses seen for this
     list on this stream is reused while they are unchanged (the kernels only read it, in stream order); new ones
-    are uploaded without the host waiting (:func:`_upload_addresses`).
+    are uploaded without the host waiting (:func:`upload_addresses`).
     """
     first = tensors[0]
     key = (first.device, first.dtype, tuple(t.numel() for t in tensors))
-    layout = _tables.get(key)
+    layout = work_tables.get(key)
     if layout is None:
         rows: List[Tuple[int, int, int, int]] = []
         offset = 0
         for i, n in enumerate(key[2]):
             rows.extend((i, start, min(CHUNK, n - start), offset + start) for start in range(0, n, CHUNK))
             offset += n
-        layout = _tables[key] = _ListLayout(torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(first.device))
-        if len(_tables) > _TABLE_CACHE_SIZE:
-            _tables.popitem(last=False)
+        layout = work_tables[key] = ListLayout(torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(first.device))
+        if len(work_tables) > TABLE_CACHE_SIZE:
+            work_tables.popitem(last=False)
     else:
-        _tables.move_to_end(key)
+        work_tables.move_to_end(key)
     addresses = [t.data_ptr() for t in tensors]
     stream = torch.cuda.current_stream(first.device).cuda_stream if first.is_cuda else 0
     uploaded = layout.uploaded
     if uploaded is None or uploaded[0] != stream or uploaded[1] != addresses:
-        uploaded = layout.uploaded = (stream, addresses, _upload_addresses(addresses, first.device))
+        uploaded = layout.uploaded = (stream, addresses, upload_addresses(addresses, first.device))
     return layout.table, uploaded[2]
 
 
 #: Pinned host slots for the address arrays, per device, used in turn. A copy from pinned memory is queued
 #: without the host waiting; from pageable memory the driver stages it and may wait for the previous staged
-#: copy, which tied the host to the GPU's progress (measured on the H200: host time = GPU time of the tail).
+#: copy, which ties the host to the GPU's progress.
 _STAGING_SLOTS = 64
 _staging: Dict[torch.device, list] = {}
 
 
-def _upload_addresses(addresses: List[int], device: torch.device) -> torch.Tensor:
+def upload_addresses(addresses: List[int], device: torch.device) -> torch.Tensor:
     """int64 [n] on ``device`` holding ``addresses``, copied asynchronously through a pinned slot; a slot is reused
-    once its previous copy has run (its event), i.e. the host may run ``_STAGING_SLOTS`` copies ahead of the GPU."""
+    once its previous copy has run (its event), i.e. the host may run ``_STAGING_SLOTS`` copies ahead of the GPU.
+
+    Internal but stable for tools and tests (they count the uploads): :func:`work_table` calls it by this name."""
     host = torch.tensor(addresses, dtype=torch.int64)
     if device.type != "cuda":
         return host.to(device)
@@ -206,13 +204,12 @@ def squared_norm_triton(tensors: Sequence[torch.Tensor], launch: Optional[Launch
     return partial.sum(dim=0, keepdim=True)
 
 
-def clip_triton_(tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: float,
-                 launch: Optional[Launch] = None) -> None:
-    """Triton g_i ← c · g_i in place, c = min(1, C / (√s + 1e-6)), s = ``norm_sq`` (float32 [1], the tensors' device)."""
+def scale_triton_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, launch: Optional[Launch] = None) -> None:
+    """Triton g_i ← c · g_i in place, c = ``coef`` (one float32 element on the tensors' device), in float32."""
     table, addresses = launch or work_table(tensors)
     if table.shape[0]:
-        _clip_kernel[(table.shape[0],)](table, addresses, norm_sq, float(max_norm), DTYPE=_tl_dtype(tensors[0].dtype),
-                                        BLOCK=_block(), num_warps=8)
+        _scale_kernel[(table.shape[0],)](table, addresses, coef.reshape(1), DTYPE=_tl_dtype(tensors[0].dtype),
+                                         BLOCK=_block(), num_warps=8)
 
 
 def add_then_scale_triton_(tensors: Sequence[torch.Tensor], z: torch.Tensor, alpha: float) -> None:
@@ -230,14 +227,9 @@ def squared_norm_reference(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=acc)).square_().sum(dim=0, keepdim=True)
 
 
-def clipping_coef(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """Opacus's clipping coefficient c = min(1, C / (‖g‖ + 1e-6)), elementwise over ``norms``."""
-    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
-
-
-def clip_reference_(tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: float) -> None:
-    """g_i ← c · g_i in place, c = :func:`clipping_coef` (√s): one foreach multiplication by a one-element tensor."""
-    coef = clipping_coef(norm_sq.sqrt(), max_norm)
+def scale_reference_(tensors: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
+    """g_i ← c · g_i in place, c = ``coef`` (one element on the tensors' device): one foreach multiplication by the
+    0-d tensor (in float32 for float32 and 16-bit tensors when ``coef`` is float32)."""
     torch._foreach_mul_(list(tensors), coef.reshape(()))
 
 
@@ -251,8 +243,8 @@ def add_then_scale_reference_(tensors: Sequence[torch.Tensor], z: torch.Tensor, 
 
 
 # -- dispatchers ------------------------------------------------------------------------------------------------------
-# They run on the hot path of every step (~150 gradients): each pass over the list costs ~20 µs of host time, so
-# a list is grouped once and its work table looked up once per group, whatever the number of passes.
+# They run on the hot path of every step (~150 gradients): a pass groups its list once and looks up one work table
+# per group, whose addresses are uploaded again only when they changed.
 def same_kind_groups(tensors: Sequence[torch.Tensor]) -> List[List[torch.Tensor]]:
     """The tensors grouped by (device, dtype), groups in order of first appearance, tensors in order."""
     first = tensors[0]
@@ -266,81 +258,71 @@ def same_kind_groups(tensors: Sequence[torch.Tensor]) -> List[List[torch.Tensor]
     return list(groups.values())
 
 
-def _triton_applies(tensors: Sequence[torch.Tensor], backend: str) -> bool:
-    """Triton for one (device, dtype) group: where :func:`triton_choice` allows it under the resolved ``backend``,
-    every tensor is contiguous and no CUDA graph is being captured."""
-    first = tensors[0]
-    if triton_choice(first, first, backend) is None:
-        return False
-    if first.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    return all(t.is_contiguous() for t in tensors)
+def _unsupported(tensors: Sequence[torch.Tensor]) -> Optional[str]:
+    """Why the Triton path cannot take one (device, dtype) group, or None: a CUDA graph being captured (the work
+    table's upload is a host-to-device copy), or a tensor that is not contiguous."""
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return "cannot run while a CUDA graph is being captured (its work table reaches the device by a host copy)"
+    for i, t in enumerate(tensors):
+        if not t.is_contiguous():
+            return f"needs contiguous tensors, and tensor {i} ({list(t.shape)}, strides {t.stride()}) is not"
+    return None
 
 
-def _launches(groups: List[List[torch.Tensor]], backend: Optional[str]) -> List[Optional[Launch]]:
+def _triton_applies(tensors: Sequence[torch.Tensor], backend: str, name: str) -> bool:
+    """:func:`~flashnorm.kernels.backend.use_triton` for one (device, dtype) group under the resolved ``backend``."""
+    return use_triton(backend, tensors[0], name=name, unsupported=lambda: _unsupported(tensors))
+
+
+def _launches(groups: List[List[torch.Tensor]], backend: Optional[str], name: str) -> List[Optional[Launch]]:
     """Per group, its (table, addresses) when the Triton path applies, else None (the reference)."""
     backend = resolve_backend(backend)
-    return [work_table(group) if _triton_applies(group, backend) else None for group in groups]
-
-
-def _sum_of_squares(groups, launches) -> torch.Tensor:
-    acc = accumulation_dtype_of(*(group[0].dtype for group in groups))
-    device = groups[0][0].device
-    total = None
-    for group, launch in zip(groups, launches):
-        part = squared_norm_triton(group, launch) if launch is not None else squared_norm_reference(group)
-        part = part.to(device=device, dtype=acc)
-        total = part if total is None else total + part
-    return total
-
-
-def _clip_groups(groups, launches, norm_sq: torch.Tensor, max_norm: float) -> None:
-    for group, launch in zip(groups, launches):
-        s = norm_sq.to(group[0].device)
-        if launch is not None and s.dtype == torch.float32:
-            clip_triton_(group, s, max_norm, launch)
-        else:
-            clip_reference_(group, s, max_norm)
+    return [work_table(group) if _triton_applies(group, backend, name) else None for group in groups]
 
 
 def squared_norm(tensors: Sequence[torch.Tensor], *, backend: Optional[str] = None) -> torch.Tensor:
     """Σ_i ‖g_i‖² over a non-empty list → [1] on the first tensor's device, float32 (float64 when any tensor is).
 
     One Triton launch (and one sum) per dtype on CUDA, the foreach reference elsewhere (``backend``: see
-    :func:`~flashnorm.kernels.backend.resolve_backend`, as for every function below).
+    :func:`~flashnorm.kernels.backend.use_triton`, as for every function below).
+
+    Raises:
+        ValueError: an empty list (the result's device comes from its first tensor).
     """
+    if not tensors:
+        raise ValueError("squared_norm needs at least one tensor: the result lives on the first one's device")
     groups = same_kind_groups(tensors)
-    return _sum_of_squares(groups, _launches(groups, backend))
+    acc = accumulation_dtype_of(*(group[0].dtype for group in groups))
+    device = groups[0][0].device
+    total = None
+    for group, launch in zip(groups, _launches(groups, backend, "squared_norm")):
+        part = squared_norm_triton(group, launch) if launch is not None else squared_norm_reference(group)
+        part = part.to(device=device, dtype=acc)
+        total = part if total is None else total + part
+    return total
 
 
-def clip_(
-    tensors: Sequence[torch.Tensor], norm_sq: torch.Tensor, max_norm: float, *, backend: Optional[str] = None
-) -> None:
-    """Clips the list as one vector: g_i ← c · g_i in place, c = min(1, C / (√s + 1e-6)).
+def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, *, backend: Optional[str] = None) -> None:
+    """g_i ← c · g_i in place for the whole list (an empty one included), e.g. clipping it as one vector.
 
     Args:
         tensors: the gradients g_1 … g_n (any devices and dtypes).
-        norm_sq: s = Σ_i ‖g_i‖²: a one-element tensor, read on the device (no host sync), e.g. from
-            :func:`squared_norm`.
-        max_norm: C.
+        coef: c, a one-element tensor read on the device (no host sync), e.g.
+            :func:`flashnorm.norms.rounding.clipping_coef` of :func:`squared_norm`. The product is taken in float32
+            (c rounded to float32 once) and rounded once to the tensor's dtype; float64 tensors keep c in float64.
     """
+    if coef.numel() != 1:
+        raise ValueError(f"coef must hold one element, got shape {tuple(coef.shape)}")
+    if not tensors:
+        return
     groups = same_kind_groups(tensors)
-    _clip_groups(groups, _launches(groups, backend), norm_sq, max_norm)
-
-
-def clip_by_total_norm_(
-    tensors: Sequence[torch.Tensor], max_norm: float, *, backend: Optional[str] = None
-) -> torch.Tensor:
-    """:func:`squared_norm` then :func:`clip_` with it, the list grouped and its tables looked up once.
-
-    Returns:
-        s = Σ_i ‖g_i‖² before clipping: [1], float32 (float64 when any tensor is).
-    """
-    groups = same_kind_groups(tensors)
-    launches = _launches(groups, backend)
-    norm_sq = _sum_of_squares(groups, launches)
-    _clip_groups(groups, launches, norm_sq, max_norm)
-    return norm_sq
+    for group, launch in zip(groups, _launches(groups, backend, "scale_")):
+        first = group[0]
+        c = coef.to(device=first.device, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32)
+        if launch is not None:
+            scale_triton_(group, c, launch)
+        else:
+            scale_reference_(group, c)
 
 
 def add_then_scale_(
@@ -357,7 +339,11 @@ def add_then_scale_(
         raise ValueError("add_then_scale_ takes tensors of one device and dtype and a flat z of their total size")
     if z.device != tensors[0].device or z.dtype != tensors[0].dtype:
         raise ValueError(f"z is {z.dtype} on {z.device}; the tensors are {tensors[0].dtype} on {tensors[0].device}")
-    if _triton_applies(tensors, resolve_backend(backend)) and z.is_contiguous():
+
+    def unsupported() -> Optional[str]:
+        return _unsupported(tensors) or (None if z.is_contiguous() else "needs a contiguous z")
+
+    if use_triton(resolve_backend(backend), tensors[0], name="add_then_scale_", unsupported=unsupported):
         add_then_scale_triton_(tensors, z, alpha)
     else:
         add_then_scale_reference_(tensors, z, alpha)

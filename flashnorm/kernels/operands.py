@@ -9,24 +9,19 @@ from typing import NamedTuple
 import torch
 
 from .backend import supports_tma, tf32_enabled
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # flashnorm imports without Triton; descriptors are then never asked for
-    TensorDescriptor = None
+from .triton_support import TensorDescriptor
 
 #: Input dtypes the Triton kernels take (float64 always goes to the reference, which stays float64).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: Work (rows · d · p) from which 16-bit and float32 (tf32 off) launches use tensor descriptors by default.
-#: The launcher encodes two tensor maps per launch, 20-30 µs more host time on the H200 machine, for a
-#: GPU saving in bf16 of 1-12 µs per flash launch and 6-70 µs (5-10 %) per clipped-gradient launch, and
-#: none in float32 (``tma_tradeoff`` rows of benchmarks/results/kernels_h200_tma.json). Below this work
-#: (≈ 0.2 ms of bf16 tiles) a step tends to wait for the host, not the GPU (GPT-2 at B = 8, T = 1024:
-#: 1.5-1.9·10¹⁰ per layer), so pointer loads are faster where it counts.
+#: The launcher encodes two tensor maps per launch: tens of µs more host time, for a GPU saving of a few µs
+#: per launch in bf16 and none in float32. Below this work
+#: (≈ 0.2 ms of bf16 tiles; GPT-2 at B = 8, T = 1024 has 1.5-1.9·10¹⁰ per layer) a step tends to wait for
+#: the host, not the GPU, so pointer loads are faster where it counts.
 TMA_MIN_WORK = 1 << 36
-#: float32 with tf32: rows (B·T) from which descriptors are used. They enable the K-major tf32 path
-#: (tiles 1.2-1.3× faster, benchmarks/results/kernels_h200_tile_sweep.json, call 2), whose launches are long.
+#: float32 with tf32: rows (B·T) from which descriptors are used. They enable the K-major tf32 path, whose
+#: faster tiles repay the descriptors' host time on its long launches.
 TMA_MIN_ROWS_TF32 = 1024
 #: Bytes of the aligned copies made at once of an operand whose rows are not 16-byte aligned (a block of its
 #: columns, :func:`aligned_copy_columns`): a vocabulary of 50257 bf16 logits per row, GPT-2's LM head, is one.
@@ -85,9 +80,8 @@ def aligned_copies_pay(x2: torch.Tensor, g2: torch.Tensor) -> bool:
     """Whether a launch over row-major x2: [rows, d], g2: [rows, p] whose rows are not all 16-byte aligned should
     read zero-padded aligned copies through tensor descriptors: compute capability 9.x, 16-bit inputs (or float32
     with tf32 off) and at least ``TMA_MIN_WORK`` of work. Unaligned rows rule out vectorised and asynchronous
-    loads: the pointer path then runs at about a fifth of the descriptor path's throughput (H200, GPT-2's LM head,
-    ``unaligned`` rows of benchmarks/results/kernels_h200_unaligned.json), while the copies cost one read and one
-    write of the operand."""
+    loads: the pointer path then runs at a small fraction of the descriptor path's throughput, while the copies
+    cost one read and one write of the operand."""
     if not supports_tma(x2.device) or tma_compatible(x2, g2):
         return False
     if x2.dtype == torch.float32 and tf32_enabled():

@@ -6,17 +6,12 @@ Callers launch nothing here but :func:`tf32_copy`; the ``@triton.jit`` helpers a
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .backend import cdiv
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the dispatchers then always take the references
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .triton_support import tl, triton
 
 
 def block_size(n: int, cap: int) -> int:
@@ -119,20 +114,31 @@ def _tf32_copy_kernel(src_ptr, dst_ptr, rows, cols, dst_stride, TRANSPOSE: tl.co
     tl.store(dst, v, mask=mask)
 
 
-def tf32_copy(m: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, list[int], list[int]]:
+def tf32_copy(
+    m: torch.Tensor, transpose: bool, *, block: Optional[tuple[int, int]] = None, num_warps: int = 4,
+    out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, list[int], list[int]]:
     """tf32-rounded copy of m: [n, rows, cols] float32 → (buffer, shape, strides) of a 2-D view.
 
     transpose=False: [n·rows, cols] row-major. transpose=True: mᵀ per matrix as [n·cols, rows]
     with rows padded to a multiple of 4 (16-byte aligned, as tensor descriptors need).
+
+    ``block`` (rows, columns of m per program), ``num_warps`` and ``out`` (a float32 buffer of at least the copy's
+    size, written from its start) are internal but stable for tools: ``benchmarks/`` sweeps the launch settings;
+    the kernels take the defaults.
     """
     n, rows, cols = m.shape
     stride = cdiv(rows, 4) * 4 if transpose else cols
-    out = torch.empty(n * (cols if transpose else rows) * stride, dtype=torch.float32, device=m.device)
-    # transposed: 128 rows × 32 columns per program, 1.12× the bandwidth of 64×64 on the H200
-    # (3.85 against 3.39 TB/s, ``fp32copy`` rows of benchmarks/results/kernels_h200_underfilled.json)
-    block_r, block_c = (128, 32) if transpose else (64, 64)
+    size = n * (cols if transpose else rows) * stride
+    if out is None:
+        out = torch.empty(size, dtype=torch.float32, device=m.device)
+    elif out.dtype != torch.float32 or out.device != m.device or not out.is_contiguous() or out.numel() < size:
+        raise ValueError(f"out must be a contiguous float32 buffer of at least {size} elements on {m.device}")
+    # transposed: 128 rows × 32 columns per program, the fastest block measured for this copy
+    block_r, block_c = block or ((128, 32) if transpose else (64, 64))
     grid = (n * cdiv(rows, block_r) * cdiv(cols, block_c),)
-    _tf32_copy_kernel[grid](m, out, rows, cols, stride, TRANSPOSE=transpose, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    _tf32_copy_kernel[grid](m, out, rows, cols, stride, TRANSPOSE=transpose, BLOCK_R=block_r, BLOCK_C=block_c,
+                            num_warps=num_warps)
     if transpose:
         return out, [n * cols, rows], [stride, 1]
     return out, [n * rows, cols], [cols, 1]

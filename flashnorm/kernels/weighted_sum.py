@@ -19,16 +19,9 @@ from typing import Optional
 
 import torch
 
-from ._chunks import accumulation_dtype, rows_per_chunk
-from .backend import INTERPRET, cdiv, dispatch, resolve_backend
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # flashnorm imports without Triton; the dispatcher then always takes the reference
-    from .backend import _TritonStub as triton
-
-    tl = None
+from .accumulation import accumulation_dtype, rows_per_chunk
+from .backend import INTERPRET, cdiv, resolve_backend, use_triton
+from .triton_support import tl, triton
 
 
 @triton.jit(do_not_specialize=["batch", "n"])
@@ -83,9 +76,11 @@ def weighted_row_sum(coef: torch.Tensor, a: torch.Tensor, *, backend: Optional[s
     """Σ_b c_b A[b] for coef: [B], a: [B, N] → [N], float32 (float64 for float64 inputs).
 
     Triton on CUDA or with ``backend="triton"``, the reference elsewhere (``backend``: see
-    :func:`~flashnorm.kernels.backend.resolve_backend`).
+    :func:`~flashnorm.kernels.backend.use_triton`).
     """
-    return dispatch(weighted_row_sum_triton, weighted_row_sum_reference, coef, a, resolve_backend(backend))
+    if use_triton(resolve_backend(backend), coef, a, name="weighted_row_sum"):
+        return weighted_row_sum_triton(coef, a)
+    return weighted_row_sum_reference(coef, a)
 
 
 def _check(coef: torch.Tensor, a: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..kernels._chunks import accumulation_dtype
+from ..kernels.accumulation import accumulation_dtype
 from .registry import NormRule, copies_of, register_norm_rule, register_norm_rule_matching
 from .rounding import frobenius_per_sample
 

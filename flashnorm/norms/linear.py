@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..kernels._chunks import accumulation_dtype
+from ..kernels.accumulation import accumulation_dtype
 from ..kernels import clipped_bias_grad, clipped_weight_grad, flash_norm_sq, gram_norm_sq, per_sample_weight_grads
 from .registry import NormRule, flatten_to_sequences, register_norm_rule
 from .rounding import frobenius_per_sample, gram_in_float64

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels._chunks import accumulation_dtype, accumulation_dtype_of
+from ..kernels.accumulation import accumulation_dtype, accumulation_dtype_of
 from ..kernels.affine_norm import affine_norm_grads
 from .registry import NormRule, copies_of, flatten_to_sequences, register_norm_rule, register_norm_rule_matching
 from .rounding import frobenius_per_sample, unit_roundoff
@@ -111,13 +111,18 @@ def _sum_onto(term: torch.Tensor, dims: tuple, param: nn.Parameter, out: Optiona
     return out
 
 
+def _over_normalized_shape(normalize, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``normalize(x, layer.normalized_shape, eps=layer.eps)`` (``F.layer_norm`` or ``F.rms_norm``) in x's
+    accumulation dtype."""
+    return normalize(x.to(accumulation_dtype(x)), layer.normalized_shape, eps=layer.eps)
+
+
 @register_norm_rule(nn.LayerNorm)
 class LayerNormRule(_AffineNormRule):
     centered = True
 
     def normalized(self, layer, x):
-        acc = accumulation_dtype(x)
-        return F.layer_norm(x.to(acc), layer.normalized_shape, eps=layer.eps)
+        return _over_normalized_shape(F.layer_norm, layer, x)
 
 
 @register_norm_rule(nn.RMSNorm)
@@ -125,8 +130,7 @@ class RMSNormRule(_AffineNormRule):
     centered = False
 
     def normalized(self, layer, x):
-        acc = accumulation_dtype(x)
-        return F.rms_norm(x.to(acc), layer.normalized_shape, eps=layer.eps)
+        return _over_normalized_shape(F.rms_norm, layer, x)
 
 
 class _HFRMSNormRule(RMSNormRule):

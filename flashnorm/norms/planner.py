@@ -3,10 +3,9 @@
 For a Linear-family layer with flattened sizes (B, T, d, p), N = B·T·d·p:
 
 * ``flash``       2N FLOPs, O(B) memory;
-* ``gram``        ≈ B·T²·(d+p) FLOPs, O(B) memory: chosen when T < κ·2dp/(d+p), where κ comes
-  from the H200 measurements (benchmarks/results/kernels_h200*.json): the flash kernel runs at
-  640–700 TFLOP/s in bf16 and the Gram kernel at ≈350, so with a full GPU (B × output tiles ≥ the
-  SM count) κ = 0.5; when flash under-fills the GPU (e.g. B = 1) Gram's extra parallelism helps
+* ``gram``        ≈ B·T²·(d+p) FLOPs, O(B) memory: chosen when T < κ·2dp/(d+p), where κ is the Gram
+  kernel's throughput relative to the flash kernel's: about half in bf16, so with a full GPU (B × output
+  tiles ≥ the SM count) κ = 0.5; when flash under-fills the GPU (e.g. B = 1) Gram's extra parallelism helps
   (κ = 1.0), but Gram has too few programs at T ≤ 256. Below float64, Gram only up to
   :data:`~flashnorm.norms.rounding.GRAM_FLOAT32_MAX_STEPS` positions, where its float32 rounding stays inside
   the clipping coefficient's allowance on ordinary inputs (:mod:`~flashnorm.norms.rounding`): so T = 1 (rank

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import weighted_row_sum
-from ..kernels._chunks import accumulation_dtype
+from ..kernels.accumulation import accumulation_dtype
 
 #: Every norm method a rule may list (the planner's vocabulary).
 METHODS = ("flash", "gram", "per_sample", "exact")

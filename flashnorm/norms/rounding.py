@@ -18,8 +18,8 @@ T ≈ 600 in float32 accumulation, beyond which it shrinks by 10⁻⁴ (T = 1030
 
 γ_n = λ·√n·u (Higham & Mary's probabilistic bound, λ = 8): the deterministic n·u would shrink every clipped
 gradient at long sequences (n·u·√T > τ from T ≈ 600 in float32), while λ√n·u covers rounding errors that do not
-all align; inputs crafted so that every rounding of a long sum goes the same way can exceed it (README, "Not yet
-guaranteed").
+all align; inputs crafted so that every rounding of a long sum goes the same way can exceed it (a limit of the
+guarantee).
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels import multi_tensor
-from ..kernels._chunks import accumulation_dtype
+from ..kernels.accumulation import accumulation_dtype
 
 #: τ: the relative excess over C allowed to rounding (the guarantee is ‖applied_b‖ ≤ (1 + τ)·C).
 ALLOWANCE = 1e-3
@@ -79,7 +78,12 @@ def upper_bound(norm_sq: torch.Tensor, radius_sq: Optional[torch.Tensor], slack_
 
 
 def clipping_coef(norm_sq: torch.Tensor, bound: Optional[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """c_b = min(1, C / (‖ĝ_b‖ + 10⁻⁶), (1 + τ)·C / U_b): [B] (Opacus's coefficient when ``bound`` is ``None``;
-    a negative estimate counts as 0 there, the bound then deciding)."""
-    coef = multi_tensor.clipping_coef(norm_sq.clamp(min=0).sqrt(), max_norm)
+    """c_b = min(1, C / (‖ĝ_b‖ + 10⁻⁶), (1 + τ)·C / U_b): [B] — the library's one clipping coefficient, computed on
+    ``norm_sq``'s device with no host sync (a B = 1 step passes its one-element s to
+    :func:`~flashnorm.kernels.multi_tensor.scale_`).
+
+    Opacus's coefficient when ``bound`` is ``None`` (the same operations as its optimizer's
+    ``(max_grad_norm / (norms + 1e-6)).clamp(max=1.0)``); a negative estimate counts as 0 there, the bound then
+    deciding."""
+    coef = (max_norm / (norm_sq.clamp(min=0).sqrt() + 1e-6)).clamp(max=1.0)
     return coef if bound is None else torch.minimum(coef, (1.0 + ALLOWANCE) * max_norm / bound)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..kernels._chunks import accumulation_dtype, rows_per_chunk
+from ..kernels.accumulation import accumulation_dtype, rows_per_chunk
 from .embedding import EmbeddingRule
 from .linear import LinearRule
 from .registry import NormRule

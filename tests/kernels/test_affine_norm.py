@@ -76,8 +76,8 @@ def test_without_bias_and_empty_shapes(device):
 
 def test_dispatcher_takes_the_kernel_on_cuda_or_when_selected(monkeypatch, device):
     """The kernel is the default on CUDA and the reference elsewhere and under FLASHNORM_BACKEND=torch (float64
-    stays float64); FLASHNORM_BACKEND=triton takes the kernel for float32 outputs and rows up to MAX_N, the
-    reference past it."""
+    stays float64); FLASHNORM_BACKEND=triton takes the kernel for float32 outputs and rows up to MAX_N and refuses
+    rows past it, which backend="auto" hands to the reference."""
     calls = []
     kernel = affine_norm.affine_norm_grads_triton
     monkeypatch.setattr(affine_norm, "affine_norm_grads_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
@@ -94,7 +94,10 @@ def test_dispatcher_takes_the_kernel_on_cuda_or_when_selected(monkeypatch, devic
     affine_norm_grads(x, g, eps=1e-5, center=True)
     assert calls == [1]
     monkeypatch.setattr(affine_norm, "MAX_N", 4)
-    w, _ = affine_norm_grads(x, g, eps=1e-5, center=True)
+    with pytest.raises(RuntimeError, match="rows of at most MAX_N = 4 elements, got n = 6"):
+        affine_norm_grads(x, g, eps=1e-5, center=True)
+    assert calls == [1]
+    w, _ = affine_norm_grads(x, g, eps=1e-5, center=True, backend="auto")
     assert calls == [1]
     _close(w, _truth(x, g, 1e-5, True)[0], x, g, "fp32")
 

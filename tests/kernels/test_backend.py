@@ -1,5 +1,5 @@
 """The backend choice: an explicit ``backend`` argument, else FLASHNORM_BACKEND, else auto; bad values and
-impossible requests fail clearly."""
+impossible requests fail clearly, and a forced backend runs or raises, never falling back to the other."""
 
 import os
 import subprocess
@@ -11,8 +11,8 @@ import torch
 import flashnorm.kernels.backend as backend_module
 import flashnorm.kernels.flash_norm as flash_norm_module
 import flashnorm.kernels.gram_norm as gram_norm_module
-from flashnorm.kernels import affine_norm, clipped_grad, flash_norm_sq, gram_norm_sq, multi_tensor, weighted_sum
-from flashnorm.kernels import resolve_backend
+from flashnorm.kernels import affine_norm, clipped_grad, flash_norm_sq, gram_norm_sq, multi_tensor, triton_support
+from flashnorm.kernels import resolve_backend, weighted_sum
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -48,10 +48,38 @@ DISPATCHERS = {
     "weighted_row_sum": (weighted_sum, "weighted_row_sum_triton",
                          lambda x, g, b: weighted_sum.weighted_row_sum(_ones(x), x[:, 0], backend=b)),
     "squared_norm": (MT, "squared_norm_triton", lambda x, g, b: MT.squared_norm([x, g], backend=b)),
-    "clip_": (MT, "clip_triton_", lambda x, g, b: MT.clip_([x, g], _ones(x)[:1], 0.5, backend=b)),
-    "clip_by_total_norm_": (MT, "clip_triton_", lambda x, g, b: MT.clip_by_total_norm_([x, g], 0.5, backend=b)),
+    "scale_": (MT, "scale_triton_", lambda x, g, b: MT.scale_([x, g], _ones(x)[:1], backend=b)),
     "add_then_scale_": (MT, "add_then_scale_triton_",
                         lambda x, g, b: MT.add_then_scale_([x], torch.zeros_like(x).view(-1), 2.0, backend=b)),
+}
+
+#: Per dispatcher with inputs its Triton kernel does not take: (module, its Triton function, a call on
+#: x: [2, 5, 3], g: [2, 5, 4] with ``backend`` making such inputs, what the error says). The other dispatchers'
+#: kernels take every shape, layout and non-float64 dtype they accept.
+UNSUPPORTED = {
+    "affine_norm_grads/n > MAX_N": (
+        affine_norm, "affine_norm_grads_triton", "MAX_N = 2",
+        lambda x, g, b: affine_norm.affine_norm_grads(x, x, eps=1e-5, center=True, backend=b),
+    ),
+    "affine_norm_grads/strided output": (
+        affine_norm, "affine_norm_grads_triton", "float32 outputs with contiguous rows",
+        lambda x, g, b: affine_norm.affine_norm_grads(x, x, eps=1e-5, center=False, with_bias=False,
+                                                      weight_out=torch.empty(3, 2, device=x.device).t(), backend=b),
+    ),
+    "squared_norm/non-contiguous": (
+        MT, "squared_norm_triton", "tensor 1", lambda x, g, b: MT.squared_norm([x, g.transpose(1, 2)], backend=b),
+    ),
+    "scale_/non-contiguous": (
+        MT, "scale_triton_", "tensor 0", lambda x, g, b: MT.scale_([x.transpose(0, 2), g], _ones(x)[:1], backend=b),
+    ),
+    "add_then_scale_/non-contiguous": (
+        MT, "add_then_scale_triton_", "tensor 0",
+        lambda x, g, b: MT.add_then_scale_([x.transpose(1, 2)], torch.zeros_like(x).view(-1), 2.0, backend=b),
+    ),
+    "add_then_scale_/strided z": (
+        MT, "add_then_scale_triton_", "contiguous z",
+        lambda x, g, b: MT.add_then_scale_([x], torch.zeros(2 * x.numel(), device=x.device)[::2], 2.0, backend=b),
+    ),
 }
 
 
@@ -144,3 +172,54 @@ def test_package_imports_without_triton():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "refused: the triton backend was asked for" in result.stdout
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED)
+def test_forced_triton_refuses_inputs_its_kernel_does_not_take(name, monkeypatch, device):
+    """backend="triton" on inputs the kernel does not take raises, naming why and the fix, and runs nothing;
+    backend="auto" takes the reference for them."""
+    module, triton_fn, why, call = UNSUPPORTED[name]
+    if "MAX_N" in name:
+        monkeypatch.setattr(affine_norm, "MAX_N", 2)
+    calls = _count(monkeypatch, module, triton_fn)
+    with pytest.raises(RuntimeError, match="the triton backend was asked for") as error:
+        call(*_pair(device), "triton")
+    assert why in str(error.value) and "backend='auto'" in str(error.value) and calls == []
+    call(*_pair(device), "auto")
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", DISPATCHERS)
+def test_forced_triton_without_the_package_raises(name, monkeypatch, device):
+    """No triton package: backend="triton" raises for every dispatcher, backend="auto" takes the reference."""
+    module, triton_fn, call = DISPATCHERS[name]
+    monkeypatch.setattr(triton_support, "AVAILABLE", False)
+    calls = _count(monkeypatch, module, triton_fn)
+    with pytest.raises(RuntimeError, match="the triton package does not import here; install triton, or use backend"):
+        call(*_pair(device), "triton")
+    call(*_pair(device), "auto")
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", DISPATCHERS)
+def test_forced_triton_on_cpu_without_the_interpreter_raises(name, monkeypatch):
+    """CPU tensors without TRITON_INTERPRET=1: backend="triton" raises for every dispatcher instead of running the
+    reference."""
+    module, triton_fn, call = DISPATCHERS[name]
+    monkeypatch.setattr(backend_module, "INTERPRET", False)
+    calls = _count(monkeypatch, module, triton_fn)
+    with pytest.raises(RuntimeError, match=f"but {name.rstrip('_')}_? got tensors on cpu: Triton needs CUDA tensors"):
+        call(*_pair("cpu"), "triton")
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", DISPATCHERS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=("fp32", "fp16"))
+def test_forced_triton_runs_triton_where_auto_may_prefer_the_reference(name, dtype, monkeypatch, device):
+    """backend="triton" runs the kernel for every dtype it takes, also where "auto" takes the reference as the faster
+    path (the clipped weight gradient in float32)."""
+    module, triton_fn, call = DISPATCHERS[name]
+    calls = _count(monkeypatch, module, triton_fn)
+    x, g = (t.to(dtype) for t in _pair(device))
+    call(x, g, "triton")
+    assert calls == [1]

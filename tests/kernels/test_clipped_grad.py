@@ -178,8 +178,8 @@ def test_fused_on_unaligned_rows_reads_aligned_copies(d, p, steps, device, monke
 
     skip_without_tma(True, device)
     launches = []
-    original = clipped_grad._launch_clipped
-    monkeypatch.setattr(clipped_grad, "_launch_clipped", lambda *a: launches.append(a[1].shape[1]) or original(*a))
+    original = clipped_grad.launch_clipped
+    monkeypatch.setattr(clipped_grad, "launch_clipped", lambda *a: launches.append(a[1].shape[1]) or original(*a))
     monkeypatch.setattr(operands, "ALIGNED_COPY_BYTES", 1)
     dt = torch.float16
     x, g = torch.randn(3, steps, d, device=device, dtype=dt), torch.randn(3, steps, p, device=device, dtype=dt)
@@ -199,7 +199,7 @@ def test_fused_default_takes_aligned_copies_where_they_pay(device, monkeypatch):
 
     coef = torch.rand(2, device=device)
     assert_default_takes_aligned_copies(
-        monkeypatch, clipped_grad, "_clipped_on_aligned_copies", lambda x, g: clipped_weight_grad_fused(x, g, coef),
+        monkeypatch, clipped_grad, "clipped_on_aligned_copies", lambda x, g: clipped_weight_grad_fused(x, g, coef),
         lambda out, x, g: _assert_clipped_close(out, x, g, coef, TOLERANCES["fp16"]), device,
     )
 

@@ -12,7 +12,11 @@ from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_config, flash_n
 from tests.conftest import TOLERANCES
 from tests.kernels.truth import (
     assert_default_takes_aligned_copies,
+    assert_float64_takes_the_float64_reference,
+    assert_matches_float64,
     assert_norms_close,
+    assert_reference_matches_float64,
+    nan_bordered_pair,
     norm_sq_float64,
     random_pair,
     skip_without_tma,
@@ -30,8 +34,7 @@ D, P = 72, 40
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("batch", (0, 1, 3))
 def test_triton_matches_float64(dtype, steps, batch, device, triton_backend):
-    x, g = random_pair(batch, steps, D, P, DTYPES[dtype], device)
-    assert_norms_close(flash_norm_sq(x, g), norm_sq_float64(x, g), TOLERANCES[dtype])
+    assert_matches_float64(flash_norm_sq, batch, steps, D, P, DTYPES[dtype], device, TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize(
@@ -59,8 +62,8 @@ def test_unaligned_rows_copied_in_column_blocks_are_exact(dtype, d, p, steps, de
 
     skip_without_tma(True, device)
     launches = []
-    original = flash_norm._launch_tiles
-    monkeypatch.setattr(flash_norm, "_launch_tiles", lambda *a: launches.append(a[8]) or original(*a))
+    original = flash_norm.launch_tiles
+    monkeypatch.setattr(flash_norm, "launch_tiles", lambda *a: launches.append(a[8]) or original(*a))
     monkeypatch.setattr(operands, "ALIGNED_COPY_BYTES", 1)
     x, g = random_pair(3, steps, d, p, DTYPES[dtype], device)
     out = flash_norm_sq_triton(x, g, use_tma=True)
@@ -77,7 +80,7 @@ def test_default_launch_takes_aligned_copies_where_they_pay(device, monkeypatch)
     from flashnorm.kernels import flash_norm
 
     assert_default_takes_aligned_copies(
-        monkeypatch, flash_norm, "_launch_on_aligned_copies", flash_norm_sq_triton,
+        monkeypatch, flash_norm, "launch_on_aligned_copies", flash_norm_sq_triton,
         lambda out, x, g: assert_norms_close(out, norm_sq_float64(x, g), TOLERANCES["fp16"]), device,
     )
 
@@ -98,11 +101,7 @@ def test_t_split_sums_each_tile_once_in_split_order(device):
 def test_rows_past_t_contribute_nothing(use_tma, splits, device):
     """A NaN sample next door and NaN memory past the last row leave the other samples exact."""
     skip_without_tma(use_tma, device)
-    batch, steps, d, p = 3, 37, 72, 40
-    storage = torch.full(((batch * steps + 64) * (d + p),), float("nan"), device=device)
-    x = storage[: batch * steps * d].view(batch, steps, d)
-    g = storage[batch * steps * d : batch * steps * (d + p)].view(batch, steps, p)
-    x.normal_(), g.normal_()
+    x, g = nan_bordered_pair(3, 37, 72, 40, device)
     x[1, 5] = float("nan")  # sample 1 is poisoned; samples 0 and 2 border it
     cfg = FlashConfig(block_t=32, block_p=64, block_d=64, num_warps=4, num_stages=1)
     out = flash_norm_sq_triton(x, g, config=cfg, splits=splits, use_tma=use_tma)
@@ -116,11 +115,7 @@ def test_k_major_rows_past_t_contribute_nothing(g_rows, device, set_tf32):
     """The tf32 K-major paths: a NaN in a neighbour's g and NaN memory past the last row stay out."""
     skip_without_tma(True, device)
     set_tf32(True)
-    batch, steps, d, p = 3, 37, 72, 40
-    storage = torch.full(((batch * steps + 64) * (d + p),), float("nan"), device=device)
-    x = storage[: batch * steps * d].view(batch, steps, d)
-    g = storage[batch * steps * d : batch * steps * (d + p)].view(batch, steps, p)
-    x.normal_(), g.normal_()
+    x, g = nan_bordered_pair(3, 37, 72, 40, device)
     g[1, 36] = float("nan")  # the last row of sample 1, next to sample 2's first
     cfg = FlashConfig(block_t=32, block_p=32, block_d=64, num_warps=4, num_stages=1)
     out = flash_norm_sq_triton(x, g, config=cfg, use_tma=True, k_major=True, g_rows=g_rows)
@@ -159,10 +154,7 @@ def test_non_contiguous_and_mixed_dtypes(device, triton_backend):
 
 
 def test_float64_takes_the_float64_reference(device, triton_backend):
-    x, g = random_pair(2, 37, D, P, torch.float64, device)
-    out = flash_norm_sq(x, g)
-    assert out.dtype == torch.float64
-    torch.testing.assert_close(out, norm_sq_float64(x, g), rtol=1e-12, atol=0)
+    assert_float64_takes_the_float64_reference(flash_norm_sq, D, P, device)
 
 
 @pytest.mark.parametrize("shapes", [((2, 5, 3), (2, 6, 4)), ((2, 5, 3), (5, 4)), ((5, 3), (5, 4))])
@@ -175,12 +167,7 @@ def test_bad_shapes_are_rejected(shapes, device, triton_backend):
 @pytest.mark.parametrize("dtype", ("fp32", "fp64"))
 @pytest.mark.parametrize("steps", STEPS)
 def test_reference_matches_float64(dtype, steps):
-    dt = {"fp32": torch.float32, "fp64": torch.float64}[dtype]
-    x, g = random_pair(3, steps, D, P, dt, "cpu")
-    out = flash_norm_sq_reference(x, g)
-    assert out.dtype == (torch.float64 if dtype == "fp64" else torch.float32)
-    rtol, atol = (1e-12, 0.0) if dtype == "fp64" else TOLERANCES["fp32"]
-    torch.testing.assert_close(out.double(), norm_sq_float64(x, g), rtol=rtol, atol=atol)
+    assert_reference_matches_float64(flash_norm_sq_reference, dtype, steps, D, P, TOLERANCES["fp32"])
 
 
 def test_reference_handles_empty_batch():
@@ -200,7 +187,7 @@ def test_t_split_choice():
 
 
 def test_under_filled_16_bit_configs():
-    """Tiles by how well batch × tiles fills 132 SMs (H200 sweeps cited in flash_norm_config)."""
+    """Tiles by how well batch × tiles fills 132 SMs (the H200 sweeps of docs/performance.md)."""
     config = lambda batch, d, p: flash_norm_config(d, p, torch.bfloat16, batch=batch, n_sms=132)  # noqa: E731
     assert config(8, 1024, 1024) == FlashConfig(64, 128, 256, 8, 3)  # 256 big tiles: full
     assert config(1, 1024, 1024) == FlashConfig(128, 64, 128, 4, 4)  # 128 small tiles: one deep-pipelined wave

@@ -9,7 +9,7 @@ import torch
 
 from flashnorm.kernels import flash_norm_sq, operands
 from flashnorm.kernels.backend import supports_tma
-from flashnorm.kernels.flash_norm import _flash_norm_launch, flash_norm_sq_triton
+from flashnorm.kernels.flash_norm import flash_norm_launch, flash_norm_sq_triton
 from tests.conftest import TOLERANCES
 from tests.kernels.truth import assert_norms_close, norm_sq_float64
 
@@ -90,10 +90,10 @@ def test_tma_bulk_copies_in_ptx(dtype, tf32, set_tf32, monkeypatch):
     g = torch.randn(1, 4100, 1024, device="cuda", dtype=DTYPES[dtype])
     work = 4100 * 1024 * 1024
     assert work < operands.TMA_MIN_WORK
-    _, kernel = _flash_norm_launch(x, g)
+    _, kernel = flash_norm_launch(x, g)
     assert ("cp.async.bulk.tensor" in kernel.asm["ptx"]) == tf32, "below TMA_MIN_WORK only the tf32 path takes descriptors"
     monkeypatch.setattr(operands, "TMA_MIN_WORK", work)
-    _, kernel = _flash_norm_launch(x, g)
+    _, kernel = flash_norm_launch(x, g)
     assert "cp.async.bulk.tensor" in kernel.asm["ptx"]
 
 
@@ -110,6 +110,6 @@ def test_unaligned_vocabulary_reads_aligned_copies_through_descriptors(dtype, bl
     x = torch.randn(2, 1030, 768, device="cuda", dtype=DTYPES[dtype])
     g = torch.randn(2, 1030, 50257, device="cuda", dtype=DTYPES[dtype])
     assert not operands.tma_compatible(g.view(-1, 50257)) and operands.aligned_copies_pay(x.view(-1, 768), g.view(-1, 50257))
-    norm_sq, kernel = _flash_norm_launch(x, g)
+    norm_sq, kernel = flash_norm_launch(x, g)
     assert "cp.async.bulk.tensor" in kernel.asm["ptx"]
     assert_norms_close(norm_sq, norm_sq_float64(x, g), TOLERANCES[dtype])

@@ -6,6 +6,7 @@ import torch
 from flashnorm.kernels import gram_norm_sq, gram_norm_sq_reference
 from flashnorm.kernels.gram_norm import GramConfig, gram_norm_sq_triton
 from tests.conftest import TOLERANCES
+from tests.kernels import truth
 from tests.kernels.truth import assert_norms_close, norm_sq_float64, random_pair, skip_without_tma
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -18,8 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("batch", (0, 1, 3))
 def test_triton_matches_float64(dtype, steps, batch, device, triton_backend):
-    x, g = random_pair(batch, steps, D, P, DTYPES[dtype], device)
-    assert_norms_close(gram_norm_sq(x, g), norm_sq_float64(x, g), TOLERANCES[dtype])
+    truth.assert_matches_float64(gram_norm_sq, batch, steps, D, P, DTYPES[dtype], device, TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("use_tma,d,p", [(False, 23, 9), (True, 72, 40)], ids=["pointers-odd", "tma-aligned"])
@@ -36,11 +36,7 @@ def test_every_path_is_exact(use_tma, d, p, steps, device):
 def test_rows_past_t_contribute_nothing(use_tma, device):
     """A NaN sample next door and NaN memory past the last row leave the other samples exact."""
     skip_without_tma(use_tma, device)
-    batch, steps, d, p = 3, 37, 72, 40
-    storage = torch.full(((batch * steps + 64) * (d + p),), float("nan"), device=device)
-    x = storage[: batch * steps * d].view(batch, steps, d)
-    g = storage[batch * steps * d : batch * steps * (d + p)].view(batch, steps, p)
-    x.normal_(), g.normal_()
+    x, g = truth.nan_bordered_pair(3, 37, 72, 40, device)
     g[1, 30] = float("nan")
     out = gram_norm_sq_triton(x, g, config=GramConfig(block_t=32, block_k=32, num_warps=4, num_stages=1), use_tma=use_tma)
     assert torch.isnan(out[1])
@@ -57,18 +53,10 @@ def test_tf32_is_unbiased(steps, device, triton_backend, set_tf32):
 
 
 def test_float64_takes_the_float64_reference(device, triton_backend):
-    x, g = random_pair(2, 37, D, P, torch.float64, device)
-    out = gram_norm_sq(x, g)
-    assert out.dtype == torch.float64
-    torch.testing.assert_close(out, norm_sq_float64(x, g), rtol=1e-12, atol=0)
+    truth.assert_float64_takes_the_float64_reference(gram_norm_sq, D, P, device)
 
 
 @pytest.mark.parametrize("dtype", ("fp32", "fp64"))
 @pytest.mark.parametrize("steps", STEPS)
 def test_reference_matches_float64(dtype, steps):
-    dt = {"fp32": torch.float32, "fp64": torch.float64}[dtype]
-    x, g = random_pair(3, steps, D, P, dt, "cpu")
-    out = gram_norm_sq_reference(x, g)
-    assert out.dtype == (torch.float64 if dtype == "fp64" else torch.float32)
-    rtol, atol = (1e-12, 0.0) if dtype == "fp64" else TOLERANCES["fp32"]
-    torch.testing.assert_close(out.double(), norm_sq_float64(x, g), rtol=rtol, atol=atol)
+    truth.assert_reference_matches_float64(gram_norm_sq_reference, dtype, steps, D, P, TOLERANCES["fp32"])

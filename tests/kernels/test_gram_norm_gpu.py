@@ -5,7 +5,7 @@ import torch
 
 from flashnorm.kernels import gram_norm_sq, operands
 from flashnorm.kernels.backend import supports_tma
-from flashnorm.kernels.gram_norm import _gram_norm_launch
+from flashnorm.kernels.gram_norm import gram_norm_launch
 from tests.conftest import TOLERANCES
 from tests.kernels.truth import assert_norms_close, norm_sq_float64
 
@@ -41,8 +41,8 @@ def test_tma_bulk_copies_in_ptx(dtype, monkeypatch):
         pytest.skip("needs compute capability 9.x")
     x = torch.randn(2, 600, 768, device="cuda", dtype=DTYPES[dtype])
     g = torch.randn(2, 600, 3072, device="cuda", dtype=DTYPES[dtype])
-    _, kernel = _gram_norm_launch(x, g)  # 2·600·768·3072 < TMA_MIN_WORK (tf32 off): pointer loads
+    _, kernel = gram_norm_launch(x, g)  # 2·600·768·3072 < TMA_MIN_WORK (tf32 off): pointer loads
     assert "cp.async.bulk.tensor" not in kernel.asm["ptx"]
     monkeypatch.setattr(operands, "TMA_MIN_WORK", 2 * 600 * 768 * 3072)
-    _, kernel = _gram_norm_launch(x, g)
+    _, kernel = gram_norm_launch(x, g)
     assert "cp.async.bulk.tensor" in kernel.asm["ptx"]

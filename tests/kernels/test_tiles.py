@@ -28,5 +28,19 @@ def test_tf32_copy_rounds_to_nearest(transpose, device):
     assert ties.tolist() == [1 + 2**-10, -(1 + 2**-10)]  # ties away from zero
 
 
+@pytest.mark.parametrize("transpose", (False, True))
+def test_tf32_copy_launch_settings_for_tools_change_nothing(transpose, device):
+    """Other blocks and warps (the benchmarks' sweep) and a buffer of the caller's give the same copy."""
+    v = torch.randn(2, 37, 41, device=device)
+    buf, shape, strides = tf32_copy(v, transpose=transpose)
+    out = torch.full((buf.numel() + 5,), float("nan"), device=device)
+    got, shape2, strides2 = tf32_copy(v, transpose=transpose, block=(16, 32), num_warps=2, out=out)
+    assert got is out and (shape2, strides2) == (shape, strides)
+    assert torch.equal(torch.as_strided(out, shape, strides), torch.as_strided(buf, shape, strides))
+    assert out[buf.numel() :].isnan().all()
+    with pytest.raises(ValueError, match="at least"):
+        tf32_copy(v, transpose=transpose, out=out[:10])
+
+
 def test_block_size_is_a_capped_power_of_two_of_at_least_16():
     assert [block_size(n, 64) for n in (0, 1, 16, 17, 33, 64, 65, 1000)] == [16, 16, 16, 32, 64, 64, 64, 64]

@@ -61,3 +61,39 @@ def assert_default_takes_aligned_copies(monkeypatch, module, wrapper: str, run, 
     x, g = random_pair(2, 37, 24, 16, torch.float16, device)
     run(x, g)
     assert taken == [1]
+
+
+def assert_float64_takes_the_float64_reference(norm_sq, d: int, p: int, device) -> None:
+    """``norm_sq(x, g)``, a dispatcher, on float64 inputs: a float64 result, exact to 1e-12."""
+    x, g = random_pair(2, 37, d, p, torch.float64, device)
+    out = norm_sq(x, g)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, norm_sq_float64(x, g), rtol=1e-12, atol=0)
+
+
+def assert_reference_matches_float64(reference, dtype: str, steps: int, d: int, p: int, fp32_tolerance: tuple) -> None:
+    """``reference(x, g)`` on CPU in ``dtype`` ("fp32" or "fp64"): its accumulation dtype out, against float64
+    (fp64 to 1e-12, fp32 to ``fp32_tolerance``)."""
+    dt = {"fp32": torch.float32, "fp64": torch.float64}[dtype]
+    x, g = random_pair(3, steps, d, p, dt, "cpu")
+    out = reference(x, g)
+    assert out.dtype == (torch.float64 if dtype == "fp64" else torch.float32)
+    rtol, atol = (1e-12, 0.0) if dtype == "fp64" else fp32_tolerance
+    torch.testing.assert_close(out.double(), norm_sq_float64(x, g), rtol=rtol, atol=atol)
+
+
+def nan_bordered_pair(batch: int, steps: int, d: int, p: int, device) -> tuple:
+    """Standard normal x: [B, T, d] and g: [B, T, p], adjacent in one float32 storage whose 64 rows past the end
+    hold NaN: a kernel reading past the last row, or into a neighbouring sample, gets NaN."""
+    storage = torch.full(((batch * steps + 64) * (d + p),), float("nan"), device=device)
+    x = storage[: batch * steps * d].view(batch, steps, d)
+    g = storage[batch * steps * d : batch * steps * (d + p)].view(batch, steps, p)
+    x.normal_(), g.normal_()
+    return x, g
+
+
+def assert_matches_float64(norm_sq, batch: int, steps: int, d: int, p: int, dtype: torch.dtype, device,
+                           tolerance: tuple) -> None:
+    """``norm_sq(x, g)`` on standard normal x: [B, T, d], g: [B, T, p] against the float64 truth."""
+    x, g = random_pair(batch, steps, d, p, dtype, device)
+    assert_norms_close(norm_sq(x, g), norm_sq_float64(x, g), tolerance)

@@ -1,4 +1,5 @@
-"""Chunk sizes for the PyTorch references: bounded temporaries, never B×d×p or B×T×T."""
+"""The package's accumulation dtype (float32, float64 for float64 inputs) and the chunk sizes that bound the
+PyTorch references' temporaries (never B×d×p or B×T×T)."""
 
 from __future__ import annotations
 
