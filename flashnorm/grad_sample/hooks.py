@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .capture import GradientTap, HookedLayer, autocast_target, in_checkpointed_region
-from .phases import BACKWARD_HOOK, FORWARD_HOOK, phase
+from .phases import BACKWARD_HOOK, FORWARD_HOOK, phase, recording
 from .step import StepState
 
 
@@ -113,6 +113,8 @@ class LayerHooks:
             if self.forward_depth and owner.hooks_enabled and owner.training and not torch.is_grad_enabled():
                 owner.current_step().recomputes_layers = True  # reentrant checkpointing: captured when recomputed
             return None
+        if not recording():
+            return self._record_forward(owner.current_step(), layer, module, inputs, output, kwargs)
         with phase(FORWARD_HOOK):
             return self._record_forward(owner.current_step(), layer, module, inputs, output, kwargs)
 
@@ -165,6 +167,10 @@ class LayerHooks:
     def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, key) -> None:
         """The gradient tap's callback: G to the step in progress (ignored when none is)."""
         step = self.owner.step
-        if step is not None:
-            with phase(BACKWARD_HOOK):
-                step.receive_gradient(layer, grad_output, *key)
+        if step is None:
+            return
+        if not recording():
+            step.receive_gradient(layer, grad_output, *key)
+            return
+        with phase(BACKWARD_HOOK):
+            step.receive_gradient(layer, grad_output, *key)

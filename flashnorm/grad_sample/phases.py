@@ -27,10 +27,16 @@ SINGLE_SAMPLE = "flashnorm.single_sample"
 PHASES = (CLIPPED_BACKWARD, CHECKS, NORM_PASS, FORWARD_HOOK, BACKWARD_HOOK, NORMS, COEFFICIENTS, WRITE, SINGLE_SAMPLE)
 
 _NO_RANGE = contextlib.nullcontext()
+_autograd_profiler = torch.autograd.profiler
+
+
+def recording() -> bool:
+    """Whether a profiler records now (the per-layer hooks test this before opening a range)."""
+    return _autograd_profiler._is_profiler_enabled
 
 
 def phase(name: str):
     """A ``record_function`` range named ``name`` while the autograd profiler is on, else a no-op context."""
-    if torch.autograd.profiler._is_profiler_enabled:
+    if _autograd_profiler._is_profiler_enabled:
         return torch.profiler.record_function(name)
     return _NO_RANGE

@@ -30,7 +30,7 @@ from .config import StepConfig
 from .loss_check import FiniteLossCheck
 from .norm_pass import NormTerms
 from .packed_grads import plan_packed_grads
-from .phases import NORMS, phase
+from .phases import NORMS, phase, recording
 
 
 class StepState(enum.Enum):
@@ -167,6 +167,9 @@ class ClippingStep:
     def _count(self, layer: HookedLayer, capture: LayerCapture) -> None:
         if self.terms is None:  # a plain backward: norms on request, nothing kept for a writer
             self.terms = NormTerms(self.config, self.hooked, None, None)
+        if not recording():
+            self.terms.count(layer, *capture.take())
+            return
         with phase(NORMS):
             self.terms.count(layer, *capture.take())
 
