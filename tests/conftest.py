@@ -1,4 +1,4 @@
-"""Shared test set-up: the interpreter switch, the ``gpu`` marker, seeding and the tolerance table."""
+"""Shared test set-up: the interpreter switch, the ``gpu`` marker, seeding, the tolerance table and the mode list."""
 
 import os
 
@@ -11,7 +11,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-#: DESIGN §5 tolerances (rtol, atol) against the float64 oracle, by compute dtype.
+from flashnorm import get_mode, valid_mode_names  # noqa: E402
+
+#: FlashNorm's own single-device clipping modes, in the mode table's order (no alias, no delegated or FSDP mode).
+CLIPPING_MODES = tuple(
+    name for name in valid_mode_names()
+    if get_mode(name).name == name and not get_mode(name).delegated and not get_mode(name).fsdp
+)
+
+#: Tolerances (rtol, atol) against the float64 oracle, by compute dtype.
 TOLERANCES = {
     "fp64": (1e-10, 1e-12),  # float64 model against the float64 oracle: exact algebra
     "fp32": (1e-5, 1e-7),  # CPU / Triton interpreter

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.grad_sample.misuse import MODES, LinearLoss, make_private, oracle
+from tests.grad_sample.guarantee import MODES, LinearLoss, make_private, oracle
 
 
 class _Raising(nn.Module):
