@@ -11,10 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flashnorm import FlashNormPrivacyEngine, PrivacyEngine, valid_mode_names
 from flashnorm.grad_sample import GradSampleModuleFastGradientClippingFuse
+from tests.conftest import CLIPPING_MODES
 from tests.oracle import microbatch_reference
-
-CLIPPING_MODES = ("ghost", "flash", "flash_fuse")
-
 
 def small_model(d=6, h=5, classes=3):
     return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, classes))
