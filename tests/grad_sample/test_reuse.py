@@ -1,4 +1,4 @@
-"""Parameters used more than once (DESIGN §8), exact against the float64 per-sample oracle in every mode:
+"""Parameters used more than once, exact against the float64 per-sample oracle in every mode:
 a layer called twice, a module under two names, a weight tied between two layers, Opacus's DP RNNs (an
 ``RNNLinear`` called once per time step), and activation checkpointing (reentrant and not)."""
 
