@@ -1,4 +1,5 @@
-"""Shared test set-up: the interpreter switch, the ``gpu`` marker, seeding, the tolerance table and the mode list."""
+"""Shared test set-up: the interpreter switch, the ``gpu`` marker, seeding, the tolerance table, the mode list and a
+process group of one rank."""
 
 import os
 
@@ -48,6 +49,16 @@ def device() -> torch.device:
 def fp32_tolerance(device) -> tuple:
     """fp32 tolerance on ``device``: cuDNN convolutions use tf32 by default on the GPU."""
     return TOLERANCES["tf32" if torch.device(device).type == "cuda" else "fp32"]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one rank (this process) for the test, destroyed after it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 @pytest.fixture(autouse=True)
