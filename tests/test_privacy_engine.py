@@ -14,6 +14,7 @@ from flashnorm.grad_sample import GradSampleModuleFastGradientClippingFuse
 from tests.conftest import CLIPPING_MODES
 from tests.oracle import microbatch_reference
 
+
 def small_model(d=6, h=5, classes=3):
     return nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, classes))
 

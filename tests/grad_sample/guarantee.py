@@ -216,14 +216,3 @@ def sized(batch_size):
     (x, g), _ = adversarial(4)
     return without_last(x[4 - batch_size:], g[4 - batch_size:])
 
-
-def probe_step(mode, **kwargs) -> Callable[..., Attempt]:
-    """``make(batch)`` of the plain scenario: a fresh probe, then one DP step on ``batch`` that must apply the
-    oracle's Σ_b c_b ∇ℓ_b (``kwargs`` to :func:`make_private`)."""
-    def make(b):
-        x, g = b
-        model = probe()
-        private = make_private(model, mode, clip=C, **kwargs)
-        return Attempt(model, lambda: step(private, x, g), expected=oracle(private.model, x, g, C))
-
-    return make

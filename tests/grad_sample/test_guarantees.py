@@ -17,7 +17,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from tests.grad_sample.guarantee import (
     C, MODES, NEVER, NO_CAPTURE, NOT_CLIPPED, Attempt, LinearLoss, adversarial, assert_unchanged, batch,
-    cross_entropy_sum, influence, make_private, oracle, probe, reference, run, sized, snapshot, step, without_last,
+    influence, make_private, oracle, probe, reference, run, sized, snapshot, step, without_last,
 )
 from tests.oracle import microbatch_reference
 from tests.zoo import MeanOver
@@ -545,7 +545,8 @@ def test_the_fallback_differentiates_the_call_that_ran(mode, how):
     first two rows may refuse instead, naming the fallback)."""
     def make(b):
         x, g = b
-        model = _GateModel().double() if how.startswith("tensor") else _Gated(keyword=how == "keyword_argument").double()
+        model = _GateModel() if how.startswith("tensor") else _Gated(keyword=how == "keyword_argument")
+        model = model.double()
         private = make_private(model, mode, clip=C)
         if how == "attribute_changed":
             model.gate.scale = 1e3
