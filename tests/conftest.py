@@ -1,4 +1,5 @@
-"""Shared test set-up: the interpreter switch, the ``gpu`` marker, seeding and the tolerance table."""
+"""Shared test set-up: the interpreter switch, the ``gpu`` marker, seeding, the tolerance table, the mode list and a
+process group of one rank."""
 
 import os
 
@@ -11,7 +12,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-#: DESIGN §5 tolerances (rtol, atol) against the float64 oracle, by compute dtype.
+from flashnorm import get_mode, valid_mode_names  # noqa: E402
+
+#: FlashNorm's own single-device clipping modes, in the mode table's order (no alias, no delegated or FSDP mode).
+CLIPPING_MODES = tuple(
+    name for name in valid_mode_names()
+    if get_mode(name).name == name and not get_mode(name).delegated and not get_mode(name).fsdp
+)
+
+#: Tolerances (rtol, atol) against the float64 oracle, by compute dtype.
 TOLERANCES = {
     "fp64": (1e-10, 1e-12),  # float64 model against the float64 oracle: exact algebra
     "fp32": (1e-5, 1e-7),  # CPU / Triton interpreter
@@ -40,6 +49,16 @@ def device() -> torch.device:
 def fp32_tolerance(device) -> tuple:
     """fp32 tolerance on ``device``: cuDNN convolutions use tf32 by default on the GPU."""
     return TOLERANCES["tf32" if torch.device(device).type == "cuda" else "fp32"]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one rank (this process) for the test, destroyed after it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 @pytest.fixture(autouse=True)

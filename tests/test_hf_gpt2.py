@@ -6,8 +6,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flashnorm import FlashNormPrivacyEngine
-from tests.conftest import TOLERANCES
+from tests.conftest import CLIPPING_MODES, TOLERANCES
 from tests.oracle import microbatch_reference
+from tests.zoo import HFLogits
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,18 +24,9 @@ def tiny_gpt2():
     return transformers.GPT2LMHeadModel(config).double()
 
 
-class Logits(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids).logits
-
-
-@pytest.mark.parametrize("mode", ["ghost", "flash", "flash_fuse"])
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
 def test_hf_gpt2_matches_float64_microbatch(mode):
-    model = Logits(tiny_gpt2())
+    model = HFLogits(tiny_gpt2())
     ids, targets = torch.randint(0, VOCAB, (BATCH, STEPS)), torch.randint(0, VOCAB, (BATCH, STEPS))
     clip = 0.05
 

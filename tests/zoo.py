@@ -48,6 +48,17 @@ class Attention(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
+class HFLogits(nn.Module):
+    """A Hugging Face model called on token ids alone, returning its logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
 class PositionalLM(nn.Module):
     """Token + position embeddings, the position table shared by the batch (input [1, T], broadcast)."""
 

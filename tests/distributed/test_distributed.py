@@ -24,7 +24,7 @@ from tests.oracle import microbatch_reference
 
 BACKEND = os.environ.get("FLASHNORM_DIST_BACKEND", "gloo")
 DEVICE = torch.device("cuda" if BACKEND == "nccl" else "cpu")
-# fp32 on CPU; on the GPU the norm kernels may use tf32 (DESIGN §5).
+# fp32 on CPU; on the GPU the norm kernels may use tf32 (the tolerance table of tests/conftest.py).
 RTOL, ATOL = TOLERANCES["tf32" if BACKEND == "nccl" else "fp32"]
 
 MODES = {"ddp": ("ghost", "flash", "flash_fuse"), "fsdp": ("ghost_fsdp", "flash_fsdp", "flash_fuse_fsdp")}

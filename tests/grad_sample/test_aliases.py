@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.grad_sample.misuse import MODES, LinearLoss, make_private, oracle
+from tests.grad_sample.guarantee import MODES, LinearLoss, batch, make_private, oracle
 
 
 class _Raising(nn.Module):
@@ -19,11 +19,6 @@ class _Raising(nn.Module):
 
     def forward(self, x):
         return self.second(torch.tanh(self.first(x)))
-
-
-def _batch(n=4, t=6, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, t, 4, generator=gen, dtype=torch.float64), torch.randn(n, t, 3, generator=gen, dtype=torch.float64)
 
 
 def _registered(model):
@@ -45,7 +40,7 @@ def test_registrations_hold_the_parameters_outside_a_layer_forward_even_after_it
             raise RuntimeError("boom")
 
     model.second.register_forward_pre_hook(fail)
-    x, g = _batch()
+    x, g = batch(4, seed=1)
     private.criterion(private.model(x), g).backward()
     assert [p for _, _, p in _registered(model)] == params
     model.fail = True
@@ -66,7 +61,7 @@ def test_a_plain_backward_leaves_the_plain_gradient(mode):
     reference = _Raising()
     for m in (model, reference):  # a hook of the user's own on a parameter runs as in plain autograd
         m.first.weight.register_hook(lambda grad: 2 * grad)
-    x, g = _batch()
+    x, g = batch(4, seed=1)
     LinearLoss()(reference(x), g).backward()
     private = make_private(model, mode, clip=1.0)
     LinearLoss()(private.model(x), g).backward()
@@ -78,12 +73,12 @@ def test_replaced_parameter_data_is_followed(mode):
     """``p.data = ...`` (or a dtype/device move) after a step: the next step clips and applies the new values."""
     model = _Raising()
     private = make_private(model, mode, clip=0.5)
-    x, g = _batch(seed=2)
+    x, g = batch(4, seed=2)
     private.criterion(private.model(x), g).backward()
     private.optimizer.step()
     private.optimizer.zero_grad()
     model.first.weight.data = 3 * model.first.weight.data.clone()
-    x, g = _batch(seed=3)
+    x, g = batch(4, seed=3)
     expected = oracle(private.model, x, g, 0.5)
     private.criterion(private.model(x), g).backward()
     torch.testing.assert_close(_flat_grads(model), expected, rtol=1e-10, atol=1e-12)

@@ -1,4 +1,4 @@
-"""Activation checkpointing keeps its memory saving under FlashNorm (issue 19): Hugging Face GPT-2 small with tied
+"""Activation checkpointing keeps its memory saving under FlashNorm: Hugging Face GPT-2 small with tied
 embeddings, B = 1, T = 16384, bf16 autocast, checkpointing of both flavours. flash_fuse's peak memory is at most
 1.05× that of the non-DP step with the same checkpointing.
 

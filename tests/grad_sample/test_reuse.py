@@ -1,4 +1,4 @@
-"""Parameters used more than once (DESIGN §8), exact against the float64 per-sample oracle in every mode:
+"""Parameters used more than once, exact against the float64 per-sample oracle in every mode:
 a layer called twice, a module under two names, a weight tied between two layers, Opacus's DP RNNs (an
 ``RNNLinear`` called once per time step), and activation checkpointing (reentrant and not)."""
 
@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flashnorm import FlashNormPrivacyEngine
 from flashnorm.norms import PerSampleGradFallback
-from tests.conftest import TOLERANCES
+from tests.conftest import CLIPPING_MODES, TOLERANCES
 from tests.oracle import microbatch_reference
+from tests.zoo import HFLogits
 
-MODES = ("ghost", "flash", "flash_fuse")
 VOCAB, D = 13, 6
 
 
@@ -142,7 +142,7 @@ def dp_step(model, x, y, mode, reduction, clip):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("steps", [1, 7, 37])
 @pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
 def test_reused_parameters_are_exact(mode, kind, steps, reduction):
     torch.manual_seed(0)
     model = MODELS[kind]().double()
@@ -157,7 +157,7 @@ def test_reused_parameters_are_exact(mode, kind, steps, reduction):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_hf_gpt2_with_tied_embeddings_is_exact(mode, reduction, attn):
     transformers = pytest.importorskip("transformers")
@@ -224,24 +224,15 @@ def _hf_model(name):
                                          intermediate_size=24, max_position_embeddings=32, num_labels=3,
                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         model = transformers.BertForSequenceClassification(config)
-        return _Classifier(model)
+        return HFLogits(model)
     if name.startswith("gpt2_checkpoint"):
         reentrant = name == "gpt2_checkpoint_reentrant"
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     return _LastToken(model)
 
 
-class _Classifier(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids).logits
-
-
 @pytest.mark.parametrize("name", ["llama_tied", "gemma_tied", "bert", "gpt2_checkpoint_reentrant", "gpt2_checkpoint_non_reentrant"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
 def test_hf_models_are_exact(name, mode):
     torch.manual_seed(0)
     model = _hf_model(name).double()
@@ -263,7 +254,7 @@ def test_hf_models_are_exact(name, mode):
 
 
 @pytest.mark.parametrize("name", ["llama_tied", "gemma_tied"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
 def test_hf_tied_models_bound_an_adversarial_samples_influence(name, mode):
     """As an attacker would, noise 0: a sample that repeats one token and targets that same token (its tied
     embedding row and head row both carry its gradient, the cross term at its largest) changes the summed clipped

@@ -60,8 +60,8 @@ def clipped_of(grads: Grads, coef: torch.Tensor) -> Grads:
 
 
 def tolerance_of(dtype: torch.dtype, device: torch.device) -> tuple:
-    """DESIGN §5 (rtol, atol) against float64 for a compute dtype (fp64: exact algebra; fp32: 1e-5 on the CPU,
-    tf32's on CUDA)."""
+    """The tolerance table's (rtol, atol) against float64 for a compute dtype (fp64: exact algebra; fp32: 1e-5 on
+    the CPU, tf32's on CUDA)."""
     return TOLERANCES["fp64"] if dtype == torch.float64 else fp32_tolerance(device)
 
 

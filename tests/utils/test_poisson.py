@@ -1,10 +1,7 @@
 """Poisson sampling under data parallelism: every rank takes every draw, its share of one shared sample."""
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
@@ -31,18 +28,8 @@ def test_every_rank_takes_every_draw_and_the_shares_make_up_the_draw():
         assert sorted(i for part in parts for i in part) == sorted(draw)
 
 
-@pytest.fixture
-def one_rank_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("mode", ["ghost", "flash_fuse"])
-def test_make_private_under_ddp_keeps_empty_draws(one_rank_group, mode):
+def test_make_private_under_ddp_keeps_empty_draws(one_process_group, mode):
     """make_private of a DDP module with Poisson sampling yields every draw, empty ones included, and a step on an
     empty draw runs (noise only)."""
     torch.manual_seed(0)
