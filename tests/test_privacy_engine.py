@@ -44,12 +44,15 @@ def one_step(dp_model, dp_opt, criterion, x, y):
 
 def test_public_names():
     assert PrivacyEngine is FlashNormPrivacyEngine and issubclass(FlashNormPrivacyEngine, OpacusPrivacyEngine)
+    from flashnorm.criterion import DPLossFastGradientClipping as Criterion
     from flashnorm.grad_sample import GradSampleModuleFastGradientClipping  # noqa: F401
+    from flashnorm.grad_sample import GradSampleModuleFastGradientClippingFuse  # noqa: F401
     from flashnorm.optimizers import DPOptimizerFastGradientClipping  # noqa: F401
     from flashnorm.privacy_engine import FlashNormPrivacyEngine as Same
-    from flashnorm.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping  # noqa: F401
+    from flashnorm.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     assert Same is FlashNormPrivacyEngine
+    assert DPLossFastGradientClipping is Criterion, "the seed's import path re-exports the criterion"
 
 
 def test_unknown_mode_lists_every_valid_mode():

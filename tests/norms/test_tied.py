@@ -1,4 +1,4 @@
-"""Cross terms of a parameter used by two layers (flashnorm/norms/shared.py) against the float64 truth: a tied
+"""Cross terms of a parameter used by two layers (flashnorm/norms/tied.py) against the float64 truth: a tied
 embedding and LM head (the gather form, ``padding_idx`` included, in either order), two Linear layers sharing a
 weight (the per-sample form), and the per-sample dot product they reduce to."""
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from flashnorm.norms import get_norm_rule
-from flashnorm.norms.shared import cross_term, per_sample_dot
+from flashnorm.norms.tied import cross_term, per_sample_dot
 from tests.norms.truth import input_and_output_grad, per_sample_truth, tolerance_of
 
 VOCAB, DIM = 11, 5

@@ -1,12 +1,13 @@
-"""The DP criterion of the clipping modes (flashnorm/utils/fast_gradient_clipping_utils.py): per-sample losses whose
-``backward()`` runs the clipping workflow, the sequence as privacy unit with ``shape=(B, T, V)``, and loss
-arithmetic that keeps FlashNorm's DP tensor."""
+"""The DP criterion of the clipping modes (flashnorm/criterion.py; Opacus's import path
+flashnorm.utils.fast_gradient_clipping_utils re-exports it): per-sample losses whose ``backward()`` runs the
+clipping workflow, the sequence as privacy unit with ``shape=(B, T, V)``, and loss arithmetic that keeps FlashNorm's
+DP tensor."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-from flashnorm.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from flashnorm.criterion import DPLossFastGradientClipping, DPTensorFastGradientClipping
 from tests.conftest import CLIPPING_MODES
 from tests.oracle import microbatch_reference
 from tests.test_privacy_engine import private, small_model
