@@ -149,9 +149,9 @@ def test_graphed_step_rejects_a_non_finite_loss_and_changes_nothing():
 
 @pytest.mark.gpu
 def test_freed_graphed_steps_leave_the_device_usable():
-    """Regression: the loss check once copied its flag into pinned memory inside the graph; when the
-    module was freed, the host allocator queried an event recorded during capture and a later,
-    unrelated op failed with "invalid argument"."""
+    """Freeing graphed steps leaves the device usable: no pinned copy is recorded inside a graph, so the host
+    allocator never queries an event recorded during capture (a later, unrelated op would fail with "invalid
+    argument")."""
     import gc
 
     device = torch.device("cuda")
@@ -170,10 +170,9 @@ def test_freed_graphed_steps_leave_the_device_usable():
 
 @pytest.mark.gpu
 def test_a_module_freed_during_a_capture_leaves_the_device_usable():
-    """Regression: each module once owned the pinned flag of its loss checks. A garbage collection that freed the
-    module while a stream the flag had been copied on was capturing a graph left the host allocator an event
-    recorded during capture, and a later pinned allocation (the next ``.item()``) failed with "invalid argument"
-    (seen in 2 of ~8 runs of this file, at varying tests). The flags now live as long as the process."""
+    """A module freed while a stream its loss-check flag was copied on captures a graph leaves the device usable:
+    the pinned flags live as long as the process, so no freed block leaves the host allocator an event recorded
+    during capture (the next pinned allocation, e.g. ``.item()``, would fail with "invalid argument")."""
     import gc
 
     device = torch.device("cuda")

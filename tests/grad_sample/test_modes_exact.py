@@ -46,7 +46,7 @@ def dp_clipped_step(model, x, y, *, mode, reduction, max_grad_norm, noise_multip
 @pytest.mark.parametrize("mode,method", MODES, ids=[f"{m}-{f or 'auto'}" for m, f in MODES])
 def test_step_matches_float64_microbatch(mode, method, kind, steps, reduction, clip, dtype, device, monkeypatch):
     """fp64 runs the DP step on a float64 model: any algorithmic error (a missing term, samples mixed)
-    shows far above 1e-10. fp32 is what users run: DESIGN §5's 1e-5 against the float64 oracle."""
+    shows far above 1e-10. fp32 is what users run: 1e-5 against the float64 oracle."""
     if kind == "linear2d" and steps != 1:
         pytest.skip("2-D inputs have no sequence dimension")
     if method:
