@@ -44,6 +44,72 @@ class GradientTap(torch.autograd.Function):
         return grad_output, None, None, None
 
 
+class RowScale(torch.autograd.Function):
+    """Identity on a model output; its backward multiplies the gradient's batch rows by the step's clipping
+    coefficients once they are set (``scale.coef``: c [B], applied along ``batch_dim``), so a second backward of
+    Σ ℓ gives Σ_b c_b ∇ℓ_b whatever order or layout the loss puts the samples in."""
+
+    @staticmethod
+    def forward(ctx, output, scale, batch_dim):
+        ctx.scale, ctx.batch_dim = scale, batch_dim
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        coef = ctx.scale.coef
+        if coef is None:
+            return grad_output, None, None
+        ctx.scale.reached += 1
+        shape = [1] * grad_output.dim()
+        shape[ctx.batch_dim] = -1
+        scaled = grad_output.to(torch.promote_types(grad_output.dtype, coef.dtype)) * coef.view(shape)
+        return scaled.to(grad_output.dtype), None, None
+
+
+@dataclass(eq=False)
+class OutputScale:
+    """The coefficients the model outputs' :class:`RowScale` apply (``None`` during the norm pass), how many output
+    gradients they scaled, and whether every output's batch dimension was known.
+
+    An output's batch dimension is the layers' (0, or 1 for ``batch_first=False``) when it is the last hooked layer's
+    output itself, else its one dimension of the batch's size; an output with several such dimensions is
+    ``ambiguous`` (its rows cannot be told apart)."""
+
+    coef: Optional[torch.Tensor] = None
+    reached: int = 0
+    tapped: int = 0  # outputs of the forward that carry a RowScale
+    ambiguous: bool = False
+
+
+def scale_rows(output, scale: OutputScale, layout_dim: int, batch_size: int, last_layer_output=None):
+    """``output`` (a tensor, or a tuple, list or mapping of them, e.g. a Hugging Face ``ModelOutput``) with every
+    tensor that requires grad and holds the batch routed through :class:`RowScale` along its batch dimension (see
+    :class:`OutputScale`; ``layout_dim``: the layers' batch dimension)."""
+    if isinstance(output, torch.Tensor):
+        if not output.requires_grad:
+            return output
+        if output is last_layer_output:
+            batch_dim = layout_dim
+        else:
+            dims = [d for d, size in enumerate(output.shape) if size == batch_size]
+            if len(dims) != 1:
+                scale.ambiguous = scale.ambiguous or len(dims) > 1
+                return output
+            batch_dim = dims[0]
+        scale.tapped += 1
+        return RowScale.apply(output, scale, batch_dim)
+    if isinstance(output, (tuple, list)):
+        mapped = [scale_rows(o, scale, layout_dim, batch_size, last_layer_output) for o in output]
+        if isinstance(output, list):
+            return mapped
+        return type(output)(*mapped) if hasattr(output, "_fields") else tuple(mapped)
+    if isinstance(output, dict):
+        for key in list(output.keys()):
+            output[key] = scale_rows(output[key], scale, layout_dim, batch_size, last_layer_output)
+        return output
+    return output
+
+
 #: Dtypes autocast casts for its lower-precision ops (float64 is left alone).
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -162,7 +162,9 @@ class LayerHooks:
         use = step.record_input(layer, None if deferred else x, (shape, output.dtype))
         if kwargs is not None:
             layer.rule.remember_call(x, inputs[1:], kwargs, first_use=use == 0)
-        return GradientTap.apply(output, self.owner.hooked.tap_on(output.device), layer.callback, (step.number, use))
+        tapped = GradientTap.apply(output, self.owner.hooked.tap_on(output.device), layer.callback, (step.number, use))
+        step.last_layer_output = tapped
+        return tapped
 
     def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, key) -> None:
         """The gradient tap's callback: G to the step in progress (ignored when none is)."""

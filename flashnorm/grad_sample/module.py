@@ -32,7 +32,7 @@ from ..kernels.backend import resolve_backend
 from ..norms.planner import ALGORITHMS, resolve_norm_method
 from ..parallelism import parallelism_of, reduces_in_backward
 from ..utils.privacy_parameters import PrivacyParameters, privacy_attribute
-from .capture import HookedModel, hook_model
+from .capture import HookedModel, hook_model, scale_rows
 from .config import StepConfig
 from .hooks import LayerHooks
 from .loss_check import NON_FINITE_LOSS, FiniteLossCheck
@@ -197,7 +197,13 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             # A non-reentrant checkpointed region must be recomputed to its end: its layers' inputs are captured
             # there (early stop would skip the layers after the last tensor autograd itself needs).
             with checkpoint.set_checkpoint_early_stop(False):
-                return self._module(*args, **kwargs)
+                output = self._module(*args, **kwargs)
+        step = self.step
+        if self.config.writer.scales_outputs and step.batch_size is not None and not step.single_sample:
+            output = scale_rows(output, step.output_scale, 0 if self.batch_first else 1, step.batch_size,
+                                step.last_layer_output)
+            step.last_layer_output = None
+        return output
 
     def _start_step(self, leading: Optional[int], batch_size: Optional[int]) -> ClippingStep:
         self._steps_started += 1

@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..kernels import multi_tensor
 from ..kernels.accumulation import accumulation_dtype
 from ..norms import rounding
-from .capture import HookedLayer, HookedModel, LayerCapture
+from .capture import HookedLayer, HookedModel, LayerCapture, OutputScale
 from .config import StepConfig
 from .loss_check import FiniteLossCheck
 from .norm_pass import NormTerms
@@ -92,6 +92,8 @@ class ClippingStep:
         self.kept: dict = {}  # layer → what the writer needs of it
         self.norms: Optional[NormRecord] = None
         self.check: Optional[FiniteLossCheck] = None  # losses and norms finite, read after the step is issued
+        self.output_scale = OutputScale()  # the coefficients the model outputs' rows take in a second backward
+        self.last_layer_output: Optional[torch.Tensor] = None  # the last hooked layer's output in the forward
 
     @property
     def layers(self) -> List[HookedLayer]:

@@ -67,11 +67,14 @@ class ClippedGradientWriter:
         applies_kept_per_sample: per-sample gradients the norm pass measured are the very ones applied, so the
             planner may choose them for any layer (they cost B·|θ| memory) and their rounding needs no allowance;
             every trainable parameter, vectors and matrices, can be packed.
+        scales_outputs: the model's outputs go through :class:`~flashnorm.grad_sample.capture.RowScale`, whose
+            rows the writer scales by c.
     """
 
     backward_passes = 2
     retains_graph = True
     applies_kept_per_sample = False
+    scales_outputs = False  # the forward routes the model's outputs through RowScale
 
     def bind(self, layers: List) -> None:
         """Called with the hooked layers whenever they are (re)discovered."""
@@ -85,11 +88,36 @@ class ClippedGradientWriter:
 
 
 class SecondBackward(ClippedGradientWriter):
-    """Back-propagates Σ_b c_b ℓ_b: autograd computes the clipped gradients as an ordinary backward would."""
+    """Back-propagates Σ_b ℓ_b with the model outputs' gradient rows scaled by c_b
+    (:class:`~flashnorm.grad_sample.capture.RowScale`): autograd computes Σ_b c_b ∇ℓ_b as an ordinary backward
+    would, c_b applied where the model's batch row b is known, whatever order the loss vector has.
+
+    A model whose outputs' batch rows cannot be told apart (an output with no dimension, or several, of the batch's
+    size that is not the last hooked layer's own output) gets Σ_b c_b ℓ_b back-propagated instead: the loss vector
+    must then be in the model's batch order.
+
+    Raises:
+        RuntimeError: the loss does not reach the model's outputs (no scaled row), after the backward: the caller
+            discards what it wrote.
+    """
+
+    scales_outputs = True
 
     def write(self, step, loss_per_sample, coef, backend):
-        weighted = (coef.detach().to(loss_per_sample.dtype) * loss_per_sample).sum()
-        torch.autograd.backward(weighted)
+        scale = step.output_scale
+        if not scale.tapped or scale.ambiguous:
+            torch.autograd.backward((coef.detach().to(loss_per_sample.dtype) * loss_per_sample).sum())
+            return
+        scale.coef, scale.reached = coef.detach(), 0
+        try:
+            torch.autograd.backward(loss_per_sample.sum())
+        finally:
+            scale.coef = None
+        if not scale.reached:
+            raise RuntimeError(
+                "The DP loss does not depend on the model's outputs, so the clipping coefficients could not be "
+                "applied per sample. Build the loss from the wrapped model's output: criterion(model(x), y)."
+            )
 
 
 class AssembleFromKept(ClippedGradientWriter):
