@@ -284,3 +284,21 @@ def hook_model(module: nn.Module, *, shared_allowed: bool = True,
         for layer in layers
     }, counterpart=counterpart)  # fmt: skip
     return HookedModel(layers, shared_groups, hooked_params, aliases)
+
+
+def refuse_parameter_hooks(params: List[nn.Parameter], names: Dict[int, str]) -> None:
+    """Raises when a trainable parameter has a gradient hook of its own (``register_hook``,
+    ``register_post_accumulate_grad_hook``): the norm pass measures each sample's gradient before any such hook, so
+    what the hook changes would escape the bound (a second backward runs it; an assembled gradient skips it).
+
+    Raises:
+        NotImplementedError: naming the parameter and the fix.
+    """
+    for p in params:
+        if p._backward_hooks or p._post_accumulate_grad_hooks:
+            raise NotImplementedError(
+                f"Parameter '{names.get(id(p), '?')}' has a gradient hook (register_hook or "
+                "register_post_accumulate_grad_hook). FlashNorm bounds each sample's gradient as autograd computes it; "
+                "a hook that changes it would escape the bound. Remove the hook, or change p.grad after the DP "
+                "backward and before optimizer.step() (the change then applies to the clipped sum)."
+            )

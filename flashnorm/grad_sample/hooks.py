@@ -58,13 +58,16 @@ class LayerHooks:
             self._attach_forward_hooks()
 
     def _attach_forward_hooks(self) -> None:
+        """The capture hook goes before every other forward hook of the layer (``prepend``): the tap sees the
+        layer's own output, and a hook that changes it acts downstream of the tap, like any later op."""
         for layer in self.owner.hooked.layers:
             layer.handles.append(layer.module.register_forward_pre_hook(partial(self._enter_layer, layer)))
             if getattr(layer.rule, "needs_call", False):  # the fallback re-runs the whole call per sample
                 hook = partial(self._capture_forward_call, layer)
-                layer.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+                layer.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True, prepend=True))
             else:
-                layer.handles.append(layer.module.register_forward_hook(partial(self._capture_forward, layer)))
+                hook = partial(self._capture_forward, layer)
+                layer.handles.append(layer.module.register_forward_hook(hook, prepend=True))
 
     def _detach_forward_hooks(self) -> None:
         for layer in self.owner.hooked.layers:

@@ -32,7 +32,7 @@ from ..kernels.backend import resolve_backend
 from ..norms.planner import ALGORITHMS, resolve_norm_method
 from ..parallelism import parallelism_of, reduces_in_backward
 from ..utils.privacy_parameters import PrivacyParameters, privacy_attribute
-from .capture import HookedModel, hook_model, scale_rows
+from .capture import HookedModel, hook_model, refuse_parameter_hooks, scale_rows
 from .config import StepConfig
 from .hooks import LayerHooks
 from .loss_check import NON_FINITE_LOSS, FiniteLossCheck
@@ -107,6 +107,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             backend, norm_algorithm, forced, writer or self.writer_class(), batch_first=batch_first,
             distributed=self.distributed, packs_per_sample_grads=self.packs_per_sample_grads,
         )
+        self._parameter_names = {id(p): name for name, p in m.named_parameters()}
         self._all_parameters = list(m.parameters())
         self.trainable_parameters = [p for p in self._all_parameters if p.requires_grad]
         self._flags_at_discovery = self._trainable_flags()
@@ -267,6 +268,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 clip = self.privacy.clip_bound()
                 step = self._checked_step(loss_per_sample, finite=self.distributed)
                 self._check_trainable_unchanged()
+                refuse_parameter_hooks(self.trainable_parameters, self._parameter_names)
             step.graph_capture = capturing
             params = self.trainable_parameters
             prior, iterations = (None, 0) if capturing else take_pending_clipped_sum(params)

@@ -25,6 +25,17 @@ def _count_accumulations(model):
     return counts
 
 
+def _count_accumulator_runs(model):
+    """Counts the runs of the parameters' gradient accumulators through hooks on autograd's AccumulateGrad nodes
+    (kept alive here), for the DP loss's backward, which refuses parameters with hooks of their own."""
+    counts = {"n": 0, "nodes": []}
+    for p in model.parameters():
+        node = p.view_as(p).grad_fn.next_functions[0][0]
+        node.register_hook(lambda *_: counts.__setitem__("n", counts["n"] + 1))
+        counts["nodes"].append(node)
+    return counts
+
+
 @pytest.mark.parametrize("kind", ["linear3d", "conv2d", "embedding", "layernorm", "dp_mha", "fallback"])
 def test_norm_pass_computes_no_parameter_gradient(kind):
     model, x, y = build(kind, 37)
@@ -42,7 +53,7 @@ def test_norm_pass_computes_no_parameter_gradient(kind):
 def test_one_pass_backward_computes_no_parameter_gradient(kind, method):
     model, x, y = build(kind, 37)
     gsm, opt, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model, norm_method=method)
-    counts = _count_accumulations(model)
+    counts = _count_accumulator_runs(model)
     criterion(gsm(x), y).backward()
     assert counts["n"] == 0, "autograd accumulated a parameter gradient during the one-pass backward"
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
