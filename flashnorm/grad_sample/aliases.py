@@ -32,6 +32,10 @@ import torch
 import torch.nn as nn
 
 
+#: The attribute an alias carries: the parameter (or counterpart) it stands for.
+ALIAS_OF = "_flashnorm_alias_of"
+
+
 class _AliasCache(dict):
     """id(p) → (p, a_p); a deep copy of a wrapped model starts with none (its parameters are new tensors)."""
 
@@ -71,7 +75,29 @@ class ParameterAliases:
                 if current is not None and (current is p or current is self.original(p)):
                     module._parameters[name] = self._alias(current)
                     swapped.append((module, name, current))
+                elif self._replaced(current, p):
+                    self._entered.pop(key, None)
+                    for undo_module, undo_name, original in swapped:
+                        undo_module._parameters[undo_name] = original
+                    _refuse_replaced(module, name)
             self._swapped[key] = swapped
+
+    def check_registrations(self) -> None:
+        """Raises when a registration holds another ``nn.Parameter`` than the one wrapped (see :meth:`enter`); for
+        steps whose hooks are detached (one sample), where :meth:`enter` does not run."""
+        for slots in self._slots.values():
+            for module, name, p in slots:
+                current = module._parameters.get(name)
+                if current is not p and current is not self.original(p) and self._replaced(current, p):
+                    _refuse_replaced(module, name)
+
+    def _replaced(self, current, p: nn.Parameter) -> bool:
+        """``current``, found where ``p`` is registered, is another ``nn.Parameter``: neither p, its counterpart nor
+        an alias of either (another wrapper of the same model points the registration to its alias)."""
+        if not isinstance(current, nn.Parameter):
+            return False  # (functional_call's tensors)
+        aliased = getattr(current, ALIAS_OF, None)
+        return aliased is None or (aliased is not p and aliased is not self.original(p))
 
     def leave(self, key) -> None:
         """Points the layer's registrations back to the parameters (at the layer's forward hook)."""
@@ -110,6 +136,7 @@ class ParameterAliases:
             if alias.data_ptr() == p.data_ptr() and alias.shape == p.shape and alias.dtype == p.dtype:
                 return alias
         alias = nn.Parameter(p.detach(), requires_grad=True)
+        setattr(alias, ALIAS_OF, p)
         alias.register_post_accumulate_grad_hook(self._mover(p))
         self._cache[id(p)] = (p, alias)
         return alias
@@ -127,6 +154,15 @@ class ParameterAliases:
                 p.grad.add_(grad)
 
         return move
+
+
+def _refuse_replaced(module: nn.Module, name: str) -> None:
+    raise RuntimeError(
+        f"{type(module).__name__}.{name} is no longer the parameter make_private wrapped: it was replaced (e.g. by "
+        "load_state_dict(..., assign=True), or by assigning a new nn.Parameter), and the DP optimizer still holds the "
+        "old one, so a step would not train the model. Load with assign=False (the default copies the values into "
+        "the wrapped parameters), or call make_private again with the model's new parameters."
+    )
 
 
 def registrations(modules: List[nn.Module], params: List[nn.Parameter]) -> List[Tuple[nn.Module, str, nn.Parameter]]:

@@ -28,6 +28,7 @@ import torch.utils.checkpoint as checkpoint
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.validators import ModuleValidator
 
+from ..kernels import multi_tensor
 from ..kernels.backend import resolve_backend
 from ..norms.planner import ALGORITHMS, resolve_norm_method
 from ..parallelism import parallelism_of, reduces_in_backward
@@ -177,7 +178,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     def current_step(self) -> ClippingStep:
         """The step in progress; a new one when a layer captures outside the wrapper's forward."""
         if self.step is None:
-            self.step = self._start_step(None, None)
+            self.step = self._start_step(None, None, from_forward=False)
         return self.step
 
     # -- the forward ------------------------------------------------------------------------------------
@@ -194,6 +195,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         single = last is not None and leading == last[0] == last[1] == 1 and not self.distributed
         self.step = self._start_step(leading, 1 if single else None)
         self.hooks.park(single)
+        if single:  # (the layers' pre-hooks, which check their parameters, are detached)
+            self.hooked.aliases.check_registrations()
         with self.hooks.in_forward():
             # A non-reentrant checkpointed region must be recomputed to its end: its layers' inputs are captured
             # there (early stop would skip the layers after the last tensor autograd itself needs).
@@ -206,9 +209,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             step.last_layer_output = None
         return output
 
-    def _start_step(self, leading: Optional[int], batch_size: Optional[int]) -> ClippingStep:
+    def _start_step(self, leading: Optional[int], batch_size: Optional[int], from_forward: bool = True) -> ClippingStep:
         self._steps_started += 1
-        return ClippingStep(self._steps_started, self.hooked, self.config, leading, batch_size)
+        return ClippingStep(self._steps_started, self.hooked, self.config, leading, batch_size, from_forward)
 
     def _follow_requires_grad(self) -> None:
         """Re-discovers the hooked layers when ``requires_grad`` changed since the last step (progressive
@@ -257,6 +260,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 the host while the backward is issued and read at its end (under DDP/FSDP first, before any
                 collective), so the GPU never drains mid-step.
         """
+        loss_per_sample = _one_per_sample(loss_per_sample)
         with phase(CLIPPED_BACKWARD):
             capturing = loss_per_sample.is_cuda and torch.cuda.is_current_stream_capturing()
             if capturing and self.distributed:
@@ -304,6 +308,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def compute_clipping_coef(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
         """The norm pass alone: per-sample norms from every hooked layer → c: [B] (no gradient written)."""
+        loss_per_sample = _one_per_sample(loss_per_sample)
         step = self._checked_step(loss_per_sample, finite=True)
         self._record(step.norm_pass(loss_per_sample, self.trainable_parameters))
         return self.get_clipping_coef()
@@ -312,7 +317,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         """After :meth:`compute_clipping_coef`: writes Σ_b c_b ∇ℓ_b into ``p.grad`` (zeros where unused)."""
         step = self.current_step()
         try:
-            step.write(loss_per_sample, coef)
+            step.write(_one_per_sample(loss_per_sample), coef)
             self._fill_unused_gradients()
         finally:
             self._finish(step)
@@ -380,12 +385,24 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         """Per-sample gradient norms ‖g_b‖ of the last norm pass (or plain backward): [B]."""
         step = self.step
         if step is not None and step.state is StepState.PLAIN_BACKWARD:
-            self._record(step.plain_backward_norms())
+            self._record(self._as_opacus_norms(step.plain_backward_norms(), step.batch_size or 0))
+        elif step is not None and step.single_sample and step.state is StepState.CAPTURED:
+            grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
+            if grads:  # a plain backward of one sample: its gradient is the sample's own
+                self._record(NormRecord(multi_tensor.squared_norm(grads, backend=self.backend)))
         if self.last_norms is None:
             raise AttributeError("No norms yet: call backward on the loss from the DP criterion first.")
         norms = self.last_norms.norms()
         self.per_sample_gradient_norms = norms
         return norms
+
+    def _as_opacus_norms(self, norms: NormRecord, batch: int) -> NormRecord:
+        """A plain backward's norms as Opacus defines them, ‖∇ℓ_b‖ whatever ``loss_reduction``: a ``mean`` loss's
+        gradient is each sample's over B."""
+        if self.loss_reduction != "mean" or batch <= 1:
+            return norms
+        bound = None if norms.bound is None else norms.bound * batch
+        return NormRecord(norms.norm_sq * batch**2, bound)
 
     def get_clipping_coef(self) -> torch.Tensor:
         """c_b = min(1, C / (‖g_b‖ + 1e-6), (1 + τ)·C / U_b) (:func:`flashnorm.norms.rounding.clipping_coef`): [B]."""
@@ -404,6 +421,13 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     @per_sample_gradient_norms.setter
     def per_sample_gradient_norms(self, value: torch.Tensor) -> None:
         self._per_sample_gradient_norms = value
+
+
+def _one_per_sample(loss_per_sample: torch.Tensor) -> torch.Tensor:
+    """A per-sample loss [B, 1] (a criterion that keeps a trailing dimension) as [B]; anything else as it is."""
+    if loss_per_sample.dim() == 2 and loss_per_sample.shape[1] == 1:
+        return loss_per_sample.view(-1)
+    return loss_per_sample
 
 
 class GradSampleModuleFastGradientClipping(FlashNormGradSampleModule):

@@ -71,16 +71,18 @@ class ClippingStep:
         leading_batch_size: the batch size of the forward's first argument, if it is a tensor.
         batch_size: the layers' batch size when known in advance (a trusted step of one sample), else ``None``
             (the first hooked layer tells).
+        from_forward: made by the wrapper's training forward (``False``: by a hooked layer called outside it).
     """
 
     def __init__(self, number: int, hooked: HookedModel, config: StepConfig, leading_batch_size: Optional[int] = None,
-                 batch_size: Optional[int] = None):
+                 batch_size: Optional[int] = None, from_forward: bool = True):
         self.number = number
         self.hooked = hooked
         self.config = config
         self.leading_batch_size = leading_batch_size
         self.batch_size = batch_size
         self.state = StepState.CAPTURED
+        self.from_forward = from_forward  # made by the wrapper's training forward (else by a layer called directly)
         self.captures: List[Optional[LayerCapture]] = [None] * len(hooked.layers)
         #: A hooked layer ran under ``no_grad`` inside this training forward: reentrant activation checkpointing,
         #: which captures it when the backward recomputes it (the norm pass then runs as a full backward).
@@ -193,6 +195,22 @@ class ClippingStep:
             RuntimeError: no training forward captured this step, or its loss was back-propagated already.
             ValueError: the loss's shape.
         """
+        if self.state is StepState.PLAIN_BACKWARD:
+            raise RuntimeError(
+                "This forward was already back-propagated by a backward other than the DP loss's (a plain "
+                "loss.backward(), or torch.autograd.grad through the model, e.g. an input-gradient penalty): its "
+                "gradient would not be clipped per sample. The DP loss's backward must be the only backward of a "
+                "forward; run the forward again."
+            )
+        if self.batch_size is None and self.recomputes_layers and self.state is StepState.CAPTURED:
+            self.batch_size = loss_per_sample.shape[0]  # every layer runs inside reentrant checkpointing
+        if self.batch_size is None and self.from_forward and self.state is StepState.CAPTURED:
+            raise RuntimeError(
+                f"The model's training forward ran none of its hooked layers ({', '.join(l.name for l in self.layers[:5])}"
+                f"{', ...' if len(self.layers) > 5 else ''}): its trainable parameters are read outside a module's own "
+                "forward (e.g. an nn.ParameterList or nn.Parameter used directly in forward), which FlashNorm cannot "
+                "clip per sample. Hold them in layers (nn.Linear, nn.Embedding, ...) or use grad_sample_mode='hooks'."
+            )
         if self.batch_size is None or self.state is not StepState.CAPTURED:
             raise RuntimeError(
                 "No captured forward pass for this loss: run the wrapped model's forward in training mode "
@@ -235,6 +253,9 @@ class ClippingStep:
         self.terms = NormTerms(config, hooked, self.packed, partial(writer.keep, self.kept))
         try:
             self.reached_taps = False
+            if not loss_per_sample.requires_grad:
+                raise RuntimeError(_UNREACHED_CHECKPOINTED_LAYERS if self.recomputes_layers else (
+                    "The DP loss does not require grad: no trainable parameter of the wrapped model reaches it."))
             if self.recomputes_layers:
                 outside = self._full_norm_pass(loss_per_sample, trainable_parameters)
             else:
@@ -244,6 +265,8 @@ class ClippingStep:
                     loss_per_sample.sum(), taps + params, allow_unused=True, retain_graph=writer.retains_graph
                 )
                 outside = [p for p, grad in zip(params, grads[len(taps):]) if grad is not None]
+            if self.recomputes_layers and not self.reached_taps:
+                raise RuntimeError(_UNREACHED_CHECKPOINTED_LAYERS)
             if hooked.taps and not self.reached_taps:
                 # The loss reaches no gradient tap: it was built from a forward that captured nothing (eval mode,
                 # hooks disabled) while a training forward's captures wait unused; its norms would read 0.
@@ -332,6 +355,14 @@ class ClippingStep:
         """The writer adds Σ_b c_b ∇ℓ_b into ``p.grad``."""
         self.state = StepState.WRITING
         self.config.writer.write(self, loss_per_sample, coef, self.config.backend)
+
+
+_UNREACHED_CHECKPOINTED_LAYERS = (
+    "No gradient reached the model's layers: they run inside reentrant activation checkpointing "
+    "(torch.utils.checkpoint with use_reentrant=True) whose inputs do not require grad, so autograd skips them. Use "
+    "use_reentrant=False (Hugging Face: gradient_checkpointing_kwargs={'use_reentrant': False}), or make an input of "
+    "each checkpointed block require grad."
+)
 
 
 def _losses_and_norms(loss_per_sample: torch.Tensor, norms: NormRecord) -> torch.Tensor:
