@@ -6,17 +6,18 @@ the others; with r guesses of which v are right, a mechanism that is (ε, δ)-DP
 Each function below turns the scores into the largest ε that such a mechanism is shown, at the given
 significance, **not** to satisfy: a statistically valid lower bound ε̂ on the ε the run really has.
 
-* :func:`epsilon_one_run`: Steinke, Nasr and Jagielski, "Privacy Auditing with One (1) Training Run"
-  (NeurIPS 2023, arXiv:2305.08846): if the canaries were included independently with probability ½, the
-  number of right guesses of an (ε, 0)-DP mechanism is dominated by Binomial(r, e^ε / (1 + e^ε)); δ > 0
-  adds a term of order 2mδ (their bound for approximate DP).
-* :func:`epsilon_one_run_fdp`: Mahloujifar, Melis and Chaudhuri, "Auditing f-Differential Privacy in One
-  Run" (ICML 2025, arXiv:2410.22235): the same experiment tested against the whole trade-off curve of the
-  Gaussian mechanism that has the claimed (ε, δ), which is much tighter for DP-SGD, whose curve is Gaussian.
+* [epsilon_one_run][flashnorm.auditing.bounds.epsilon_one_run]: Steinke, Nasr and Jagielski, "Privacy
+  Auditing with One (1) Training Run" (NeurIPS 2023, arXiv:2305.08846). If the canaries were included
+  independently with probability ½, the number of right guesses of an (ε, 0)-DP mechanism is dominated by
+  Binomial(r, e^ε / (1 + e^ε)); δ > 0 adds a term of order 2mδ (their bound for approximate DP).
+* [epsilon_one_run_fdp][flashnorm.auditing.bounds.epsilon_one_run_fdp]: Mahloujifar, Melis and Chaudhuri,
+  "Auditing f-Differential Privacy in One Run" (ICML 2025, arXiv:2410.22235). The same experiment, tested
+  against the whole trade-off curve of the Gaussian mechanism that has the claimed (ε, δ): much tighter for
+  DP-SGD, whose curve is close to Gaussian.
 
-**Which thresholds.** Choosing t after looking at the scores is a multiple test. The default, ``correction=
-"grid"``, tests the guess sets "the r highest scores" for r on a fixed geometric grid (every r up to 10,
-then r growing by 10% a step; about 100 values for 20,000 canaries) and divides the significance by the
+**Which thresholds.** Choosing t after looking at the scores is a multiple test. The default,
+``correction="grid"``, tests the guess sets "the r highest scores" for r on a fixed geometric grid (every r up to
+10, then r growing by 10% a step; about 100 values for 20,000 canaries) and divides the significance by the
 number of grid values (Bonferroni). The grid depends on the number of canaries only, so the bound is valid.
 ``"hull"`` is JAX
 Privacy's convention (its ``CanaryScoreAuditor``): it tests the vertices of the ROC curve's upper convex hull
@@ -235,7 +236,8 @@ def _gaussian_delta(mu: float, eps: float) -> float:
 def gaussian_mu_for_epsilon(epsilon: float, delta: float) -> float:
     """The μ of the Gaussian mechanism that is exactly (ε, δ)-DP (Balle and Wang 2018, analytic Gaussian).
 
-    Its trade-off curve f_μ(x) = Φ(Φ⁻¹(1 − x) − μ) is the curve :func:`epsilon_one_run_fdp` tests.
+    Its trade-off curve f_μ(x) = Φ(Φ⁻¹(1 − x) − μ) is the curve that
+    [epsilon_one_run_fdp][flashnorm.auditing.bounds.epsilon_one_run_fdp] tests.
     """
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1) for a Gaussian curve, got {delta}.")

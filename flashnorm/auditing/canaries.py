@@ -1,11 +1,12 @@
-"""White-box canaries that audit a real DP training run (Steinke, Nasr and Jagielski 2023, §6 "gradient canaries").
+"""White-box canaries that audit a real DP training run (the "gradient canaries" of Steinke, Nasr and Jagielski 2023).
 
-[CanaryAudit][flashnorm.auditing.canaries.CanaryAudit] adds m canaries to a classification run: each is a
-training example of its own, included in the training set independently with probability ½, whose gradient is
-C·(…)·e_i on a coordinate i of a *canary head* that no data example touches. Clipping makes every canary's
-contribution exactly C·e_i, so a canary moves its own coordinate by lr·C / B each step it is sampled, plus the
-step's noise, and nothing else moves it. Each canary's score is its coordinate's total movement; the scores of the
-canaries that were in and of those that were out give the lower bounds ε̂ of :mod:`flashnorm.auditing.bounds`.
+[CanaryAudit][flashnorm.auditing.canaries.CanaryAudit] adds m canaries to a classification run. Each is a
+training example of its own, included in the training set independently with probability ½, whose gradient lies
+on one coordinate i of a *canary head* that no data example touches, with a norm far above C. Clipping makes every
+canary's contribution exactly C·e_i, so a canary moves its own coordinate by lr·C / B each step it is sampled,
+plus the step's noise, and nothing else moves it. Each canary's score is its coordinate's total movement; the
+scores of the canaries that were in and of those that were out give the lower bounds ε̂ of
+[bounds][flashnorm.auditing.bounds].
 
 The run goes through the real pipeline: your loader (Poisson sampling by ``make_private``), your model (wrapped),
 FlashNorm's or Opacus's clipping, the DP optimizer's noise and the engine's accountant. Only the canaries are added:
@@ -147,9 +148,9 @@ class AuditResult:
 
     def __str__(self) -> str:
         claim = "—" if self.epsilon is None else f"{self.epsilon:.3f}"
-        return (f"ε (accountant) = {claim}, ε̂ one-run = {self.epsilon_lower:.3f}, ε̂ f-DP = "
-                f"{self.epsilon_lower_fdp:.3f} (δ = {self.delta:g}, significance {self.significance:g}); "
-                f"AUROC {self.auroc:.3f}, TPR at 1% FPR {self.tpr_at_1pct_fpr:.3f}; "
+        return (f"ε (accountant) {claim}, ε̂ one-run {self.epsilon_lower:.3f}, ε̂ f-DP {self.epsilon_lower_fdp:.3f} "
+                f"(δ = {self.delta:g}, significance {self.significance:g})\n"
+                f"AUROC {self.auroc:.3f}, TPR at 1% FPR {self.tpr_at_1pct_fpr:.3f}, "
                 f"{len(self.in_scores)} canaries in, {len(self.out_scores)} out")
 
 
@@ -207,7 +208,8 @@ class CanaryAudit:
             delta: the δ at which to bound ε (use the δ you report ε at).
             epsilon: the accountant's ε at ``delta``, e.g. ``engine.get_epsilon(delta)``, to compare with.
             significance: the bounds' significance level.
-            scores: other scores for the canaries, [m] (default: [scores][flashnorm.auditing.canaries.CanaryAudit.scores]).
+            scores: other scores for the canaries, [m]; default: each canary's movement
+                ([scores][flashnorm.auditing.canaries.CanaryAudit.scores]).
         """
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}.")
