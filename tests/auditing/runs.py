@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from opacus.accountants import create_accountant
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from scipy.special import logsumexp
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -170,8 +171,9 @@ def shuffle_scores(run: Run, noise_multiplier: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Case:
-    """A distributed run. ``kind``: ``"ddp"`` or ``"fsdp"`` (FlashNorm's distributed path, correct), or the broken
-    ``"every_rank"`` (each rank adds the full noise σ·C) and ``"shares"`` (each rank adds a share σ·C / W)."""
+    """A distributed run. ``kind``: ``"ddp"``, ``"fsdp"`` or ``"dpddp"`` (the module wrapped with PyTorch's DDP,
+    FlashNorm's FSDP2Wrapper or Opacus's DPDDP; correct), or the broken ``"every_rank"`` (each rank adds the full
+    noise σ·C) and ``"shares"`` (each rank adds a share σ·C / W)."""
 
     name: str
     kind: str
@@ -188,8 +190,11 @@ def _distributed_run(case: Case, world: int) -> Dict:
     sigma = noise_for(case.epsilon)
     audit, model, dataset = setup(case.seed)
     engine = PrivacyEngine()
-    if case.kind in ("ddp", "fsdp"):
-        wrapped = DDP(model) if case.kind == "ddp" else FSDP2Wrapper(model, mesh=init_device_mesh("cpu", (world,)))
+    if case.kind in ("ddp", "fsdp", "dpddp"):
+        if case.kind == "fsdp":
+            wrapped = FSDP2Wrapper(model, mesh=init_device_mesh("cpu", (world,)))
+        else:
+            wrapped = DDP(model) if case.kind == "ddp" else DPDDP(model)
         model, optimizer, criterion, loader = private(engine, wrapped, loader_for(dataset), case.mode, sigma, CLIP,
                                                       case.seed + 1)
         trace = train(audit, model, optimizer, criterion, loader)
@@ -233,6 +238,9 @@ def launch(cases: List[Case], world: int, tmp_dir: str) -> Dict[str, Dict]:
     """Runs ``cases`` on ``world`` forked gloo ranks; rank 0's results by case name."""
     import torch.multiprocessing as mp
 
+    if dist.is_initialized():
+        raise RuntimeError("launch forks its ranks: call it from a process that has no process group of its own.")
+    os.makedirs(tmp_dir, exist_ok=True)
     mp.start_processes(_rank_main, args=(world, os.path.join(tmp_dir, "init"), tmp_dir, cases), nprocs=world,
                        join=True, start_method="fork")
     return torch.load(os.path.join(tmp_dir, "rank0.pt"), weights_only=False)
