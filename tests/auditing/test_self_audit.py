@@ -5,9 +5,14 @@ are far from vacuous (ε̂ f-DP ≥ ε / 4). Broken pipelines, built in ``runs.p
 they report. Runs and seeds are those of the docs table (``python -m tests.auditing.report``).
 """
 
+import pathlib
+import re
+
 import pytest
 
 from tests.auditing import runs
+
+PAGE = pathlib.Path(__file__).resolve().parents[2] / "docs" / "auditing.md"
 
 # Opacus's PRV accountant warns (log of 0) at q = ½ on the edge of its domain; its ε is unaffected.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
@@ -35,3 +40,12 @@ def test_broken_pipeline_gives_a_lower_bound_above_its_reported_epsilon(variant,
     result = BROKEN[variant]("flash_fuse", epsilon).result()
     assert result.epsilon == pytest.approx(epsilon, rel=0.02)  # what the broken pipeline reports
     assert result.epsilon_lower_fdp > result.epsilon, result
+
+
+def test_the_docs_walkthrough_runs_as_written(capsys):
+    code = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)[0]
+    namespace = {}
+    exec(compile(code, str(PAGE), "exec"), namespace)  # noqa: S102 - our own documentation
+    result = namespace["result"]
+    assert "ε̂ f-DP" in capsys.readouterr().out
+    assert result.passed and result.epsilon_lower_fdp > result.epsilon / 4, result
