@@ -41,6 +41,7 @@ CLIP = 1.0
 LR = 1.0
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 MODES = ("ghost", "flash", "flash_fuse")
+DISTRIBUTED_MODES = {"ddp": MODES, "fsdp": ("ghost_fsdp", "flash_fsdp", "flash_fuse_fsdp")}
 EXAMPLES = 256
 
 

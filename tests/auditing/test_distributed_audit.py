@@ -1,5 +1,6 @@
-"""The library audits itself on 2 gloo ranks: DDP (``flash_fuse``) and FSDP2 (``flash_fuse_fsdp``) at ε ≈ 1, 2, 4, 8
-give ε̂ ≤ ε; noise added on every rank instead of once is built in ``runs.py`` in its two forms.
+"""The library audits itself on 2 gloo ranks: every clipping mode under DDP (``ghost``, ``flash``, ``flash_fuse``) and
+FSDP2 (``ghost_fsdp``, ``flash_fsdp``, ``flash_fuse_fsdp``) at ε ≈ 1, 2, 4, 8 gives ε̂ ≤ ε; noise added on every
+rank instead of once is built in ``runs.py`` in its two forms.
 
 * Every rank adds the full noise σ·C and the ranks average: the noise is √W·σ·C, *more* than the accountant assumes,
   so the run is more private than reported and the audit, rightly, stays below ε (and below the correct run's ε̂).
@@ -15,7 +16,7 @@ from tests.auditing import runs
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 
 CORRECT = [runs.Case(f"{kind}-{mode}-eps{eps:g}", kind, mode, eps)
-           for kind, mode in (("ddp", "flash_fuse"), ("fsdp", "flash_fuse_fsdp")) for eps in runs.EPSILONS]
+           for kind, modes in runs.DISTRIBUTED_MODES.items() for mode in modes for eps in runs.EPSILONS]
 EVERY_RANK = runs.Case("every-rank-full-noise", "every_rank", "flash_fuse", 2.0)
 SHARES = runs.Case("every-rank-noise-share-8-ranks", "shares", "flash_fuse", 2.0)
 
@@ -37,7 +38,8 @@ def test_distributed_audit_stays_below_the_accountant(two_ranks, case):
 
 def test_full_noise_on_every_rank_is_more_noise_not_a_leak(two_ranks):
     result = runs.distributed_result(EVERY_RANK, two_ranks[EVERY_RANK.name])
-    correct = runs.distributed_result(CORRECT[1], two_ranks[CORRECT[1].name])  # DDP at the same ε ≈ 2
+    same = next(c for c in CORRECT if (c.kind, c.mode, c.epsilon) == ("ddp", EVERY_RANK.mode, EVERY_RANK.epsilon))
+    correct = runs.distributed_result(same, two_ranks[same.name])
     assert result.epsilon_lower_fdp <= result.epsilon
     assert result.epsilon_lower_fdp < correct.epsilon_lower_fdp
 
