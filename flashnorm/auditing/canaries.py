@@ -143,7 +143,8 @@ class AuditResult:
 
     @property
     def passed(self) -> bool:
-        """Both lower bounds at most the accountant's ε (``True`` when no ε was given)."""
+        """Both lower bounds at most the accountant's ε (``True`` when no ε was given). Each bound fails a correct
+        pipeline with probability at most ``significance``, so both together at most twice that."""
         return self.epsilon is None or max(self.epsilon_lower, self.epsilon_lower_fdp) <= self.epsilon
 
     def __str__(self) -> str:
