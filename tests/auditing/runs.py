@@ -199,7 +199,7 @@ def _distributed_run(case: Case, world: int) -> Dict:
         model, optimizer, criterion, loader = private(engine, wrapped, loader_for(dataset), case.mode, sigma, CLIP,
                                                       case.seed + 1)
         trace = train(audit, model, optimizer, criterion, loader)
-        return {"trace": trace, "claimed": engine.get_epsilon(DELTA)}
+        return {"trace": trace, "claimed": engine.get_epsilon(DELTA) if rank == 0 else None}  # rank 0's is read
     # Broken: every rank runs the single-process pipeline on its rows and adds noise itself; the ranks average their
     # parameters after each step (the mean of their updates, as DDP's averaged gradients would give).
     shares = {"every_rank": 1.0, "shares": 1.0 / world}[case.kind]
