@@ -258,7 +258,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                     "need the host): run distributed steps eagerly."
                 )
             with phase(CHECKS):
-                clip = self.privacy.clip_bound()
+                clip = self.privacy.pin()
                 step = self._checked_step(loss_per_sample, finite=self.distributed)
                 self._check_trainable_unchanged()
             step.graph_capture = capturing

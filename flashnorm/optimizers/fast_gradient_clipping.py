@@ -74,6 +74,8 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             expected_batch_size=expected_batch_size, **kwargs,
         )
         self._step_iterations: Optional[int] = None
+        # σ and C are fixed from a step's first clipped backward until the step (PrivacyParameters.pin)
+        self.privacy.attach_step(self.gradients_waiting)
 
     noise_multiplier = privacy_attribute("noise_multiplier", "σ (Opacus's noise schedulers set it between steps).")
     max_grad_norm = privacy_attribute("max_grad_norm", "C (Opacus's clipping schedulers set it between steps).")
@@ -112,6 +114,16 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             raise RuntimeError(f"Parameters' gradients sum different numbers of clipped backward passes: {sorted(counts)}.")
         return counts.pop() if counts else 1
 
+    def gradients_waiting(self) -> bool:
+        """Whether clipped gradients wait for the next step: a clipped sum in some ``p.grad`` not yet used by a step,
+        or the sums that skipped (virtual) steps accumulated."""
+        for p in trainable_params(self):
+            if p.grad is not None and clipped_iterations(p) is not None:
+                return True
+            if self._is_last_step_skipped and getattr(p, "summed_grad", None) is not None:
+                return True
+        return False
+
     @property
     def params(self):
         """The trainable parameters of every group (Opacus's list), built once per ``step``."""
@@ -123,8 +135,9 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
         list for the whole step and the noise and scaling fused."""
         self._step_params = trainable_params(self)
         try:
-            # σ and C may have been changed since construction (Opacus's noise and clipping schedulers).
-            self.privacy.check()
+            # σ and C may have been changed since construction (Opacus's noise and clipping schedulers), but not
+            # since the first clipped backward of the gradients this step applies.
+            self.privacy.check_for_step()
             self._step_iterations = self._clipped_iterations()
             self.accumulate()
             if self._check_skip_next_step():
@@ -133,6 +146,7 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
                     _mark_as_processed(p.grad)
                 return False
             self.add_noise_and_scale_grad()
+            self.privacy.release()
             if self.step_hook:
                 self.step_hook(self)
             self._is_last_step_skipped = False

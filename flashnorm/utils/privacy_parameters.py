@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Callable, Optional, Tuple
 
 
 class PrivacyParameters:
@@ -12,6 +14,14 @@ class PrivacyParameters:
     clipping schedulers change them between steps), and the grad-sample module reads C from here when it clips, so
     the coefficient and the noise use the same C. Values are checked where they are used (:meth:`check`), so a
     scheduler that sets an invalid one makes the next step fail before any parameter changes.
+
+    σ and C are fixed from the first clipped backward pass of a logical step until the ``optimizer.step()`` that
+    applies it (:meth:`pin`, :meth:`check_for_step`, :meth:`release`): a change in between (between a backward and
+    its step, between the micro-batches of gradient accumulation, across skipped or virtual steps) raises
+    ``RuntimeError`` at the next backward or step, before anything changes, instead of noising a sum clipped with
+    another C. Changes between logical steps (after the step, as Opacus's schedulers make them) take effect at the
+    next clipped backward. The pin is held only once an optimizer :meth:`attach_step`-ed itself; a pin whose
+    gradients were discarded (``zero_grad``, ``p.grad = None``) is stale and gives way to the current values.
 
     Args:
         noise_multiplier: σ (a finite number ≥ 0).
@@ -25,6 +35,9 @@ class PrivacyParameters:
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.check()
+        #: (σ, C) that the clipped gradients waiting for the next step were computed with; None when none wait.
+        self.pinned: Optional[Tuple[float, float]] = None
+        self._waiting: Optional[Callable[[], Optional[Callable[[], bool]]]] = None  # weak ref to the step's probe
 
     def check(self) -> None:
         """Raises ``ValueError`` unless σ is a finite number ≥ 0 and C a finite number > 0.
@@ -44,6 +57,65 @@ class PrivacyParameters:
         """C, checked (with σ) as it is about to be used."""
         self.check()
         return float(self.max_grad_norm)
+
+    def attach_step(self, gradients_waiting: Callable[[], bool]) -> None:
+        """Called by the DP optimizer that steps with these parameters: ``gradients_waiting()`` says whether clipped
+        gradients wait for its next step (held by weak reference). From then on :meth:`pin` fixes σ and C."""
+        self._waiting = weakref.WeakMethod(gradients_waiting) if hasattr(gradients_waiting, "__self__") else (
+            lambda: gradients_waiting)
+        self.pinned = None
+
+    def _gradients_waiting(self) -> bool:
+        probe = self._waiting() if self._waiting is not None else None
+        return bool(probe is not None and probe())
+
+    def pin(self) -> float:
+        """C for a clipped backward pass, checked; the first clipped backward of a logical step pins (σ, C).
+
+        Raises:
+            ValueError: an invalid σ or C (:meth:`check`).
+            RuntimeError: σ or C differs from the values the gradients already accumulated for this step were
+                clipped with (before the backward changes anything).
+        """
+        self.check()
+        current = (self.noise_multiplier, self.max_grad_norm)
+        if self._waiting is not None and self.pinned != current:
+            if self.pinned is not None and self._gradients_waiting():
+                raise self._changed("this clipped backward pass")
+            self.pinned = current
+        return float(self.max_grad_norm)
+
+    def check_for_step(self) -> None:
+        """Before ``optimizer.step()`` changes anything: :meth:`check`, and σ and C must be the pinned ones.
+
+        Raises:
+            ValueError: an invalid σ or C.
+            RuntimeError: σ or C changed since the first clipped backward of the step's gradients.
+        """
+        self.check()
+        if self.pinned is not None and self.pinned != (self.noise_multiplier, self.max_grad_norm):
+            if self._gradients_waiting():
+                raise self._changed("optimizer.step()")
+            self.pinned = None  # stale: the gradients it was for were discarded
+
+    def release(self) -> None:
+        """The step applied the pinned values (or the gradients were discarded): σ and C may change again."""
+        self.pinned = None
+
+    def _changed(self, where: str) -> RuntimeError:
+        (sigma, clip), now = self.pinned, (self.noise_multiplier, self.max_grad_norm)
+        changed = " and ".join(
+            f"{name} from {old!r} to {new!r}"
+            for name, old, new in (("max_grad_norm", clip, now[1]), ("noise_multiplier", sigma, now[0]))
+            if old != new
+        )
+        return RuntimeError(
+            f"{where} refused: {changed} since the first clipped backward pass of this logical step. The gradients "
+            f"accumulated for it were clipped with C = {clip!r} and the step's noise must be sized for that C "
+            f"(σ = {sigma!r}); mixing them would let a sample count more than the noise covers. Change σ and C only "
+            "between logical steps (after the optimizer.step() that applies them, as Opacus's schedulers do), or "
+            "set them back; no parameter has changed."
+        )
 
     def __repr__(self) -> str:
         return f"PrivacyParameters(noise_multiplier={self.noise_multiplier!r}, max_grad_norm={self.max_grad_norm!r})"
