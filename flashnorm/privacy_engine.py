@@ -186,6 +186,16 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction, **kwargs,
         )
 
+    def get_epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta``, from the accountant's history, for every accountant: 0 before any step, ``inf``
+        once any recorded step had σ = 0 (a step without noise has no finite guarantee), else Opacus's value. (Opacus's
+        GDP and PRV accountants raise in the first two cases.)"""
+        if not self.accountant.history:
+            return 0.0
+        if any(sigma == 0 for sigma, _, _ in self.accountant.history):
+            return float("inf")
+        return super().get_epsilon(delta)
+
     def _wrap_model(self, module, classes: ModeClasses, mode: Mode, *, batch_first, loss_reduction, max_grad_norm, wrap_model,
                     norm_method, backend):
         """Validates ``module`` (Opacus's validators) and wraps it with the mode's class and writer (or checks an

@@ -378,11 +378,10 @@ class DPTrainer(transformers.Trainer):
 
     # -- privacy accounting --------------------------------------------------------------------------
     def get_epsilon(self, delta: Optional[float] = None) -> float:
-        """ε spent so far at ``delta`` (default ``privacy_args.target_delta``), from the accountant's history."""
+        """ε spent so far at ``delta`` (default ``privacy_args.target_delta``), from the accountant's history (``inf``
+        once a step had σ = 0)."""
         if self.privacy_engine is None:
             return 0.0
-        if any(sigma == 0 for sigma, _, _ in self.privacy_engine.accountant.history):
-            return math.inf  # a step without noise has no finite guarantee (Opacus's accountants fail on σ = 0)
         return self.privacy_engine.get_epsilon(self.privacy_args.target_delta if delta is None else delta)
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
