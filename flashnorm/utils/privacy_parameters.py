@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Optional, Tuple
+import zlib
+from typing import Callable, Dict, Optional, Tuple, Union
 
 
 class PrivacyParameters:
@@ -120,6 +121,37 @@ class PrivacyParameters:
     def __repr__(self) -> str:
         return f"PrivacyParameters(noise_multiplier={self.noise_multiplier!r}, max_grad_norm={self.max_grad_norm!r})"
 
+
+
+def check_same_on_every_rank(values: Dict[str, Union[float, str]], device, hints: Optional[Dict[str, str]] = None
+                             ) -> None:
+    """Raises ``ValueError`` on every rank unless every rank passes the same ``values`` (numbers, or strings compared
+    by a CRC-32 of their text): one MAX all-reduce of a small float64 tensor [v, -v].
+
+    Args:
+        values: name → this rank's value (e.g. ``max_grad_norm``, ``grad_sample_mode``).
+        device: where the collective runs (the module's device; CPU for gloo).
+        hints: name → the fix, appended to the message when that value differs.
+    """
+    import torch
+    import torch.distributed as dist
+
+    names = list(values)
+    codes = [float(zlib.crc32(str(v).encode())) if isinstance(v, str) else float(v) for v in values.values()]
+    local = torch.tensor(codes, dtype=torch.float64, device=device)
+    both = torch.cat([local, -local])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    high, low = both[: len(names)].tolist(), (-both[len(names):]).tolist()
+    differing = []
+    for name, value, lo, hi in zip(names, values.values(), low, high):
+        if lo != hi:
+            seen = f"this rank: {value!r}" if isinstance(value, str) else f"from {lo!r} to {hi!r}"
+            differing.append(f"{name} differs across ranks ({seen})" + (f": {hints[name]}" if hints and name in hints else ""))
+    if differing:
+        raise ValueError(
+            "; ".join(differing) + ". Every rank must train with the same privacy parameters and the same step, or "
+            "the guarantee and the accountant's ε hold for none of them; no parameter has changed."
+        )
 
 
 def privacy_attribute(name: str, doc: str) -> property:
