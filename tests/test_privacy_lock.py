@@ -223,3 +223,13 @@ def test_the_pin_does_not_keep_the_optimizer_alive():
     gc.collect()
     assert ref() is None
     assert privacy.pin() == C  # no optimizer left: nothing to pin for
+
+
+def test_a_copy_of_the_wrapped_model_holds_the_values_not_the_pin():
+    import copy
+
+    private = make_private(probe(), "flash_fuse", clip=C)
+    _backward(private, *batch(3, seed=5))
+    twin = copy.deepcopy(private.model)
+    assert (twin.privacy.noise_multiplier, twin.privacy.max_grad_norm, twin.privacy.pinned) == (0.0, C, None)
+    assert private.optimizer.privacy.pinned == (0.0, C)

@@ -66,6 +66,10 @@ class PrivacyParameters:
             lambda: gradients_waiting)
         self.pinned = None
 
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy`` of a wrapped model, pickling) holds σ and C, not the pin or its optimizer."""
+        return {**self.__dict__, "_waiting": None, "pinned": None}
+
     def _gradients_waiting(self) -> bool:
         probe = self._waiting() if self._waiting is not None else None
         return bool(probe is not None and probe())
