@@ -28,22 +28,16 @@ from opacus.optimizers import DPOptimizer
 
 from .modes import Mode, get_mode
 from .utils.poisson import shared_poisson_loader
-from .utils.privacy_parameters import PrivacyParameters
+from .utils.privacy_parameters import PrivacyParameters, check_same_on_every_rank
 from .resolver import ModeClasses, resolve
 
 
-def _check_same_on_every_rank(name: str, value: float, device: torch.device) -> None:
-    """Raises unless every rank passes the same ``value`` (two small all-reduces)."""
-    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    low, high = -float(t[1]), float(t[0])
-    if low != high:
-        raise ValueError(
-            f"{name} differs across ranks (from {low} to {high}). The step divides by the expected global batch "
-            "size, so every rank must compute the same one: give every rank a data loader over the whole dataset "
-            "with the same batch size (the global batch size; Opacus's distributed Poisson loader samples each "
-            "rank's share)."
-        )
+#: The fix named when the ranks' expected batch sizes differ.
+_BATCH_HINT = (
+    "the step divides by the expected global batch size, so every rank must compute the same one: give every rank "
+    "a data loader over the whole dataset with the same batch size (the global batch size; Opacus's distributed "
+    "Poisson loader samples each rank's share)"
+)
 
 
 class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
@@ -93,7 +87,8 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             ValueError: unknown ``grad_sample_mode`` (the message lists the valid ones); a non-finite or
                 non-positive ``max_grad_norm``, a negative or non-finite ``noise_multiplier``; a criterion whose
                 reduction is not ``loss_reduction``; an ``_fsdp`` mode without an FSDP2 module or the reverse;
-                ranks that disagree on the expected batch size. All before the model is wrapped.
+                DDP/FSDP ranks that disagree on C, σ, the mode, the loss reduction, the sample rate or the expected
+                batch size (one small all-reduce; every rank raises). All before the model is wrapped.
         """
         mode = get_mode(grad_sample_mode)
         if criterion is None:
@@ -121,10 +116,6 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             raise ValueError("Module parameters are different than optimizer Parameters")
         classes = resolve(mode, module)
 
-        module = self._wrap_model(
-            module, classes, mode, batch_first=batch_first, loss_reduction=loss_reduction,
-            max_grad_norm=max_grad_norm, wrap_model=wrap_model, norm_method=norm_method, backend=backend,
-        )
         if classes.distributed and poisson_sampling and not self.secure_mode:
             # Every rank takes every draw (Opacus's distributed sampler skips a rank's empty ones).
             device = next(iter(module.parameters())).device
@@ -141,10 +132,18 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             expected_batch_size /= dist.get_world_size()
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
-        if classes.distributed:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if params:
-                _check_same_on_every_rank("expected_batch_size", expected_batch_size, params[0].device)
+        first = next(iter(module.parameters()), None)
+        if classes.distributed and first is not None:  # one small all-reduce; every rank raises alike
+            check_same_on_every_rank(
+                {"max_grad_norm": max_grad_norm, "noise_multiplier": noise_multiplier, "grad_sample_mode": mode.name,
+                 "loss_reduction": loss_reduction, "sample_rate": sample_rate,
+                 "expected_batch_size": expected_batch_size},
+                first.device, hints={"expected_batch_size": _BATCH_HINT},
+            )
+        module = self._wrap_model(
+            module, classes, mode, batch_first=batch_first, loss_reduction=loss_reduction,
+            max_grad_norm=max_grad_norm, wrap_model=wrap_model, norm_method=norm_method, backend=backend,
+        )
         optimizer = classes.optimizer(
             optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
@@ -185,6 +184,16 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             module=module, optimizer=optimizer, criterion=criterion, data_loader=data_loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction, **kwargs,
         )
+
+    def get_epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta``, from the accountant's history, for every accountant: 0 before any step, ``inf``
+        once any recorded step had σ = 0 (a step without noise has no finite guarantee), else Opacus's value. (Opacus's
+        GDP and PRV accountants raise in the first two cases.)"""
+        if not self.accountant.history:
+            return 0.0
+        if any(sigma == 0 for sigma, _, _ in self.accountant.history):
+            return float("inf")
+        return super().get_epsilon(delta)
 
     def _wrap_model(self, module, classes: ModeClasses, mode: Mode, *, batch_first, loss_reduction, max_grad_norm, wrap_model,
                     norm_method, backend):

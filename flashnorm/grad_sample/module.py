@@ -269,7 +269,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                     "need the host): run distributed steps eagerly."
                 )
             with phase(CHECKS):
-                clip = self.privacy.clip_bound()
+                clip = self.privacy.pin()
                 step = self._checked_step(loss_per_sample, finite=self.distributed)
                 self._check_trainable_unchanged()
                 refuse_parameter_hooks(self.trainable_parameters, self._parameter_names)

@@ -18,7 +18,12 @@ from ``outputs.loss``, which is a batch mean):
 * causal LM: cross-entropy of ``logits[t]`` against ``labels[t + 1]``, averaged over the sample's
   positions whose label is not -100 (a sample with none has ℓ_b = 0);
 * sequence classification: the model's ``problem_type`` (inferred as transformers does when unset):
-  cross-entropy (ignore_index -100), squared error, or binary cross-entropy averaged over the labels.
+  cross-entropy (ignore_index -100), squared error, or binary cross-entropy averaged over the labels;
+* with ``label_smoothing_factor`` ε, each cross-entropy term is transformers' ``LabelSmoother``'s,
+  (1 - ε)·(-log p_y) + ε·mean_v(-log p_v), averaged over the sample's scored positions.
+
+The logged training loss (``loss``, ``train_loss``) is computed before clipping and noise: it is not private
+(``PrivacyArguments.log_loss=False`` leaves it out).
 
 Several processes (``torchrun``, W > 1): the model is wrapped in PyTorch's ``DistributedDataParallel``
 before ``make_private``, so FlashNorm's DDP classes run the step (each sample's norm on its own rank, no
@@ -45,6 +50,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
+from transformers.trainer_utils import TrainOutput
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
@@ -74,6 +80,12 @@ class PrivacyArguments:
         grad_sample_mode: a FlashNorm clipping mode: ``flash_fuse`` (default), ``flash`` or ``ghost``.
         accountant: Opacus's accountant: ``prv`` (default, as ``opacus.PrivacyEngine``), ``rdp`` or ``gdp``.
         poisson_sampling: Poisson-sample each logical batch (default; what the accountant assumes).
+        log_loss: whether the Trainer logs the training loss (``loss`` at each logging step, ``train_loss`` at the
+            end; default True). That loss is the mean per-sample loss of the logical batches *before* clipping and
+            noise, computed from the training data: it is **not** differentially private and not covered by the ε
+            the trainer reports. ``False`` computes no training loss: ``loss`` and ``train_loss`` are left out of
+            the logs (ε, the learning rate and the evaluation metrics are still logged) and ``train()`` returns
+            ``training_loss = nan``.
     """
 
     noise_multiplier: Optional[float] = None
@@ -83,6 +95,7 @@ class PrivacyArguments:
     grad_sample_mode: str = "flash_fuse"
     accountant: str = "prv"
     poisson_sampling: bool = True
+    log_loss: bool = True
 
     def __post_init__(self):
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -159,7 +172,10 @@ class DPTrainer(transformers.Trainer):
         >>> trainer.save_model(path) # the plain model: keys without wrapper prefixes
 
     The model is used as it comes (a ``...ForCausalLM`` or ``...ForSequenceClassification`` model, ``labels``
-    in the batch). Other models: override :meth:`dp_loss`. Checkpoints carry the accountant's history
+    in the batch). Other models: override :meth:`dp_loss`. The trained loss is the configured one, per sample:
+    ``label_smoothing_factor`` is applied to each sample's loss as transformers' ``LabelSmoother`` defines it
+    (classification and causal LM); a ``compute_loss`` override or a ``compute_loss_func`` is refused at
+    :meth:`train` unless :meth:`dp_loss` is overridden too (the training loss must be one value per sample). Checkpoints carry the accountant's history
     (``train(resume_from_checkpoint=...)`` goes on from it). Several processes (``torchrun``) train with
     DDP (module docstring). Refused: several GPUs in one process, fp16, DeepSpeed/FSDP, iterable datasets.
 
@@ -195,6 +211,35 @@ class DPTrainer(transformers.Trainer):
             raise ValueError("fp16 needs a gradient scaler, which the DP step does not use: use bf16=True or fp32.")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError("DPTrainer does not support DeepSpeed or FSDP through the Trainer.")
+
+    def train(self, *args, **kwargs):
+        """The Trainer's ``train``, after checking that the loss it would train is the one configured
+        (:meth:`_check_trained_loss`); with ``privacy_args.log_loss=False`` the result carries no training loss."""
+        self._check_trained_loss()
+        out = super().train(*args, **kwargs)
+        if not self.privacy_args.log_loss:
+            metrics = {k: v for k, v in out.metrics.items() if k != "train_loss"}
+            out = TrainOutput(out.global_step, float("nan"), metrics)
+        return out
+
+    def _check_trained_loss(self) -> None:
+        """Raises unless :meth:`dp_loss` trains the loss the user configured: a ``compute_loss`` override or a
+        ``compute_loss_func`` computes one batch loss, which cannot be clipped per sample, and :meth:`dp_loss`
+        would silently train another one."""
+        if type(self).dp_loss is not DPTrainer.dp_loss:
+            return  # the user's per-sample loss
+        settings = []
+        if type(self).compute_loss is not transformers.Trainer.compute_loss:
+            settings.append(f"{type(self).__name__}.compute_loss (an override)")
+        if getattr(self, "compute_loss_func", None) is not None:
+            settings.append("Trainer(compute_loss_func=...)")
+        if settings:
+            raise NotImplementedError(
+                f"DPTrainer refuses {' and '.join(settings)}: it returns one loss for the batch, which cannot be "
+                "clipped per sample, and DPTrainer would train its own per-sample loss instead. Override "
+                "DPTrainer.dp_loss to return self.dp_criterion(loss_module)(output, target) of the per-sample form "
+                "of your loss (compute_loss is then used for evaluation only), or remove the setting."
+            )
 
     # -- data ----------------------------------------------------------------------------------------
     @property
@@ -317,7 +362,7 @@ class DPTrainer(transformers.Trainer):
         logits = model(**inputs).logits
         if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
             b, t, v = logits.shape
-            criterion = self.dp_criterion(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX))
+            criterion = self.dp_criterion(self._cross_entropy())
             return criterion(
                 logits[:, :-1].float().reshape(-1, v), labels[:, 1:].reshape(-1), shape=(b, t - 1, v)
             )
@@ -327,6 +372,15 @@ class DPTrainer(transformers.Trainer):
             f"DPTrainer computes per-sample losses for causal-LM and sequence-classification models; {name} is "
             "neither: override DPTrainer.dp_loss."
         )
+
+    def _cross_entropy(self) -> nn.CrossEntropyLoss:
+        """Cross-entropy ignoring label -100, with the Trainer's label smoothing ε: per position
+        (1 - ε)·(-log p_y) + ε·mean_v(-log p_v), transformers' ``LabelSmoother``, averaged per sample over its
+        positions whose label is not ignored."""
+        smoother = self.label_smoother
+        if smoother is None:
+            return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        return nn.CrossEntropyLoss(ignore_index=smoother.ignore_index, label_smoothing=float(smoother.epsilon))
 
     def _classification_loss(self, config, logits: torch.Tensor, labels: torch.Tensor) -> DPTensorFastGradientClipping:
         """transformers' ``ForSequenceClassificationLoss`` per sample: logits [B, K], labels [B] or [B, K]."""
@@ -340,7 +394,12 @@ class DPTrainer(transformers.Trainer):
             else:
                 problem = "multi_label_classification"
         if problem == "single_label_classification":
-            return self.dp_criterion(nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX))(logits, labels.view(-1))
+            return self.dp_criterion(self._cross_entropy())(logits, labels.view(-1))
+        if self.label_smoother is not None:  # transformers' LabelSmoother fails on float labels too
+            raise ValueError(
+                f"label_smoothing_factor={self.args.label_smoothing_factor}: label smoothing applies to classes, "
+                f"not to problem_type={problem!r}; set label_smoothing_factor=0."
+            )
         if problem == "regression" and k == 1:
             return self.dp_criterion(nn.MSELoss())(logits.view(-1), labels.view(-1).to(logits.dtype))
         loss = nn.MSELoss() if problem == "regression" else nn.BCEWithLogitsLoss()
@@ -353,7 +412,7 @@ class DPTrainer(transformers.Trainer):
 
         Returns Σ_b ℓ_b / (expected logical batch size / W), detached: the logged loss, summed over the
         micro-batches and averaged over the ranks by the Trainer, is the logical batch's mean loss as the DP
-        step weighs it."""
+        step weighs it (not private: see ``PrivacyArguments.log_loss``; 0 when that is False)."""
         model.train()
         last = self.accelerator.sync_gradients  # the Trainer steps the optimizer after this micro-batch
         loss_sum = torch.zeros((), device=self.args.device)
@@ -364,7 +423,8 @@ class DPTrainer(transformers.Trainer):
             with self.accelerator.autocast():
                 loss = self.dp_loss(model, inputs)
             loss.backward()
-            loss_sum = loss.loss_per_sample.detach().sum()
+            if self.privacy_args.log_loss:
+                loss_sum = loss.loss_per_sample.detach().sum()
         if not last:
             self.dp_optimizer.signal_skip_step(do_skip=True)
             self.dp_optimizer.step()
@@ -378,15 +438,17 @@ class DPTrainer(transformers.Trainer):
 
     # -- privacy accounting --------------------------------------------------------------------------
     def get_epsilon(self, delta: Optional[float] = None) -> float:
-        """ε spent so far at ``delta`` (default ``privacy_args.target_delta``), from the accountant's history."""
+        """ε spent so far at ``delta`` (default ``privacy_args.target_delta``), from the accountant's history (``inf``
+        once a step had σ = 0)."""
         if self.privacy_engine is None:
             return 0.0
-        if any(sigma == 0 for sigma, _, _ in self.privacy_engine.accountant.history):
-            return math.inf  # a step without noise has no finite guarantee (Opacus's accountants fail on σ = 0)
         return self.privacy_engine.get_epsilon(self.privacy_args.target_delta if delta is None else delta)
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
-        """The Trainer's logging, with ``epsilon`` added once a DP step has been taken."""
+        """The Trainer's logging, with ``epsilon`` added once a DP step has been taken; without the training loss
+        (``loss``, ``train_loss``: not private) when ``privacy_args.log_loss`` is False."""
+        if not self.privacy_args.log_loss:
+            logs = {k: v for k, v in logs.items() if k not in ("loss", "train_loss")}
         if self.privacy_engine is not None and len(self.privacy_engine.accountant) > 0:
             logs = {**logs, "epsilon": self.get_epsilon()}
         super().log(logs, *args, **kwargs)

@@ -37,6 +37,8 @@ class DistributedDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping
     See the module docstring for the step. Must be stepped on every rank (it all-reduces).
     """
 
+    checks_ranks_agree = True
+
     def __init__(self, optimizer, **kwargs):
         super().__init__(optimizer, **kwargs)
         self.rank = dist.get_rank()

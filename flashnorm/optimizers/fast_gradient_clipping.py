@@ -26,7 +26,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, 
 from opacus.optimizers.utils import params as trainable_params
 
 from ..grad_sample.provenance import clipped_iterations
-from ..utils.privacy_parameters import PrivacyParameters, privacy_attribute
+from ..utils.privacy_parameters import PrivacyParameters, check_same_on_every_rank, privacy_attribute
 from ..kernels.multi_tensor import add_then_scale_, same_kind_groups
 
 
@@ -65,6 +65,9 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
 
     #: Noise and scaling in one pass per bucket; the FSDP optimizer, which adds only owned elements, says False.
     fuses_noise_and_scale = True
+    #: The distributed optimizers say True: their first step checks that every rank steps with the same σ, C, loss
+    #: reduction and expected batch size (one small all-reduce), as make_private did.
+    checks_ranks_agree = False
 
     def __init__(self, optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int, **kwargs):
         #: σ and C: this optimizer owns them; the DP criterion shares them with the grad-sample module.
@@ -74,6 +77,9 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             expected_batch_size=expected_batch_size, **kwargs,
         )
         self._step_iterations: Optional[int] = None
+        self._ranks_checked = not self.checks_ranks_agree
+        # σ and C are fixed from a step's first clipped backward until the step (PrivacyParameters.pin)
+        self.privacy.attach_step(self.gradients_waiting)
 
     noise_multiplier = privacy_attribute("noise_multiplier", "σ (Opacus's noise schedulers set it between steps).")
     max_grad_norm = privacy_attribute("max_grad_norm", "C (Opacus's clipping schedulers set it between steps).")
@@ -112,6 +118,16 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
             raise RuntimeError(f"Parameters' gradients sum different numbers of clipped backward passes: {sorted(counts)}.")
         return counts.pop() if counts else 1
 
+    def gradients_waiting(self) -> bool:
+        """Whether clipped gradients wait for the next step: a clipped sum in some ``p.grad`` not yet used by a step,
+        or the sums that skipped (virtual) steps accumulated."""
+        for p in trainable_params(self):
+            if p.grad is not None and clipped_iterations(p) is not None:
+                return True
+            if self._is_last_step_skipped and getattr(p, "summed_grad", None) is not None:
+                return True
+        return False
+
     @property
     def params(self):
         """The trainable parameters of every group (Opacus's list), built once per ``step``."""
@@ -123,8 +139,12 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
         list for the whole step and the noise and scaling fused."""
         self._step_params = trainable_params(self)
         try:
-            # σ and C may have been changed since construction (Opacus's noise and clipping schedulers).
-            self.privacy.check()
+            if not self._ranks_checked:  # first, on every rank: the collective must not wait for a rank that raised
+                self._check_ranks_agree()
+                self._ranks_checked = True
+            # σ and C may have been changed since construction (Opacus's noise and clipping schedulers), but not
+            # since the first clipped backward of the gradients this step applies.
+            self.privacy.check_for_step()
             self._step_iterations = self._clipped_iterations()
             self.accumulate()
             if self._check_skip_next_step():
@@ -133,12 +153,23 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
                     _mark_as_processed(p.grad)
                 return False
             self.add_noise_and_scale_grad()
+            self.privacy.release()
             if self.step_hook:
                 self.step_hook(self)
             self._is_last_step_skipped = False
             return True
         finally:
             self._step_params = self._step_iterations = None
+
+    def _check_ranks_agree(self) -> None:
+        """Raises on every rank unless every rank steps with the same σ, C, loss reduction and expected batch size
+        (σ and C may have been set on the optimizer since make_private checked them)."""
+        if self.params:
+            check_same_on_every_rank(
+                {"max_grad_norm": self.max_grad_norm, "noise_multiplier": self.noise_multiplier,
+                 "loss_reduction": self.loss_reduction, "expected_batch_size": self.expected_batch_size},
+                self.params[0].device,
+            )
 
     def accumulate(self):
         virtual_step = bool(self._check_skip_next_step(pop_next=False))

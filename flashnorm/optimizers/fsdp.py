@@ -42,6 +42,8 @@ class FSDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
     is per worker, as Opacus passes it. See the module docstring for the step.
     """
 
+    checks_ranks_agree = True
+
     def __init__(self, optimizer, **kwargs):
         super().__init__(optimizer, **kwargs)
         self.world_size = dist.get_world_size()
