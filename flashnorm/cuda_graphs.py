@@ -22,7 +22,7 @@ Semantics are those of ``loss = loss_fn(*batch); loss.backward()`` after ``optim
 * a plain loss tensor (non-private training): its gradients, which must start from ``None``
   (``zero_grad(set_to_none=True)``, the default) — a graph overwrites, it cannot accumulate.
 
-A new batch shape (Poisson sampling changes B) costs ``warmup_steps`` eager steps on a side stream
+A new batch shape (Poisson sampling changes B), or a new C (a clipping scheduler), costs ``warmup_steps`` eager steps on a side stream
 (compiling and tuning the kernels: nothing may compile during capture) and one capture; every graph
 draws its memory from one shared pool, and the gradients it leaves in ``p.grad`` are its own tensors,
 rewritten by the next call (the returned loss is a copy). Batches with no sample, CPU batches and steps under DDP/FSDP run eagerly or are
@@ -58,6 +58,7 @@ class _Captured:
     optimizer: Optional[object] = None
     finite_check: Optional[FiniteLossCheck] = None  # the module's loss check, recorded in the graph
     norms: Optional[NormRecord] = None  # the norms the graph computes (and their rounding bound)
+    clip: Optional[float] = None  # the C the graph clips to (recorded into its kernels)
 
 
 class CudaGraphStep:
@@ -100,6 +101,8 @@ class CudaGraphStep:
             )
         key = (self.model.training, *((t.shape, t.dtype, t.device) for t in batch))
         captured = self._graphs.get(key)
+        if captured is not None and captured.dp_module is not None and captured.clip != captured.dp_module.max_grad_norm:
+            captured = None  # C changed (a clipping scheduler): the graph computes its coefficients with the old C
         if captured is None:
             captured = self._graphs[key] = self._capture(batch)
         return self._replay(captured, batch)
@@ -149,7 +152,7 @@ class CudaGraphStep:
         captured = _Captured(graph, inputs, loss, [(p, p.grad) for p in params])
         if dp_loss is not None:
             module = dp_loss.module
-            captured.dp_module, captured.optimizer = module, dp_loss.optimizer
+            captured.dp_module, captured.optimizer, captured.clip = module, dp_loss.optimizer, module.max_grad_norm
             captured.finite_check, captured.norms = module.captured_finite_check, module.last_norms
             module.captured_finite_check = None
         for p in params:  # the capture ran nothing: the first replay computes this batch's gradients

@@ -261,3 +261,19 @@ def test_refusals_name_the_problem():
     gsm = GradSampleModule(model)
     with pytest.raises(NotImplementedError, match="flash_fuse"):
         CudaGraphStep(gsm, lambda xb: gsm(xb).sum())(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["ghost", "flash_fuse"])
+def test_a_new_clipping_bound_is_captured_anew(mode):
+    """A clipping scheduler lowers C between steps: the next replay clips to the new C (a new capture), as the
+    noise is sized for it, and matches the oracle at that C."""
+    device = torch.device("cuda")
+    model, x, y = build("linear3d", 37, batch=3)
+    model = model.to(device, torch.float64)
+    dp_model, dp_opt, criterion, _ = _private(model, x, y, mode, "sum")
+    step = CudaGraphStep(dp_model, lambda xb, yb: criterion(dp_model(xb), yb))
+    (xb, yb), = _batches("linear3d", 37, 3, 1, torch.float64, device)
+    _check_step_against_oracle(model, dp_model, dp_opt, step, xb, yb, "sum", 1e-2, TOLERANCES["fp64"])
+    dp_opt.max_grad_norm = 1e-3
+    _check_step_against_oracle(model, dp_model, dp_opt, step, xb, yb, "sum", 1e-3, TOLERANCES["fp64"])

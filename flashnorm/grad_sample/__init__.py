@@ -8,7 +8,8 @@ from .fsdp import (
     FSDPGradSampleModuleFastGradientClippingFuse,
     ReduceScatterAssembly,
 )
-from .module import FlashNormGradSampleModule, GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse
+from .module import FlashNormGradSampleModule
+from .single import GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse
 from .step import ClippingStep, NormRecord, StepState
 from .writers import AssembleFromKept, ClippedGradientWriter, SecondBackward
 

@@ -28,7 +28,6 @@ import torch.utils.checkpoint as checkpoint
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.validators import ModuleValidator
 
-from ..kernels import multi_tensor
 from ..kernels.backend import resolve_backend
 from ..norms.planner import ALGORITHMS, resolve_norm_method
 from ..parallelism import parallelism_of, reduces_in_backward
@@ -39,8 +38,8 @@ from .hooks import LayerHooks
 from .loss_check import NON_FINITE_LOSS, FiniteLossCheck
 from .phases import CHECKS, CLIPPED_BACKWARD, COEFFICIENTS, NORM_PASS, SINGLE_SAMPLE, WRITE, phase
 from .provenance import mark_clipped, take_pending_clipped_sum
-from .step import ClippingStep, NormRecord, StepState
-from .writers import AssembleFromKept, ClippedGradientWriter, SecondBackward
+from .step import ClippingStep, NormRecord, one_per_sample
+from .writers import ClippedGradientWriter, SecondBackward
 
 
 class FlashNormGradSampleModule(AbstractGradSampleModule):
@@ -260,7 +259,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
                 the host while the backward is issued and read at its end (under DDP/FSDP first, before any
                 collective), so the GPU never drains mid-step.
         """
-        loss_per_sample = _one_per_sample(loss_per_sample)
+        loss_per_sample = one_per_sample(loss_per_sample)
         with phase(CLIPPED_BACKWARD):
             capturing = loss_per_sample.is_cuda and torch.cuda.is_current_stream_capturing()
             if capturing and self.distributed:
@@ -308,7 +307,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def compute_clipping_coef(self, loss_per_sample: torch.Tensor) -> torch.Tensor:
         """The norm pass alone: per-sample norms from every hooked layer → c: [B] (no gradient written)."""
-        loss_per_sample = _one_per_sample(loss_per_sample)
+        loss_per_sample = one_per_sample(loss_per_sample)
         step = self._checked_step(loss_per_sample, finite=True)
         self._record(step.norm_pass(loss_per_sample, self.trainable_parameters))
         return self.get_clipping_coef()
@@ -317,7 +316,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         """After :meth:`compute_clipping_coef`: writes Σ_b c_b ∇ℓ_b into ``p.grad`` (zeros where unused)."""
         step = self.current_step()
         try:
-            step.write(_one_per_sample(loss_per_sample), coef)
+            step.write(one_per_sample(loss_per_sample), coef)
             self._fill_unused_gradients()
         finally:
             self._finish(step)
@@ -383,26 +382,15 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def get_norm_sample(self) -> torch.Tensor:
         """Per-sample gradient norms ‖g_b‖ of the last norm pass (or plain backward): [B]."""
-        step = self.step
-        if step is not None and step.state is StepState.PLAIN_BACKWARD:
-            self._record(self._as_opacus_norms(step.plain_backward_norms(), step.batch_size or 0))
-        elif step is not None and step.single_sample and step.state is StepState.CAPTURED:
-            grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
-            if grads:  # a plain backward of one sample: its gradient is the sample's own
-                self._record(NormRecord(multi_tensor.squared_norm(grads, backend=self.backend)))
+        if self.step is not None:
+            pending = self.step.plain_backward_norms(self.trainable_parameters, self.loss_reduction)
+            if pending is not None:
+                self._record(pending)
         if self.last_norms is None:
             raise AttributeError("No norms yet: call backward on the loss from the DP criterion first.")
         norms = self.last_norms.norms()
         self.per_sample_gradient_norms = norms
         return norms
-
-    def _as_opacus_norms(self, norms: NormRecord, batch: int) -> NormRecord:
-        """A plain backward's norms as Opacus defines them, ‖∇ℓ_b‖ whatever ``loss_reduction``: a ``mean`` loss's
-        gradient is each sample's over B."""
-        if self.loss_reduction != "mean" or batch <= 1:
-            return norms
-        bound = None if norms.bound is None else norms.bound * batch
-        return NormRecord(norms.norm_sq * batch**2, bound)
 
     def get_clipping_coef(self) -> torch.Tensor:
         """c_b = min(1, C / (‖g_b‖ + 1e-6), (1 + τ)·C / U_b) (:func:`flashnorm.norms.rounding.clipping_coef`): [B]."""
@@ -421,29 +409,3 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     @per_sample_gradient_norms.setter
     def per_sample_gradient_norms(self, value: torch.Tensor) -> None:
         self._per_sample_gradient_norms = value
-
-
-def _one_per_sample(loss_per_sample: torch.Tensor) -> torch.Tensor:
-    """A per-sample loss [B, 1] (a criterion that keeps a trailing dimension) as [B]; anything else as it is."""
-    if loss_per_sample.dim() == 2 and loss_per_sample.shape[1] == 1:
-        return loss_per_sample.view(-1)
-    return loss_per_sample
-
-
-class GradSampleModuleFastGradientClipping(FlashNormGradSampleModule):
-    """Two backward passes (``ghost``, ``flash``): the norm pass computes no parameter gradient, the second pass
-    back-propagates Σ_b c_b ℓ_b (:class:`~flashnorm.grad_sample.writers.SecondBackward`).
-
-    ``use_flash_clipping=True`` gives flash norms (mode ``flash``); ``False`` with ``use_ghost_clipping=True`` gives
-    Gram norms (mode ``ghost``).
-    """
-
-    writer_class = SecondBackward
-
-
-class GradSampleModuleFastGradientClippingFuse(FlashNormGradSampleModule):
-    """One backward pass with bookkeeping (``flash_fuse``): the layers compute input gradients and norms, no weight
-    gradients; the clipped gradients are assembled after the pass
-    (:class:`~flashnorm.grad_sample.writers.AssembleFromKept`)."""
-
-    writer_class = AssembleFromKept

@@ -293,12 +293,28 @@ class ClippingStep:
         self.state = StepState.COEFFICIENTS
         return self.norms
 
-    def plain_backward_norms(self) -> NormRecord:
-        """The norms of a plain backward that reached the taps (computed once, on request)."""
+    def plain_backward_norms(self, params: List[nn.Parameter], loss_reduction: str) -> Optional[NormRecord]:
+        """The norms of a plain backward of this step's forward, as Opacus defines them (‖∇ℓ_b‖ whatever
+        ``loss_reduction``: a ``mean`` loss's gradient is each sample's over B), computed once, on request; ``None``
+        when no plain backward ran.
+
+        A plain backward that reached the taps gives the layers' norm terms; one of a single sample (whose forward
+        captured nothing) gives the norm of the gradients it left, the sample's own.
+        """
+        if self.state is StepState.CAPTURED and self.single_sample:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                return None
+            return NormRecord(multi_tensor.squared_norm(grads, backend=self.config.backend))
+        if self.state is not StepState.PLAIN_BACKWARD:
+            return None
         self._count_remaining()
         terms, self.terms = self.terms, None
         batch = self.batch_size or 0
-        self.norms = NormRecord(*terms.result(batch)) if terms is not None else NormRecord(torch.zeros(batch))
+        norm_sq, bound = terms.result(batch) if terms is not None else (torch.zeros(batch), None)
+        if loss_reduction == "mean" and batch > 1:
+            norm_sq, bound = norm_sq * batch**2, None if bound is None else bound * batch
+        self.norms = NormRecord(norm_sq, bound)
         self.state = StepState.ABANDONED
         return self.norms
 
@@ -372,3 +388,10 @@ def _losses_and_norms(loss_per_sample: torch.Tensor, norms: NormRecord) -> torch
     valid = norm_sq if bound is None else norm_sq.clamp(min=0) + bound
     valid = torch.where(valid >= 0, valid, torch.full_like(valid, float("nan")))
     return torch.cat([loss_per_sample.detach().to(norm_sq.dtype), valid])
+
+
+def one_per_sample(loss_per_sample: torch.Tensor) -> torch.Tensor:
+    """A per-sample loss [B, 1] (a criterion that keeps a trailing dimension) as [B]; anything else as it is."""
+    if loss_per_sample.dim() == 2 and loss_per_sample.shape[1] == 1:
+        return loss_per_sample.view(-1)
+    return loss_per_sample
