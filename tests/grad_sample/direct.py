@@ -37,9 +37,10 @@ def per_sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(out, target, reduction="none")
 
 
-def oracle_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float = CLIP) -> OracleStep:
-    """The float64 microbatch loop of ``model`` (not yet wrapped) under per-sample cross-entropy."""
-    return microbatch_reference(model, x, y, cross_entropy_sum, clip)
+def oracle_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float = CLIP, **kwargs) -> OracleStep:
+    """The float64 microbatch loop of ``model`` (not yet wrapped) under per-sample cross-entropy (``kwargs``: those of
+    :func:`~tests.oracle.microbatch_reference`)."""
+    return microbatch_reference(model, x, y, cross_entropy_sum, clip, **kwargs)
 
 
 def assert_norms(norms: torch.Tensor, oracle: OracleStep) -> None:
