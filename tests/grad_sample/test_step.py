@@ -26,7 +26,7 @@ CLASSES = [GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientCli
 
 
 def _float64(cls, **kwargs):
-    """(model, x, y, its oracle, ``cls(model)``): Linear → LayerNorm → tanh → mean → Linear head, B = 3, T = 5."""
+    """(model, x, y, its oracle, ``cls(model)``) of Linear → LayerNorm → tanh → mean → Linear head (B = 3, T = 5)."""
     model, x, y = build("layernorm", 5)
     model, x = model.double(), x.double()
     return model, x, y, oracle_of(model, x, y), cls(model, max_grad_norm=CLIP, **kwargs)
@@ -143,15 +143,17 @@ def test_inputs_of_gives_each_use_batch_first_until_the_norm_pass_counts_it(cls)
 
 
 def test_norm_record_norms_and_clipping_coefficients():
-    """‖g_b‖ = √max(0, ‖ĝ_b‖²); c_b = min(1, C/(‖g_b‖ + 10⁻⁶)) without a bound, and also ≤ (1 + τ)·C/U_b with one."""
-    norm_sq = torch.tensor([4.0, 0.25, -1e-9, 0.0], dtype=torch.float64)
-    record = NormRecord(norm_sq)
-    assert torch.equal(record.norms(), torch.tensor([2.0, 0.5, 0.0, 0.0], dtype=torch.float64))
+    """‖g_b‖ = √max(0, ‖ĝ_b‖²); c_b = min(1, C/(‖g_b‖ + 10⁻⁶)) without a bound, and also ≤ (1 + τ)·C/U_b with one
+    (τ = 10⁻³)."""
     assert ALLOWANCE == 1e-3
-    unbounded = torch.tensor([1 / (2 + 1e-6), 1.0, 1.0, 1.0], dtype=torch.float64)
-    torch.testing.assert_close(record.clipping_coef(1.0), unbounded, rtol=1e-15, atol=0)
-    torch.testing.assert_close(NormRecord(norm_sq, None).clipping_coef(0.5), (0.5 / (record.norms() + 1e-6)).clamp(max=1))
+    norm_sq = torch.tensor([4.0, 0.25, -1e-9, 0.0], dtype=torch.float64)
     bound = torch.tensor([2.0, 4.0, 1e3, 0.5], dtype=torch.float64)
-    bounded = NormRecord(norm_sq, bound).clipping_coef(1.0)
-    torch.testing.assert_close(bounded, torch.tensor([1 / (2 + 1e-6), 1.001 / 4, 1.001e-3, 1.0], dtype=torch.float64),
-                               rtol=1e-15, atol=0)
+    record, bounded = NormRecord(norm_sq), NormRecord(norm_sq, bound)
+    assert torch.equal(record.norms(), torch.tensor([2.0, 0.5, 0.0, 0.0], dtype=torch.float64))
+    assert torch.equal(bounded.norms(), record.norms()), "the bound changes the coefficient, not the norm"
+    for clip, unbounded, with_bound in (
+        (1.0, [1 / (2 + 1e-6), 1.0, 1.0, 1.0], [1 / (2 + 1e-6), 1.001 / 4, 1.001e-3, 1.0]),
+        (0.1, [0.1 / (2 + 1e-6), 0.1 / (0.5 + 1e-6), 1.0, 1.0], [0.1 / (2 + 1e-6), 0.1001 / 4, 1.001e-4, 0.2002]),
+    ):
+        for got, want in ((record.clipping_coef(clip), unbounded), (bounded.clipping_coef(clip), with_bound)):
+            torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-15, atol=0)
