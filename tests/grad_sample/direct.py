@@ -16,8 +16,8 @@ import torch.nn as nn
 from flashnorm.optimizers import DPOptimizerFastGradientClipping
 from flashnorm.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from tests.conftest import TOLERANCES
-from tests.grad_sample.guarantee import cross_entropy_sum
-from tests.oracle import OracleStep, microbatch_reference
+from tests.grad_sample.guarantee import cross_entropy_sum, reference
+from tests.oracle import OracleStep
 
 #: The clipping bound of these tests: small enough that every sample is clipped.
 CLIP = 0.1
@@ -38,9 +38,9 @@ def per_sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def oracle_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float = CLIP, **kwargs) -> OracleStep:
-    """The float64 microbatch loop of ``model`` (not yet wrapped) under per-sample cross-entropy (``kwargs``: those of
-    :func:`~tests.oracle.microbatch_reference`)."""
-    return microbatch_reference(model, x, y, cross_entropy_sum, clip, **kwargs)
+    """The float64 microbatch loop of ``model`` as it is now, wrapped or not (a copy without hooks), under per-sample
+    cross-entropy (``kwargs``: those of :func:`~tests.oracle.microbatch_reference`)."""
+    return reference(model, x, y, clip, cross_entropy_sum, **kwargs)
 
 
 def assert_norms(norms: torch.Tensor, oracle: OracleStep) -> None:
