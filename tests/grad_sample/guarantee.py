@@ -106,9 +106,9 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         assert torch.equal(p.detach(), before[name]), f"{name} changed"
 
 
-def reference(wrapped: nn.Module, x, target, clip, loss=sample_loss) -> OracleStep:
+def reference(wrapped: nn.Module, x, target, clip, loss=sample_loss, **kwargs) -> OracleStep:
     """The float64 microbatch loop for the wrapped module as it is now (a copy without hooks; flags, attributes
-    and frozen parameters included)."""
+    and frozen parameters included; ``kwargs``: those of :func:`~tests.oracle.microbatch_reference`)."""
     user_module = unwrap_model(wrapped)
     modules = list(user_module.modules())
     hooks = [(m._forward_hooks, m._forward_pre_hooks) for m in modules]
@@ -119,7 +119,7 @@ def reference(wrapped: nn.Module, x, target, clip, loss=sample_loss) -> OracleSt
     finally:
         for m, (forward, pre) in zip(modules, hooks):
             m._forward_hooks, m._forward_pre_hooks = forward, pre
-    return microbatch_reference(inner, x, target, loss, clip)
+    return microbatch_reference(inner, x, target, loss, clip, **kwargs)
 
 
 def oracle(wrapped: nn.Module, x, target, clip, loss=sample_loss) -> torch.Tensor:

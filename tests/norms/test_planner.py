@@ -1,6 +1,6 @@
 """The norm planner (flashnorm/norms/planner.py): the forced method and where it comes from, the one-pass mode's
 per-sample choice at its memory bounds, and which method a rule gets for a call. The crossover table of
-``plan_linear`` (flash against Gram by T, B and dtype) is in tests/grad_sample/test_workflow.py."""
+``plan_linear`` (flash against Gram by T, B and dtype) is in tests/grad_sample/test_module.py."""
 
 import logging
 

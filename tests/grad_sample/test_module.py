@@ -8,14 +8,9 @@ from flashnorm.grad_sample import GradSampleModuleFastGradientClipping, GradSamp
 from flashnorm.norms.planner import Problem, plan_linear
 from flashnorm.optimizers import DPOptimizerFastGradientClipping
 from flashnorm.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from tests.grad_sample.direct import TwoHeads as _TwoHeads
+from tests.grad_sample.direct import wrap as _wrap
 from tests.zoo import build
-
-
-def _wrap(cls, model, **kwargs):
-    gsm = cls(model, max_grad_norm=0.1, **kwargs)
-    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
-                                          max_grad_norm=0.1, expected_batch_size=3)
-    return gsm, opt, DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(reduction="mean"))
 
 
 def _count_accumulations(model):
@@ -207,103 +202,6 @@ def test_parameter_used_outside_its_layer_is_exact_for_one_sample():
     torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
 
 
-class _TwoHeads(nn.Module):
-    """A LayerNorm'd trunk and two heads, of which the loss may use one."""
-
-    def __init__(self, width=6, use_second=False):
-        super().__init__()
-        self.trunk, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
-        self.head, self.unused = nn.Linear(width, 3), nn.Linear(width, 3)
-        self.use_second = use_second
-
-    def forward(self, x):
-        h = self.norm(torch.tanh(self.trunk(x)))
-        second = self.unused(h)  # computed, hooked; reaches the loss only when use_second
-        out = self.head(h).mean(dim=1)
-        return out + second.mean(dim=1) if self.use_second else out
-
-
-@pytest.mark.parametrize("use_second", [False, True])
-def test_one_pass_keeps_per_sample_gradients_in_one_buffer(use_second):
-    """Small layers are packed: all their clipped gradients are views of one sum, exact against the
-    float64 oracle, and a hooked layer the loss never reaches gets zeros (its slot is never read unwritten)."""
-    from tests.oracle import microbatch_reference
-
-    torch.manual_seed(0)
-    model = _TwoHeads(use_second=use_second).double()
-    x, y = torch.randn(4, 7, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
-    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
-    gsm, _, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model)
-    criterion(gsm(x), y).backward()
-    assert all(layer.plan[1] == "per_sample" for layer in gsm.layers)
-    storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
-    assert len(storages) == 1, "every per-sample gradient should be summed by one weighted sum of the packed buffer"
-    torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
-    if not use_second:
-        assert torch.count_nonzero(model.unused.weight.grad) == 0
-    assert gsm.step is None, "the packed buffers are released once the gradients are assembled (with the step)"
-
-
-@pytest.mark.parametrize("method", ["flash", "gram"])
-@pytest.mark.parametrize("frozen", [None, "trunk.weight", "trunk.bias"])
-def test_one_pass_keeps_biases_of_kernel_layers_packed(method, frozen):
-    """A Linear whose weight takes a norm kernel keeps its bias's per-sample gradients packed (one norm
-    and one clipped sum with the LayerNorm's); exact against the float64 oracle, frozen parameters included."""
-    from tests.oracle import microbatch_reference
-
-    torch.manual_seed(0)
-    model = _TwoHeads(use_second=True).double()
-    if frozen is not None:
-        model.get_parameter(frozen).requires_grad_(False)
-    x, y = torch.randn(4, 7, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
-    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
-    gsm, _, criterion = _wrap(GradSampleModuleFastGradientClippingFuse, model, norm_method=method)
-    criterion(gsm(x), y).backward()
-    linears = [layer for layer in gsm.layers if isinstance(layer.module, nn.Linear)]
-    assert all(layer.plan[1] == method for layer in linears)
-    packed_storage = model.norm.weight.grad.untyped_storage().data_ptr()
-    for layer in linears:
-        bias, weight = layer.module.bias, layer.module.weight
-        if bias.requires_grad:
-            packed = bias.grad.untyped_storage().data_ptr() == packed_storage
-            assert packed == weight.requires_grad, f"{layer.name}.bias: packed only beside a trainable weight"
-    torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
-        else:
-            assert p.grad is None
-
-
-
-
-@pytest.mark.parametrize("method", ["flash", "gram", "per_sample"])
-def test_two_pass_norms_pack_only_vector_parameters(monkeypatch, method):
-    """In the norm pass of a two-pass mode, biases and normalisation weights are packed (one norm per
-    buffer); matrices never are, even when planned per sample. The packed buffers are released before the
-    second pass, and norms and clipped gradients are exact against the float64 oracle."""
-    from flashnorm.grad_sample.packed_grads import PackedPerSampleGrads
-    from tests.oracle import microbatch_reference
-
-    reserved = []
-    original = PackedPerSampleGrads.reserve
-    monkeypatch.setattr(PackedPerSampleGrads, "reserve", lambda self, p, dtype: (reserved.append(p), original(self, p, dtype))[1])
-    torch.manual_seed(0)
-    model = _TwoHeads(use_second=True).double()
-    x, y = torch.randn(4, 7, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
-    oracle = microbatch_reference(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"), 0.1)
-    gsm, _, criterion = _wrap(GradSampleModuleFastGradientClipping, model, norm_method=method)
-    loss = criterion(gsm(x), y)
-    gsm.compute_clipping_coef(loss.loss_per_sample)
-    vectors = {id(p) for p in model.parameters() if p.dim() == 1}
-    assert reserved and {id(p) for p in reserved} == vectors, "exactly the vector parameters are packed"
-    assert gsm.step.packed is None, "the two-pass norm pass releases its packed buffers"
-    torch.testing.assert_close(gsm.get_norm_sample(), oracle.norms, rtol=1e-10, atol=1e-12)
-    gsm.write_clipped_gradients(loss.loss_per_sample, gsm.get_clipping_coef())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=1e-10, atol=1e-12)
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 def test_one_pass_assembles_weights_with_the_fused_kernel(monkeypatch, device):
     """FLASHNORM_BACKEND=triton (the interpreter on CPU): norms by the flash kernel and weight gradients by the
