@@ -35,6 +35,7 @@ from ..utils.privacy_parameters import PrivacyParameters, privacy_attribute
 from .capture import HookedModel, hook_model
 from .config import StepConfig
 from .hooks import LayerHooks
+from .independence import IndependenceProbe, LayerChecks
 from .loss_check import NON_FINITE_LOSS, FiniteLossCheck
 from .phases import CHECKS, CLIPPED_BACKWARD, COEFFICIENTS, NORM_PASS, SINGLE_SAMPLE, WRITE, phase
 from .provenance import mark_clipped, take_pending_clipped_sum
@@ -94,15 +95,22 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             raise ValueError(f"norm_algorithm={norm_algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
         forced = resolve_norm_method(norm_method)
         backend = resolve_backend(backend)
+        # Samples stay independent (independence.py): refused layers, checked now and at every forward.
+        layer_checks = LayerChecks(m)
+        layer_checks.check()
         if strict:
             ModuleValidator.validate(m, strict=True)
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction)
         #: σ and C; a DP criterion replaces it with its optimizer's (:meth:`share_privacy_parameters`).
         self.privacy = privacy
+        self.layer_checks = layer_checks
         self.norm_algorithm = norm_algorithm
         self.norm_method = forced  # None: planned per layer
         self.backend = backend
-        self.distributed = reduces_in_backward(parallelism_of(m))
+        self.parallelism = parallelism_of(m)
+        self.distributed = reduces_in_backward(self.parallelism)
+        #: The sample-independence probe still has to run (the first capturing forward with B ≥ 2).
+        self.probe_pending = True
         self.config = StepConfig(
             backend, norm_algorithm, forced, writer or self.writer_class(), batch_first=batch_first,
             distributed=self.distributed, packs_per_sample_grads=self.packs_per_sample_grads,
@@ -181,6 +189,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     # -- the forward ------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        self.layer_checks.check()  # a BatchNorm switched to train() since make_private, before anything runs
         if not self.capturing_forward():
             try:
                 return self._module(*args, **kwargs)
@@ -191,13 +200,35 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         last = (self.step.leading_batch_size, self.step.batch_size) if self.step is not None else self._last_sizes
         # The first argument's batch size speaks for the layers' once a step with hooks saw them agree.
         single = last is not None and leading == last[0] == last[1] == 1 and not self.distributed
+        probe = self._probe_independence(leading, args, kwargs)
         self.step = self._start_step(leading, 1 if single else None)
         self.hooks.park(single)
         with self.hooks.in_forward():
             # A non-reentrant checkpointed region must be recomputed to its end: its layers' inputs are captured
             # there (early stop would skip the layers after the last tensor autograd itself needs).
             with checkpoint.set_checkpoint_early_stop(False):
-                return self._module(*args, **kwargs)
+                output = self._module(*args, **kwargs)
+        if probe is not None:
+            probe.compare(output)
+            self.probe_pending = False
+        return output
+
+    def _probe_independence(self, leading: Optional[int], args, kwargs) -> Optional[IndependenceProbe]:
+        """Runs the sample-independence probe's perturbed forward (:mod:`~.independence`) once, at the first
+        capturing forward with B ≥ 2, with capture off; the caller compares the real forward's output with it.
+        Skipped under FSDP2 (its forward's collectives) and while a CUDA graph is being captured."""
+        if not self.probe_pending or leading is None or leading < 2 or self.parallelism == "fsdp":
+            return None
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None
+        target = self._module.module if self.parallelism == "ddp" else self._module  # no DDP collective
+        probe = IndependenceProbe(target, 0 if self.batch_first else 1, leading)
+        self.hooks_enabled = False
+        try:
+            ran = probe.perturbed_forward(args, kwargs)
+        finally:
+            self.hooks_enabled = True
+        return probe if ran else None
 
     def _start_step(self, leading: Optional[int], batch_size: Optional[int]) -> ClippingStep:
         self._steps_started += 1
