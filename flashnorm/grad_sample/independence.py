@@ -196,7 +196,7 @@ class IndependenceProbe:
         versions = [t._version for *_, t in named]
         try:
             out = self.module(*p_args, **p_kwargs)
-            self.perturbed = [(path, t.detach()) for path, t in _tensors(out) if self._batched(t)]
+            self.perturbed = [(path, t.detach()) for path, t in _tensors(out)]
             del out
         finally:
             torch.set_rng_state(cpu_state)
@@ -217,31 +217,41 @@ class IndependenceProbe:
             )
         return True
 
+    @staticmethod
+    def _difference(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
+        """``None`` when ``a`` and ``b`` agree (to their dtype's rounding), else their largest difference."""
+        if torch.equal(a, b):
+            return None
+        if a.is_floating_point() or a.is_complex():
+            tol = _tolerance(a.dtype)
+            scale = float(a.abs().nan_to_num(0, 0, 0).max()) if a.numel() else 0.0
+            if torch.allclose(a, b, rtol=tol, atol=tol * max(scale, 1e-30), equal_nan=True):
+                return None
+            return float((a.double() - b.double()).abs().nan_to_num(float("inf")).max())
+        return float("nan")
+
     def _harmless(self, name: str) -> bool:
         owner_path, _, buffer = name.rpartition(".")
         owner = self.module.get_submodule(owner_path) if owner_path else self.module
         return any(isinstance(owner, cls) and buffer == b for cls, b in _HARMLESS_BUFFERS)
 
     def compare(self, output) -> None:
-        """Raises :class:`SampleMixingError` when a row other than 0 of an output differs from the probe's."""
-        real = [(path, t.detach()) for path, t in _tensors(output) if self._batched(t)]
+        """Raises :class:`SampleMixingError` when an output changed outside the slice of sample 0. An output's batch
+        dimension is the inputs' (``batch_dim``) or another of size B (a sequence-first model may return [B, ...]):
+        the output is independent when, along one of them, every row but 0 is as the probe found it."""
+        real = [(path, t.detach()) for path, t in _tensors(output)]
         if self.perturbed is None or len(real) != len(self.perturbed):
             return
         for (path, ref), (_, probed) in zip(real, self.perturbed):
-            if ref.shape != probed.shape or ref.dtype != probed.dtype:
+            if ref.shape != probed.shape or ref.dtype != probed.dtype or torch.equal(ref, probed):
                 continue
-            a = ref.narrow(self.batch_dim, 1, self.batch_size - 1)
-            b = probed.narrow(self.batch_dim, 1, self.batch_size - 1)
-            if torch.equal(a, b):
+            dims = [d for d in dict.fromkeys((self.batch_dim, 0, *range(ref.dim()))) if d < ref.dim()
+                    and ref.shape[d] == self.batch_size]
+            diffs = [self._difference(ref.narrow(d, 1, self.batch_size - 1), probed.narrow(d, 1, self.batch_size - 1))
+                     for d in dims]
+            if not dims or any(diff is None for diff in diffs):
                 continue
-            if a.is_floating_point() or a.is_complex():
-                tol = _tolerance(a.dtype)
-                scale = float(a.abs().nan_to_num(0, 0, 0).max()) if a.numel() else 0.0
-                if torch.allclose(a, b, rtol=tol, atol=tol * max(scale, 1e-30), equal_nan=True):
-                    continue
-                diff = float((a.double() - b.double()).abs().nan_to_num(float("inf")).max())
-            else:
-                diff = float("nan")
+            diff = diffs[0]
             raise SampleMixingError(
                 f"The model mixes samples: changing sample 0 of the batch (to a copy of sample {self.row}) changed "
                 f"the other samples' {path} (by up to {diff:.3g}), found by FlashNorm's sample-independence probe. "

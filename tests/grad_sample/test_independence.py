@@ -265,3 +265,32 @@ def test_the_probe_sees_dropout_as_independent_and_leaves_the_random_stream_as_i
     assert torch.equal(draw1, draw2)
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+class SeqFirstCentred(nn.Module):
+    """[T, B, 4] → Linear → (centred over the batch dimension 1 when ``mix``) → mean over T → [B, 3]."""
+
+    def __init__(self, mix):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.mix = nn.Linear(4, 3), nn.Linear(3, 3), mix
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.mix:
+            h = h - h.mean(1, keepdim=True)
+        return self.b(torch.tanh(h)).mean(0)
+
+
+@pytest.mark.parametrize("mix", (True, False))
+@pytest.mark.parametrize("mode", MODES)
+def test_the_probe_in_a_sequence_first_model_with_batch_first_outputs(mode, mix):
+    """batch_first=False: inputs [T, B, ...], outputs [B, ...] (B = 3 = the output width, so the batch dimension is
+    ambiguous): mixing over the batch is refused, the independent model steps."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    g = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    model = SeqFirstCentred(mix).double()
+    private = make_private(model, mode, clip=C, batch_first=False)
+    refusal = r"mixes samples" if mix else r"$^"
+    assert (run(Attempt(model, lambda: step(private, x, g)), refusal) is None) == mix
