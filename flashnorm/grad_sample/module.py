@@ -217,7 +217,11 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         """Runs the sample-independence probe's perturbed forward (:mod:`~.independence`) once, at the first
         capturing forward with B ≥ 2, with capture off; the caller compares the real forward's output with it.
         Skipped under FSDP2 (its forward's collectives) and while a CUDA graph is being captured."""
-        if not self.probe_pending or leading is None or leading < 2 or self.parallelism == "fsdp":
+        if not self.probe_pending or self.parallelism == "fsdp":
+            return None
+        if leading is None:  # called with keyword arguments only (Hugging Face's model(**batch))
+            leading = self.hooks.leading_batch_size(tuple(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+        if leading is None or leading < 2:
             return None
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return None

@@ -294,3 +294,20 @@ def test_the_probe_in_a_sequence_first_model_with_batch_first_outputs(mode, mix)
     private = make_private(model, mode, clip=C, batch_first=False)
     refusal = r"mixes samples" if mix else r"$^"
     assert (run(Attempt(model, lambda: step(private, x, g)), refusal) is None) == mix
+
+
+class KeywordCentred(Centred):
+    def forward(self, *, inputs):
+        return super().forward(inputs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_probe_runs_on_a_forward_called_with_keyword_arguments_only(mode):
+    """``model(**batch)``, as Hugging Face's Trainer calls it."""
+    (x, g), _ = adversarial()
+    model = KeywordCentred("centre").double()
+    private = make_private(model, mode, clip=C)
+    before = snapshot(model)
+    with pytest.raises(SampleMixingError, match="mixes samples"):
+        private.criterion(private.model(inputs=x), g).backward()
+    assert_unchanged(model, before)
