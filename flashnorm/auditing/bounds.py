@@ -288,11 +288,11 @@ def epsilon_one_run_fdp(
     whose (ε, δ) is below ε̂", a claim about the Gaussian family that DP-SGD's accountants assume.
     Same requirements, arguments and thresholds as `epsilon_one_run`; ``delta`` must be > 0.
 
-    Example:
+    Example (JAX Privacy's calibration case μ = 2):
         >>> import numpy as np
         >>> from scipy.stats import norm
-        >>> u = np.linspace(0, 1, 10_000, endpoint=False) + 1 / 20_000
-        >>> round(epsilon_one_run_fdp(norm.ppf(u) + 2, norm.ppf(u), delta=1e-6, correction="hull"), 4)
+        >>> out_scores = norm.ppf((np.arange(10_000) + 0.5) / 10_000)
+        >>> round(epsilon_one_run_fdp(out_scores + 2, out_scores, delta=1e-6, correction="hull"), 4)
         4.7218
     """
     _check(significance, delta)

@@ -26,8 +26,9 @@ class LayerHooks:
     """The layers' hooks of one grad-sample module (``owner``), which they ask for its mode and its current step.
 
     The owner provides ``hooked`` (:class:`~flashnorm.grad_sample.capture.HookedModel`), ``hooks_enabled``,
-    ``training``, ``batch_first``, ``step`` (the step in progress or ``None``), ``current_step()`` and
-    ``capturing_forward()``.
+    ``training``, ``batch_first``, ``step`` (the step in progress or ``None``) and ``capturing_forward()``. Layers
+    capture only inside the owner's training forward, or when a backward recomputes them (activation
+    checkpointing): the user's module called directly computes as it would unwrapped.
     """
 
     def __init__(self, owner):
@@ -112,14 +113,17 @@ class LayerHooks:
     def _capture_forward(self, layer: HookedLayer, module: nn.Module, inputs, output, kwargs=None):
         owner = self.owner
         owner.hooked.aliases.leave(layer)
+        step = owner.step
         if not owner.capturing_forward():
             if self.forward_depth and owner.hooks_enabled and owner.training and not torch.is_grad_enabled():
-                owner.current_step().recomputes_layers = True  # reentrant checkpointing: captured when recomputed
+                step.recomputes_layers = True  # reentrant checkpointing: captured when recomputed
             return None
+        if step is None or (not self.forward_depth and torch._C._current_graph_task_id() == -1):
+            return None  # the user's module called directly, outside the wrapper's forward: nothing is captured
         if not recording():
-            return self._record_forward(owner.current_step(), layer, module, inputs, output, kwargs)
+            return self._record_forward(step, layer, module, inputs, output, kwargs)
         with phase(FORWARD_HOOK):
-            return self._record_forward(owner.current_step(), layer, module, inputs, output, kwargs)
+            return self._record_forward(step, layer, module, inputs, output, kwargs)
 
     def _record_forward(self, step, layer: HookedLayer, module: nn.Module, inputs, output, kwargs):
         if step.single_sample and self.leading_batch_size(inputs) == 1:

@@ -35,6 +35,7 @@ from ..utils.privacy_parameters import PrivacyParameters, privacy_attribute
 from .capture import HookedModel, hook_model, refuse_parameter_hooks, scale_rows
 from .config import StepConfig
 from .hooks import LayerHooks
+from .independence import IndependenceProbe, LayerChecks
 from .loss_check import NON_FINITE_LOSS, FiniteLossCheck
 from .phases import CHECKS, CLIPPED_BACKWARD, COEFFICIENTS, NORM_PASS, SINGLE_SAMPLE, WRITE, phase
 from .provenance import mark_clipped, take_pending_clipped_sum
@@ -94,15 +95,22 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             raise ValueError(f"norm_algorithm={norm_algorithm!r} is not one of {', '.join(ALGORITHMS)}.")
         forced = resolve_norm_method(norm_method)
         backend = resolve_backend(backend)
+        # Samples stay independent (independence.py): refused layers, checked now and at every forward.
+        layer_checks = LayerChecks(m)
+        layer_checks.check()
         if strict:
             ModuleValidator.validate(m, strict=True)
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction)
         #: σ and C; a DP criterion replaces it with its optimizer's (:meth:`share_privacy_parameters`).
         self.privacy = privacy
+        self.layer_checks = layer_checks
         self.norm_algorithm = norm_algorithm
         self.norm_method = forced  # None: planned per layer
         self.backend = backend
-        self.distributed = reduces_in_backward(parallelism_of(m))
+        self.parallelism = parallelism_of(m)
+        self.distributed = reduces_in_backward(self.parallelism)
+        #: The sample-independence probe still has to run (the first capturing forward with B ≥ 2).
+        self.probe_pending = True
         self.config = StepConfig(
             backend, norm_algorithm, forced, writer or self.writer_class(), batch_first=batch_first,
             distributed=self.distributed, packs_per_sample_grads=self.packs_per_sample_grads,
@@ -174,14 +182,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         must be counted) and grad enabled."""
         return self.hooks_enabled and self.training and torch.is_grad_enabled()
 
-    def current_step(self) -> ClippingStep:
-        """The step in progress; a new one when a layer captures outside the wrapper's forward."""
-        if self.step is None:
-            self.step = self._start_step(None, None, from_forward=False)
-        return self.step
-
     # -- the forward ------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        self.layer_checks.check()  # a BatchNorm switched to train() since make_private, before anything runs
         if not self.capturing_forward():
             try:
                 return self._module(*args, **kwargs)
@@ -192,6 +195,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         last = (self.step.leading_batch_size, self.step.batch_size) if self.step is not None else self._last_sizes
         # The first argument's batch size speaks for the layers' once a step with hooks saw them agree.
         single = last is not None and leading == last[0] == last[1] == 1 and not self.distributed
+        probe = self._probe_independence(leading, args, kwargs)
         self.step = self._start_step(leading, 1 if single else None)
         self.hooks.park(single)
         if single:  # (the layers' pre-hooks, which check their parameters, are detached)
@@ -201,12 +205,28 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             # there (early stop would skip the layers after the last tensor autograd itself needs).
             with checkpoint.set_checkpoint_early_stop(False):
                 output = self._module(*args, **kwargs)
+        if probe is not None:
+            probe.compare(output)
+            self.probe_pending = False
         step = self.step
         if self.config.writer.scales_outputs and step.batch_size is not None and not step.single_sample:
             output = scale_rows(output, step.output_scale, 0 if self.batch_first else 1, step.batch_size,
                                 step.last_layer_output)
             step.last_layer_output = None
         return output
+
+    def _probe_independence(self, leading: Optional[int], args, kwargs) -> Optional[IndependenceProbe]:
+        """The sample-independence probe's perturbed forward (:mod:`~.independence`), once, with capture off (the
+        caller compares the real forward's output with it); not under FSDP2, whose forward has collectives."""
+        if not self.probe_pending or self.parallelism == "fsdp":
+            return None
+        target = self._module.module if self.parallelism == "ddp" else self._module  # no DDP collective
+        self.hooks_enabled = False
+        try:
+            return IndependenceProbe.start(target, 0 if self.batch_first else 1, leading, args, kwargs,
+                                           self.hooks.leading_batch_size)
+        finally:
+            self.hooks_enabled = True
 
     def _start_step(self, leading: Optional[int], batch_size: Optional[int], from_forward: bool = True) -> ClippingStep:
         self._steps_started += 1
@@ -314,7 +334,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
         """After :meth:`compute_clipping_coef`: writes Σ_b c_b ∇ℓ_b into ``p.grad`` (zeros where unused)."""
-        step = self.current_step()
+        step = self.step
+        if step is None or step.norms is None:
+            raise RuntimeError("write_clipped_gradients needs the norms of this step: call compute_clipping_coef first.")
         try:
             step.write(one_per_sample(loss_per_sample), coef)
             self._fill_unused_gradients()
@@ -324,7 +346,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
     def _checked_step(self, loss_per_sample: torch.Tensor, finite: bool) -> ClippingStep:
         """The step this loss belongs to, checked (:meth:`~.step.ClippingStep.check_loss`; ``finite``: the loss
         is read now, and a non-finite one is rejected)."""
-        step = self.current_step()
+        step = self.step or self._start_step(None, None, from_forward=False)  # (none: its check_loss refuses)
         step.check_loss(loss_per_sample)
         if finite:
             self._check_finite(FiniteLossCheck(loss_per_sample))

@@ -306,8 +306,8 @@ class ClippingStep:
             if not grads:
                 return None
             return NormRecord(multi_tensor.squared_norm(grads, backend=self.config.backend))
-        if self.state is not StepState.PLAIN_BACKWARD:
-            return None
+        if self.state is not StepState.PLAIN_BACKWARD or self.norms is not None:
+            return None  # (computed already: the module holds them)
         self._count_remaining()
         terms, self.terms = self.terms, None
         batch = self.batch_size or 0
@@ -315,7 +315,6 @@ class ClippingStep:
         if loss_reduction == "mean" and batch > 1:
             norm_sq, bound = norm_sq * batch**2, None if bound is None else bound * batch
         self.norms = NormRecord(norm_sq, bound)
-        self.state = StepState.ABANDONED
         return self.norms
 
     def _full_norm_pass(self, loss_per_sample: torch.Tensor, params: List[nn.Parameter]) -> List[nn.Parameter]:

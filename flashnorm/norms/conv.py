@@ -23,6 +23,9 @@ from .rounding import frobenius_per_sample
 class ConvRule(LinearFamilyRule):
     """Conv1d / Conv2d via unfold: weight [C_out, C_in, *k] ↔ [p = C_out, d = C_in·Πk]."""
 
+    #: ``forward`` calls ``_conv_forward`` (where weight standardisation and the like are written).
+    call_path = ("forward", "_conv_forward")
+
     def supports(self, layer):
         if layer.groups != 1:
             return "grouped convolution (groups != 1)"

@@ -17,6 +17,7 @@ their code) takes the same rule on the lookup's gradient G·scale (:meth:`Embedd
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -111,3 +112,98 @@ class ScaledEmbeddingRule(EmbeddingRule):
 
     def lookup_grad(self, layer, g):
         return g * layer.embed_scale.to(layer.weight.dtype)
+
+
+@register_norm_rule(nn.EmbeddingBag)
+class EmbeddingBagRule(EmbeddingRule):
+    """``nn.EmbeddingBag`` on a 2-D input [B, L]: bag b is sample b, its output gradient g_b ∈ ℝ^D.
+
+    * ``sum``: position t of bag b sends w_bt·g_b to row ids_b[t] (w = ``per_sample_weights``, else 1);
+    * ``mean``: g_b / n_b to each row (n_b the bag's ids other than ``padding_idx``);
+    * ``max``: g_b[d] to row m_b[d] for each dimension d, m the forward's arg-max ids (recomputed by
+      ``torch.embedding_bag`` on the same weight and ids), so ‖∇ℓ_b‖² = Σ_{d: bag non-empty} g_b[d]².
+
+    Positions at ``padding_idx`` get no gradient. ``per_sample_weights`` reaches the rule through the captured call
+    (:attr:`needs_call`). A 1-D input with ``offsets`` (bags not one per sample) is refused when it runs
+    (:mod:`flashnorm.grad_sample.independence`), sparse gradients fall back to per-sample gradients.
+    """
+
+    #: The forward hook hands over the call (``per_sample_weights``).
+    needs_call = True
+
+    def __init__(self):
+        #: ``per_sample_weights`` of each captured call, keyed by the id of its captured input (held weakly).
+        self.calls = {}
+
+    def supports(self, layer):
+        return "sparse=True" if layer.sparse else None
+
+    def remember_call(self, x, args, kwargs, first_use):
+        offsets = args[0] if args else kwargs.get("offsets")
+        if offsets is not None or x.dim() != 2:
+            raise NotImplementedError(
+                f"nn.EmbeddingBag with a {x.dim()}-D input and offsets: FlashNorm needs one bag per sample, a 2-D "
+                "input [B, L] (pad the bags with padding_idx)."
+            )
+        weights = args[1] if len(args) > 1 else kwargs.get("per_sample_weights")
+        self.calls = {k: v for k, v in self.calls.items() if v[0]() is not None}
+        self.calls[id(x)] = (weakref.ref(x), None if weights is None else weights.detach())
+
+    def _weights(self, x):
+        found = self.calls.get(id(x))
+        return found[1] if found is not None and found[0]() is x else None
+
+    def join_uses(self, layer, xs, gs):
+        return None  # bags of two uses are not one bag: their per-sample gradients are summed
+
+    def _position_weights(self, layer, x, g) -> torch.Tensor:
+        """The factor of g_b each position t sends to row ids_b[t]: [B, L] in g's accumulation dtype."""
+        acc = accumulation_dtype(g)
+        weights = self._weights(x)
+        w = torch.ones(x.shape, dtype=acc, device=g.device) if weights is None else weights.to(acc)
+        if layer.padding_idx is not None:
+            kept = (x != layer.padding_idx).to(acc)
+            w = w * kept
+        else:
+            kept = torch.ones_like(w)
+        if layer.mode == "mean":
+            w = w / kept.sum(dim=1, keepdim=True).clamp(min=1)
+        return w
+
+    def _max_ids(self, layer, x):
+        """m [B, D]: the id each output dimension's maximum came from, as the forward found it; -1 for an empty bag
+        (all ``padding_idx``), whose output is zero and sends no gradient."""
+        batch, steps = x.shape
+        offsets = torch.arange(batch, device=x.device) * steps
+        _, _, bag_size, ids = torch.embedding_bag(  # (as F.embedding_bag calls it)
+            layer.weight.detach(), x.reshape(-1), offsets, False, 2, False, None, False, layer.padding_idx
+        )
+        return ids.masked_fill((bag_size == 0).unsqueeze(1), -1)
+
+    def _rows(self, layer, x, g):
+        if layer.mode == "max":
+            ids = self._max_ids(layer, x)  # [B, D]: dimension d of sample b's gradient row lands in row ids[b, d]
+            batch, dim = ids.shape
+            sample = torch.arange(batch, device=x.device).unsqueeze(1).expand_as(ids).reshape(-1)
+            rows = torch.diag_embed(g).reshape(batch * dim, dim)  # (b, d) → g_b[d]·e_d
+            valid = (ids >= 0).reshape(-1)
+            rows = rows * valid.unsqueeze(1).to(rows.dtype)
+            return sample, ids.reshape(-1).clamp(min=0), rows
+        batch, steps = x.shape
+        w = self._position_weights(layer, x, g)
+        rows = g.unsqueeze(1).to(w.dtype) * w.unsqueeze(2)
+        sample = torch.arange(batch, device=x.device).unsqueeze(1).expand(batch, steps).reshape(-1)
+        return sample, x.reshape(-1), rows.reshape(batch * steps, g.shape[-1])
+
+    def norm_sq(self, layer, x, g, method, vectors=True, *, backend=None):
+        if method == "exact" and layer.mode == "max":
+            valid = (self._max_ids(layer, x) >= 0).to(accumulation_dtype(g))
+            return (g.to(valid.dtype).square() * valid).sum(dim=1)
+        return super().norm_sq(layer, x, g, method, vectors, backend=backend)
+
+    def rounding_scale(self, layer, x, g):
+        """Row v of W_b sums w_bt·g_b over the positions with ids_b[t] = v: s_b = Σ_t |w_bt|·‖g_b‖, n = L."""
+        if layer.mode == "max":
+            return frobenius_per_sample(g), 1
+        w = self._position_weights(layer, x, g)
+        return w.abs().sum(dim=1) * frobenius_per_sample(g), max(x.shape[1], 1)

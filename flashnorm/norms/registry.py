@@ -64,6 +64,11 @@ class NormRule(abc.ABC):
     autocast_input: bool = False
     #: The rule's per-sample gradients cover the parameters of the layer's children too (they get no hooks).
     covers_children: bool = False
+    #: The methods on the layer's call path whose code the rule's algebra assumes: ``forward`` and the helpers it
+    #: calls (``_conv_forward`` for convolutions). A subclass serves by this rule only while each of them (and
+    #: ``nn.Module``'s call machinery, :data:`CALL_MACHINERY`) is the registered class's own; one that overrides
+    #: any takes the exact fallback. Methods off the path (``_get_name``, ``extra_repr``, ``__init__``) never count.
+    call_path: Tuple[str, ...] = ("forward",)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -208,18 +213,31 @@ def copies_of(module: str, name: str, methods: Tuple[str, ...] = ("forward",), b
     return matches
 
 
+#: ``nn.Module``'s call machinery: a subclass that overrides one of these runs something else than ``forward``.
+CALL_MACHINERY = ("__call__", "_call_impl", "_wrapped_call_impl")
+
+
+def keeps_call_path(cls: type, registered: type, rule: "NormRule") -> bool:
+    """Whether every method on ``rule``'s call path (:attr:`NormRule.call_path`, plus :data:`CALL_MACHINERY`) is,
+    for ``cls``, the very function ``registered`` has: ``cls`` then computes what ``registered`` computes."""
+    return all(getattr(cls, name, None) is getattr(registered, name, None) for name in (*rule.call_path, *CALL_MACHINERY))
+
+
 def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:
     """The rule registered for the nearest class in ``type(layer)``'s MRO, else the first matching rule
     (:func:`register_norm_rule_matching`), or ``None``.
 
     A subclass inherits its parent's rule (a user's ``class MyLinear(nn.Linear)`` gets the Linear rule) only
-    while it computes what the parent computes: one that overrides ``forward`` gets a matching rule or ``None``
-    (and so the exact per-sample fallback), since the parent's algebra need not hold for its own forward.
+    while it computes what the parent computes: every method on the rule's call path (``forward`` and the helpers
+    it calls, :attr:`NormRule.call_path`, e.g. ``Conv2d._conv_forward``) must be the parent's own. A subclass that
+    overrides one (weight standardisation in ``_conv_forward``) gets a matching rule or ``None`` (and so the exact
+    per-sample fallback), since the parent's algebra need not hold for its code. Overriding methods off the path
+    (``_get_name``, ``extra_repr``) keeps the rule.
     """
     for cls in type(layer).__mro__:
         rule = _RULES.get(cls)
         if rule is not None:
-            if type(layer).forward is cls.forward:
+            if keeps_call_path(type(layer), cls, rule):
                 return rule
             break
     return next((rule for matches, rule in _MATCHED if matches(type(layer))), None)

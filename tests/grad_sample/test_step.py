@@ -83,20 +83,23 @@ def test_clipped_backward_walks_norm_pass_then_writing_then_drops_the_step(write
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_a_plain_backward_gives_plain_backward_with_the_oracle_norms_on_request(cls):
-    """``loss_per_sample.sum().backward()`` reaches the taps: the step records it, the gradients are the unclipped
-    sum, the norms are computed when asked for, and the step's loss cannot then go through the workflow."""
+    """``loss_per_sample.mean().backward()`` (the module's ``mean`` reduction) reaches the taps: the step records it,
+    the gradients are the unclipped mean, the norms are computed when asked for, as Opacus defines them (‖∇ℓ_b‖),
+    and the step's loss cannot then go through the workflow."""
     model, x, y, oracle, gsm = _float64(cls)
     loss = per_sample_loss(gsm(x), y)
-    loss.sum().backward()
+    loss.mean().backward()
     assert gsm.step.state is StepState.PLAIN_BACKWARD
+    for p in model.parameters():
+        p.grad.mul_(len(x))  # the mean's gradient is the sum's over B
     assert_clipped_sum(model, oracle_of(gsm, x, y, clip=float("inf")))
     assert_norms(gsm.get_norm_sample(), oracle)
-    with pytest.raises(RuntimeError, match="No captured forward pass"):
+    with pytest.raises(RuntimeError, match="already back-propagated by a backward other than the DP loss"):
         gsm.clipped_backward(loss)
 
 
-@pytest.mark.parametrize("bad", [lambda loss: loss.unsqueeze(1), lambda loss: loss[:2], lambda loss: loss.sum()],
-                         ids=["[B, 1]", "[B - 1]", "scalar"])
+@pytest.mark.parametrize("bad", [lambda loss: loss.unsqueeze(0), lambda loss: loss[:2], lambda loss: loss.sum()],
+                         ids=["[1, B]", "[B - 1]", "scalar"])
 @pytest.mark.parametrize("cls", CLASSES)
 def test_a_wrong_shaped_loss_abandons_the_step(cls, bad):
     model, x, y, _, gsm = _float64(cls)
