@@ -35,7 +35,7 @@ from flashnorm.kernels import (
     gram_norm_sq,
     weighted_row_sum,
 )
-from benchmarks.run import _git as git_commit  # the runner's record (FLASHNORM_GIT_COMMIT on a copied tree)
+from benchmarks.history import git_commit  # the runner's record (FLASHNORM_GIT_COMMIT on a copied tree)
 from flashnorm.kernels.affine_norm import affine_norm_grads_reference, affine_norm_grads_triton
 from flashnorm.kernels.flash_norm import FlashConfig, flash_norm_launch, flash_norm_sq_triton
 from flashnorm.kernels.gram_norm import GramConfig, gram_norm_sq_triton

@@ -226,7 +226,7 @@ def epsilon_one_run(
 
 # -- one run, f-DP (Mahloujifar, Melis and Chaudhuri 2024) ---------------------------------------------------
 
-def _gaussian_delta(mu: float, eps: float) -> float:
+def gaussian_delta(mu: float, eps: float) -> float:
     """δ(ε) of μ-GDP (the Gaussian mechanism of sensitivity 1 and noise 1/μ): Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2)."""
     if mu <= 0:
         return 0.0
@@ -244,9 +244,9 @@ def gaussian_mu_for_epsilon(epsilon: float, delta: float) -> float:
     if epsilon < 0:
         raise ValueError(f"epsilon must be ≥ 0, got {epsilon}.")
     high = 1.0
-    while _gaussian_delta(high, epsilon) < delta:
+    while gaussian_delta(high, epsilon) < delta:
         high *= 2.0
-    return optimize.brentq(lambda mu: _gaussian_delta(mu, epsilon) - delta, 0.0, high, xtol=1e-14, rtol=1e-14)
+    return optimize.brentq(lambda mu: gaussian_delta(mu, epsilon) - delta, 0.0, high, xtol=1e-14, rtol=1e-14)
 
 
 def _fdp_margin(mu: float, m: int, guesses: int, right: int, alpha: float) -> float:

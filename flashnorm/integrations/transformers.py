@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import transformers
@@ -56,93 +54,15 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
-from ..modes import get_mode
 from ..privacy_engine import FlashNormPrivacyEngine
 from ..utils.export import unwrap_model
 from ..criterion import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from .micro_batches import CollateOrEmpty, MicroBatchSampler
+from .privacy_arguments import PrivacyArguments
 
 IGNORE_INDEX = -100
 #: The accountant's state in a checkpoint directory, beside the optimizer's.
 ACCOUNTANT_NAME = "privacy_accountant.pt"
-
-
-@dataclass
-class PrivacyArguments:
-    """What :class:`DPTrainer` needs beyond ``TrainingArguments`` (parsable by ``HfArgumentParser``).
-
-    Args:
-        noise_multiplier: σ; give it or ``target_epsilon``, not both.
-        target_epsilon: ε to reach at the end of training (σ from Opacus's ``get_noise_multiplier``
-            for the run's number of DP steps and sample rate).
-        target_delta: δ of the guarantee and of the logged ε.
-        max_grad_norm: the per-sample clipping bound C. (``TrainingArguments.max_grad_norm``, a clip
-            of the batch gradient, is not applied: DP clips per sample.)
-        grad_sample_mode: a FlashNorm clipping mode: ``flash_fuse`` (default), ``flash`` or ``ghost``.
-        accountant: Opacus's accountant: ``prv`` (default, as ``opacus.PrivacyEngine``), ``rdp`` or ``gdp``.
-        poisson_sampling: Poisson-sample each logical batch (default; what the accountant assumes).
-        log_loss: whether the Trainer logs the training loss (``loss`` at each logging step, ``train_loss`` at the
-            end; default True). That loss is the mean per-sample loss of the logical batches *before* clipping and
-            noise, computed from the training data: it is **not** differentially private and not covered by the ε
-            the trainer reports. ``False`` computes no training loss: ``loss`` and ``train_loss`` are left out of
-            the logs (ε, the learning rate and the evaluation metrics are still logged) and ``train()`` returns
-            ``training_loss = nan``.
-    """
-
-    noise_multiplier: Optional[float] = None
-    target_epsilon: Optional[float] = None
-    target_delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    grad_sample_mode: str = "flash_fuse"
-    accountant: str = "prv"
-    poisson_sampling: bool = True
-    log_loss: bool = True
-
-    def __post_init__(self):
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError(
-                f"Give exactly one of noise_multiplier ({self.noise_multiplier}) and target_epsilon "
-                f"({self.target_epsilon})."
-            )
-        mode = get_mode(self.grad_sample_mode)  # raises on an unknown mode, listing the valid ones
-        if mode.delegated or mode.fsdp:
-            raise ValueError(
-                f"grad_sample_mode={self.grad_sample_mode!r}: DPTrainer trains with FlashNorm's clipping modes "
-                "for one process or DDP: 'flash_fuse', 'flash' or 'ghost'."
-            )
-
-
-class _MicroBatchSampler(Sampler):
-    """Cuts this rank's share of each logical batch of ``logical`` (a batch sampler, the same on every rank)
-    into ``parts`` consecutive micro-batches; the share of rank r of W is ``indices[r::W]``.
-
-    ``logical`` is assigned after ``make_private`` (Opacus's Poisson sampler replaces the plain one);
-    both have the same length, so the Trainer's step count, taken before, stays right. Every rank yields
-    ``len(logical) × parts`` micro-batches (empty ones included), so the ranks step together.
-    """
-
-    def __init__(self, logical: Sampler, parts: int, rank: int = 0, world_size: int = 1):
-        self.logical, self.parts, self.rank, self.world_size = logical, parts, rank, world_size
-
-    def __iter__(self):
-        for indices in self.logical:
-            share = np.asarray(list(indices), dtype=np.int64)[self.rank :: self.world_size]
-            for part in np.array_split(share, self.parts):
-                yield part.tolist()
-
-    def __len__(self) -> int:
-        return len(self.logical) * self.parts
-
-
-class _CollateOrEmpty:
-    """The data collator; an empty micro-batch becomes the collated first sample cut to 0 rows."""
-
-    def __init__(self, collate, dataset):
-        self.collate, self.dataset = collate, dataset
-
-    def __call__(self, features):
-        if features:
-            return self.collate(features)
-        return {k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in self.collate([self.dataset[0]]).items()}
 
 
 def _is_datasets_dataset(dataset) -> bool:
@@ -196,7 +116,7 @@ class DPTrainer(transformers.Trainer):
         self.sample_rate: Optional[float] = None
         self.dp_optimizer = None
         self._logical_loader: Optional[DataLoader] = None
-        self._micro_batches: Optional[_MicroBatchSampler] = None
+        self._micro_batches: Optional[MicroBatchSampler] = None
         self._dp_batch_sampler: Optional[Sampler] = None
         self._check_supported()
 
@@ -253,7 +173,7 @@ class DPTrainer(transformers.Trainer):
 
         The logical batches come from a loader of batch size L over the training set (shuffled with
         ``data_seed``/``seed``, alike on every rank); :meth:`create_optimizer` hands it to ``make_private``
-        and then draws them with Opacus's Poisson sampler. Each rank takes its share (:class:`_MicroBatchSampler`).
+        and then draws them with Opacus's Poisson sampler. Each rank takes its share (:class:`MicroBatchSampler`).
         """
         dataset = self.train_dataset
         if dataset is None:
@@ -275,13 +195,13 @@ class DPTrainer(transformers.Trainer):
             generator=generator,
         )
         logical = self._dp_batch_sampler or self._logical_loader.batch_sampler  # Poisson's once make_private ran
-        self._micro_batches = _MicroBatchSampler(
+        self._micro_batches = MicroBatchSampler(
             logical, self.args.gradient_accumulation_steps, self.args.process_index, self.args.world_size
         )
         return DataLoader(
             dataset,
             batch_sampler=self._micro_batches,
-            collate_fn=_CollateOrEmpty(collator, dataset),
+            collate_fn=CollateOrEmpty(collator, dataset),
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )

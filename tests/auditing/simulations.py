@@ -17,12 +17,12 @@ from scipy.special import logsumexp
 from scipy.stats import norm
 
 from flashnorm.auditing import epsilon_one_run, epsilon_one_run_fdp
-from flashnorm.auditing.bounds import _gaussian_delta
+from flashnorm.auditing.bounds import gaussian_delta
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:
     """ε at δ of the Gaussian mechanism with μ = sensitivity / noise."""
-    return optimize.brentq(lambda e: _gaussian_delta(mu, e) - delta, 0, 200)
+    return optimize.brentq(lambda e: gaussian_delta(mu, e) - delta, 0, 200)
 
 
 def poisson_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
