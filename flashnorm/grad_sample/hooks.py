@@ -160,6 +160,7 @@ class LayerHooks:
             return None  # the batch gradient is the per-sample gradient: nothing to capture
         # Inside a non-reentrant checkpointed region X is taken from the recompute, keeping the memory saving.
         deferred = in_checkpointed_region()
+        step.checkpointed = step.checkpointed or deferred
         if kwargs is not None and deferred:
             raise NotImplementedError(
                 f"Layer '{layer.name}' has no norm rule and runs inside activation checkpointing; FlashNorm's "

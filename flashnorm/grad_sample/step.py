@@ -31,6 +31,7 @@ from .loss_check import FiniteLossCheck
 from .norm_pass import NormTerms
 from .packed_grads import plan_packed_grads
 from .phases import NORMS, phase, recording
+from .recompute import RandomStateWatch, refuse_unrepeatable_recompute
 
 
 class StepState(enum.Enum):
@@ -96,6 +97,7 @@ class ClippingStep:
         self.check: Optional[FiniteLossCheck] = None  # losses and norms finite, read after the step is issued
         self.output_scale = OutputScale()  # the coefficients the model outputs' rows take in a second backward
         self.last_layer_output: Optional[torch.Tensor] = None  # the last hooked layer's output in the forward
+        self.checkpointed = False  # a hooked layer ran inside non-reentrant activation checkpointing
 
     @property
     def layers(self) -> List[HookedLayer]:
@@ -251,6 +253,8 @@ class ClippingStep:
             self.packed = plan_packed_grads(captured, batch, device, config.method,
                                             vectors_only=not writer.applies_kept_per_sample)
         self.terms = NormTerms(config, hooked, self.packed, partial(writer.keep, self.kept))
+        # a second backward recomputes checkpointed regions again: they must draw no random numbers of their own
+        watch = RandomStateWatch(device) if writer.retains_graph and (self.checkpointed or self.recomputes_layers) else None
         try:
             self.reached_taps = False
             if not loss_per_sample.requires_grad:
@@ -276,6 +280,7 @@ class ClippingStep:
                     "forward in training mode (model.train(), hooks enabled) before each backward on the DP loss."
                 )
             self._refuse_outside_uses(outside)
+            refuse_unrepeatable_recompute(watch)
             self._count_remaining()
             self.norms = NormRecord(*self.terms.result(batch, device))
         except BaseException:

@@ -51,3 +51,23 @@ def test_a_time_major_token_loss_with_sequence_first_inputs_is_clipped_per_seque
         return Attempt(model, act, scale=4.0 if reduction == "mean" else 1.0, expected=expected)
 
     assert influence(make, adversarial()) is not None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_model_cast_to_bfloat16_after_make_private_stays_bounded(mode):
+    """``model.to(torch.bfloat16)`` after make_private: the coefficient is applied in float32 to the output rows (never
+    rounded to the loss's 16 bits first), so a sample's influence stays ≤ C(1 + 10⁻³)."""
+
+    def make(b):
+        x, g = b
+        model = probe()
+        private = make_private(model, mode, clip=C)
+        model.to(torch.bfloat16)
+
+        def act():
+            private.criterion(private.model(x.to(torch.bfloat16)), g.to(torch.bfloat16)).backward()
+            private.optimizer.step()
+
+        return Attempt(model, act)
+
+    assert influence(make, adversarial()) is not None
