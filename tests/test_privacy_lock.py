@@ -10,11 +10,11 @@ gradients were discarded, take effect exactly (float64 oracle).
 
 import pytest
 import torch
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from flashnorm.utils.privacy_parameters import PrivacyParameters
 from tests.grad_sample.guarantee import (
-    C, MODES, Attempt, adversarial, batch, influence, make_private, oracle, probe, run, step,
+    C, MODES, Attempt, adversarial, batch, influence, make_private, oracle, probe, run, step, step_on,
+    virtual_steps,
 )
 
 #: The bound the adversarial sample is clipped with before C is lowered to the probe's C = 1.
@@ -26,15 +26,28 @@ def _backward(private, x, g):
     private.criterion(private.model(x), g).backward()
 
 
+def _after_backward(mode, b, *, clip, sigma=0.0, **changed):
+    """The probe made private (``clip``, ``sigma``), one clipped backward on ``b``, then ``changed`` set on the
+    optimizer (its ``max_grad_norm``, ``noise_multiplier``)."""
+    private = make_private(probe(), mode, clip=clip, sigma=sigma)
+    _backward(private, *b)
+    for name, value in changed.items():
+        setattr(private.optimizer, name, value)
+    return private
+
+
+def _lowered_then_step(private, b):
+    """C lowered to the probe's C, then one step on ``b``: it must apply the oracle's clipped sum at C exactly."""
+    private.optimizer.max_grad_norm = C
+    return step_on(private, *b, exact_at=C)
+
+
 # -- a change inside a logical step is refused ------------------------------------------------------------------
 @pytest.mark.parametrize("mode", MODES)
 def test_c_lowered_between_backward_and_step_is_refused(mode):
     def make(b):
-        model = probe()
-        private = make_private(model, mode, clip=HIGH)
-        _backward(private, *b)
-        private.optimizer.max_grad_norm = C
-        return Attempt(model, private.optimizer.step)
+        private = _after_backward(mode, b, clip=HIGH, max_grad_norm=C)
+        return Attempt(private.module, private.optimizer.step)
 
     assert influence(make, adversarial(), clip=C, refusal="optimizer.step\\(\\) refused: " + CHANGED) is None
 
@@ -89,25 +102,17 @@ def test_c_lowered_inside_a_batch_memory_manager_loop_is_refused(mode):
         model = probe()
         private = make_private(model, mode, clip=HIGH, data=(x, g), batch_size=len(x))
 
-        def act():
-            with BatchMemoryManager(data_loader=private.loader, max_physical_batch_size=3,
-                                    optimizer=private.optimizer) as loader:
-                for bx, bg in loader:
-                    step(private, bx, bg)
-                    private.optimizer.zero_grad()
-                    private.optimizer.max_grad_norm = C
-        return Attempt(model, act)
+        def lower():
+            private.optimizer.max_grad_norm = C
+        return Attempt(model, lambda: virtual_steps(private, max_physical_batch_size=3, between=lower))
 
     assert influence(make, adversarial(), clip=C, refusal=CHANGED) is None
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_sigma_changed_between_backward_and_step_is_refused(mode):
-    model = probe()
-    private = make_private(model, mode, clip=C, sigma=1.0)
-    _backward(private, *adversarial()[0])
-    private.optimizer.noise_multiplier = 0.0
-    assert run(Attempt(model, private.optimizer.step), r"noise_multiplier from 1\.0 to 0\.0") is None
+    private = _after_backward(mode, adversarial()[0], clip=C, sigma=1.0, noise_multiplier=0.0)
+    assert run(Attempt(private.module, private.optimizer.step), r"noise_multiplier from 1\.0 to 0\.0") is None
     assert private.engine.accountant.history == []
 
 
@@ -115,14 +120,11 @@ def test_sigma_changed_between_backward_and_step_is_refused(mode):
 def test_c_set_back_before_the_step_is_exact(mode):
     """A refused step leaves the gradients: setting C back to the value they were clipped with lets it run."""
     def make(b):
-        model = probe()
-        private = make_private(model, mode, clip=C)
-        _backward(private, *b)
-        private.optimizer.max_grad_norm = HIGH
+        private = _after_backward(mode, b, clip=C, max_grad_norm=HIGH)
         with pytest.raises(RuntimeError, match="max_grad_norm from 1.0 to 10.0"):
             private.optimizer.step()
         private.optimizer.max_grad_norm = C
-        return Attempt(model, private.optimizer.step, expected=oracle(private.model, *b, C))
+        return Attempt(private.module, private.optimizer.step, expected=oracle(private.model, *b, C))
 
     assert influence(make, adversarial()) is not None
 
@@ -133,16 +135,14 @@ def test_c_set_back_before_the_step_is_exact(mode):
 def test_c_changed_once_the_accumulated_gradients_are_gone_is_applied(mode, discard):
     """After ``zero_grad()``, ``p.grad = None`` or a real step, a new C is the bound of the next step, exactly."""
     def make(b):
-        model = probe()
-        private = make_private(model, mode, clip=HIGH)
+        private = make_private(probe(), mode, clip=HIGH)
         step(private, *batch(3, seed=5)) if discard == "step" else _backward(private, *batch(3, seed=5))
         if discard == "set_to_none":
-            for p in model.parameters():
+            for p in private.module.parameters():
                 p.grad = None
         else:
             private.optimizer.zero_grad()
-        private.optimizer.max_grad_norm = C
-        return Attempt(model, lambda: step(private, *b), expected=oracle(private.model, *b, C))
+        return _lowered_then_step(private, b)
 
     assert influence(make, adversarial()) is not None
 
@@ -151,15 +151,13 @@ def test_c_changed_once_the_accumulated_gradients_are_gone_is_applied(mode, disc
 def test_c_changed_after_a_refused_backward_is_applied(mode):
     """A backward that raised (its forward captured nothing) accumulated nothing: C may change after it."""
     def make(b):
-        model = probe()
-        private = make_private(model, mode, clip=HIGH)
+        private = make_private(probe(), mode, clip=HIGH)
         private.model.eval()
         loss = private.criterion(private.model(b[0]), b[1])
         with pytest.raises(RuntimeError, match="No captured forward pass"):
             loss.backward()
         private.model.train()
-        private.optimizer.max_grad_norm = C
-        return Attempt(model, lambda: step(private, *b), expected=oracle(private.model, *b, C))
+        return _lowered_then_step(private, b)
 
     assert influence(make, adversarial()) is not None
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -32,6 +30,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from flashnorm import PrivacyEngine
 from flashnorm.auditing import AuditResult, CanaryAudit
+from tests.distributed.workers import run_in_group
 
 DELTA = 1e-5
 CANARIES = 20_000
@@ -220,19 +219,8 @@ def _distributed_run(case: Case, world: int) -> Dict:
 
 def _rank_main(rank: int, world: int, init_file: str, out_dir: str, cases: Sequence[Case]) -> None:
     torch.set_num_threads(1)  # a forked child (as DataLoader workers do)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    results = {}
-    try:
-        for case in cases:
-            try:
-                results[case.name] = _distributed_run(case, world)
-            except Exception:  # noqa: BLE001 - reported by the test of that case
-                results[case.name] = {"error": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    run_in_group(rank, world, "gloo", init_file, out_dir,
+                 {case.name: functools.partial(_distributed_run, case, world) for case in cases})
 
 
 def launch(cases: List[Case], world: int, tmp_dir: str) -> Dict[str, Dict]:

@@ -8,9 +8,9 @@ rank 0, or per owned shard) is sized for C = 1, and ranks with different σ reco
 
 from __future__ import annotations
 
+import functools
 import os
 import traceback
-from datetime import timedelta
 
 import pytest
 import torch
@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.distributed.workers import Case, build
+from tests.distributed.workers import Case, build, rank_device, run_in_group
 
 BACKEND = os.environ.get("FLASHNORM_DIST_BACKEND", "gloo")
 B = 4  # the global batch size (B / 2 samples per rank)
@@ -77,23 +77,14 @@ def _case(name: str, rank: int, device: torch.device) -> dict:
     return result
 
 
+def _failed(err: Exception) -> dict:
+    return {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+
+
 def _ranks(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    if BACKEND == "nccl":
-        torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank) if BACKEND == "nccl" else torch.device("cpu")
-    dist.init_process_group(BACKEND, init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    results = {}
-    try:
-        for name in CASES:
-            try:
-                results[name] = _case(name, rank, device)
-            except Exception as err:  # noqa: BLE001 - reported by the test of that case
-                results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    device = rank_device(BACKEND, rank)
+    run_in_group(rank, world, BACKEND, init_file, out_dir,
+                 {name: functools.partial(_case, name, rank, device) for name in CASES}, failed=_failed)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ pytest process compares the saved gradients with the float64 microbatch oracle o
 
 from __future__ import annotations
 
+import functools
 import os
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -188,30 +189,49 @@ def run_case(case: Case, device: torch.device) -> Dict:
     }
 
 
-def run_cases(rank: int, world: int, backend: str, init_file: str, out_dir: str, cases: List[Case]) -> None:
-    """Body of every rank: one process group, every case in order, results to ``out_dir/rank<r>.pt``.
-
-    A case that raises on every rank records its traceback and the next case runs; a case that raised on
-    one rank only would desynchronise the collectives, so the group's timeout ends the run.
-    """
+def rank_device(backend: str, rank: int) -> torch.device:
+    """This rank's device: under NCCL its GPU (made the current one), else the CPU."""
     if backend == "nccl":
         torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        device = torch.device("cpu")
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+def _traceback_of(err: Exception) -> Dict:
+    return {"error": traceback.format_exc()}
+
+
+def run_in_group(rank: int, world: int, backend: str, init_file: str, out_dir: str,
+                 jobs: Dict[str, Callable[[], Dict]], failed: Callable[[Exception], Dict] = _traceback_of) -> None:
+    """The body every spawned or forked rank of the tests shares: one process group (``init_file``'s rendezvous,
+    120 s timeout), each of ``jobs`` (name → job) in order with a barrier after it, ``{name: result}`` saved to
+    ``out_dir/rank<r>.pt`` however the loop ends.
+
+    A job that raises records ``failed(err)`` (called inside the ``except``: default, its traceback under "error")
+    and the next job runs; a job that raised on one rank only would desynchronise the collectives, so the group's
+    timeout ends the run.
+    """
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     results = {}
     try:
-        for case in cases:
+        for name, job in jobs.items():
             try:
-                results[case.name] = run_case(case, device)
-            except Exception:  # noqa: BLE001 - reported by the test of that case
-                results[case.name] = {"error": traceback.format_exc()}
+                results[name] = job()
+            except Exception as err:  # noqa: BLE001 - reported by the test of that job
+                results[name] = failed(err)
             dist.barrier()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+
+
+def run_cases(rank: int, world: int, backend: str, init_file: str, out_dir: str, cases: List[Case]) -> None:
+    """Body of every rank: one process group, every case in order, results to ``out_dir/rank<r>.pt``
+    (:func:`run_in_group`)."""
+    device = rank_device(backend, rank)
+    run_in_group(rank, world, backend, init_file, out_dir,
+                 {case.name: functools.partial(run_case, case, device) for case in cases})
 
 
 @dataclass

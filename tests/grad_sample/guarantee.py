@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
 from flashnorm import FlashNormPrivacyEngine
@@ -71,6 +72,7 @@ class Private:
     optimizer: torch.optim.Optimizer
     criterion: Callable
     loader: DataLoader
+    module: Optional[nn.Module] = None  # the user's module that was made private (whose parameters a step changes)
 
 
 def make_private(model, mode, *, clip, sigma=0.0, data=None, batch_size=4, reduction="sum", criterion=None,
@@ -88,13 +90,26 @@ def make_private(model, mode, *, clip, sigma=0.0, data=None, batch_size=4, reduc
     )
     if len(out) == 3:  # (model, optimizer, loader)
         out = (out[0], out[1], criterion, out[2])
-    return Private(engine, *out)
+    return Private(engine, *out, module=model)
 
 
 def step(private: Private, x, target) -> None:
     """One DP step: the returned criterion's backward, then ``optimizer.step()``."""
     private.criterion(private.model(x), target).backward()
     private.optimizer.step()
+
+
+def virtual_steps(private: Private, max_physical_batch_size: int = 3,
+                  between: Optional[Callable[[], None]] = None) -> None:
+    """One logical step over ``private.loader`` in ``BatchMemoryManager``'s physical batches: a :func:`step` and
+    ``zero_grad()`` on each, then ``between()`` (if given)."""
+    with BatchMemoryManager(data_loader=private.loader, max_physical_batch_size=max_physical_batch_size,
+                            optimizer=private.optimizer) as loader:
+        for x, target in loader:
+            step(private, x, target)
+            private.optimizer.zero_grad()
+            if between is not None:
+                between()
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -139,6 +154,21 @@ class Attempt:
     act: Callable[[], None]
     scale: float = 1.0  # applied update → Σ_b c_b ∇ℓ_b
     expected: Optional[torch.Tensor] = None  # the oracle's Σ_b c_b ∇ℓ_b (float64 rows): the step must be exact
+
+
+def step_on(private: Private, x, target, exact_at: Optional[float] = None) -> Attempt:
+    """The attempt of one :func:`step` of ``private`` on (``x``, ``target``); with ``exact_at``, it must apply the
+    :func:`oracle`'s Σ_b c_b ∇ℓ_b at that bound (computed now, from the module as it is before the step)."""
+    expected = oracle(private.model, x, target, exact_at) if exact_at is not None else None
+    return Attempt(private.module, lambda: step(private, x, target), expected=expected)
+
+
+def one_step(build: Callable[[], nn.Module], mode, *, clip=C, **kwargs) -> Callable[..., Attempt]:
+    """The scenario ``make(batch)`` of a plain DP step: a fresh ``build()`` made private (``clip``, ``kwargs``: those
+    of :func:`make_private`), then :func:`step_on` the batch."""
+    def make(b):
+        return step_on(make_private(build(), mode, clip=clip, **kwargs), *b)
+    return make
 
 
 def run(attempt: Attempt, refusal: str, errors=REFUSALS) -> Optional[torch.Tensor]:

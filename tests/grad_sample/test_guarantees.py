@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from opacus import PrivacyEngine as OpacusPrivacyEngine
 from opacus.schedulers import ExponentialGradClip
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from tests.grad_sample.guarantee import (
     C, MODES, NEVER, NO_CAPTURE, NOT_CLIPPED, Attempt, LinearLoss, adversarial, assert_unchanged, batch,
-    influence, make_private, oracle, probe, reference, run, sized, snapshot, step, without_last,
+    influence, make_private, oracle, probe, reference, run, sized, snapshot, step, step_on, virtual_steps,
+    without_last,
 )
 from tests.oracle import microbatch_reference
 from tests.zoo import MeanOver
@@ -104,12 +104,10 @@ def test_invalid_privacy_parameters_set_on_the_optimizer_are_refused(mode, name,
 @pytest.mark.parametrize("mode", MODES)
 def test_a_grad_clip_scheduler_changes_the_bound_that_is_applied(mode):
     def make(b):
-        x, g = b
-        model = probe()
-        private = make_private(model, mode, clip=C)
+        private = make_private(probe(), mode, clip=C)
         ExponentialGradClip(private.optimizer, gamma=0.1).step()
         assert private.optimizer.max_grad_norm == pytest.approx(0.1 * C)
-        return Attempt(model, lambda: step(private, x, g), expected=oracle(private.model, x, g, 0.1 * C))
+        return step_on(private, *b, exact_at=0.1 * C)
 
     influence(make, adversarial(), clip=0.1 * C, refusal="max_grad_norm")
 
@@ -325,11 +323,7 @@ def test_batch_memory_manager(mode, reduction):
         private = make_private(model, mode, clip=C, data=(x, g), batch_size=len(x), reduction=reduction)
 
         def act():
-            with BatchMemoryManager(data_loader=private.loader, max_physical_batch_size=3,
-                                    optimizer=private.optimizer) as loader:
-                for bx, bg in loader:
-                    step(private, bx, bg)
-                    private.optimizer.zero_grad()
+            virtual_steps(private, max_physical_batch_size=3)
             assert private.engine.accountant.history == [(0.0, 1.0, 1)]
         return Attempt(model, act, scale=len(x) if reduction == "mean" else 1.0,
                        expected=oracle(private.model, x, g, C))

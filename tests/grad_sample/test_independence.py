@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from flashnorm.grad_sample.independence import SampleMixingError, register_harmless_buffer, _HARMLESS_BUFFERS
 from tests.grad_sample.guarantee import (
-    MODES, Attempt, adversarial, assert_unchanged, batch, influence, make_private, oracle, probe, run, snapshot, step,
+    MODES, Attempt, adversarial, assert_unchanged, batch, influence, make_private, one_step, oracle, probe, run,
+    snapshot, step,
 )
 
 C = 1.0
@@ -188,24 +189,14 @@ class Centred(nn.Module):
 @pytest.mark.parametrize("how", ("centre", "softmax_over_batch", "batch_max", "standardise"))
 @pytest.mark.parametrize("mode", MODES)
 def test_the_probe_refuses_parameter_free_mixing_at_the_first_step(mode, how):
-    def make(b):
-        x, g = b
-        model = Centred(how).double()
-        private = make_private(model, mode, clip=C)
-        return Attempt(model, lambda: step(private, x, g))
-
+    make = one_step(lambda: Centred(how).double(), mode, clip=C)
     assert influence(make, adversarial(), C, refusal=r"mixes samples.*sample-independence probe") is None
 
 
 @pytest.mark.parametrize("how", ("buffer", "param_write"))
 @pytest.mark.parametrize("mode", MODES)
 def test_the_probe_refuses_a_forward_that_writes_state(mode, how):
-    def make(b):
-        x, g = b
-        model = Centred(how).double()
-        private = make_private(model, mode, clip=C)
-        return Attempt(model, lambda: step(private, x, g))
-
+    make = one_step(lambda: Centred(how).double(), mode, clip=C)
     pattern = "writes buffer 'seen' from the batch" if how == "buffer" else "writes parameter 'a.weight' in place"
     assert influence(make, adversarial(), C, refusal=pattern) is None
 
