@@ -144,6 +144,7 @@ class HookedLayer:
     handles: list = field(default_factory=list)
     callback: Optional[Callable] = None  # the tap's callback, bound once
     plan: Optional[tuple] = None  # ((shapes, dtype), method) of the last call
+    batch_first: bool = True  # its inputs and outputs are [B, ...] (the model's layout, or the layer's own)
 
 
 @dataclass(eq=False)
@@ -247,13 +248,22 @@ class HookedModel:
         return tap
 
 
-def hook_model(module: nn.Module, *, shared_allowed: bool = True,
+def _always_batch_first(module: nn.Module) -> bool:
+    """Layers called with [B, ...] whatever the model's layout: Opacus's DP RNN cells' ``RNNLinear`` (one call per
+    time step on [B, D])."""
+    from opacus.layers.dp_rnn import RNNLinear
+
+    return isinstance(module, RNNLinear)
+
+
+def hook_model(module: nn.Module, *, shared_allowed: bool = True, batch_first: bool = True,
                counterpart: Optional[Callable[[nn.Parameter], Optional[nn.Parameter]]] = None) -> HookedModel:
     """Discovers the hooked layers of ``module`` and the parameters two of them share (tied weights).
 
     Args:
         module: the wrapped module.
         shared_allowed: ``False`` under FSDP2, whose one-pass reduction is per layer.
+        batch_first: the model's layout (a layer called with [B, ...] whatever it is keeps its own).
         counterpart: the tensor that stands for a parameter in its registrations while its layer runs, when not
             the parameter itself (FSDP2's unsharded parameter).
 
@@ -265,6 +275,7 @@ def hook_model(module: nn.Module, *, shared_allowed: bool = True,
     users: Dict[int, list] = {}
     for index, layer in enumerate(layers):
         layer.index = index
+        layer.batch_first = batch_first or _always_batch_first(layer.module)
         for p in layer.params:
             users.setdefault(id(p), [p]).append(layer)
     shared_groups = [(found[0], found[1:]) for found in users.values() if len(found) > 2]

@@ -86,9 +86,6 @@ class LayerHooks:
             self.owner.hooked.aliases.leave_all()  # (a layer whose forward raised)
 
     # -- helpers ----------------------------------------------------------------------------------------
-    def batch_first(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.owner.batch_first else t.movedim(1, 0)
-
     def leading_batch_size(self, inputs) -> Optional[int]:
         """The batch dimension of the first input when it is a tensor, else None."""
         first = inputs[0] if inputs else None
@@ -130,7 +127,7 @@ class LayerHooks:
             return None  # B = 1, known from an earlier layer: nothing to capture (the fast path of every hook)
         if torch._C._current_graph_task_id() != -1:  # a recompute of activation checkpointing, in a backward pass
             if step.captured(layer):  # non-reentrant: the forward tapped this use; X may be due now
-                step.fill_deferred_input(layer, self.batch_first(inputs[0].detach()))
+                step.fill_deferred_input(layer, _batch_first(layer, inputs[0].detach()))
                 return None
             if step.state is not StepState.NORM_PASS:
                 return None  # reentrant, outside the norm pass: nothing to capture
@@ -139,8 +136,8 @@ class LayerHooks:
                 f"Layer '{layer.name}' ({type(module).__name__}) must take a tensor as its first input and return "
                 "one tensor for FlashNorm's hooks."
             )
-        x = self.batch_first(inputs[0].detach())
-        batch_first = self.owner.batch_first
+        x = _batch_first(layer, inputs[0].detach())
+        batch_first = layer.batch_first
         batch_dim = 0 if batch_first else 1
         if step.batch_size is None:
             step.batch_size = x.shape[0]
@@ -184,3 +181,8 @@ class LayerHooks:
             return
         with phase(BACKWARD_HOOK):
             step.receive_gradient(layer, grad_output, *key)
+
+
+def _batch_first(layer: HookedLayer, t: torch.Tensor) -> torch.Tensor:
+    """``t`` of ``layer`` as [B, ...]."""
+    return t if layer.batch_first else t.movedim(1, 0)

@@ -164,7 +164,7 @@ class ClippingStep:
             )
         if state is not StepState.NORM_PASS:
             self.state = StepState.PLAIN_BACKWARD
-        capture.gs[use] = grad_output.detach() if self.config.batch_first else grad_output.detach().movedim(1, 0)
+        capture.gs[use] = grad_output.detach() if layer.batch_first else grad_output.detach().movedim(1, 0)
         capture.arrived += 1
         self.reached_taps = True
         if capture.complete():
