@@ -54,3 +54,31 @@ def microbatch_reference(
             clipped[name] += coef * g
         norms.append(norm)
     return OracleStep(torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64), clipped)
+
+
+def assert_sequence_first_step_matches_float64(model, x, y, mode: str, clip: float = 1e-2) -> None:
+    """One DP step of ``model`` made private with ``batch_first=False`` on ``x`` [T, B, ...] and labels ``y`` [B]
+    (cross-entropy, ``sum``, noise 0): the per-sample norms and the applied gradients equal the float64 microbatch
+    loop's, which runs each sample as [T, 1, ...]."""
+    import torch.nn as nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from flashnorm import FlashNormPrivacyEngine
+    from tests.conftest import TOLERANCES
+
+    oracle = microbatch_reference(
+        model, x.transpose(0, 1), y, lambda out, t: nn.functional.cross_entropy(out, t, reduction="sum"), clip,
+        forward=lambda m, xb: m(xb.transpose(0, 1)),
+    )
+    dp_model, dp_opt, criterion, _ = FlashNormPrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(x.transpose(0, 1), y), batch_size=x.shape[1]),
+        criterion=nn.CrossEntropyLoss(reduction="sum"), noise_multiplier=0.0, max_grad_norm=clip,
+        poisson_sampling=False, grad_sample_mode=mode, loss_reduction="sum", batch_first=False,
+    )
+    criterion(dp_model(x), y).backward()
+    rtol, atol = TOLERANCES["fp64"]
+    torch.testing.assert_close(dp_model.get_norm_sample(), oracle.norms, rtol=rtol, atol=atol)
+    dp_opt.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=rtol, atol=atol)

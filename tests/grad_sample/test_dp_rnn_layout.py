@@ -6,11 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 from opacus.layers import DPGRU, DPLSTM, DPRNN
-from torch.utils.data import DataLoader, TensorDataset
 
-from flashnorm import FlashNormPrivacyEngine
-from tests.conftest import CLIPPING_MODES, TOLERANCES
-from tests.oracle import microbatch_reference
+from tests.conftest import CLIPPING_MODES
+from tests.oracle import assert_sequence_first_step_matches_float64
 
 
 class _SequenceFirstRNN(nn.Module):
@@ -29,21 +27,5 @@ class _SequenceFirstRNN(nn.Module):
 def test_sequence_first_dp_rnns_match_float64(mode, cell):
     torch.manual_seed(0)
     model = _SequenceFirstRNN(cell).double()
-    x, y = torch.randn(7, 4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
-    clip = 1e-2
-    oracle = microbatch_reference(
-        model, x.transpose(0, 1), y, lambda out, t: nn.functional.cross_entropy(out, t, reduction="sum"), clip,
-        forward=lambda m, xb: m(xb.transpose(0, 1)),
-    )
-    dp_model, dp_opt, criterion, _ = FlashNormPrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        data_loader=DataLoader(TensorDataset(x.transpose(0, 1), y), batch_size=4),
-        criterion=nn.CrossEntropyLoss(reduction="sum"), noise_multiplier=0.0, max_grad_norm=clip,
-        poisson_sampling=False, grad_sample_mode=mode, loss_reduction="sum", batch_first=False,
-    )
-    criterion(dp_model(x), y).backward()
-    rtol, atol = TOLERANCES["fp64"]
-    torch.testing.assert_close(dp_model.get_norm_sample(), oracle.norms, rtol=rtol, atol=atol)
-    dp_opt.step()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=rtol, atol=atol)
+    x, y = torch.randn(37, 4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    assert_sequence_first_step_matches_float64(model, x, y, mode)

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flashnorm import FlashNormPrivacyEngine
 from tests.conftest import TOLERANCES, fp32_tolerance
-from tests.oracle import microbatch_reference
+from tests.oracle import assert_sequence_first_step_matches_float64, microbatch_reference
 from tests.zoo import KINDS, build
 
 # mode, forced norm method (FLASHNORM_NORM_METHOD); None lets the planner choose.
@@ -167,26 +167,7 @@ def test_sequence_first_inputs(mode):
     torch.manual_seed(0)
     model = _SeqFirstAttention().double()
     x, y = torch.randn(37, 3, 6, dtype=torch.float64), torch.randint(0, 3, (3,))
-    clip = 1e-2
-    oracle = microbatch_reference(
-        model, x.transpose(0, 1), y,
-        lambda out, t: nn.functional.cross_entropy(out, t, reduction="sum"), clip,
-        forward=lambda m, xb: m(xb.transpose(0, 1)),
-    )
-    engine = FlashNormPrivacyEngine()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loader = DataLoader(TensorDataset(x.transpose(0, 1), y), batch_size=3)
-    dp_model, dp_opt, criterion, _ = engine.make_private(
-        module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(reduction="sum"), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=mode,
-        loss_reduction="sum", batch_first=False,
-    )
-    criterion(dp_model(x), y).backward()
-    rtol, atol = TOLERANCES["fp64"]
-    torch.testing.assert_close(dp_model.get_norm_sample(), oracle.norms, rtol=rtol, atol=atol)
-    dp_opt.step()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=rtol, atol=atol)
+    assert_sequence_first_step_matches_float64(model, x, y, mode)
 
 
 class _FoldsPairs(nn.Module):
