@@ -42,6 +42,13 @@ def test_broken_pipeline_gives_a_lower_bound_above_its_reported_epsilon(variant,
     assert result.epsilon_lower_fdp > result.epsilon, result
 
 
+def test_batches_shuffled_once_reported_as_poisson_are_caught():
+    """A loader over one fixed shuffled order, kept every epoch, with Poisson's ε reported (≈ 16,300 steps)."""
+    result = runs.shuffled_once_run("flash_fuse")
+    assert result.epsilon == pytest.approx(3.77, rel=0.02)  # what the broken pipeline reports
+    assert result.epsilon_lower_fdp > result.epsilon, result
+
+
 def test_the_docs_walkthrough_runs_as_written(capsys):
     code = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)[0]
     namespace = {}
