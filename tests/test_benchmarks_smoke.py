@@ -377,3 +377,16 @@ def test_profile_families_put_every_flashnorm_kernel_in_its_own_family():
     assert family("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT") == "gemm"
     assert family("void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float>>") == "elementwise"
     assert family("void at::native::reduce_kernel<512, 1>") == "reduce (norm, sum, softmax)"
+
+
+def test_flop_floor_from_the_shapes():
+    from benchmarks import floor
+
+    one = floor.Shape("one Linear", 0, (), 64, 128, False)  # the head alone: (d, p) = (64, 128)
+    b, t = 4, 16
+    gram, flash = 2 * b * t**2 * (128 + 64), 2 * b * t * 128 * 64
+    plain = 6 * b * t * 128 * 64  # no blocks, no attention
+    assert floor.floor(floor.Row(one, b, t)) == pytest.approx((plain + min(gram, flash)) / plain)
+    assert floor.floor(floor.Row(one, 1, t)) == 1.0  # B = 1: the ordinary gradient, scaled
+    llama = next(r for r in floor.ROWS if r.shape is floor.LLAMA_1B and (r.batch, r.seq) == (8, 1024))
+    assert 1.15 < floor.floor(llama) < 1.25  # "a floor of about 1.2×" on that row
