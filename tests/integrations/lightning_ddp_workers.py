@@ -1,8 +1,9 @@
 """What the spawned ranks of ``test_lightning_ddp.py`` run: Lightning's Trainer with ``DPDDPStrategy``, devices=2.
 
 Each rank sets the variables a launcher (``torchrun``, or Lightning's own for the rank it starts) sets, so the
-Trainer joins the two processes instead of starting more; it trains every case in order (a gloo process group on
-CPU) and saves ``{case: {...}}`` to ``<out>/rank<r>.pt`` for the test.
+Trainer joins the two processes instead of starting more; it trains every case in order and saves
+``{case: {...}}`` to ``<out>/rank<r>.pt`` for the test. On the CPU by default (gloo); with
+``FLASHNORM_DIST_BACKEND=nccl`` on 2 GPUs (``accelerator="gpu"``, NCCL), as ``tests/distributed`` does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from flashnorm import PrivacyEngine
 from flashnorm.integrations.lightning import DPDDPStrategy
 
 WORLD = 2
+BACKEND = os.environ.get("FLASHNORM_DIST_BACKEND", "gloo")
+ACCELERATOR = "gpu" if BACKEND == "nccl" else "cpu"
 N, CLIP, LR = 16, 1.9, 0.5
 EXACT_BATCH = 8  # q = 1/2: one step of noise 0 checked against the float64 reference
 NOISY_BATCH, SIGMA = 4, 0.8  # q = 1/4: 4 steps an epoch
@@ -77,7 +80,7 @@ def params(module: nn.Module) -> dict:
 
 
 def fit(module, ckpt_path=None, **trainer_args) -> L.Trainer:
-    args = dict(accelerator="cpu", devices=WORLD, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    args = dict(accelerator=ACCELERATOR, devices=WORLD, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, num_sanity_val_steps=0)
     trainer = L.Trainer(strategy=DPDDPStrategy(), **{**args, **trainer_args})
     trainer.fit(module, ckpt_path=ckpt_path)
@@ -89,7 +92,7 @@ def summary(module: Classifier, trainer: L.Trainer, before: dict) -> dict:
     return {
         "world_size": trainer.world_size, "global_rank": trainer.global_rank,
         "classes": (type(module.dp_net).__name__, type(module.dp_net._module).__name__, type(optimizer).__name__),
-        "loader_sampler": type(trainer.train_dataloader.batch_sampler).__name__,
+        "loader_sampler": type(trainer.train_dataloader.batch_sampler).__name__, "device": str(trainer.strategy.root_device),
         "shares": module.shares, "applied": module.applied, "before": before, "params": params(module.net),
         "history": list(module.engine.accountant.history), "epsilon": module.engine.get_epsilon(1e-5),
     }
