@@ -39,7 +39,8 @@ class DPClassifier(L.LightningModule):
     def configure_optimizers(self):
         a = self.args
         self.dp_net, optimizer, self.criterion, self.loader = self.engine.make_private_with_epsilon(
-            module=self.trainer.strategy.distribute(self.net), optimizer=torch.optim.SGD(self.net.parameters(), lr=a.lr), criterion=nn.CrossEntropyLoss(),
+            module=self.trainer.strategy.distribute(self.net),  # the network itself, or in DDP on several devices
+            optimizer=torch.optim.SGD(self.net.parameters(), lr=a.lr), criterion=nn.CrossEntropyLoss(),
             data_loader=DataLoader(self.train_set, batch_size=a.batch_size, shuffle=True),
             target_epsilon=a.epsilon, target_delta=a.delta, epochs=a.epochs, max_grad_norm=a.max_grad_norm,
             grad_sample_mode=a.mode,
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--mode", default="flash_fuse")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--accelerator", default="auto", help="Lightning's: auto (the GPU where there is one), cpu, gpu")
+    parser.add_argument("--accelerator", default="auto", help="auto (the GPU where there is one), cpu, gpu")
     parser.add_argument("--devices", type=int, default=1, help="more than 1: DPDDPStrategy, one process per device")
     parser.add_argument("--checkpoints", default=None, help="a folder for ModelCheckpoint (last.ckpt each epoch)")
     parser.add_argument("--resume", default=None, help="a checkpoint to resume from (ε goes on from it)")

@@ -293,8 +293,8 @@ class DPStrategy(_DPTraining, SingleDeviceStrategy):
     def setup(self, trainer) -> None:
         if self._parallel_devices is not None and len(self._parallel_devices) > 1:
             rank_zero_warn(
-                f"DPStrategy trains on one device, {self.root_device}, of the {len(self._parallel_devices)} the Trainer "
-                "was given: use strategy=DPDDPStrategy() to train on all of them."
+                f"DPStrategy trains on one device, {self.root_device}, of the {len(self._parallel_devices)} the "
+                "Trainer was given: use strategy=DPDDPStrategy() to train on all of them."
             )
         super().setup(trainer)
 

@@ -80,8 +80,8 @@ def params(module: nn.Module) -> dict:
 
 
 def fit(module, ckpt_path=None, **trainer_args) -> L.Trainer:
-    args = dict(accelerator=ACCELERATOR, devices=WORLD, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0)
+    args = dict(accelerator=ACCELERATOR, devices=WORLD, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer = L.Trainer(strategy=DPDDPStrategy(), **{**args, **trainer_args})
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
@@ -92,7 +92,8 @@ def summary(module: Classifier, trainer: L.Trainer, before: dict) -> dict:
     return {
         "world_size": trainer.world_size, "global_rank": trainer.global_rank,
         "classes": (type(module.dp_net).__name__, type(module.dp_net._module).__name__, type(optimizer).__name__),
-        "loader_sampler": type(trainer.train_dataloader.batch_sampler).__name__, "device": str(trainer.strategy.root_device),
+        "loader_sampler": type(trainer.train_dataloader.batch_sampler).__name__,
+        "device": str(trainer.strategy.root_device),
         "shares": module.shares, "applied": module.applied, "before": before, "params": params(module.net),
         "history": list(module.engine.accountant.history), "epsilon": module.engine.get_epsilon(1e-5),
     }

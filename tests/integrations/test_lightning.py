@@ -136,7 +136,8 @@ def test_an_explicit_device_picks_the_accelerator():
     strategy = DPStrategy(device="cpu")
     module = Classifier()
     trainer = fit(module, strategy)  # accelerator "auto" follows the strategy's device
-    assert trainer.strategy.root_device == torch.device("cpu") and type(trainer.accelerator).__name__ == "CPUAccelerator"
+    assert trainer.strategy.root_device == torch.device("cpu")
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator"
     assert all(p.device.type == "cpu" for p in module.net.parameters())
 
 
