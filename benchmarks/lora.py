@@ -6,17 +6,17 @@
 
 The model is ``LlamaForCausalLM`` of Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads, 8 KV heads,
 intermediate 8192, vocab 128256, ``lm_head`` tied to ``embed_tokens``, SDPA attention; random weights from a config,
-:mod:`benchmarks.models`' ``hf_llama1b_tied``) under PEFT LoRA: rank 16, alpha 32, no dropout, on every projection
+`benchmarks.models`' ``hf_llama1b_tied``) under PEFT LoRA: rank 16, alpha 32, no dropout, on every projection
 of attention and MLP (``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``); the base is frozen (≈ 11 M
 trainable parameters of ≈ 1.25 B). Weights are fp32, the step runs under bf16 autocast (``--dtype``), as in
-:mod:`benchmarks.run`. The loss is the token-level cross-entropy with the sequence as the privacy unit.
+`benchmarks.run`. The loss is the token-level cross-entropy with the sequence as the privacy unit.
 
-Modes (:mod:`benchmarks.harness`): ``nondp`` (plain PyTorch: LoRA without DP), ``flash_fuse`` (FlashNorm's
+Modes (`benchmarks.harness`): ``nondp`` (plain PyTorch: LoRA without DP), ``flash_fuse`` (FlashNorm's
 ``make_private``), ``opacus_hooks`` (the ``opacus`` package's per-sample gradients), and on request FlashNorm's
 ``ghost``/``flash`` and ``opacus_ghost``. σ = 1, C = 1, SGD; Poisson sampling off (the step is timed, not the loader).
 
-Each configuration runs in its own process forked from :mod:`benchmarks.run`'s fork server and is timed by
-:func:`benchmarks.harness.run_config` (device synchronised around each step, CUDA events; the median of at least
+Each configuration runs in its own process forked from `benchmarks.run`'s fork server and is timed by
+`benchmarks.harness.run_config` (device synchronised around each step, CUDA events; the median of at least
 ``--steps`` timed steps after ``--warmup``; peak ``cuda.max_memory_allocated``); OOM, errors and timeouts are
 recorded. The whole plan runs ``--repeat`` times (default 3), each configuration in a fresh process every time: a
 record's ``ms`` is the median of its repeats' medians (``runs_ms`` lists them), ``peak_gib`` the largest peak, and

@@ -223,6 +223,11 @@ class DPTrainer(transformers.Trainer):
                 "DP-SGD clips each sample. Give the per-sample bound as PrivacyArguments.per_sample_max_grad_norm "
                 f"(--per_sample_max_grad_norm {batch_clip}) and leave max_grad_norm at its default (or 0)."
             )
+        if batch_clip and not hasattr(transformers.Trainer, "_clip_grad_norm"):
+            # transformers < 5.3 clips inline, with no method to override: its clip_grad_norm_ would edit the clipped
+            # gradients (which the DP optimizer then refuses). A copy of the arguments without it; the user's stay.
+            self.args = copy.copy(args)
+            self.args.max_grad_norm = 0.0
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """The Trainer's ``train``, after checking that the loss it would train is the one configured
@@ -244,8 +249,8 @@ class DPTrainer(transformers.Trainer):
         return out
 
     def _check_trained_loss(self) -> None:
-        """Raises unless :meth:`dp_loss` trains the loss the user configured: a ``compute_loss`` override or a
-        ``compute_loss_func`` computes one batch loss, which cannot be clipped per sample, and :meth:`dp_loss`
+        """Raises unless `dp_loss` trains the loss the user configured: a ``compute_loss`` override or a
+        ``compute_loss_func`` computes one batch loss, which cannot be clipped per sample, and `dp_loss`
         would silently train another one."""
         if type(self).dp_loss is not DPTrainer.dp_loss:
             return  # the user's per-sample loss
@@ -292,8 +297,8 @@ class DPTrainer(transformers.Trainer):
         """Micro-batches of the logical batches: ``gradient_accumulation_steps`` per logical batch.
 
         The logical batches come from a loader of batch size L over the training set (shuffled with
-        ``data_seed``/``seed``, alike on every rank); :meth:`create_optimizer` hands it to ``make_private``
-        and then draws them with Opacus's Poisson sampler. Each rank takes its share (:class:`MicroBatchSampler`).
+        ``data_seed``/``seed``, alike on every rank); `create_optimizer` hands it to ``make_private``
+        and then draws them with Opacus's Poisson sampler. Each rank takes its share (`MicroBatchSampler`).
         """
         dataset = self.train_dataset
         if dataset is None:

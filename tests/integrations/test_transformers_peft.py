@@ -3,6 +3,7 @@ exactly the float64 per-sample oracle's clipped sum over the trainable adapter p
 ≤ C, the frozen base untouched, the adapter saved the PEFT way, prompt tuning refused naming the layer."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -174,6 +175,14 @@ def test_peft_step_is_the_float64_oracle_and_a_sample_moves_it_at_most_c(tmp_pat
     or the fp32 tolerance for ROUNDS_IN_FP32; zero for the frozen base), with and without an adversarial sample,
     whose influence is ≤ C(1 + 1e-3)."""
     task = MODELS[name][2]
+    if name == "gpt2-prefix":
+        try:
+            oracle(peft_model(name), rows_for(task, 1), task, 1.0)
+        except RuntimeError as err:  # transformers < 4.49 builds GPT-2's mask with a prefix cache in float32 only
+            if "without overflow" not in str(err):
+                raise
+            pytest.skip(f"transformers {transformers.__version__} cannot run a float64 prefix-tuned GPT-2 (its causal "
+                        "mask overflows), which the oracle needs")
     adversarial, benign = with_adversary(name, 4)
     norms = oracle(peft_model(name), adversarial, task, 1.0).norms
     clip = float(norms.median())  # some samples clipped, some not, the adversary clipped
@@ -203,7 +212,7 @@ def test_peft_step_is_the_float64_oracle_and_a_sample_moves_it_at_most_c(tmp_pat
     assert 0.5 * clip < moved <= clip * (1 + 1e-3)
 
 
-@pytest.mark.parametrize("mode", ["flash_fuse", "ghost"])
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
 def test_lora_dropout_step_is_the_oracle_with_the_same_masks(tmp_path, mode):
     """LoRA with dropout (lora_dropout=0.5): the applied step equals the float64 oracle run with each sample's own
     dropout masks, recorded from the trainer's forward."""
@@ -299,3 +308,23 @@ def test_prompt_tuning_is_refused_naming_the_layer(tmp_path, config):
     with pytest.raises(NotImplementedError, match=r"prompt_encoder\.default\.embedding.*prefix tuning"):
         trainer.train()
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_the_lora_example_runs(tmp_path, capsys, monkeypatch):
+    """examples/hf_lora.py, a smoke run: pretraining, DP LoRA under the budget, the adapter saved and reloaded."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "hf_lora.py"
+    spec = importlib.util.spec_from_file_location("hf_lora_example", path)
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclass resolves its annotations there
+    spec.loader.exec_module(example)
+    example.main(["--output_dir", str(tmp_path), "--max_steps", "2", "--pretrain_steps", "1", "--lora_r", "4",
+                  "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--use_cpu", "true",
+                  "--disable_tqdm", "true", "--target_epsilon", "8"])
+    out = capsys.readouterr().out
+    assert "trainable parameters of" in out and "after 2 DP steps" in out
+    assert "saved: adapter_config.json, adapter_model.safetensors" in out and "the reloaded adapter" in out
+    eps = float(out.split("epsilon ")[1].split()[0])
+    assert 7.9 <= eps <= 8.0
