@@ -72,7 +72,7 @@ def main() -> None:
             ),
             train_dataset=train, eval_dataset=test,
             privacy_args=PrivacyArguments(target_epsilon=args.epsilon, target_delta=args.delta,
-                                          max_grad_norm=args.max_grad_norm, grad_sample_mode=args.mode),
+                                          per_sample_max_grad_norm=args.max_grad_norm, grad_sample_mode=args.mode),
         )
         before = trainer.evaluate()["eval_loss"]
         trainer.train()

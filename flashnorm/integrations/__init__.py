@@ -1,3 +1,3 @@
-"""Training-loop integrations: :mod:`flashnorm.integrations.transformers` (``DPTrainer``, extra ``[hf]``) and
-:mod:`flashnorm.integrations.lightning` (extra ``[lightning]``). Import the submodule you need; neither is
+"""Training-loop integrations: `flashnorm.integrations.transformers` (``DPTrainer``, extra ``[hf]``) and
+`flashnorm.integrations.lightning` (extra ``[lightning]``). Import the submodule you need; neither is
 imported here, so FlashNorm itself does not depend on those packages."""

@@ -1,4 +1,4 @@
-"""How :class:`~flashnorm.integrations.transformers.DPTrainer` cuts a logical DP batch into the Trainer's micro-batches,
+"""How `flashnorm.integrations.transformers.DPTrainer` cuts a logical DP batch into the Trainer's micro-batches,
 on every rank, empty ones included."""
 
 from __future__ import annotations

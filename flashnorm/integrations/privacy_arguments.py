@@ -1,9 +1,12 @@
-"""``PrivacyArguments``: what :class:`~flashnorm.integrations.transformers.DPTrainer` needs beyond Hugging Face's
-``TrainingArguments`` (also importable from :mod:`flashnorm.integrations.transformers`)."""
+"""``PrivacyArguments``: what `DPTrainer` (`flashnorm.integrations.transformers`) needs beyond Hugging Face's
+``TrainingArguments`` (also importable from `flashnorm.integrations.transformers`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import warnings
+import functools
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ..modes import get_mode
@@ -11,15 +14,28 @@ from ..modes import get_mode
 
 @dataclass
 class PrivacyArguments:
-    """What :class:`DPTrainer` needs beyond ``TrainingArguments`` (parsable by ``HfArgumentParser``).
+    """What `DPTrainer` needs beyond ``TrainingArguments``; parsable together with it by ``HfArgumentParser``
+    (command line, JSON or YAML file), no field name clashing with ``TrainingArguments``'.
+
+    Example:
+        >>> parser = HfArgumentParser((TrainingArguments, PrivacyArguments))
+        >>> training_args, privacy_args = parser.parse_args_into_dataclasses()
+        >>> # python train.py --output_dir out --target_epsilon 8 --per_sample_max_grad_norm 1.0 --max_epsilon 8
+        >>> training_args, privacy_args = parser.parse_json_file("args.json")
 
     Args:
         noise_multiplier: σ; give it or ``target_epsilon``, not both.
         target_epsilon: ε to reach at the end of training (σ from Opacus's ``get_noise_multiplier``
             for the run's number of DP steps and sample rate).
-        target_delta: δ of the guarantee and of the logged ε.
-        max_grad_norm: the per-sample clipping bound C. (``TrainingArguments.max_grad_norm``, a clip
-            of the batch gradient, is not applied: DP clips per sample.)
+        target_delta: δ of the guarantee, of the logged ε and of the budget.
+        per_sample_max_grad_norm: the per-sample clipping bound C, over all trainable parameters.
+            (``TrainingArguments.max_grad_norm``, a clip of the batch gradient, is not applied: DP clips per
+            sample. ``PrivacyArguments(max_grad_norm=...)``, this field's former name, still works with a
+            ``FutureWarning``.)
+        max_epsilon: the privacy budget: training stops before any DP step that would take ε (at
+            ``target_delta``) past it, saving a checkpoint and logging why. Default: ``target_epsilon`` when that
+            is given (so a second ``train()`` or a longer run cannot silently spend more), else no budget;
+            ``inf`` switches the budget off.
         grad_sample_mode: a FlashNorm clipping mode: ``flash_fuse`` (default), ``flash`` or ``ghost``.
         accountant: Opacus's accountant: ``prv`` (default, as ``opacus.PrivacyEngine``), ``rdp`` or ``gdp``.
         poisson_sampling: Poisson-sample each logical batch (default; what the accountant assumes).
@@ -31,14 +47,23 @@ class PrivacyArguments:
             ``training_loss = nan``.
     """
 
-    noise_multiplier: Optional[float] = None
-    target_epsilon: Optional[float] = None
-    target_delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    grad_sample_mode: str = "flash_fuse"
-    accountant: str = "prv"
-    poisson_sampling: bool = True
-    log_loss: bool = True
+    noise_multiplier: Optional[float] = field(
+        default=None, metadata={"help": "The noise multiplier σ (give it or target_epsilon)."})
+    target_epsilon: Optional[float] = field(
+        default=None, metadata={"help": "ε to reach at the end of training; σ is computed from it."})
+    target_delta: float = field(default=1e-5, metadata={"help": "δ of the (ε, δ) guarantee."})
+    per_sample_max_grad_norm: float = field(
+        default=1.0, metadata={"help": "The per-sample clipping bound C (TrainingArguments' max_grad_norm is not "
+                                       "applied under DP)."})
+    max_epsilon: Optional[float] = field(
+        default=None, metadata={"help": "Stop training before a DP step would take ε past this budget (default: "
+                                        "target_epsilon when given; inf: no budget)."})
+    grad_sample_mode: str = field(
+        default="flash_fuse", metadata={"help": "FlashNorm clipping mode: flash_fuse, flash or ghost."})
+    accountant: str = field(default="prv", metadata={"help": "Opacus accountant: prv, rdp or gdp."})
+    poisson_sampling: bool = field(default=True, metadata={"help": "Poisson-sample each logical batch."})
+    log_loss: bool = field(
+        default=True, metadata={"help": "Log the training loss (not private: computed before clipping and noise)."})
 
     def __post_init__(self):
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -46,9 +71,64 @@ class PrivacyArguments:
                 f"Give exactly one of noise_multiplier ({self.noise_multiplier}) and target_epsilon "
                 f"({self.target_epsilon})."
             )
+        if not self.per_sample_max_grad_norm > 0 or not math.isfinite(self.per_sample_max_grad_norm):
+            raise ValueError(
+                f"per_sample_max_grad_norm={self.per_sample_max_grad_norm}: the per-sample clipping bound C must be a "
+                "finite number > 0."
+            )
+        if self.max_epsilon is not None and not self.max_epsilon > 0:
+            raise ValueError(f"max_epsilon={self.max_epsilon}: the privacy budget must be > 0 (inf: no budget).")
+        if (self.max_epsilon is not None and self.target_epsilon is not None
+                and self.max_epsilon < self.target_epsilon):
+            raise ValueError(
+                f"max_epsilon={self.max_epsilon} < target_epsilon={self.target_epsilon}: the run planned for "
+                "target_epsilon would stop early; lower target_epsilon or raise max_epsilon."
+            )
         mode = get_mode(self.grad_sample_mode)  # raises on an unknown mode, listing the valid ones
         if mode.delegated or mode.fsdp:
             raise ValueError(
                 f"grad_sample_mode={self.grad_sample_mode!r}: DPTrainer trains with FlashNorm's clipping modes "
                 "for one process or DDP: 'flash_fuse', 'flash' or 'ghost'."
             )
+
+    @property
+    def budget(self) -> float:
+        """The ε budget in force: ``max_epsilon``, else ``target_epsilon``, else ``inf`` (none)."""
+        if self.max_epsilon is not None:
+            return float(self.max_epsilon)
+        if self.target_epsilon is not None:
+            return float(self.target_epsilon)
+        return math.inf
+
+
+# The former name of per_sample_max_grad_norm, ``max_grad_norm``, is accepted by the constructor and read as a
+# property, both with a FutureWarning. It is not a dataclass field, so HfArgumentParser (which would clash with
+# TrainingArguments.max_grad_norm), ``dataclasses.fields``, ``asdict`` and ``replace`` do not see it.
+_dataclass_init = PrivacyArguments.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self, *args, max_grad_norm: Optional[float] = None, **kwargs):
+    if max_grad_norm is not None:
+        given = kwargs.get("per_sample_max_grad_norm")
+        if given is not None and given != max_grad_norm:
+            raise ValueError(
+                f"PrivacyArguments got max_grad_norm={max_grad_norm} and per_sample_max_grad_norm={given}: "
+                "max_grad_norm is the former name of per_sample_max_grad_norm; give only per_sample_max_grad_norm."
+            )
+        warnings.warn(
+            "PrivacyArguments(max_grad_norm=...) is renamed per_sample_max_grad_norm (the old name clashed with "
+            "TrainingArguments.max_grad_norm in HfArgumentParser): pass per_sample_max_grad_norm.",
+            FutureWarning, stacklevel=2,
+        )
+        kwargs["per_sample_max_grad_norm"] = float(max_grad_norm)
+    _dataclass_init(self, *args, **kwargs)
+
+
+def _max_grad_norm(self: PrivacyArguments) -> float:
+    warnings.warn("PrivacyArguments.max_grad_norm is renamed per_sample_max_grad_norm.", FutureWarning, stacklevel=2)
+    return self.per_sample_max_grad_norm
+
+
+PrivacyArguments.__init__ = _init
+PrivacyArguments.max_grad_norm = property(_max_grad_norm, doc="Former name of per_sample_max_grad_norm (read-only).")

@@ -1,4 +1,4 @@
-"""Hugging Face ``Trainer`` with FlashNorm's DP-SGD: :class:`DPTrainer` and :class:`PrivacyArguments`.
+"""Hugging Face ``Trainer`` with FlashNorm's DP-SGD: `DPTrainer` and `PrivacyArguments`.
 
 The privacy unit is the sequence (one row of the batch). One DP step per *logical batch* of
 L = ``per_device_train_batch_size`` × ``gradient_accumulation_steps`` × world size samples:
@@ -13,7 +13,9 @@ L = ``per_device_train_batch_size`` × ``gradient_accumulation_steps`` × world 
   size (``loss_reduction="mean"``) and steps the optimizer; the accountant records one step (σ, q).
 
 The per-sample loss ℓ_b is the model's own loss on that sample alone (computed from the logits, not
-from ``outputs.loss``, which is a batch mean):
+from ``outputs.loss``, which is a batch mean). The task is found from PEFT's ``task_type`` for a PEFT model
+(``CAUSAL_LM``, ``SEQ_CLS``), else from the model's config: the class that transformers' auto mappings give its
+config (`model_task`):
 
 * causal LM: cross-entropy of ``logits[t]`` against ``labels[t + 1]``, averaged over the sample's
   positions whose label is not -100 (a sample with none has ℓ_b = 0);
@@ -31,15 +33,29 @@ reduction in the backward pass, one SUM all-reduce with the noise added once by 
 wrap the model). Every rank draws the same logical batch (same seed) and keeps its share, the positions
 ≡ rank (mod W); the union of the shares is the logical batch, and the step divides by its expected size.
 
-Needs the ``[hf]`` extra (``transformers>=5.3``, ``accelerate``). One process (CPU or one GPU) or DDP. With
-``TrainingArguments(bf16=True)`` the forward runs under the accelerator's autocast (the CPU tests cover fp32).
+PEFT models (``peft.get_peft_model``: LoRA and the other adapters whose layers FlashNorm has rules for, and prefix
+tuning) train as they come: only their trainable parameters (the adapters, PEFT's ``modules_to_save``) are in the
+optimizer, so only they are clipped (C over all of them together) and noised; the frozen base gets no gradient.
+``save_model`` writes the adapter the PEFT way (``adapter_config.json``, ``adapter_model.safetensors``). Prompt
+tuning and P-tuning are refused (PEFT embeds the virtual tokens once and repeats them over the batch, so their
+per-sample gradients cannot be told apart).
+
+The privacy budget (``PrivacyArguments.max_epsilon``, by default ``target_epsilon``): before every DP step the
+accountant's ε after that step is computed on a copy of its history; training stops, with a checkpoint and a log
+line, after the last step that stays within the budget, and a ``train()`` whose first step would exceed it takes no
+step.
+
+Needs the ``[hf]`` extra (``transformers``, ``accelerate``; ``peft`` for adapters). One process (CPU or one GPU) or
+DDP. With ``TrainingArguments(bf16=True)`` the forward runs under the accelerator's autocast (the CPU tests cover
+fp32).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -48,21 +64,82 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
-from transformers.trainer_utils import TrainOutput
 from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
 )
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.utils import logging
 
 from ..privacy_engine import FlashNormPrivacyEngine
-from ..utils.export import unwrap_model
+from ..utils.export import peft_model_of, unwrap_model
 from ..criterion import DPLossFastGradientClipping, DPTensorFastGradientClipping
 from .micro_batches import CollateOrEmpty, MicroBatchSampler
 from .privacy_arguments import PrivacyArguments
 
+logger = logging.get_logger(__name__)
+
 IGNORE_INDEX = -100
 #: The accountant's state in a checkpoint directory, beside the optimizer's.
 ACCOUNTANT_NAME = "privacy_accountant.pt"
+#: The tasks DPTrainer computes per-sample losses for, named as PEFT's ``task_type`` names them.
+CAUSAL_LM, SEQ_CLS = "CAUSAL_LM", "SEQ_CLS"
+#: PEFT's prefix tuning: its virtual tokens are embedded per sample (the other prompt-learning methods are refused).
+_PREFIX_TUNING = "PREFIX_TUNING"
+
+
+def _name(value) -> str:
+    """A PEFT enum (``TaskType``, ``PeftType``) or a string, as the string."""
+    return str(getattr(value, "value", value))
+
+
+def _config_task(model: nn.Module) -> Optional[str]:
+    """``CAUSAL_LM`` / ``SEQ_CLS`` when ``model`` is an instance of the class that transformers' auto mapping gives
+    its config's class (its subclasses included), else ``None``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    for task, mapping in ((CAUSAL_LM, MODEL_FOR_CAUSAL_LM_MAPPING), (SEQ_CLS, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)):
+        try:
+            classes = mapping[type(config)]
+        except (KeyError, ValueError, ImportError, AttributeError):  # not in this mapping
+            continue
+        if isinstance(model, classes if isinstance(classes, tuple) else (classes,)):
+            return task
+    return None
+
+
+def model_task(model: nn.Module) -> str:
+    """The task whose per-sample loss `DPTrainer` computes for ``model`` (any wrapper around it): ``"CAUSAL_LM"`` or
+    ``"SEQ_CLS"``.
+
+    A PEFT model's ``task_type`` decides when it is set (``get_peft_model(..., LoraConfig(task_type="CAUSAL_LM"))``);
+    otherwise the ``transformers`` model (under PEFT's wrappers) must be an instance of the causal-LM or
+    sequence-classification class that transformers' auto mappings give its config's class.
+
+    Raises:
+        NotImplementedError: neither task (naming what was found): override ``DPTrainer.dp_loss``.
+    """
+    peft_model = peft_model_of(model)
+    if peft_model is not None:
+        task = peft_model.active_peft_config.task_type
+        if task is not None:
+            if _name(task) in (CAUSAL_LM, SEQ_CLS):
+                return _name(task)
+            raise NotImplementedError(
+                f"DPTrainer computes per-sample losses for PEFT task types CAUSAL_LM and SEQ_CLS; this PEFT model has "
+                f"task_type={_name(task)!r}: override DPTrainer.dp_loss for it."
+            )
+    base = unwrap_model(model, peft=True)
+    task = _config_task(base)
+    if task is None:
+        raise NotImplementedError(
+            "DPTrainer computes per-sample losses for causal-LM and sequence-classification models (found from PEFT's "
+            f"task_type, or from the model's config through transformers' auto mappings); {type(base).__name__} "
+            f"(config {type(getattr(base, 'config', None)).__name__}) is neither: give the PEFT config "
+            "task_type='CAUSAL_LM' or 'SEQ_CLS', or override DPTrainer.dp_loss."
+        )
+    return task
 
 
 def _is_datasets_dataset(dataset) -> bool:
@@ -86,25 +163,29 @@ class DPTrainer(transformers.Trainer):
     Example:
         >>> trainer = DPTrainer(model=model, args=TrainingArguments(..., gradient_accumulation_steps=4),
         ...                     train_dataset=train, data_collator=collator,
-        ...                     privacy_args=PrivacyArguments(target_epsilon=8.0, max_grad_norm=1.0))
-        >>> trainer.train()          # logs "epsilon" with the loss
+        ...                     privacy_args=PrivacyArguments(target_epsilon=8.0, per_sample_max_grad_norm=1.0))
+        >>> trainer.train()          # logs "epsilon" with the loss; stops before ε would pass the budget
         >>> trainer.get_epsilon()    # ε at privacy_args.target_delta
-        >>> trainer.save_model(path) # the plain model: keys without wrapper prefixes
+        >>> trainer.save_model(path) # the plain model (keys without wrapper prefixes), or a PEFT model's adapter
 
-    The model is used as it comes (a ``...ForCausalLM`` or ``...ForSequenceClassification`` model, ``labels``
-    in the batch). Other models: override :meth:`dp_loss`. The trained loss is the configured one, per sample:
-    ``label_smoothing_factor`` is applied to each sample's loss as transformers' ``LabelSmoother`` defines it
-    (classification and causal LM); a ``compute_loss`` override or a ``compute_loss_func`` is refused at
-    :meth:`train` unless :meth:`dp_loss` is overridden too (the training loss must be one value per sample). Checkpoints carry the accountant's history
-    (``train(resume_from_checkpoint=...)`` goes on from it). Several processes (``torchrun``) train with
-    DDP (module docstring). Refused: several GPUs in one process, fp16, DeepSpeed/FSDP, iterable datasets.
+    The model is used as it comes: a causal-LM or sequence-classification model, or a PEFT model (LoRA, prefix
+    tuning) of one, ``labels`` in the batch (the task: `model_task`). Other models: override `dp_loss`. The trained
+    loss is the configured one, per sample: ``label_smoothing_factor`` is applied to each sample's loss as
+    transformers' ``LabelSmoother`` defines it (classification and causal LM); a ``compute_loss`` override or a
+    ``compute_loss_func`` is refused at `train` unless `dp_loss` is overridden too (the training loss must be one
+    value per sample). Checkpoints carry the accountant's history (``train(resume_from_checkpoint=...)`` goes on
+    from it). Several processes (``torchrun``) train with DDP (module docstring). Refused: several GPUs in one
+    process, fp16, DeepSpeed/FSDP, iterable datasets, ``TrainingArguments.max_grad_norm`` set to a batch clip (the
+    per-sample bound is ``PrivacyArguments.per_sample_max_grad_norm``), PEFT prompt tuning and P-tuning.
 
     Attributes (after training starts):
-        privacy_engine: the :class:`~flashnorm.FlashNormPrivacyEngine` (its ``accountant`` holds the history).
+        privacy_engine: the `FlashNormPrivacyEngine` (its ``accountant`` holds the history).
         dp_model: the grad-sample module around ``self.model``, or around its DDP wrapper when W > 1
             (``self.model`` stays the plain model).
         dp_optimizer: the DP optimizer (``self.optimizer`` is the accelerator's wrapper around it).
         noise_multiplier, sample_rate: σ and q of every DP step.
+        budget_stop: after a run stopped by the privacy budget, (the global step, ε spent, ε the next step would
+            have reached); else ``None``.
     """
 
     def __init__(self, *args, privacy_args: PrivacyArguments, **kwargs):
@@ -118,7 +199,11 @@ class DPTrainer(transformers.Trainer):
         self._logical_loader: Optional[DataLoader] = None
         self._micro_batches: Optional[MicroBatchSampler] = None
         self._dp_batch_sampler: Optional[Sampler] = None
+        self._next_epsilon: Optional[Tuple[tuple, float]] = None  # (the history it is for, ε after one more step)
+        self.budget_stop: Optional[Tuple[int, float, float]] = None
+        self._sigmas: Dict[tuple, float] = {}
         self._check_supported()
+        self.add_callback(_PrivacyBudget(self))
 
     def _check_supported(self) -> None:
         args = self.args
@@ -131,20 +216,41 @@ class DPTrainer(transformers.Trainer):
             raise ValueError("fp16 needs a gradient scaler, which the DP step does not use: use bf16=True or fp32.")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError("DPTrainer does not support DeepSpeed or FSDP through the Trainer.")
+        batch_clip = args.max_grad_norm
+        if batch_clip is not None and batch_clip not in (0, 1.0):  # 1.0: TrainingArguments' default
+            raise ValueError(
+                f"TrainingArguments.max_grad_norm={batch_clip} clips the batch gradient, which DPTrainer does not do: "
+                "DP-SGD clips each sample. Give the per-sample bound as PrivacyArguments.per_sample_max_grad_norm "
+                f"(--per_sample_max_grad_norm {batch_clip}) and leave max_grad_norm at its default (or 0)."
+            )
+        if batch_clip and not hasattr(transformers.Trainer, "_clip_grad_norm"):
+            # transformers < 5.3 clips inline, with no method to override: its clip_grad_norm_ would edit the clipped
+            # gradients (which the DP optimizer then refuses). A copy of the arguments without it; the user's stay.
+            self.args = copy.copy(args)
+            self.args.max_grad_norm = 0.0
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """The Trainer's ``train``, after checking that the loss it would train is the one configured
-        (:meth:`_check_trained_loss`); with ``privacy_args.log_loss=False`` the result carries no training loss."""
+        (`_check_trained_loss`) and that a PEFT model's adapter can be trained per sample; with
+        ``privacy_args.log_loss=False`` the result carries no training loss.
+
+        Takes no step when the first one would take ε past the budget (``PrivacyArguments.max_epsilon``, by default
+        ``target_epsilon``): it logs why and returns at once (the accountant's history being that of this trainer,
+        or of the checkpoint it resumes from)."""
         self._check_trained_loss()
-        out = super().train(*args, **kwargs)
+        self._check_peft()
+        spent = self._spent_before_training(resume_from_checkpoint)
+        if spent is not None:
+            return spent
+        out = super().train(resume_from_checkpoint, *args, **kwargs)
         if not self.privacy_args.log_loss:
             metrics = {k: v for k, v in out.metrics.items() if k != "train_loss"}
             out = TrainOutput(out.global_step, float("nan"), metrics)
         return out
 
     def _check_trained_loss(self) -> None:
-        """Raises unless :meth:`dp_loss` trains the loss the user configured: a ``compute_loss`` override or a
-        ``compute_loss_func`` computes one batch loss, which cannot be clipped per sample, and :meth:`dp_loss`
+        """Raises unless `dp_loss` trains the loss the user configured: a ``compute_loss`` override or a
+        ``compute_loss_func`` computes one batch loss, which cannot be clipped per sample, and `dp_loss`
         would silently train another one."""
         if type(self).dp_loss is not DPTrainer.dp_loss:
             return  # the user's per-sample loss
@@ -161,6 +267,25 @@ class DPTrainer(transformers.Trainer):
                 "of your loss (compute_loss is then used for evaluation only), or remove the setting."
             )
 
+    def _check_peft(self) -> None:
+        """Refuses PEFT's prompt learning other than prefix tuning, naming the layer."""
+        peft_model = peft_model_of(self.model)
+        if peft_model is None:
+            return
+        config = peft_model.active_peft_config
+        if getattr(config, "is_prompt_learning", False) and _name(config.peft_type) != _PREFIX_TUNING:
+            raise NotImplementedError(
+                f"DPTrainer cannot train PEFT's {_name(config.peft_type)} per sample: PEFT embeds the virtual tokens "
+                f"once (prompt_encoder.{peft_model.active_adapter}.embedding, called on a batch of one) and repeats "
+                "the embeddings over the batch, so FlashNorm has no per-sample gradient for that layer. Use prefix "
+                "tuning (PrefixTuningConfig), whose virtual tokens are embedded per sample, or LoRA (LoraConfig)."
+            )
+
+    @property
+    def task(self) -> str:
+        """``"CAUSAL_LM"`` or ``"SEQ_CLS"``: the task whose per-sample loss `dp_loss` computes (`model_task`)."""
+        return model_task(self.model)
+
     # -- data ----------------------------------------------------------------------------------------
     @property
     def logical_batch_size(self) -> int:
@@ -172,8 +297,8 @@ class DPTrainer(transformers.Trainer):
         """Micro-batches of the logical batches: ``gradient_accumulation_steps`` per logical batch.
 
         The logical batches come from a loader of batch size L over the training set (shuffled with
-        ``data_seed``/``seed``, alike on every rank); :meth:`create_optimizer` hands it to ``make_private``
-        and then draws them with Opacus's Poisson sampler. Each rank takes its share (:class:`MicroBatchSampler`).
+        ``data_seed``/``seed``, alike on every rank); `create_optimizer` hands it to ``make_private``
+        and then draws them with Opacus's Poisson sampler. Each rank takes its share (`MicroBatchSampler`).
         """
         dataset = self.train_dataset
         if dataset is None:
@@ -224,16 +349,7 @@ class DPTrainer(transformers.Trainer):
         if self._logical_loader is None:
             raise RuntimeError("DPTrainer.create_optimizer runs inside train(), after get_train_dataloader().")
         pa = self.privacy_args
-        self.sample_rate = 1 / len(self._logical_loader)
-        sigma = pa.noise_multiplier
-        if sigma is None:
-            steps = self.args.max_steps
-            if steps <= 0:
-                steps = math.ceil(self.args.num_train_epochs * len(self._logical_loader))
-            sigma = get_noise_multiplier(
-                target_epsilon=pa.target_epsilon, target_delta=pa.target_delta, sample_rate=self.sample_rate,
-                steps=steps, accountant=pa.accountant,
-            )
+        sigma, self.sample_rate = self._privacy_parameters(len(self._logical_loader))
         self.noise_multiplier = sigma
         self.privacy_engine = FlashNormPrivacyEngine(accountant=pa.accountant)
         self.model.train()  # an evaluate() before train() leaves it in eval mode, which make_private refuses
@@ -248,7 +364,7 @@ class DPTrainer(transformers.Trainer):
             criterion=nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
             data_loader=self._logical_loader,
             noise_multiplier=sigma,
-            max_grad_norm=pa.max_grad_norm,
+            max_grad_norm=pa.per_sample_max_grad_norm,
             poisson_sampling=pa.poisson_sampling,
             grad_sample_mode=pa.grad_sample_mode,
         )
@@ -264,6 +380,24 @@ class DPTrainer(transformers.Trainer):
         self.model_wrapped = self.dp_model  # the training loop runs the wrapper; self.model stays the plain model
         return self.optimizer
 
+    def _privacy_parameters(self, logical_batches: int) -> Tuple[float, float]:
+        """(σ, q) of every DP step for ``logical_batches`` logical batches per epoch: q = 1 / logical_batches; σ is
+        ``noise_multiplier`` or, for ``target_epsilon``, Opacus's ``get_noise_multiplier`` for the run's DP steps."""
+        pa = self.privacy_args
+        sample_rate = 1 / logical_batches
+        if pa.noise_multiplier is not None:
+            return pa.noise_multiplier, sample_rate
+        steps = self.args.max_steps
+        if steps <= 0:
+            steps = math.ceil(self.args.num_train_epochs * logical_batches)
+        key = (pa.target_epsilon, pa.target_delta, sample_rate, steps, pa.accountant)
+        if key not in self._sigmas:  # a budget check before train() asks first
+            self._sigmas[key] = get_noise_multiplier(
+                target_epsilon=pa.target_epsilon, target_delta=pa.target_delta, sample_rate=sample_rate,
+                steps=steps, accountant=pa.accountant,
+            )
+        return self._sigmas[key], sample_rate
+
     # -- the step ------------------------------------------------------------------------------------
     def dp_criterion(self, loss: nn.Module) -> DPLossFastGradientClipping:
         """FlashNorm's DP criterion around the loss module ``loss`` (``reduction="mean"``), for this run's
@@ -273,25 +407,24 @@ class DPTrainer(transformers.Trainer):
     def dp_loss(self, model: nn.Module, inputs: Dict) -> DPTensorFastGradientClipping:
         """Per-sample losses ℓ: [B] of one micro-batch (``inputs`` holds ``labels``), as a DP tensor whose
         ``backward()`` writes Σ_b c_b ∇ℓ_b. Override for other heads: run ``model`` (the grad-sample module)
-        and return :meth:`dp_criterion` applied to its output."""
+        and return `dp_criterion` applied to its output."""
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         if labels is None:
             raise ValueError("DPTrainer needs `labels` in every batch (the per-sample loss is computed from them).")
-        name = type(unwrap_model(model)).__name__
+        task = self.task
         logits = model(**inputs).logits
-        if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        if task == CAUSAL_LM:
+            if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+                raise ValueError(
+                    f"Causal-LM logits of shape {tuple(logits.shape)} do not match the labels' {tuple(labels.shape)}: "
+                    "DPTrainer scores logits[:, t] against labels[:, t + 1] (override DPTrainer.dp_loss otherwise)."
+                )
             b, t, v = logits.shape
             criterion = self.dp_criterion(self._cross_entropy())
-            return criterion(
-                logits[:, :-1].float().reshape(-1, v), labels[:, 1:].reshape(-1), shape=(b, t - 1, v)
-            )
-        if name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
-            return self._classification_loss(unwrap_model(model).config, logits, labels)
-        raise NotImplementedError(
-            f"DPTrainer computes per-sample losses for causal-LM and sequence-classification models; {name} is "
-            "neither: override DPTrainer.dp_loss."
-        )
+            logits = logits if logits.dtype == torch.float64 else logits.float()  # bf16 autocast: the loss in fp32
+            return criterion(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), shape=(b, t - 1, v))
+        return self._classification_loss(unwrap_model(self.model, peft=True).config, logits, labels)
 
     def _cross_entropy(self) -> nn.CrossEntropyLoss:
         """Cross-entropy ignoring label -100, with the Trainer's label smoothing ε: per position
@@ -333,6 +466,7 @@ class DPTrainer(transformers.Trainer):
         Returns Σ_b ℓ_b / (expected logical batch size / W), detached: the logged loss, summed over the
         micro-batches and averaged over the ranks by the Trainer, is the logical batch's mean loss as the DP
         step weighs it (not private: see ``PrivacyArguments.log_loss``; 0 when that is False)."""
+        self._check_budget()
         model.train()
         last = self.accelerator.sync_gradients  # the Trainer steps the optimizer after this micro-batch
         loss_sum = torch.zeros((), device=self.args.device)
@@ -351,7 +485,7 @@ class DPTrainer(transformers.Trainer):
         return loss_sum / self.dp_optimizer.expected_batch_size
 
     def _clip_grad_norm(self, model):
-        return None  # clipping is per sample (PrivacyArguments.max_grad_norm)
+        return None  # clipping is per sample (PrivacyArguments.per_sample_max_grad_norm)
 
     def _get_grad_norm(self, model, grad_norm=None):
         return None  # the gradient norm before noise is not private: never logged
@@ -363,6 +497,81 @@ class DPTrainer(transformers.Trainer):
         if self.privacy_engine is None:
             return 0.0
         return self.privacy_engine.get_epsilon(self.privacy_args.target_delta if delta is None else delta)
+
+    # -- the privacy budget --------------------------------------------------------------------------
+    def epsilon_after_next_step(self) -> float:
+        """ε at ``target_delta`` that the accountant would report after one more DP step (σ, q), computed on a copy
+        of its history (the accountant itself is not touched). Cached per history."""
+        accountant = self.privacy_engine.accountant
+        key = tuple(accountant.history)
+        if self._next_epsilon is None or self._next_epsilon[0] != key:
+            prospective = copy.deepcopy(accountant)
+            prospective.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            self._next_epsilon = (key, prospective.get_epsilon(self.privacy_args.target_delta))
+        return self._next_epsilon[1]
+
+    def within_budget(self) -> bool:
+        """Whether one more DP step keeps ε ≤ the budget (``PrivacyArguments.max_epsilon``, else ``target_epsilon``,
+        else none)."""
+        budget = self.privacy_args.budget
+        return math.isinf(budget) or self.epsilon_after_next_step() <= budget
+
+    def _check_budget(self) -> None:
+        """Raises before anything of a logical batch is computed when its step would exceed the budget (a loop that
+        went on after the budget stopped it, e.g. a callback that cleared ``should_training_stop``)."""
+        if self.privacy_engine is not None and not self.within_budget():
+            raise RuntimeError(
+                f"DPTrainer refuses the DP step {self.state.global_step + 1}: it would take ε from "
+                f"{self.get_epsilon():.4g} to {self.epsilon_after_next_step():.4g}, past the privacy budget "
+                f"{self.privacy_args.budget:.4g} (δ = {self.privacy_args.target_delta}); no parameter changed. The "
+                "budget had stopped training: a callback must not clear control.should_training_stop."
+            )
+
+    def _budget_spent(self) -> None:
+        """Records and logs that training stops because the next step would exceed the budget."""
+        spent, after = self.get_epsilon(), self.epsilon_after_next_step()
+        self.budget_stop = (self.state.global_step, spent, after)
+        logger.warning(
+            f"DPTrainer: privacy budget reached at step {self.state.global_step}: ε = {spent:.4g} (δ = "
+            f"{self.privacy_args.target_delta}); the next DP step would reach ε = {after:.4g} > max_epsilon = "
+            f"{self.privacy_args.budget:.4g}. Training stops here; a checkpoint is saved."
+        )
+
+    def _spent_before_training(self, resume_from_checkpoint) -> Optional[TrainOutput]:
+        """When a budget is set and the first step of this ``train()`` would exceed it (the history of this trainer's
+        accountant, or of the checkpoint it resumes from): logs why and returns the (empty) run's output, else
+        ``None``."""
+        pa = self.privacy_args
+        if math.isinf(pa.budget):
+            return None
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            path = os.path.join(checkpoint, ACCOUNTANT_NAME) if checkpoint else None
+            if path is None or not os.path.isfile(path):
+                return None  # the Trainer (or _load_optimizer_and_scheduler) says what is missing
+            engine = FlashNormPrivacyEngine(accountant=pa.accountant)
+            engine.accountant.load_state_dict(torch.load(path, weights_only=True))
+        elif self.privacy_engine is not None:
+            engine = self.privacy_engine
+        else:
+            engine = FlashNormPrivacyEngine(accountant=pa.accountant)  # a first step above the budget
+        if self.noise_multiplier is None:
+            if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+                return None  # get_train_dataloader says why
+            self.noise_multiplier, self.sample_rate = self._privacy_parameters(
+                math.ceil(len(self.train_dataset) / self.logical_batch_size))
+        saved, self.privacy_engine = self.privacy_engine, engine
+        try:
+            if self.within_budget():
+                return None
+            self._budget_spent()
+        finally:
+            self.privacy_engine = saved
+        logger.warning("DPTrainer: no DP step taken in this train() (the budget is spent).")
+        metrics = {"train_runtime": 0.0, "epsilon": self.budget_stop[1]}
+        return TrainOutput(self.state.global_step, float("nan"), metrics)
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
         """The Trainer's logging, with ``epsilon`` added once a DP step has been taken; without the training loss
@@ -391,3 +600,21 @@ class DPTrainer(transformers.Trainer):
                 "the privacy accounting at ε = 0."
             )
         self.privacy_engine.accountant.load_state_dict(torch.load(path, weights_only=True))
+
+
+class _PrivacyBudget(transformers.TrainerCallback):
+    """After each DP step: when the next one would take ε past the budget and training would go on, stops training
+    and asks for a checkpoint (the Trainer saves it before the loop ends), logging why."""
+
+    def __init__(self, trainer: DPTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.privacy_engine is None or control.should_training_stop or state.global_step >= state.max_steps:
+            return control  # the run ends here anyway
+        if not trainer.within_budget():
+            trainer._budget_spent()
+            control.should_training_stop = True
+            control.should_save = True
+        return control

@@ -64,7 +64,7 @@ def exact_step(out_dir: str, clip: float) -> dict:
     capture = FirstStep()
     trainer = make_trainer(
         model, lm_rows(4), out_dir,
-        PrivacyArguments(noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False),
+        PrivacyArguments(noise_multiplier=0.0, per_sample_max_grad_norm=clip, poisson_sampling=False),
         trainer_cls=RecordingTrainer, callbacks=[capture], per_device_train_batch_size=1,
         gradient_accumulation_steps=2, ddp_timeout=120,
     )
@@ -78,7 +78,7 @@ def exact_step(out_dir: str, clip: float) -> dict:
 def poisson_steps(out_dir: str) -> dict:
     """Six noisy DP steps (two epochs) with Poisson sampling: L = 1 × 2 × 2 = 4 of 16 samples, q = 1/4."""
     trainer = make_trainer(
-        tiny_gpt2(), lm_rows(16), out_dir, PrivacyArguments(noise_multiplier=0.8, max_grad_norm=1.0, accountant="rdp"),
+        tiny_gpt2(), lm_rows(16), out_dir, PrivacyArguments(noise_multiplier=0.8, per_sample_max_grad_norm=1.0, accountant="rdp"),
         trainer_cls=RecordingTrainer, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=6,
         ddp_timeout=120,
     )

@@ -120,7 +120,7 @@ def first_step(model, rows, tmp_path, clip, mode="flash_fuse", **args):
     before = copy.deepcopy(model)
     capture = FirstStep()
     trainer = make_trainer(
-        model, rows, tmp_path, PrivacyArguments(noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False,
+        model, rows, tmp_path, PrivacyArguments(noise_multiplier=0.0, per_sample_max_grad_norm=clip, poisson_sampling=False,
                                                 grad_sample_mode=mode),
         callbacks=[capture], **args,
     )
@@ -192,7 +192,7 @@ def opacus_epsilon(mechanism, sigma, q, steps, delta):
 def test_epsilon_is_opacus_accountant_of_the_history_and_is_logged(tmp_path, accountant):
     rows = lm_rows(12)  # L = 1, q = 1/12: Poisson draws empty batches
     trainer = make_trainer(
-        tiny_gpt2(), rows, tmp_path, PrivacyArguments(noise_multiplier=0.8, max_grad_norm=1.0, accountant=accountant),
+        tiny_gpt2(), rows, tmp_path, PrivacyArguments(noise_multiplier=0.8, per_sample_max_grad_norm=1.0, accountant=accountant),
         trainer_cls=SizeRecorder, per_device_train_batch_size=1, max_steps=6,
     )
     trainer.train()
@@ -208,7 +208,7 @@ def test_epsilon_is_opacus_accountant_of_the_history_and_is_logged(tmp_path, acc
 def test_accumulated_micro_batches_are_one_dp_step_of_the_logical_rate(tmp_path):
     rows = lm_rows(24)  # L = 2 × 1, q = 1/12: empty micro-batches and empty logical batches
     trainer = make_trainer(
-        tiny_gpt2(), rows, tmp_path, PrivacyArguments(noise_multiplier=0.8, max_grad_norm=1.0),
+        tiny_gpt2(), rows, tmp_path, PrivacyArguments(noise_multiplier=0.8, per_sample_max_grad_norm=1.0),
         trainer_cls=SizeRecorder, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=6,
     )
     trainer.train()
