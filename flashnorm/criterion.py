@@ -39,8 +39,8 @@ class DPLossFastGradientClipping(_opacus.DPLossFastGradientClipping):
     """``DPLossFastGradientClipping(module, optimizer, criterion, loss_reduction="mean")``.
 
     Calling it (``criterion(logits, target, shape=None)``) returns a
-    :class:`DPTensorFastGradientClipping`. The module clips with the optimizer's σ and C from then on (one
-    :class:`~flashnorm.utils.privacy_parameters.PrivacyParameters`, which the optimizer owns).
+    `DPTensorFastGradientClipping`. The module clips with the optimizer's σ and C from then on (one
+    `PrivacyParameters`, which the optimizer owns).
     """
 
     def __init__(self, module, optimizer, criterion, loss_reduction: str = "mean"):

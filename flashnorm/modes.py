@@ -13,7 +13,7 @@ ghost_fsdp, flash_fsdp     as above              SecondBackward           module
 flash_fuse_fsdp            flash, planned        ReduceScatterAssembly    e.g. ``flashnorm.utils.fsdp_utils.FSDP2Wrapper``)
 =========================  ====================  =======================  ==========================================
 
-The writer (:mod:`flashnorm.grad_sample.writers`) says how the clipped gradients are written once the coefficients
+The writer (`flashnorm.grad_sample.writers`) says how the clipped gradients are written once the coefficients
 are known; a new clipping mode is a row here plus, if it needs one, a writer.
 """
 
@@ -34,7 +34,7 @@ class Mode:
         name: the ``grad_sample_mode`` string.
         delegated: ``True`` when Opacus handles the mode unchanged.
         norm_algorithm: ``"gram"``, ``"flash"`` (planned per layer) for FlashNorm's modes.
-        writer: the :class:`~flashnorm.grad_sample.writers.ClippedGradientWriter` class of FlashNorm's modes.
+        writer: the `ClippedGradientWriter` class of FlashNorm's modes.
         fsdp: the module is wrapped with FSDP2.
     """
 

@@ -3,12 +3,12 @@
 Accountants, Poisson data loading, module validation and ``make_private_with_epsilon`` are Opacus's. For
 ``ghost``, ``flash`` and ``flash_fuse`` (alias ``flash_bk``), ``make_private`` returns
 ``(module, optimizer, criterion, data_loader)``; ``criterion(...).backward()`` runs the clipping workflow
-and ``optimizer.step()`` adds noise once. The mode's row (:mod:`flashnorm.modes`) and the way the module is
-distributed decide the classes (:mod:`flashnorm.resolver`).
+and ``optimizer.step()`` adds noise once. The mode's row (`flashnorm.modes`) and the way the module is
+distributed decide the classes (`flashnorm.resolver`).
 
 Distributed: pass a module wrapped with PyTorch's DDP or Opacus's ``DPDDP`` (modes ``ghost``, ``flash``,
 ``flash_fuse``) or with FSDP2 (modes ``ghost_fsdp``, ``flash_fsdp``, ``flash_fuse_fsdp``; see
-:func:`flashnorm.utils.fsdp_utils.FSDP2Wrapper`). A step on W ranks then equals the single-process step on
+`flashnorm.utils.fsdp_utils.FSDP2Wrapper`). A step on W ranks then equals the single-process step on
 the union of the local batches, divided by the expected global batch size (``mean``), with the noise added
 once across the world.
 """
@@ -41,7 +41,7 @@ _BATCH_HINT = (
 
 
 class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
-    """Drop-in subclass of :class:`opacus.PrivacyEngine` (same constructor and methods).
+    """Drop-in subclass of `opacus.PrivacyEngine` (same constructor and methods).
 
     Example:
         >>> engine = FlashNormPrivacyEngine()
@@ -72,7 +72,7 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         backend: Optional[str] = None,
         **kwargs,
     ):
-        """Opacus's ``make_private``; ``grad_sample_mode`` takes any mode of :mod:`flashnorm.modes`.
+        """Opacus's ``make_private``; ``grad_sample_mode`` takes any mode of `flashnorm.modes`.
 
         ``criterion`` defaults to ``nn.CrossEntropyLoss(reduction=loss_reduction)``. For FlashNorm's modes,
         ``norm_method`` forces a norm method (``"flash"``, ``"gram"``, ``"per_sample"``; default
@@ -170,7 +170,7 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         **kwargs,
     ):
         """Opacus's ``make_private_with_epsilon``: σ from Opacus's ``get_noise_multiplier`` for ``epochs`` at the
-        loader's sample rate, then :meth:`make_private` (which takes every other keyword)."""
+        loader's sample rate, then `make_private` (which takes every other keyword)."""
         if len(self.accountant) > 0:
             warnings.warn(
                 "You're calling make_private_with_epsilon with non-zero privacy budget already spent. Returned "

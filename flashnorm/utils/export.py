@@ -1,7 +1,7 @@
 """The user's own module back from what ``make_private`` returned, for export.
 
 ``make_private`` wraps the model (a grad-sample module, around DDP when distributed); their
-``state_dict`` keys carry the wrappers' prefixes (``_module.``, ``module.``). :func:`unwrap_model`
+``state_dict`` keys carry the wrappers' prefixes (``_module.``, ``module.``). `unwrap_model`
 returns the module the user built, whose parameters are the trained ones (the wrappers never copy
 them), so ``unwrap_model(model).save_pretrained(path)`` or ``unwrap_model(model).state_dict()``
 gives the plain checkpoint.
