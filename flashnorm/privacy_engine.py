@@ -220,5 +220,5 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         )
 
 
-#: Opacus's name, for a one-line import change.
 PrivacyEngine = FlashNormPrivacyEngine
+"""`FlashNormPrivacyEngine` under Opacus's name, for a one-line import change: `from flashnorm import PrivacyEngine`."""

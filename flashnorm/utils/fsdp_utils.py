@@ -22,6 +22,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..norms.registry import trainable_own_parameters
 
+__all__ = ["FSDP2Wrapper", "transformer_block_types"]
+
 
 class RowShard(NamedTuple):
     """FSDP2's default layout of a parameter θ with n₀ = θ.shape[0] rows over W ranks (1-D mesh, ``Shard(0)``):
