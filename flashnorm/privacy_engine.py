@@ -16,17 +16,19 @@ once across the world.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Any, List, Optional, Union, overload
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 from opacus import PrivacyEngine as _OpacusPrivacyEngine
-from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 
-from .modes import Mode, get_mode
+from .made_private import MadePrivate, MadePrivateOpacus
+from .modes import ClippingModeName, DelegatedModeName, Mode, get_mode
 from .utils.poisson import shared_poisson_loader
 from .utils.privacy_parameters import PrivacyParameters, check_same_on_every_rank
 from .resolver import ModeClasses, resolve
@@ -51,15 +53,31 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         >>> loss = criterion(model(x), y); loss.backward(); optimizer.step(); optimizer.zero_grad()
     """
 
+    # make_private's result depends on the mode: four values for FlashNorm's clipping modes, three for Opacus's.
+    @overload
+    def make_private(self, *, module: nn.Module, optimizer: Optimizer, criterion: Optional[nn.Module] = None,
+                     data_loader: DataLoader, noise_multiplier: float, max_grad_norm: Union[float, List[float]],
+                     grad_sample_mode: ClippingModeName, **kwargs: Any) -> MadePrivate: ...
+
+    @overload
+    def make_private(self, *, module: nn.Module, optimizer: Optimizer, criterion: Optional[nn.Module] = None,
+                     data_loader: DataLoader, noise_multiplier: float, max_grad_norm: Union[float, List[float]],
+                     grad_sample_mode: DelegatedModeName = "hooks", **kwargs: Any) -> MadePrivateOpacus: ...
+
+    @overload
+    def make_private(self, *, module: nn.Module, optimizer: Optimizer, criterion: Optional[nn.Module] = None,
+                     data_loader: DataLoader, noise_multiplier: float, max_grad_norm: Union[float, List[float]],
+                     grad_sample_mode: str, **kwargs: Any) -> Union[MadePrivate, MadePrivateOpacus]: ...
+
     def make_private(
         self,
         *,
         module: nn.Module,
-        optimizer,
+        optimizer: Optimizer,
         criterion: Optional[nn.Module] = None,
-        data_loader,
+        data_loader: DataLoader,
         noise_multiplier: float,
-        max_grad_norm,
+        max_grad_norm: Union[float, List[float]],
         batch_first: bool = True,
         loss_reduction: str = "mean",
         poisson_sampling: bool = True,
@@ -70,8 +88,8 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         rand_on_empty: bool = False,
         norm_method: Optional[str] = None,
         backend: Optional[str] = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> Union[MadePrivate, MadePrivateOpacus]:
         """Opacus's ``make_private``; ``grad_sample_mode`` takes any mode of `flashnorm.modes`.
 
         ``criterion`` defaults to ``nn.CrossEntropyLoss(reduction=loss_reduction)``. For FlashNorm's modes,
@@ -80,8 +98,10 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         ``"triton"``, ``"torch"``; default ``FLASHNORM_BACKEND``, else ``"auto"``).
 
         Returns:
-            ``(module, optimizer, criterion, data_loader)`` for FlashNorm's modes and Opacus's ghost mode,
-            ``(module, optimizer, data_loader)`` for Opacus's other modes.
+            `MadePrivate`, ``(module, optimizer, criterion, data_loader)``, for FlashNorm's clipping modes (as
+            Opacus's ghost mode returns), `MadePrivateOpacus`, ``(module, optimizer, data_loader)``, for Opacus's
+            per-sample-gradient modes. Both are named tuples; unpacked into the other count (``model, optimizer,
+            loader = ...`` in a clipping mode), they raise a ``ValueError`` that names their values.
 
         Raises:
             ValueError: unknown ``grad_sample_mode`` (the message lists the valid ones); a non-finite or
@@ -94,13 +114,13 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         if criterion is None:
             criterion = nn.CrossEntropyLoss(reduction=loss_reduction)
         if mode.delegated:
-            return super().make_private(
+            return MadePrivateOpacus(*super().make_private(
                 module=module, optimizer=optimizer, criterion=criterion, data_loader=data_loader,
                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, batch_first=batch_first,
                 loss_reduction=loss_reduction, poisson_sampling=poisson_sampling, clipping=clipping,
                 noise_generator=noise_generator, grad_sample_mode=mode.name, wrap_model=wrap_model,
                 rand_on_empty=rand_on_empty, **kwargs,
-            )
+            ))
         PrivacyParameters(noise_multiplier, max_grad_norm)  # checked before anything is wrapped
         if getattr(criterion, "reduction", loss_reduction) != loss_reduction:
             raise ValueError(
@@ -152,25 +172,46 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         )
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         criterion = classes.criterion(module, optimizer, criterion, loss_reduction)
-        return module, optimizer, criterion, data_loader
+        return MadePrivate(module, optimizer, criterion, data_loader)
+
+    @overload
+    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: Optimizer,
+                                  criterion: Optional[nn.Module] = None, data_loader: DataLoader,
+                                  target_epsilon: float, target_delta: float, epochs: int,
+                                  max_grad_norm: Union[float, List[float]], grad_sample_mode: ClippingModeName,
+                                  **kwargs: Any) -> MadePrivate: ...
+
+    @overload
+    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: Optimizer,
+                                  criterion: Optional[nn.Module] = None, data_loader: DataLoader,
+                                  target_epsilon: float, target_delta: float, epochs: int,
+                                  max_grad_norm: Union[float, List[float]],
+                                  grad_sample_mode: DelegatedModeName = "hooks", **kwargs: Any) -> MadePrivateOpacus: ...
+
+    @overload
+    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: Optimizer,
+                                  criterion: Optional[nn.Module] = None, data_loader: DataLoader,
+                                  target_epsilon: float, target_delta: float, epochs: int,
+                                  max_grad_norm: Union[float, List[float]], grad_sample_mode: str,
+                                  **kwargs: Any) -> Union[MadePrivate, MadePrivateOpacus]: ...
 
     def make_private_with_epsilon(
         self,
         *,
         module: nn.Module,
-        optimizer,
+        optimizer: Optimizer,
         criterion: Optional[nn.Module] = None,
-        data_loader,
+        data_loader: DataLoader,
         target_epsilon: float,
         target_delta: float,
         epochs: int,
-        max_grad_norm,
+        max_grad_norm: Union[float, List[float]],
         loss_reduction: str = "mean",
         epsilon_tolerance: float = 0.01,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> Union[MadePrivate, MadePrivateOpacus]:
         """Opacus's ``make_private_with_epsilon``: σ from Opacus's ``get_noise_multiplier`` for ``epochs`` at the
-        loader's sample rate, then `make_private` (which takes every other keyword)."""
+        loader's sample rate, then `make_private` (which takes every other keyword and returns as it does)."""
         if len(self.accountant) > 0:
             warnings.warn(
                 "You're calling make_private_with_epsilon with non-zero privacy budget already spent. Returned "

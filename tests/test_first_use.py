@@ -89,6 +89,48 @@ def test_arithmetic_then_mean_stays_a_dp_loss():
     loss.backward()
 
 
+# -- unpacking make_private's result ---------------------------------------------------------------------
+def _make_private(mode, engine=None, epsilon=None):
+    x, y = _batch(16)
+    model = small_model()
+    kwargs = dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+                  data_loader=DataLoader(TensorDataset(x, y), batch_size=4), max_grad_norm=1.0, grad_sample_mode=mode)
+    engine = engine or FlashNormPrivacyEngine()
+    if epsilon is None:
+        return engine.make_private(noise_multiplier=1.0, **kwargs)
+    return engine.make_private_with_epsilon(target_epsilon=epsilon, target_delta=1e-5, epochs=1, **kwargs)
+
+
+@pytest.mark.parametrize("epsilon", [None, 8.0])
+@pytest.mark.parametrize("mode", ["flash_fuse", "ghost"])
+def test_three_value_unpacking_in_a_clipping_mode_explains_the_four(mode, epsilon):
+    with pytest.raises(ValueError, match=r"make_private returned 4 values, not 3: model, optimizer, criterion, "
+                                         r"data_loader = engine\.make_private"):
+        model, optimizer, loader = _make_private(mode, epsilon=epsilon)
+
+
+@pytest.mark.parametrize("mode", ["flash_fuse", "ghost"])
+def test_four_values_unpack_index_and_name(mode):
+    result = _make_private(mode)
+    assert type(result) is MadePrivate and isinstance(result, tuple) and len(result) == 4
+    model, optimizer, criterion, loader = result
+    assert (model, optimizer, criterion, loader) == tuple(result) == (result.module, result.optimizer,
+                                                                       result.criterion, result.data_loader)
+    assert result[2] is criterion and result[-1] is loader
+    first, *rest = result
+    assert first is model and rest == [optimizer, criterion, loader]
+    x, y = _batch()
+    criterion(model(x), y).backward()
+
+
+def test_opacus_modes_return_three_and_explain_four_value_unpacking():
+    result = _make_private("hooks")
+    assert type(result) is MadePrivateOpacus and len(result) == 3
+    model, optimizer, loader = result
+    with pytest.raises(ValueError, match=r"make_private returned 3 values, not 4: .*return no criterion"):
+        model, optimizer, criterion, loader = _make_private("hooks")
+
+
 # -- a forgotten shape= ------------------------------------------------------------------------------
 class TokenModel(nn.Module):
     """Embedding → Linear over T tokens: logits [B, T, V]; ``reentrant``: the whole model in one reentrant
