@@ -21,12 +21,12 @@ from typing import Any, List, Optional, Union, overload
 import torch.distributed as dist
 import torch.nn as nn
 from opacus import PrivacyEngine as _OpacusPrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from .accounting import epsilon, noise_multiplier as _noise_multiplier
 from .made_private import MadePrivate, MadePrivateOpacus
 from .modes import ClippingModeName, DelegatedModeName, Mode, get_mode
 from .utils.poisson import shared_poisson_loader
@@ -211,13 +211,14 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         **kwargs: Any,
     ) -> Union[MadePrivate, MadePrivateOpacus]:
         """Opacus's ``make_private_with_epsilon``: σ from Opacus's ``get_noise_multiplier`` for ``epochs`` at the
-        loader's sample rate, then `make_private` (which takes every other keyword and returns as it does)."""
+        loader's sample rate (`flashnorm.accounting.noise_multiplier`), then `make_private` (which takes every
+        other keyword and returns as it does)."""
         if len(self.accountant) > 0:
             warnings.warn(
                 "You're calling make_private_with_epsilon with non-zero privacy budget already spent. Returned "
                 "noise_multiplier assumes zero starting point, so your overall privacy budget will be higher."
             )
-        noise_multiplier = get_noise_multiplier(
+        noise_multiplier = _noise_multiplier(
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1 / len(data_loader), epochs=epochs,
             accountant=self.accountant.mechanism(), epsilon_tolerance=epsilon_tolerance,
         )
@@ -229,12 +230,13 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta``, from the accountant's history, for every accountant: 0 before any step, ``inf``
         once any recorded step had σ = 0 (a step without noise has no finite guarantee), else Opacus's value. (Opacus's
-        GDP and PRV accountants raise in the first two cases.)"""
+        GDP and PRV accountants raise in the first two cases.) The RDP accountant's orders extend until the optimal
+        one is interior, and Opacus's warning about them is not printed (`flashnorm.accounting`)."""
         if not self.accountant.history:
             return 0.0
         if any(sigma == 0 for sigma, _, _ in self.accountant.history):
             return float("inf")
-        return super().get_epsilon(delta)
+        return epsilon(self.accountant, delta)
 
     def _wrap_model(self, module, classes: ModeClasses, mode: Mode, *, batch_first, loss_reduction, max_grad_norm, wrap_model,
                     norm_method, backend):
