@@ -156,7 +156,7 @@ def runnable_blocks() -> list:
 
 
 def test_runnable_blocks_are_marked():
-    assert len(runnable_blocks()) >= 3
+    assert len(runnable_blocks()) >= 4
 
 
 @pytest.mark.parametrize(("code", "page", "line"), runnable_blocks())
