@@ -4,10 +4,11 @@
 # Lightning, tutorials, docs, mypy: what .ci/run needs) and activates it. Afterwards `pip install x` installs
 # into .venv. Nothing is installed into the system's or the user's Python.
 # * The venv comes from `python3 -m venv`, or from `uv venv --seed` where python3 has no ensurepip (Debian
-#   without python3-venv) and uv is on PATH. Every install is the venv's own pip, which reads pip's
-#   configuration (find-links, indexes, constraints).
+#   without python3-venv) and uv is on PATH.
+# * Installs: uv where it is on PATH (fast; it reads no pip configuration, so pip's find-links are handed to
+#   it), else the venv's own pip (which reads pip's configuration); both install into .venv only.
 # * A machine whose python3 already imports torch (a GPU user's CUDA build) keeps it and its Triton: the venv
-#   sees the system site-packages and pip installs only what is missing.
+#   sees the system site-packages and the venv's pip (which, unlike uv, counts them as installed) adds the rest.
 # * Otherwise the CPU build torch==2.13.0 is installed with Triton 3.6 (the kernels' interpreter) and numpy < 2.4
 #   (which that interpreter needs), from pip's configured find-links when there are some, else torch from
 #   PyTorch's CPU index (an unpinned torch from PyPI is a multi-GB CUDA build).
@@ -36,17 +37,23 @@ _flashnorm_setup() {
     # A .venv made without pip (by an older setup_env.sh) gets it from the interpreter's ensurepip.
     "$python" -m pip --version >/dev/null 2>&1 || "$python" -m ensurepip --upgrade >/dev/null || return 1
 
-    local -a pip=("$python" -m pip install --quiet)
+    local links="${PIP_FIND_LINKS:-} $("$python" -m pip config get global.find-links 2>/dev/null || true)"
+    local -a install=(env PIP_USER=0 "$python" -m pip install --quiet)
     if [ "$system_torch" = 1 ]; then
         echo "[setup_env] keeping the torch that python3 already has: $(python3 -c 'import torch; print(torch.__version__)')"
     else
-        # CPU machine: torch 2.13.0's CPU build, Triton 3.6 for the kernels' interpreter (which needs numpy < 2.4).
-        if [ -z "$("$python" -m pip config get global.find-links 2>/dev/null)" ] && [ -z "${PIP_FIND_LINKS:-}" ]; then
-            PIP_USER=0 "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" || return 1
+        if command -v uv >/dev/null 2>&1; then
+            install=(uv pip install --quiet --python "$python")
+            local link
+            for link in $links; do install+=(--find-links "$link"); done
         fi
-        PIP_USER=0 "${pip[@]}" "torch==2.13.0" "triton>=3.6,<3.7" "numpy<2.4" || return 1
+        # CPU machine: torch 2.13.0's CPU build, Triton 3.6 for the kernels' interpreter (which needs numpy < 2.4).
+        if [ -z "${links// /}" ]; then
+            "${install[@]}" --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" || return 1
+        fi
+        "${install[@]}" "torch==2.13.0" "triton>=3.6,<3.7" "numpy<2.4" || return 1
     fi
-    PIP_USER=0 "${pip[@]}" -e "$root[dev]" || return 1
+    "${install[@]}" -e "$root[dev]" || return 1
     # shellcheck disable=SC1091
     source "$venv/bin/activate"
     echo "[setup_env] ready: $(python -c 'import torch, opacus; print("torch", torch.__version__, "| opacus", opacus.__version__)'), $(pip --version | cut -d' ' -f1-2) in .venv"
