@@ -5,7 +5,17 @@
 
 from ._version import __version__
 from .cuda_graphs import CudaGraphStep
+from .made_private import MadePrivate, MadePrivateOpacus
 from .modes import get_mode, valid_mode_names
 from .privacy_engine import FlashNormPrivacyEngine, PrivacyEngine
 
-__all__ = ["CudaGraphStep", "FlashNormPrivacyEngine", "PrivacyEngine", "get_mode", "valid_mode_names", "__version__"]
+__all__ = [
+    "CudaGraphStep",
+    "FlashNormPrivacyEngine",
+    "MadePrivate",
+    "MadePrivateOpacus",
+    "PrivacyEngine",
+    "get_mode",
+    "valid_mode_names",
+    "__version__",
+]
