@@ -55,12 +55,12 @@ class DPTensorFastGradientClipping(_opacus.DPTensorFastGradientClipping):
         """L as a 0-d tensor without graph (the mean or the sum of the per-sample losses, by ``loss_reduction``)."""
         return super().detach()
 
-    def mean(self, *args, **kwargs) -> "DPTensorFastGradientClipping":
+    def mean(self, *args, **kwargs) -> DPTensorFastGradientClipping:
         """The DP loss itself: L is one scalar already (raises for ``dim``/``dtype`` arguments)."""
         self._no_arguments("mean", args, kwargs)
         return self
 
-    def sum(self, *args, **kwargs) -> "DPTensorFastGradientClipping":
+    def sum(self, *args, **kwargs) -> DPTensorFastGradientClipping:
         """The DP loss itself: L is one scalar already (raises for ``dim``/``dtype`` arguments)."""
         self._no_arguments("sum", args, kwargs)
         return self
