@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import importlib.metadata
+import pathlib
 import re
 import runpy
 import shutil
@@ -21,8 +22,7 @@ import flashnorm
 from flashnorm import _version
 from flashnorm.modes import ClippingModeName, DelegatedModeName, get_mode, valid_mode_names
 
-from tests.test_docs import ROOT
-
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 TYPED_API = ROOT / "tests" / "typecheck" / "public_api.py"
 
