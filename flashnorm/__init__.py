@@ -3,10 +3,19 @@
 >>> from flashnorm import PrivacyEngine   # or flashnorm.privacy_engine.FlashNormPrivacyEngine
 """
 
+from ._version import __version__
 from .cuda_graphs import CudaGraphStep
+from .made_private import MadePrivate, MadePrivateOpacus
 from .modes import get_mode, valid_mode_names
 from .privacy_engine import FlashNormPrivacyEngine, PrivacyEngine
 
-__version__ = "0.1.0"
-
-__all__ = ["CudaGraphStep", "FlashNormPrivacyEngine", "PrivacyEngine", "get_mode", "valid_mode_names", "__version__"]
+__all__ = [
+    "CudaGraphStep",
+    "FlashNormPrivacyEngine",
+    "MadePrivate",
+    "MadePrivateOpacus",
+    "PrivacyEngine",
+    "get_mode",
+    "valid_mode_names",
+    "__version__",
+]

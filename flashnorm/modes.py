@@ -1,26 +1,22 @@
 """The one table of ``grad_sample_mode`` strings. Everything else asks it.
 
-=========================  ====================  =======================  ==========================================
-mode                       norm algorithm        writer                   notes
-=========================  ====================  =======================  ==========================================
-hooks, functorch, ew,      per-sample gradients  (Opacus)                 delegated to Opacus unchanged
-no_op
-ghost                      Gram (ghost)          SecondBackward           Opacus-equivalent baseline, two passes
-flash                      flash, planned        SecondBackward           pass 1 computes no parameter gradients
-flash_fuse (flash_bk)      flash, planned        AssembleFromKept         one pass: layers compute no weight gradient;
-                                                                          clipped gradients assembled after it
-ghost_fsdp, flash_fsdp     as above              SecondBackward           module wrapped with FSDP2 (``fully_shard``,
-flash_fuse_fsdp            flash, planned        ReduceScatterAssembly    e.g. ``flashnorm.utils.fsdp_utils.FSDP2Wrapper``)
-=========================  ====================  =======================  ==========================================
+| mode | norm algorithm | writer | notes |
+|---|---|---|---|
+| `hooks`, `functorch`, `ew`, `no_op` | per-sample gradients | (Opacus) | delegated to Opacus unchanged |
+| `ghost` | Gram (ghost) | `SecondBackward` | Opacus-equivalent baseline, two passes |
+| `flash` | flash, planned | `SecondBackward` | pass 1 computes no parameter gradients |
+| `flash_fuse` (`flash_bk`) | flash, planned | `AssembleFromKept` | one pass: layers compute no weight gradient; clipped gradients assembled after it |
+| `ghost_fsdp`, `flash_fsdp` | as above | `SecondBackward` | module wrapped with FSDP2 (`fully_shard`, e.g. `flashnorm.utils.fsdp_utils.FSDP2Wrapper`) |
+| `flash_fuse_fsdp` | flash, planned | `ReduceScatterAssembly` | as above |
 
-The writer (:mod:`flashnorm.grad_sample.writers`) says how the clipped gradients are written once the coefficients
+The writer (`flashnorm.grad_sample.writers`) says how the clipped gradients are written once the coefficients
 are known; a new clipping mode is a row here plus, if it needs one, a writer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Literal, Optional, get_args
 
 from .grad_sample.fsdp import ReduceScatterAssembly
 from .grad_sample.writers import AssembleFromKept, SecondBackward
@@ -34,7 +30,7 @@ class Mode:
         name: the ``grad_sample_mode`` string.
         delegated: ``True`` when Opacus handles the mode unchanged.
         norm_algorithm: ``"gram"``, ``"flash"`` (planned per layer) for FlashNorm's modes.
-        writer: the :class:`~flashnorm.grad_sample.writers.ClippedGradientWriter` class of FlashNorm's modes.
+        writer: the `ClippedGradientWriter` class of FlashNorm's modes.
         fsdp: the module is wrapped with FSDP2.
     """
 
@@ -49,6 +45,12 @@ class Mode:
         """Backward passes per step (the writer's), ``None`` for Opacus's modes."""
         return None if self.writer is None else self.writer.backward_passes
 
+
+#: The table's clipping modes and aliases, for type checkers: ``make_private`` returns four values for these
+#: (`flashnorm.made_private.MadePrivate`). A test keeps both literals equal to the table below.
+ClippingModeName = Literal["ghost", "flash", "flash_fuse", "flash_bk", "ghost_fsdp", "flash_fsdp", "flash_fuse_fsdp"]
+#: The modes delegated to Opacus: ``make_private`` returns three values (`flashnorm.made_private.MadePrivateOpacus`).
+DelegatedModeName = Literal["hooks", "functorch", "ew", "no_op"]
 
 _MODES: Dict[str, Mode] = {}
 _ALIASES: Dict[str, str] = {}
@@ -84,7 +86,7 @@ def get_mode(name: str) -> Mode:
     return mode
 
 
-for _name in ("hooks", "functorch", "ew", "no_op"):
+for _name in get_args(DelegatedModeName):
     register_mode(Mode(_name, delegated=True))
 register_mode(Mode("ghost", False, norm_algorithm="gram", writer=SecondBackward))
 register_mode(Mode("flash", False, norm_algorithm="flash", writer=SecondBackward))

@@ -3,12 +3,12 @@
 Accountants, Poisson data loading, module validation and ``make_private_with_epsilon`` are Opacus's. For
 ``ghost``, ``flash`` and ``flash_fuse`` (alias ``flash_bk``), ``make_private`` returns
 ``(module, optimizer, criterion, data_loader)``; ``criterion(...).backward()`` runs the clipping workflow
-and ``optimizer.step()`` adds noise once. The mode's row (:mod:`flashnorm.modes`) and the way the module is
-distributed decide the classes (:mod:`flashnorm.resolver`).
+and ``optimizer.step()`` adds noise once. The mode's row (`flashnorm.modes`) and the way the module is
+distributed decide the classes (`flashnorm.resolver`).
 
 Distributed: pass a module wrapped with PyTorch's DDP or Opacus's ``DPDDP`` (modes ``ghost``, ``flash``,
 ``flash_fuse``) or with FSDP2 (modes ``ghost_fsdp``, ``flash_fsdp``, ``flash_fuse_fsdp``; see
-:func:`flashnorm.utils.fsdp_utils.FSDP2Wrapper`). A step on W ranks then equals the single-process step on
+`flashnorm.utils.fsdp_utils.FSDP2Wrapper`). A step on W ranks then equals the single-process step on
 the union of the local batches, divided by the expected global batch size (``mean``), with the noise added
 once across the world.
 """
@@ -16,17 +16,19 @@ once across the world.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Any, List, Optional, Union, overload
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 from opacus import PrivacyEngine as _OpacusPrivacyEngine
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 
-from .modes import Mode, get_mode
+from .accounting import epsilon, noise_multiplier as _noise_multiplier
+from .made_private import MadePrivate, MadePrivateOpacus
+from .modes import ClippingModeName, DelegatedModeName, Mode, get_mode
 from .utils.poisson import shared_poisson_loader
 from .utils.privacy_parameters import PrivacyParameters, check_same_on_every_rank
 from .resolver import ModeClasses, resolve
@@ -41,7 +43,7 @@ _BATCH_HINT = (
 
 
 class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
-    """Drop-in subclass of :class:`opacus.PrivacyEngine` (same constructor and methods).
+    """Drop-in subclass of `opacus.PrivacyEngine` (same constructor and methods).
 
     Example:
         >>> engine = FlashNormPrivacyEngine()
@@ -51,15 +53,31 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         >>> loss = criterion(model(x), y); loss.backward(); optimizer.step(); optimizer.zero_grad()
     """
 
+    # make_private's result depends on the mode: four values for FlashNorm's clipping modes, three for Opacus's.
+    @overload
+    def make_private(self, *, module: nn.Module, optimizer: Optimizer, criterion: Optional[nn.Module] = None,
+                     data_loader: DataLoader, noise_multiplier: float, max_grad_norm: Union[float, List[float]],
+                     grad_sample_mode: ClippingModeName, **kwargs: Any) -> MadePrivate: ...
+
+    @overload
+    def make_private(self, *, module: nn.Module, optimizer: Optimizer, criterion: Optional[nn.Module] = None,
+                     data_loader: DataLoader, noise_multiplier: float, max_grad_norm: Union[float, List[float]],
+                     grad_sample_mode: DelegatedModeName = "hooks", **kwargs: Any) -> MadePrivateOpacus: ...
+
+    @overload
+    def make_private(self, *, module: nn.Module, optimizer: Optimizer, criterion: Optional[nn.Module] = None,
+                     data_loader: DataLoader, noise_multiplier: float, max_grad_norm: Union[float, List[float]],
+                     grad_sample_mode: str, **kwargs: Any) -> Union[MadePrivate, MadePrivateOpacus]: ...
+
     def make_private(
         self,
         *,
         module: nn.Module,
-        optimizer,
+        optimizer: Optimizer,
         criterion: Optional[nn.Module] = None,
-        data_loader,
+        data_loader: DataLoader,
         noise_multiplier: float,
-        max_grad_norm,
+        max_grad_norm: Union[float, List[float]],
         batch_first: bool = True,
         loss_reduction: str = "mean",
         poisson_sampling: bool = True,
@@ -70,9 +88,9 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         rand_on_empty: bool = False,
         norm_method: Optional[str] = None,
         backend: Optional[str] = None,
-        **kwargs,
-    ):
-        """Opacus's ``make_private``; ``grad_sample_mode`` takes any mode of :mod:`flashnorm.modes`.
+        **kwargs: Any,
+    ) -> Union[MadePrivate, MadePrivateOpacus]:
+        """Opacus's ``make_private``; ``grad_sample_mode`` takes any mode of `flashnorm.modes`.
 
         ``criterion`` defaults to ``nn.CrossEntropyLoss(reduction=loss_reduction)``. For FlashNorm's modes,
         ``norm_method`` forces a norm method (``"flash"``, ``"gram"``, ``"per_sample"``; default
@@ -80,8 +98,10 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         ``"triton"``, ``"torch"``; default ``FLASHNORM_BACKEND``, else ``"auto"``).
 
         Returns:
-            ``(module, optimizer, criterion, data_loader)`` for FlashNorm's modes and Opacus's ghost mode,
-            ``(module, optimizer, data_loader)`` for Opacus's other modes.
+            `MadePrivate`, ``(module, optimizer, criterion, data_loader)``, for FlashNorm's clipping modes (as
+            Opacus's ghost mode returns), `MadePrivateOpacus`, ``(module, optimizer, data_loader)``, for Opacus's
+            per-sample-gradient modes. Both are named tuples; unpacked into the other count (``model, optimizer,
+            loader = ...`` in a clipping mode), they raise a ``ValueError`` that names their values.
 
         Raises:
             ValueError: unknown ``grad_sample_mode`` (the message lists the valid ones); a non-finite or
@@ -94,13 +114,13 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         if criterion is None:
             criterion = nn.CrossEntropyLoss(reduction=loss_reduction)
         if mode.delegated:
-            return super().make_private(
+            return MadePrivateOpacus(*super().make_private(
                 module=module, optimizer=optimizer, criterion=criterion, data_loader=data_loader,
                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, batch_first=batch_first,
                 loss_reduction=loss_reduction, poisson_sampling=poisson_sampling, clipping=clipping,
                 noise_generator=noise_generator, grad_sample_mode=mode.name, wrap_model=wrap_model,
                 rand_on_empty=rand_on_empty, **kwargs,
-            )
+            ))
         PrivacyParameters(noise_multiplier, max_grad_norm)  # checked before anything is wrapped
         if getattr(criterion, "reduction", loss_reduction) != loss_reduction:
             raise ValueError(
@@ -152,31 +172,53 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         )
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         criterion = classes.criterion(module, optimizer, criterion, loss_reduction)
-        return module, optimizer, criterion, data_loader
+        return MadePrivate(module, optimizer, criterion, data_loader)
+
+    @overload
+    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: Optimizer,
+                                  criterion: Optional[nn.Module] = None, data_loader: DataLoader,
+                                  target_epsilon: float, target_delta: float, epochs: int,
+                                  max_grad_norm: Union[float, List[float]], grad_sample_mode: ClippingModeName,
+                                  **kwargs: Any) -> MadePrivate: ...
+
+    @overload
+    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: Optimizer,
+                                  criterion: Optional[nn.Module] = None, data_loader: DataLoader,
+                                  target_epsilon: float, target_delta: float, epochs: int,
+                                  max_grad_norm: Union[float, List[float]],
+                                  grad_sample_mode: DelegatedModeName = "hooks", **kwargs: Any) -> MadePrivateOpacus: ...
+
+    @overload
+    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: Optimizer,
+                                  criterion: Optional[nn.Module] = None, data_loader: DataLoader,
+                                  target_epsilon: float, target_delta: float, epochs: int,
+                                  max_grad_norm: Union[float, List[float]], grad_sample_mode: str,
+                                  **kwargs: Any) -> Union[MadePrivate, MadePrivateOpacus]: ...
 
     def make_private_with_epsilon(
         self,
         *,
         module: nn.Module,
-        optimizer,
+        optimizer: Optimizer,
         criterion: Optional[nn.Module] = None,
-        data_loader,
+        data_loader: DataLoader,
         target_epsilon: float,
         target_delta: float,
         epochs: int,
-        max_grad_norm,
+        max_grad_norm: Union[float, List[float]],
         loss_reduction: str = "mean",
         epsilon_tolerance: float = 0.01,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> Union[MadePrivate, MadePrivateOpacus]:
         """Opacus's ``make_private_with_epsilon``: σ from Opacus's ``get_noise_multiplier`` for ``epochs`` at the
-        loader's sample rate, then :meth:`make_private` (which takes every other keyword)."""
+        loader's sample rate (`flashnorm.accounting.noise_multiplier`), then `make_private` (which takes every
+        other keyword and returns as it does)."""
         if len(self.accountant) > 0:
             warnings.warn(
                 "You're calling make_private_with_epsilon with non-zero privacy budget already spent. Returned "
                 "noise_multiplier assumes zero starting point, so your overall privacy budget will be higher."
             )
-        noise_multiplier = get_noise_multiplier(
+        noise_multiplier = _noise_multiplier(
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1 / len(data_loader), epochs=epochs,
             accountant=self.accountant.mechanism(), epsilon_tolerance=epsilon_tolerance,
         )
@@ -188,12 +230,13 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta``, from the accountant's history, for every accountant: 0 before any step, ``inf``
         once any recorded step had σ = 0 (a step without noise has no finite guarantee), else Opacus's value. (Opacus's
-        GDP and PRV accountants raise in the first two cases.)"""
+        GDP and PRV accountants raise in the first two cases.) The RDP accountant's orders extend until the optimal
+        one is interior, and Opacus's warning about them is not printed (`flashnorm.accounting`)."""
         if not self.accountant.history:
             return 0.0
         if any(sigma == 0 for sigma, _, _ in self.accountant.history):
             return float("inf")
-        return super().get_epsilon(delta)
+        return epsilon(self.accountant, delta)
 
     def _wrap_model(self, module, classes: ModeClasses, mode: Mode, *, batch_first, loss_reduction, max_grad_norm, wrap_model,
                     norm_method, backend):
@@ -220,5 +263,5 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         )
 
 
-#: Opacus's name, for a one-line import change.
 PrivacyEngine = FlashNormPrivacyEngine
+"""`FlashNormPrivacyEngine` under Opacus's name, for a one-line import change: `from flashnorm import PrivacyEngine`."""

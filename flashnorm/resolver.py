@@ -1,8 +1,8 @@
 """What a mode row builds: the grad-sample module, optimizer and criterion classes, for every parallelism.
 
-The mode table (:mod:`flashnorm.modes`) says *what* a mode computes (passes, norm algorithm, FSDP); this
+The mode table (`flashnorm.modes`) says *what* a mode computes (passes, norm algorithm, FSDP); this
 resolver maps a row and the way the module is distributed (one process, DDP or Opacus's ``DPDDP``, FSDP2) to
-the three classes :class:`~flashnorm.privacy_engine.FlashNormPrivacyEngine` constructs. Delegated modes
+the three classes `FlashNormPrivacyEngine` constructs. Delegated modes
 (``hooks``, ...) are Opacus's and never reach it.
 """
 

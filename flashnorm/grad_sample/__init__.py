@@ -1,5 +1,5 @@
-"""FlashNorm's grad-sample modules: the clipping step (:mod:`.step`), its writers (:mod:`.writers`), the layers'
-hooks (:mod:`.hooks`) and the module classes of every mode and parallelism."""
+"""FlashNorm's grad-sample modules: the clipping step (`step`), its writers (`writers`), the layers'
+hooks (`hooks`) and the module classes of every mode and parallelism."""
 
 from .ddp import DDPGradSampleModule, DDPGradSampleModuleFastGradientClipping, DDPGradSampleModuleFastGradientClippingFuse
 from .fsdp import (

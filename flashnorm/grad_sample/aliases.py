@@ -83,8 +83,8 @@ class ParameterAliases:
             self._swapped[key] = swapped
 
     def check_registrations(self) -> None:
-        """Raises when a registration holds another ``nn.Parameter`` than the one wrapped (see :meth:`enter`); for
-        steps whose hooks are detached (one sample), where :meth:`enter` does not run."""
+        """Raises when a registration holds another ``nn.Parameter`` than the one wrapped (see `enter`); for
+        steps whose hooks are detached (one sample), where `enter` does not run."""
         for slots in self._slots.values():
             for module, name, p in slots:
                 current = module._parameters.get(name)

@@ -1,7 +1,7 @@
 """Capture: which layers are hooked, what their forward keeps (X), and where their output gradient (G) arrives.
 
-Every layer that owns trainable parameters is a :class:`HookedLayer`. Its forward hook keeps its input X
-(batch first) and routes its output through a :class:`GradientTap`: an identity autograd function whose
+Every layer that owns trainable parameters is a `HookedLayer`. Its forward hook keeps its input X
+(batch first) and routes its output through a `GradientTap`: an identity autograd function whose
 backward hands the output gradient G to the layer's callback. A backward pass to the taps alone,
 ``torch.autograd.grad(Σ_b ℓ_b, [tap])``, reaches every layer's G while autograd computes no parameter
 gradient. Layers whose rule computes in autocast's lower precision get their input already cast by a
@@ -68,7 +68,7 @@ class RowScale(torch.autograd.Function):
 
 @dataclass(eq=False)
 class OutputScale:
-    """The coefficients the model outputs' :class:`RowScale` apply (``None`` during the norm pass), how many output
+    """The coefficients the model outputs' `RowScale` apply (``None`` during the norm pass), how many output
     gradients they scaled, and whether every output's batch dimension was known.
 
     An output's batch dimension is the layers' (0, or 1 for ``batch_first=False``) when it is the last hooked layer's
@@ -83,8 +83,8 @@ class OutputScale:
 
 def scale_rows(output, scale: OutputScale, layout_dim: int, batch_size: int, last_layer_output=None):
     """``output`` (a tensor, or a tuple, list or mapping of them, e.g. a Hugging Face ``ModelOutput``) with every
-    tensor that requires grad and holds the batch routed through :class:`RowScale` along its batch dimension (see
-    :class:`OutputScale`; ``layout_dim``: the layers' batch dimension)."""
+    tensor that requires grad and holds the batch routed through `RowScale` along its batch dimension (see
+    `OutputScale`; ``layout_dim``: the layers' batch dimension)."""
     if isinstance(output, torch.Tensor):
         if not output.requires_grad:
             return output
@@ -131,7 +131,7 @@ class HookedLayer:
     """A layer that owns trainable parameters, with its rule: what stays the same from step to step.
 
     A layer called k times in one forward pass (the same module twice, a module under two names, an RNN cell
-    per time step) has k *uses*; what one step captured of them is its :class:`LayerCapture`.
+    per time step) has k *uses*; what one step captured of them is its `LayerCapture`.
     """
 
     name: str
@@ -175,11 +175,11 @@ class LayerCapture:
 
 
 def discover_layers(module: nn.Module, name: str = "", seen: Optional[set] = None):
-    """Yields a :class:`HookedLayer` for each module owning trainable parameters, depth first (a module
+    """Yields a `HookedLayer` for each module owning trainable parameters, depth first (a module
     registered under several names once, under its first name).
 
     A layer without a rule, or whose rule refuses it, falls back to exact per-sample gradients
-    (:class:`~flashnorm.norms.PerSampleGradFallback`); a fallback that covers its children hides them.
+    (`PerSampleGradFallback`); a fallback that covers its children hides them.
 
     Raises:
         NotImplementedError: neither a rule nor the fallback can serve the layer (its path in the message).
@@ -227,10 +227,10 @@ class HookedModel:
     """The hooked layers of a wrapped module and what connects them, fixed until ``requires_grad`` changes.
 
     Attributes:
-        layers: the :class:`HookedLayer` s, depth first (``layer.index`` is the position here).
+        layers: the `HookedLayer`s, depth first (``layer.index`` is the position here).
         shared_groups: (θ, layers using θ) for each parameter used by two or more layers (tied weights).
         hooked_params: every parameter of a hooked layer, once.
-        aliases: the layers' :class:`~flashnorm.grad_sample.aliases.ParameterAliases`.
+        aliases: the layers' `ParameterAliases`.
         taps: the gradient taps, one scalar leaf per device (made by the first capturing forward there).
     """
 

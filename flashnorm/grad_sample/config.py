@@ -20,12 +20,12 @@ class StepConfig:
         backend: the kernels' resolved backend.
         norm_algorithm: the mode's algorithm, the planner's starting point.
         norm_method: a forced method, or ``None`` (planned per layer).
-        writer: the mode's :class:`~flashnorm.grad_sample.writers.ClippedGradientWriter`.
+        writer: the mode's `ClippedGradientWriter`.
         batch_first: inputs are ``[B, ...]`` (else ``[T, B, ...]``).
         distributed: gradients are reduced across ranks by DDP or FSDP2 (no one-sample shortcut; the loss is
             checked before any collective).
         packs_per_sample_grads: per-sample gradients go to packed buffers
-            (:class:`~flashnorm.grad_sample.packed_grads.PackedPerSampleGrads`); ``False`` under FSDP2.
+            (`PackedPerSampleGrads`); ``False`` under FSDP2.
     """
 
     backend: str

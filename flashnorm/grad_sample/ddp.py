@@ -7,11 +7,11 @@ another rank's norms — and leaves the *local* clipped sum
 
     S_r = Σ_{b∈ℬ_r} c_b ∇ℓ_b                                   (p.grad on rank r, every parameter)
 
-DDP's forward runs under :meth:`~torch.nn.parallel.DistributedDataParallel.no_sync`, so DDP's reducer
+DDP's forward runs under `DistributedDataParallel.no_sync`, so DDP's reducer
 never averages gradients during a backward pass: in the two-pass modes the second pass would
 otherwise all-reduce once and the DP optimizer a second time, and in ``flash_fuse`` the gradients are
 assembled after the backward pass, where DDP's hooks never see them. The one reduction per step is the
-DP optimizer's (:class:`flashnorm.optimizers.distributed.DistributedDPOptimizerFastGradientClipping`):
+DP optimizer's (`flashnorm.optimizers.distributed.DistributedDPOptimizerFastGradientClipping`):
 rank 0 adds the noise, then one SUM all-reduce gives Σ_r S_r + noise on every rank.
 
 Opacus's ``DPDDP`` reduces nothing in the backward pass either; it needs no subclass (the plain

@@ -6,7 +6,7 @@ all-gathers the parameters of one *unit* (a module given to ``fully_shard``) aro
 backward. FlashNorm's hooks sit on the layers *inside* the units, so they run while the unit's parameters
 are unsharded: X is kept in the forward, and the output gradient G reaches a layer's gradient tap after the
 unit's pre-backward all-gather. A layer that holds parameters must therefore not be a unit itself; shard
-blocks (:func:`flashnorm.utils.fsdp_utils.FSDP2Wrapper` does).
+blocks (`flashnorm.utils.fsdp_utils.FSDP2Wrapper` does).
 
 Norms. Rank r computes ‖∇ℓ_b‖ for its own samples b ∈ ℬ_r from its own X, G. The norm pass
 (``torch.autograd.grad`` to the gradient taps) computes no parameter gradient, so FSDP's reduce-scatter moves
@@ -16,7 +16,7 @@ Clipped gradients. Every rank ends with the shard it owns of FSDP's *average* of
 
     p.grad = shard_r( (1/W) Σ_r S_r ),      S_r = Σ_{b∈ℬ_r} c_b ∇ℓ_b,
 
-which the FSDP DP optimizer (:class:`flashnorm.optimizers.fsdp.FSDPOptimizerFastGradientClipping`)
+which the FSDP DP optimizer (`flashnorm.optimizers.fsdp.FSDPOptimizerFastGradientClipping`)
 noises and rescales. Two passes: the second backward of Σ_b c_b ℓ_b goes through FSDP's own
 reduce-scatter, in FSDP's ``reduce_dtype``. One pass: the gradients are assembled after the backward, so
 FSDP's hooks never see them; the layers' full-shape gradients [*θ.shape] are assembled in order, packed
@@ -115,10 +115,10 @@ def _param_groups(unit: FSDPModule) -> list:
 
 class FSDPGradSampleModule(FlashNormGradSampleModule):
     """The grad-sample module of the ``_fsdp`` modes: checks the FSDP2 layout at construction and maps sharded
-    parameters to FSDP2's unsharded ones (the aliases' counterparts: :mod:`~flashnorm.grad_sample.aliases`).
+    parameters to FSDP2's unsharded ones (the aliases' counterparts: `aliases`).
 
     ``p.grad`` ends as the owned shard of (1/W) Σ_r S_r (FSDP's average), whichever the writer: the second backward
-    goes through FSDP's own reduce-scatter; :class:`ReduceScatterAssembly` reduce-scatters what it assembles.
+    goes through FSDP's own reduce-scatter; `ReduceScatterAssembly` reduce-scatters what it assembles.
     """
 
     #: The rules see FSDP's unsharded parameters, not the sharded ones packed buffers would be laid out for;
@@ -193,7 +193,7 @@ class FSDPGradSampleModuleFastGradientClipping(FSDPGradSampleModule):
 
 
 class FSDPGradSampleModuleFastGradientClippingFuse(FSDPGradSampleModule):
-    """One pass (``flash_fuse_fsdp``): the assembled clipped gradients reduce-scattered (:class:`ReduceScatterAssembly`)."""
+    """One pass (``flash_fuse_fsdp``): the assembled clipped gradients reduce-scattered (`ReduceScatterAssembly`)."""
 
     writer_class = ReduceScatterAssembly
 
@@ -205,8 +205,8 @@ REDUCE_BUCKET_ELEMENTS = 1 << 25
 class _ClippedGradReducer:
     """Adds shard_r((1/W) Σ_r G_r) to ``p.grad`` for full-shape local gradients G_r, bucket by bucket.
 
-    Call :meth:`add` for every trainable parameter in the same order on every rank (it is collective),
-    then :meth:`close`. For FSDP2's default layout (:func:`~flashnorm.utils.fsdp_utils.row_shard`),
+    Call `add` for every trainable parameter in the same order on every rank (it is collective),
+    then `close`. For FSDP2's default layout (`row_shard`),
     consecutive parameters of one dtype are packed into a send buffer [W, L] whose row s holds the
     (zero-padded) rows that rank s owns of each; one SUM ``reduce_scatter_tensor`` over the mesh's group
     leaves each rank its [L], divided by W. A bucket's collective runs while the next bucket is

@@ -3,7 +3,7 @@
 Each hooked layer gets a forward pre-hook (its parameters are read through their aliases while it runs, and layers
 whose rule keeps X in autocast's lower precision get their input already cast, so the X captured is the very
 tensor autograd saves), a forward hook (X recorded in the step, the output routed through a
-:class:`~flashnorm.grad_sample.capture.GradientTap`) and the tap's callback (G handed to the step). For a batch of
+`GradientTap`) and the tap's callback (G handed to the step). For a batch of
 one sample the forward hooks are detached altogether ("parked"): nothing is captured and the layers take PyTorch's
 hook-free call path.
 """
@@ -25,7 +25,7 @@ from .step import StepState
 class LayerHooks:
     """The layers' hooks of one grad-sample module (``owner``), which they ask for its mode and its current step.
 
-    The owner provides ``hooked`` (:class:`~flashnorm.grad_sample.capture.HookedModel`), ``hooks_enabled``,
+    The owner provides ``hooked`` (`HookedModel`), ``hooks_enabled``,
     ``training``, ``batch_first``, ``step`` (the step in progress or ``None``) and ``capturing_forward()``. Layers
     capture only inside the owner's training forward, or when a backward recomputes them (activation
     checkpointing): the user's module called directly computes as it would unwrapped.
@@ -94,7 +94,7 @@ class LayerHooks:
 
     # -- the hooks ---------------------------------------------------------------------------------------
     def _enter_layer(self, layer: HookedLayer, module: nn.Module, inputs):
-        """Forward pre-hook: aliases in (:mod:`~flashnorm.grad_sample.aliases`; the forward hook points them back),
+        """Forward pre-hook: aliases in (`aliases`; the forward hook points them back),
         and autocast's cast of X done here for rules that keep X in its lower precision (``rule.autocast_input``)."""
         owner = self.owner
         if owner.hooks_enabled:

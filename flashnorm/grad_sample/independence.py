@@ -3,7 +3,7 @@
 DP-SGD bounds each sample's influence through its own loss ℓ_b. That holds only while ℓ_b depends on sample b
 alone and the forward changes nothing but activations. Two checks keep it:
 
-* **Refused layers** (:class:`LayerChecks`), found by a walk of every module (parameter-free ones included, which
+* **Refused layers** (`LayerChecks`), found by a walk of every module (parameter-free ones included, which
   the hooked-layer discovery does not see), checked when the module is wrapped and again at the start of every
   forward (a handful of attribute reads: the candidates are listed once):
 
@@ -21,14 +21,14 @@ alone and the forward changes nothing but activations. Two checks keep it:
   - ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``scale_grad_by_freq=True`` and a trainable weight: the gradient
     is divided by each id's frequency in the whole batch, so it mixes samples. Fix: ``scale_grad_by_freq=False``.
 
-* **The sample-independence probe** (:class:`IndependenceProbe`), run once, at the first capturing forward with
+* **The sample-independence probe** (`IndependenceProbe`), run once, at the first capturing forward with
   B ≥ 2: one extra forward of the model on a copy of the batch whose row 0 is replaced by another row (every
   tensor argument with the batch dimension, so the copy stays in the inputs' domain: token ids stay ids, masks stay
   masks), with the random-number state restored before the real forward so that dropout draws the same masks in
   both. The rows other than 0 of every floating-point output must agree (to the output dtype's rounding); otherwise
   the model mixes samples and the step is refused before any gradient exists. It also refuses a forward that writes
   a parameter in place or a buffer (compared by version counters), naming them, unless the buffer is registered
-  as harmless (:func:`register_harmless_buffer`).
+  as harmless (`register_harmless_buffer`).
 
   Cost: one forward of the first batch (grad mode as the real one, so the same kernels run; its graph is freed
   before the real forward: the peak memory is that of one training forward plus a copy of the outputs), once per
@@ -94,7 +94,7 @@ _CANDIDATES = (_BatchNorm, _InstanceNorm, nn.Embedding, nn.EmbeddingBag)
 
 class LayerChecks:
     """The modules of a wrapped model that could mix samples or write state from the batch, listed once (every
-    module, parameter-free ones too); :meth:`check` raises for any that does so as it is now."""
+    module, parameter-free ones too); `check` raises for any that does so as it is now."""
 
     def __init__(self, module: nn.Module):
         self.candidates: List[Tuple[str, nn.Module]] = [
@@ -102,7 +102,7 @@ class LayerChecks:
         ]
 
     def check(self) -> None:
-        """Raises :class:`SampleMixingError` naming the first refused layer (its path, why, the fix)."""
+        """Raises `SampleMixingError` naming the first refused layer (its path, why, the fix)."""
         for name, m in self.candidates:
             found = _refusal(m)
             if found is not None:
@@ -127,7 +127,7 @@ def _map(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 
 
 def _tensors(obj: Any, path: str = "output") -> Iterable[Tuple[str, torch.Tensor]]:
-    """(path, tensor) of every tensor in a nested output (tuples, lists, dicts, ``ModelOutput`` s)."""
+    """(path, tensor) of every tensor in a nested output (tuples, lists, dicts, ``ModelOutput``s)."""
     if isinstance(obj, torch.Tensor):
         yield path, obj
     elif isinstance(obj, (tuple, list)):
@@ -151,8 +151,8 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 class IndependenceProbe:
-    """One probe of a batch (see the module docstring): :meth:`perturbed_forward` before the real forward, whose
-    output :meth:`compare` then checks."""
+    """One probe of a batch (see the module docstring): `perturbed_forward` before the real forward, whose
+    output `compare` then checks."""
 
     def __init__(self, module: nn.Module, batch_dim: int, batch_size: int):
         self.module, self.batch_dim, self.batch_size = module, batch_dim, batch_size
@@ -180,7 +180,7 @@ class IndependenceProbe:
     @classmethod
     def start(cls, module: nn.Module, batch_dim: int, batch_size: Optional[int], args, kwargs,
               leading_batch_size: Callable) -> Optional["IndependenceProbe"]:
-        """A probe whose :meth:`perturbed_forward` ran on this batch, or ``None`` where it does not apply: fewer than
+        """A probe whose `perturbed_forward` ran on this batch, or ``None`` where it does not apply: fewer than
         two samples, rows all equal, or a CUDA graph being captured. ``batch_size`` is the first positional input's
         (``None``: read from the keyword tensors with ``leading_batch_size``, for Hugging Face's ``model(**batch)``)."""
         if batch_size is None:
@@ -251,7 +251,7 @@ class IndependenceProbe:
         return any(isinstance(owner, cls) and buffer == b for cls, b in _HARMLESS_BUFFERS)
 
     def compare(self, output) -> None:
-        """Raises :class:`SampleMixingError` when an output changed outside the slice of sample 0. An output's batch
+        """Raises `SampleMixingError` when an output changed outside the slice of sample 0. An output's batch
         dimension is the inputs' (``batch_dim``) or another of size B (a sequence-first model may return [B, ...]):
         the output is independent when, along one of them, every row but 0 is as the probe found it."""
         real = [(path, t.detach()) for path, t in _tensors(output)]

@@ -2,8 +2,8 @@
 
 A non-finite loss (NaN or ±inf) would spread NaN into every parameter's clipped gradient; the clipping
 workflow checks the loss once, after the gradients are written, and discards them when it fails
-(:meth:`~flashnorm.grad_sample.FlashNormGradSampleModule.reject_non_finite_step`).
-:class:`FiniteLossCheck` is public: :class:`~flashnorm.cuda_graphs.CudaGraphStep` reads the check recorded
+(`reject_non_finite_step`).
+`FiniteLossCheck` is public: `CudaGraphStep` reads the check recorded
 in a graph after each replay.
 """
 
@@ -43,13 +43,13 @@ class FiniteLossCheck:
     """Whether every per-sample loss is finite, read without draining the GPU.
 
     On CUDA the flag is computed and copied to a pinned host flag behind the forward's kernels, and an
-    event marks the copy; :meth:`result` waits for that event only — by the end of the backward's
+    event marks the copy; `result` waits for that event only — by the end of the backward's
     issue the forward has long finished, so the wait is normally nothing, where ``bool(flag)`` would
     wait for the whole backward and leave the GPU idle while the optimizer step is issued. The host
     flag is reused (a step's check is read before the next step begins).
 
     Under CUDA-graph capture (``capturing``) the flag stays on the device and an *external* event
-    behind it becomes a node of the graph, recorded by every replay. :meth:`result`, called after a
+    behind it becomes a node of the graph, recorded by every replay. `result`, called after a
     replay (never during capture), waits for that node, then copies the flag to the host flag on a
     side stream with nothing queued before the copy: the wait covers the forward, not the backward.
     No pinned copy is ever captured (the host allocator cannot query an event recorded in a graph).

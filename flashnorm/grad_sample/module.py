@@ -1,17 +1,17 @@
 """FlashNorm's grad-sample module: configuration, the layers' hooks, and the clipping workflow's call chain.
 
-A training forward starts a :class:`~flashnorm.grad_sample.step.ClippingStep`; the layers' hooks record into it
-(:mod:`~flashnorm.grad_sample.hooks`). The DP loss's ``backward()`` calls :meth:`FlashNormGradSampleModule.clipped_backward`,
+A training forward starts a `ClippingStep`; the layers' hooks record into it
+(`hooks`). The DP loss's ``backward()`` calls `FlashNormGradSampleModule.clipped_backward`,
 whose phases read in one place:
 
 1. **checks**: the loss belongs to this step's forward ([B]) and, under DDP/FSDP, is finite;
-2. **norm pass** (:meth:`~.step.ClippingStep.norm_pass`): ``torch.autograd.grad(Σ_b ℓ_b, taps)`` walks the graph
+2. **norm pass** (`norm_pass`): ``torch.autograd.grad(Σ_b ℓ_b, taps)`` walks the graph
    to the gradient taps; each hooked layer's rule turns (X, G) into per-sample squared norms; no parameter
    gradient is computed;
-3. **coefficients**: c_b = min(1, C/(‖g_b‖ + 10⁻⁶), (1 + τ)C/U_b) (:func:`flashnorm.norms.rounding.clipping_coef`);
-4. **write**: the mode's writer (:mod:`~flashnorm.grad_sample.writers`) adds Σ_b c_b ∇ℓ_b into ``p.grad``: a
+3. **coefficients**: c_b = min(1, C/(‖g_b‖ + 10⁻⁶), (1 + τ)C/U_b) (`flashnorm.norms.rounding.clipping_coef`);
+4. **write**: the mode's writer (`writers`) adds Σ_b c_b ∇ℓ_b into ``p.grad``: a
    second backward of Σ_b c_b ℓ_b, or assembly from what the norm pass kept;
-5. **mark**: the gradients are recorded as clipped for the DP optimizer (:mod:`~.provenance`).
+5. **mark**: the gradients are recorded as clipped for the DP optimizer (`provenance`).
 
 A batch of one sample takes one ordinary backward instead (its gradient is the per-sample gradient). G is the
 gradient of the *sum* of per-sample losses whatever ``loss_reduction`` is; the DP optimizer applies the reduction
@@ -51,7 +51,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         batch_first: inputs are ``[B, ...]`` (else ``[T, B, ...]``).
         loss_reduction: ``"mean"`` or ``"sum"`` (applied by the optimizer, as in Opacus).
         max_grad_norm: the clipping bound C (until a DP criterion shares its optimizer's
-            :class:`~flashnorm.utils.privacy_parameters.PrivacyParameters` with the module).
+            `PrivacyParameters` with the module).
         use_flash_clipping: flash norms, the planner choosing per layer (default).
         use_ghost_clipping: with ``use_flash_clipping=False``, Gram (ghost) norms; both ``False`` gives
             per-sample-gradient norms.
@@ -62,13 +62,13 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             it; when set it replaces the two ``use_*_clipping`` flags (Opacus's spelling).
         backend: the kernels' backend, ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or
             ``"torch"``; ``None`` reads ``FLASHNORM_BACKEND`` (unset: ``"auto"``).
-        writer: how the clipped gradients are written (:mod:`~flashnorm.grad_sample.writers`); default: the
+        writer: how the clipped gradients are written (`writers`); default: the
             class's ``writer_class``.
     """
 
     #: The writer of the class's mode when none is given.
     writer_class: type = SecondBackward
-    #: Per-sample gradients packed in :class:`~.packed_grads.PackedPerSampleGrads` (FSDP2 says no).
+    #: Per-sample gradients packed in `PackedPerSampleGrads` (FSDP2 says no).
     packs_per_sample_grads = True
 
     def __init__(
@@ -101,7 +101,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         if strict:
             ModuleValidator.validate(m, strict=True)
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction)
-        #: σ and C; a DP criterion replaces it with its optimizer's (:meth:`share_privacy_parameters`).
+        #: σ and C; a DP criterion replaces it with its optimizer's (`share_privacy_parameters`).
         self.privacy = privacy
         self.layer_checks = layer_checks
         self.norm_algorithm = norm_algorithm
@@ -141,7 +141,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     @property
     def layers(self):
-        """The hooked layers (:class:`~flashnorm.grad_sample.capture.HookedLayer`)."""
+        """The hooked layers (`HookedLayer`)."""
         return self.hooked.layers
 
     @property
@@ -170,7 +170,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self.step = None
 
     def enable_hooks(self) -> None:
-        """Turns capture back on (after :meth:`disable_hooks`)."""
+        """Turns capture back on (after `disable_hooks`)."""
         self.hooks_enabled = True
 
     def disable_hooks(self) -> None:
@@ -217,7 +217,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         return output
 
     def _probe_independence(self, leading: Optional[int], args, kwargs) -> Optional[IndependenceProbe]:
-        """The sample-independence probe's perturbed forward (:mod:`~.independence`), once, with capture off (the
+        """The sample-independence probe's perturbed forward (`independence`), once, with capture off (the
         caller compares the real forward's output with it); not under FSDP2, whose forward has collectives."""
         if not self.probe_pending or self.parallelism == "fsdp":
             return None
@@ -334,7 +334,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         return self.get_clipping_coef()
 
     def write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
-        """After :meth:`compute_clipping_coef`: writes Σ_b c_b ∇ℓ_b into ``p.grad`` (zeros where unused)."""
+        """After `compute_clipping_coef`: writes Σ_b c_b ∇ℓ_b into ``p.grad`` (zeros where unused)."""
         step = self.step
         if step is None or step.norms is None:
             raise RuntimeError("write_clipped_gradients needs the norms of this step: call compute_clipping_coef first.")
@@ -345,7 +345,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             self._finish(step)
 
     def _checked_step(self, loss_per_sample: torch.Tensor, finite: bool) -> ClippingStep:
-        """The step this loss belongs to, checked (:meth:`~.step.ClippingStep.check_loss`; ``finite``: the loss
+        """The step this loss belongs to, checked (`check_loss`; ``finite``: the loss
         is read now, and a non-finite one is rejected)."""
         step = self.step or self._start_step(None, None, from_forward=False)  # (none: its check_loss refuses)
         step.check_loss(loss_per_sample)
@@ -384,7 +384,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         """Forgets the step, drops every gradient it wrote (``p.grad = None``) and raises ``ValueError``.
 
         Called when the loss was not finite: by the eager workflow, and by
-        :class:`~flashnorm.cuda_graphs.CudaGraphStep` after a replay whose ``captured_finite_check`` fails.
+        `CudaGraphStep` after a replay whose ``captured_finite_check`` fails.
         """
         if self.step is not None:
             self.step.abandon()
@@ -400,7 +400,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self._per_sample_gradient_norms = None
 
     def record_norms(self, norms: NormRecord) -> None:
-        """Sets the norms the accessors report (:class:`~flashnorm.cuda_graphs.CudaGraphStep` after a replay)."""
+        """Sets the norms the accessors report (`CudaGraphStep` after a replay)."""
         self._record(norms)
 
     def get_norm_sample(self) -> torch.Tensor:
@@ -416,7 +416,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         return norms
 
     def get_clipping_coef(self) -> torch.Tensor:
-        """c_b = min(1, C / (‖g_b‖ + 1e-6), (1 + τ)·C / U_b) (:func:`flashnorm.norms.rounding.clipping_coef`): [B]."""
+        """c_b = min(1, C / (‖g_b‖ + 1e-6), (1 + τ)·C / U_b) (`flashnorm.norms.rounding.clipping_coef`): [B]."""
         self.get_norm_sample()
         return self.last_norms.clipping_coef(self.privacy.clip_bound())
 

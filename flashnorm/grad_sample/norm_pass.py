@@ -1,14 +1,14 @@
 """The norm terms of one step: each hooked layer's per-sample squared norms from its captures, summed.
 
-A layer's uses are counted once all their output gradients G and inputs X are in (:class:`~.step.ClippingStep`
+A layer's uses are counted once all their output gradients G and inputs X are in (`ClippingStep`
 decides when): one use as it is; k uses joined into one call where the rule can
-(:meth:`~flashnorm.norms.NormRule.join_uses`), else their per-sample gradients summed. A layer sharing a parameter
+(`join_uses`), else their per-sample gradients summed. A layer sharing a parameter
 with another (tied weights) is counted like any other, and the cross term 2⟨∇_θ^A, ∇_θ^B⟩
-(:mod:`flashnorm.norms.tied`) is added once both are counted. Uses that never received a gradient (outputs that do
+(`flashnorm.norms.tied`) is added once both are counted. Uses that never received a gradient (outputs that do
 not reach the loss) contribute nothing, exactly.
 
 Besides the terms, each layer notes its share of the clipping coefficient's rounding allowance
-(:mod:`flashnorm.norms.rounding`): after the pass, :meth:`NormTerms.result` gives the squared norms ‖ĝ_b‖² and their
+(`flashnorm.norms.rounding`): after the pass, `NormTerms.result` gives the squared norms ‖ĝ_b‖² and their
 upper bound U_b.
 """
 
@@ -33,11 +33,11 @@ class NormTerms:
     """One step's per-layer norm terms and rounding allowances, summed into ‖ĝ_b‖² and U_b after the pass.
 
     Args:
-        config: the module's :class:`~.config.StepConfig`.
+        config: the module's `StepConfig`.
         hooked: the hooked model (its shared groups give the cross terms).
         packed: the packed per-sample gradient buffers of this pass, or ``None``.
         keep: called as ``keep(layer, kept)`` with what the writer needs of each counted layer (a
-            :mod:`~flashnorm.grad_sample.writers` record), or ``None`` when nothing is kept (a two-pass step,
+            `writers` record), or ``None`` when nothing is kept (a two-pass step,
             a plain backward).
     """
 
@@ -102,7 +102,7 @@ class NormTerms:
     def _per_sample(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor):
         """The layer's per-sample gradients, packed where they have room; their norms go to the roots.
 
-        Returns what the one-pass assembly keeps: :class:`KeptPacked` or :class:`KeptPerSample`.
+        Returns what the one-pass assembly keeps: `KeptPacked` or `KeptPerSample`.
         """
         packed = self.packed
         slots = {p: slot for p in layer.params if (slot := packed.slot(p)) is not None} if packed is not None else {}
@@ -144,7 +144,7 @@ class NormTerms:
 
     # -- rounding allowances -------------------------------------------------------------------------
     def _note_rounding(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor, method: str) -> Optional[torch.Tensor]:
-        """The layer's share of the clipping coefficient's rounding allowance (:mod:`~flashnorm.norms.rounding`):
+        """The layer's share of the clipping coefficient's rounding allowance (`rounding`):
         returns its radius r = (γ_norm + γ_applied)·s over the two computations of its per-sample gradient (``None``
         where the writer applies the very per-sample gradients it took the norm of, or the rule has no model),
         notes the Gram form's γ_G·s², and keeps (s, γ, n) of a layer sharing a parameter for the cross terms."""

@@ -8,7 +8,7 @@ small launches each. Packing lays them out side by side in a few [B, N] buffers 
 * the layers write their per-sample gradients into views of them (``slots``) during the backward pass;
 * ‖g_b‖² over all of a buffer is one reduction:   Σ_j A[b, j]²;
 * the clipped sum of all of a buffer is one GEMV:  cᵀA ∈ ℝ^N in float32
-  (:func:`~flashnorm.kernels.weighted_row_sum`), handed out as views (``p.grad``).
+  (`weighted_row_sum`), handed out as views (``p.grad``).
 
 Buffers hold about ``CHUNK_BYTES`` each and are laid out in the order the backward pass reaches the
 layers; each is allocated when its first slot is written, so the memory grows as the pass frees
@@ -41,10 +41,10 @@ class _Chunk:
 class PackedPerSampleGrads:
     """Per-sample gradient slots of one step, in [B, N] buffers of one dtype each.
 
-    Usage: :meth:`reserve` every (parameter, dtype) that will be kept, in the order the backward pass
-    writes them; during the pass :meth:`slot` hands out the [B, *θ.shape] views (allocating their
-    buffer on first use) and :meth:`store` records what was written; after it :meth:`finish`, then
-    :meth:`norms` and :meth:`clipped_sum` read them all.
+    Usage: `reserve` every (parameter, dtype) that will be kept, in the order the backward pass
+    writes them; during the pass `slot` hands out the [B, *θ.shape] views (allocating their
+    buffer on first use) and `store` records what was written; after it `finish`, then
+    `norms` and `clipped_sum` read them all.
     """
 
     def __init__(self, batch: int, device: torch.device):
@@ -111,7 +111,7 @@ class PackedPerSampleGrads:
     def clipped_sum(self, coef: torch.Tensor, backend: Optional[str] = None) -> Dict[nn.Parameter, torch.Tensor]:
         """Σ_b c_b A[b] for every θ of an allocated buffer, as views of one flat tensor per buffer.
 
-        One :func:`~flashnorm.kernels.weighted_row_sum` per buffer (c and the sum in float32), cast
+        One `weighted_row_sum` per buffer (c and the sum in float32), cast
         to the parameters' dtype where it differs.
         """
         grads: Dict[nn.Parameter, torch.Tensor] = {}
@@ -135,10 +135,10 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def plan_packed_grads(captured, batch: int, device: torch.device, method_of, vectors_only: bool):
-    """Before the norm pass: a :class:`PackedPerSampleGrads` with room for what this step keeps per sample, or
+    """Before the norm pass: a `PackedPerSampleGrads` with room for what this step keeps per sample, or
     ``None`` when nothing is.
 
-    ``captured`` lists (layer, :class:`~flashnorm.grad_sample.capture.LayerCapture`) in forward order. Room goes to
+    ``captured`` lists (layer, `LayerCapture`) in forward order. Room goes to
     the per-sample gradients of every layer whose ``method_of(layer, x, g_shape, g_dtype)`` is ``per_sample``, and
     to the vector parameters (biases) of the other layers, in float32 (float64 for float64 inputs), in the order the
     pass reaches them (last layer first). With ``vectors_only`` (a writer that back-propagates again needs the

@@ -3,7 +3,7 @@
 After a clipping step every trainable parameter carries a record of the gradient tensor the workflow left in
 ``p.grad`` (a weak reference and its version counter) and how many clipped backward passes it sums. A gradient
 written or modified any other way (a plain ``loss.backward()``, an in-place edit, a gradient already used by a
-step) no longer matches its record, and :class:`~flashnorm.optimizers.DPOptimizerFastGradientClipping` refuses it.
+step) no longer matches its record, and `DPOptimizerFastGradientClipping` refuses it.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 
 
 class RandomStateWatch:
-    """The random-number states of the CPU and of ``device`` (when CUDA) when made; :meth:`changed` compares."""
+    """The random-number states of the CPU and of ``device`` (when CUDA) when made; `changed` compares."""
 
     def __init__(self, device: torch.device):
         self.device = device if device.type == "cuda" else None

@@ -9,7 +9,7 @@ from .writers import AssembleFromKept, SecondBackward
 
 class GradSampleModuleFastGradientClipping(FlashNormGradSampleModule):
     """Two backward passes (``ghost``, ``flash``): the norm pass computes no parameter gradient, the second pass
-    back-propagates Σ_b c_b ℓ_b (:class:`~flashnorm.grad_sample.writers.SecondBackward`).
+    back-propagates Σ_b c_b ℓ_b (`SecondBackward`).
 
     ``use_flash_clipping=True`` gives flash norms (mode ``flash``); ``False`` with ``use_ghost_clipping=True`` gives
     Gram norms (mode ``ghost``).
@@ -21,6 +21,6 @@ class GradSampleModuleFastGradientClipping(FlashNormGradSampleModule):
 class GradSampleModuleFastGradientClippingFuse(FlashNormGradSampleModule):
     """One backward pass with bookkeeping (``flash_fuse``): the layers compute input gradients and norms, no weight
     gradients; the clipped gradients are assembled after the pass
-    (:class:`~flashnorm.grad_sample.writers.AssembleFromKept`)."""
+    (`AssembleFromKept`)."""
 
     writer_class = AssembleFromKept

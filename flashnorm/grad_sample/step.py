@@ -1,10 +1,10 @@
 """One clipping step: what a training forward captured, the norm pass over it, and its state.
 
-A :class:`ClippingStep` is created when a training forward of the grad-sample module starts and discarded once the
+A `ClippingStep` is created when a training forward of the grad-sample module starts and discarded once the
 clipped gradients are written. It holds the step's captures (each hooked layer's inputs X and output gradients G),
-its :class:`~flashnorm.grad_sample.norm_pass.NormTerms` (per-layer norm terms and rounding allowances), the packed
+its `NormTerms` (per-layer norm terms and rounding allowances), the packed
 per-sample gradient buffers, what the writer needs of each layer, the norms with their bound and the loss checks.
-Its :class:`StepState` says where it is:
+Its `StepState` says where it is:
 
     CAPTURED ──clipped_backward──▶ NORM_PASS ──▶ COEFFICIENTS ──▶ WRITING ──▶ (discarded)
         └──a plain loss.backward() reaches the taps──▶ PLAIN_BACKWARD (norms on request; the optimizer refuses)
@@ -35,7 +35,7 @@ from .recompute import RandomStateWatch, refuse_unrepeatable_recompute
 
 
 class StepState(enum.Enum):
-    """Where a :class:`ClippingStep` is."""
+    """Where a `ClippingStep` is."""
 
     CAPTURED = "captured"  # the training forward ran; its loss awaits one backward
     NORM_PASS = "norm pass"  # the workflow's pass to the gradient taps: the taps hand G to the layers' counts
@@ -58,7 +58,7 @@ class NormRecord:
         return self.norm_sq.clamp(min=0).sqrt()
 
     def clipping_coef(self, max_grad_norm: float) -> torch.Tensor:
-        """c_b (:func:`flashnorm.norms.rounding.clipping_coef`): [B]."""
+        """c_b (`flashnorm.norms.rounding.clipping_coef`): [B]."""
         return rounding.clipping_coef(self.norm_sq, self.bound, max_grad_norm)
 
 
@@ -68,7 +68,7 @@ class ClippingStep:
     Args:
         number: the step's number (gradient taps carry it: a backward from an older forward is recognised).
         hooked: the hooked model.
-        config: the module's :class:`~flashnorm.grad_sample.config.StepConfig`.
+        config: the module's `StepConfig`.
         leading_batch_size: the batch size of the forward's first argument, if it is a tensor.
         batch_size: the layers' batch size when known in advance (a trusted step of one sample), else ``None``
             (the first hooked layer tells).
@@ -239,7 +239,7 @@ class ClippingStep:
         """``torch.autograd.grad(Σ_b ℓ_b, taps + parameters)``: every layer's norm terms, no parameter gradient.
 
         The parameters are asked for too: inside their layers they are read through aliases
-        (:mod:`~flashnorm.grad_sample.aliases`), so a gradient there means a read outside its layer.
+        (`aliases`), so a gradient there means a read outside its layer.
 
         Raises:
             RuntimeError: the loss reaches no gradient tap of this step.
@@ -357,7 +357,7 @@ class ClippingStep:
     def single_sample_backward(self, loss_per_sample: torch.Tensor, params: List[nn.Parameter], clip: float) -> NormRecord:
         """B = 1: one ordinary backward, then the gradients clipped as one vector, c = min(1, C/(‖g‖ + 10⁻⁶)):
         one multi-tensor pass for the norm (float32, float64 for float64), the coefficient computed from it on the
-        device (:func:`~flashnorm.norms.rounding.clipping_coef`), and one multi-tensor scaling by it."""
+        device (`clipping_coef`), and one multi-tensor scaling by it."""
         if not self.config.distributed:
             self.check = FiniteLossCheck(loss_per_sample, self.graph_capture)
         torch.autograd.backward(loss_per_sample.sum())

@@ -1,15 +1,15 @@
 """How a step writes Σ_b c_b ∇ℓ_b into ``p.grad`` once the coefficients c are known: the mode's *writer*.
 
-The mode table (:mod:`flashnorm.modes`) names one writer per mode:
+The mode table (`flashnorm.modes`) names one writer per mode:
 
-* :class:`SecondBackward` (``ghost``, ``flash``): back-propagates Σ_b c_b ℓ_b, an ordinary second backward pass.
+* `SecondBackward` (``ghost``, ``flash``): back-propagates Σ_b c_b ℓ_b, an ordinary second backward pass.
   The norm pass keeps the autograd graph for it and keeps nothing of the layers.
-* :class:`AssembleFromKept` (``flash_fuse``): the norm pass was the only backward pass; each counted layer kept
+* `AssembleFromKept` (``flash_fuse``): the norm pass was the only backward pass; each counted layer kept
   what its plan needs (X and G, or its per-sample gradients, packed or not), and the clipped gradient is assembled
   from it: (c ⊙ G)ᵀX for a Linear weight, Σ_b c_b g_b from per-sample gradients, one weighted sum per packed buffer.
 
-FSDP2's one-pass writer (reduce-scatter of the assembled gradients) is in :mod:`flashnorm.grad_sample.fsdp`. A new
-writer subclasses :class:`ClippedGradientWriter`; the norm pass asks it the three questions below.
+FSDP2's one-pass writer (reduce-scatter of the assembled gradients) is in `flashnorm.grad_sample.fsdp`. A new
+writer subclasses `ClippedGradientWriter`; the norm pass asks it the three questions below.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class KeptInputs:
 
 
 class ClippedGradientWriter:
-    """Writes a step's clipped gradients. One instance per grad-sample module (:meth:`bind` sees its layers).
+    """Writes a step's clipped gradients. One instance per grad-sample module (`bind` sees its layers).
 
     Attributes:
         backward_passes: backward passes per step (the modes table's column).
@@ -67,7 +67,7 @@ class ClippedGradientWriter:
         applies_kept_per_sample: per-sample gradients the norm pass measured are the very ones applied, so the
             planner may choose them for any layer (they cost B·|θ| memory) and their rounding needs no allowance;
             every trainable parameter, vectors and matrices, can be packed.
-        scales_outputs: the model's outputs go through :class:`~flashnorm.grad_sample.capture.RowScale`, whose
+        scales_outputs: the model's outputs go through `RowScale`, whose
             rows the writer scales by c.
     """
 
@@ -80,16 +80,16 @@ class ClippedGradientWriter:
         """Called with the hooked layers whenever they are (re)discovered."""
 
     def keep(self, kept_by_layer: dict, layer, kept) -> None:
-        """Stores what the norm pass counted of ``layer`` for :meth:`write` (nothing by default)."""
+        """Stores what the norm pass counted of ``layer`` for `write` (nothing by default)."""
 
     def write(self, step, loss_per_sample: torch.Tensor, coef: torch.Tensor, backend: str) -> None:
-        """Adds Σ_b c_b ∇ℓ_b into ``p.grad`` (``coef``: c [B]; ``step``: the :class:`~.step.ClippingStep`)."""
+        """Adds Σ_b c_b ∇ℓ_b into ``p.grad`` (``coef``: c [B]; ``step``: the `ClippingStep`)."""
         raise NotImplementedError
 
 
 class SecondBackward(ClippedGradientWriter):
     """Back-propagates Σ_b ℓ_b with the model outputs' gradient rows scaled by c_b
-    (:class:`~flashnorm.grad_sample.capture.RowScale`): autograd computes Σ_b c_b ∇ℓ_b as an ordinary backward
+    (`RowScale`): autograd computes Σ_b c_b ∇ℓ_b as an ordinary backward
     would, c_b applied where the model's batch row b is known, whatever order the loss vector has.
 
     A model whose outputs' batch rows cannot be told apart (an output with no dimension, or several, of the batch's

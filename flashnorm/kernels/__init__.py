@@ -2,7 +2,7 @@
 
 Each kernel has a PyTorch reference beside it; the dispatcher picks Triton on CUDA and the reference
 elsewhere. Every dispatcher takes ``backend="auto"|"triton"|"torch"`` (None: ``FLASHNORM_BACKEND``,
-see :func:`~flashnorm.kernels.backend.resolve_backend`).
+see `resolve_backend`).
 
 Modules: one per operation (``flash_norm``, ``gram_norm``, ``clipped_grad``, ``affine_norm``,
 ``weighted_sum``, ``multi_tensor``), plus ``tiles`` (Triton helpers they share), ``operands`` (input checks

@@ -15,7 +15,7 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def accumulation_dtype_of(*dtypes: torch.dtype) -> torch.dtype:
-    """:func:`accumulation_dtype` from dtypes alone (planning, before any tensor exists)."""
+    """`accumulation_dtype` from dtypes alone (planning, before any tensor exists)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 

@@ -12,7 +12,7 @@ once, normalises BLOCK_T rows at a time in registers and accumulates both sums i
 alone would leave the GPU idle, programs split T and add their partial sums into zeroed outputs with
 float32 atomics (exact to float32 rounding; the last bits may differ from run to run).
 
-The kernel is the default on CUDA (:func:`affine_norm_grads`): with one read of x and g against the
+The kernel is the default on CUDA (`affine_norm_grads`): with one read of x and g against the
 reference's several passes, it takes a fraction of the reference's GPU time at transformers' LayerNorm and
 RMSNorm shapes, for about the same host time per call.
 
@@ -144,9 +144,9 @@ def affine_norm_grads(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-sample (W, β) of a LayerNorm (``center``) or RMSNorm over the last dim of x, g: [B, T, n].
 
-    :func:`affine_norm_grads_triton` on CUDA (and with ``backend="triton"``) for n ≤ ``MAX_N`` and float32
-    outputs with contiguous rows, else :func:`affine_norm_grads_reference` (other devices, ``backend="torch"``;
-    float64 stays float64). ``backend``: see :func:`~flashnorm.kernels.backend.use_triton`; a forced
+    `affine_norm_grads_triton` on CUDA (and with ``backend="triton"``) for n ≤ ``MAX_N`` and float32
+    outputs with contiguous rows, else `affine_norm_grads_reference` (other devices, ``backend="torch"``;
+    float64 stays float64). ``backend``: see `use_triton`; a forced
     ``"triton"`` raises where the kernel does not apply (n > ``MAX_N``, other outputs).
     """
     kwargs = dict(eps=eps, center=center, with_bias=with_bias, weight_out=weight_out, bias_out=bias_out)

@@ -2,9 +2,9 @@
 
 Every public kernel takes ``backend``: ``"auto"`` (Triton on CUDA where it applies and is faster, the PyTorch
 reference elsewhere), ``"triton"`` (forced: Triton or an error, never the reference; CPU tensors need
-``TRITON_INTERPRET=1``) or ``"torch"`` (the references); :func:`use_triton` is the one policy every dispatcher
+``TRITON_INTERPRET=1``) or ``"torch"`` (the references); `use_triton` is the one policy every dispatcher
 asks. ``None`` reads ``FLASHNORM_BACKEND`` at the call (unset or empty: ``"auto"``), so callers that
-resolve once with :func:`resolve_backend` and pass the result pay no environment lookup per call.
+resolve once with `resolve_backend` and pass the result pay no environment lookup per call.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def use_triton(
     reference_faster: bool = False,
 ) -> bool:
     """The kernels' one dispatch policy: True to run ``name``'s Triton kernel on ``tensors``, False for its PyTorch
-    reference. Every dispatcher asks it, with the ``backend`` resolved by :func:`resolve_backend`:
+    reference. Every dispatcher asks it, with the ``backend`` resolved by `resolve_backend`:
 
     * ``"torch"``: the reference.
     * float64 among the tensors: the reference, under every backend. The Triton kernels have no float64 path and

@@ -6,10 +6,10 @@ With clipping coefficients c ∈ ℝ^B:
     bias_grad   = Σ_b c_b Σ_t G_b[t]
 
 Two ways to the weight gradient: scaling G by c then one cuBLAS GEMM
-(:func:`clipped_weight_grad_reference`), or the fused Triton kernel ``_clipped_weight_grad_kernel``
-(:func:`clipped_weight_grad_fused`): the flash-norm tile loop, accumulating each sample's tile of
+(`clipped_weight_grad_reference`), or the fused Triton kernel ``_clipped_weight_grad_kernel``
+(`clipped_weight_grad_fused`): the flash-norm tile loop, accumulating each sample's tile of
 G_bᵀX_b in float32 registers and adding c_b · tile to the output tile, so that c is applied in
-float32 to the exact per-sample tile and G is never rewritten. :func:`clipped_weight_grad` picks
+float32 to the exact per-sample tile and G is never rewritten. `clipped_weight_grad` picks
 one by measurement.
 
 Layout of this file: the Triton kernel, its launch wrapper, then the PyTorch functions.
@@ -86,7 +86,7 @@ def _clipped_weight_grad_kernel(
 
 
 def clipped_weight_grad_work(batch: int, steps: int, n_tiles: int, block_t: int, n_sms: int) -> tuple[int, int, int]:
-    """(t_chunk, n_chunks, units_per_split) for :func:`clipped_weight_grad_fused`.
+    """(t_chunk, n_chunks, units_per_split) for `clipped_weight_grad_fused`.
 
     With n_tiles ≥ SMs every program takes every sample (one store per tile, no atomics). Otherwise the
     samples — and, when there are fewer samples than programs needed per tile, chunks of T of at least
@@ -108,10 +108,10 @@ def clipped_weight_grad_fused(
 ) -> torch.Tensor:
     """Triton Σ_b c_b G_bᵀX_b for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16), coef: [B] → float32 [p, d].
 
-    ``config`` (tiles, as :func:`~flashnorm.kernels.flash_norm.flash_norm_config`), ``work``
-    (:func:`clipped_weight_grad_work`) and ``use_tma`` have defaults; tests set them to reach every path.
-    With ``use_tma`` (by default from :func:`~flashnorm.kernels.operands.aligned_copies_pay`), rows that are not
-    16-byte aligned (GPT-2's 50257 logits) are read from aligned copies (:func:`clipped_on_aligned_copies`).
+    ``config`` (tiles, as `flash_norm_config`), ``work``
+    (`clipped_weight_grad_work`) and ``use_tma`` have defaults; tests set them to reach every path.
+    With ``use_tma`` (by default from `aligned_copies_pay`), rows that are not
+    16-byte aligned (GPT-2's 50257 logits) are read from aligned copies (`clipped_on_aligned_copies`).
     float32 inputs use tf32 dots (operands rounded to nearest) when ``torch.backends.cuda.matmul.allow_tf32``
     is set. Several programs adding into one output tile use float32 atomics: the result is exact to
     float32 rounding but its last bits may differ from run to run.
@@ -137,7 +137,7 @@ def clipped_weight_grad_fused(
 
 def clipped_on_aligned_copies(x, g, coef, config, work) -> torch.Tensor:
     """Σ_b c_b G_bᵀX_b → float32 [p, d] from aligned copies of operands whose rows are not 16-byte aligned
-    (:func:`~flashnorm.kernels.operands.aligned_copies`: the wider operand plays G, copied a block of columns at a
+    (`aligned_copies`: the wider operand plays G, copied a block of columns at a
     time). G's column block c gives the output's rows c, one launch each; the zero rows and columns of the
     padding are dropped, and a swapped result is transposed back. A public name: the tests check that the default
     policy routes unaligned rows here."""
@@ -191,11 +191,11 @@ def clipped_weight_grad(
 
     c is applied in float32 to products that are float32-exact, never by rounding c ⊙ G to a 16-bit dtype: that
     rounding errs by 2⁻⁹ of every term, far beyond the clipping coefficient's float32 allowance
-    (:mod:`~flashnorm.norms.rounding`), and inputs whose terms cancel could push a sample past C. So 16-bit inputs
-    take :func:`clipped_weight_grad_fused` on CUDA (and whenever ``backend="triton"``), and
-    :func:`clipped_weight_grad_reference` in float32 elsewhere; under ``backend="auto"`` float32 inputs take the
+    (`rounding`), and inputs whose terms cancel could push a sample past C. So 16-bit inputs
+    take `clipped_weight_grad_fused` on CUDA (and whenever ``backend="triton"``), and
+    `clipped_weight_grad_reference` in float32 elsewhere; under ``backend="auto"`` float32 inputs take the
     reference (cuBLAS), which is faster there: the fused kernel has no K-major tf32 path. ``backend``: see
-    :func:`~flashnorm.kernels.backend.use_triton`. Callers cast to the parameter's dtype.
+    `use_triton`. Callers cast to the parameter's dtype.
     """
     sixteen_bit = {x.dtype, g.dtype} <= {torch.bfloat16, torch.float16}
     if use_triton(resolve_backend(backend), x, g, name="clipped_weight_grad", reference_faster=not sixteen_bit):

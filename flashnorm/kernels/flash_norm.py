@@ -11,9 +11,9 @@ over all B·T rows, whose throughput the kernel approaches once B·tiles fills t
 path also pays for its K-major copies).
 
 Layout of this file: the Triton kernel ``_flash_norm_kernel`` and its T-split epilogue ``_sum_split_tile``,
-their configs and T-split model, the launch wrapper :func:`flash_norm_sq_triton`, the PyTorch reference
-:func:`flash_norm_sq_reference` and the dispatcher :func:`flash_norm_sq`. Shared tile helpers live in
-:mod:`.tiles`, operand checks and the TMA policy in :mod:`.operands`.
+their configs and T-split model, the launch wrapper `flash_norm_sq_triton`, the PyTorch reference
+`flash_norm_sq_reference` and the dispatcher `flash_norm_sq`. Shared tile helpers live in
+`tiles`, operand checks and the TMA policy in `operands`.
 """
 
 from __future__ import annotations
@@ -234,11 +234,11 @@ def flash_norm_sq_triton(
     """Triton ‖G_bᵀX_b‖² for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
     ``config``, ``splits`` (programs per sample's T range), ``use_tma`` and ``k_major`` default to
-    :func:`flash_norm_config`, :func:`flash_norm_splits`, :func:`use_descriptors`
+    `flash_norm_config`, `flash_norm_splits`, `use_descriptors`
     and "TMA and tf32"; tests set them to reach every path. With ``use_tma`` (by default from
-    :func:`~flashnorm.kernels.operands.aligned_copies_pay`), rows that are not 16-byte aligned (an odd
+    `aligned_copies_pay`), rows that are not 16-byte aligned (an odd
     vocabulary: GPT-2's 50257 logits) are first copied, a block of columns at a time, into aligned buffers that
-    the descriptors can read (:func:`launch_on_aligned_copies`). float32 inputs use tf32 dots when
+    the descriptors can read (`launch_on_aligned_copies`). float32 inputs use tf32 dots when
     ``torch.backends.cuda.matmul.allow_tf32`` is set (like ``torch.matmul``), with operands rounded to
     nearest; the K-major path first writes tf32-rounded transposed copies of a group of samples
     (at most ``K_MAJOR_GROUP_ELEMENTS`` elements, or one sample) — of x alone when ``g_rows`` (default:
@@ -259,7 +259,7 @@ K_MAJOR_GROUP_ELEMENTS = 1 << 28
 
 
 def flash_norm_launch(x, g, *, config=None, splits=None, use_tma=None, k_major=None, g_rows=None):
-    """:func:`flash_norm_sq_triton` returning (norm_sq, last compiled kernel or None): the kernel's PTX, registers
+    """`flash_norm_sq_triton` returning (norm_sq, last compiled kernel or None): the kernel's PTX, registers
     and shared memory for inspection. Internal but stable for tools: ``benchmarks/`` and the GPU tests call it."""
     # (1) check shapes and dtypes, make rows contiguous; (2) allocate the output
     x, g, norm_sq, empty = prepare_launch(x, g)
@@ -309,7 +309,7 @@ def launch_on_aligned_copies(x, g, norm_sq, config, splits, allow_tf32):
     compiled kernel (a public name: the tests check that the default policy routes unaligned rows here).
 
     ‖G_bᵀX_b‖² = ‖X_bᵀG_b‖², so the wider operand plays G, and it is a sum over column blocks c of G:
-    Σ_c ‖G_b[:, c]ᵀX_b‖², one launch per block (:func:`~flashnorm.kernels.operands.aligned_copies`), each adding
+    Σ_c ‖G_b[:, c]ᵀX_b‖², one launch per block (`aligned_copies`), each adding
     into ``norm_sq``. Zero-padded columns add nothing.
     """
     copies = aligned_copies(x, g)
@@ -332,9 +332,9 @@ def launch_tiles(x_desc, g_desc, x2, g2, norm_sq, batch, steps, d, p, cfg, split
     adding into ``norm_sq``; returns the compiled kernel.
 
     Internal but stable for tools: ``benchmarks/`` times the tiles alone on operands it prepared (e.g. the K-major
-    tf32 copies), and tests wrap it to count launches. x_desc, g_desc: what :func:`~flashnorm.kernels.operands.
+    tf32 copies), and tests wrap it to count launches. x_desc, g_desc: what `
     row_operands` gives for row-major x2: [batch·steps, d], g2: [batch·steps, p] (ignored unless ``k_major``, whose
-    descriptors the caller builds); ``splits`` None: :func:`flash_norm_splits`."""
+    descriptors the caller builds); ``splits`` None: `flash_norm_splits`."""
     n_tiles = cdiv(p, cfg.block_p) * cdiv(d, cfg.block_d)
     if splits is None:
         splits = flash_norm_splits(batch, steps, n_tiles, cfg, multiprocessor_count(x2.device), x2.dtype)
@@ -386,8 +386,8 @@ def flash_norm_sq_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def flash_norm_sq(x: torch.Tensor, g: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """‖G_bᵀX_b‖²_F per sample, x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
-    :func:`flash_norm_sq_triton` on CUDA or with ``backend="triton"``, else :func:`flash_norm_sq_reference`
-    (``backend``: see :func:`~flashnorm.kernels.backend.use_triton`). float64 inputs always take the
+    `flash_norm_sq_triton` on CUDA or with ``backend="triton"``, else `flash_norm_sq_reference`
+    (``backend``: see `use_triton`). float64 inputs always take the
     reference, which returns float64.
     """
     if use_triton(resolve_backend(backend), x, g, name="flash_norm_sq"):

@@ -7,8 +7,8 @@ Tiled over (t, s) blocks like flash attention, using symmetry (blocks s > t coun
 roughly when T < 2dp/(d+p). For T = 1 it is the rank-one rule ‖x_b‖²·‖g_b‖².
 
 Layout of this file: the Triton kernel ``_gram_norm_kernel``, its config, the launch wrapper
-:func:`gram_norm_sq_triton`, the PyTorch reference :func:`gram_norm_sq_reference` and the dispatcher
-:func:`gram_norm_sq`.
+`gram_norm_sq_triton`, the PyTorch reference `gram_norm_sq_reference` and the dispatcher
+`gram_norm_sq`.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def gram_norm_sq_triton(
 ) -> torch.Tensor:
     """Triton ⟨X_bX_bᵀ, G_bG_bᵀ⟩ for x: [B, T, d], g: [B, T, p] (fp32, bf16 or fp16) → float32 [B].
 
-    ``config`` and ``use_tma`` default to :func:`gram_norm_config` and
-    :func:`~flashnorm.kernels.operands.use_descriptors`. float32 inputs use tf32 dots when ``torch.backends.cuda.matmul.allow_tf32`` is set,
+    ``config`` and ``use_tma`` default to `gram_norm_config` and
+    `use_descriptors`. float32 inputs use tf32 dots when ``torch.backends.cuda.matmul.allow_tf32`` is set,
     on copies rounded to nearest tf32. Non-contiguous inputs are copied contiguous; mixed dtypes are
     promoted.
     """
@@ -127,7 +127,7 @@ def gram_norm_sq_triton(
 
 
 def gram_norm_launch(x, g, *, config=None, use_tma=None):
-    """:func:`gram_norm_sq_triton` returning (norm_sq, compiled kernel or None): the kernel's PTX for inspection.
+    """`gram_norm_sq_triton` returning (norm_sq, compiled kernel or None): the kernel's PTX for inspection.
     Internal but stable for tools: ``benchmarks/`` and the GPU tests call it."""
     # (1) check shapes and dtypes, make rows contiguous; (2) allocate the output
     x, g, norm_sq, empty = prepare_launch(x, g)
@@ -187,8 +187,8 @@ def gram_norm_sq_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def gram_norm_sq(x: torch.Tensor, g: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """⟨X_bX_bᵀ, G_bG_bᵀ⟩ per sample, x: [B, T, d], g: [B, T, p] → float32 [B] (float64 inputs: float64).
 
-    :func:`gram_norm_sq_triton` where ``backend`` (:func:`~flashnorm.kernels.backend.use_triton`) allows Triton,
-    else :func:`gram_norm_sq_reference`.
+    `gram_norm_sq_triton` where ``backend`` (`use_triton`) allows Triton,
+    else `gram_norm_sq_reference`.
     """
     if use_triton(resolve_backend(backend), x, g, name="gram_norm_sq"):
         return gram_norm_sq_triton(x, g)

@@ -8,7 +8,7 @@ o_i = Σ_{j<i} numel(g_j) the offset of g_i in their concatenation:
     add_then_scale_(gs, z, a)     g_i ← (g_i + z[o_i : o_i + numel(g_i)]) · a     z: [ν] flat, a: a float
 
 (The B = 1 step clips its one gradient, the sample's, by ``scale_`` with the coefficient that
-:func:`flashnorm.norms.rounding.clipping_coef` computes from ``squared_norm``.)
+`flashnorm.norms.rounding.clipping_coef` computes from ``squared_norm``.)
 
 A model's gradients are ~150 tensors. torch's foreach ops launch few kernels, but build one tensor per
 parameter on the host for every result (the norms) or argument (views of a flat noise buffer): at
@@ -113,8 +113,8 @@ class ListLayout:
         self.uploaded: Optional[Tuple[int, List[int], torch.Tensor]] = None
 
 
-#: The cached :class:`ListLayout` of each list of sizes, keyed by (device, dtype, numels), most recently used last.
-#: Internal but stable for tools and tests (they count and reset it): read by :func:`work_table` at every launch.
+#: The cached `ListLayout` of each list of sizes, keyed by (device, dtype, numels), most recently used last.
+#: Internal but stable for tools and tests (they count and reset it): read by `work_table` at every launch.
 work_tables: "OrderedDict[Tuple, ListLayout]" = OrderedDict()
 
 
@@ -130,7 +130,7 @@ def work_table(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Ten
     contribute no row. addresses: int64 [n], g_i's address on the device. In a training loop the caching allocator
     usually hands the gradients the same blocks at every step: the device copy of the last addresses seen for this
     list on this stream is reused while they are unchanged (the kernels only read it, in stream order); new ones
-    are uploaded without the host waiting (:func:`upload_addresses`).
+    are uploaded without the host waiting (`upload_addresses`).
     """
     first = tensors[0]
     key = (first.device, first.dtype, tuple(t.numel() for t in tensors))
@@ -165,7 +165,7 @@ def upload_addresses(addresses: List[int], device: torch.device) -> torch.Tensor
     """int64 [n] on ``device`` holding ``addresses``, copied asynchronously through a pinned slot; a slot is reused
     once its previous copy has run (its event), i.e. the host may run ``_STAGING_SLOTS`` copies ahead of the GPU.
 
-    Internal but stable for tools and tests (they count the uploads): :func:`work_table` calls it by this name."""
+    Internal but stable for tools and tests (they count the uploads): `work_table` calls it by this name."""
     host = torch.tensor(addresses, dtype=torch.int64)
     if device.type != "cuda":
         return host.to(device)
@@ -190,7 +190,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 # -- launch wrappers (one dtype, one device, contiguous tensors) --------------------------------------------------
-#: (table, addresses) of :func:`work_table`, computed once when several passes run over the same list.
+#: (table, addresses) of `work_table`, computed once when several passes run over the same list.
 Launch = Tuple[torch.Tensor, torch.Tensor]
 
 
@@ -270,7 +270,7 @@ def _unsupported(tensors: Sequence[torch.Tensor]) -> Optional[str]:
 
 
 def _triton_applies(tensors: Sequence[torch.Tensor], backend: str, name: str) -> bool:
-    """:func:`~flashnorm.kernels.backend.use_triton` for one (device, dtype) group under the resolved ``backend``."""
+    """`use_triton` for one (device, dtype) group under the resolved ``backend``."""
     return use_triton(backend, tensors[0], name=name, unsupported=lambda: _unsupported(tensors))
 
 
@@ -284,7 +284,7 @@ def squared_norm(tensors: Sequence[torch.Tensor], *, backend: Optional[str] = No
     """Σ_i ‖g_i‖² over a non-empty list → [1] on the first tensor's device, float32 (float64 when any tensor is).
 
     One Triton launch (and one sum) per dtype on CUDA, the foreach reference elsewhere (``backend``: see
-    :func:`~flashnorm.kernels.backend.use_triton`, as for every function below).
+    `use_triton`, as for every function below).
 
     Raises:
         ValueError: an empty list (the result's device comes from its first tensor).
@@ -308,7 +308,7 @@ def scale_(tensors: Sequence[torch.Tensor], coef: torch.Tensor, *, backend: Opti
     Args:
         tensors: the gradients g_1 … g_n (any devices and dtypes).
         coef: c, a one-element tensor read on the device (no host sync), e.g.
-            :func:`flashnorm.norms.rounding.clipping_coef` of :func:`squared_norm`. The product is taken in float32
+            `flashnorm.norms.rounding.clipping_coef` of `squared_norm`. The product is taken in float32
             (c rounded to float32 once) and rounded once to the tensor's dtype; float64 tensors keep c in float64.
     """
     if coef.numel() != 1:

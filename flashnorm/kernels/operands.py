@@ -24,7 +24,7 @@ TMA_MIN_WORK = 1 << 36
 #: faster tiles repay the descriptors' host time on its long launches.
 TMA_MIN_ROWS_TF32 = 1024
 #: Bytes of the aligned copies made at once of an operand whose rows are not 16-byte aligned (a block of its
-#: columns, :func:`aligned_copy_columns`): a vocabulary of 50257 bf16 logits per row, GPT-2's LM head, is one.
+#: columns, `aligned_copy_columns`): a vocabulary of 50257 bf16 logits per row, GPT-2's LM head, is one.
 ALIGNED_COPY_BYTES = 1 << 27
 
 
@@ -56,7 +56,7 @@ def prepare_pair(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def prepare_launch(x: torch.Tensor, g: torch.Tensor):
-    """:func:`prepare_pair`, plus the zeroed float32 output [B] and whether any size is 0 (nothing to launch).
+    """`prepare_pair`, plus the zeroed float32 output [B] and whether any size is 0 (nothing to launch).
 
     Returns:
         (x, g, norm_sq, empty).
@@ -111,7 +111,7 @@ class AlignedCopies(NamedTuple):
     """How a launch over x: [B, T, d], g: [B, T, p] whose rows are not all 16-byte aligned reads aligned copies.
 
     The wider operand plays g (``swapped`` when that is x: ‖G_bᵀX_b‖ and Σ_b c_b X_bᵀG_b = (Σ_b c_b G_bᵀX_b)ᵀ
-    allow it) and is copied one block of ``width`` columns at a time (:meth:`block`), so the peak memory moves by
+    allow it) and is copied one block of ``width`` columns at a time (`block`), so the peak memory moves by
     one block whatever B and T; the narrower, ``x2``, is copied whole, zero-padded (``d`` columns before).
     """
 
@@ -129,7 +129,7 @@ class AlignedCopies(NamedTuple):
 
 
 def aligned_copies(x: torch.Tensor, g: torch.Tensor) -> AlignedCopies:
-    """The :class:`AlignedCopies` layout of contiguous x: [B, T, d], g: [B, T, p]."""
+    """The `AlignedCopies` layout of contiguous x: [B, T, d], g: [B, T, p]."""
     swapped = x.shape[-1] > g.shape[-1]
     if swapped:
         x, g = g, x

@@ -1,7 +1,7 @@
 """Triton tile helpers shared by the norm kernels: row-block loads, float32 dots, the tile of G_bᵀX_b over a
 row range, round-to-nearest tf32 (in registers, or as a copy), and power-of-two block sizes.
 
-Callers launch nothing here but :func:`tf32_copy`; the ``@triton.jit`` helpers are inlined into their kernels.
+Callers launch nothing here but `tf32_copy`; the ``@triton.jit`` helpers are inlined into their kernels.
 """
 
 from __future__ import annotations

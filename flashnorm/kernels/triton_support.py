@@ -2,8 +2,8 @@
 
 Without the ``triton`` package flashnorm still imports: ``triton`` is then a stub whose ``jit`` leaves the kernels
 plain, never-launched functions, ``tl`` is ``None``, and the dispatchers take the PyTorch references
-(:func:`~flashnorm.kernels.backend.triton_available` reads :data:`AVAILABLE`). ``TensorDescriptor`` is ``None`` too
-where Triton has no tensor descriptors; TMA loads are then never chosen (:func:`~flashnorm.kernels.backend.supports_tma`).
+(`triton_available` reads `AVAILABLE`). ``TensorDescriptor`` is ``None`` too
+where Triton has no tensor descriptors; TMA loads are then never chosen (`supports_tma`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ would round c_b to 8 bits, scaling a sample's contribution by up to 1 + 2⁻⁸ 
 bound C — and round the sum to bf16. Memory-bound: one read of A, one float32 write.
 
 Layout of this file: the Triton kernel ``_weighted_row_sum_kernel``, its launch wrapper, the
-PyTorch reference and the dispatcher :func:`weighted_row_sum`.
+PyTorch reference and the dispatcher `weighted_row_sum`.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def weighted_row_sum(coef: torch.Tensor, a: torch.Tensor, *, backend: Optional[s
     """Σ_b c_b A[b] for coef: [B], a: [B, N] → [N], float32 (float64 for float64 inputs).
 
     Triton on CUDA or with ``backend="triton"``, the reference elsewhere (``backend``: see
-    :func:`~flashnorm.kernels.backend.use_triton`).
+    `use_triton`).
     """
     if use_triton(resolve_backend(backend), coef, a, name="weighted_row_sum"):
         return weighted_row_sum_triton(coef, a)

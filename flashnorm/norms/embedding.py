@@ -11,7 +11,7 @@ The clipped gradient is the embedding backward of c ⊙ G. Sparse embeddings and
 ``scale_grad_by_freq`` fall back to per-sample gradients.
 
 Gemma's ``GemmaTextScaledWordEmbedding`` (a lookup times a constant ``embed_scale``, and its copies, recognised by
-their code) takes the same rule on the lookup's gradient G·scale (:meth:`EmbeddingRule.lookup_grad`).
+their code) takes the same rule on the lookup's gradient G·scale (`EmbeddingRule.lookup_grad`).
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ class EmbeddingBagRule(EmbeddingRule):
       ``torch.embedding_bag`` on the same weight and ids), so ‖∇ℓ_b‖² = Σ_{d: bag non-empty} g_b[d]².
 
     Positions at ``padding_idx`` get no gradient. ``per_sample_weights`` reaches the rule through the captured call
-    (:attr:`needs_call`). A 1-D input with ``offsets`` (bags not one per sample) is refused when it runs
-    (:mod:`flashnorm.grad_sample.independence`), sparse gradients fall back to per-sample gradients.
+    (`needs_call`). A 1-D input with ``offsets`` (bags not one per sample) is refused when it runs
+    (`flashnorm.grad_sample.independence`), sparse gradients fall back to per-sample gradients.
     """
 
     #: The forward hook hands over the call (``per_sample_weights``).

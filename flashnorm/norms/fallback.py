@@ -38,7 +38,7 @@ class PerSampleGradFallback(NormRule):
 
     @property
     def needs_call(self) -> bool:
-        """The forward hook must hand over the whole call (:meth:`remember_call`)."""
+        """The forward hook must hand over the whole call (`remember_call`)."""
         return self.sampler is None
 
     def remember_call(self, x: torch.Tensor, args: tuple, kwargs: dict, first_use: bool) -> None:

@@ -3,9 +3,9 @@
 x: [B, ..., d], g: [B, ..., p] are flattened to X: [B, T, d], G: [B, T, p] (T = product of
 the middle dimensions; T = 1 for 2-D inputs). Per sample, W_b = G_bᵀX_b and β_b = Σ_t G_b[t]:
 
-* ``flash``: ‖W_b‖² tile by tile (:func:`flashnorm.kernels.flash_norm_sq`), 2·B·T·d·p FLOPs;
-* ``gram``: ⟨X_bX_bᵀ, G_bG_bᵀ⟩ (:func:`flashnorm.kernels.gram_norm_sq`), ≈ B·T²·(d+p) FLOPs;
-  rank-one ‖x_b‖²‖g_b‖² when T = 1; in float64 beyond :data:`~flashnorm.norms.rounding.GRAM_FLOAT32_MAX_STEPS`
+* ``flash``: ‖W_b‖² tile by tile (`flashnorm.kernels.flash_norm_sq`), 2·B·T·d·p FLOPs;
+* ``gram``: ⟨X_bX_bᵀ, G_bG_bᵀ⟩ (`flashnorm.kernels.gram_norm_sq`), ≈ B·T²·(d+p) FLOPs;
+  rank-one ‖x_b‖²‖g_b‖² when T = 1; in float64 beyond `GRAM_FLOAT32_MAX_STEPS`
   positions (its float32 rounding grows with T);
 * ``per_sample``: W_b materialised (B·d·p memory), then its norm;
 

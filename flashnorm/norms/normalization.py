@@ -8,10 +8,10 @@ gradient, the per-sample gradients are small (B × C), so they are materialised:
 summed over every position that shares a parameter element (sequence positions for
 LayerNorm/RMSNorm, spatial positions for GroupNorm's channels). Norm and clipped gradient follow.
 A LayerNorm or RMSNorm over its last dimension with a trainable weight goes through
-:func:`~flashnorm.kernels.affine_norm.affine_norm_grads` (one kernel on CUDA, its reference elsewhere).
+`affine_norm_grads` (one kernel on CUDA, its reference elsewhere).
 
 Hugging Face's RMSNorms get the RMSNorm rule too, recognised by their code
-(:func:`~flashnorm.norms.registry.copies_of`): ``LlamaRMSNorm`` and the classes copied from it (Mistral, Qwen2,
+(`copies_of`): ``LlamaRMSNorm`` and the classes copied from it (Mistral, Qwen2,
 Phi-3, …), and ``GemmaRMSNorm``'s x̂ ⊙ (1 + w) and its copies (Gemma 2 and 3, Qwen3-Next, …).
 """
 
@@ -46,7 +46,7 @@ class _AffineNormRule(NormRule):
         return layer.eps if layer.eps is not None else torch.finfo(dtype).eps
 
     def kernel_applies(self, layer, x) -> bool:
-        """Whether :func:`~flashnorm.kernels.affine_norm.affine_norm_grads` computes this layer's x̂ for input x."""
+        """Whether `affine_norm_grads` computes this layer's x̂ for input x."""
         return True
 
     def reduce_dims(self, layer, x):
@@ -71,7 +71,7 @@ class _AffineNormRule(NormRule):
                 torch.cat([flatten_to_sequences(g) for g in gs], dim=1))
 
     #: LayerNorm (True: subtract the mean) or RMSNorm (False) over the last dim: the one-launch kernel applies
-    #: (:func:`~flashnorm.kernels.affine_norm.affine_norm_grads`); None: the general sums below.
+    #: (`affine_norm_grads`); None: the general sums below.
     centered: Optional[bool] = None
 
     def per_sample_grads(self, layer, x, g, out=None, *, backend=None):

@@ -7,13 +7,13 @@ For a Linear-family layer with flattened sizes (B, T, d, p), N = B·T·d·p:
   kernel's throughput relative to the flash kernel's: about half in bf16, so with a full GPU (B × output
   tiles ≥ the SM count) κ = 0.5; when flash under-fills the GPU (e.g. B = 1) Gram's extra parallelism helps
   (κ = 1.0), but Gram has too few programs at T ≤ 256. Below float64, Gram only up to
-  :data:`~flashnorm.norms.rounding.GRAM_FLOAT32_MAX_STEPS` positions, where its float32 rounding stays inside
-  the clipping coefficient's allowance on ordinary inputs (:mod:`~flashnorm.norms.rounding`): so T = 1 (rank
+  `GRAM_FLOAT32_MAX_STEPS` positions, where its float32 rounding stays inside
+  the clipping coefficient's allowance on ordinary inputs (`rounding`): so T = 1 (rank
   one) and short sequences on a full GPU;
 * ``per_sample``  (one-pass mode only) 2N FLOPs and B·d·p memory, but it replaces the
   assembly GEMM (another 2N) and the stored X, G. Chosen when the per-sample gradients take no
   more memory than the X and G they replace (d·p ≤ T·(d+p)) and fit ``PER_SAMPLE_BUDGET_BYTES``.
-  They are written by cuBLAS ``bmm`` (:func:`~flashnorm.kernels.per_sample_weight_grads`).
+  They are written by cuBLAS ``bmm`` (`per_sample_weight_grads`).
 
 Other rules have one method. The choice can be forced per model (``norm_method=`` of ``make_private`` or of the grad-sample
 module; ``FLASHNORM_NORM_METHOD`` is only its default), and it is logged at DEBUG level.

@@ -1,4 +1,4 @@
-"""Registry of per-layer norm rules: ``@register_norm_rule(nn.Linear)`` on a :class:`NormRule`.
+"""Registry of per-layer norm rules: ``@register_norm_rule(nn.Linear)`` on a `NormRule`.
 
 A rule knows, for one layer family, from the layer input ``x`` and output gradient ``g``
 (batch first, ``g`` the gradient of Σ_b ℓ_b):
@@ -35,23 +35,23 @@ _MATCHED: List[Tuple[Callable[[type], bool], "NormRule"]] = []
 class NormRule(abc.ABC):
     """The protocol of a layer family's norm rule (one instance per family, registered per layer type).
 
-    Required: :meth:`per_sample_grads` (every rule can materialise per-sample gradients, B·|θ| memory).
+    Required: `per_sample_grads` (every rule can materialise per-sample gradients, B·|θ| memory).
 
     Optional, with defaults from the per-sample gradients:
 
-    * :meth:`norm_sq` for the other ``methods`` it lists (``"flash"``, ``"gram"``, ``"exact"``);
-    * :meth:`clipped_grads`, the clipped sum the one-pass mode assembles;
-    * :meth:`sizes`, the planner's (B, T, d, p): required when ``methods`` has ``"flash"`` or ``"gram"``;
-    * :meth:`vector_params` / :meth:`vector_grads`: small *vector* parameters beside a large one (a Linear's
+    * `norm_sq` for the other ``methods`` it lists (``"flash"``, ``"gram"``, ``"exact"``);
+    * `clipped_grads`, the clipped sum the one-pass mode assembles;
+    * `sizes`, the planner's (B, T, d, p): required when ``methods`` has ``"flash"`` or ``"gram"``;
+    * `vector_params` / `vector_grads`: small *vector* parameters beside a large one (a Linear's
       bias beside its weight), kept per sample with the other per-sample gradients (one norm and one
-      clipped sum for all of them); :meth:`norm_sq` and :meth:`clipped_grads` are then called with
+      clipped sum for all of them); `norm_sq` and `clipped_grads` are then called with
       ``vectors=False``, for the remaining parameters only;
-    * :meth:`join_uses`: a layer called k times in one forward pass as one call on its uses concatenated
+    * `join_uses`: a layer called k times in one forward pass as one call on its uses concatenated
       along the sequence (exact where the rule's algebra is a sum over positions, e.g. Σ_k G_kᵀX_k =
       [G_1; …; G_k]ᵀ[X_1; …; X_k]); without it the uses' per-sample gradients are summed;
-    * :meth:`rounding_scale`: how large the rounding of the layer's per-sample gradient can be, for the
-      clipping coefficient's allowance (:mod:`~flashnorm.norms.rounding`);
-    * :meth:`per_sample_dtype`, :meth:`supports`.
+    * `rounding_scale`: how large the rounding of the layer's per-sample gradient can be, for the
+      clipping coefficient's allowance (`rounding`);
+    * `per_sample_dtype`, `supports`.
 
     ``backend`` (``"auto"``, ``"triton"``, ``"torch"``; ``None`` reads ``FLASHNORM_BACKEND``) is handed to the
     kernels a rule calls.
@@ -66,7 +66,7 @@ class NormRule(abc.ABC):
     covers_children: bool = False
     #: The methods on the layer's call path whose code the rule's algebra assumes: ``forward`` and the helpers it
     #: calls (``_conv_forward`` for convolutions). A subclass serves by this rule only while each of them (and
-    #: ``nn.Module``'s call machinery, :data:`CALL_MACHINERY`) is the registered class's own; one that overrides
+    #: ``nn.Module``'s call machinery, `CALL_MACHINERY`) is the registered class's own; one that overrides
     #: any takes the exact fallback. Methods off the path (``_get_name``, ``extra_repr``, ``__init__``) never count.
     call_path: Tuple[str, ...] = ("forward",)
 
@@ -101,7 +101,7 @@ class NormRule(abc.ABC):
         self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, out: Dict[nn.Parameter, torch.Tensor], *,
         backend: Optional[str] = None,
     ) -> Dict[nn.Parameter, torch.Tensor]:
-        """∇_θ ℓ_b for θ in :meth:`vector_params`, written into ``out[θ]`` ([B, *θ.shape], any float dtype)."""
+        """∇_θ ℓ_b for θ in `vector_params`, written into ``out[θ]`` ([B, *θ.shape], any float dtype)."""
         return {}
 
     def norm_sq(
@@ -109,7 +109,7 @@ class NormRule(abc.ABC):
         backend: Optional[str] = None,
     ) -> torch.Tensor:
         """Σ_params ‖∇_θ ℓ_b‖² per sample → [B] float32 (float64 for float64 inputs); with ``vectors=False``
-        the parameters of :meth:`vector_params` are left out."""
+        the parameters of `vector_params` are left out."""
         if method != "per_sample":
             raise ValueError(f"{type(self).__name__} has no method {method!r}")
         grads = self.per_sample_grads(layer, x, g, backend=backend)
@@ -120,7 +120,7 @@ class NormRule(abc.ABC):
 
     def rounding_scale(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
         """(s, n): every computation of sample b's gradient sums n terms whose norms add up to at most s_b ([B]),
-        so its rounding errs by at most γ_n·s_b (:mod:`~flashnorm.norms.rounding`); ``None`` when not modelled.
+        so its rounding errs by at most γ_n·s_b (`rounding`); ``None`` when not modelled.
         For W_b = G_bᵀX_b: s_b = ‖X_b‖_F‖G_b‖_F and n = T."""
         return None
 
@@ -132,12 +132,12 @@ class NormRule(abc.ABC):
         """∇_θ ℓ_b for each trainable parameter θ of the layer: {θ: [B, *θ.shape]}, in the layer's
         compute dtype (callers cast what they assemble to θ's dtype).
 
-        ``out`` optionally maps parameters to [B, *θ.shape] tensors of :meth:`per_sample_dtype` to
+        ``out`` optionally maps parameters to [B, *θ.shape] tensors of `per_sample_dtype` to
         write into (and return); a rule may ignore it and return new tensors, which callers copy.
         """
 
     def per_sample_dtype(self, layer: nn.Module, x_dtype: torch.dtype, g_dtype: torch.dtype) -> Optional[torch.dtype]:
-        """The dtype :meth:`per_sample_grads` returns for inputs of these dtypes; ``None`` when the rule
+        """The dtype `per_sample_grads` returns for inputs of these dtypes; ``None`` when the rule
         cannot tell in advance (its per-sample gradients are then kept on their own)."""
         return None
 
@@ -146,12 +146,12 @@ class NormRule(abc.ABC):
         backend: Optional[str] = None,
     ) -> Dict[nn.Parameter, torch.Tensor]:
         """Σ_b c_b ∇_θ ℓ_b for each trainable parameter θ: {θ: θ.shape} (without those of
-        :meth:`vector_params` when ``vectors=False``)."""
+        `vector_params` when ``vectors=False``)."""
         return clipped_from_per_sample(self.per_sample_grads(layer, x, g, backend=backend), coef, backend=backend)
 
 
 def register_norm_rule(layer_types, *, force: bool = False):
-    """Class decorator: registers an instance of the decorated :class:`NormRule` for ``layer_types``.
+    """Class decorator: registers an instance of the decorated `NormRule` for ``layer_types``.
 
     Refuses to overwrite an existing rule unless ``force=True``.
     """
@@ -169,8 +169,8 @@ def register_norm_rule(layer_types, *, force: bool = False):
 
 
 def register_norm_rule_matching(matches: Callable[[type], bool]):
-    """Class decorator: registers an instance of the decorated :class:`NormRule` for every layer class for which
-    ``matches(cls)`` holds (e.g. a forward with the very bytecode of a reference class, :func:`same_code`)."""
+    """Class decorator: registers an instance of the decorated `NormRule` for every layer class for which
+    ``matches(cls)`` holds (e.g. a forward with the very bytecode of a reference class, `same_code`)."""
 
     def decorator(rule_cls):
         _MATCHED.append((matches, rule_cls()))
@@ -197,8 +197,8 @@ def same_code(cls: type, reference: type, methods: Tuple[str, ...] = ("forward",
 
 
 def copies_of(module: str, name: str, methods: Tuple[str, ...] = ("forward",), base: type = nn.Module):
-    """matches(cls) for :func:`register_norm_rule_matching`: ``cls`` is a subclass of ``base`` from the same library
-    as ``module.name`` whose ``methods`` have that class's code (:func:`same_code`; ``base`` keeps a ``super()`` call
+    """matches(cls) for `register_norm_rule_matching`: ``cls`` is a subclass of ``base`` from the same library
+    as ``module.name`` whose ``methods`` have that class's code (`same_code`; ``base`` keeps a ``super()`` call
     in the code meaning the same). The reference is imported when first asked; no match without its library."""
 
     def matches(cls: type) -> bool:
@@ -218,18 +218,18 @@ CALL_MACHINERY = ("__call__", "_call_impl", "_wrapped_call_impl")
 
 
 def keeps_call_path(cls: type, registered: type, rule: "NormRule") -> bool:
-    """Whether every method on ``rule``'s call path (:attr:`NormRule.call_path`, plus :data:`CALL_MACHINERY`) is,
+    """Whether every method on ``rule``'s call path (`NormRule.call_path`, plus `CALL_MACHINERY`) is,
     for ``cls``, the very function ``registered`` has: ``cls`` then computes what ``registered`` computes."""
     return all(getattr(cls, name, None) is getattr(registered, name, None) for name in (*rule.call_path, *CALL_MACHINERY))
 
 
 def get_norm_rule(layer: nn.Module) -> Optional[NormRule]:
     """The rule registered for the nearest class in ``type(layer)``'s MRO, else the first matching rule
-    (:func:`register_norm_rule_matching`), or ``None``.
+    (`register_norm_rule_matching`), or ``None``.
 
     A subclass inherits its parent's rule (a user's ``class MyLinear(nn.Linear)`` gets the Linear rule) only
     while it computes what the parent computes: every method on the rule's call path (``forward`` and the helpers
-    it calls, :attr:`NormRule.call_path`, e.g. ``Conv2d._conv_forward``) must be the parent's own. A subclass that
+    it calls, `NormRule.call_path`, e.g. ``Conv2d._conv_forward``) must be the parent's own. A subclass that
     overrides one (weight standardisation in ``_conv_forward``) gets a matching rule or ``None`` (and so the exact
     per-sample fallback), since the parent's algebra need not hold for its code. Overriding methods off the path
     (``_get_name``, ``extra_repr``) keeps the rule.
@@ -274,7 +274,7 @@ def clipped_from_per_sample(
 
 
 def iter_rules() -> Iterable[Tuple[Type[nn.Module], NormRule]]:
-    """Registered (layer type, rule) pairs (rules registered by a match are in :func:`all_rules`)."""
+    """Registered (layer type, rule) pairs (rules registered by a match are in `all_rules`)."""
     return _RULES.items()
 
 

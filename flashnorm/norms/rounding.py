@@ -6,7 +6,7 @@ Rounding a sum of n terms errs by at most γ_n·Σ_t ‖g_t‖‖x_t‖ ≤ γ_n
 sum's value: where the terms cancel (huge inputs whose gradient nearly vanishes), that error can dwarf the
 gradient itself, and the two computations can disagree by far more than C.
 
-So each layer reports s_b (:meth:`~flashnorm.norms.NormRule.rounding_scale`), and the clipping coefficient is
+So each layer reports s_b (`rounding_scale`), and the clipping coefficient is
 
     c_b = min(1, C / ‖ĝ_b‖, (1 + τ)·C / U_b),    U_b = √(‖ĝ_b‖² + Q_b) + R_b,
 
@@ -62,7 +62,7 @@ def gram_gamma(steps: int, d: int, p: int, dtype: torch.dtype) -> float:
 
 
 def gram_in_float64(steps: int, dtype: torch.dtype) -> bool:
-    """A Gram norm of these ``steps`` is computed in float64 (see :data:`GRAM_FLOAT32_MAX_STEPS`)."""
+    """A Gram norm of these ``steps`` is computed in float64 (see `GRAM_FLOAT32_MAX_STEPS`)."""
     return dtype != torch.float64 and steps > GRAM_FLOAT32_MAX_STEPS
 
 
@@ -80,7 +80,7 @@ def upper_bound(norm_sq: torch.Tensor, radius_sq: Optional[torch.Tensor], slack_
 def clipping_coef(norm_sq: torch.Tensor, bound: Optional[torch.Tensor], max_norm: float) -> torch.Tensor:
     """c_b = min(1, C / (‖ĝ_b‖ + 10⁻⁶), (1 + τ)·C / U_b): [B] — the library's one clipping coefficient, computed on
     ``norm_sq``'s device with no host sync (a B = 1 step passes its one-element s to
-    :func:`~flashnorm.kernels.multi_tensor.scale_`).
+    `scale_`).
 
     Opacus's coefficient when ``bound`` is ``None`` (the same operations as its optimizer's
     ``(max_grad_norm / (norms + 1e-6)).clamp(max=1.0)``); a negative estimate counts as 0 there, the bound then

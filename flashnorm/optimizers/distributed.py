@@ -2,7 +2,7 @@
 
 W ranks, rank r with local batch ℬ_r. Before ``step()``, ``p.grad`` on rank r holds the local clipped
 sum S_r = Σ_{b∈ℬ_r} c_b ∇ℓ_b (nothing was reduced in the backward pass: see
-:mod:`flashnorm.grad_sample.ddp`). ``step()`` then makes, on every rank,
+`flashnorm.grad_sample.ddp`). ``step()`` then makes, on every rank,
 
     p.grad = (Σ_r S_r + ξ) / B        (loss_reduction="mean")      or      Σ_r S_r + ξ        ("sum")
 

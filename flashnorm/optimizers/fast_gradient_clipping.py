@@ -9,7 +9,7 @@ semantics and changes only the cost of the tail:
 * the noise for a bucket of parameters (same device and dtype, ~64M elements) is drawn with one
   ``torch.normal`` of std σ·C (the same i.i.d. N(0, σ²C²) per element, from ``generator``); adding it
   and the ``loss_reduction="mean"`` scaling are one multi-tensor pass over the bucket,
-  g ← (g + ξ) / B (:func:`flashnorm.kernels.multi_tensor.add_then_scale_`);
+  g ← (g + ξ) / B (`flashnorm.kernels.multi_tensor.add_then_scale_`);
 * the list of parameters is built once per step (Opacus's ``params`` property rebuilds it at each use).
 
 ``secure_mode=True`` draws with Opacus's floating-point-attack-resistant sampler, one parameter at a time,
@@ -201,7 +201,7 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
         self._publish_summed_grads()
 
     def add_noise_and_scale_grad(self):
-        """:meth:`add_noise` then :meth:`scale_grad`, as one pass g ← (g + ξ) · s over each bucket when they fuse
+        """`add_noise` then `scale_grad`, as one pass g ← (g + ξ) · s over each bucket when they fuse
         (not under ``secure_mode``, whose sampler works per parameter, nor without noise)."""
         std = self._noise_std()
         if self.secure_mode or std == 0 or not self.fuses_noise_and_scale:
@@ -215,7 +215,7 @@ class DPOptimizerFastGradientClipping(_OpacusDPOptimizerFastGradientClipping):
         self._publish_summed_grads()
 
     def scale_grad(self):
-        """Applies ``loss_reduction``: one ``foreach`` multiplication by :meth:`_grad_scale`."""
+        """Applies ``loss_reduction``: one ``foreach`` multiplication by `_grad_scale`."""
         factor = self._grad_scale()
         grads = self._local_grads()
         if factor != 1.0 and grads:

@@ -2,7 +2,7 @@
 
 W ranks, rank r with local batch ℬ_r and local clipped sum S_r = Σ_{b∈ℬ_r} c_b ∇ℓ_b. Before ``step()``
 every parameter's ``p.grad`` is a ``DTensor`` whose shard on rank r is shard_r(Ḡ), Ḡ = (1/W) Σ_r S_r:
-FSDP's averaging reduce-scatter (see :mod:`flashnorm.grad_sample.fsdp`). ``step()`` makes
+FSDP's averaging reduce-scatter (see `flashnorm.grad_sample.fsdp`). ``step()`` makes
 
     p.grad = shard_r( (Ḡ + ξ/W) · W/B ) = shard_r( (Σ_r S_r + ξ) / B )      (loss_reduction="mean")
     p.grad = shard_r( (Ḡ + ξ/W) · W )   = shard_r(  Σ_r S_r + ξ )           ("sum")

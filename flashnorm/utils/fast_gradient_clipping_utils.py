@@ -1,4 +1,4 @@
-"""Opacus's import path of the DP criterion, kept for a one-line import change: see :mod:`flashnorm.criterion`."""
+"""Opacus's import path of the DP criterion, kept for a one-line import change: see `flashnorm.criterion`."""
 
 from ..criterion import DPLossFastGradientClipping, DPTensorFastGradientClipping
 

@@ -22,6 +22,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..norms.registry import trainable_own_parameters
 
+__all__ = ["FSDP2Wrapper", "transformer_block_types"]
+
 
 class RowShard(NamedTuple):
     """FSDP2's default layout of a parameter θ with n₀ = θ.shape[0] rows over W ranks (1-D mesh, ``Shard(0)``):
@@ -37,7 +39,7 @@ class RowShard(NamedTuple):
 
 
 def row_shard(p: torch.Tensor) -> Optional[RowShard]:
-    """The :class:`RowShard` of ``p`` when it is a ``DTensor`` laid out as FSDP2's default; else ``None``."""
+    """The `RowShard` of ``p`` when it is a ``DTensor`` laid out as FSDP2's default; else ``None``."""
     if not isinstance(p, DTensor) or p.dim() == 0 or p.device_mesh.ndim != 1 or p.placements[0] != Shard(0):
         return None
     world = p.device_mesh.size()
@@ -86,7 +88,7 @@ def FSDP2Wrapper(  # noqa: N802 - Opacus's name
         mp_policy: FSDP2's ``MixedPrecisionPolicy`` for every unit, e.g.
             ``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)`` (bf16
             compute, fp32 reduction, fp32 sharded parameters and optimizer; FlashNorm's norms are fp32).
-        block_types: module types to shard as units; default :func:`transformer_block_types`.
+        block_types: module types to shard as units; default `transformer_block_types`.
         reshard_after_forward: free each block's gathered parameters after its forward (gather again in
             backward), FSDP2's memory-saving default. The root is never resharded after forward.
         **fully_shard_kwargs: passed to every ``fully_shard`` call (e.g. ``mesh``).

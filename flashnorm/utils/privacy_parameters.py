@@ -13,15 +13,15 @@ class PrivacyParameters:
 
     The optimizer's ``noise_multiplier`` and ``max_grad_norm`` read and write these attributes (Opacus's noise and
     clipping schedulers change them between steps), and the grad-sample module reads C from here when it clips, so
-    the coefficient and the noise use the same C. Values are checked where they are used (:meth:`check`), so a
+    the coefficient and the noise use the same C. Values are checked where they are used (`check`), so a
     scheduler that sets an invalid one makes the next step fail before any parameter changes.
 
     σ and C are fixed from the first clipped backward pass of a logical step until the ``optimizer.step()`` that
-    applies it (:meth:`pin`, :meth:`check_for_step`, :meth:`release`): a change in between (between a backward and
+    applies it (`pin`, `check_for_step`, `release`): a change in between (between a backward and
     its step, between the micro-batches of gradient accumulation, across skipped or virtual steps) raises
     ``RuntimeError`` at the next backward or step, before anything changes, instead of noising a sum clipped with
     another C. Changes between logical steps (after the step, as Opacus's schedulers make them) take effect at the
-    next clipped backward. The pin is held only once an optimizer :meth:`attach_step`-ed itself; a pin whose
+    next clipped backward. The pin is held only once an optimizer `attach_step`-ed itself; a pin whose
     gradients were discarded (``zero_grad``, ``p.grad = None``) is stale and gives way to the current values.
 
     Args:
@@ -29,7 +29,7 @@ class PrivacyParameters:
         max_grad_norm: C (a finite number > 0).
 
     Raises:
-        ValueError: an invalid σ or C (see :meth:`check`).
+        ValueError: an invalid σ or C (see `check`).
     """
 
     def __init__(self, noise_multiplier: float, max_grad_norm: float):
@@ -61,7 +61,7 @@ class PrivacyParameters:
 
     def attach_step(self, gradients_waiting: Callable[[], bool]) -> None:
         """Called by the DP optimizer that steps with these parameters: ``gradients_waiting()`` says whether clipped
-        gradients wait for its next step (held by weak reference). From then on :meth:`pin` fixes σ and C."""
+        gradients wait for its next step (held by weak reference). From then on `pin` fixes σ and C."""
         self._waiting = weakref.WeakMethod(gradients_waiting) if hasattr(gradients_waiting, "__self__") else (
             lambda: gradients_waiting)
         self.pinned = None
@@ -78,7 +78,7 @@ class PrivacyParameters:
         """C for a clipped backward pass, checked; the first clipped backward of a logical step pins (σ, C).
 
         Raises:
-            ValueError: an invalid σ or C (:meth:`check`).
+            ValueError: an invalid σ or C (`check`).
             RuntimeError: σ or C differs from the values the gradients already accumulated for this step were
                 clipped with (before the backward changes anything).
         """
@@ -91,7 +91,7 @@ class PrivacyParameters:
         return float(self.max_grad_norm)
 
     def check_for_step(self) -> None:
-        """Before ``optimizer.step()`` changes anything: :meth:`check`, and σ and C must be the pinned ones.
+        """Before ``optimizer.step()`` changes anything: `check`, and σ and C must be the pinned ones.
 
         Raises:
             ValueError: an invalid σ or C.
@@ -159,7 +159,7 @@ def check_same_on_every_rank(values: Dict[str, Union[float, str]], device, hints
 
 
 def privacy_attribute(name: str, doc: str) -> property:
-    """A property reading and writing attribute ``name`` of the owner's ``privacy`` (:class:`PrivacyParameters`)."""
+    """A property reading and writing attribute ``name`` of the owner's ``privacy`` (`PrivacyParameters`)."""
 
     def get(self):
         return getattr(self.privacy, name)
