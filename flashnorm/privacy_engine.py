@@ -136,6 +136,10 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
             raise ValueError("Module parameters are different than optimizer Parameters")
         classes = resolve(mode, module)
 
+        # q = 1 / (the loader's batches per epoch), read before Poisson wrapping: the Poisson loader samples at that q,
+        # but its length, int(1 / q), can round one below (1 / (1 / 99) = 98.99…), and 1 / its length would account a
+        # rate the sampler never used.
+        batches_per_epoch = len(data_loader)
         if classes.distributed and poisson_sampling and not self.secure_mode:
             # Every rank takes every draw (Opacus's distributed sampler skips a rank's empty ones).
             device = next(iter(module.parameters())).device
@@ -146,7 +150,7 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
                 data_loader, distributed=classes.distributed, poisson_sampling=poisson_sampling,
                 batch_first=batch_first, rand_on_empty=rand_on_empty,
             )
-        sample_rate = 1 / len(data_loader)
+        sample_rate = 1 / (batches_per_epoch if poisson_sampling else len(data_loader))
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
         if classes.distributed:
             expected_batch_size /= dist.get_world_size()

@@ -5,7 +5,9 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 from opacus.accountants import create_accountant
+from torch.utils.data import DataLoader, TensorDataset
 
 from flashnorm import FlashNormPrivacyEngine
 from tests.grad_sample.guarantee import C, MODES, batch, make_private, probe, step
@@ -46,3 +48,21 @@ def test_epsilon_with_noise_is_opacus_value(accountant):
     theirs = create_accountant(accountant)
     theirs.history = list(engine.accountant.history)
     assert engine.get_epsilon(1e-5) == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["flash_fuse", "ghost"])
+def test_the_accountant_records_the_rate_the_poisson_sampler_draws_at(mode):
+    """99 batches per epoch: the Poisson loader samples at q = 1/99, and its length int(1/q) is 98 (1/(1/99) =
+    98.99…). The accountant must record 1/99, not 1 / len(its loader) = 1/98 (which would overstate ε)."""
+    data = TensorDataset(torch.randn(99 * 16, 3), torch.randint(0, 2, (99 * 16,)))
+    model = nn.Linear(3, 2)
+    engine = FlashNormPrivacyEngine()
+    model, optimizer, criterion, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(data, batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+    )
+    assert loader.batch_sampler.sample_rate == 1 / 99
+    x, y = data[:5]
+    criterion(model(x), y).backward()
+    optimizer.step()
+    assert engine.accountant.history == [(1.0, 1 / 99, 1)]

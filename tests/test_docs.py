@@ -123,16 +123,9 @@ def test_docs_report_the_package_version(site):
 #: A Sphinx role, which mkdocstrings (Google style, markdown) would print as text.
 SPHINX_ROLE = re.compile(r":(?:class|meth|func|mod|attr|data|exc|obj|ref):`")
 #: Files whose owners convert their roles in their own change; strict, so the mark goes once they have.
-ROLES_PENDING = {"integrations/__init__.py", "integrations/lightning.py", "integrations/micro_batches.py",
-                 "integrations/privacy_arguments.py", "integrations/transformers.py"}
-
-
 def _source_files() -> list:
     package = ROOT / "flashnorm"
-    return [pytest.param(path, id=str(path.relative_to(package)), marks=[pytest.mark.xfail(
-                strict=True, reason="Sphinx roles left to the file's owners")]
-            if str(path.relative_to(package)) in ROLES_PENDING else [])
-            for path in sorted(package.rglob("*.py"))]
+    return [pytest.param(path, id=str(path.relative_to(package))) for path in sorted(package.rglob("*.py"))]
 
 
 @pytest.mark.parametrize("path", _source_files())

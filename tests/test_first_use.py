@@ -243,8 +243,6 @@ def test_make_private_with_epsilon_as_the_quick_start_prints_no_warning_and_keep
 
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="integrations/transformers.py calls Opacus's "
-                   "get_noise_multiplier for target_epsilon; flashnorm.accounting.noise_multiplier is the drop-in")
 def test_dptrainer_run_with_a_target_epsilon_prints_no_warning(tmp_path):
     pytest.importorskip("transformers")
     from flashnorm.integrations.transformers import PrivacyArguments

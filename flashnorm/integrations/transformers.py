@@ -60,7 +60,6 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import transformers
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
@@ -71,9 +70,10 @@ from transformers.models.auto.modeling_auto import (
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from transformers.utils import logging
 
+from ..accounting import noise_multiplier
+from ..criterion import DPLossFastGradientClipping, DPTensorFastGradientClipping
 from ..privacy_engine import FlashNormPrivacyEngine
 from ..utils.export import peft_model_of, unwrap_model
-from ..criterion import DPLossFastGradientClipping, DPTensorFastGradientClipping
 from .micro_batches import CollateOrEmpty, MicroBatchSampler
 from .privacy_arguments import PrivacyArguments
 
@@ -341,7 +341,7 @@ class DPTrainer(transformers.Trainer):
         loader without Poisson sampling. (Opacus's distributed sampler skips a rank's empty draws, which would
         desynchronise the ranks' steps.)
 
-        σ is ``privacy_args.noise_multiplier`` or, for ``target_epsilon``, Opacus's ``get_noise_multiplier``
+        σ is ``privacy_args.noise_multiplier`` or, for ``target_epsilon``, Opacus's ``get_noise_multiplier`` (`flashnorm.accounting.noise_multiplier`)
         for the run's DP steps (``max_steps``, or ⌈epochs × logical batches per epoch⌉) at rate q."""
         optimizer = super().create_optimizer(*args, **kwargs)
         if self.privacy_engine is not None:
@@ -392,7 +392,7 @@ class DPTrainer(transformers.Trainer):
             steps = math.ceil(self.args.num_train_epochs * logical_batches)
         key = (pa.target_epsilon, pa.target_delta, sample_rate, steps, pa.accountant)
         if key not in self._sigmas:  # a budget check before train() asks first
-            self._sigmas[key] = get_noise_multiplier(
+            self._sigmas[key] = noise_multiplier(
                 target_epsilon=pa.target_epsilon, target_delta=pa.target_delta, sample_rate=sample_rate,
                 steps=steps, accountant=pa.accountant,
             )

@@ -72,6 +72,8 @@ class Classifier(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # what the DP optimizer applied: (Σ_b c_b ∇ℓ_b + noise) / B, left in p.grad by its step
         self.applied = {name: p.grad.detach().clone() for name, p in self.net.named_parameters()}
+        # where it trained (Lightning's teardown moves the module back to the CPU after fit)
+        self.trained_on = {name: p.device for name, p in self.net.named_parameters()}
 
 
 TRAINER_ARGS = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -104,7 +106,7 @@ def test_one_step_is_the_clipped_mean(returns, automatic, accumulate):
     fit(module, accumulate_grad_batches=accumulate)
     rtol, atol = fp32_tolerance(AUTO_DEVICE)
     for name, p in module.net.named_parameters():
-        assert p.device == AUTO_DEVICE, name  # the Trainer's device: the GPU where there is one
+        assert module.trained_on[name] == AUTO_DEVICE, name  # the Trainer's device: the GPU where there is one
         applied = module.applied[name].cpu()
         torch.testing.assert_close(applied.double(), expected[name], rtol=rtol, atol=atol, msg=name)
         torch.testing.assert_close(p.cpu(), before.get_parameter(name) - LR * applied, msg=name)  # SGD
@@ -128,7 +130,7 @@ def test_trains_on_the_trainers_device(accelerator):
     module = Classifier()
     trainer = fit(module, accelerator=accelerator)
     assert trainer.strategy.root_device == expected
-    assert all(p.device == expected for p in module.net.parameters())
+    assert set(module.trained_on.values()) == {expected}
     assert module.engine.accountant.history == [(0.0, 1.0, 1)]  # it stepped
 
 
@@ -138,7 +140,7 @@ def test_an_explicit_device_picks_the_accelerator():
     trainer = fit(module, strategy)  # accelerator "auto" follows the strategy's device
     assert trainer.strategy.root_device == torch.device("cpu")
     assert type(trainer.accelerator).__name__ == "CPUAccelerator"
-    assert all(p.device.type == "cpu" for p in module.net.parameters())
+    assert {d.type for d in module.trained_on.values()} == {"cpu"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -80,7 +80,8 @@ def reference_grad(model, rows, clip):
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     norms = []
     for i in range(len(rows)):
-        sample = {k: v.unsqueeze(0) for k, v in rows[i].items()}
+        # float labels (regression, multi-label) in float64 too: some transformers releases do not promote them
+        sample = {k: (v.double() if v.is_floating_point() else v).unsqueeze(0) for k, v in rows[i].items()}
         loss = ref(**sample).loss
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
