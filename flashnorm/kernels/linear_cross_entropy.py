@@ -71,7 +71,7 @@ def _tile_ids(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
     return first + (pid % per_group) % rows_here, (pid % per_group) // rows_here
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "v0", "v1"])
 def _logit_stats_kernel(
     # inputs: x [n_rows, d], w [V, d] row-major (descriptors over them when USE_TMA, else the tensors), b [V], y [n_rows]
     x_desc, w_desc, x_ptr, w_ptr, b_ptr, y_ptr,
@@ -112,7 +112,7 @@ def _logit_stats_kernel(
     tl.store(out + 3 * plane, z_sum, mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "r0", "r1", "v0", "v1"])
 def _logit_grad_kernel(
     # inputs: x [n_rows, d], w [V, d] (descriptors when USE_TMA), b [V], y [n_rows], lse [n_rows] float32,
     # alpha [n_rows] float32
@@ -208,16 +208,23 @@ def _check_operands(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tens
 def logit_stats_triton(x2, w, bias, y, v0, v1, *, config=None, use_tma=None) -> Tuple[torch.Tensor, ...]:
     """Triton :func:`logit_stats`: one launch over every (row tile, column tile) of the range, then the partials
     of the range's column tiles combined per row (float32)."""
+    return logit_stats_launch(x2, w, bias, y, v0, v1, config=config, use_tma=use_tma)[0]
+
+
+def logit_stats_launch(x2, w, bias, y, v0, v1, *, config=None, use_tma=None):
+    """:func:`logit_stats_triton` returning ((lse, z_y, z_sum), the compiled kernel or None): its PTX for the GPU
+    tests and tools."""
     _check_operands(x2, w, bias)
     x2, w = x2.contiguous(), w.contiguous()
     n_rows, d = x2.shape
     cfg = config or logit_config(d, x2.dtype, INTERPRET)
     n_col_tiles = cdiv(v1 - v0, cfg.block_v)
     part = torch.empty(4, n_col_tiles, n_rows, dtype=torch.float32, device=x2.device)
+    kernel = None
     if n_rows and v1 > v0:
         x_desc, w_desc, tma = _operands(x2, w, cfg, use_tma)
         grid = (cdiv(n_rows, cfg.block_t) * n_col_tiles,)
-        _logit_stats_kernel[grid](
+        kernel = _logit_stats_kernel[grid](
             x_desc, w_desc, x2, w, bias if bias is not None else w, y.contiguous(), part,
             n_rows, v0, v1, w.shape[0], d,
             HAS_BIAS=bias is not None, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
@@ -227,21 +234,29 @@ def logit_stats_triton(x2, w, bias, y, v0, v1, *, config=None, use_tma=None) -> 
     m, s, z_y, z_sum = part
     top = m.max(dim=0).values
     lse = top + (s * torch.exp(m - top)).sum(dim=0).log()
-    return lse, z_y.sum(dim=0), z_sum.sum(dim=0)
+    return (lse, z_y.sum(dim=0), z_sum.sum(dim=0)), kernel
 
 
 def logit_grad_block_triton(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, spread, *, out=None, config=None,
                             use_tma=None) -> torch.Tensor:
     """Triton :func:`logit_grad_block`: G [r1 − r0, v1 − v0] in x's dtype (or into ``out``)."""
+    return logit_grad_block_launch(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, spread, out=out, config=config,
+                                   use_tma=use_tma)[0]
+
+
+def logit_grad_block_launch(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, spread, *, out=None, config=None,
+                            use_tma=None):
+    """:func:`logit_grad_block_triton` returning (G, the compiled kernel or None)."""
     _check_operands(x2, w, bias)
     x2, w = x2.contiguous(), w.contiguous()
     n_rows, d = x2.shape
     cfg = config or logit_config(d, x2.dtype, INTERPRET)
     g = out if out is not None else torch.empty(r1 - r0, v1 - v0, dtype=x2.dtype, device=x2.device)
+    kernel = None
     if r1 > r0 and v1 > v0:
         x_desc, w_desc, tma = _operands(x2, w, cfg, use_tma)
         grid = (cdiv(r1 - r0, cfg.block_t) * cdiv(v1 - v0, cfg.block_v),)
-        _logit_grad_kernel[grid](
+        kernel = _logit_grad_kernel[grid](
             x_desc, w_desc, x2, w, bias if bias is not None else w, y.contiguous(), lse.contiguous(),
             alpha.contiguous(), g, g.stride(0),
             n_rows, r0, r1, v0, v1, w.shape[0], d, float(keep), float(spread),
@@ -249,7 +264,7 @@ def logit_grad_block_triton(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, sp
             GROUP=cfg.group, USE_TMA=tma, ALLOW_TF32=x2.dtype == torch.float32 and tf32_enabled(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    return g
+    return g, kernel
 
 
 # ---------------------------------------------------------------------------------------------

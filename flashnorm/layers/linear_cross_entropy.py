@@ -31,6 +31,7 @@ the clipped gradient: one more each).
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -129,11 +130,19 @@ def _identity(t: torch.Tensor) -> tuple:
 # ---------------------------------------------------------------------------------------------
 
 
+_FLOAT32_OUTPUT = [True]  # cuBLAS takes out_dtype here (cleared, with a warning, where this torch has none)
+
+
 def _matmul_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (2-D or batched) in the accumulation dtype: 16-bit CUDA operands through cuBLAS with a float32
     output (products exact, float32 sums, never rounded to 16 bits), anything else in the accumulation dtype."""
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in _SIXTEEN_BIT:
-        return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32)
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in _SIXTEEN_BIT and _FLOAT32_OUTPUT[0]:
+        try:
+            return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError) as err:
+            _FLOAT32_OUTPUT[0] = False
+            warnings.warn(f"torch.mm(..., out_dtype=torch.float32) is not available ({err}): the fused head's "
+                          "16-bit products run in float32 instead (exact, slower).")
     acc = accumulation_dtype(a, b)
     return a.to(acc) @ b.to(acc)
 
