@@ -89,6 +89,17 @@ def test_step_with_the_triton_kernels(mode, tied, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_tied_embedding_with_padding_idx(mode):
+    """The embedding's rows at ``padding_idx`` get no gradient: the cross term leaves those positions out."""
+    model = TinyLM(120, 6, tied=True, shift=True, vocab_block=32).double()
+    model.embed.padding_idx = 0
+    ids, labels = batch(120, 3, 17)
+    ids[:, ::3] = 0
+    labels[:, 1::4] = 0  # the padding id as a target too: the head's gradient reaches its row
+    assert_step_exact(model, ids, labels, mode, "sum", 1e-2, "fp64")
+
+
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
 def test_single_sample_batch(mode):
     """B = 1: no capture, one ordinary backward through the head's own backward (X̄ and ∇W in one pass), the
     gradient clipped as a whole."""
