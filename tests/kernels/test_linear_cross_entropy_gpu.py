@@ -123,19 +123,21 @@ def test_module_bf16_within_twice_the_unfused_error(steps, vocab, d, no_tf32):
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("mode", CLIPPING_MODES)
 def test_dp_step_bf16_matches_float64(mode, tied, no_tf32):
-    """A bf16 model with the fused head (V = 50257, T = 1030): norms and applied gradients against the float64
-    oracle of the same weights at bf16's tolerance."""
+    """A bf16 model with the fused head (V = 50257, T = 1030): norms and applied gradients within bf16's tolerance
+    (norm-wise) of the float64 oracle of the same weights."""
     torch.manual_seed(0)
     model = TinyLM(50257, 64, tied=tied, shift=True).to("cuda", torch.bfloat16)
     ids, labels = (t.cuda() for t in batch(50257, 4, 1030))
     expected = oracle(model, ids, labels, 1e-2)
     dp_model, grads = dp_step(model, mode, ids, labels, 1e-2, "sum")
-    rtol, atol = TOLERANCES["bf16"]
-    torch.testing.assert_close(dp_model.get_norm_sample().double(), expected.norms, rtol=rtol, atol=atol)
+    rtol, _ = TOLERANCES["bf16"]
+    assert _relative(dp_model.get_norm_sample(), expected.norms) < rtol
     for name, grad in grads.items():
-        want = expected.clipped_sum[name]
-        torch.testing.assert_close(grad.double(), want, rtol=rtol, atol=atol * max(1.0, want.abs().max().item()),
-                                   msg=lambda m: f"{name}: {m}")
+        assert _relative(grad, expected.clipped_sum[name]) < rtol, name
+
+
+def _relative(got, want):
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def test_long_context_memory_stays_far_below_the_logits(no_tf32):

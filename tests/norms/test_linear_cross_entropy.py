@@ -99,6 +99,29 @@ def test_tied_embedding_with_padding_idx(mode):
     assert_step_exact(model, ids, labels, mode, "sum", 1e-2, "fp64")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_bf16_autocast_within_bf16_tolerance(mode, tied, device):
+    """A float32 model under bf16 autocast (the forward pre-hook hands the head bf16 hidden states; its weight is
+    cast as autocast casts a linear's): norms and applied gradients within bf16's tolerance, norm-wise, of the
+    float64 oracle."""
+    torch.manual_seed(0)
+    model = TinyLM(300, 16, tied=tied, bias=not tied, shift=True, vocab_block=128)
+    ids, labels = batch(300, 3, 37)
+    expected = oracle(model, ids, labels, 1e-2)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        dp_model, grads = dp_step(model.to(device), mode, ids.to(device), labels.to(device), 1e-2, "sum")
+    rtol, _ = TOLERANCES["bf16"]
+
+    def relative(got, want):
+        return ((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+    assert relative(dp_model.get_norm_sample(), expected.norms) < rtol
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32 and relative(grad, expected.clipped_sum[name]) < rtol, name
+
+
 @pytest.mark.parametrize("mode", CLIPPING_MODES)
 def test_single_sample_batch(mode):
     """B = 1: no capture, one ordinary backward through the head's own backward (X̄ and ∇W in one pass), the
