@@ -112,13 +112,14 @@ class HeadCall:
     _input_grad: Optional[tuple] = field(default=None, repr=False)
 
     def keep_input_grad(self, grad: torch.Tensor, input_grad: torch.Tensor) -> None:
-        """Keeps X̄ computed for the loss gradient ``grad`` (by a norm pass) for the backward that follows it."""
-        self._input_grad = (_identity(grad), input_grad)
+        """Keeps X̄ computed for the loss gradient ``grad`` (by a norm pass) for the backward that follows it (and
+        ``grad`` itself, so that no other tensor takes its memory meanwhile)."""
+        self._input_grad = (grad, _identity(grad), input_grad)
 
     def take_input_grad(self, grad: torch.Tensor) -> Optional[torch.Tensor]:
-        """X̄ kept for exactly this ``grad`` (same memory, same version), once; else ``None``."""
+        """X̄ kept for exactly this ``grad`` (the same memory, unchanged since), once; else ``None``."""
         kept, self._input_grad = self._input_grad, None
-        return kept[1] if kept is not None and kept[0] == _identity(grad) else None
+        return kept[2] if kept is not None and kept[1] == _identity(grad) else None
 
 
 def _identity(t: torch.Tensor) -> tuple:

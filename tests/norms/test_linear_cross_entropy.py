@@ -229,6 +229,26 @@ def _record(head, x, y):
     return call
 
 
+def test_second_backward_never_takes_the_norm_pass_input_gradient():
+    """Hidden states that require grad with no hooked layer before the head (a leaf input): the norm pass keeps X̄
+    for a backward that does not run; the two-pass write then back-propagates c_b·∂ℓ_b and must compute its own X̄,
+    Σ_b c_b ∂ℓ_b/∂x, not the kept one (of Σ_b ∂ℓ_b/∂x)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 40)
+    head = FusedLinearCrossEntropy.from_linear(linear, token_reduction="sum", vocab_block=16).double()
+    x = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 40, (3, 9))
+    dp_model, optimizer, criterion, _ = make_private(head, "ghost", x, y, 1e-2, "sum")
+    criterion(dp_model(x, y)).backward()
+    coef = dp_model.get_clipping_coef().double()
+    plain = x.detach().clone().requires_grad_()
+    loss = head_module.fused_linear_cross_entropy(plain, linear.weight.double(), y, linear.bias.double(),
+                                                  token_reduction="sum")
+    (want,) = torch.autograd.grad((coef * loss).sum(), [plain])
+    assert (coef < 1).all()
+    torch.testing.assert_close(x.grad, want, rtol=1e-10, atol=1e-12)
+
+
 def test_captured_input_without_record_is_refused():
     """The rule finds each captured input's call record; a stranger input gets a clear error."""
     from flashnorm.norms import get_norm_rule
