@@ -123,6 +123,18 @@ def test_bf16_autocast_within_bf16_tolerance(mode, tied, device):
 
 
 @pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_tied_scaled_embedding(mode):
+    """Gemma's embedding (a lookup times embed_scale, its own rule): the cross term takes the lookup's gradient."""
+    modeling_gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
+    model = TinyLM(120, 6, tied=False, shift=True, vocab_block=32).double()
+    model.embed = modeling_gemma.GemmaTextScaledWordEmbedding(120, 6, padding_idx=0, embed_scale=6**0.5).double()
+    model.lm_head.weight = model.embed.weight
+    model.head.weight = model.embed.weight
+    ids, labels = batch(120, 3, 17)
+    assert_step_exact(model, ids, labels, mode, "sum", 1e-2, "fp64")
+
+
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
 def test_single_sample_batch(mode):
     """B = 1: no capture, one ordinary backward through the head's own backward (X̄ and ∇W in one pass), the
     gradient clipped as a whole."""
