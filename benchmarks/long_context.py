@@ -8,7 +8,7 @@ Hugging Face causal LMs with tied embeddings, B = 1, bf16 weights, HF gradient c
 
 Modes (each configuration in its own process, so one OOM cannot spill into the next):
 
-* ``flashnorm_fused``: FlashNorm ``flash_fuse`` on :func:`flashnorm.integrations.fused_head.fused_causal_lm` (the DP
+* ``flashnorm_fused``: FlashNorm ``flash_fuse`` on `flashnorm.integrations.fused_head.fused_causal_lm` (the DP
   step: per-sample clipping, noise σ = 1, the accountant's hook);
 * ``liger``: non-private, the base model then Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` on ``lm_head``'s
   weight (non-private best practice; ``liger_kernel`` must be installed: CUDA only);
@@ -18,7 +18,7 @@ Modes (each configuration in its own process, so one OOM cannot spill into the n
 
 Each record is ``{model, T, B, mode, status ("ok", "oom", "error: ..."), step_ms, peak_gib, gpu, ...}``: ``step_ms``
 is the median of at least ``--steps`` CUDA-event step times after ``--warmup`` steps (forward, loss, backward,
-``optimizer.step()`` and ``zero_grad()``, as :class:`benchmarks.harness.StepTimer` times them); ``peak_gib`` is
+``optimizer.step()`` and ``zero_grad()``, as `benchmarks.harness.StepTimer` times them); ``peak_gib`` is
 ``torch.cuda.max_memory_allocated`` over the timed steps. Records are written to ``--out`` after each
 configuration; with ``--merge`` the file's records of other configurations are kept (a run split over several
 commands)::

@@ -1,5 +1,5 @@
 """Hugging Face causal LMs on the fused head: the base model's hidden states, then
-:class:`~flashnorm.layers.FusedLinearCrossEntropy` on ``lm_head``'s own Parameters (tied or not), so that no
+`FusedLinearCrossEntropy` on ``lm_head``'s own Parameters (tied or not), so that no
 [B, T, V] logit tensor exists and the model's forward returns the per-sample losses ℓ [B].
 
 The one-line switch for a plain loop (Llama, Qwen2, Mistral, Gemma, GPT-2, and other causal LMs whose logits are
@@ -15,7 +15,7 @@ The one-line switch for a plain loop (Llama, Qwen2, Mistral, Gemma, GPT-2, and o
 labels[t + 1]), -100 ignored. ℓ_b is the mean over the sample's scored positions (``token_reduction="mean"``: what
 DPTrainer trains and Opacus's ``loss_reduction="mean"`` with ``shape=(B, T, V)`` gives; 0 for a sample with none), or
 their sum (``"sum"``, for ``loss_reduction="sum"``); ``label_smoothing`` is transformers' ``LabelSmoother``'s ε.
-:func:`fused_head_unsupported` says why a model cannot take the fused head (its logits are not ``lm_head(h)``:
+`fused_head_unsupported` says why a model cannot take the fused head (its logits are not ``lm_head(h)``:
 soft-capped or scaled); the HF model itself stays ``model.model`` (save it, not the wrapper).
 """
 
@@ -57,10 +57,10 @@ class FusedHeadCausalLM(nn.Module):
         model: the causal LM (``...ForCausalLM``, ``GPT2LMHeadModel``); it stays ``self.model``, its Parameters the
             same objects (an optimizer built on it trains this module).
         token_reduction, label_smoothing, vocab_block, backend: those of
-            :class:`~flashnorm.layers.FusedLinearCrossEntropy`.
+            `FusedLinearCrossEntropy`.
 
     Raises:
-        ValueError: the model cannot take the fused head (:func:`fused_head_unsupported`).
+        ValueError: the model cannot take the fused head (`fused_head_unsupported`).
     """
 
     def __init__(self, model: nn.Module, *, token_reduction: str = "mean", label_smoothing: float = 0.0,
@@ -89,5 +89,5 @@ class FusedHeadCausalLM(nn.Module):
 
 def fused_causal_lm(model: nn.Module, **options) -> FusedHeadCausalLM:
     """``model`` on the fused head (see the module docstring): ``fused_causal_lm(model)(input_ids=..., labels=...)``
-    → ℓ [B]. ``options``: those of :class:`FusedHeadCausalLM`."""
+    → ℓ [B]. ``options``: those of `FusedHeadCausalLM`."""
     return FusedHeadCausalLM(model, **options)

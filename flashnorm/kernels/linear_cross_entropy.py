@@ -4,10 +4,10 @@ Rows r (the B·T positions of a batch) have hidden states x_r ∈ ℝ^d, targets
 row); the head is W ∈ ℝ^{V×d} with bias b ∈ ℝ^V (optional), so z_r = W x_r + b. Two primitives, each over a range of
 the vocabulary [v0, v1):
 
-* **statistics** (:func:`logit_stats`): per row, lse_r = log Σ_v exp(z_rv), the target's logit z_{r,y_r} (0 when y_r
+* **statistics** (`logit_stats`): per row, lse_r = log Σ_v exp(z_rv), the target's logit z_{r,y_r} (0 when y_r
   is outside the range) and Σ_v z_rv (label smoothing's term). Ranges combine by log-add-exp and sums, so the
   forward pass takes the whole vocabulary block by block;
-* **gradient block** (:func:`logit_grad_block`): G[r, v] = α_r·(exp(z_rv − lse_r) − (1 − ε)·[v = y_r] − ε/V), the
+* **gradient block** (`logit_grad_block`): G[r, v] = α_r·(exp(z_rv − lse_r) − (1 − ε)·[v = y_r] − ε/V), the
   gradient of Σ_r α_r·CE_ε(z_r, y_r) with respect to the block's logits, for rows [r0, r1) (ε: label smoothing).
 
 Each is a GEMM X·W_blockᵀ (2·rows·(v1 − v0)·d FLOPs, accumulated in float32 by ``tl.dot``, operands loaded through
@@ -206,13 +206,13 @@ def _check_operands(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tens
 
 
 def logit_stats_triton(x2, w, bias, y, v0, v1, *, config=None, use_tma=None) -> Tuple[torch.Tensor, ...]:
-    """Triton :func:`logit_stats`: one launch over every (row tile, column tile) of the range, then the partials
+    """Triton `logit_stats`: one launch over every (row tile, column tile) of the range, then the partials
     of the range's column tiles combined per row (float32)."""
     return logit_stats_launch(x2, w, bias, y, v0, v1, config=config, use_tma=use_tma)[0]
 
 
 def logit_stats_launch(x2, w, bias, y, v0, v1, *, config=None, use_tma=None):
-    """:func:`logit_stats_triton` returning ((lse, z_y, z_sum), the compiled kernel or None): its PTX for the GPU
+    """`logit_stats_triton` returning ((lse, z_y, z_sum), the compiled kernel or None): its PTX for the GPU
     tests and tools."""
     _check_operands(x2, w, bias)
     x2, w = x2.contiguous(), w.contiguous()
@@ -239,14 +239,14 @@ def logit_stats_launch(x2, w, bias, y, v0, v1, *, config=None, use_tma=None):
 
 def logit_grad_block_triton(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, spread, *, out=None, config=None,
                             use_tma=None) -> torch.Tensor:
-    """Triton :func:`logit_grad_block`: G [r1 − r0, v1 − v0] in x's dtype (or into ``out``)."""
+    """Triton `logit_grad_block`: G [r1 − r0, v1 − v0] in x's dtype (or into ``out``)."""
     return logit_grad_block_launch(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, spread, out=out, config=config,
                                    use_tma=use_tma)[0]
 
 
 def logit_grad_block_launch(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, spread, *, out=None, config=None,
                             use_tma=None):
-    """:func:`logit_grad_block_triton` returning (G, the compiled kernel or None)."""
+    """`logit_grad_block_triton` returning (G, the compiled kernel or None)."""
     _check_operands(x2, w, bias)
     x2, w = x2.contiguous(), w.contiguous()
     n_rows, d = x2.shape
@@ -280,7 +280,7 @@ def _logits_reference(x2, w, bias, r0, r1, v0, v1) -> torch.Tensor:
 
 
 def logit_stats_reference(x2, w, bias, y, v0, v1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PyTorch reference of :func:`logit_stats`, chunked over rows (no temporary beyond ``MAX_CHUNK_ELEMENTS``),
+    """PyTorch reference of `logit_stats`, chunked over rows (no temporary beyond ``MAX_CHUNK_ELEMENTS``),
     in the accumulation dtype."""
     n_rows = x2.shape[0]
     acc = accumulation_dtype(x2, w)
@@ -299,7 +299,7 @@ def logit_stats_reference(x2, w, bias, y, v0, v1) -> Tuple[torch.Tensor, torch.T
 
 
 def logit_grad_block_reference(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, spread) -> torch.Tensor:
-    """PyTorch reference of :func:`logit_grad_block`: G [r1 − r0, v1 − v0] in the accumulation dtype."""
+    """PyTorch reference of `logit_grad_block`: G [r1 − r0, v1 − v0] in the accumulation dtype."""
     z = _logits_reference(x2, w, bias, r0, r1, v0, v1)
     g = torch.exp(z - lse[r0:r1].to(z.dtype).unsqueeze(1))
     cols = torch.arange(v0, v1, device=x2.device)
@@ -327,7 +327,7 @@ def logit_grad_block(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, spread, *
     """G[r − r0, v − v0] = α_r·(exp(z_rv − lse_r) − keep·[v = y_r] − spread) for rows [r0, r1), columns [v0, v1).
 
     Args:
-        x2: [rows, d]; w: [V, d]; bias: [V] or None; lse: [rows] float32 (float64) from :func:`logit_stats` over the
+        x2: [rows, d]; w: [V, d]; bias: [V] or None; lse: [rows] float32 (float64) from `logit_stats` over the
             whole vocabulary; y: [rows] int64; alpha: [rows] float32 (float64); keep = 1 − ε, spread = ε/V.
 
     Returns:

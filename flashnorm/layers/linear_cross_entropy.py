@@ -15,17 +15,17 @@ For a vocabulary block J (rows J of W), G_b's columns J need only the rows' lse,
   weight gradient is exact and the pieces are disjoint rows, so their squared norms add; the bias's
   ‖Σ_t G_b[t]‖² = Σ_J ‖Σ_t G_b,J[t]‖² likewise;
 * the clipped gradient Σ_b c_b G_b,Jᵀ X_b, once the coefficients are known (c applied in float32 to exact
-  per-sample products, :func:`~flashnorm.kernels.clipped_weight_grad`);
+  per-sample products, `clipped_weight_grad`);
 * with a tied input embedding (ids_b ∈ ℤ^{T'}, its output gradient Ē_b ∈ ℝ^{T'×d}), the cross term
   ⟨G_bᵀX_b, onehot(ids_b)ᵀĒ_b⟩ = Σ_s ⟨(G_bᵀX_b)[ids_bs], ē_bs⟩ = Σ_J Σ_{s: ids_bs ∈ J} ⟨(G_b,JᵀX_b)[ids_bs], ē_bs⟩.
 
-Every consumer takes G from the same tiles (:func:`tile_pass`, one :class:`HeadTiling` per call), so what a clipping
+Every consumer takes G from the same tiles (`tile_pass`, one `HeadTiling` per call), so what a clipping
 step measures is what it applies. Memory: G's tile (samples × T × V_J, at most about the hidden states' size) and
 V_J × d, never T × V. Cost per pass over the vocabulary: 2·B·T·V·d FLOPs per GEMM (the logits, then X̄, the norms,
 the clipped gradient: one more each).
 
-:class:`FusedLinearCrossEntropy` is the module (its norm rule: :mod:`flashnorm.norms.linear_cross_entropy`);
-:func:`fused_linear_cross_entropy` the functional form for non-private use.
+`FusedLinearCrossEntropy` is the module (its norm rule: `flashnorm.norms.linear_cross_entropy`);
+`fused_linear_cross_entropy` the functional form for non-private use.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _weighted_products(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, bac
 
 @dataclass
 class TilePass:
-    """What :func:`tile_pass` computed (``None`` where not asked). Per-sample terms include coef_b (squared for the
+    """What `tile_pass` computed (``None`` where not asked). Per-sample terms include coef_b (squared for the
     norms), as the gradient of Σ_b coef_b ℓ_b has them."""
 
     input_grad: Optional[torch.Tensor] = None  # X̄ [B, T, d], accumulation dtype
@@ -286,8 +286,8 @@ def _block_cross(products: torch.Tensor, local_ids: torch.Tensor, e: torch.Tenso
 
 @_no_autocast
 def head_losses(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], call: HeadCall) -> torch.Tensor:
-    """ℓ_b [B] (accumulation dtype) for X [B, T, d]; sets ``call.lse``. One pass of :func:`~flashnorm.kernels.
-    linear_cross_entropy.logit_stats` per vocabulary block, the blocks combined by log-add-exp."""
+    """ℓ_b [B] (accumulation dtype) for X [B, T, d]; sets ``call.lse``. One pass of `logit_stats` per vocabulary
+    block, the blocks combined by log-add-exp."""
     batch, steps, d = x.shape
     vocab = weight.shape[0]
     x2 = x.reshape(batch * steps, d)
@@ -325,8 +325,8 @@ def _will_run(ctx, index: int) -> bool:
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """(X [B, T, d], W [V, d], b [V] or None, :class:`HeadCall`) → ℓ [B]. The backward computes, in one
-    :func:`tile_pass`, the gradients this pass needs: X̄ (unless a norm pass kept it for this very loss gradient),
+    """(X [B, T, d], W [V, d], b [V] or None, `HeadCall`) → ℓ [B]. The backward computes, in one
+    `tile_pass`, the gradients this pass needs: X̄ (unless a norm pass kept it for this very loss gradient),
     ∇W and ∇b (only where their accumulators run)."""
 
     @staticmethod
@@ -369,7 +369,7 @@ def _rows(hidden: torch.Tensor, target: torch.Tensor, shift: bool) -> Tuple[torc
 
 def prepare_call(hidden, weight, bias, target, *, ignore_index=-100, shift=False, token_reduction="mean",
                  label_smoothing=0.0, vocab_block=None, backend=None):
-    """(X [B, T, d], W, b, :class:`HeadCall`): the operands in the compute dtype (autocast's when it is on) and the
+    """(X [B, T, d], W, b, `HeadCall`): the operands in the compute dtype (autocast's when it is on) and the
     call's record. Shift: position t is scored on target[t + 1], the last position on nothing (Hugging Face's
     causal-LM labels).
 
@@ -418,7 +418,7 @@ def prepare_call(hidden, weight, bias, target, *, ignore_index=-100, shift=False
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, **options) -> torch.Tensor:
     """Per-sample losses ℓ [B] of the head (W, b) on hidden [B, T, d] (or [B, d]) with targets [B, T] (or [B]),
-    logits never materialised. ``options``: those of :class:`FusedLinearCrossEntropy`. For non-private use (or
+    logits never materialised. ``options``: those of `FusedLinearCrossEntropy`. For non-private use (or
     inside a module that is not wrapped): in a model made private, use the module, whose norm rule the clipping
     step knows."""
     x, weight, bias, call = prepare_call(hidden, weight, bias, target, **options)
@@ -428,7 +428,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 class FusedLinearCrossEntropy(nn.Module):
     """Cross-entropy of a linear head, per sample: ``loss = head(hidden, target)`` → ℓ [B] (float32, float64 for
     float64), never a [B, T, V] logit tensor. In a model made private with FlashNorm it takes part in every clipping
-    mode (:mod:`flashnorm.norms.linear_cross_entropy`).
+    mode (`flashnorm.norms.linear_cross_entropy`).
 
     Args:
         weight: W [V, d] (e.g. ``lm_head.weight``, tied or not: the very Parameter, registered here too).
@@ -438,7 +438,7 @@ class FusedLinearCrossEntropy(nn.Module):
         token_reduction: ``"mean"`` over the sample's valid tokens (0 for a sample with none) or ``"sum"``: Opacus's
             per-sequence loss for ``loss_reduction="mean"`` / ``"sum"`` with ``shape=(B, T, V)``.
         label_smoothing: ε, as ``nn.CrossEntropyLoss``'s.
-        vocab_block: rows of W per block (default: from the memory budget, :func:`head_tiling`).
+        vocab_block: rows of W per block (default: from the memory budget, `head_tiling`).
         backend: the kernels' backend (``"auto"``, ``"triton"``, ``"torch"``; None: ``FLASHNORM_BACKEND``).
 
     Example:
@@ -460,7 +460,7 @@ class FusedLinearCrossEntropy(nn.Module):
         self.label_smoothing = label_smoothing
         self.vocab_block = vocab_block
         self.backend = backend
-        #: The record of the last call, until the norm rule takes it (:meth:`take_call`).
+        #: The record of the last call, until the norm rule takes it (`take_call`).
         self._pending_call: Optional[HeadCall] = None
 
     @classmethod

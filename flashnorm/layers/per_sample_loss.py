@@ -1,5 +1,5 @@
 """The criterion of a model whose forward returns its per-sample losses (a model ending in
-:class:`~flashnorm.layers.FusedLinearCrossEntropy`)."""
+`FusedLinearCrossEntropy`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Norm rule of :class:`~flashnorm.layers.FusedLinearCrossEntropy`: a linear head fused with its cross-entropy.
+"""Norm rule of `FusedLinearCrossEntropy`: a linear head fused with its cross-entropy.
 
 The layer's input is the hidden states X [B, T, d] and its output the per-sample losses ℓ [B], so the output
 gradient g [B] is ∂(Σ_b ℓ_b)/∂ℓ_b (ones in a norm pass). Its per-sample gradients are g_b·G_bᵀX_b for the weight
-and g_b·Σ_t G_b[t] for the bias, with G_b the logits' gradient (:mod:`flashnorm.layers.linear_cross_entropy`), which
+and g_b·Σ_t G_b[t] for the bias, with G_b the logits' gradient (`flashnorm.layers.linear_cross_entropy`), which
 the rule forms a vocabulary block at a time from the call's record (targets, token weights, log-sum-exps) kept
 beside the captured X:
 
@@ -10,7 +10,7 @@ beside the captured X:
   which the norm pass hands to the layer's backward (one pass over the vocabulary for both);
 * the clipped gradient Σ_b c_b g_b G_bᵀX_b block by block (one-pass ``flash_fuse``); the two-pass modes' second
   backward runs the layer's own backward with ∂/∂ℓ_b = c_b·g_b;
-* the tied embedding's cross term (:mod:`flashnorm.norms.tied`): Σ_s ⟨(G_bᵀX_b)[ids_bs], ē_bs⟩ from the blocks'
+* the tied embedding's cross term (`flashnorm.norms.tied`): Σ_s ⟨(G_bᵀX_b)[ids_bs], ē_bs⟩ from the blocks'
   per-sample products, gathered at the sample's ids.
 
 Every pass regenerates the very same G (one tiling per call), so what is measured is what is applied; the rounding

@@ -11,10 +11,9 @@ the embedding's ids: [B, T'] and output gradient E: [B, T', d],
     ⟨G_bᵀX_b, onehot(ids_b)ᵀE_b⟩ = Σ_{t,s} G_b[t, ids_b[s]] · (x_t · e_s),
 
 which needs a gather of G's columns at the sample's ids and X_bE_bᵀ, never a V × d tensor per sample. A fused head
-(:class:`~flashnorm.layers.FusedLinearCrossEntropy`, whose G is never stored) forms the same sum block by block of the
-vocabulary, from the rows of G_bᵀX_b at the ids (:meth:`~flashnorm.norms.linear_cross_entropy.
-FusedLinearCrossEntropyRule.embedding_cross`). Other pairs take the per-sample gradients of both layers (exact,
-B·|θ| memory each).
+(`FusedLinearCrossEntropy`, whose G is never stored) forms the same sum block by block of the vocabulary, from the
+rows of G_bᵀX_b at the ids (`FusedLinearCrossEntropyRule.embedding_cross`). Other pairs take the per-sample
+gradients of both layers (exact, B·|θ| memory each).
 """
 
 from __future__ import annotations
