@@ -166,7 +166,7 @@ class LayerHooks:
         shape = output.shape if batch_first else (output.shape[1], output.shape[0], *output.shape[2:])
         use = step.record_input(layer, None if deferred else x, (shape, output.dtype))
         if kwargs is not None:
-            layer.rule.remember_call(x, inputs[1:], kwargs, first_use=use == 0)
+            layer.rule.remember_call(x, inputs[1:], kwargs, first_use=use == 0, layer=module)
         tapped = GradientTap.apply(output, self.owner.hooked.tap_on(output.device), layer.callback, (step.number, use))
         step.last_layer_output = tapped
         return tapped

@@ -3,7 +3,7 @@
 Importing this package registers every family.
 """
 
-from . import conv, embedding, linear, normalization  # noqa: F401  (registration on import)
+from . import conv, embedding, linear, linear_cross_entropy, normalization  # noqa: F401  (registration on import)
 from .fallback import PerSampleGradFallback
 from .registry import NormRule, get_norm_rule, register_norm_rule
 

@@ -138,7 +138,7 @@ class EmbeddingBagRule(EmbeddingRule):
     def supports(self, layer):
         return "sparse=True" if layer.sparse else None
 
-    def remember_call(self, x, args, kwargs, first_use):
+    def remember_call(self, x, args, kwargs, first_use, layer=None):
         offsets = args[0] if args else kwargs.get("offsets")
         if offsets is not None or x.dim() != 2:
             raise NotImplementedError(

@@ -41,9 +41,9 @@ class PerSampleGradFallback(NormRule):
         """The forward hook must hand over the whole call (`remember_call`)."""
         return self.sampler is None
 
-    def remember_call(self, x: torch.Tensor, args: tuple, kwargs: dict, first_use: bool) -> None:
+    def remember_call(self, x: torch.Tensor, args: tuple, kwargs: dict, first_use: bool, layer=None) -> None:
         """Records the positional arguments after the first and the keyword arguments of the call whose first
-        input (batch first) is ``x``."""
+        input (batch first) is ``x`` (``layer``: the module called)."""
         if first_use:
             self.calls.clear()
         detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731

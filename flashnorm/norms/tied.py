@@ -10,8 +10,10 @@ the embedding's ids: [B, T'] and output gradient E: [B, T', d],
 
     ⟨G_bᵀX_b, onehot(ids_b)ᵀE_b⟩ = Σ_{t,s} G_b[t, ids_b[s]] · (x_t · e_s),
 
-which needs a gather of G's columns at the sample's ids and X_bE_bᵀ, never a V × d tensor per sample. Other
-pairs take the per-sample gradients of both layers (exact, B·|θ| memory each).
+which needs a gather of G's columns at the sample's ids and X_bE_bᵀ, never a V × d tensor per sample. A fused head
+(`FusedLinearCrossEntropy`, whose G is never stored) forms the same sum block by block of the vocabulary, from the
+rows of G_bᵀX_b at the ids (`FusedLinearCrossEntropyRule.embedding_cross`). Other pairs take the per-sample
+gradients of both layers (exact, B·|θ| memory each).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 import torch.nn as nn
 
 from ..kernels.accumulation import accumulation_dtype, rows_per_chunk
-from .embedding import EmbeddingRule
+from .embedding import EmbeddingBagRule, EmbeddingRule
 from .linear import LinearRule
+from .linear_cross_entropy import FusedLinearCrossEntropyRule
 from .registry import NormRule
 
 
@@ -58,6 +61,9 @@ def cross_term(
     ):
         if isinstance(ra, EmbeddingRule) and type(rb) is LinearRule and la.weight is param and lb.weight is param:
             return _embedding_head_cross(la, xa, ra.lookup_grad(la, ga), rb, lb, xb, gb)
+        if isinstance(ra, EmbeddingRule) and not isinstance(ra, EmbeddingBagRule) \
+                and isinstance(rb, FusedLinearCrossEntropyRule) and la.weight is param and lb.weight is param:
+            return rb.embedding_cross(lb, xb, gb, la, xa, ra.lookup_grad(la, ga))
     return per_sample_dot(rule_a.per_sample_grads(layer_a, x_a, g_a, backend=backend)[param],
                           rule_b.per_sample_grads(layer_b, x_b, g_b, backend=backend)[param])
 

@@ -1,0 +1,93 @@
+"""Hugging Face causal LMs on the fused head: the base model's hidden states, then
+`FusedLinearCrossEntropy` on ``lm_head``'s own Parameters (tied or not), so that no
+[B, T, V] logit tensor exists and the model's forward returns the per-sample losses ℓ [B].
+
+The one-line switch for a plain loop (Llama, Qwen2, Mistral, Gemma, GPT-2, and other causal LMs whose logits are
+``lm_head(hidden_states)``)::
+
+    model = fused_causal_lm(hf_model)                       # forward(input_ids=..., labels=..., **kwargs) → ℓ [B]
+    model, optimizer, criterion, loader = PrivacyEngine().make_private(
+        module=model, optimizer=optimizer, criterion=PerSampleLoss(), data_loader=loader, ...,
+        grad_sample_mode="flash_fuse")
+    criterion(model(**batch)).backward(); optimizer.step()
+
+``labels`` keep transformers' semantics: aligned with ``input_ids`` and shifted inside (position t is scored on
+labels[t + 1]), -100 ignored. ℓ_b is the mean over the sample's scored positions (``token_reduction="mean"``: what
+DPTrainer trains and Opacus's ``loss_reduction="mean"`` with ``shape=(B, T, V)`` gives; 0 for a sample with none), or
+their sum (``"sum"``, for ``loss_reduction="sum"``); ``label_smoothing`` is transformers' ``LabelSmoother``'s ε.
+`fused_head_unsupported` says why a model cannot take the fused head (its logits are not ``lm_head(h)``:
+soft-capped or scaled); the HF model itself stays ``model.model`` (save it, not the wrapper).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..layers import FusedLinearCrossEntropy
+
+IGNORE_INDEX = -100
+#: Config attributes of models whose logits are not lm_head(h) (soft-capped, scaled): the fused head refuses them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                     "output_multiplier_scale")
+
+
+def fused_head_unsupported(model: nn.Module) -> Optional[str]:
+    """``None`` when ``model`` (a transformers causal LM) can run on the fused head, else why not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return f"its output embeddings are {type(head).__name__}, not an nn.Linear"
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return "it has no base model (model.base_model) to compute the hidden states"
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"its logits are transformed after lm_head ({name}={value})"
+    return None
+
+
+class FusedHeadCausalLM(nn.Module):
+    """A transformers causal LM whose forward returns the per-sample losses ℓ [B] through the fused head.
+
+    Args:
+        model: the causal LM (``...ForCausalLM``, ``GPT2LMHeadModel``); it stays ``self.model``, its Parameters the
+            same objects (an optimizer built on it trains this module).
+        token_reduction, label_smoothing, vocab_block, backend: those of
+            `FusedLinearCrossEntropy`.
+
+    Raises:
+        ValueError: the model cannot take the fused head (`fused_head_unsupported`).
+    """
+
+    def __init__(self, model: nn.Module, *, token_reduction: str = "mean", label_smoothing: float = 0.0,
+                 vocab_block: Optional[int] = None, backend: Optional[str] = None):
+        super().__init__()
+        reason = fused_head_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"{type(model).__name__} cannot take the fused head: {reason}. Train it unfused.")
+        self.model = model
+        self.head = FusedLinearCrossEntropy.from_linear(
+            model.get_output_embeddings(), ignore_index=IGNORE_INDEX, shift=True, token_reduction=token_reduction,
+            label_smoothing=label_smoothing, vocab_block=vocab_block, backend=backend,
+        )
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        """ℓ [B] for ``labels`` [B, T] (required); every other argument goes to the base model (``use_cache``
+        defaults to False)."""
+        if labels is None:
+            raise ValueError("FusedHeadCausalLM needs labels: its forward returns the per-sample losses.")
+        kwargs.setdefault("use_cache", False)
+        out = self.model.base_model(input_ids=input_ids, **kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return self.head(hidden, labels)
+
+
+def fused_causal_lm(model: nn.Module, **options) -> FusedHeadCausalLM:
+    """``model`` on the fused head (see the module docstring): ``fused_causal_lm(model)(input_ids=..., labels=...)``
+    → ℓ [B]. ``options``: those of `FusedHeadCausalLM`."""
+    return FusedHeadCausalLM(model, **options)

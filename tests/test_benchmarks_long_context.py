@@ -1,0 +1,42 @@
+"""Smoke test of the long-context benchmark (benchmarks/long_context.py): its CLI on tiny CPU models, one process per
+configuration, every record written with its status (the Opacus hooks mode fails under HF checkpointing, Liger
+needs CUDA: both are recorded, not skipped)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"model", "T", "B", "mode", "status", "step_ms", "peak_gib", "gpu"}
+
+
+def _run(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the CPU run takes FlashNorm's PyTorch backend
+    return subprocess.run([sys.executable, "-m", "benchmarks.long_context", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_smoke_run_records_every_configuration(tmp_path):
+    out = tmp_path / "long_context.json"
+    proc = _run("--smoke", "--device", "cpu", "--models", "gpt2", "--modes", "flashnorm_fused,hf,liger,opacus_hooks",
+                "--warmup", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["smoke"] and "benchmarks.long_context" in data["meta"]["command"]
+    records = {r["mode"]: r for r in data["records"]}
+    assert set(records) == {"flashnorm_fused", "hf", "liger", "opacus_hooks"}
+    for record in records.values():
+        assert KEYS <= set(record) and record["model"] == "gpt2" and record["T"] == 64 and record["B"] == 1
+        assert record["status"] == "ok" or record["status"] == "oom" or record["status"].startswith("error: ")
+    for mode in ("flashnorm_fused", "hf"):
+        assert records[mode]["status"] == "ok" and records[mode]["step_ms"] > 0 and records[mode]["peak_gib"] > 0
+        assert len(records[mode]["steps_ms"]) >= 3
+
+    # --merge keeps the file's other records and replaces the configuration run again
+    proc = _run("--smoke", "--device", "cpu", "--models", "gpt2", "--modes", "hf", "--warmup", "1", "--merge",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads(out.read_text())["records"]
+    assert sorted(r["mode"] for r in merged) == sorted(records)
