@@ -7,7 +7,7 @@ per-sample gradient buffers, what the writer needs of each layer, the norms with
 Its :class:`StepState` says where it is:
 
     CAPTURED ──clipped_backward──▶ NORM_PASS ──▶ COEFFICIENTS ──▶ WRITING ──▶ (discarded)
-        └──a plain loss.backward() reaches the taps──▶ PLAIN_BACKWARD (norms on request; the optimizer refuses)
+        └──a plain loss.backward() reaches the taps──▶ PLAIN_BACKWARD (norms when it ends; the optimizer refuses)
 
 A step whose loss fails a check is ABANDONED: nothing it captured is used again.
 """
@@ -315,9 +315,8 @@ class ClippingStep:
         captured nothing) gives the norm of the gradients it left, the sample's own.
         """
         if self.state is StepState.CAPTURED and self.single_sample:
-            if all(p.grad is None for p in params):
-                return None
-            return self._one_sample_norms(params, by_param=self.config.splits_norms)
+            grads = [p.grad for p in params if p.grad is not None]
+            return self._one_sample_norms(params, grads, self.config.splits_norms) if grads else None
         if self.state is not StepState.PLAIN_BACKWARD or self.norms is not None:
             return None  # (computed already: the module holds them)
         self._count_remaining()
@@ -343,15 +342,15 @@ class ClippingStep:
         by_param = terms.by_parameter(params, norm_sq) if terms.param_terms is not None else None
         return NormRecord(norm_sq, bound, by_param)
 
-    def _one_sample_norms(self, params: List[nn.Parameter], by_param: bool) -> NormRecord:
-        """The squared norm of the gradients in ``p.grad`` (a batch of one: the sample's own), by one multi-tensor
-        pass (float32, float64 for float64); with ``by_param`` also each parameter's, ‖p.grad‖² ([1], 0 where
-        ``p.grad`` is ``None``)."""
-        grads = {p: p.grad for p in params if p.grad is not None}
-        norm_sq = multi_tensor.squared_norm(list(grads.values()), backend=self.config.backend)
+    def _one_sample_norms(self, params: List[nn.Parameter], grads: List[torch.Tensor], by_param: bool) -> NormRecord:
+        """The squared norm of ``grads``, the gradients in ``p.grad`` of ``params`` (a batch of one: the sample's
+        own), by one multi-tensor pass (float32, float64 for float64); with ``by_param`` also each parameter's,
+        ‖p.grad‖² ([1], 0 where ``p.grad`` is ``None``)."""
+        norm_sq = multi_tensor.squared_norm(grads, backend=self.config.backend)
         if not by_param:
             return NormRecord(norm_sq)
-        split = dict(zip(grads, per_sample_norms({p: g.unsqueeze(0) for p, g in grads.items()})))
+        grads = {p: p.grad.unsqueeze(0) for p in params if p.grad is not None}
+        split = dict(zip(grads, per_sample_norms(grads)))
         return NormRecord(norm_sq, None, {
             p: split[p].square().to(norm_sq.dtype) if p in split else torch.zeros_like(norm_sq) for p in params
         })
@@ -402,7 +401,7 @@ class ClippingStep:
             norm_sq = torch.zeros(1, dtype=accumulation_dtype(loss_per_sample), device=loss_per_sample.device)
             self.norms = NormRecord(norm_sq, None, {p: norm_sq for p in params} if by_param else None)
             return self.norms
-        self.norms = self._one_sample_norms(params, by_param)
+        self.norms = self._one_sample_norms(params, grads, by_param)
         multi_tensor.scale_(grads, rounding.clipping_coef(self.norms.norm_sq, None, clip), backend=self.config.backend)
         return self.norms
 

@@ -15,7 +15,7 @@ plus ‖β_b‖² for the bias. The clipped gradient is (c ⊙ G)ᵀX and Σ_b c
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -72,9 +72,8 @@ class LinearFamilyRule(NormRule):
     def norm_sq(self, layer, x, g, method, vectors=True, *, backend=None):
         if method == "per_sample":
             return super().norm_sq(layer, x, g, method, vectors, backend=backend)
-        terms = self._terms(layer, x, g, method, vectors, backend)
         total = None
-        for term in terms.values():
+        for _, term in self._terms(layer, x, g, method, vectors, backend):
             total = term if total is None else total.add_(term)
         return total
 
@@ -82,26 +81,27 @@ class LinearFamilyRule(NormRule):
         """{weight: ‖W_b‖², bias: ‖β_b‖²} by ``method``: the two terms :meth:`norm_sq` adds."""
         if method == "per_sample":
             return super().norm_sq_by_param(layer, x, g, method, vectors, backend=backend)
-        return self._terms(layer, x, g, method, vectors, backend)
+        return dict(self._terms(layer, x, g, method, vectors, backend))
 
-    def _terms(self, layer, x, g, method, vectors, backend) -> Dict[nn.Parameter, torch.Tensor]:
-        """The weight's ‖W_b‖² by ``method`` (flash or Gram) and the bias's ‖β_b‖² (unless ``vectors=False`` leaves
-        it to the packed per-sample gradients): {θ: [B]} for the trainable ones."""
+    def _terms(self, layer, x, g, method, vectors, backend) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+        """(θ, [B]) for the trainable ones of the weight, ‖W_b‖² by ``method`` (flash or Gram), and the bias, ‖β_b‖²
+        (unless ``vectors=False`` leaves it to the packed per-sample gradients)."""
         xs, gs = self.as_sequences(layer, x, g)
-        terms: Dict[nn.Parameter, torch.Tensor] = {}
-        if layer.weight.requires_grad:
+        terms = []
+        weight = layer.weight
+        if weight.requires_grad:
             if method == "flash":
-                terms[layer.weight] = flash_norm_sq(xs, gs, backend=backend)
+                terms.append((weight, flash_norm_sq(xs, gs, backend=backend)))
             elif method == "gram" and gram_in_float64(xs.shape[1], xs.dtype):
-                terms[layer.weight] = gram_norm_sq(xs.double(), gs.double(), backend=backend).to(accumulation_dtype(xs, gs))
+                terms.append((weight, gram_norm_sq(xs.double(), gs.double(), backend=backend).to(accumulation_dtype(xs, gs))))
             elif method == "gram":
-                terms[layer.weight] = gram_norm_sq(xs, gs, backend=backend)
+                terms.append((weight, gram_norm_sq(xs, gs, backend=backend)))
             else:
                 raise ValueError(f"unknown norm method {method!r} for {type(layer).__name__}")
         bias = getattr(layer, "bias", None)
         if bias is not None and bias.requires_grad and (vectors or not self.vector_params(layer)):
             # ‖Σ_t G_b[t]‖², summed in the accumulation dtype without a copy of G (three launches per layer)
-            terms[bias] = torch.linalg.vector_norm(gs.sum(dim=1, dtype=accumulation_dtype(xs, gs)), dim=1).square_()
+            terms.append((bias, torch.linalg.vector_norm(gs.sum(dim=1, dtype=accumulation_dtype(xs, gs)), dim=1).square_()))
         return terms
 
     def rounding_scale(self, layer, x, g):
