@@ -1,7 +1,7 @@
 """One benchmark configuration, run inside its own (forked) process: build, warm up, time, report.
 
 A configuration is a dict ``{workload, B, T, dtype, mode, device, smoke, steps, warmup, min_timed_s,
-max_steps}``. :func:`child_main` is the process target: it sends ``("progress", {...})`` after every
+max_steps}``. `child_main` is the process target: it sends ``("progress", {...})`` after every
 step and one ``("result", record)`` at the end through a pipe, so the parent keeps what was measured
 even when it has to kill a configuration that runs past its time limit.
 
@@ -35,7 +35,7 @@ from .models import build_model, count_parameters, get_workload, make_batch
 
 #: All modes, in the order the runner launches them within one shape (non-DP first: the ratios' base).
 #: ``*_graphed``: the same step with forward, loss and backward replayed from CUDA graphs
-#: (:class:`flashnorm.cuda_graphs.CudaGraphStep`); their ratios are to ``nondp_graphed``.
+#: (`flashnorm.cuda_graphs.CudaGraphStep`); their ratios are to ``nondp_graphed``.
 MODES = ("nondp", "flash_fuse", "flash", "ghost", "opacus_hooks", "opacus_ghost", "nondp_graphed", "flash_fuse_graphed")
 GRAPHED = "_graphed"
 #: The mode string each DP mode passes to ``make_private`` and the engine it uses.
@@ -105,9 +105,9 @@ def make_step(cfg: Dict, model: nn.Module, inputs: torch.Tensor, targets: torch.
     """The training step of ``cfg["mode"]`` as a closure; wraps ``model`` with the mode's privacy engine.
 
     ``region(name)``, when given, wraps the step's phases (``forward``, ``loss``, ``backward``,
-    ``optimizer.step``, ``optimizer.zero_grad``) for :mod:`benchmarks.overhead`. With a ``*_graphed``
+    ``optimizer.step``, ``optimizer.zero_grad``) for `benchmarks.overhead`. With a ``*_graphed``
     mode the forward, loss and backward run through
-    :class:`flashnorm.cuda_graphs.CudaGraphStep` (phase ``graph``: input copy and replay).
+    `flashnorm.cuda_graphs.CudaGraphStep` (phase ``graph``: input copy and replay).
     """
     (mode, graphed), device = split_mode(cfg["mode"]), torch.device(cfg["device"])
     batch, seq_len = targets.shape
@@ -398,7 +398,7 @@ def quiet_warnings() -> None:
 
 
 def child_main(conn, cfg: Dict, limit_s: float) -> None:
-    """Process target: runs :func:`run_config`, streams progress, sends the record, exits."""
+    """Process target: runs `run_config`, streams progress, sends the record, exits."""
     quiet_warnings()
 
     def progress(info):

@@ -1,7 +1,7 @@
 """Where results live: the latest run of each suite under a stable name, older runs in ``history.jsonl``.
 
 ``benchmarks/results/<stem>_<gpu>.json`` (e.g. ``e2e_h200.json``) holds the latest result of a suite on
-one kind of GPU. Before a benchmark overwrites such a file, :func:`archive` appends what it held as one
+one kind of GPU. Before a benchmark overwrites such a file, `archive` appends what it held as one
 line of ``history.jsonl`` in the same folder, with the commit, date, GPU and command as columns and the
 rest of the file (records, results, rows) carried whole, so a new run never loses an old measurement::
 

@@ -38,7 +38,7 @@ from . import history
 from .harness import MODES, split_mode
 from .models import WORKLOADS, HFCausalLM, Workload, _HF_LLAMA, _hf_llama, _hf_llama_linears, _size
 
-#: The workload this benchmark registers in :data:`benchmarks.models.WORKLOADS` (the forked children import this
+#: The workload this benchmark registers in `benchmarks.models.WORKLOADS` (the forked children import this
 #: module through the workload's ``imports``, so they see it too).
 WORKLOAD = "hf_llama1b_lora"
 #: LoRA's settings (fixed: the children build the model from them).

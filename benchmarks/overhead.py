@@ -13,7 +13,7 @@ spends issuing it. Two measurements:
    size: FlashNorm's hooks and bookkeeping plus the DP optimizer's noise.
 2. **Breakdown** (CPU self time per step under ``torch.profiler``, exclusive): the step's phases (forward,
    loss, backward, ``optimizer.step``, ``zero_grad``, ranges this benchmark opens) and, inside them, the
-   phase ranges FlashNorm itself emits (:mod:`flashnorm.grad_sample.phases`): forward hooks, backward hooks,
+   phase ranges FlashNorm itself emits (`flashnorm.grad_sample.phases`): forward hooks, backward hooks,
    norm-kernel launches, loss checks and clipping coefficients, the write of clipped gradients, the norm
    pass's autograd engine, other bookkeeping. The profiler inflates absolute times: read the shares.
 
@@ -55,7 +55,7 @@ CATEGORIES = (
     ("optimizer.zero_grad", "optimizer.zero_grad", False),
 )
 
-#: The library's own phase ranges (:mod:`flashnorm.grad_sample.phases`) → breakdown category. A test fails if the
+#: The library's own phase ranges (`flashnorm.grad_sample.phases`) → breakdown category. A test fails if the
 #: library stops emitting one of them.
 LIBRARY_RANGES = {
     phases.FORWARD_HOOK: "hooks_forward",

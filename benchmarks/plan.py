@@ -117,7 +117,7 @@ def suite_configs(suite: str, workloads: Sequence[str], dtypes: Sequence[str], m
                   batches: Optional[Sequence[int]] = None, seqs: Optional[Sequence[int]] = None,
                   smoke: bool = False) -> List[Config]:
     """The suite's groups in priority order, filtered by the command line's workloads, dtypes, B and T
-    (graphed modes only in the suite's :data:`GRAPHED_GROUPS`, a group of :data:`GROUP_MODES` only its modes).
+    (graphed modes only in the suite's `GRAPHED_GROUPS`, a group of `GROUP_MODES` only its modes).
     ``smoke``: each group at its workload's smoke shape in every one of ``dtypes`` (a repeated one once)."""
     if suite not in SUITES:
         raise ValueError(f"Unknown suite {suite!r}. Valid suites: {', '.join(SUITES)}.")

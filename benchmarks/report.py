@@ -1,4 +1,4 @@
-"""Plots, the README table and the performance page's tables from a results JSON of :mod:`benchmarks.run`.
+"""Plots, the README table and the performance page's tables from a results JSON of `benchmarks.run`.
 
     python -m benchmarks.report                 # benchmarks/results/e2e_h200.json → README.md, docs/performance.md
 
@@ -125,7 +125,7 @@ def _ratio_cell(rec: Optional[Dict], repeated: Optional[List[float]]) -> str:
 def format_ratio_table(data: Dict, repeated: Optional[Dict[tuple, List[float]]] = None) -> str:
     """A markdown table: rows (workload, dtype, B, T); non-DP's step time and peak memory, then per mode
     ``time× · memory×`` (ratios to the non-DP step of the same run; graphed modes to graphed non-DP).
-    A configuration in ``repeated`` (:func:`repeated_ratios`) shows the median time ratio of its runs, marked †."""
+    A configuration in ``repeated`` (`repeated_ratios`) shows the median time ratio of its runs, marked †."""
     repeated = repeated or {}
     records = data["records"]
     modes = [m for m in _modes_present(records) if m == "nondp" or m != ratio_base(m)]

@@ -9,7 +9,7 @@
 
 Modes: ``nondp`` (plain PyTorch), ``opacus_hooks`` and ``opacus_ghost`` (the real ``opacus`` package),
 FlashNorm ``ghost``, ``flash``, ``flash_fuse``; ``nondp_graphed`` and ``flash_fuse_graphed`` replay the
-forward, loss and backward from CUDA graphs (:class:`flashnorm.CudaGraphStep`; ratios to ``nondp_graphed``).
+forward, loss and backward from CUDA graphs (`flashnorm.CudaGraphStep`; ratios to ``nondp_graphed``).
 Every configuration (workload, B, T, dtype, mode) runs in its own process, forked from a server that
 has already imported torch, opacus and flashnorm, so a configuration costs its CUDA context and model
 build, not the imports. Each has a time limit
@@ -18,7 +18,7 @@ what did not run is recorded as ``not_run``. OOM, errors and timeouts are record
 The JSON (``--out``) is rewritten after every configuration, so a killed run keeps what it measured.
 ``--suite end_to_end`` writes ``benchmarks/results/e2e_<gpu>.json``, another suite
 ``e2e_<suite>_<gpu>.json``; the run it replaces goes to
-``benchmarks/results/history.jsonl`` first (:mod:`benchmarks.history`). ``--repeat N`` runs the plan N
+``benchmarks/results/history.jsonl`` first (`benchmarks.history`). ``--repeat N`` runs the plan N
 times, each configuration in a fresh process every time, and writes ``{"runs": [...]}``: the report's
 table of repeated configurations.
 

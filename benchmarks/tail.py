@@ -6,9 +6,9 @@
 Two tails, each timed in one process on the same gradients, with the Triton kernels and with
 the ``torch`` backend (the foreach references):
 
-* **clip** (the B = 1 shortcut of :class:`~flashnorm.grad_sample.FlashNormGradSampleModule`):
-  s = Σ‖g‖² (:func:`~flashnorm.kernels.multi_tensor.squared_norm`), c = min(1, C/(√s + 10⁻⁶))
-  (:func:`~flashnorm.norms.rounding.clipping_coef`), g ← c·g (:func:`~flashnorm.kernels.multi_tensor.scale_`);
+* **clip** (the B = 1 shortcut of `FlashNormGradSampleModule`):
+  s = Σ‖g‖² (`squared_norm`), c = min(1, C/(√s + 10⁻⁶))
+  (`clipping_coef`), g ← c·g (`scale_`);
 * **noise** (the optimizer's ``pre_step``: accumulate, noise, scale): per ~64M-element bucket one
   ``torch.normal``, then g ← (g + ξ) / B in one pass (``fused``), or ξ added then the scaling
   (``unfused``, the FSDP optimizer's order).

@@ -18,6 +18,7 @@ import torch.nn as nn
 class OracleStep:
     norms: torch.Tensor  # [B] float64
     clipped_sum: Dict[str, torch.Tensor]  # parameter name -> Σ_b c_b g_b (float64)
+    param_norms: Dict[str, torch.Tensor]  # parameter name -> ‖∇_θ ℓ_b‖ [B] (float64)
 
 
 def microbatch_reference(
@@ -39,7 +40,7 @@ def microbatch_reference(
     ref = copy.deepcopy(model).double()
     params = {name: p for name, p in ref.named_parameters() if p.requires_grad}
     clipped = {name: torch.zeros_like(p) for name, p in params.items()}
-    norms = []
+    norms, param_norms = [], {name: [] for name in params}
     for b in range(inputs.shape[0]):
         x = inputs[b : b + 1]
         x = x.double() if x.is_floating_point() else x
@@ -52,8 +53,11 @@ def microbatch_reference(
         coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
         for name, g in zip(params, grads):
             clipped[name] += coef * g
+            param_norms[name].append(g.norm())
         norms.append(norm)
-    return OracleStep(torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64), clipped)
+    empty = torch.zeros(0, dtype=torch.float64)
+    return OracleStep(torch.stack(norms) if norms else empty, clipped,
+                      {name: torch.stack(n) if n else empty for name, n in param_norms.items()})
 
 
 def assert_sequence_first_step_matches_float64(model, x, y, mode: str, clip: float = 1e-2) -> None:

@@ -132,7 +132,7 @@ def _source_files() -> list:
 def test_docstrings_hold_no_sphinx_role(path):
     lines = [f"{n}: {line.strip()}" for n, line in enumerate(path.read_text().splitlines(), 1)
              if SPHINX_ROLE.search(line)]
-    assert not lines, "write `name` instead of :class:`name` (markdown):\n" + "\n".join(lines)
+    assert not lines, "write `name` instead of `name` (markdown):\n" + "\n".join(lines)
 
 
 # -- runnable code blocks -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """σ and C are fixed from the first clipped backward pass of a logical step until the ``optimizer.step()`` that applies
 it, in every clipping mode.
 
-Written as an attacker would (:mod:`tests.grad_sample.guarantee`, noise 0): the adversarial sample is clipped with
+Written as an attacker would (`tests.grad_sample.guarantee`, noise 0): the adversarial sample is clipped with
 C = 10, then C is lowered to 1 (between the backward and the step, between micro-batches, across a skipped step
 or ``BatchMemoryManager``'s virtual steps) so that the noise would be sized for C = 1 while the sample counts 10.
 Every such step is refused with the parameters unchanged. Changes between logical steps, or after the accumulated

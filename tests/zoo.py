@@ -1,6 +1,6 @@
 """Small models, one per supported layer type, each ending in a 2-D Linear head and a per-sample loss.
 
-``ZOO`` maps a kind to its :class:`Kind` row; ``build(kind, steps)`` → (model, inputs, targets), the
+``ZOO`` maps a kind to its `Kind` row; ``build(kind, steps)`` → (model, inputs, targets), the
 sequence (or spatial) length being ``steps``. ``KINDS`` is the table's keys.
 """
 

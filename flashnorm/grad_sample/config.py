@@ -26,6 +26,8 @@ class StepConfig:
             checked before any collective).
         packs_per_sample_grads: per-sample gradients go to packed buffers
             (`PackedPerSampleGrads`); ``False`` under FSDP2.
+        splits_norms: a plain backward's norms are split by parameter (Opacus's ``p._norm_sample``); ``False``
+            under FSDP2, whose rules see the unsharded parameters.
     """
 
     backend: str
@@ -35,6 +37,7 @@ class StepConfig:
     batch_first: bool = True
     distributed: bool = False
     packs_per_sample_grads: bool = True
+    splits_norms: bool = True
 
     def method(self, layer: HookedLayer, x: torch.Tensor, g_shape, g_dtype, g: Optional[torch.Tensor] = None) -> str:
         """The layer's norm method for these shapes (planned once per new shape; ``g`` may be absent). Layers

@@ -124,6 +124,8 @@ class FSDPGradSampleModule(FlashNormGradSampleModule):
     #: The rules see FSDP's unsharded parameters, not the sharded ones packed buffers would be laid out for;
     #: per-sample gradients stay per layer (one pass: they go to the reducer one by one).
     packs_per_sample_grads = False
+    #: Their per-sample norms are keyed by the unsharded parameters too: no ``p._norm_sample`` of the sharded ones.
+    splits_norms = False
 
     def __init__(self, m: nn.Module, **kwargs):
         check_fsdp_layout(m)

@@ -172,15 +172,18 @@ class LayerHooks:
         return tapped
 
     def _capture_backward(self, layer: HookedLayer, grad_output: torch.Tensor, key) -> None:
-        """The gradient tap's callback: G to the step in progress (ignored when none is)."""
+        """The gradient tap's callback: G to the step in progress (ignored when none is). A plain backward's first
+        gradient queues the owner's ``finish_plain_backward(step)`` for the end of that backward (Opacus's norms)."""
         step = self.owner.step
         if step is None:
             return
         if not recording():
-            step.receive_gradient(layer, grad_output, *key)
-            return
-        with phase(BACKWARD_HOOK):
-            step.receive_gradient(layer, grad_output, *key)
+            started = step.receive_gradient(layer, grad_output, *key)
+        else:
+            with phase(BACKWARD_HOOK):
+                started = step.receive_gradient(layer, grad_output, *key)
+        if started:
+            torch.autograd.Variable._execution_engine.queue_callback(partial(self.owner.finish_plain_backward, step))
 
 
 def _batch_first(layer: HookedLayer, t: torch.Tensor) -> torch.Tensor:

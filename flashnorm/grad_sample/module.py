@@ -64,12 +64,17 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             ``"torch"``; ``None`` reads ``FLASHNORM_BACKEND`` (unset: ``"auto"``).
         writer: how the clipped gradients are written (`writers`); default: the
             class's ``writer_class``.
+        per_parameter_norms: also set Opacus's per-parameter norms ``p._norm_sample`` after each clipped backward
+            (see `per_parameter_norms`); a plain backward always sets them.
     """
 
     #: The writer of the class's mode when none is given.
     writer_class: type = SecondBackward
     #: Per-sample gradients packed in `PackedPerSampleGrads` (FSDP2 says no).
     packs_per_sample_grads = True
+    #: Norms can be split by parameter, keyed by the module's own parameters (FSDP2 says no: its rules see the
+    #: unsharded ones).
+    splits_norms = True
 
     def __init__(
         self,
@@ -85,6 +90,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         norm_algorithm: Optional[str] = None,
         backend: Optional[str] = None,
         writer: Optional[ClippedGradientWriter] = None,
+        per_parameter_norms: bool = False,
     ):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r}: only 'mean' and 'sum' are supported.")
@@ -114,6 +120,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self.config = StepConfig(
             backend, norm_algorithm, forced, writer or self.writer_class(), batch_first=batch_first,
             distributed=self.distributed, packs_per_sample_grads=self.packs_per_sample_grads,
+            splits_norms=self.splits_norms,
         )
         self._parameter_names = {id(p): name for name, p in m.named_parameters()}
         self._all_parameters = list(m.parameters())
@@ -127,6 +134,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         #: The norms of the last step (or plain backward) and their rounding bound.
         self.last_norms: Optional[NormRecord] = None
         self._per_sample_gradient_norms: Optional[torch.Tensor] = None
+        self._norm_samples_set = False  # some p._norm_sample holds the norms of an earlier backward
+        self.per_parameter_norms = per_parameter_norms
         #: The loss check of a step captured in a CUDA graph (read after each replay), else None.
         self.captured_finite_check: Optional[FiniteLossCheck] = None
         self.hooks = LayerHooks(self)
@@ -134,6 +143,29 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self.add_hooks()
 
     max_grad_norm = privacy_attribute("max_grad_norm", "C, as the privacy parameters' owner holds it.")
+
+    @property
+    def per_parameter_norms(self) -> bool:
+        """Whether a clipped backward (the DP loss's) also sets Opacus's per-parameter norms: after it, every
+        trainable ``p._norm_sample`` is ‖∇_p ℓ_b‖: [B] (float32, float64 for float64), as Opacus's
+        ``GradSampleModuleFastGradientClipping`` leaves them; their norm over the parameters is
+        `get_norm_sample`.
+
+        Off by default: the norm rules fuse a layer's parameters (a Linear's weight and bias are one term; per-sample
+        gradients packed side by side are one norm per buffer), and splitting them costs launches and, for layers
+        with several parameters and no split of their own, per-sample gradients. A plain backward (not a DP step)
+        always sets them; with this off, a clipped backward removes those of an earlier one. Not under FSDP2.
+        """
+        return self._per_parameter_norms
+
+    @per_parameter_norms.setter
+    def per_parameter_norms(self, value: bool) -> None:
+        if value and not self.splits_norms:
+            raise NotImplementedError(
+                f"{type(self).__name__}: per-parameter norms (p._norm_sample) are not available under FSDP2; "
+                "get_norm_sample() gives the per-sample norms."
+            )
+        self._per_parameter_norms = bool(value)
 
     def share_privacy_parameters(self, privacy: PrivacyParameters) -> None:
         """Clips with ``privacy``'s C from now on (the DP optimizer's, which sizes the noise for it)."""
@@ -301,10 +333,11 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             try:
                 if step.single_sample:
                     with phase(SINGLE_SAMPLE):
-                        self._record(step.single_sample_backward(loss_per_sample, params, clip))
+                        self._record(step.single_sample_backward(loss_per_sample, params, clip,
+                                                                 self._per_parameter_norms))
                 else:
                     with phase(NORM_PASS):
-                        norms = step.norm_pass(loss_per_sample, params)
+                        norms = step.norm_pass(loss_per_sample, params, self._per_parameter_norms)
                     self._record(norms)
                     with phase(COEFFICIENTS):
                         coef = norms.clipping_coef(clip)
@@ -330,7 +363,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         """The norm pass alone: per-sample norms from every hooked layer → c: [B] (no gradient written)."""
         loss_per_sample = one_per_sample(loss_per_sample)
         step = self._checked_step(loss_per_sample, finite=True)
-        self._record(step.norm_pass(loss_per_sample, self.trainable_parameters))
+        self._record(step.norm_pass(loss_per_sample, self.trainable_parameters, self._per_parameter_norms))
         return self.get_clipping_coef()
 
     def write_clipped_gradients(self, loss_per_sample: torch.Tensor, coef: torch.Tensor) -> None:
@@ -396,8 +429,27 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     # -- Opacus-compatible accessors --------------------------------------------------------------------
     def _record(self, norms: NormRecord) -> None:
+        """Keeps ``norms`` for the accessors; sets ``p._norm_sample`` = ‖∇_p ℓ_b‖ [B] where they are split by
+        parameter, else removes those an earlier backward set (they would describe another batch)."""
         self.last_norms = norms
         self._per_sample_gradient_norms = None
+        if norms.by_param is not None:
+            for p, term in norms.by_param.items():
+                p._norm_sample = term.clamp(min=0).sqrt()
+            self._norm_samples_set = True
+        elif self._norm_samples_set:
+            for p in self._all_parameters:
+                if hasattr(p, "_norm_sample"):
+                    del p._norm_sample
+            self._norm_samples_set = False
+
+    def finish_plain_backward(self, step: ClippingStep) -> None:
+        """At the end of a plain backward that reached the taps (queued by the first tap it reached): its norms, as
+        Opacus's module leaves them, ‖∇ℓ_b‖ in `get_norm_sample` and ``p._norm_sample`` per parameter."""
+        if self.step is step:
+            pending = step.plain_backward_norms(self.trainable_parameters, self.loss_reduction)
+            if pending is not None:
+                self._record(pending)
 
     def record_norms(self, norms: NormRecord) -> None:
         """Sets the norms the accessors report (`CudaGraphStep` after a replay)."""
@@ -405,10 +457,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
 
     def get_norm_sample(self) -> torch.Tensor:
         """Per-sample gradient norms ‖g_b‖ of the last norm pass (or plain backward): [B]."""
-        if self.step is not None:
-            pending = self.step.plain_backward_norms(self.trainable_parameters, self.loss_reduction)
-            if pending is not None:
-                self._record(pending)
+        if self.step is not None:  # a plain backward at B = 1 (no tap told its end)
+            self.finish_plain_backward(self.step)
         if self.last_norms is None:
             raise AttributeError("No norms yet: call backward on the loss from the DP criterion first.")
         norms = self.last_norms.norms()

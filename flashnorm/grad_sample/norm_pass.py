@@ -10,6 +10,11 @@ not reach the loss) contribute nothing, exactly.
 Besides the terms, each layer notes its share of the clipping coefficient's rounding allowance
 (`flashnorm.norms.rounding`): after the pass, `NormTerms.result` gives the squared norms ‖ĝ_b‖² and their
 upper bound U_b.
+
+Asked to (``by_param``: a plain backward, or a module whose ``per_parameter_norms`` is on), the terms are also kept
+split by parameter, ‖∇_θ ℓ_b‖² for each trainable θ (`NormTerms.by_parameter`): each layer's rule splits its
+term (`norm_sq_by_param`), a packed buffer gives each slot's norm, and a shared
+parameter adds its cross terms to its own entry. Otherwise nothing is split: the step's cost is unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn as nn
 
 from ..kernels.accumulation import accumulation_dtype
 from ..norms import rounding
@@ -39,10 +45,11 @@ class NormTerms:
         keep: called as ``keep(layer, kept)`` with what the writer needs of each counted layer (a
             `writers` record), or ``None`` when nothing is kept (a two-pass step,
             a plain backward).
+        by_param: also keep the terms split by parameter (`by_parameter`).
     """
 
     def __init__(self, config: StepConfig, hooked: HookedModel, packed: Optional[PackedPerSampleGrads],
-                 keep: Optional[Callable[[HookedLayer, object], None]]):
+                 keep: Optional[Callable[[HookedLayer, object], None]], by_param: bool = False):
         self.config = config
         self.hooked = hooked
         self.packed = packed
@@ -55,6 +62,8 @@ class NormTerms:
         self.shared_inputs: Dict[HookedLayer, tuple] = {}  # (x, g) of layers sharing a parameter
         self.shared_grads: Dict[HookedLayer, dict] = {}  # or their per-sample gradients
         self.shared_scales: Dict[HookedLayer, tuple] = {}  # (s, γ, n) of their rounding
+        #: θ → its squared per-sample norm terms [B] (``by_param``), else ``None``
+        self.param_terms: Optional[Dict[nn.Parameter, List[torch.Tensor]]] = {} if by_param else None
 
     # -- one layer ---------------------------------------------------------------------------------
     def count(self, layer: HookedLayer, xs: list, gs: list) -> None:
@@ -95,7 +104,12 @@ class NormTerms:
         if method == "per_sample":
             return self._per_sample(layer, x, g)
         with_vectors = bool(layer.shared) or not self._vectors_to_packed(layer, x, g)
-        self.terms.append(layer.rule.norm_sq(layer.module, x, g, method, vectors=with_vectors, backend=self.config.backend))
+        if self.param_terms is None:
+            self.terms.append(layer.rule.norm_sq(layer.module, x, g, method, vectors=with_vectors, backend=self.config.backend))
+        else:
+            parts = layer.rule.norm_sq_by_param(layer.module, x, g, method, vectors=with_vectors, backend=self.config.backend)
+            self.terms.extend(parts.values())
+            self._split(parts)
         self._add_radius(layer, self._note_rounding(layer, x, g, method))
         return KeptInputs(method, x, g, with_vectors)
 
@@ -113,7 +127,7 @@ class NormTerms:
         if layer.shared:
             self.shared_grads[layer] = grads
         if separate:  # norms squared and summed once, after the pass; the rest is in the packed norms
-            self.roots.extend(per_sample_norms(separate))
+            self._add_roots(separate)
             return KeptPerSample(separate)
         return KeptPacked()
 
@@ -127,10 +141,22 @@ class NormTerms:
             if radius is not None:
                 radii.append(radius)
         self._add_radius(layer, sum(radii) if radii else None)  # the uses' errors fall on the same coordinates
-        self.roots.extend(per_sample_norms(total))
+        self._add_roots(total)
         if layer.shared:
             self.shared_grads[layer] = total
         return KeptPerSample(total)
+
+    def _add_roots(self, grads: Dict[nn.Parameter, torch.Tensor]) -> None:
+        """The norms of per-sample gradients {θ: [B, *θ.shape]}, one [B] per parameter (and, split, their squares)."""
+        roots = per_sample_norms(grads)
+        self.roots.extend(roots)
+        if self.param_terms is not None:
+            self._split({p: root.square() for p, root in zip(grads, roots)})
+
+    def _split(self, parts: Dict[nn.Parameter, torch.Tensor]) -> None:
+        """Adds {θ: ‖∇_θ ℓ_b‖² term [B]} to the split terms."""
+        for p, term in parts.items():
+            self.param_terms.setdefault(p, []).append(term)
 
     def _vectors_to_packed(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor) -> bool:
         """Writes the layer's vector parameters' per-sample gradients into their packed slots (the rest of the
@@ -186,6 +212,8 @@ class NormTerms:
                 for i, a in enumerate(counted):
                     for b in counted[i + 1:]:
                         self.terms.append(2 * self._cross(a, b, param))
+                        if self.param_terms is not None:
+                            self._split({param: self.terms[-1]})
                         self._note_cross_rounding(a, b)
         finally:
             self.shared_inputs, self.shared_grads, self.shared_scales = {}, {}, {}
@@ -218,6 +246,8 @@ class NormTerms:
         if self.packed is not None:
             self.packed.finish()
             self.roots.extend(self.packed.norms())
+            if self.param_terms is not None:
+                self._split({p: norm.square() for p, norm in self.packed.norms_by_param().items()})
         terms, roots = self.terms, self.roots
         acc = accumulation_dtype(*terms, *roots)
         device = device or (terms or roots or [torch.empty(0)])[0].device
@@ -233,3 +263,12 @@ class NormTerms:
             norm_sq, torch.stack(radii).square().sum(dim=0) if radii else None,
             torch.stack(self.slack_sq).sum(dim=0) if self.slack_sq else None,
         )
+
+    def by_parameter(self, params: List[nn.Parameter], norm_sq: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+        """‖∇_θ ℓ_b‖² [B] for each of ``params``, from the split terms (``by_param``; after `result`, whose
+        ‖ĝ_b‖² ``norm_sq`` they sum to): zeros, like ``norm_sq``, for a parameter no term reached."""
+        return {
+            p: torch.stack(self.param_terms[p]).sum(dim=0).to(norm_sq.dtype) if p in self.param_terms
+            else torch.zeros_like(norm_sq)
+            for p in params
+        }

@@ -108,6 +108,15 @@ class PackedPerSampleGrads:
             if c.buffer is not None
         ]
 
+    def norms_by_param(self) -> Dict[nn.Parameter, torch.Tensor]:
+        """‖A_b‖ of each parameter's slot in an allocated buffer: {θ: [B]} (one reduction per parameter, on request:
+        Opacus's per-parameter norms)."""
+        return {
+            p: torch.linalg.vector_norm(self._slots[id(p)].flatten(1), dim=1, dtype=accumulation_dtype(c.buffer))
+            for c in self._chunks if c.buffer is not None
+            for p in c.params
+        }
+
     def clipped_sum(self, coef: torch.Tensor, backend: Optional[str] = None) -> Dict[nn.Parameter, torch.Tensor]:
         """Σ_b c_b A[b] for every θ of an allocated buffer, as views of one flat tensor per buffer.
 

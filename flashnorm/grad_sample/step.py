@@ -7,7 +7,7 @@ per-sample gradient buffers, what the writer needs of each layer, the norms with
 Its `StepState` says where it is:
 
     CAPTURED ──clipped_backward──▶ NORM_PASS ──▶ COEFFICIENTS ──▶ WRITING ──▶ (discarded)
-        └──a plain loss.backward() reaches the taps──▶ PLAIN_BACKWARD (norms on request; the optimizer refuses)
+        └──a plain loss.backward() reaches the taps──▶ PLAIN_BACKWARD (norms when it ends; the optimizer refuses)
 
 A step whose loss fails a check is ABANDONED: nothing it captured is used again.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,7 @@ import torch.nn as nn
 from ..kernels import multi_tensor
 from ..kernels.accumulation import accumulation_dtype
 from ..norms import rounding
+from ..norms.registry import per_sample_norms
 from .capture import HookedLayer, HookedModel, LayerCapture, OutputScale
 from .config import StepConfig
 from .loss_check import FiniteLossCheck
@@ -48,10 +49,12 @@ class StepState(enum.Enum):
 @dataclass(frozen=True)
 class NormRecord:
     """A step's squared per-sample gradient norms ‖ĝ_b‖² [B] and their rounding upper bound U_b [B] (``None``
-    where no allowance was noted): everything the clipping coefficient depends on besides C."""
+    where no allowance was noted): everything the clipping coefficient depends on besides C. ``by_param``, where
+    the step was asked to split its norms: ‖∇_θ ℓ_b‖² [B] for every trainable θ (they sum to ``norm_sq``)."""
 
     norm_sq: torch.Tensor
     bound: Optional[torch.Tensor] = None
+    by_param: Optional[Dict[nn.Parameter, torch.Tensor]] = None
 
     def norms(self) -> torch.Tensor:
         """‖g_b‖: [B] (an estimate cancelled below 0 is ≈ 0; its bound clips it)."""
@@ -144,24 +147,26 @@ class ClippingStep:
                 return
 
     # -- the backward side -----------------------------------------------------------------------------
-    def receive_gradient(self, layer: HookedLayer, grad_output: torch.Tensor, number: int, use: int) -> None:
-        """A gradient tap's callback: the output gradient of use ``use`` of ``layer`` in step ``number``.
+    def receive_gradient(self, layer: HookedLayer, grad_output: torch.Tensor, number: int, use: int) -> bool:
+        """A gradient tap's callback: the output gradient of use ``use`` of ``layer`` in step ``number``. Returns
+        whether this gradient started a plain backward (one other than the workflow's passes).
 
         Raises:
             RuntimeError: in the norm pass, a gradient from a forward other than this step's.
         """
         state = self.state
         if state is StepState.WRITING:
-            return  # the second pass of a two-pass step: the norms are done
+            return False  # the second pass of a two-pass step: the norms are done
         capture = self.captures[layer.index]
         if number != self.number or capture is None or use >= len(capture.gs):
             if state is not StepState.NORM_PASS:
-                return  # a plain backward of an older forward: nothing to record
+                return False  # a plain backward of an older forward: nothing to record
             # Never skip a layer: a missing norm term would under-clip and break the guarantee.
             raise RuntimeError(
                 f"Layer '{layer.name}' is back-propagated from a forward pass other than the model's last one. "
                 "Run the forward and the DP loss's backward in pairs: loss = criterion(model(x), y); loss.backward()."
             )
+        started = state is StepState.CAPTURED
         if state is not StepState.NORM_PASS:
             self.state = StepState.PLAIN_BACKWARD
         capture.gs[use] = grad_output.detach() if layer.batch_first else grad_output.detach().movedim(1, 0)
@@ -169,10 +174,11 @@ class ClippingStep:
         self.reached_taps = True
         if capture.complete():
             self._count(layer, capture)
+        return started
 
     def _count(self, layer: HookedLayer, capture: LayerCapture) -> None:
-        if self.terms is None:  # a plain backward: norms on request, nothing kept for a writer
-            self.terms = NormTerms(self.config, self.hooked, None, None)
+        if self.terms is None:  # a plain backward: norms split by parameter (Opacus's), nothing kept for a writer
+            self.terms = NormTerms(self.config, self.hooked, None, None, by_param=self.config.splits_norms)
         if not recording():
             self.terms.count(layer, *capture.take())
             return
@@ -235,11 +241,13 @@ class ClippingStep:
         self.kept = {}
 
     # -- the norm pass -----------------------------------------------------------------------------------
-    def norm_pass(self, loss_per_sample: torch.Tensor, trainable_parameters: List[nn.Parameter]) -> NormRecord:
+    def norm_pass(self, loss_per_sample: torch.Tensor, trainable_parameters: List[nn.Parameter],
+                  by_param: bool = False) -> NormRecord:
         """``torch.autograd.grad(Σ_b ℓ_b, taps + parameters)``: every layer's norm terms, no parameter gradient.
 
         The parameters are asked for too: inside their layers they are read through aliases
-        (`aliases`), so a gradient there means a read outside its layer.
+        (`aliases`), so a gradient there means a read outside its layer. With
+        ``by_param`` the norms are also split by parameter (`NormRecord.by_param`).
 
         Raises:
             RuntimeError: the loss reaches no gradient tap of this step.
@@ -252,7 +260,7 @@ class ClippingStep:
             captured = [(layer, c) for layer, c in zip(self.layers, self.captures) if c is not None]
             self.packed = plan_packed_grads(captured, batch, device, config.method,
                                             vectors_only=not writer.applies_kept_per_sample)
-        self.terms = NormTerms(config, hooked, self.packed, partial(writer.keep, self.kept))
+        self.terms = NormTerms(config, hooked, self.packed, partial(writer.keep, self.kept), by_param)
         # a second backward recomputes checkpointed regions again: they must draw no random numbers of their own
         watch = RandomStateWatch(device) if writer.retains_graph and (self.checkpointed or self.recomputes_layers) else None
         try:
@@ -282,7 +290,7 @@ class ClippingStep:
             self._refuse_outside_uses(outside)
             refuse_unrepeatable_recompute(watch)
             self._count_remaining()
-            self.norms = NormRecord(*self.terms.result(batch, device))
+            self.norms = self._record(self.terms, batch, trainable_parameters, device)
         except BaseException:
             self.packed = None
             raise
@@ -308,19 +316,44 @@ class ClippingStep:
         """
         if self.state is StepState.CAPTURED and self.single_sample:
             grads = [p.grad for p in params if p.grad is not None]
-            if not grads:
-                return None
-            return NormRecord(multi_tensor.squared_norm(grads, backend=self.config.backend))
+            return self._one_sample_norms(params, grads, self.config.splits_norms) if grads else None
         if self.state is not StepState.PLAIN_BACKWARD or self.norms is not None:
             return None  # (computed already: the module holds them)
         self._count_remaining()
         terms, self.terms = self.terms, None
         batch = self.batch_size or 0
-        norm_sq, bound = terms.result(batch) if terms is not None else (torch.zeros(batch), None)
+        if terms is None:
+            zeros = torch.zeros(batch)
+            self.norms = NormRecord(zeros, None, {p: zeros for p in params} if self.config.splits_norms else None)
+        else:
+            self.norms = self._record(terms, batch, params)
         if loss_reduction == "mean" and batch > 1:
-            norm_sq, bound = norm_sq * batch**2, None if bound is None else bound * batch
-        self.norms = NormRecord(norm_sq, bound)
+            scale, norms = batch**2, self.norms
+            self.norms = NormRecord(
+                norms.norm_sq * scale, None if norms.bound is None else norms.bound * batch,
+                None if norms.by_param is None else {p: term * scale for p, term in norms.by_param.items()},
+            )
         return self.norms
+
+    @staticmethod
+    def _record(terms: NormTerms, batch: int, params: List[nn.Parameter], device=None) -> NormRecord:
+        """The `NormRecord` of counted ``terms``, split over ``params`` where the terms were."""
+        norm_sq, bound = terms.result(batch, device)
+        by_param = terms.by_parameter(params, norm_sq) if terms.param_terms is not None else None
+        return NormRecord(norm_sq, bound, by_param)
+
+    def _one_sample_norms(self, params: List[nn.Parameter], grads: List[torch.Tensor], by_param: bool) -> NormRecord:
+        """The squared norm of ``grads``, the gradients in ``p.grad`` of ``params`` (a batch of one: the sample's
+        own), by one multi-tensor pass (float32, float64 for float64); with ``by_param`` also each parameter's,
+        ‖p.grad‖² ([1], 0 where ``p.grad`` is ``None``)."""
+        norm_sq = multi_tensor.squared_norm(grads, backend=self.config.backend)
+        if not by_param:
+            return NormRecord(norm_sq)
+        grads = {p: p.grad.unsqueeze(0) for p in params if p.grad is not None}
+        split = dict(zip(grads, per_sample_norms(grads)))
+        return NormRecord(norm_sq, None, {
+            p: split[p].square().to(norm_sq.dtype) if p in split else torch.zeros_like(norm_sq) for p in params
+        })
 
     def _full_norm_pass(self, loss_per_sample: torch.Tensor, params: List[nn.Parameter]) -> List[nn.Parameter]:
         """The norm pass as an ordinary backward, for layers captured only when reentrant activation checkpointing
@@ -354,20 +387,22 @@ class ClippingStep:
             )
 
     # -- one sample -------------------------------------------------------------------------------------
-    def single_sample_backward(self, loss_per_sample: torch.Tensor, params: List[nn.Parameter], clip: float) -> NormRecord:
+    def single_sample_backward(self, loss_per_sample: torch.Tensor, params: List[nn.Parameter], clip: float,
+                               by_param: bool = False) -> NormRecord:
         """B = 1: one ordinary backward, then the gradients clipped as one vector, c = min(1, C/(‖g‖ + 10⁻⁶)):
         one multi-tensor pass for the norm (float32, float64 for float64), the coefficient computed from it on the
-        device (`clipping_coef`), and one multi-tensor scaling by it."""
+        device (`clipping_coef`), and one multi-tensor scaling by it (``by_param``:
+        the norms split by parameter too, before the scaling)."""
         if not self.config.distributed:
             self.check = FiniteLossCheck(loss_per_sample, self.graph_capture)
         torch.autograd.backward(loss_per_sample.sum())
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             norm_sq = torch.zeros(1, dtype=accumulation_dtype(loss_per_sample), device=loss_per_sample.device)
-        else:
-            norm_sq = multi_tensor.squared_norm(grads, backend=self.config.backend)
-            multi_tensor.scale_(grads, rounding.clipping_coef(norm_sq, None, clip), backend=self.config.backend)
-        self.norms = NormRecord(norm_sq)
+            self.norms = NormRecord(norm_sq, None, {p: norm_sq for p in params} if by_param else None)
+            return self.norms
+        self.norms = self._one_sample_norms(params, grads, by_param)
+        multi_tensor.scale_(grads, rounding.clipping_coef(self.norms.norm_sq, None, clip), backend=self.config.backend)
         return self.norms
 
     # -- the write ---------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ has one non-zero row per distinct id v: Σ_{t: ids_b[t] = v} G_b[t]. So
 
 computed by summing G rows per distinct (sample, id) key (a sort and an ``index_add`` over B·T
 rows; no B×V×D or B×T×T tensor, no host synchronisation). Rows at ``padding_idx`` get no gradient, as in ``nn.Embedding``.
-The clipped gradient is the embedding backward of c ⊙ G. Sparse embeddings and
-``scale_grad_by_freq`` fall back to per-sample gradients.
+The clipped gradient is the embedding backward of c ⊙ G. Sparse embeddings fall back to per-sample gradients.
+The rule does not serve ``scale_grad_by_freq`` either: that gradient divides by each id's frequency in the whole
+batch, and a model with such a trainable embedding is refused (`flashnorm.grad_sample.independence`).
 
 Gemma's ``GemmaTextScaledWordEmbedding`` (a lookup times a constant ``embed_scale``, and its copies, recognised by
 their code) takes the same rule on the lookup's gradient G·scale (`EmbeddingRule.lookup_grad`).

@@ -15,7 +15,7 @@ plus ‖β_b‖² for the bias. The clipped gradient is (c ⊙ G)ᵀX and Σ_b c
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -72,23 +72,37 @@ class LinearFamilyRule(NormRule):
     def norm_sq(self, layer, x, g, method, vectors=True, *, backend=None):
         if method == "per_sample":
             return super().norm_sq(layer, x, g, method, vectors, backend=backend)
-        xs, gs = self.as_sequences(layer, x, g)
         total = None
-        if layer.weight.requires_grad:
+        for _, term in self._terms(layer, x, g, method, vectors, backend):
+            total = term if total is None else total.add_(term)
+        return total
+
+    def norm_sq_by_param(self, layer, x, g, method, vectors=True, *, backend=None):
+        """{weight: ‖W_b‖², bias: ‖β_b‖²} by ``method``: the two terms `norm_sq` adds."""
+        if method == "per_sample":
+            return super().norm_sq_by_param(layer, x, g, method, vectors, backend=backend)
+        return dict(self._terms(layer, x, g, method, vectors, backend))
+
+    def _terms(self, layer, x, g, method, vectors, backend) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+        """(θ, [B]) for the trainable ones of the weight, ‖W_b‖² by ``method`` (flash or Gram), and the bias, ‖β_b‖²
+        (unless ``vectors=False`` leaves it to the packed per-sample gradients)."""
+        xs, gs = self.as_sequences(layer, x, g)
+        terms = []
+        weight = layer.weight
+        if weight.requires_grad:
             if method == "flash":
-                total = flash_norm_sq(xs, gs, backend=backend)
+                terms.append((weight, flash_norm_sq(xs, gs, backend=backend)))
             elif method == "gram" and gram_in_float64(xs.shape[1], xs.dtype):
-                total = gram_norm_sq(xs.double(), gs.double(), backend=backend).to(accumulation_dtype(xs, gs))
+                terms.append((weight, gram_norm_sq(xs.double(), gs.double(), backend=backend).to(accumulation_dtype(xs, gs))))
             elif method == "gram":
-                total = gram_norm_sq(xs, gs, backend=backend)
+                terms.append((weight, gram_norm_sq(xs, gs, backend=backend)))
             else:
                 raise ValueError(f"unknown norm method {method!r} for {type(layer).__name__}")
         bias = getattr(layer, "bias", None)
         if bias is not None and bias.requires_grad and (vectors or not self.vector_params(layer)):
             # ‖Σ_t G_b[t]‖², summed in the accumulation dtype without a copy of G (three launches per layer)
-            bias_sq = torch.linalg.vector_norm(gs.sum(dim=1, dtype=accumulation_dtype(xs, gs)), dim=1).square_()
-            total = bias_sq if total is None else total.add_(bias_sq)
-        return total
+            terms.append((bias, torch.linalg.vector_norm(gs.sum(dim=1, dtype=accumulation_dtype(xs, gs)), dim=1).square_()))
+        return terms
 
     def rounding_scale(self, layer, x, g):
         """s_b = ‖X_b‖_F‖G_b‖_F for the weight, + √T·‖G_b‖_F for the bias (Σ_t G_b[t]); n = T."""

@@ -41,6 +41,7 @@ class NormRule(abc.ABC):
 
     * `norm_sq` for the other ``methods`` it lists (``"flash"``, ``"gram"``, ``"exact"``);
     * `clipped_grads`, the clipped sum the one-pass mode assembles;
+    * `norm_sq_by_param`, the squared norms split by parameter (Opacus's ``p._norm_sample``, on request);
     * `sizes`, the planner's (B, T, d, p): required when ``methods`` has ``"flash"`` or ``"gram"``;
     * `vector_params` / `vector_grads`: small *vector* parameters beside a large one (a Linear's
       bias beside its weight), kept per sample with the other per-sample gradients (one norm and one
@@ -117,6 +118,24 @@ class NormRule(abc.ABC):
             for p in self.vector_params(layer):
                 grads.pop(p, None)
         return per_sample_norm_sq(grads)
+
+    def norm_sq_by_param(
+        self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, method: str, vectors: bool = True, *,
+        backend: Optional[str] = None,
+    ) -> Dict[nn.Parameter, torch.Tensor]:
+        """`norm_sq` split by parameter, {θ: ‖∇_θ ℓ_b‖² [B]} (the values sum to `norm_sq`), for Opacus's
+        per-parameter norms (``p._norm_sample``). A layer with one trainable parameter takes `norm_sq` by
+        ``method``; otherwise the per-sample gradients (B·|θ| memory, one layer at a time)."""
+        own = trainable_own_parameters(layer)
+        if not vectors:
+            own = [p for p in own if not any(p is v for v in self.vector_params(layer))]
+        if len(own) == 1 and not self.covers_children:
+            return {own[0]: self.norm_sq(layer, x, g, method, vectors, backend=backend)}
+        grads = self.per_sample_grads(layer, x, g, backend=backend)
+        if not vectors:
+            for p in self.vector_params(layer):
+                grads.pop(p, None)
+        return {p: n.square() for p, n in zip(grads, per_sample_norms(grads))}
 
     def rounding_scale(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
         """(s, n): every computation of sample b's gradient sums n terms whose norms add up to at most s_b ([B]),

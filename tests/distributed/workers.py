@@ -1,6 +1,6 @@
 """What the spawned ranks run: one DP step per case through the public API, results saved for the test.
 
-A :class:`Case` describes a step on W ranks; :func:`run_cases` (the body of every rank) runs a list of
+A `Case` describes a step on W ranks; `run_cases` (the body of every rank) runs a list of
 them in one process group and each rank saves ``{case name: {...}}`` to ``<out>/rank<r>.pt``. The
 pytest process compares the saved gradients with the float64 microbatch oracle on the union batch.
 """
@@ -228,7 +228,7 @@ def run_in_group(rank: int, world: int, backend: str, init_file: str, out_dir: s
 
 def run_cases(rank: int, world: int, backend: str, init_file: str, out_dir: str, cases: List[Case]) -> None:
     """Body of every rank: one process group, every case in order, results to ``out_dir/rank<r>.pt``
-    (:func:`run_in_group`)."""
+    (`run_in_group`)."""
     device = rank_device(backend, rank)
     run_in_group(rank, world, backend, init_file, out_dir,
                  {case.name: functools.partial(run_case, case, device) for case in cases})
@@ -236,7 +236,7 @@ def run_cases(rank: int, world: int, backend: str, init_file: str, out_dir: str,
 
 @dataclass
 class Launch:
-    """Spawns ``world`` ranks running :func:`run_cases`; ``results[r][case name]`` afterwards."""
+    """Spawns ``world`` ranks running `run_cases`; ``results[r][case name]`` afterwards."""
 
     backend: str
     world: int = 2

@@ -39,7 +39,7 @@ def per_sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def oracle_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float = CLIP, **kwargs) -> OracleStep:
     """The float64 microbatch loop of ``model`` as it is now, wrapped or not (a copy without hooks), under per-sample
-    cross-entropy (``kwargs``: those of :func:`~tests.oracle.microbatch_reference`)."""
+    cross-entropy (``kwargs``: those of `microbatch_reference`)."""
     return reference(model, x, y, clip, cross_entropy_sum, **kwargs)
 
 

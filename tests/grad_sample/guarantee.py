@@ -1,12 +1,12 @@
 """The guarantee's harness: every DP step keeps each sample's influence ≤ C, or refuses with θ unchanged.
 
 A scenario ``make(batch) -> Attempt`` sets a model up (make_private, earlier steps, the misuse) and returns the
-step still to run. :func:`bounded_or_refused` runs it twice, with the adversarial batch and with the batch less
+step still to run. `bounded_or_refused` runs it twice, with the adversarial batch and with the batch less
 that sample. "Influence" is ‖u_with − u_without‖ where u = (θ_before − θ_after) · scale is what
 ``optimizer.step()`` applied, brought back to Σ_b c_b ∇ℓ_b (noise 0, SGD with lr = 1; scale = k × the expected
 batch size for ``mean`` over k accumulated backward passes).
 
-The probe scenario: ``probe()`` ([B, T, 4] → Linear → tanh → Linear → [B, T, 3]) under :class:`LinearLoss`,
+The probe scenario: ``probe()`` ([B, T, 4] → Linear → tanh → Linear → [B, T, 3]) under `LinearLoss`,
 whose output gradients are chosen (``batch``), and ``adversarial()``, a batch whose last sample is far outside
 the bound.
 """
@@ -56,7 +56,7 @@ class LinearLoss(nn.Module):
 
 
 def sample_loss(out, target):
-    """The oracle's ℓ_b for :class:`LinearLoss`."""
+    """The oracle's ℓ_b for `LinearLoss`."""
     return (out * target).sum()
 
 
@@ -79,7 +79,7 @@ def make_private(model, mode, *, clip, sigma=0.0, data=None, batch_size=4, reduc
                  engine=None, **kwargs) -> Private:
     """``engine``'s (default: FlashNorm's) make_private with SGD(lr=1), noise 0 by default and a sequential loader
     over ``data`` (a tuple of tensors; default 8 placeholder samples: sample rate 1/2, expected batch size 4).
-    ``criterion`` defaults to :class:`LinearLoss`; Opacus's per-sample-gradient modes hand it back unwrapped."""
+    ``criterion`` defaults to `LinearLoss`; Opacus's per-sample-gradient modes hand it back unwrapped."""
     engine = engine if engine is not None else FlashNormPrivacyEngine()
     criterion = criterion if criterion is not None else LinearLoss(reduction)
     loader = DataLoader(TensorDataset(*(data if data is not None else (torch.zeros(8),))), batch_size=batch_size)
@@ -101,7 +101,7 @@ def step(private: Private, x, target) -> None:
 
 def virtual_steps(private: Private, max_physical_batch_size: int = 3,
                   between: Optional[Callable[[], None]] = None) -> None:
-    """One logical step over ``private.loader`` in ``BatchMemoryManager``'s physical batches: a :func:`step` and
+    """One logical step over ``private.loader`` in ``BatchMemoryManager``'s physical batches: a `step` and
     ``zero_grad()`` on each, then ``between()`` (if given)."""
     with BatchMemoryManager(data_loader=private.loader, max_physical_batch_size=max_physical_batch_size,
                             optimizer=private.optimizer) as loader:
@@ -123,7 +123,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 
 def reference(wrapped: nn.Module, x, target, clip, loss=sample_loss, **kwargs) -> OracleStep:
     """The float64 microbatch loop for the wrapped module as it is now (a copy without hooks; flags, attributes
-    and frozen parameters included; ``kwargs``: those of :func:`~tests.oracle.microbatch_reference`)."""
+    and frozen parameters included; ``kwargs``: those of `microbatch_reference`)."""
     user_module = unwrap_model(wrapped)
     modules = list(user_module.modules())
     hooks = [(m._forward_hooks, m._forward_pre_hooks) for m in modules]
@@ -138,7 +138,7 @@ def reference(wrapped: nn.Module, x, target, clip, loss=sample_loss, **kwargs) -
 
 
 def oracle(wrapped: nn.Module, x, target, clip, loss=sample_loss) -> torch.Tensor:
-    """The :func:`reference`'s Σ_b c_b ∇ℓ_b, flat over ``parameters()`` (zeros where frozen)."""
+    """The `reference`'s Σ_b c_b ∇ℓ_b, flat over ``parameters()`` (zeros where frozen)."""
     clipped = reference(wrapped, x, target, clip, loss).clipped_sum
     return torch.cat([
         clipped[name].flatten() if name in clipped else torch.zeros(p.numel(), dtype=torch.float64)
@@ -157,15 +157,15 @@ class Attempt:
 
 
 def step_on(private: Private, x, target, exact_at: Optional[float] = None) -> Attempt:
-    """The attempt of one :func:`step` of ``private`` on (``x``, ``target``); with ``exact_at``, it must apply the
-    :func:`oracle`'s Σ_b c_b ∇ℓ_b at that bound (computed now, from the module as it is before the step)."""
+    """The attempt of one `step` of ``private`` on (``x``, ``target``); with ``exact_at``, it must apply the
+    `oracle`'s Σ_b c_b ∇ℓ_b at that bound (computed now, from the module as it is before the step)."""
     expected = oracle(private.model, x, target, exact_at) if exact_at is not None else None
     return Attempt(private.module, lambda: step(private, x, target), expected=expected)
 
 
 def one_step(build: Callable[[], nn.Module], mode, *, clip=C, **kwargs) -> Callable[..., Attempt]:
     """The scenario ``make(batch)`` of a plain DP step: a fresh ``build()`` made private (``clip``, ``kwargs``: those
-    of :func:`make_private`), then :func:`step_on` the batch."""
+    of `make_private`), then `step_on` the batch."""
     def make(b):
         return step_on(make_private(build(), mode, clip=clip, **kwargs), *b)
     return make
@@ -209,7 +209,7 @@ def bounded_or_refused(make: Callable[..., Attempt], adversarial, benign, clip: 
 
 
 def influence(make, batches, clip=C, refusal=NEVER, errors=REFUSALS) -> Optional[float]:
-    """:func:`bounded_or_refused` for ``batches`` = (batch with the adversarial sample last, batch without it)."""
+    """`bounded_or_refused` for ``batches`` = (batch with the adversarial sample last, batch without it)."""
     return bounded_or_refused(make, *batches, clip, refusal, errors)
 
 
@@ -242,7 +242,7 @@ def adversarial(n=4):
 
 
 def sized(batch_size):
-    """:func:`adversarial` with ``batch_size`` samples (B = 1: the batch without it is empty, as Poisson sampling's)."""
+    """`adversarial` with ``batch_size`` samples (B = 1: the batch without it is empty, as Poisson sampling's)."""
     (x, g), _ = adversarial(4)
     return without_last(x[4 - batch_size:], g[4 - batch_size:])
 

@@ -1,4 +1,4 @@
-"""Parameter aliases (:mod:`flashnorm.grad_sample.aliases`): invisible to the model and to plain autograd, rebuilt when
+"""Parameter aliases (`flashnorm.grad_sample.aliases`): invisible to the model and to plain autograd, rebuilt when
 a parameter's data is replaced, and never left in place when a layer's forward raises."""
 
 import pytest

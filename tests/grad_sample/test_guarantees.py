@@ -1,5 +1,5 @@
 """The README's guarantees, one section per promise, in every clipping mode: every step either keeps each sample's
-contribution ≤ C exactly, or raises before any parameter changes (:mod:`tests.grad_sample.guarantee`).
+contribution ≤ C exactly, or raises before any parameter changes (`tests.grad_sample.guarantee`).
 
 "Influence" is measured as an attacker would: with noise 0, the update with a sample minus the update without it,
 on adversarial samples (huge inputs, chosen output gradients, wrong labels). float64 rows also require the step

@@ -1,4 +1,4 @@
-"""Samples stay independent, or the model is refused (:mod:`flashnorm.grad_sample.independence`).
+"""Samples stay independent, or the model is refused (`flashnorm.grad_sample.independence`).
 
 Written as an attacker would: layers that mix samples or write their state from the batch (a BatchNorm with no
 trainable parameter in training mode, one switched to training after ``make_private``, ``Embedding(max_norm)``,

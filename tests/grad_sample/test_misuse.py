@@ -1,6 +1,6 @@
 """The property test of the guarantee: zoo models × misuses × modes × reductions, drawn at random. Every misused
 step keeps the last sample's influence ≤ C (and applies the float64 oracle's clipped sum exactly), or raises a
-clear error with every parameter bit-identical (:mod:`tests.grad_sample.guarantee`); a supported step is never
+clear error with every parameter bit-identical (`tests.grad_sample.guarantee`); a supported step is never
 refused. The hand-written rows of each guarantee are in test_guarantees.py.
 """
 

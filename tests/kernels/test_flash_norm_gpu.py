@@ -1,7 +1,7 @@
 """GPU checks of the flash-norm kernel (``pytest -m gpu``): the full shape grid against float64, TMA in the PTX.
 
 Each case is the first call of the kernel at its shape (no autotuning: configs are chosen by
-:func:`flashnorm.kernels.flash_norm.flash_norm_config`, so nothing is tuned before a call).
+`flashnorm.kernels.flash_norm.flash_norm_config`, so nothing is tuned before a call).
 """
 
 import pytest

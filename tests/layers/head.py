@@ -1,5 +1,5 @@
 """The fused head's test models and their float64 oracle: the same model with the unfused head (logits = X Wᵀ + b,
-then cross-entropy per token), differentiated per sample by ordinary autograd (:mod:`tests.oracle`)."""
+then cross-entropy per token), differentiated per sample by ordinary autograd (`tests.oracle`)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The output gradient g is the gradient of Σ_b ℓ_b with respect to the layer's output y (batch first), and
 y_b depends on sample b alone, so ∇_θ ℓ_b = ∇_θ ⟨y_b, g_b⟩: one sample at a time through a float64 copy of
 the layer, with ordinary autograd (the style of tests/oracle.py), never through flashnorm. A rule that the
-library must pick up in a real step is checked by :func:`assert_step_exact` against tests/oracle.py itself.
+library must pick up in a real step is checked by `assert_step_exact` against tests/oracle.py itself.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def assert_grads_match(
 def assert_rule_exact(
     rule: NormRule, layer: nn.Module, x: torch.Tensor, g: torch.Tensor, methods: Optional[Iterable[str]] = None
 ) -> None:
-    """Every entry point of ``rule`` on (x, g) against :func:`per_sample_truth`, at the tolerance of g's dtype.
+    """Every entry point of ``rule`` on (x, g) against `per_sample_truth`, at the tolerance of g's dtype.
 
     Checks ``norm_sq`` by each of ``methods`` (default ``rule.methods``) → [B] float32 (float64 for float64
     inputs); ``per_sample_grads`` with and without ``out=`` slots of ``per_sample_dtype``; ``clipped_grads``

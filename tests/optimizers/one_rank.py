@@ -28,7 +28,7 @@ class Blocks(nn.Module):
 
 
 def noisy_step(mode: str, reduction: str, wrap=None) -> Tuple[torch.optim.Optimizer, Dict[str, torch.Tensor]]:
-    """One step of σ = 0.7, C = 0.3 (clipping active) with a seeded noise generator on a fresh :class:`Blocks`, the
+    """One step of σ = 0.7, C = 0.3 (clipping active) with a seeded noise generator on a fresh `Blocks`, the
     module being ``wrap(model)`` when given: (the DP optimizer, the parameters after the step, full tensors)."""
     torch.manual_seed(1)
     x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))

@@ -1,0 +1,145 @@
+"""The single-process guarantee rows under DDP, on 2 gloo ranks, as an attacker would (noise 0, lr 1, C = 1,
+``sum``: the applied update is Σ_b c_b ∇ℓ_b over both ranks' samples):
+
+* a gradient hook on a parameter (``register_hook``, ``register_post_accumulate_grad_hook``, ×1000) is refused by
+  every rank's DP backward, naming the parameter, with every parameter unchanged;
+* a loss whose rows are not in the model's batch order (``criterion(out.flip(0), g.flip(0))``) is clipped per
+  model row: the adversarial sample's influence is ≤ C(1 + 10⁻³) and the step equals the float64 oracle on the
+  union batch;
+* C or σ changed between the clipped backward and ``optimizer.step()`` (on every rank) is refused at the step with
+  every parameter unchanged.
+
+The probe scenario of `tests.grad_sample.guarantee` (Linear → tanh → Linear under ⟨out_b, G_b⟩, the last
+sample 10× the input and 1000× the output gradient) is split over the ranks: rank 0 holds samples 0-1, rank 1 the
+rest, the adversarial one among them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.conftest import CLIPPING_MODES, TOLERANCES
+from tests.distributed.workers import run_in_group
+from tests.grad_sample.guarantee import C, LinearLoss, adversarial, probe, reference, sample_loss
+
+HOOKS = ("register_hook", "register_post_accumulate_grad_hook")
+#: (attribute set on the optimizer after the backward, the value the backward was clipped with, the new value)
+CHANGES = {"max_grad_norm": (10 * C, C), "noise_multiplier": (0.0, 1.0)}
+
+
+def _batches():
+    """{"with": (x, g), "without": (x, g)}: the adversarial batch and the batch less its adversarial sample."""
+    with_it, without = adversarial()
+    return {"with": with_it, "without": without}
+
+
+def _job(mode: str, batch: str, rank: int, hook=None, change=None, flip=False) -> dict:
+    """One DP step of the DDP-wrapped probe on this rank's share of ``batch``; returns what it applied (flat,
+    float64), or the error and whether every parameter stayed as it was."""
+    from flashnorm import FlashNormPrivacyEngine
+
+    x, g = _batches()[batch]
+    model = probe()
+    ddp = DDP(model)
+    clip, sigma = C, 0.0
+    if change is not None:
+        clip, sigma = (CHANGES[change][0], sigma) if change == "max_grad_norm" else (clip, CHANGES[change][0])
+    dp_model, optimizer, criterion, _ = FlashNormPrivacyEngine().make_private(
+        module=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(torch.zeros(8)), batch_size=4), criterion=LinearLoss("sum"),
+        noise_multiplier=sigma, max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=mode,
+        loss_reduction="sum",
+    )
+    if hook == "register_hook":
+        model[2].weight.register_hook(lambda grad: 1000 * grad)
+    elif hook == "register_post_accumulate_grad_hook":
+        model[2].weight.register_post_accumulate_grad_hook(lambda p: p.grad.mul_(1000))
+    local = slice(0, 2) if rank == 0 else slice(2, None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = {}
+    try:
+        out = dp_model(x[local])
+        target = g[local]
+        loss = criterion(out.flip(0), target.flip(0)) if flip else criterion(out, target)
+        loss.backward()
+        if change is not None:
+            setattr(optimizer, change, CHANGES[change][1])
+        optimizer.step()
+    except (RuntimeError, ValueError, NotImplementedError) as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+    result["unchanged"] = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    result["applied"] = torch.cat([(before[n] - p.detach()).double().flatten() for n, p in model.named_parameters()])
+    return result
+
+
+JOBS = {
+    **{f"{mode}-{hook}": functools.partial(_job, mode, "with", hook=hook) for mode in CLIPPING_MODES for hook in HOOKS},
+    **{f"{mode}-flip-{batch}": functools.partial(_job, mode, batch, flip=True)
+       for mode in CLIPPING_MODES for batch in ("with", "without")},
+    **{f"{mode}-{change}-changed": functools.partial(_job, mode, "with", change=change)
+       for mode in CLIPPING_MODES for change in CHANGES},
+}
+
+
+def _failed(err: Exception) -> dict:
+    return {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+
+
+def _ranks(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    run_in_group(rank, world, "gloo", init_file, out_dir,
+                 {name: functools.partial(job, rank=rank) for name, job in JOBS.items()}, failed=_failed)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path_factory.mktemp("ddp_guarantees"))
+    mp.spawn(_ranks, args=(2, os.path.join(out, "init"), out), nprocs=2, join=True)
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+
+
+def _refused_everywhere(results, name: str, pattern: str) -> None:
+    for rank, res in enumerate(results):
+        got = res[name]
+        assert pattern in got.get("error", ""), (rank, got.get("error"), got.get("trace"))
+        assert got["unchanged"], f"rank {rank} changed parameters"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_a_gradient_hook_on_a_parameter_is_refused_under_ddp(results, mode, hook):
+    _refused_everywhere(results, f"{mode}-{hook}", "Parameter 'module.2.weight' has a gradient hook")
+
+
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_a_loss_not_in_batch_order_is_clipped_per_sample_under_ddp(results, mode):
+    """Both ranks apply the same update; the adversarial sample moves it by ≤ C(1 + 10⁻³); with and without it, the
+    update is the float64 oracle's Σ_b c_b ∇ℓ_b on the union batch."""
+    applied = {}
+    for batch in ("with", "without"):
+        got = [res[f"{mode}-flip-{batch}"] for res in results]
+        for rank, res in enumerate(got):
+            assert "error" not in res, (rank, res.get("trace"))
+        torch.testing.assert_close(got[0]["applied"], got[1]["applied"], rtol=0, atol=0)
+        x, g = _batches()[batch]
+        clipped = reference(probe(), x, g, C, loss=sample_loss).clipped_sum
+        expected = torch.cat([clipped[n].flatten() for n, _ in probe().named_parameters()])
+        rtol, atol = TOLERANCES["fp64"]
+        torch.testing.assert_close(got[0]["applied"], expected, rtol=rtol, atol=atol)
+        applied[batch] = got[0]["applied"]
+    influence = float((applied["with"] - applied["without"]).norm())
+    assert influence <= C * (1 + 1e-3), f"influence {influence:.4g} > C = {C}"
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_c_or_sigma_changed_between_backward_and_step_is_refused_under_ddp(results, mode, change):
+    _refused_everywhere(results, f"{mode}-{change}-changed", f"optimizer.step() refused: {change} from")
