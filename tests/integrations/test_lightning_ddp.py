@@ -3,7 +3,6 @@
 float64 per-sample reference; the replicas stay identical; the accountant is the single-process one; a resumed run
 goes on as the uninterrupted one; misuse is refused before any step."""
 
-import socket
 
 import pytest
 import torch
@@ -26,16 +25,11 @@ from tests.integrations.lightning_ddp_workers import (  # noqa: E402
     net,
     sample_loss,
 )
+from tests.integrations.ranks import case_results, free_port  # noqa: E402
 from tests.oracle import microbatch_reference  # noqa: E402
 
 # fp32 on CPU; on the GPU the flash kernels' dots may use tf32 (the tolerance table of tests/conftest.py)
 RTOL, ATOL = TOLERANCES["tf32" if BACKEND == "nccl" else "fp32"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +42,8 @@ def ranks(tmp_path_factory):
     from tests.integrations.lightning_ddp_workers import run
 
     out = tmp_path_factory.mktemp("lightning_ddp")
-    mp.spawn(run, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(run, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _case(ranks, name):
-    per_rank = [r[name] for r in ranks]
-    for rank, res in enumerate(per_rank):
-        if "error" in res:
-            pytest.fail(f"rank {rank} raised in case {name}:\n{res['error']}")
-    return per_rank
 
 
 def _assert_ddp_path(per_rank):
@@ -82,7 +68,7 @@ def _shares(per_rank, step):
 
 
 def test_a_step_is_the_clipped_sum_over_both_ranks_shares_divided_by_the_expected_batch(ranks):
-    per_rank = _case(ranks, "exact")
+    per_rank = case_results(ranks, "exact")
     _assert_ddp_path(per_rank)
     assert all(len(res["shares"]) == 1 for res in per_rank)
     drawn = sorted(set.union(*_shares(per_rank, 0)))
@@ -108,7 +94,7 @@ def _single_process_epsilon(steps):
 
 
 def test_noisy_steps_keep_the_replicas_identical_and_account_as_one_process(ranks):
-    per_rank = _case(ranks, "noisy")
+    per_rank = case_results(ranks, "noisy")
     _assert_ddp_path(per_rank)
     steps = 2 * N // NOISY_BATCH
     for res in per_rank:
@@ -122,8 +108,8 @@ def test_noisy_steps_keep_the_replicas_identical_and_account_as_one_process(rank
 
 
 def test_resuming_goes_on_as_the_uninterrupted_run(ranks):
-    per_rank = _case(ranks, "resumed")
-    whole = _case(ranks, "noisy")
+    per_rank = case_results(ranks, "resumed")
+    whole = case_results(ranks, "noisy")
     _assert_ddp_path(per_rank)
     for res, uninterrupted in zip(per_rank, whole):
         assert res["first_epoch_history"] == [(SIGMA, NOISY_BATCH / N, 4)]
@@ -140,6 +126,6 @@ def test_resuming_goes_on_as_the_uninterrupted_run(ranks):
     ("whole_dataset", "whole dataset"),  # a training loader that is not the ranks' shares
 ])
 def test_misuse_is_refused_before_any_step(ranks, case, message):
-    for res in _case(ranks, case):
+    for res in case_results(ranks, case):
         assert res["error_message"] is not None and message in res["error_message"]
         assert res["unchanged"] and res["history"] == []

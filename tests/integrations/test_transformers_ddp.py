@@ -1,7 +1,6 @@
 """DPTrainer on 2 processes (DDP, gloo on CPU, the environment torchrun gives): one DP step over the logical
 batch of both ranks equals the float64 per-sample reference; Poisson sampling and accounting of the logical batch."""
 
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from tests.integrations.ranks import case_results, free_port
 from tests.integrations.test_transformers import (
     assert_matches,
     lm_rows,
@@ -19,12 +19,6 @@ from tests.integrations.test_transformers import (
 )
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +34,8 @@ def ranks(tmp_path_factory, clip):
     from tests.integrations.ddp_workers import run
 
     out = tmp_path_factory.mktemp("hf_ddp")
-    mp.spawn(run, args=(WORLD, _free_port(), str(out), clip), nprocs=WORLD, join=True)
+    mp.spawn(run, args=(WORLD, free_port(), str(out), clip), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _case(ranks, name):
-    per_rank = [r[name] for r in ranks]
-    for rank, res in enumerate(per_rank):
-        if "error" in res:
-            pytest.fail(f"rank {rank} raised in case {name}:\n{res['error']}")
-    return per_rank
 
 
 def _row_keys(ids: torch.Tensor):
@@ -67,7 +53,7 @@ def _assert_ddp_path(res):
 
 def test_first_step_is_the_clipped_mean_over_both_ranks_logical_batch(ranks, clip):
     out, ranks = ranks
-    per_rank = _case(ranks, "exact")
+    per_rank = case_results(ranks, "exact")
     rows = lm_rows(4)
     model = tiny_gpt2()
     reference, norms = reference_grad(model, rows, clip)
@@ -93,7 +79,7 @@ def test_first_step_is_the_clipped_mean_over_both_ranks_logical_batch(ranks, cli
 
 def test_poisson_logical_batch_is_shared_by_the_ranks_and_accounted_once(ranks):
     _, ranks = ranks
-    per_rank = _case(ranks, "poisson")
+    per_rank = case_results(ranks, "poisson")
     for res in per_rank:
         _assert_ddp_path(res)
         assert len(res["micro_batches"]) == 6 * 2  # 6 DP steps of 2 micro-batches on every rank
