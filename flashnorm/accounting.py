@@ -62,8 +62,14 @@ def rdp_spent(accountant: RDPAccountant, delta: float) -> Tuple[float, float, Li
 
 
 def epsilon(accountant: IAccountant, delta: float) -> float:
-    """ε spent so far at ``delta``: `rdp_spent` for RDP, Opacus's with the domain's warning silenced for PRV,
-    Opacus's ``get_epsilon`` for any other accountant."""
+    """ε spent so far at ``delta``, for every accountant: 0 before any step, ``inf`` once any recorded step had σ = 0
+    (a step without noise has no finite guarantee; Opacus's GDP and PRV accountants raise in both cases), else
+    `rdp_spent` for RDP, Opacus's with the domain's warning silenced for PRV, Opacus's ``get_epsilon`` for any
+    other accountant."""
+    if not accountant.history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in accountant.history):
+        return float("inf")
     if isinstance(accountant, RDPAccountant):
         return rdp_spent(accountant, delta)[0]
     if isinstance(accountant, PRVAccountant):

@@ -235,11 +235,7 @@ class FlashNormPrivacyEngine(_OpacusPrivacyEngine):
         """ε spent so far at ``delta``, from the accountant's history, for every accountant: 0 before any step, ``inf``
         once any recorded step had σ = 0 (a step without noise has no finite guarantee), else Opacus's value. (Opacus's
         GDP and PRV accountants raise in the first two cases.) The RDP accountant's orders extend until the optimal
-        one is interior, and Opacus's warning about them is not printed (`flashnorm.accounting`)."""
-        if not self.accountant.history:
-            return 0.0
-        if any(sigma == 0 for sigma, _, _ in self.accountant.history):
-            return float("inf")
+        one is interior, and Opacus's warning about them is not printed (`flashnorm.accounting.epsilon`)."""
         return epsilon(self.accountant, delta)
 
     def _wrap_model(self, module, classes: ModeClasses, mode: Mode, *, batch_first, loss_reduction, max_grad_norm, wrap_model,

@@ -66,3 +66,17 @@ def test_the_accountant_records_the_rate_the_poisson_sampler_draws_at(mode):
     criterion(model(x), y).backward()
     optimizer.step()
     assert engine.accountant.history == [(1.0, 1 / 99, 1)]
+
+
+@pytest.mark.parametrize("name", ["prv", "rdp"])
+def test_a_bare_accountants_epsilon_follows_the_engines_rules(name):
+    """`flashnorm.accounting.epsilon` (what the engine and DPTrainer's budget read): 0 before any step, inf once a
+    step had σ = 0 (Opacus's PRV raises there; its GDP accountant refuses a change of σ at the step itself)."""
+    from flashnorm.accounting import epsilon
+
+    accountant = create_accountant(name)
+    assert epsilon(accountant, 1e-5) == 0.0
+    accountant.step(noise_multiplier=1.0, sample_rate=0.01)
+    assert 0 < epsilon(accountant, 1e-5) < math.inf
+    accountant.step(noise_multiplier=0.0, sample_rate=0.01)
+    assert epsilon(accountant, 1e-5) == math.inf

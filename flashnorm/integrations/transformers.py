@@ -70,7 +70,7 @@ from transformers.models.auto.modeling_auto import (
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from transformers.utils import logging
 
-from ..accounting import noise_multiplier
+from ..accounting import epsilon, noise_multiplier
 from ..criterion import DPLossFastGradientClipping, DPTensorFastGradientClipping
 from ..privacy_engine import FlashNormPrivacyEngine
 from ..utils.export import peft_model_of, unwrap_model
@@ -507,7 +507,7 @@ class DPTrainer(transformers.Trainer):
         if self._next_epsilon is None or self._next_epsilon[0] != key:
             prospective = copy.deepcopy(accountant)
             prospective.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-            self._next_epsilon = (key, prospective.get_epsilon(self.privacy_args.target_delta))
+            self._next_epsilon = (key, epsilon(prospective, self.privacy_args.target_delta))
         return self._next_epsilon[1]
 
     def within_budget(self) -> bool:
