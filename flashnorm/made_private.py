@@ -48,6 +48,15 @@ def _caller() -> Optional[FrameType]:
         return None
 
 
+def _checked_iter(result: tuple, caller: Optional[FrameType], how: str) -> Iterator:
+    """``result``'s iterator, or ``ValueError`` when ``caller`` unpacks it into another number of names than it has
+    (``how``: the right unpacking and why)."""
+    count = unpacking_count(caller)
+    if count is not None and count != len(result):
+        raise ValueError(f"make_private returned {len(result)} values, not {count}: {how}")
+    return tuple.__iter__(result)
+
+
 class MadePrivate(NamedTuple):
     """``make_private``'s result in FlashNorm's clipping modes: ``module, optimizer, criterion, data_loader``.
 
@@ -60,15 +69,11 @@ class MadePrivate(NamedTuple):
     data_loader: DataLoader
 
     def __iter__(self) -> Iterator:
-        count = unpacking_count(_caller())
-        if count is not None and count != len(self):
-            raise ValueError(
-                f"make_private returned 4 values, not {count}: model, optimizer, criterion, data_loader = "
-                "engine.make_private(...). In the clipping modes (ghost, flash, flash_fuse and their _fsdp variants, "
-                "as in Opacus's ghost mode) it also returns the DP criterion: compute the loss with it, "
-                "loss = criterion(model(x), y), so that loss.backward() clips each sample's gradient."
-            )
-        return tuple.__iter__(self)
+        return _checked_iter(self, _caller(), (
+            "model, optimizer, criterion, data_loader = engine.make_private(...). In the clipping modes (ghost, flash, "
+            "flash_fuse and their _fsdp variants, as in Opacus's ghost mode) it also returns the DP criterion: compute "
+            "the loss with it, loss = criterion(model(x), y), so that loss.backward() clips each sample's gradient."
+        ))
 
 
 class MadePrivateOpacus(NamedTuple):
@@ -83,12 +88,8 @@ class MadePrivateOpacus(NamedTuple):
     data_loader: DataLoader
 
     def __iter__(self) -> Iterator:
-        count = unpacking_count(_caller())
-        if count is not None and count != len(self):
-            raise ValueError(
-                f"make_private returned 3 values, not {count}: model, optimizer, data_loader = "
-                "engine.make_private(...). Opacus's per-sample-gradient modes (hooks, functorch, ew, no_op) return no "
-                "criterion: use your own loss. FlashNorm's clipping modes (grad_sample_mode='flash_fuse', 'flash', "
-                "'ghost') return four values, with the DP criterion third."
-            )
-        return tuple.__iter__(self)
+        return _checked_iter(self, _caller(), (
+            "model, optimizer, data_loader = engine.make_private(...). Opacus's per-sample-gradient modes (hooks, "
+            "functorch, ew, no_op) return no criterion: use your own loss. FlashNorm's clipping modes "
+            "(grad_sample_mode='flash_fuse', 'flash', 'ghost') return four values, with the DP criterion third."
+        ))
