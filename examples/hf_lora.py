@@ -37,6 +37,7 @@ from transformers import (HfArgumentParser, LlamaConfig, LlamaForCausalLM, Train
                           default_data_collator)
 
 from flashnorm.integrations.transformers import DPTrainer, PrivacyArguments
+from hf_causal_lm import ByteSequences  # examples/hf_causal_lm.py (this folder is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -50,20 +51,6 @@ class LoraArguments:
     lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"],
                                     metadata={"help": "Modules that get adapters."})
     pretrain_steps: int = field(default=200, metadata={"help": "Non-private pretraining steps on public text."})
-
-
-class ByteSequences(torch.utils.data.Dataset):
-    """Consecutive ``length``-byte windows of ``text``: input_ids = labels (the model shifts them)."""
-
-    def __init__(self, text: bytes, length: int = SEQ):
-        ids = torch.tensor(list(text[: len(text) // length * length]), dtype=torch.long)
-        self.ids = ids.view(-1, length)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def byte_llama() -> LlamaForCausalLM:
@@ -90,8 +77,8 @@ def parse(argv: List[str]):
 
 def main(argv: List[str]) -> None:
     training_args, privacy_args, lora_args = parse(argv)
-    public = ByteSequences((ROOT / "README.md").read_bytes())
-    private = ByteSequences(b"\n".join(p.read_bytes() for p in sorted((ROOT / "docs").rglob("*.md"))))
+    public = ByteSequences((ROOT / "README.md").read_bytes(), SEQ)
+    private = ByteSequences(b"\n".join(p.read_bytes() for p in sorted((ROOT / "docs").rglob("*.md"))), SEQ)
     held_out = len(private) // 10
     train, test = torch.utils.data.random_split(private, [len(private) - held_out, held_out],
                                                 generator=torch.Generator().manual_seed(0))

@@ -316,6 +316,7 @@ def test_the_lora_example_runs(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "examples" / "hf_lora.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: it imports examples/hf_causal_lm.py
     spec = importlib.util.spec_from_file_location("hf_lora_example", path)
     example = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclass resolves its annotations there
