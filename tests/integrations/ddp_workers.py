@@ -1,7 +1,8 @@
 """What the spawned ranks of ``test_transformers_ddp.py`` run: ``DPTrainer`` under ``torchrun``'s environment.
 
-Each rank sets the variables ``torchrun`` sets (the Trainer's accelerate then starts a gloo process group on
-CPU), trains every case in order, and saves ``{case: {...}}`` to ``<out>/rank<r>.pt`` for the test.
+Each rank, in the variables ``torchrun`` sets (``tests.integrations.ranks`` sets them; the Trainer's accelerate then
+starts a gloo process group on CPU), trains every case in order, and saves ``{case: {...}}`` to ``<out>/rank<r>.pt``
+for the test.
 """
 
 from __future__ import annotations
@@ -86,11 +87,9 @@ def poisson_steps(out_dir: str) -> dict:
     return _summary(trainer)
 
 
-def run(rank: int, world: int, port: int, out_dir: str, clip: float) -> None:
-    """Body of every rank: ``torchrun``'s environment, then every case; results to ``out_dir/rank<r>.pt``."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def run(rank: int, out_dir: str, clip: float) -> None:
+    """Body of every rank (in ``torchrun``'s environment, which ``tests.integrations.ranks`` sets): every case;
+    results to ``out_dir/rank<r>.pt``."""
     results = {}
     for name, case in [("exact", lambda: exact_step(os.path.join(out_dir, "exact"), clip)),
                        ("poisson", lambda: poisson_steps(os.path.join(out_dir, "poisson")))]:

@@ -1,8 +1,8 @@
 """What the spawned ranks of ``test_lightning_ddp.py`` run: Lightning's Trainer with ``DPDDPStrategy``, devices=2.
 
-Each rank sets the variables a launcher (``torchrun``, or Lightning's own for the rank it starts) sets, so the
-Trainer joins the two processes instead of starting more; it trains every case in order and saves
-``{case: {...}}`` to ``<out>/rank<r>.pt`` for the test. On the CPU by default (gloo); with
+Each rank has the variables a launcher (``torchrun``, or Lightning's own for the rank it starts) sets
+(``tests.integrations.ranks`` sets them), so the Trainer joins the two processes instead of starting more; it trains
+every case in order and saves ``{case: {...}}`` to ``<out>/rank<r>.pt`` for the test. On the CPU by default (gloo); with
 ``FLASHNORM_DIST_BACKEND=nccl`` on 2 GPUs (``accelerator="gpu"``, NCCL), as ``tests/distributed`` does.
 """
 
@@ -140,11 +140,9 @@ def refused(**kwargs) -> dict:
     return {"error_message": None}
 
 
-def run(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Body of every rank: a launcher's environment, then every case; results to ``out_dir/rank<r>.pt``."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def run(rank: int, out_dir: str) -> None:
+    """Body of every rank (in the launcher's environment ``tests.integrations.ranks`` sets): every case; results to
+    ``out_dir/rank<r>.pt``."""
     cases = [
         ("exact", exact),
         ("noisy", noisy),

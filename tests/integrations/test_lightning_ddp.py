@@ -25,7 +25,7 @@ from tests.integrations.lightning_ddp_workers import (  # noqa: E402
     net,
     sample_loss,
 )
-from tests.integrations.ranks import case_results, free_port  # noqa: E402
+from tests.integrations.ranks import case_results, spawn_ranks  # noqa: E402
 from tests.oracle import microbatch_reference  # noqa: E402
 
 # fp32 on CPU; on the GPU the flash kernels' dots may use tf32 (the tolerance table of tests/conftest.py)
@@ -34,16 +34,12 @@ RTOL, ATOL = TOLERANCES["tf32" if BACKEND == "nccl" else "fp32"]
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     if BACKEND == "nccl" and torch.cuda.device_count() < WORLD:
         pytest.skip("FLASHNORM_DIST_BACKEND=nccl needs 2 CUDA GPUs")
 
     from tests.integrations.lightning_ddp_workers import run
 
-    out = tmp_path_factory.mktemp("lightning_ddp")
-    mp.spawn(run, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(run, WORLD, tmp_path_factory.mktemp("lightning_ddp"))
 
 
 def _assert_ddp_path(per_rank):

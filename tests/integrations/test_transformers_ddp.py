@@ -9,7 +9,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from tests.integrations.ranks import case_results, free_port
+from tests.integrations.ranks import case_results, spawn_ranks
 from tests.integrations.test_transformers import (
     assert_matches,
     lm_rows,
@@ -29,13 +29,10 @@ def clip():
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, clip):
-    import torch.multiprocessing as mp
-
     from tests.integrations.ddp_workers import run
 
     out = tmp_path_factory.mktemp("hf_ddp")
-    mp.spawn(run, args=(WORLD, free_port(), str(out), clip), nprocs=WORLD, join=True)
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return out, spawn_ranks(run, WORLD, out, clip)
 
 
 def _row_keys(ids: torch.Tensor):
