@@ -14,6 +14,8 @@ Hugging Face's own classes, as users fine-tune them (random weights from a confi
   tied to ``wte``, SDPA attention, dropout 0, ``n_positions = max(1024, T)``.
 * ``hf_gpt2_tied_ckpt`` — the same with ``gradient_checkpointing_enable`` (non-reentrant): each block's
   activations are recomputed in the backward. ``hf_gpt2_tied_ckpt_reentrant``: the reentrant flavour.
+* ``hf_gpt2_host``      — the host-cost proxy: ``GPT2LMHeadModel`` of 12 layers of width 64 (4 heads, vocab 50257,
+  tied), whose ops are so small that a step costs what the host spends issuing them (B = 8, T = 16, one thread).
 * ``hf_llama1b_tied``   — ``LlamaForCausalLM``, Llama-3.2-1B shape (16 × 2048, 32 heads, 8 KV heads,
   SwiGLU 8192, vocab 128256, ≈1.24 B parameters), ``lm_head`` tied to ``embed_tokens``, SDPA attention.
 
@@ -200,11 +202,12 @@ class HFCausalLM(nn.Module):
         return self.lm(input_ids=ids, position_ids=pos, use_cache=False).logits
 
 
-def _hf_gpt2(max_t: int, smoke: bool, checkpointing: Optional[str] = None) -> nn.Module:
-    """``checkpointing``: None, ``"non_reentrant"`` or ``"reentrant"`` (``torch.utils.checkpoint``'s flavours)."""
+def _hf_gpt2(max_t: int, smoke: bool, checkpointing: Optional[str] = None, table=None) -> nn.Module:
+    """``checkpointing``: None, ``"non_reentrant"`` or ``"reentrant"`` (``torch.utils.checkpoint``'s flavours);
+    ``table``: the sizes (`_HF_GPT2` by default)."""
     import transformers
 
-    s = _size(_HF_GPT2, smoke)
+    s = _size(table or _HF_GPT2, smoke)
     config = transformers.GPT2Config(
         vocab_size=s["vocab"], n_embd=s["d"], n_layer=s["n_layer"], n_head=s["n_head"],
         n_positions=max(s["n_positions"], max_t), tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -273,6 +276,8 @@ _HF_GPT2 = dict(full=dict(vocab=50257, d=768, n_layer=12, n_head=12, n_positions
                smoke=dict(vocab=97, d=64, n_layer=2, n_head=2, n_positions=32))
 _HF_LLAMA = dict(full=dict(vocab=128256, d=2048, n_layer=16, n_head=32, n_kv=8, hidden=8192),
                  smoke=dict(vocab=97, d=64, n_layer=2, n_head=4, n_kv=2, hidden=176))
+_HF_GPT2_HOST = dict(full=dict(vocab=50257, d=64, n_layer=12, n_head=4, n_positions=64),
+                    smoke=dict(vocab=97, d=64, n_layer=2, n_head=2, n_positions=32))
 _HF_GPT2_IMPORTS = ("transformers", "transformers.models.gpt2.modeling_gpt2")
 
 
@@ -299,16 +304,16 @@ def _hf_llama_linears(smoke):
     return (attn + [(d, h), (d, h), (h, d)]) * s["n_layer"] + [(d, s["vocab"])]
 
 
-def _hf_gpt2_workload(name: str, shapes, checkpointing: Optional[str] = None) -> Workload:
+def _hf_gpt2_workload(name: str, shapes, checkpointing: Optional[str] = None, table=_HF_GPT2) -> Workload:
     return Workload(
         name,
         shapes=shapes,
-        build=lambda max_t, smoke: _hf_gpt2(max_t, smoke, checkpointing),
-        classes=lambda smoke: _size(_HF_GPT2, smoke)["vocab"],
+        build=lambda max_t, smoke: _hf_gpt2(max_t, smoke, checkpointing, table),
+        classes=lambda smoke: _size(table, smoke)["vocab"],
         token_input=True,
         smoke_shape=(2, 32),
-        linears=lambda smoke: _gpt2_linears(smoke, _HF_GPT2),
-        attention=lambda smoke: (_size(_HF_GPT2, smoke)["n_layer"], _size(_HF_GPT2, smoke)["d"]),
+        linears=lambda smoke: _gpt2_linears(smoke, table),
+        attention=lambda smoke: (_size(table, smoke)["n_layer"], _size(table, smoke)["d"]),
         recompute=checkpointing is not None,
         imports=_HF_GPT2_IMPORTS,
     )
@@ -350,6 +355,7 @@ WORKLOADS: Dict[str, Workload] = {
         _hf_gpt2_workload("hf_gpt2_tied", ((8, 1024), (1, 4096))),
         _hf_gpt2_workload("hf_gpt2_tied_ckpt", ((1, 16384),), "non_reentrant"),
         _hf_gpt2_workload("hf_gpt2_tied_ckpt_reentrant", ((1, 16384),), "reentrant"),
+        _hf_gpt2_workload("hf_gpt2_host", ((8, 16),), table=_HF_GPT2_HOST),
         Workload(
             "hf_llama1b_tied",
             shapes=((2, 4096),),

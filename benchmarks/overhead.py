@@ -4,6 +4,7 @@
     python -m benchmarks.overhead --mode flash --batch 8 --seq 64 --profile
     python -m benchmarks.overhead --device cpu --smoke   # tiny GPT-2, a few seconds
     python -m benchmarks.overhead --batch 8 --cuda-graphs  # both steps replayed from CUDA graphs
+    OMP_NUM_THREADS=1 python -m benchmarks.overhead --device cpu --workload hf_gpt2_host --batch 8  # the CPU proxy
 
 The GPU work is made trivially small (T=16 tokens per sequence) so that a step costs what the CPU
 spends issuing it. Two measurements:
@@ -163,10 +164,10 @@ def profile_report(mode: str, args, batch: int, trace: Optional[str]) -> str:
 def _build(mode: str, args, batch: int, region=None):
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model("gpt2", seq_len=args.seq, smoke=args.smoke, device=device)
-    inputs, targets = make_batch("gpt2", batch=batch, seq_len=args.seq, smoke=args.smoke, device=device)
+    model = build_model(args.workload, seq_len=args.seq, smoke=args.smoke, device=device)
+    inputs, targets = make_batch(args.workload, batch=batch, seq_len=args.seq, smoke=args.smoke, device=device)
     step_mode = mode + GRAPHED if args.cuda_graphs else mode
-    cfg = dict(workload="gpt2", B=batch, T=args.seq, dtype=args.dtype, mode=step_mode, device=args.device,
+    cfg = dict(workload=args.workload, B=batch, T=args.seq, dtype=args.dtype, mode=step_mode, device=args.device,
                smoke=args.smoke)
     return make_step(cfg, model, inputs, targets, region=region)
 
@@ -197,7 +198,7 @@ def flashnorm_cpu_ms(nondp: Dict[str, float], dp: Dict[str, float]) -> float:
 
 def run_batch(args, batch: int) -> Dict:
     device = torch.device(args.device)
-    result: Dict = {"B": batch, "T": args.seq, "mode": args.mode}
+    result: Dict = {"workload": args.workload, "B": batch, "T": args.seq, "mode": args.mode}
     step_ms = {}
     for mode in ("nondp", args.mode):
         step_ms[mode] = time_steps(_build(mode, args, batch), device, args.warmup, args.steps)
@@ -213,7 +214,7 @@ def format_result(result: Dict, target_ms: float) -> str:
     mode = result["mode"]
     nd, dp = result["breakdown_ms"]["nondp"], result["breakdown_ms"][mode]
     lines = [
-        f"GPT-2 small, B={result['B']}, T={result['T']}: step time (CUDA events / wall, median) "
+        f"{result['workload']}, B={result['B']}, T={result['T']}: step time (CUDA events / wall, median) "
         f"non-DP {result['step_ms']['nondp']:.3f} ms, {mode} {result['step_ms'][mode]:.3f} ms "
         f"→ step overhead {result['overhead_ms']:.3f} ms/step",
         f"FlashNorm hooks + bookkeeping, CPU: {result['flashnorm_cpu_ms']:.3f} ms/step (target < {target_ms:g} ms)",
@@ -239,6 +240,8 @@ def format_result(result: Dict, target_ms: float) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", default="flash_fuse", choices=("flash_fuse", "flash", "ghost"))
+    p.add_argument("--workload", default="gpt2", choices=("gpt2", "hf_gpt2_host"),
+                   help="gpt2: GPT-2 small; hf_gpt2_host: the host-cost proxy (benchmarks.models), for the CPU")
     p.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
     p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16: GPU work trivially small)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default bf16 on CUDA, fp32 on CPU")

@@ -178,10 +178,10 @@ def launch_clipped(x2, g2, coef, out, batch, steps, config, work, use_tma) -> No
     )  # fmt: skip
 
 
-def _scaled(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """c_b · G_b in the dtype of g (float32 or float64: callers never round c ⊙ G to 16 bits), one pass over g."""
-    out = torch.empty_like(g, memory_format=torch.contiguous_format)
-    return torch.mul(g, coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))), out=out)
+def _scaled(a: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """c_b · A_b in the dtype of a (float32 or float64: callers never round c ⊙ A to 16 bits), one pass over a."""
+    out = torch.empty_like(a, memory_format=torch.contiguous_format)
+    return torch.mul(a, coef.to(a.dtype).view(-1, *([1] * (a.dim() - 1))), out=out)
 
 
 def clipped_weight_grad(
@@ -206,11 +206,16 @@ def clipped_weight_grad(
 def clipped_weight_grad_reference(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d] in float32 (float64 for float64 inputs).
 
-    Scaling (c_b · G_b in float32, 16-bit inputs widened first) and one GEMM over all B·T rows.
+    Scaling and one GEMM over all B·T rows: c scales the narrower operand, (c ⊙ G)ᵀX = Gᵀ(c ⊙ X) (in float32,
+    16-bit inputs widened first), so a head's [B, T, V] output gradient is read once, by the GEMM.
     """
     dtype = torch.promote_types(torch.promote_types(x.dtype, g.dtype), torch.float32)
-    scaled = _scaled(g.to(dtype), coef).reshape(-1, g.shape[-1])
-    return scaled.t().mm(x.to(dtype).reshape(-1, x.shape[-1]))
+    x, g = x.to(dtype), g.to(dtype)
+    if x.shape[-1] < g.shape[-1]:
+        x = _scaled(x, coef)
+    else:
+        g = _scaled(g, coef)
+    return g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
 
 
 def clipped_bias_grad(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
