@@ -150,6 +150,8 @@ class ReduceScatterAssembly(AssembleFromKept):
     would leave, so the FSDP optimizer treats both kinds of mode alike.
     """
 
+    assembles_groups = False  # each layer's gradients are reduce-scattered with its own unit's
+
     def __init__(self):
         # Sharded parameters by name, per layer: per-sample gradients kept during the backward are keyed by FSDP's
         # unsharded parameters, which are re-keyed by name onto these.

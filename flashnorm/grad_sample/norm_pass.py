@@ -7,6 +7,9 @@ with another (tied weights) is counted like any other, and the cross term 2⟨�
 (`flashnorm.norms.tied`) is added once both are counted. Uses that never received a gradient (outputs that do
 not reach the loss) contribute nothing, exactly.
 
+Same-shaped layers planned into a `LayerGroup` (`layer_groups`) are counted once the whole group is in, as one
+batch of their stacked captures: one norm launch, one rounding scale, and one `KeptGroup` for the writer.
+
 Besides the terms, each layer notes its share of the clipping coefficient's rounding allowance
 (`flashnorm.norms.rounding`): after the pass, `NormTerms.result` gives the squared norms ‖ĝ_b‖² and their
 upper bound U_b.
@@ -31,8 +34,9 @@ from ..norms.registry import per_sample_norms
 from ..norms.tied import cross_term, per_sample_dot
 from .capture import HookedLayer, HookedModel
 from .config import StepConfig
+from .layer_groups import LayerGroup
 from .packed_grads import PackedPerSampleGrads
-from .writers import KeptInputs, KeptPacked, KeptPerSample
+from .writers import KeptGroup, KeptInputs, KeptPacked, KeptPerSample
 
 
 class NormTerms:
@@ -46,14 +50,18 @@ class NormTerms:
             `writers` record), or ``None`` when nothing is kept (a two-pass step,
             a plain backward).
         by_param: also keep the terms split by parameter (`by_parameter`).
+        groups: each grouped layer's `LayerGroup` (`layer_groups.plan_layer_groups`; only where ``keep`` is
+            given and ``by_param`` is not).
     """
 
     def __init__(self, config: StepConfig, hooked: HookedModel, packed: Optional[PackedPerSampleGrads],
-                 keep: Optional[Callable[[HookedLayer, object], None]], by_param: bool = False):
+                 keep: Optional[Callable[[HookedLayer, object], None]], by_param: bool = False,
+                 groups: Optional[Dict[HookedLayer, LayerGroup]] = None):
         self.config = config
         self.hooked = hooked
         self.packed = packed
         self.keep = keep
+        self.groups = groups or {}
         self.terms: List[torch.Tensor] = []  # squared per-sample norms, one [B] per layer and cross term
         self.roots: List[torch.Tensor] = []  # per-sample norms, one [B] per parameter
         self.radii: List[torch.Tensor] = []  # rounding radii r, one [B] per layer
@@ -76,7 +84,11 @@ class NormTerms:
             x, g = xs[0], gs[0]
             if x.shape[0] == 0:
                 return
-            self._counted(layer, self._count_joined(layer, x, g), x, g)
+            group = self.groups.get(layer)
+            if group is None:
+                self._counted(layer, self._count_joined(layer, x, g), x, g)
+            elif group.add(layer, x, g):
+                self._count_group(group)
             return
         missing = [i for i, (x, g) in enumerate(zip(xs, gs)) if g is not None and x is None]
         if missing:
@@ -92,6 +104,29 @@ class NormTerms:
             self._counted(layer, self._per_sample_sum(layer, uses))
         else:
             self._counted(layer, self._count_joined(layer, x, g), x, g)
+
+    def _count_group(self, group: LayerGroup) -> None:
+        """The norm terms of a group's layers that arrived, counted as one batch of their stacked captures: the
+        [L·B] terms and radii viewed [L, B] (the radii of different parameters add in quadrature), and one
+        `KeptGroup` for the writer."""
+        layers, x, g = group.take()
+        first = layers[0]
+        if len(layers) == 1:
+            self._counted(first, self._count_joined(first, x, g), x, g)
+            return
+        members, batch = len(layers), x.shape[0] // len(layers)
+        term = first.rule.norm_sq(first.module, x, g, group.method, backend=self.config.backend)
+        self.terms.append(term.view(members, batch).sum(dim=0))
+        radius = self._note_rounding(first, x, g, group.method, members)
+        if radius is not None:
+            self.radii.extend(radius.view(members, batch).unbind(0))
+        self.keep(first, KeptGroup([layer.module for layer in layers], x, g))
+
+    def flush_groups(self) -> None:
+        """After a pass: the groups only part of whose layers received a gradient, counted as they are."""
+        for group in {id(group): group for group in self.groups.values()}.values():
+            if group.pending:
+                self._count_group(group)
 
     def _counted(self, layer: HookedLayer, kept, x=None, g=None) -> None:
         if layer.shared and x is not None:
@@ -169,17 +204,20 @@ class NormTerms:
         return True
 
     # -- rounding allowances -------------------------------------------------------------------------
-    def _note_rounding(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor, method: str) -> Optional[torch.Tensor]:
+    def _note_rounding(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor, method: str,
+                       members: int = 1) -> Optional[torch.Tensor]:
         """The layer's share of the clipping coefficient's rounding allowance (`rounding`):
         returns its radius r = (γ_norm + γ_applied)·s over the two computations of its per-sample gradient (``None``
         where the writer applies the very per-sample gradients it took the norm of, or the rule has no model),
-        notes the Gram form's γ_G·s², and keeps (s, γ, n) of a layer sharing a parameter for the cross terms."""
+        notes the Gram form's γ_G·s², and keeps (s, γ, n) of a layer sharing a parameter for the cross terms.
+        ``members``: x and g stack that many layers' captures of B samples each (a `LayerGroup`): the radius is
+        [members·B] and the Gram allowance is summed over them."""
         consistent = method == "per_sample" and self.config.writer.applies_kept_per_sample
         scale = None if consistent and not layer.shared else layer.rule.rounding_scale(layer.module, x, g)
         if scale is None:
             return None
         s, terms = scale
-        gamma = rounding.gamma(terms, x.shape[0], g.dtype)
+        gamma = rounding.gamma(terms, x.shape[0] // members, g.dtype)
         if layer.shared:  # a layer's uses add up (a multi-use layer is noted once per use)
             kept = self.shared_scales.get(layer)
             self.shared_scales[layer] = (s, gamma, terms) if kept is None else (
@@ -189,7 +227,8 @@ class NormTerms:
         if method == "gram":  # the norm's error is γ_G·s² (squared domain); only the applied sum has a radius
             batch, steps, d, p = layer.rule.sizes(layer.module, x, g)
             gram_dtype = torch.float64 if rounding.gram_in_float64(steps, g.dtype) else g.dtype
-            self.slack_sq.append(s.square().mul_(rounding.gram_gamma(steps, d, p, gram_dtype)))
+            slack = s.square().mul_(rounding.gram_gamma(steps, d, p, gram_dtype))
+            self.slack_sq.append(slack if members == 1 else slack.view(members, -1).sum(dim=0))
             return s * gamma
         return s * (2 * gamma)
 

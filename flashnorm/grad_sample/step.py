@@ -28,6 +28,7 @@ from ..norms import rounding
 from ..norms.registry import per_sample_norms
 from .capture import HookedLayer, HookedModel, LayerCapture, OutputScale
 from .config import StepConfig
+from .layer_groups import plan_layer_groups
 from .loss_check import FiniteLossCheck
 from .norm_pass import NormTerms
 from .packed_grads import plan_packed_grads
@@ -193,6 +194,7 @@ class ClippingStep:
             elif capture is not None:
                 capture.take()
         if self.terms is not None:
+            self.terms.flush_groups()
             self.terms.add_cross_terms()
 
     # -- checks ----------------------------------------------------------------------------------------
@@ -256,11 +258,13 @@ class ClippingStep:
         config, hooked, writer = self.config, self.hooked, self.config.writer
         batch, device = loss_per_sample.shape[0], loss_per_sample.device
         self.state = StepState.NORM_PASS
+        captured = [(layer, c) for layer, c in zip(self.layers, self.captures) if c is not None]
+        grouping = writer.assembles_groups and not by_param and config.backend != "triton"
+        groups = plan_layer_groups(captured, config.method) if grouping else {}
         if config.packs_per_sample_grads:
-            captured = [(layer, c) for layer, c in zip(self.layers, self.captures) if c is not None]
-            self.packed = plan_packed_grads(captured, batch, device, config.method,
-                                            vectors_only=not writer.applies_kept_per_sample)
-        self.terms = NormTerms(config, hooked, self.packed, partial(writer.keep, self.kept), by_param)
+            self.packed = plan_packed_grads([(layer, c) for layer, c in captured if layer not in groups], batch,
+                                            device, config.method, vectors_only=not writer.applies_kept_per_sample)
+        self.terms = NormTerms(config, hooked, self.packed, partial(writer.keep, self.kept), by_param, groups)
         # a second backward recomputes checkpointed regions again: they must draw no random numbers of their own
         watch = RandomStateWatch(device) if writer.retains_graph and (self.checkpointed or self.recomputes_layers) else None
         try:

@@ -58,6 +58,19 @@ class KeptInputs:
         return rule.clipped_grads(layer, self.x, self.g, coef, vectors=self.with_vectors, backend=backend)
 
 
+@dataclass
+class KeptGroup:
+    """Same-shaped layers counted as one (`flashnorm.grad_sample.layer_groups`): their X and G stacked,
+    [L·B, ...], for the rule's clipped gradients of all L at once. Kept under the group's first layer."""
+
+    layers: List[nn.Module]
+    x: torch.Tensor
+    g: torch.Tensor
+
+    def clipped_grads(self, rule: NormRule, layer: nn.Module, coef: torch.Tensor, backend: str):
+        return rule.clipped_grads_grouped(self.layers, self.x, self.g, coef, backend=backend)
+
+
 class ClippedGradientWriter:
     """Writes a step's clipped gradients. One instance per grad-sample module (`bind` sees its layers).
 
@@ -69,12 +82,15 @@ class ClippedGradientWriter:
             every trainable parameter, vectors and matrices, can be packed.
         scales_outputs: the model's outputs go through `RowScale`, whose
             rows the writer scales by c.
+        assembles_groups: `write` takes `KeptGroup` records: same-shaped layers are counted as one
+            (`flashnorm.grad_sample.layer_groups`).
     """
 
     backward_passes = 2
     retains_graph = True
     applies_kept_per_sample = False
     scales_outputs = False  # the forward routes the model's outputs through RowScale
+    assembles_groups = False
 
     def bind(self, layers: List) -> None:
         """Called with the hooked layers whenever they are (re)discovered."""
@@ -126,6 +142,7 @@ class AssembleFromKept(ClippedGradientWriter):
     backward_passes = 1
     retains_graph = False
     applies_kept_per_sample = True
+    assembles_groups = True
 
     def keep(self, kept_by_layer, layer, kept):
         kept_by_layer[layer] = kept

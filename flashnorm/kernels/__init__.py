@@ -17,6 +17,7 @@ from .clipped_grad import (
     clipped_weight_grad,
     clipped_weight_grad_fused,
     clipped_weight_grad_reference,
+    clipped_weight_grads_stacked,
     per_sample_weight_grads,
 )
 from .flash_norm import flash_norm_sq, flash_norm_sq_reference
@@ -33,6 +34,7 @@ __all__ = [
     "clipped_weight_grad",
     "clipped_weight_grad_fused",
     "clipped_weight_grad_reference",
+    "clipped_weight_grads_stacked",
     "clipped_bias_grad",
     "per_sample_weight_grads",
     "resolve_backend",

@@ -179,9 +179,10 @@ def launch_clipped(x2, g2, coef, out, batch, steps, config, work, use_tma) -> No
 
 
 def _scaled(a: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """c_b · A_b in the dtype of a (float32 or float64: callers never round c ⊙ A to 16 bits), one pass over a."""
+    """c_b · A_b for a: [..., B, T, k] (the samples on the third dimension from the end) in the dtype of a (float32
+    or float64: callers never round c ⊙ A to 16 bits), one pass over a."""
     out = torch.empty_like(a, memory_format=torch.contiguous_format)
-    return torch.mul(a, coef.to(a.dtype).view(-1, *([1] * (a.dim() - 1))), out=out)
+    return torch.mul(a, coef.to(a.dtype).view(-1, 1, 1), out=out)
 
 
 def clipped_weight_grad(
@@ -204,10 +205,18 @@ def clipped_weight_grad(
 
 
 def clipped_weight_grad_reference(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d] in float32 (float64 for float64 inputs).
+    """(c ⊙ G)ᵀX for x: [B, T, d], g: [B, T, p], coef: [B] → [p, d] in float32 (float64 for float64 inputs):
+    `clipped_weight_grads_stacked` of one layer."""
+    return clipped_weight_grads_stacked(x.unsqueeze(0), g.unsqueeze(0), coef)[0]
 
-    Scaling and one GEMM over all B·T rows: c scales the narrower operand, (c ⊙ G)ᵀX = Gᵀ(c ⊙ X) (in float32,
-    16-bit inputs widened first), so a head's [B, T, V] output gradient is read once, by the GEMM.
+
+def clipped_weight_grads_stacked(x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """(c ⊙ G_l)ᵀX_l for L layers' captures stacked, x: [L, B, T, d], g: [L, B, T, p], coef: [B] → [L, p, d] in
+    float32 (float64 for float64 inputs).
+
+    Scaling and one (batched) GEMM over each layer's B·T rows: c scales the narrower operand,
+    (c ⊙ G)ᵀX = Gᵀ(c ⊙ X) (in float32, 16-bit inputs widened first), so a head's [B, T, V] output gradient is read
+    once, by the GEMM.
     """
     dtype = torch.promote_types(torch.promote_types(x.dtype, g.dtype), torch.float32)
     x, g = x.to(dtype), g.to(dtype)
@@ -215,14 +224,16 @@ def clipped_weight_grad_reference(x: torch.Tensor, g: torch.Tensor, coef: torch.
         x = _scaled(x, coef)
     else:
         g = _scaled(g, coef)
-    return g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+    layers = x.shape[0]
+    return torch.bmm(g.reshape(layers, -1, g.shape[-1]).transpose(1, 2), x.reshape(layers, -1, x.shape[-1]))
 
 
 def clipped_bias_grad(g: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """Σ_b c_b Σ_t G_b[t] for g: [B, T, p] → [p] (float32; float64 for float64): each sample's sum accumulated
-    in float32, then weighted by c in float32 (c ⊙ G is never rounded to 16 bits)."""
+    """Σ_b c_b Σ_t G_b[t] for g: [B, T, p] → [p], or for L layers' captures stacked, [L, B, T, p] → [L, p]
+    (float32; float64 for float64): each sample's sum accumulated in float32, then weighted by c in float32
+    (c ⊙ G is never rounded to 16 bits)."""
     acc = accumulation_dtype(g)
-    return coef.to(acc) @ g.sum(dim=1, dtype=acc)
+    return coef.to(acc) @ g.sum(dim=-2, dtype=acc)
 
 
 def per_sample_weight_grads(

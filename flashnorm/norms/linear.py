@@ -21,7 +21,14 @@ import torch
 import torch.nn as nn
 
 from ..kernels.accumulation import accumulation_dtype
-from ..kernels import clipped_bias_grad, clipped_weight_grad, flash_norm_sq, gram_norm_sq, per_sample_weight_grads
+from ..kernels import (
+    clipped_bias_grad,
+    clipped_weight_grad,
+    clipped_weight_grads_stacked,
+    flash_norm_sq,
+    gram_norm_sq,
+    per_sample_weight_grads,
+)
 from .registry import NormRule, flatten_to_sequences, register_norm_rule
 from .rounding import frobenius_per_sample, gram_in_float64
 
@@ -36,6 +43,7 @@ class LinearFamilyRule(NormRule):
 
     methods = ("flash", "gram", "per_sample")
     autocast_input = True
+    groups = True
 
     # -- layout hooks, overridden per layer type -------------------------------------------------
     def as_sequences(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +157,21 @@ class LinearFamilyRule(NormRule):
         bias = getattr(layer, "bias", None)
         if bias is not None and bias.requires_grad and (vectors or not self.vector_params(layer)):
             grads[bias] = clipped_bias_grad(gs, coef).to(bias.dtype)
+        return grads
+
+    def clipped_grads_grouped(self, layers, x, g, coef, *, backend=None):
+        """One batched GEMM for the L weights, (c ⊙ G_l)ᵀX_l (`clipped_weight_grads_stacked`, float32 however the
+        captures are stored: a group's layers are small), and one weighted sum for their biases."""
+        first = layers[0]
+        xs, gs = self.as_sequences(first, x, g)
+        xs, gs = xs.unflatten(0, (len(layers), -1)), gs.unflatten(0, (len(layers), -1))
+        grads: Dict[nn.Parameter, torch.Tensor] = {}
+        if first.weight.requires_grad:
+            weights = self.weight_from_pd(first, clipped_weight_grads_stacked(xs, gs, coef)).to(first.weight.dtype)
+            grads.update((layer.weight, w) for layer, w in zip(layers, weights))
+        if getattr(first, "bias", None) is not None and first.bias.requires_grad:
+            biases = clipped_bias_grad(gs, coef).to(first.bias.dtype)
+            grads.update((layer.bias, b) for layer, b in zip(layers, biases))
         return grads
 
 

@@ -52,6 +52,8 @@ class NormRule(abc.ABC):
       [G_1; …; G_k]ᵀ[X_1; …; X_k]); without it the uses' per-sample gradients are summed;
     * `rounding_scale`: how large the rounding of the layer's per-sample gradient can be, for the
       clipping coefficient's allowance (`rounding`);
+    * ``groups`` with `group_key` and `clipped_grads_grouped`: same-shaped layers counted and assembled as one
+      (`flashnorm.grad_sample.layer_groups`);
     * `per_sample_dtype`, `supports`.
 
     ``backend`` (``"auto"``, ``"triton"``, ``"torch"``; ``None`` reads ``FLASHNORM_BACKEND``) is handed to the
@@ -70,6 +72,10 @@ class NormRule(abc.ABC):
     #: ``nn.Module``'s call machinery, `CALL_MACHINERY`) is the registered class's own; one that overrides
     #: any takes the exact fallback. Methods off the path (``_get_name``, ``extra_repr``, ``__init__``) never count.
     call_path: Tuple[str, ...] = ("forward",)
+    #: Layers of this rule may be counted in groups (`flashnorm.grad_sample.layer_groups`): its ``flash`` and
+    #: ``gram`` norms and `rounding_scale` are per-sample over any batch of stacked captures, and it defines
+    #: `clipped_grads_grouped`.
+    groups: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -167,6 +173,19 @@ class NormRule(abc.ABC):
         """Σ_b c_b ∇_θ ℓ_b for each trainable parameter θ: {θ: θ.shape} (without those of
         `vector_params` when ``vectors=False``)."""
         return clipped_from_per_sample(self.per_sample_grads(layer, x, g, backend=backend), coef, backend=backend)
+
+    def group_key(self, layer: nn.Module) -> tuple:
+        """What besides class, shapes and capture dtypes layers of one group share: which of their own parameters
+        are trainable, and their dtypes."""
+        return tuple((p.requires_grad, p.dtype) for p in layer.parameters(recurse=False))
+
+    def clipped_grads_grouped(
+        self, layers: List[nn.Module], x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *,
+        backend: Optional[str] = None,
+    ) -> Dict[nn.Parameter, torch.Tensor]:
+        """`clipped_grads` of L layers at once from their captures stacked, x: [L·B, ...], g: [L·B, ...], and
+        coef: [B]: {θ: θ.shape} over every layer's trainable parameters (rules with ``groups``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not group layers")
 
 
 def register_norm_rule(layer_types, *, force: bool = False):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from flashnorm.grad_sample import GradSampleModuleFastGradientClipping, GradSampleModuleFastGradientClippingFuse
-from flashnorm.grad_sample import packed_grads
+from flashnorm.grad_sample import layer_groups, packed_grads
 from flashnorm.grad_sample.packed_grads import PackedPerSampleGrads
 from tests.grad_sample.direct import TwoHeads, wrap
 
@@ -37,11 +37,13 @@ def test_one_pass_keeps_per_sample_gradients_in_one_buffer(use_second):
 
 @pytest.mark.parametrize("method", ["flash", "gram"])
 @pytest.mark.parametrize("frozen", [None, "trunk.weight", "trunk.bias"])
-def test_one_pass_keeps_biases_of_kernel_layers_packed(method, frozen):
-    """A Linear whose weight takes a norm kernel keeps its bias's per-sample gradients packed (one norm
-    and one clipped sum with the LayerNorm's); exact against the float64 oracle, frozen parameters included."""
+def test_one_pass_keeps_biases_of_kernel_layers_packed(monkeypatch, method, frozen):
+    """A Linear whose weight takes a norm kernel, counted on its own (no layer group: tests/grad_sample/
+    test_layer_groups.py), keeps its bias's per-sample gradients packed (one norm and one clipped sum with the
+    LayerNorm's); exact against the float64 oracle, frozen parameters included."""
     from tests.oracle import microbatch_reference
 
+    monkeypatch.setattr(layer_groups, "GROUP_MAX_ELEMENTS", 0)
     torch.manual_seed(0)
     model = TwoHeads(use_second=True).double()
     if frozen is not None:

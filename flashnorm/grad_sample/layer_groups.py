@@ -1,0 +1,91 @@
+"""Same-shaped layers counted and assembled as one: a norm launch and an assembly GEMM per group, not per layer.
+
+At short sequences a one-pass step costs what the host spends issuing it, about thirty operations per Linear
+layer (its norm, the bias term, the rounding scale, the assembly GEMM and the casts around them). Layers of one
+rule and one class whose captures have the same shapes and dtypes (GPT-2's twelve ``c_attn``, Llama's sixteen
+``q_proj``) are counted together instead: their inputs and output gradients are stacked into one batch of L·B
+samples, X: [L·B, ..., d] and G: [L·B, ..., p], whose per-sample norm terms, viewed [L, B] and summed over the L
+layers, are the group's [B] term; the writer then assembles all L clipped gradients with one batched GEMM
+(`NormRule.clipped_grads_grouped`). Each sample's per-layer sums are the same sums as ungrouped, over the same
+rows: only the launches are shared.
+
+A layer is grouped when the rule can (``NormRule.groups``), the writer assembles from what the pass kept
+(``ClippedGradientWriter.assembles_groups``: the one-pass mode keeps X and G until the write anyway), the layer
+has one use and shares no parameter, its norm method is ``flash`` or ``gram``, norms are not split by parameter,
+the kernels are not forced to Triton (``backend="triton"``: the group's assembly is one cuBLAS batched GEMM in
+float32), and its X and G together hold at most `GROUP_MAX_ELEMENTS` elements: beyond that the GPU's work, not the
+host's, sets the step's time, and the stacking copy would add to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+
+from .capture import HookedLayer
+
+#: Largest X and G of one layer (elements, together) that is grouped; larger layers are counted one by one.
+GROUP_MAX_ELEMENTS = 1 << 20
+#: The norm methods whose terms are per-sample sums over the rows a group stacks.
+GROUPED_METHODS = ("flash", "gram")
+
+
+class LayerGroup:
+    """Layers counted as one: their captures, stacked once every member's output gradient is in.
+
+    Args:
+        layers: the members, in forward order.
+        method: their norm method.
+    """
+
+    def __init__(self, layers: List[HookedLayer], method: str):
+        self.layers = layers
+        self.method = method
+        self._arrived: Dict[HookedLayer, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, layer: HookedLayer, x: torch.Tensor, g: torch.Tensor) -> bool:
+        """Holds one member's (X, G); returns whether every member's are in."""
+        self._arrived[layer] = (x, g)
+        return len(self._arrived) == len(self.layers)
+
+    @property
+    def pending(self) -> bool:
+        """Some member's captures are held (a pass that reached only part of the group leaves them)."""
+        return bool(self._arrived)
+
+    def take(self) -> Tuple[List[HookedLayer], torch.Tensor, torch.Tensor]:
+        """(members that arrived, X stacked [L·B, ...], G stacked [L·B, ...]), in forward order; the group is empty
+        afterwards."""
+        members = [layer for layer in self.layers if layer in self._arrived]
+        pairs = [self._arrived[layer] for layer in members]
+        self._arrived = {}
+        if len(pairs) == 1:
+            return members, pairs[0][0], pairs[0][1]
+        return members, torch.cat([x for x, _ in pairs]), torch.cat([g for _, g in pairs])
+
+
+def plan_layer_groups(captured, method_of) -> Dict[HookedLayer, LayerGroup]:
+    """Before the norm pass: each grouped layer's `LayerGroup` (see the module docstring), groups of two layers or
+    more. ``captured``: (layer, `LayerCapture`) in forward order; ``method_of(layer, x, g_shape, g_dtype)``: the
+    planner's norm method."""
+    by_key: Dict[tuple, List[HookedLayer]] = {}
+    methods: Dict[tuple, str] = {}
+    for layer, capture in captured:
+        rule, x = layer.rule, capture.x
+        if (not rule.groups or len(capture.xs) != 1 or layer.shared or not layer.batch_first or x is None
+                or x.shape[0] == 0 or capture.out_meta is None):
+            continue
+        g_shape, g_dtype = capture.out_meta
+        if x.numel() + math.prod(g_shape) > GROUP_MAX_ELEMENTS:
+            continue
+        method = method_of(layer, x, g_shape, g_dtype)
+        if method not in GROUPED_METHODS:
+            continue
+        key = (type(layer.module), method, tuple(x.shape), x.dtype, tuple(g_shape), g_dtype,
+               rule.group_key(layer.module))
+        by_key.setdefault(key, []).append(layer)
+        methods[key] = method
+    return {layer: group for key, layers in by_key.items() if len(layers) > 1
+            for group in (LayerGroup(layers, methods[key]),) for layer in layers}
