@@ -58,18 +58,25 @@ class FusedHeadCausalLM(nn.Module):
             same objects (an optimizer built on it trains this module).
         token_reduction, label_smoothing, vocab_block, backend: those of
             `FusedLinearCrossEntropy`.
+        min_fused_tokens: a call whose labels hold fewer positions (B·T) than this takes the unfused path: the
+            logits from the model's own ``lm_head`` module, then the same per-sample loss
+            (`FusedLinearCrossEntropy.logit_losses`), so that ℓ, and under ``make_private`` the clipped gradient
+            (through ``lm_head``'s own norm rule), are those of the fused path. Default 0: always fused.
 
     Raises:
         ValueError: the model cannot take the fused head (`fused_head_unsupported`).
     """
 
     def __init__(self, model: nn.Module, *, token_reduction: str = "mean", label_smoothing: float = 0.0,
-                 vocab_block: Optional[int] = None, backend: Optional[str] = None):
+                 vocab_block: Optional[int] = None, backend: Optional[str] = None, min_fused_tokens: int = 0):
         super().__init__()
         reason = fused_head_unsupported(model)
         if reason is not None:
             raise ValueError(f"{type(model).__name__} cannot take the fused head: {reason}. Train it unfused.")
+        if min_fused_tokens < 0:
+            raise ValueError(f"min_fused_tokens={min_fused_tokens} must be ≥ 0")
         self.model = model
+        self.min_fused_tokens = min_fused_tokens
         self.head = FusedLinearCrossEntropy.from_linear(
             model.get_output_embeddings(), ignore_index=IGNORE_INDEX, shift=True, token_reduction=token_reduction,
             label_smoothing=label_smoothing, vocab_block=vocab_block, backend=backend,
@@ -78,12 +85,14 @@ class FusedHeadCausalLM(nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
         """ℓ [B] for ``labels`` [B, T] (required); every other argument goes to the base model (``use_cache``
-        defaults to False)."""
+        defaults to False). Fused unless the labels hold fewer than ``min_fused_tokens`` positions."""
         if labels is None:
             raise ValueError("FusedHeadCausalLM needs labels: its forward returns the per-sample losses.")
         kwargs.setdefault("use_cache", False)
         out = self.model.base_model(input_ids=input_ids, **kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if labels.numel() < self.min_fused_tokens:
+            return self.head.logit_losses(self.model.get_output_embeddings()(hidden), labels)
         return self.head(hidden, labels)
 
 
