@@ -15,8 +15,9 @@ The one-line switch for a plain loop (Llama, Qwen2, Mistral, Gemma, GPT-2, and o
 labels[t + 1]), -100 ignored. ℓ_b is the mean over the sample's scored positions (``token_reduction="mean"``: what
 DPTrainer trains and Opacus's ``loss_reduction="mean"`` with ``shape=(B, T, V)`` gives; 0 for a sample with none), or
 their sum (``"sum"``, for ``loss_reduction="sum"``); ``label_smoothing`` is transformers' ``LabelSmoother``'s ε.
-`fused_head_unsupported` says why a model cannot take the fused head (its logits are not ``lm_head(h)``:
-soft-capped or scaled); the HF model itself stays ``model.model`` (save it, not the wrapper).
+`fused_head_unsupported` says why a model cannot take the fused head (its logits are not ``lm_head(h)``: soft-capped or
+scaled, as its config says, or a layer with parameters of its own, such as BERT's prediction transform, lies between
+the base model and ``lm_head``); the HF model itself stays ``model.model`` (save it, not the wrapper).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def fused_head_unsupported(model: nn.Module) -> Optional[str]:
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         return "it has no base model (model.base_model) to compute the hidden states"
+    known = {id(p) for p in base.parameters()} | {id(p) for p in head.parameters()}
+    outside = [name for name, p in model.named_parameters() if id(p) not in known]
+    if outside:
+        return (f"it has parameters outside its base model and lm_head ({outside[0]}): a layer between the hidden "
+                "states and lm_head")
     config = getattr(model, "config", None)
     for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)

@@ -133,12 +133,20 @@ class _IdsAndLabels(torch.nn.Module):
 
 
 def test_refuses_transformed_logits():
-    """Gemma-2 soft-caps its logits after lm_head: not a linear cross-entropy, refused with the reason."""
+    """Gemma-2 soft-caps its logits after lm_head, BERT's causal LM transforms the hidden states before it (dense,
+    GELU, LayerNorm: cls.predictions.transform): not a linear cross-entropy of the base model's hidden states,
+    refused with the reason."""
     config = transformers.Gemma2Config(**SMALL, head_dim=8)
     model = transformers.AutoModelForCausalLM.from_config(config)
     assert "final_logit_softcapping" in fused_head_unsupported(model)
     with pytest.raises(ValueError, match="cannot take the fused head"):
         FusedHeadCausalLM(model)
+    bert = transformers.BertLMHeadModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        is_decoder=True))
+    assert type(bert.get_output_embeddings()) is torch.nn.Linear
+    assert "outside its base model and lm_head (cls.predictions.transform." in fused_head_unsupported(bert)
+    assert all(fused_head_unsupported(build(kind, tied)) is None for kind in CONFIGS for tied in (True, False))
 
 
 def test_labels_are_required_and_the_threshold_is_not_negative():
