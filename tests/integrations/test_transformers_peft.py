@@ -17,17 +17,8 @@ from flashnorm.integrations.transformers import DPTrainer, PrivacyArguments, mod
 from flashnorm.utils.export import unwrap_model  # noqa: E402
 from tests.conftest import CLIPPING_MODES, TOLERANCES  # noqa: E402
 from tests.grad_sample.guarantee import NEVER, Attempt, influence, run  # noqa: E402
-from tests.integrations.test_transformers import VOCAB, T, Rows, tiny_bert, tiny_gpt2  # noqa: E402
+from tests.integrations.test_transformers import VOCAB, T, Rows, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 from tests.oracle import microbatch_reference  # noqa: E402
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
 
 
 def tiny_gpt2_classifier():
