@@ -15,6 +15,10 @@ The one-line switch for a plain loop (Llama, Qwen2, Mistral, Gemma, GPT-2, and o
 labels[t + 1]), -100 ignored. ℓ_b is the mean over the sample's scored positions (``token_reduction="mean"``: what
 DPTrainer trains and Opacus's ``loss_reduction="mean"`` with ``shape=(B, T, V)`` gives; 0 for a sample with none), or
 their sum (``"sum"``, for ``loss_reduction="sum"``); ``label_smoothing`` is transformers' ``LabelSmoother``'s ε.
+``min_fused_tokens`` keeps calls of fewer label positions on the model's own ``lm_head`` (the same ℓ, computed from
+its logits). `flashnorm.integrations.transformers.DPTrainer` trains causal LMs this way as
+``PrivacyArguments.fused_head`` says (``"auto"``: on CUDA, for micro-batches of at least 16384 label positions;
+``"on"``; ``"off"``).
 `fused_head_unsupported` says why a model cannot take the fused head (its logits are not ``lm_head(h)``: soft-capped or
 scaled, as its config says, or a layer with parameters of its own, such as BERT's prediction transform, lies between
 the base model and ``lm_head``); the HF model itself stays ``model.model`` (save it, not the wrapper).
@@ -39,7 +43,7 @@ def fused_head_unsupported(model: nn.Module) -> Optional[str]:
     """``None`` when ``model`` (a transformers causal LM) can run on the fused head, else why not."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear:
-        return f"its output embeddings are {type(head).__name__}, not an nn.Linear"
+        return f"its output embeddings are {type(head).__module__}.{type(head).__qualname__}, not torch.nn.Linear"
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         return "it has no base model (model.base_model) to compute the hidden states"
