@@ -11,6 +11,13 @@ from typing import Optional
 
 from ..modes import get_mode
 
+#: The values of ``PrivacyArguments.fused_head``.
+FUSED_HEAD_SETTINGS = ("auto", "on", "off")
+#: ``fused_head="auto"``: the fewest label positions (B·T) of a micro-batch that takes the fused head, on CUDA. It is
+#: where the fused head was measured exact and at least as fast on an H100 (T = 16k to 64k, the Llama-3.2-1B shape and
+#: GPT-2 small); shorter micro-batches were not measured and keep the model's own logits.
+AUTO_MIN_FUSED_TOKENS = 16384
+
 
 @dataclass
 class PrivacyArguments:
@@ -45,6 +52,17 @@ class PrivacyArguments:
             the trainer reports. ``False`` computes no training loss: ``loss`` and ``train_loss`` are left out of
             the logs (ε, the learning rate and the evaluation metrics are still logged) and ``train()`` returns
             ``training_loss = nan``.
+        fused_head: where a causal LM's loss is computed on FlashNorm's fused linear cross-entropy head
+            (`flashnorm.integrations.fused_head`: the base model's hidden states, then the loss and its exact
+            per-sample norms without the [B, T, V] logits) instead of from the model's own logits; both give the same
+            loss and the same clipped gradient. ``"auto"`` (default): on CUDA, for micro-batches of at least
+            ``AUTO_MIN_FUSED_TOKENS`` = 16384 label positions (B·T), where it was measured at least as fast; the
+            model's own logits otherwise, and on CPU (where the fused head runs a chunked PyTorch reference), for a
+            model that cannot take it, and when `DPTrainer.dp_loss` is overridden. ``"on"``: every micro-batch
+            fused, on any device; a model that cannot take it (a sequence classifier, logits that are not
+            ``lm_head(h)``, PEFT prefix tuning) is refused at ``train()``, naming why, and so is DDP (FlashNorm
+            refuses a parameter shared by two layers there; the fused head shares ``lm_head``'s weight). ``"off"``:
+            never.
     """
 
     noise_multiplier: Optional[float] = field(
@@ -64,6 +82,11 @@ class PrivacyArguments:
     poisson_sampling: bool = field(default=True, metadata={"help": "Poisson-sample each logical batch."})
     log_loss: bool = field(
         default=True, metadata={"help": "Log the training loss (not private: computed before clipping and noise)."})
+    fused_head: str = field(
+        default="auto", metadata={"help": "A causal LM's loss on FlashNorm's fused linear cross-entropy head (no "
+                                          "[B, T, V] logits; the same loss and clipped gradient): auto (on CUDA, for "
+                                          f"micro-batches of at least {AUTO_MIN_FUSED_TOKENS} label positions), on "
+                                          "(always; an unsupported model is refused) or off."})
 
     def __post_init__(self):
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -83,6 +106,11 @@ class PrivacyArguments:
             raise ValueError(
                 f"max_epsilon={self.max_epsilon} < target_epsilon={self.target_epsilon}: the run planned for "
                 "target_epsilon would stop early; lower target_epsilon or raise max_epsilon."
+            )
+        if self.fused_head not in FUSED_HEAD_SETTINGS:
+            raise ValueError(
+                f"fused_head={self.fused_head!r} is not one of {', '.join(map(repr, FUSED_HEAD_SETTINGS))}: 'auto' "
+                "(the fused head where it was measured faster), 'on' (always) or 'off' (never)."
             )
         mode = get_mode(self.grad_sample_mode)  # raises on an unknown mode, listing the valid ones
         if mode.delegated or mode.fsdp:

@@ -24,6 +24,13 @@ config (`model_task`):
 * with ``label_smoothing_factor`` ε, each cross-entropy term is transformers' ``LabelSmoother``'s,
   (1 - ε)·(-log p_y) + ε·mean_v(-log p_v), averaged over the sample's scored positions.
 
+A causal LM's loss runs on FlashNorm's fused linear cross-entropy head where ``PrivacyArguments.fused_head`` says so
+(by default on CUDA, for micro-batches of at least 16384 label positions; ``"on"``: always): ``make_private`` then
+takes a `FusedHeadCausalLM` around the model (a PEFT model's base model) in its place, on the same Parameters, whose
+forward computes the base model's hidden states and then the same ℓ_b (``labels`` as above, label smoothing
+included) without the [B, T, V] logits, so the clipped gradient is the same; ``self.model`` stays the model that is
+saved, checkpointed and evaluated. One process only: under DDP it is left out (``"on"`` is refused).
+
 The logged training loss (``loss``, ``train_loss``) is computed before clipping and noise: it is not private
 (``PrivacyArguments.log_loss=False`` leaves it out).
 
@@ -36,7 +43,8 @@ wrap the model). Every rank draws the same logical batch (same seed) and keeps i
 PEFT models (``peft.get_peft_model``: LoRA and the other adapters whose layers FlashNorm has rules for, and prefix
 tuning) train as they come: only their trainable parameters (the adapters, PEFT's ``modules_to_save``) are in the
 optimizer, so only they are clipped (C over all of them together) and noised; the frozen base gets no gradient.
-``save_model`` writes the adapter the PEFT way (``adapter_config.json``, ``adapter_model.safetensors``). Prompt
+``save_model`` writes the adapter the PEFT way (``adapter_config.json``, ``adapter_model.safetensors``); a causal
+LM's fused head is built on the base model, whose layers hold the adapters (not for prefix tuning). Prompt
 tuning and P-tuning are refused (PEFT embeds the virtual tokens once and repeats them over the batch, so their
 per-sample gradients cannot be told apart).
 
@@ -72,10 +80,12 @@ from transformers.utils import logging
 
 from ..accounting import epsilon, noise_multiplier
 from ..criterion import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from ..layers import PerSampleLoss
 from ..privacy_engine import FlashNormPrivacyEngine
 from ..utils.export import peft_model_of, unwrap_model
+from .fused_head import FusedHeadCausalLM, fused_head_unsupported
 from .micro_batches import CollateOrEmpty, MicroBatchSampler
-from .privacy_arguments import PrivacyArguments
+from .privacy_arguments import AUTO_MIN_FUSED_TOKENS, PrivacyArguments
 
 logger = logging.get_logger(__name__)
 
@@ -150,6 +160,17 @@ def _is_datasets_dataset(dataset) -> bool:
     return isinstance(dataset, datasets.Dataset)
 
 
+def _min_fused_tokens(setting: str, device: torch.device) -> Optional[int]:
+    """``FusedHeadCausalLM``'s ``min_fused_tokens`` for ``PrivacyArguments.fused_head=setting`` on ``device``, or
+    ``None`` for the model's own logits: ``"on"`` 0 (every micro-batch); ``"auto"`` ``AUTO_MIN_FUSED_TOKENS`` on
+    CUDA, ``None`` elsewhere; ``"off"`` ``None``."""
+    if setting == "on":
+        return 0
+    if setting == "auto" and device.type == "cuda":
+        return AUTO_MIN_FUSED_TOKENS
+    return None
+
+
 def _batch_size(inputs: Dict) -> int:
     for v in inputs.values():
         if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -180,8 +201,11 @@ class DPTrainer(transformers.Trainer):
 
     Attributes (after training starts):
         privacy_engine: the `FlashNormPrivacyEngine` (its ``accountant`` holds the history).
-        dp_model: the grad-sample module around ``self.model``, or around its DDP wrapper when W > 1
-            (``self.model`` stays the plain model).
+        dp_model: the grad-sample module around ``self.model`` (around ``fused_model`` when that is set), or
+            around its DDP wrapper when W > 1 (``self.model`` stays the plain model).
+        fused_model: the `FusedHeadCausalLM` around ``self.model`` (a PEFT model's base model) that
+            ``make_private`` took in its place when ``PrivacyArguments.fused_head`` puts the causal LM's loss on the
+            fused head (the same Parameters; its forward returns ℓ [B]); else ``None``.
         dp_optimizer: the DP optimizer (``self.optimizer`` is the accelerator's wrapper around it).
         noise_multiplier, sample_rate: σ and q of every DP step.
         budget_stop: after a run stopped by the privacy budget, (the global step, ε spent, ε the next step would
@@ -193,6 +217,7 @@ class DPTrainer(transformers.Trainer):
         self.privacy_args = privacy_args
         self.privacy_engine: Optional[FlashNormPrivacyEngine] = None
         self.dp_model = None
+        self.fused_model: Optional[FusedHeadCausalLM] = None
         self.noise_multiplier: Optional[float] = None
         self.sample_rate: Optional[float] = None
         self.dp_optimizer = None
@@ -333,8 +358,9 @@ class DPTrainer(transformers.Trainer):
 
     # -- privacy engine ------------------------------------------------------------------------------
     def create_optimizer(self, *args, **kwargs):
-        """The Trainer's optimizer, then ``make_private`` on (model, optimizer, logical-batch loader); the model
-        wrapped in DDP first when W > 1.
+        """The Trainer's optimizer, then ``make_private`` on (model, optimizer, logical-batch loader): the model, or
+        the causal LM on the fused head (`fused_model`, as ``PrivacyArguments.fused_head`` says), wrapped in DDP
+        first when W > 1.
 
         The logical batches are then drawn by Opacus's ``UniformWithReplacementSampler`` at q with the loader's
         generator (seeded alike on every rank, so every rank draws the same logical batch), or by the plain
@@ -349,19 +375,20 @@ class DPTrainer(transformers.Trainer):
         if self._logical_loader is None:
             raise RuntimeError("DPTrainer.create_optimizer runs inside train(), after get_train_dataloader().")
         pa = self.privacy_args
+        self.fused_model = self._fused_model()
         sigma, self.sample_rate = self._privacy_parameters(len(self._logical_loader))
         self.noise_multiplier = sigma
         self.privacy_engine = FlashNormPrivacyEngine(accountant=pa.accountant)
         self.model.train()  # an evaluate() before train() leaves it in eval mode, which make_private refuses
-        module = self.model
+        module = self.model if self.fused_model is None else self.fused_model
         if self.args.world_size > 1:  # FlashNorm's DDP classes; buffers are not broadcast at forward (a rank
             # with an empty micro-batch runs none), the replicas' buffers being DDP's broadcast at construction
             device_ids = [self.args.device.index] if self.args.device.type == "cuda" else None
-            module = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
+            module = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
         self.dp_model, self.dp_optimizer, _, _ = self.privacy_engine.make_private(
             module=module,
             optimizer=optimizer,
-            criterion=nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
+            criterion=nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX) if self.fused_model is None else PerSampleLoss(),
             data_loader=self._logical_loader,
             noise_multiplier=sigma,
             max_grad_norm=pa.per_sample_max_grad_norm,
@@ -379,6 +406,50 @@ class DPTrainer(transformers.Trainer):
         self.optimizer = self.dp_optimizer
         self.model_wrapped = self.dp_model  # the training loop runs the wrapper; self.model stays the plain model
         return self.optimizer
+
+    def _fused_model(self) -> Optional[FusedHeadCausalLM]:
+        """The causal LM on the fused head, ``FusedHeadCausalLM(self.model)`` (a PEFT model's base model, whose
+        layers hold the adapters) with the Trainer's label smoothing, when ``PrivacyArguments.fused_head`` asks for
+        it and the model can take it; else ``None`` (the model's own logits). ``"auto"`` leaves an overridden
+        `dp_loss` the model itself.
+
+        Raises:
+            ValueError: ``fused_head="on"`` and a model that cannot take the fused head, naming why.
+        """
+        setting = self.privacy_args.fused_head
+        min_fused_tokens = _min_fused_tokens(setting, self.args.device)
+        if min_fused_tokens is None or (setting == "auto" and type(self).dp_loss is not DPTrainer.dp_loss):
+            return None
+        reason = self._fused_head_unsupported()
+        if reason is not None:
+            if setting == "on":
+                raise ValueError(f"PrivacyArguments(fused_head='on'): {reason}. Set fused_head='auto' or 'off' to "
+                                 "train on the model's own logits.")
+            return None
+        smoother = self.label_smoother
+        return FusedHeadCausalLM(unwrap_model(self.model, peft=True), min_fused_tokens=min_fused_tokens,
+                                 label_smoothing=0.0 if smoother is None else float(smoother.epsilon))
+
+    def _fused_head_unsupported(self) -> Optional[str]:
+        """``None`` when the model's loss can run on the fused head, else why not."""
+        try:
+            task = self.task
+        except NotImplementedError:  # neither task (a dp_loss override trains it)
+            task = "neither CAUSAL_LM nor SEQ_CLS"
+        if task != CAUSAL_LM:
+            return f"the fused head computes a causal LM's loss, and the model's task is {task}"
+        peft_model = peft_model_of(self.model)
+        if peft_model is not None and getattr(peft_model.active_peft_config, "is_prompt_learning", False):
+            return (f"PEFT's {_name(peft_model.active_peft_config.peft_type)} adds its virtual tokens in the PEFT "
+                    "model's forward, which the fused head (on the base model) does not run")
+        base = unwrap_model(self.model, peft=True)
+        reason = fused_head_unsupported(base)
+        if reason is not None:
+            return f"{type(base).__name__} cannot take the fused head: {reason}"
+        if self.args.world_size > 1:
+            return (f"under DDP (world size {self.args.world_size}) FlashNorm refuses a parameter that two layers "
+                    "share, and the fused head shares lm_head's weight with lm_head")
+        return None
 
     def _privacy_parameters(self, logical_batches: int) -> Tuple[float, float]:
         """(σ, q) of every DP step for ``logical_batches`` logical batches per epoch: q = 1 / logical_batches; σ is
@@ -401,17 +472,21 @@ class DPTrainer(transformers.Trainer):
     # -- the step ------------------------------------------------------------------------------------
     def dp_criterion(self, loss: nn.Module) -> DPLossFastGradientClipping:
         """FlashNorm's DP criterion around the loss module ``loss`` (``reduction="mean"``), for this run's
-        grad-sample module and DP optimizer: ``dp_criterion(loss)(output, target, shape=None)`` → ℓ: [B]."""
+        grad-sample module and DP optimizer: ``dp_criterion(loss)(output, target, shape=None)`` → ℓ: [B]
+        (``dp_criterion(PerSampleLoss())(losses)`` for per-sample losses a model computed itself)."""
         return DPLossFastGradientClipping(self.dp_model, self.dp_optimizer, loss, "mean")
 
     def dp_loss(self, model: nn.Module, inputs: Dict) -> DPTensorFastGradientClipping:
         """Per-sample losses ℓ: [B] of one micro-batch (``inputs`` holds ``labels``), as a DP tensor whose
         ``backward()`` writes Σ_b c_b ∇ℓ_b. Override for other heads: run ``model`` (the grad-sample module)
-        and return `dp_criterion` applied to its output."""
+        and return `dp_criterion` applied to its output. On the fused head (`fused_model` set: with
+        ``fused_head="on"``, an override gets it too) ``model(**inputs)`` returns ℓ [B] itself, labels included."""
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         if labels is None:
             raise ValueError("DPTrainer needs `labels` in every batch (the per-sample loss is computed from them).")
+        if self.fused_model is not None:
+            return self.dp_criterion(PerSampleLoss())(model(labels=labels, **inputs))
         task = self.task
         logits = model(**inputs).logits
         if task == CAUSAL_LM:

@@ -289,13 +289,19 @@ def logit_stats_reference(x2, w, bias, y, v0, v1) -> Tuple[torch.Tensor, torch.T
     for r0 in range(0, n_rows, rows):
         r1 = min(n_rows, r0 + rows)
         z = _logits_reference(x2, w, bias, r0, r1, v0, v1)
-        lse[r0:r1] = torch.logsumexp(z, dim=1)
-        local = y[r0:r1] - v0
-        inside = (local >= 0) & (local < v1 - v0)
-        picked = z.gather(1, local.clamp(0, max(0, v1 - v0 - 1)).unsqueeze(1)).squeeze(1)
-        z_y[r0:r1] = torch.where(inside, picked, torch.zeros_like(picked))
-        z_sum[r0:r1] = z.sum(dim=1)
+        lse[r0:r1], z_y[r0:r1], z_sum[r0:r1] = logit_row_stats(z, y[r0:r1], v0)
     return lse, z_y, z_sum
+
+
+def logit_row_stats(z: torch.Tensor, y: torch.Tensor, v0: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, z_y, z_sum) [rows] of logits z [rows, V_J] that are the vocabulary's columns [v0, v0 + V_J), for
+    targets y [rows] (z_y = 0 where y lies outside them), in z's dtype; differentiable (the unfused head's loss,
+    `flashnorm.layers.FusedLinearCrossEntropy.logit_losses`, takes its gradient through them)."""
+    width = z.shape[1]
+    local = y - v0
+    inside = (local >= 0) & (local < width)
+    picked = z.gather(1, local.clamp(0, max(0, width - 1)).unsqueeze(1)).squeeze(1)
+    return torch.logsumexp(z, dim=1), torch.where(inside, picked, torch.zeros_like(picked)), z.sum(dim=1)
 
 
 def logit_grad_block_reference(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, spread) -> torch.Tensor:

@@ -24,8 +24,9 @@ step measures is what it applies. Memory: G's tile (samples × T × V_J, at most
 V_J × d, never T × V. Cost per pass over the vocabulary: 2·B·T·V·d FLOPs per GEMM (the logits, then X̄, the norms,
 the clipped gradient: one more each).
 
-`FusedLinearCrossEntropy` is the module (its norm rule: `flashnorm.norms.linear_cross_entropy`);
-`fused_linear_cross_entropy` the functional form for non-private use.
+`FusedLinearCrossEntropy` is the module (its norm rule: `flashnorm.norms.linear_cross_entropy`; its
+``logit_losses`` the same loss from logits formed elsewhere); `fused_linear_cross_entropy` the functional form for
+non-private use.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch.autograd.function import once_differentiable
 from ..kernels import clipped_bias_grad, clipped_weight_grad, flash_norm_sq
 from ..kernels.accumulation import MAX_CHUNK_ELEMENTS, accumulation_dtype
 from ..kernels.backend import resolve_backend
-from ..kernels.linear_cross_entropy import logit_grad_block, logit_stats
+from ..kernels.linear_cross_entropy import logit_grad_block, logit_row_stats, logit_stats
 
 #: Token reductions of a sample's loss (Opacus's per-sequence semantics for ``loss_reduction="mean"``/``"sum"``).
 TOKEN_REDUCTIONS = ("mean", "sum")
@@ -300,9 +301,16 @@ def head_losses(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         else:
             lse, z_y, z_sum = torch.logaddexp(lse, block[0]), z_y + block[1], z_sum + block[2]
     call.lse = lse
-    token = lse - call.keep * z_y - call.spread * z_sum
-    token = torch.where(call.alpha != 0, token, torch.zeros_like(token))  # ignored rows: 0 whatever their logits
-    return (call.alpha * token).view(batch, steps).sum(dim=1)
+    return token_losses(lse, z_y, z_sum, call.alpha, call.keep, call.spread, steps)
+
+
+def token_losses(lse: torch.Tensor, z_y: torch.Tensor, z_sum: torch.Tensor, alpha: torch.Tensor, keep: float,
+                 spread: float, steps: int) -> torch.Tensor:
+    """ℓ_b = Σ_t α_bt·(lse_bt − keep·z_bt,y − spread·Σ_v z_btv) [B] from the logits' row statistics [B·T] (keep =
+    1 − ε, spread = ε/V): the loss's one formula, for the fused head and for logits formed elsewhere."""
+    token = lse - keep * z_y - spread * z_sum
+    token = torch.where(alpha != 0, token, torch.zeros_like(token))  # ignored rows: 0 whatever their logits
+    return (alpha * token).view(-1, steps).sum(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,21 +375,48 @@ def _rows(hidden: torch.Tensor, target: torch.Tensor, shift: bool) -> Tuple[torc
     return hidden, target
 
 
-def prepare_call(hidden, weight, bias, target, *, ignore_index=-100, shift=False, token_reduction="mean",
-                 label_smoothing=0.0, vocab_block=None, backend=None):
-    """(X [B, T, d], W, b, `HeadCall`): the operands in the compute dtype (autocast's when it is on) and the
-    call's record. Shift: position t is scored on target[t + 1], the last position on nothing (Hugging Face's
-    causal-LM labels).
-
-    Raises:
-        ValueError: shapes, options, a target outside [0, V) that is not ``ignore_index`` (read on the host; not
-            while a CUDA graph is captured).
-        TypeError: X and W of different dtypes.
-    """
+def _check_options(token_reduction: str, label_smoothing: float) -> None:
     if token_reduction not in TOKEN_REDUCTIONS:
         raise ValueError(f"token_reduction={token_reduction!r} is not one of {', '.join(TOKEN_REDUCTIONS)}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1]")
+
+
+def token_weights(target: torch.Tensor, vocab: int, acc: torch.dtype, *, ignore_index: int, shift: bool,
+                  token_reduction: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [B·T] int64, α [B·T] in ``acc``) for target [B, T]: shifted (position t scored on target[t + 1], the last
+    on nothing) when ``shift``; α = 0 where y is ``ignore_index``, else 1/n_b (``"mean"``, n_b the sample's scored
+    positions) or 1 (``"sum"``).
+
+    Raises:
+        ValueError: a target outside [0, V) that is not ``ignore_index`` (read on the host; not while a CUDA graph
+            is captured).
+    """
+    target = target.long()
+    if shift:
+        target = torch.nn.functional.pad(target[:, 1:], (0, 1), value=ignore_index)
+    valid = target != ignore_index
+    if not (target.is_cuda and torch.cuda.is_current_stream_capturing()):
+        bad = valid & ((target < 0) | (target >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"a target lies outside [0, {vocab}) and is not ignore_index={ignore_index}: "
+                             f"{int(target[bad][0])}")
+    alpha = valid.to(acc)
+    if token_reduction == "mean":
+        alpha = alpha / alpha.sum(dim=1, keepdim=True).clamp(min=1)
+    return target.reshape(-1), alpha.reshape(-1)
+
+
+def prepare_call(hidden, weight, bias, target, *, ignore_index=-100, shift=False, token_reduction="mean",
+                 label_smoothing=0.0, vocab_block=None, backend=None):
+    """(X [B, T, d], W, b, `HeadCall`): the operands in the compute dtype (autocast's when it is on) and the
+    call's record (targets and token weights: `token_weights`).
+
+    Raises:
+        ValueError: shapes, options, a target outside [0, V) that is not ``ignore_index``.
+        TypeError: X and W of different dtypes.
+    """
+    _check_options(token_reduction, label_smoothing)
     x, target = _rows(hidden, target, shift)
     cast = _autocast_dtype(x.device)
     if cast is not None:
@@ -393,21 +428,10 @@ def prepare_call(hidden, weight, bias, target, *, ignore_index=-100, shift=False
     vocab = weight.shape[0]
     if weight.shape[1] != d:
         raise ValueError(f"the head's weight is {tuple(weight.shape)} but the hidden size is {d}")
-    target = target.long()
-    if shift:
-        target = torch.nn.functional.pad(target[:, 1:], (0, 1), value=ignore_index)
-    valid = target != ignore_index
-    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        bad = valid & ((target < 0) | (target >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"a target lies outside [0, {vocab}) and is not ignore_index={ignore_index}: "
-                             f"{int(target[bad][0])}")
-    acc = accumulation_dtype(x, weight)
-    alpha = valid.to(acc)
-    if token_reduction == "mean":
-        alpha = alpha / alpha.sum(dim=1, keepdim=True).clamp(min=1)
+    targets, alpha = token_weights(target, vocab, accumulation_dtype(x, weight), ignore_index=ignore_index,
+                                   shift=shift, token_reduction=token_reduction)
     call = HeadCall(
-        targets=target.reshape(-1), alpha=alpha.reshape(-1), keep=1.0 - label_smoothing,
+        targets=targets, alpha=alpha, keep=1.0 - label_smoothing,
         spread=label_smoothing / vocab, steps=steps, dtype=x.dtype,
         tiling=head_tiling(batch, steps, vocab, d, vocab_block), backend=resolve_backend(backend),
         input_requires_grad=hidden.requires_grad,
@@ -450,8 +474,7 @@ class FusedLinearCrossEntropy(nn.Module):
                  shift: bool = False, token_reduction: str = "mean", label_smoothing: float = 0.0,
                  vocab_block: Optional[int] = None, backend: Optional[str] = None):
         super().__init__()
-        if token_reduction not in TOKEN_REDUCTIONS:
-            raise ValueError(f"token_reduction={token_reduction!r} is not one of {', '.join(TOKEN_REDUCTIONS)}")
+        _check_options(token_reduction, label_smoothing)
         self.weight = weight
         self.bias = bias
         self.ignore_index = ignore_index
@@ -476,6 +499,19 @@ class FusedLinearCrossEntropy(nn.Module):
         )
         self._pending_call = call
         return LinearCrossEntropyFunction.apply(x, weight, bias, call)
+
+    def logit_losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """ℓ [B] from logits [B, T, V] (or [B, V]) formed outside the head, e.g. by the ``nn.Linear`` whose weight it
+        holds: the loss of `forward` by the same formula (`token_weights`, `token_losses`), in the accumulation
+        dtype, differentiable through the logits by ordinary autograd (a model made private then clips through the
+        Linear's own rule). For small batches, where the logits cost less than the head's extra pass."""
+        z, target = _rows(logits, target, self.shift)
+        batch, steps, vocab = z.shape
+        acc = accumulation_dtype(z)
+        targets, alpha = token_weights(target, vocab, acc, ignore_index=self.ignore_index, shift=self.shift,
+                                       token_reduction=self.token_reduction)
+        lse, z_y, z_sum = logit_row_stats(z.reshape(batch * steps, vocab).to(acc), targets)
+        return token_losses(lse, z_y, z_sum, alpha, 1.0 - self.label_smoothing, self.label_smoothing / vocab, steps)
 
     def take_call(self) -> Optional[HeadCall]:
         """The last call's record (once): the norm rule keeps it beside the captured input."""

@@ -14,6 +14,8 @@ import traceback
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+import flashnorm.integrations.transformers as dp_transformers
+from flashnorm.integrations.privacy_arguments import AUTO_MIN_FUSED_TOKENS
 from flashnorm.integrations.transformers import DPTrainer, PrivacyArguments
 from tests.integrations.test_transformers import (
     FirstStep,
@@ -49,6 +51,8 @@ def _summary(trainer: RecordingTrainer) -> dict:
         "world_size": trainer.args.world_size,
         "gsm": type(trainer.dp_model).__name__,
         "ddp": type(trainer.dp_model._module).__name__,
+        "ddp_module": type(trainer.dp_model._module.module).__name__,
+        "fused": trainer.fused_model is not None,
         "optimizer": type(trainer.dp_optimizer).__name__,
         "ddp_reductions": len(trainer.ddp_reductions),
         "micro_batches": trainer.micro_batches,
@@ -58,14 +62,15 @@ def _summary(trainer: RecordingTrainer) -> dict:
     }
 
 
-def exact_step(out_dir: str, clip: float) -> dict:
+def exact_step(out_dir: str, clip: float, fused_head: str = "auto") -> dict:
     """One DP step, noise 0, no Poisson: L = 1 × 2 × 2 = the 4 samples of the training set."""
     model = tiny_gpt2()
     before = copy.deepcopy(model)
     capture = FirstStep()
     trainer = make_trainer(
         model, lm_rows(4), out_dir,
-        PrivacyArguments(noise_multiplier=0.0, per_sample_max_grad_norm=clip, poisson_sampling=False),
+        PrivacyArguments(noise_multiplier=0.0, per_sample_max_grad_norm=clip, poisson_sampling=False,
+                         fused_head=fused_head),
         trainer_cls=RecordingTrainer, callbacks=[capture], per_device_train_batch_size=1,
         gradient_accumulation_steps=2, ddp_timeout=120,
     )
@@ -74,6 +79,26 @@ def exact_step(out_dir: str, clip: float) -> dict:
     before = {n: p.detach() for n, p in before.named_parameters()}
     return {**_summary(trainer), "grads": capture.grads, "before": before,
             "logical_batch_size": trainer.logical_batch_size}
+
+
+def fused_auto_step(out_dir: str, clip: float) -> dict:
+    """`exact_step` with fused_head="auto" where it would fuse (CUDA, here pretended): under DDP it keeps the
+    model's own logits."""
+    fused_tokens = dp_transformers._min_fused_tokens
+    dp_transformers._min_fused_tokens = lambda setting, device: AUTO_MIN_FUSED_TOKENS if setting == "auto" else None
+    try:
+        return exact_step(out_dir, clip, fused_head="auto")
+    finally:
+        dp_transformers._min_fused_tokens = fused_tokens
+
+
+def refusal(case) -> dict:
+    """{"refused": the ValueError's message} of a case that must refuse."""
+    try:
+        case()
+    except ValueError as err:
+        return {"refused": str(err)}
+    return {"refused": None}
 
 
 def poisson_steps(out_dir: str) -> dict:
@@ -92,6 +117,9 @@ def run(rank: int, out_dir: str, clip: float) -> None:
     results to ``out_dir/rank<r>.pt``."""
     results = {}
     for name, case in [("exact", lambda: exact_step(os.path.join(out_dir, "exact"), clip)),
+                       ("fused_auto", lambda: fused_auto_step(os.path.join(out_dir, "fused_auto"), clip)),
+                       ("fused_on", lambda: refusal(lambda: exact_step(os.path.join(out_dir, "fused_on"), clip,
+                                                                       fused_head="on"))),
                        ("poisson", lambda: poisson_steps(os.path.join(out_dir, "poisson")))]:
         try:
             results[name] = case()

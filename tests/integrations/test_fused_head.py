@@ -1,6 +1,7 @@
 """Hugging Face causal LMs on the fused head (flashnorm/integrations/fused_head.py): per-sample losses and gradients
 equal those of the model's own logits (labels shifted inside, -100 ignored), and a DP step equals the float64 oracle
-(each sample's gradient through the unfused model, ordinary autograd), tied and untied, HF checkpointing included."""
+(each sample's gradient through the unfused model, ordinary autograd), tied and untied, HF checkpointing included;
+so do those of the unfused path that calls below ``min_fused_tokens`` label positions take."""
 
 import copy
 
@@ -51,14 +52,29 @@ def hf_losses(model, ids, labels, **options):
     return per_sample_cross_entropy(model(input_ids=ids).logits, labels, shift=True, **options)
 
 
+#: min_fused_tokens for each path of a call on ``rows()`` (3 × 13 label positions).
+PATHS = {"fused": 0, "unfused": 3 * 13 + 1}
+
+
+class HeadCalls:
+    """Counts the calls of the model's own ``lm_head`` module (the unfused path's, never the fused one's)."""
+
+    def __init__(self, model):
+        self.count = 0
+        model.get_output_embeddings().register_forward_pre_hook(lambda *_: setattr(self, "count", self.count + 1))
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("kind", CONFIGS)
-def test_losses_and_gradients_equal_the_models_own(kind, tied):
+def test_losses_and_gradients_equal_the_models_own(kind, tied, path):
     model = build(kind, tied)
     ids, labels = rows()
-    fused = fused_causal_lm(model, label_smoothing=0.1)
+    fused = fused_causal_lm(model, label_smoothing=0.1, min_fused_tokens=PATHS[path])
+    calls = HeadCalls(model)
     upstream = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
     loss = fused(input_ids=ids, labels=labels)
+    assert (calls.count > 0) == (path == "unfused")
     params = [p for p in model.parameters() if p.requires_grad]
     got = torch.autograd.grad((loss * upstream).sum(), params)
     want_loss = hf_losses(model, ids, labels, label_smoothing=0.1)
@@ -80,21 +96,25 @@ def _oracle(model, ids, labels, clip, token_reduction):
 STEP_CASES = [(mode, "gpt2", True) for mode in CLIPPING_MODES] + [("flash_fuse", "llama", False)]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "hf_checkpointing"])
 @pytest.mark.parametrize("mode,kind,tied", STEP_CASES)
-def test_dp_step_matches_float64(mode, kind, tied, checkpointing):
+def test_dp_step_matches_float64(mode, kind, tied, checkpointing, path):
     """One DP step of the fused model (loss_reduction ``mean``, per-sample token mean) equals the float64 oracle on
-    the model's own logits. (Llama's rotary embedding and Gemma's RMSNorm compute in float32 inside a float64 model;
-    the two-pass modes on Llama, and every mode on Gemma, then differ from the oracle by ~1e-7 relative with the
-    unfused head just as with this one, so those cases are left to the exact losses and gradients above.)"""
+    the model's own logits, on either path. (Llama's rotary embedding and Gemma's RMSNorm compute in float32 inside a
+    float64 model; the two-pass modes on Llama, and every mode on Gemma, then differ from the oracle by ~1e-7
+    relative with the unfused head just as with this one, so those cases are left to the exact losses and gradients
+    above.)"""
     model = build(kind, tied)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, labels = rows()
     clip = 1e-2
     expected = _oracle(copy.deepcopy(model), ids, labels, clip, "mean")
-    wrapper = FusedHeadCausalLM(model)
+    wrapper = FusedHeadCausalLM(model, min_fused_tokens=PATHS[path])
+    calls = HeadCalls(model)
     dp_model, grads = dp_step(_IdsAndLabels(wrapper), mode, ids, labels, clip, "mean")
+    assert (calls.count > 0) == (path == "unfused")
     rtol, atol = TOLERANCES["fp64"]
     torch.testing.assert_close(dp_model.get_norm_sample(), expected.norms, rtol=rtol, atol=atol)
     for name, p in model.named_parameters():
@@ -113,14 +133,24 @@ class _IdsAndLabels(torch.nn.Module):
 
 
 def test_refuses_transformed_logits():
-    """Gemma-2 soft-caps its logits after lm_head: not a linear cross-entropy, refused with the reason."""
+    """Gemma-2 soft-caps its logits after lm_head, BERT's causal LM transforms the hidden states before it (dense,
+    GELU, LayerNorm: cls.predictions.transform): not a linear cross-entropy of the base model's hidden states,
+    refused with the reason."""
     config = transformers.Gemma2Config(**SMALL, head_dim=8)
     model = transformers.AutoModelForCausalLM.from_config(config)
     assert "final_logit_softcapping" in fused_head_unsupported(model)
     with pytest.raises(ValueError, match="cannot take the fused head"):
         FusedHeadCausalLM(model)
+    bert = transformers.BertLMHeadModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        is_decoder=True))
+    assert type(bert.get_output_embeddings()) is torch.nn.Linear
+    assert "outside its base model and lm_head (cls.predictions.transform." in fused_head_unsupported(bert)
+    assert all(fused_head_unsupported(build(kind, tied)) is None for kind in CONFIGS for tied in (True, False))
 
 
-def test_labels_are_required():
+def test_labels_are_required_and_the_threshold_is_not_negative():
     with pytest.raises(ValueError, match="needs labels"):
         fused_causal_lm(build("gpt2", True))(input_ids=rows()[0])
+    with pytest.raises(ValueError, match="min_fused_tokens=-1"):
+        fused_causal_lm(build("gpt2", True), min_fused_tokens=-1)

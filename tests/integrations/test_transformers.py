@@ -25,6 +25,15 @@ def tiny_gpt2(tied=False):
     return transformers.GPT2LMHeadModel(config)
 
 
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
 def tiny_bert(num_labels=3):
     config = transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
@@ -129,8 +138,8 @@ def first_step(model, rows, tmp_path, clip, mode="flash_fuse", **args):
     return trainer, capture.grads, before
 
 
-def assert_matches(model, grads, before, reference, lr=1.0):
-    rtol, atol = TOLERANCES["fp32"]
+def assert_matches(model, grads, before, reference, lr=1.0, tolerance="fp32"):
+    rtol, atol = TOLERANCES[tolerance]
     for name, ref in reference.items():
         torch.testing.assert_close(grads[name].double(), ref, rtol=rtol, atol=atol, msg=name)
         p = model.get_parameter(name)

@@ -28,13 +28,19 @@ def test_hf_argument_parser_parses_the_command_line(tmp_path):
         "--output_dir", str(tmp_path), "--per_device_train_batch_size", "2", "--max_grad_norm", "0",
         "--target_epsilon", "3", "--target_delta", "1e-6", "--per_sample_max_grad_norm", "0.25", "--max_epsilon", "4",
         "--grad_sample_mode", "ghost", "--accountant", "rdp", "--poisson_sampling", "false", "--log_loss", "False",
+        "--fused_head", "on",
     ])
     assert training.max_grad_norm == 0 and training.per_device_train_batch_size == 2
     assert privacy == PrivacyArguments(target_epsilon=3.0, target_delta=1e-6, per_sample_max_grad_norm=0.25,
                                        max_epsilon=4.0, grad_sample_mode="ghost", accountant="rdp",
-                                       poisson_sampling=False, log_loss=False)
+                                       poisson_sampling=False, log_loss=False, fused_head="on")
     with pytest.raises(ValueError, match="exactly one"):  # PrivacyArguments' own checks run at parse time
         parser().parse_args_into_dataclasses(args=["--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="fused_head='yes' is not one of 'auto', 'on', 'off'"):
+        parser().parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), "--noise_multiplier", "1",
+                                                   "--fused_head", "yes"])
+    assert parser().parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path), "--noise_multiplier", "1"])[1].fused_head == "auto"
 
 
 def test_hf_argument_parser_parses_a_json_file_and_the_trainer_runs_on_it(tmp_path):
@@ -52,6 +58,12 @@ def test_hf_argument_parser_parses_a_json_file_and_the_trainer_runs_on_it(tmp_pa
     trainer.train()
     assert trainer.dp_optimizer.max_grad_norm == 0.5
     assert trainer.privacy_engine.accountant.history == [(0.9, 0.25, 2)]
+
+
+@pytest.mark.parametrize("value", ["yes", "ON", "", "true"])
+def test_an_invalid_fused_head_is_refused_listing_the_valid_ones(value):
+    with pytest.raises(ValueError, match=f"fused_head={value!r} is not one of 'auto', 'on', 'off'"):
+        PrivacyArguments(noise_multiplier=1.0, fused_head=value)
 
 
 def test_the_former_name_max_grad_norm_still_works_with_a_warning():

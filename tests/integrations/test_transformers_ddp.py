@@ -1,5 +1,6 @@
 """DPTrainer on 2 processes (DDP, gloo on CPU, the environment torchrun gives): one DP step over the logical
-batch of both ranks equals the float64 per-sample reference; Poisson sampling and accounting of the logical batch."""
+batch of both ranks equals the float64 per-sample reference; Poisson sampling and accounting of the logical batch;
+the fused head, whose Parameter lm_head shares, is left out under DDP ("auto") or refused ("on")."""
 
 
 import pytest
@@ -48,9 +49,11 @@ def _assert_ddp_path(res):
     assert res["ddp_reductions"] == 0  # one reduction per step, the DP optimizer's: none by DDP or accelerate
 
 
-def test_first_step_is_the_clipped_mean_over_both_ranks_logical_batch(ranks, clip):
+@pytest.mark.parametrize("case", ["exact", "fused_auto"])
+def test_first_step_is_the_clipped_mean_over_both_ranks_logical_batch(ranks, clip, case):
+    """fused_auto: fused_head="auto" where it would fuse on one process keeps the model's own logits under DDP."""
     out, ranks = ranks
-    per_rank = case_results(ranks, "exact")
+    per_rank = case_results(ranks, case)
     rows = lm_rows(4)
     model = tiny_gpt2()
     reference, norms = reference_grad(model, rows, clip)
@@ -61,6 +64,7 @@ def test_first_step_is_the_clipped_mean_over_both_ranks_logical_batch(ranks, cli
     assert sorted(seen) == sorted(_row_keys(rows.columns["input_ids"]))
     for rank, res in enumerate(per_rank):
         _assert_ddp_path(res)
+        assert res["ddp_module"] == "GPT2LMHeadModel" and not res["fused"]
         assert res["logical_batch_size"] == 4
         assert res["history"] == [(0.0, 1.0, 1)]
         model.load_state_dict(res["params"], strict=False)
@@ -69,9 +73,15 @@ def test_first_step_is_the_clipped_mean_over_both_ranks_logical_batch(ranks, cli
         assert_matches(model, res["grads"], before, reference)
     for name, p in per_rank[0]["params"].items():  # the replicas stay identical
         assert torch.equal(p, per_rank[1]["params"][name]), name
-    saved = transformers.GPT2LMHeadModel.from_pretrained(str(out / "exact" / "saved"))  # the plain model
+    saved = transformers.GPT2LMHeadModel.from_pretrained(str(out / case / "saved"))  # the plain model
     for name, p in saved.named_parameters():
         assert torch.equal(p, per_rank[0]["params"][name]), name
+
+
+def test_the_fused_head_on_is_refused_under_ddp_naming_why(ranks):
+    for res in case_results(ranks[1], "fused_on"):
+        assert res["refused"] is not None and "fused_head='on'" in res["refused"]
+        assert "under DDP (world size 2)" in res["refused"] and "shares lm_head's weight" in res["refused"]
 
 
 def test_poisson_logical_batch_is_shared_by_the_ranks_and_accounted_once(ranks):

@@ -17,17 +17,8 @@ from flashnorm.integrations.transformers import DPTrainer, PrivacyArguments, mod
 from flashnorm.utils.export import unwrap_model  # noqa: E402
 from tests.conftest import CLIPPING_MODES, TOLERANCES  # noqa: E402
 from tests.grad_sample.guarantee import NEVER, Attempt, influence, run  # noqa: E402
-from tests.integrations.test_transformers import VOCAB, T, Rows, tiny_bert, tiny_gpt2  # noqa: E402
+from tests.integrations.test_transformers import VOCAB, T, Rows, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 from tests.oracle import microbatch_reference  # noqa: E402
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
 
 
 def tiny_gpt2_classifier():
@@ -133,9 +124,9 @@ def trainer_for(model, rows, tmp_path, privacy_args, callbacks=(), **args):
                      callbacks=list(callbacks))
 
 
-def exact_privacy(clip, mode, sigma=0.0):
+def exact_privacy(clip, mode, sigma=0.0, **kwargs):
     return PrivacyArguments(noise_multiplier=sigma, per_sample_max_grad_norm=clip, poisson_sampling=False,
-                            grad_sample_mode=mode)
+                            grad_sample_mode=mode, **kwargs)
 
 
 def test_the_task_comes_from_peft_task_type_or_the_config():
@@ -257,6 +248,48 @@ def test_lora_dropout_step_is_the_oracle_with_the_same_masks(tmp_path, mode):
         applied = (before[n] - p.detach()) * trainer.logical_batch_size
         expected = step.clipped_sum.get(n, torch.zeros_like(applied))
         torch.testing.assert_close(applied, expected, rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name,mode,checkpointing", [("gpt2-lora", "flash_fuse", True), ("gpt2-lora", "ghost", False),
+                                                     ("llama-lora", "flash_fuse", False)])
+def test_lora_on_the_fused_head_is_the_float64_oracle(tmp_path, name, mode, checkpointing):
+    """fused_head="on": the fused head on the PEFT model's base model (the LoRA layers inside it; lm_head and the
+    embedding frozen), in micro-batches, with HF gradient checkpointing (non-reentrant) or without: the step is the
+    float64 oracle's Σ_b c_b ∇ℓ_b over the adapter, zero for the frozen base."""
+    model = peft_model(name)
+    rows = rows_for("CAUSAL_LM", 4)
+    norms = oracle(model, rows, "CAUSAL_LM", 1.0).norms
+    clip = float(norms.median())
+    assert (norms > clip).any() and (norms < clip).any()
+    expected = flat(model, oracle(model, rows, "CAUSAL_LM", clip).clipped_sum)
+    checkpointing_args = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = trainer_for(model, rows, tmp_path, exact_privacy(clip, mode, fused_head="on"),
+                          per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                          **(checkpointing_args if checkpointing else {}))
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    trainer.train()
+    fused = trainer.fused_model
+    assert fused.model is model.get_base_model() and unwrap_model(trainer.dp_model) is fused
+    assert not fused.head.weight.requires_grad and any("lora_" in n for n, _ in fused.named_parameters())
+    applied = (before - torch.cat([p.detach().flatten() for p in model.parameters()])) * len(rows)
+    rtol, atol = TOLERANCES["fp32" if name in ROUNDS_IN_FP32 else "fp64"]
+    torch.testing.assert_close(applied, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("build,reason", [
+    (lambda: peft_model("gpt2-prefix"), "PEFT's PREFIX_TUNING adds its virtual tokens in the PEFT model's forward"),
+    (lambda: peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                               task_type="CAUSAL_LM")),
+     r"output embeddings are peft\..*Linear, not torch\.nn\.Linear"),
+], ids=["prefix_tuning", "lora_on_lm_head"])
+def test_on_refuses_peft_models_the_fused_head_cannot_take(tmp_path, build, reason):
+    """PEFT adds a prefix in its own forward, which the fused head (on the base model) does not run; LoRA on lm_head
+    makes it another layer than an nn.Linear: "on" refuses them, naming why."""
+    trainer = trainer_for(build(), rows_for("CAUSAL_LM", 4), tmp_path,
+                          PrivacyArguments(noise_multiplier=1.0, fused_head="on"))
+    with pytest.raises(ValueError, match=rf"fused_head='on'\): .*{reason}"):
+        trainer.train()
+    assert trainer.privacy_engine is None
 
 
 def test_only_the_trainable_adapter_is_clipped_and_noised(tmp_path):

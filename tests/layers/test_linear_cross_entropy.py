@@ -93,6 +93,30 @@ def test_two_dimensional_hidden_is_a_classification_head():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_logit_losses_are_the_heads_losses_from_the_linears_logits(options):
+    """``head.logit_losses(linear(hidden), target)`` (the unfused path): the losses of ``head(hidden, target)`` and
+    of float64 autograd through the full logits, and the same gradients of X, W and b (float64)."""
+    options = dict(options)
+    bias = options.pop("bias", False)
+    linear, hidden, target = _case(1000, 37, 8, torch.float64, bias)
+    head = FusedLinearCrossEntropy.from_linear(linear, vocab_block=96, **options)
+    params = [hidden, linear.weight] + ([linear.bias] if bias else [])
+    upstream = torch.tensor([0.7, -1.3, 2.0], dtype=torch.float64)
+    loss = head.logit_losses(linear(hidden), target)
+    fused = head(hidden, target)
+    ref_loss, ref_grads = _unfused(linear, hidden, target, options, bias, upstream, torch.float64)
+    rtol, atol = TOLERANCES["fp64"]
+    torch.testing.assert_close(loss, fused, rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
+    for got, fused_grad, want in zip(_gradients(loss, upstream, params), _gradients(fused, upstream, params),
+                                     ref_grads):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        torch.testing.assert_close(got, fused_grad, rtol=rtol, atol=atol)
+    with pytest.raises(ValueError, match="outside \\[0, 1000\\)"):
+        head.logit_losses(linear(hidden), target.masked_fill(target == IGNORE, 1000))
+
+
 def test_tiles_never_hold_steps_by_vocab(monkeypatch):
     """Every logit-gradient tile the passes form is far smaller than T × V: at most twice the hidden states
     (2·B·T·d elements, the memory budget here) or one sample's T rows of the narrowest block."""
