@@ -242,16 +242,16 @@ def format_repeats(data: Dict, repeats: Sequence[Dict]) -> str:
     return "\n".join(out)
 
 
-def update_region(path: str, block: str) -> bool:
+def update_region(path: str, block: str, start_marker: str = START, end_marker: str = END) -> bool:
     """Replaces the text between the markers of ``path``; False when the file or a marker is missing."""
     if not os.path.exists(path):
         return False
     with open(path) as fh:
         text = fh.read()
-    start, end = text.find(START), text.find(END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < 0 or end < start:
         return False
-    new = text[: start + len(START)] + "\n" + block.rstrip() + "\n" + text[end:]
+    new = text[: start + len(start_marker)] + "\n" + block.rstrip() + "\n" + text[end:]
     if new != text:
         with open(path, "w") as fh:
             fh.write(new)

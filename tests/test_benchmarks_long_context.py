@@ -40,3 +40,21 @@ def test_smoke_run_records_every_configuration(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = json.loads(out.read_text())["records"]
     assert sorted(r["mode"] for r in merged) == sorted(records)
+
+
+def test_the_readme_table_is_generated_from_the_committed_results(tmp_path):
+    """README.md's long-context table is `format_table` of benchmarks/results/long_context.json; ``--readme`` rewrites
+    only the region between its markers."""
+    from benchmarks.long_context import TABLE_END, TABLE_START, format_table
+
+    results = os.path.join(ROOT, "benchmarks", "results", "long_context.json")
+    with open(results) as fh:
+        table = format_table(json.load(fh))
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    assert readme.split(TABLE_START)[1].split(TABLE_END)[0].strip() == table.strip()
+    assert "| Llama-3.2-1B shape | 65,536 |" in table and "**OOM**" in table
+    page = tmp_path / "page.md"
+    page.write_text(f"before\n{TABLE_START}\nold\n{TABLE_END}\nafter\n")
+    assert _run("--out", results, "--readme", str(page)).returncode == 0
+    assert page.read_text() == f"before\n{TABLE_START}\n{table.rstrip()}\n{TABLE_END}\nafter\n"
