@@ -182,7 +182,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         return self.hooked.taps
 
     def _hook_model(self) -> HookedModel:
-        hooked = hook_model(self._module, shared_allowed=not self.distributed, batch_first=self.batch_first,
+        hooked = hook_model(self._module, shared_allowed=self.parallelism != "fsdp", batch_first=self.batch_first,
                             counterpart=self._parameter_counterpart)
         self.config.writer.bind(hooked.layers)
         return hooked

@@ -60,9 +60,8 @@ class PrivacyArguments:
             model's own logits otherwise, and on CPU (where the fused head runs a chunked PyTorch reference), for a
             model that cannot take it, and when `DPTrainer.dp_loss` is overridden. ``"on"``: every micro-batch
             fused, on any device; a model that cannot take it (a sequence classifier, logits that are not
-            ``lm_head(h)``, PEFT prefix tuning) is refused at ``train()``, naming why, and so is DDP (FlashNorm
-            refuses a parameter shared by two layers there; the fused head shares ``lm_head``'s weight). ``"off"``:
-            never.
+            ``lm_head(h)``, PEFT prefix tuning) is refused at ``train()``, naming why. Under DDP each rank runs
+            it on its own share. ``"off"``: never.
     """
 
     noise_multiplier: Optional[float] = field(

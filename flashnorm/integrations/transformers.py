@@ -29,7 +29,7 @@ A causal LM's loss runs on FlashNorm's fused linear cross-entropy head where ``P
 takes a `FusedHeadCausalLM` around the model (a PEFT model's base model) in its place, on the same Parameters, whose
 forward computes the base model's hidden states and then the same ℓ_b (``labels`` as above, label smoothing
 included) without the [B, T, V] logits, so the clipped gradient is the same; ``self.model`` stays the model that is
-saved, checkpointed and evaluated. One process only: under DDP it is left out (``"on"`` is refused).
+saved, checkpointed and evaluated. Under DDP each rank runs it on its own share, as any layer.
 
 The logged training loss (``loss``, ``train_loss``) is computed before clipping and noise: it is not private
 (``PrivacyArguments.log_loss=False`` leaves it out).
@@ -446,9 +446,6 @@ class DPTrainer(transformers.Trainer):
         reason = fused_head_unsupported(base)
         if reason is not None:
             return f"{type(base).__name__} cannot take the fused head: {reason}"
-        if self.args.world_size > 1:
-            return (f"under DDP (world size {self.args.world_size}) FlashNorm refuses a parameter that two layers "
-                    "share, and the fused head shares lm_head's weight with lm_head")
         return None
 
     def _privacy_parameters(self, logical_batches: int) -> Tuple[float, float]:

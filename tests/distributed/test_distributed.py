@@ -36,6 +36,7 @@ ORACLE_CASES = [
       for w, m in [("ddp", "flash_fuse"), ("fsdp", "flash_fsdp"), ("fsdp", "flash_fuse_fsdp")]),
     *(Case(f"{m}-empty-rank", w, m, sizes=(4, 0))
       for w, m in [("ddp", "flash_fuse"), ("fsdp", "ghost_fsdp"), ("fsdp", "flash_fuse_fsdp")]),
+    *(Case(f"{m}-tied", "ddp", m, tied=True) for m in MODES["ddp"]),  # the cross term on each rank
     Case("flash_fuse_fsdp-forced-flash", "fsdp", "flash_fuse_fsdp", norm_method="flash"),
     Case("flash_fuse_fsdp-forced-gram", "fsdp", "flash_fuse_fsdp", norm_method="gram"),
     Case("flash_fuse_fsdp-shard-dim1", "fsdp", "flash_fuse_fsdp", shard_dim1=True),

@@ -48,6 +48,7 @@ class Case:
     shard_dim1: bool = False  # FSDP2 shards matrices along dim 1, not its default layout (even widths)
     rank_batch: bool = False  # the loader's batch size differs across ranks (make_private must refuse)
     leak: bool = False  # from the second step on, the head's weight is also read outside the head (must refuse)
+    tied: bool = False  # blocks[1].fc1 shares blocks[0].fc1's weight (two layers, one parameter)
     seed: int = 0
 
     @property
@@ -99,6 +100,8 @@ def build(case: Case):
     model = TinyLM(vocab, d, hidden)
     if case.frozen:
         model.blocks[0].fc1.requires_grad_(False)
+    if case.tied:
+        model.blocks[1].fc1.weight = model.blocks[0].fc1.weight
     ids = torch.randint(0, model.embed.num_embeddings, (case.batch, STEPS))
     targets = torch.randint(0, CLASSES, (case.batch,))
     return model, ids, targets
