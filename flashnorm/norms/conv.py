@@ -36,6 +36,10 @@ class ConvRule(LinearFamilyRule):
     def join_uses(self, layer, xs, gs):
         return None  # the uses' patches differ in layout; their per-sample gradients are summed instead
 
+    def group_key(self, layer):
+        """The patches' geometry too: convolutions of one input and output shape may unfold differently."""
+        return (*super().group_key(layer), layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+
     def as_sequences(self, layer, x, g):
         if isinstance(layer, nn.Conv1d):  # a 2-D convolution of height 1
             x = x.unsqueeze(-2)

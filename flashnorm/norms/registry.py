@@ -175,9 +175,9 @@ class NormRule(abc.ABC):
         return clipped_from_per_sample(self.per_sample_grads(layer, x, g, backend=backend), coef, backend=backend)
 
     def group_key(self, layer: nn.Module) -> tuple:
-        """What besides class, shapes and capture dtypes layers of one group share: which of their own parameters
-        are trainable, and their dtypes."""
-        return tuple((p.requires_grad, p.dtype) for p in layer.parameters(recurse=False))
+        """What besides class and their captures' shapes and dtypes layers of one group share: their own parameters'
+        shapes, dtypes and which are trainable (a rule whose algebra reads more of the layer adds it)."""
+        return tuple((tuple(p.shape), p.dtype, p.requires_grad) for p in layer.parameters(recurse=False))
 
     def clipped_grads_grouped(
         self, layers: List[nn.Module], x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *,

@@ -166,3 +166,30 @@ def test_gpt2_conv1d_layers_are_grouped_exactly(grouped_calls):
     gsm.clipped_backward(nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none").sum(dim=1))
     assert sorted(grouped_calls) == [3, 3, 3, 3], "c_attn, attn.c_proj, c_fc and mlp.c_proj, three of each"
     _assert_exact(wrapped, gsm, oracle)
+
+
+class ConvPairs(nn.Module):
+    """Three same-shaped 3×3 convolutions, and a 1×1 and a strided-dilated 3×3 one of the same input and output
+    shapes (their patches differ: never in the 3×3s' group), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+        self.pointwise = nn.Conv2d(4, 4, 1)
+        self.dilated = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        for conv in [*self.same, self.pointwise, self.dilated]:
+            x = torch.tanh(conv(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_convolutions_group_only_with_the_same_patches(grouped_calls):
+    torch.manual_seed(7)
+    model = ConvPairs().double()
+    x, y = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randint(0, 3, (3,))
+    oracle = microbatch_reference(model, x, y, _sum_loss, CLIP)
+    gsm = _step(model, x, y, norm_method="flash")
+    assert sorted(grouped_calls) == [3], "the three 3×3 convolutions; the 1×1 and the dilated one alone"
+    _assert_exact(model, gsm, oracle)
