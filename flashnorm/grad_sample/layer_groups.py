@@ -13,8 +13,11 @@ A layer is grouped when the rule can (``NormRule.groups``), the writer assembles
 (``ClippedGradientWriter.assembles_groups``: the one-pass mode keeps X and G until the write anyway), the layer
 has one use and shares no parameter, its norm method is ``flash`` or ``gram``, norms are not split by parameter,
 the kernels are not forced to Triton (``backend="triton"``: the group's assembly is one cuBLAS batched GEMM in
-float32), and its X and G together hold at most `GROUP_MAX_ELEMENTS` elements: beyond that the GPU's work, not the
-host's, sets the step's time, and the stacking copy would add to it.
+float32), its X and G together hold at most `GROUP_MAX_ELEMENTS` elements (beyond that the GPU's work, not the
+host's, sets the step's time, and the stacking copy would add to it), and, on CUDA, float32 matmuls may not use
+tf32 (``torch.backends.cuda.matmul.allow_tf32``): the GEMM's operand c ⊙ X (or c ⊙ G) is float32, which tf32 would
+round to 10 bits, far beyond the clipping coefficient's float32 rounding allowance, where the ungrouped fused kernel
+applies c in float32 to exact products.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from ..kernels.backend import tf32_enabled
 from .capture import HookedLayer
 
 #: Largest X and G of one layer (elements, together) that is grouped; larger layers are counted one by one.
@@ -72,10 +76,11 @@ def plan_layer_groups(captured, method_of) -> Dict[HookedLayer, LayerGroup]:
     planner's norm method."""
     by_key: Dict[tuple, List[HookedLayer]] = {}
     methods: Dict[tuple, str] = {}
+    tf32 = tf32_enabled()
     for layer, capture in captured:
         rule, x = layer.rule, capture.x
         if (not rule.groups or len(capture.xs) != 1 or layer.shared or not layer.batch_first or x is None
-                or x.shape[0] == 0 or capture.out_meta is None):
+                or x.shape[0] == 0 or capture.out_meta is None or (tf32 and x.is_cuda)):
             continue
         g_shape, g_dtype = capture.out_meta
         if x.numel() + math.prod(g_shape) > GROUP_MAX_ELEMENTS:

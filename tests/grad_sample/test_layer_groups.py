@@ -193,3 +193,28 @@ def test_convolutions_group_only_with_the_same_patches(grouped_calls):
     gsm = _step(model, x, y, norm_method="flash")
     assert sorted(grouped_calls) == [3], "the three 3×3 convolutions; the 1×1 and the dilated one alone"
     _assert_exact(model, gsm, oracle)
+
+
+def test_no_group_on_cuda_where_float32_matmuls_may_use_tf32(monkeypatch):
+    """The grouped assembly's float32 GEMM would round c ⊙ X to tf32: with allow_tf32 on, CUDA layers are counted
+    one by one (the plan reads the flag; CPU captures stand in for CUDA ones)."""
+    from flashnorm.grad_sample.capture import LayerCapture
+
+    class Layer:
+        def __init__(self, module):
+            self.rule, self.module, self.shared, self.batch_first = LinearFamilyRule(), module, False, True
+
+    class CudaLike(torch.Tensor):
+        is_cuda = True
+
+    x = torch.randn(2, 3, 6).as_subclass(CudaLike)
+    captured = []
+    for _ in range(3):
+        capture = LayerCapture(xs=[x], gs=[None])
+        capture.out_meta = ((2, 3, 4), torch.float32)
+        captured.append((Layer(nn.Linear(6, 4)), capture))
+    method_of = lambda layer, x, shape, dtype: "flash"  # noqa: E731
+    monkeypatch.setattr(layer_groups, "tf32_enabled", lambda: False)
+    assert len(layer_groups.plan_layer_groups(captured, method_of)) == 3
+    monkeypatch.setattr(layer_groups, "tf32_enabled", lambda: True)
+    assert layer_groups.plan_layer_groups(captured, method_of) == {}
