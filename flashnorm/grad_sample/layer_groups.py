@@ -1,17 +1,25 @@
 """Same-shaped layers counted and assembled as one: a norm launch and an assembly GEMM per group, not per layer.
 
 At short sequences a one-pass step costs what the host spends issuing it, about thirty operations per Linear
-layer (its norm, the bias term, the rounding scale, the assembly GEMM and the casts around them). Layers of one
-rule and one class whose captures have the same shapes and dtypes (GPT-2's twelve ``c_attn``, Llama's sixteen
-``q_proj``) are counted together instead: their inputs and output gradients are stacked into one batch of L·B
-samples, X: [L·B, ..., d] and G: [L·B, ..., p], whose per-sample norm terms, viewed [L, B] and summed over the L
-layers, are the group's [B] term; the writer then assembles all L clipped gradients with one batched GEMM
-(`NormRule.clipped_grads_grouped`). Each sample's per-layer sums are the same sums as ungrouped, over the same
-rows: only the launches are shared.
+layer (its norm, the bias term, the rounding scale, the assembly GEMM and the casts around them) and a kernel
+launch or five per LayerNorm. Layers of one rule and one class whose captures have the same shapes and dtypes
+(GPT-2's twelve ``c_attn`` or twelve ``ln_1``, Llama's sixteen ``q_proj``) are counted together instead: their
+inputs and output gradients are stacked into one batch of L·B samples, X: [L·B, ..., d] and G: [L·B, ..., p].
 
-A layer is grouped when the rule can (``NormRule.groups``), the writer assembles from what the pass kept
+* ``flash``/``gram`` (the Linear family): the per-sample norm terms, viewed [L, B] and summed over the L layers,
+  are the group's [B] term; the writer assembles all L clipped gradients with one batched GEMM
+  (`NormRule.clipped_grads_grouped`, `KeptGroup`).
+* ``per_sample`` (LayerNorm, RMSNorm, GroupNorm): one call forms the L layers' per-sample gradients, [L·B, ...] per
+  parameter name; their squared norms summed over the layers are the group's term, and the writer forms the L
+  clipped sums Σ_b c_b g_b from the very same tensors with one batched product per parameter name
+  (`KeptGroupGrads`): like the packed buffers they replace there, the norm and the applied sum read one tensor.
+
+Each sample's per-layer sums are the same sums as ungrouped, over the same rows: only the launches are shared.
+
+A layer is grouped when its rule can under its method (``NormRule.grouped_methods``, `NormRule.group_key` not
+``None``), the writer assembles from what the pass kept
 (``ClippedGradientWriter.assembles_groups``: the one-pass mode keeps X and G until the write anyway), the layer
-has one use and shares no parameter, its norm method is ``flash`` or ``gram``, norms are not split by parameter,
+has one use and shares no parameter, norms are not split by parameter,
 the kernels are not forced to Triton (``backend="triton"``: the group's assembly is one cuBLAS batched GEMM in
 float32), its X and G together hold at most `GROUP_MAX_ELEMENTS` elements (beyond that the GPU's work, not the
 host's, sets the step's time, and the stacking copy would add to it), and, on CUDA, float32 matmuls may not use
@@ -32,8 +40,6 @@ from .capture import HookedLayer
 
 #: Largest X and G of one layer (elements, together) that is grouped; larger layers are counted one by one.
 GROUP_MAX_ELEMENTS = 1 << 20
-#: The norm methods whose terms are per-sample sums over the rows a group stacks.
-GROUPED_METHODS = ("flash", "gram")
 
 
 class LayerGroup:
@@ -79,17 +85,16 @@ def plan_layer_groups(captured, method_of) -> Dict[HookedLayer, LayerGroup]:
     tf32 = tf32_enabled()
     for layer, capture in captured:
         rule, x = layer.rule, capture.x
-        if (not rule.groups or len(capture.xs) != 1 or layer.shared or not layer.batch_first or x is None
+        if (not rule.grouped_methods or len(capture.xs) != 1 or layer.shared or not layer.batch_first or x is None
                 or x.shape[0] == 0 or capture.out_meta is None or (tf32 and x.is_cuda)):
             continue
         g_shape, g_dtype = capture.out_meta
         if x.numel() + math.prod(g_shape) > GROUP_MAX_ELEMENTS:
             continue
-        method = method_of(layer, x, g_shape, g_dtype)
-        if method not in GROUPED_METHODS:
+        method, shared_key = method_of(layer, x, g_shape, g_dtype), rule.group_key(layer.module)
+        if method not in rule.grouped_methods or shared_key is None:
             continue
-        key = (type(layer.module), method, tuple(x.shape), x.dtype, tuple(g_shape), g_dtype,
-               rule.group_key(layer.module))
+        key = (type(layer.module), method, tuple(x.shape), x.dtype, tuple(g_shape), g_dtype, shared_key)
         by_key.setdefault(key, []).append(layer)
         methods[key] = method
     return {layer: group for key, layers in by_key.items() if len(layers) > 1

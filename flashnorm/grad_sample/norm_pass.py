@@ -36,7 +36,7 @@ from .capture import HookedLayer, HookedModel
 from .config import StepConfig
 from .layer_groups import LayerGroup
 from .packed_grads import PackedPerSampleGrads
-from .writers import KeptGroup, KeptInputs, KeptPacked, KeptPerSample
+from .writers import KeptGroup, KeptGroupGrads, KeptInputs, KeptPacked, KeptPerSample
 
 
 class NormTerms:
@@ -115,12 +115,20 @@ class NormTerms:
             self._counted(first, self._count_joined(first, x, g), x, g)
             return
         members, batch = len(layers), x.shape[0] // len(layers)
-        term = first.rule.norm_sq(first.module, x, g, group.method, backend=self.config.backend)
-        self.terms.append(term.view(members, batch).sum(dim=0))
+        modules, backend = [layer.module for layer in layers], self.config.backend
         radius = self._note_rounding(first, x, g, group.method, members)
         if radius is not None:
             self.radii.extend(radius.view(members, batch).unbind(0))
-        self.keep(first, KeptGroup([layer.module for layer in layers], x, g))
+        if group.method == "per_sample":  # (applied as measured: no rounding allowance, as for packed buffers)
+            names = {p: name for name, p in first.module.named_parameters(recurse=False)}
+            grads = {names[p]: gs.view(members, batch, -1)
+                     for p, gs in first.rule.per_sample_grads(first.module, x, g, backend=backend).items()}
+            self.terms.append(sum(gs.square().sum(dim=(0, 2)) for gs in grads.values()))
+            self.keep(first, KeptGroupGrads(modules, grads))
+            return
+        term = first.rule.norm_sq(first.module, x, g, group.method, backend=backend)
+        self.terms.append(term.view(members, batch).sum(dim=0))
+        self.keep(first, KeptGroup(modules, x, g))
 
     def flush_groups(self) -> None:
         """After a pass: the groups only part of whose layers received a gradient, counted as they are."""

@@ -71,6 +71,26 @@ class KeptGroup:
         return rule.clipped_grads_grouped(self.layers, self.x, self.g, coef, backend=backend)
 
 
+@dataclass
+class KeptGroupGrads:
+    """Same-shaped layers whose per-sample gradients were formed together (`flashnorm.grad_sample.layer_groups`):
+    {parameter name: [L, B, numel]}, the L layers' in order. Kept under the group's first layer."""
+
+    layers: List[nn.Module]
+    grads: Dict[str, torch.Tensor]
+
+    def clipped_grads(self, rule: NormRule, layer: nn.Module, coef: torch.Tensor, backend: str):
+        """Σ_b c_b g_b of every layer's parameters: one batched product [B] × [L, B, numel] per name, in the per-sample
+        gradients' dtype (float32, float64 for float64: c is never rounded to 16 bits)."""
+        out = {}
+        for name, grads in self.grads.items():
+            summed = torch.matmul(coef.to(grads.dtype), grads)  # [L, numel]
+            for module, grad in zip(self.layers, summed):
+                param = getattr(module, name)
+                out[param] = grad.view(param.shape)
+        return out
+
+
 class ClippedGradientWriter:
     """Writes a step's clipped gradients. One instance per grad-sample module (`bind` sees its layers).
 
@@ -82,7 +102,7 @@ class ClippedGradientWriter:
             every trainable parameter, vectors and matrices, can be packed.
         scales_outputs: the model's outputs go through `RowScale`, whose
             rows the writer scales by c.
-        assembles_groups: `write` takes `KeptGroup` records: same-shaped layers are counted as one
+        assembles_groups: `write` takes `KeptGroup` and `KeptGroupGrads` records: same-shaped layers are counted as one
             (`flashnorm.grad_sample.layer_groups`).
     """
 

@@ -43,7 +43,7 @@ class LinearFamilyRule(NormRule):
 
     methods = ("flash", "gram", "per_sample")
     autocast_input = True
-    groups = True
+    grouped_methods = ("flash", "gram")  # per_sample: B·d·p weights, packed per layer
 
     # -- layout hooks, overridden per layer type -------------------------------------------------
     def as_sequences(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

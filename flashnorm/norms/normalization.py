@@ -32,6 +32,7 @@ from .rounding import frobenius_per_sample, unit_roundoff
 
 class _AffineNormRule(NormRule):
     methods = ("per_sample",)
+    grouped_methods = ("per_sample",)
 
     def normalized(self, layer, x):  # pragma: no cover - abstract
         """x̂ as the layer's forward forms it (in x's accumulation dtype, or as the layer rounds it)."""
@@ -56,6 +57,11 @@ class _AffineNormRule(NormRule):
 
     def per_sample_dtype(self, layer, x_dtype, g_dtype):
         return accumulation_dtype_of(x_dtype, g_dtype)
+
+    def group_key(self, layer):
+        """And how it normalises: the normalised shape, the groups, ε."""
+        return (*super().group_key(layer), getattr(layer, "normalized_shape", None),
+                getattr(layer, "num_groups", None), self.epsilon(layer, torch.float32))
 
     def rounding_scale(self, layer, x, g):
         """x̂ has mean square ≤ 1 per normalised group, so ‖X̂_b‖_F ≤ √(numel x_b): s_b = ‖G_b‖_F·(√numel + √n)

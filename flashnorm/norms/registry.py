@@ -52,8 +52,8 @@ class NormRule(abc.ABC):
       [G_1; …; G_k]ᵀ[X_1; …; X_k]); without it the uses' per-sample gradients are summed;
     * `rounding_scale`: how large the rounding of the layer's per-sample gradient can be, for the
       clipping coefficient's allowance (`rounding`);
-    * ``groups`` with `group_key` and `clipped_grads_grouped`: same-shaped layers counted and assembled as one
-      (`flashnorm.grad_sample.layer_groups`);
+    * ``grouped_methods`` with `group_key` (and `clipped_grads_grouped` for ``flash``/``gram``): same-shaped
+      layers counted and assembled as one (`flashnorm.grad_sample.layer_groups`);
     * `per_sample_dtype`, `supports`.
 
     ``backend`` (``"auto"``, ``"triton"``, ``"torch"``; ``None`` reads ``FLASHNORM_BACKEND``) is handed to the
@@ -72,10 +72,10 @@ class NormRule(abc.ABC):
     #: ``nn.Module``'s call machinery, `CALL_MACHINERY`) is the registered class's own; one that overrides
     #: any takes the exact fallback. Methods off the path (``_get_name``, ``extra_repr``, ``__init__``) never count.
     call_path: Tuple[str, ...] = ("forward",)
-    #: Layers of this rule may be counted in groups (`flashnorm.grad_sample.layer_groups`): its ``flash`` and
-    #: ``gram`` norms and `rounding_scale` are per-sample over any batch of stacked captures, and it defines
-    #: `clipped_grads_grouped`.
-    groups: bool = False
+    #: The methods under which layers of this rule may be counted in groups (`flashnorm.grad_sample.layer_groups`):
+    #: the rule's norms, per-sample gradients and `rounding_scale` are per sample over any batch of stacked
+    #: captures; ``flash``/``gram`` groups also need `clipped_grads_grouped`.
+    grouped_methods: Tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -174,10 +174,11 @@ class NormRule(abc.ABC):
         `vector_params` when ``vectors=False``)."""
         return clipped_from_per_sample(self.per_sample_grads(layer, x, g, backend=backend), coef, backend=backend)
 
-    def group_key(self, layer: nn.Module) -> tuple:
+    def group_key(self, layer: nn.Module) -> Optional[tuple]:
         """What besides class and their captures' shapes and dtypes layers of one group share: their own parameters'
-        shapes, dtypes and which are trainable (a rule whose algebra reads more of the layer adds it)."""
-        return tuple((tuple(p.shape), p.dtype, p.requires_grad) for p in layer.parameters(recurse=False))
+        names, shapes, dtypes and which are trainable (a rule whose algebra reads more of the layer adds it);
+        ``None``: this layer is counted alone."""
+        return tuple((name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in layer.named_parameters(recurse=False))
 
     def clipped_grads_grouped(
         self, layers: List[nn.Module], x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, *,

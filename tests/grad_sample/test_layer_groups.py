@@ -218,3 +218,41 @@ def test_no_group_on_cuda_where_float32_matmuls_may_use_tf32(monkeypatch):
     assert len(layer_groups.plan_layer_groups(captured, method_of)) == 3
     monkeypatch.setattr(layer_groups, "tf32_enabled", lambda: True)
     assert layer_groups.plan_layer_groups(captured, method_of) == {}
+
+
+class NormTower(nn.Module):
+    """Four blocks x ↦ x + W tanh(N(x)) with a LayerNorm and then an RMSNorm each (the last LayerNorm with another
+    ε, the third RMSNorm frozen); the per-sample method's layers."""
+
+    def __init__(self, width=6, depth=4):
+        super().__init__()
+        self.ln = nn.ModuleList(nn.LayerNorm(width, eps=1e-5 if i < depth - 1 else 1e-3) for i in range(depth))
+        self.rms = nn.ModuleList(nn.RMSNorm(width) for _ in range(depth))
+        self.mix = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.rms[2].weight.requires_grad_(False)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        for ln, rms, mix in zip(self.ln, self.rms, self.mix):
+            x = x + mix(torch.tanh(rms(torch.tanh(ln(x)))))
+        return self.head(x).mean(dim=1)
+
+
+@pytest.mark.parametrize("steps", [1, 37])
+def test_normalisation_layers_are_grouped_with_their_per_sample_gradients_exactly(monkeypatch, steps):
+    from flashnorm.grad_sample.writers import KeptGroupGrads
+
+    sizes = []
+    clipped = KeptGroupGrads.clipped_grads
+    monkeypatch.setattr(KeptGroupGrads, "clipped_grads",
+                        lambda self, *a, **k: sizes.append(len(self.layers)) or clipped(self, *a, **k))
+    torch.manual_seed(8)
+    model = NormTower().double()
+    with torch.no_grad():  # weights and biases away from their initial 1 and 0
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, y = torch.randn(5, steps, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    oracle = microbatch_reference(model, x, y, _sum_loss, CLIP)
+    gsm = _step(model, x, y)
+    assert sorted(sizes) == [3, 3], "three LayerNorms of one ε, three trainable RMSNorms; the rest alone"
+    _assert_exact(model, gsm, oracle)
