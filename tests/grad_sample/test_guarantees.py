@@ -647,3 +647,69 @@ def test_float32_cancellation_across_layers_sharing_a_weight(mode, steps):
     x[-1], g[-1] = 0.0, 0.0
     x[-1, 0], x[-1, 1], g[-1, 0], g[-1, 1], g[-1, steps] = x0, xm, h, h, -h
     _float32_influence(mode, _TiedPair, without_last(x, g))
+
+
+class _ParallelHeads(nn.Module):
+    """Three Linear(4, 3) layers of one shape on the same x (float32), outputs side by side along the sequence:
+    [B, 3T, 3]. In ``flash_fuse`` they are counted and assembled as one group
+    (`flashnorm.grad_sample.layer_groups`)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = nn.ModuleList(nn.Linear(4, 3) for _ in range(3))
+
+    def forward(self, x):
+        return torch.cat([head(x) for head in self.heads], dim=1)
+
+
+def _grouped_batch(rows, steps):
+    """Three samples; the last one's positions and its first head's output gradients are ``rows``, its other heads'
+    output gradients 0 (the other samples random)."""
+    gen = torch.Generator().manual_seed(5)
+    x, g = torch.randn(3, steps, 4, generator=gen), torch.randn(3, 3 * steps, 3, generator=gen)
+    x[-1], g[-1] = 0.0, 0.0
+    x[-1, :len(rows[0])], g[-1, :len(rows[1])] = torch.stack(rows[0]), torch.stack(rows[1])
+    return without_last(x, g)
+
+
+@pytest.mark.parametrize("steps", [3, 37])
+@pytest.mark.parametrize("norm_method", ["flash", "gram"])
+@pytest.mark.parametrize("scenario", ["absorption", "gram_cancellation"])
+def test_float32_rounding_attacks_on_grouped_layers(monkeypatch, scenario, norm_method, steps):
+    """The float32 absorption and Gram-cancellation inputs above, fed to one layer of a group of three same-shaped
+    Linears: the grouped norm launch, rounding scale and batched assembly GEMM keep the sample's influence ≤ C
+    (1 + 10⁻³), or the step refuses with θ unchanged."""
+    from flashnorm.norms.linear import LinearFamilyRule
+
+    grouped = []
+    clipped = LinearFamilyRule.clipped_grads_grouped
+    monkeypatch.setattr(LinearFamilyRule, "clipped_grads_grouped",
+                        lambda self, layers, *a, **k: grouped.append(len(layers)) or clipped(self, layers, *a, **k))
+    gen = torch.Generator().manual_seed(0)
+    if scenario == "absorption":
+        x0, xm, h = _direction(gen, 4, 1e8), _direction(gen, 4, 0.5), _direction(gen, 3, 1.0)
+        rows = ([x0, xm, x0], [h, h, -h])
+    else:
+        x0, d, h = _direction(gen, 4, 1e6), _direction(gen, 4, 10.0), _direction(gen, 3, 3.0)
+        rows = ([x0, x0 + d], [h, -h])
+    _float32_influence("flash_fuse", _ParallelHeads, _grouped_batch(rows, steps), norm_method)
+    assert grouped and set(grouped) == {3}, "the three heads were assembled as one group"
+
+
+def test_an_adversarial_sample_in_grouped_layers_is_clipped_exactly():
+    """float64: a sample 10× / 1e3× outside the bound, fed to a group of three same-shaped Linears: the step applies
+    the float64 oracle's clipped sum exactly, and the sample's influence is ≤ C."""
+    def build():
+        return _ParallelHeads().double()
+
+    gen = torch.Generator().manual_seed(2)
+    x, g = torch.randn(4, 7, 4, generator=gen, dtype=torch.float64), torch.randn(4, 21, 3, generator=gen,
+                                                                               dtype=torch.float64)
+    x[-1] *= 10
+    g[-1] *= 1e3
+
+    def make(b):
+        return step_on(make_private(build(), "flash_fuse", clip=C, norm_method="flash"), *b, exact_at=C)
+
+    assert influence(make, without_last(x, g)) <= C * (1 + 1e-3)

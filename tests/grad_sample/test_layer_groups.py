@@ -119,11 +119,12 @@ def test_large_layers_are_counted_one_by_one(grouped_calls, monkeypatch):
     _assert_exact(model, gsm, oracle)
 
 
-def test_grouping_changes_neither_the_norms_nor_the_rounding_allowance(monkeypatch):
+@pytest.mark.parametrize("steps", [20, 37])  # the Gram form in float32 (its slack Q summed over a group), in float64
+def test_grouping_changes_neither_the_norms_nor_the_rounding_allowance(monkeypatch, steps):
     """float32: the grouped step's ‖ĝ_b‖² and U_b equal the ungrouped step's (the same per-sample sums over the same
     rows, the allowance's radii added in quadrature alike), and so do the clipped gradients."""
     torch.manual_seed(4)
-    x, y = torch.randn(6, 37, 6) * 30, torch.randint(0, 3, (6,))
+    x, y = torch.randn(6, steps, 6) * 30, torch.randint(0, 3, (6,))
     records, grads = [], []
     for limit in (layer_groups.GROUP_MAX_ELEMENTS, 0):
         monkeypatch.setattr(layer_groups, "GROUP_MAX_ELEMENTS", limit)
@@ -136,6 +137,11 @@ def test_grouping_changes_neither_the_norms_nor_the_rounding_allowance(monkeypat
     assert grouped.bound is not None
     torch.testing.assert_close(grouped.norm_sq, alone.norm_sq, rtol=1e-6, atol=0)
     torch.testing.assert_close(grouped.bound, alone.bound, rtol=1e-6, atol=0)
+    # the allowance alone, R and Q's share of U_b, equal up to the float32 rounding of U_b itself
+    excess = [(r.bound.double() - r.norm_sq.double().sqrt()) for r in records]
+    assert (excess[1] > 0).all()
+    ulp = float(torch.finfo(torch.float32).eps * alone.bound.max())
+    torch.testing.assert_close(excess[0], excess[1], rtol=1e-3, atol=2 * ulp)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
 
