@@ -232,6 +232,8 @@ class HookedModel:
         hooked_params: every parameter of a hooked layer, once.
         aliases: the layers' `ParameterAliases`.
         taps: the gradient taps, one scalar leaf per device (made by the first capturing forward there).
+        group_plans: the layer groups planned per capture signature
+            (`flashnorm.grad_sample.layer_groups.plan_layer_groups`).
     """
 
     layers: List[HookedLayer]
@@ -239,6 +241,7 @@ class HookedModel:
     hooked_params: List[nn.Parameter]
     aliases: ParameterAliases
     taps: Dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    group_plans: dict = field(default_factory=dict)
 
     def tap_on(self, device: torch.device) -> torch.Tensor:
         """The gradient tap of ``device``."""

@@ -31,7 +31,7 @@ applies c in float32 to exact products.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -76,13 +76,35 @@ class LayerGroup:
         return members, torch.cat([x for x, _ in pairs]), torch.cat([g for _, g in pairs])
 
 
-def plan_layer_groups(captured, method_of) -> Dict[HookedLayer, LayerGroup]:
+#: Memberships kept per hooked model (distinct capture signatures: Poisson batch sizes, sequence lengths).
+PLANS_KEPT = 64
+
+
+def plan_layer_groups(captured, method_of, plans: Optional[dict] = None) -> Dict[HookedLayer, LayerGroup]:
     """Before the norm pass: each grouped layer's `LayerGroup` (see the module docstring), groups of two layers or
     more. ``captured``: (layer, `LayerCapture`) in forward order; ``method_of(layer, x, g_shape, g_dtype)``: the
-    planner's norm method."""
+    planner's norm method. ``plans`` (the hooked model's, rebuilt with it when ``requires_grad`` changes) keeps the
+    memberships per capture signature (each layer's uses, X's shape, dtype and device, G's shape and dtype, and
+    whether float32 matmuls may use tf32), so a step of a known shape plans nothing; its groups are new."""
+    tf32 = tf32_enabled()
+    if plans is None:
+        memberships = _memberships(captured, method_of, tf32)
+    else:
+        signature = (tf32, *((layer.index, len(c.xs), None if c.x is None else (c.x.shape, c.x.dtype, c.x.device),
+                              c.out_meta) for layer, c in captured))
+        memberships = plans.get(signature)
+        if memberships is None:
+            if len(plans) >= PLANS_KEPT:
+                plans.clear()
+            memberships = plans[signature] = _memberships(captured, method_of, tf32)
+    return {layer: group for layers, method in memberships
+            for group in (LayerGroup(layers, method),) for layer in layers}
+
+
+def _memberships(captured, method_of, tf32: bool) -> List[Tuple[List[HookedLayer], str]]:
+    """(layers, method) of every group of two layers or more."""
     by_key: Dict[tuple, List[HookedLayer]] = {}
     methods: Dict[tuple, str] = {}
-    tf32 = tf32_enabled()
     for layer, capture in captured:
         rule, x = layer.rule, capture.x
         if (not rule.grouped_methods or len(capture.xs) != 1 or layer.shared or not layer.batch_first or x is None
@@ -97,5 +119,4 @@ def plan_layer_groups(captured, method_of) -> Dict[HookedLayer, LayerGroup]:
         key = (type(layer.module), method, tuple(x.shape), x.dtype, tuple(g_shape), g_dtype, shared_key)
         by_key.setdefault(key, []).append(layer)
         methods[key] = method
-    return {layer: group for key, layers in by_key.items() if len(layers) > 1
-            for group in (LayerGroup(layers, methods[key]),) for layer in layers}
+    return [(layers, methods[key]) for key, layers in by_key.items() if len(layers) > 1]

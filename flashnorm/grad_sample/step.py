@@ -260,7 +260,7 @@ class ClippingStep:
         self.state = StepState.NORM_PASS
         captured = [(layer, c) for layer, c in zip(self.layers, self.captures) if c is not None]
         grouping = writer.assembles_groups and not by_param and config.backend != "triton"
-        groups = plan_layer_groups(captured, config.method) if grouping else {}
+        groups = plan_layer_groups(captured, config.method, hooked.group_plans) if grouping else {}
         if config.packs_per_sample_grads:
             self.packed = plan_packed_grads([(layer, c) for layer, c in captured if layer not in groups], batch,
                                             device, config.method, vectors_only=not writer.applies_kept_per_sample)

@@ -262,3 +262,30 @@ def test_normalisation_layers_are_grouped_with_their_per_sample_gradients_exactl
     gsm = _step(model, x, y)
     assert sorted(sizes) == [3, 3], "three LayerNorms of one ε, three trainable RMSNorms; the rest alone"
     _assert_exact(model, gsm, oracle)
+
+
+def test_the_groups_are_planned_once_per_capture_signature(grouped_calls, monkeypatch):
+    """A second step of the same shapes reuses the memberships (no planning), with fresh groups; a new batch size
+    plans again; unfreezing a layer rebuilds the hooked model, whose plans start empty, and regroups it apart."""
+    planned = []
+    memberships = layer_groups._memberships
+    monkeypatch.setattr(layer_groups, "_memberships", lambda *a: planned.append(1) or memberships(*a))
+    torch.manual_seed(9)
+    model = Tower().double()
+    gsm, _, criterion = wrap(GradSampleModuleFastGradientClippingFuse, model, norm_method="flash")
+    for batch in (4, 4, 5):
+        x, y = torch.randn(batch, 7, 6, dtype=torch.float64), torch.randint(0, 3, (batch,))
+        oracle = microbatch_reference(model, x, y, _sum_loss, CLIP)
+        for p in model.parameters():
+            p.grad = None
+        criterion(gsm(x), y).backward()
+        _assert_exact(model, gsm, oracle)
+    assert len(planned) == 2 and sorted(grouped_calls) == [4] * 6
+    model.up[0].bias.requires_grad_(False)
+    x, y = torch.randn(4, 7, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    oracle = microbatch_reference(model, x, y, _sum_loss, CLIP)
+    for p in model.parameters():
+        p.grad = None
+    criterion(gsm(x), y).backward()
+    assert len(planned) == 3 and sorted(grouped_calls[6:]) == [3, 4]
+    _assert_exact(model, gsm, oracle)
