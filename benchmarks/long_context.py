@@ -151,6 +151,7 @@ def make_step(mode: str, model, ids) -> Callable[[], None]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    step.dp_model = locals().get("dp_model")  # FlashNorm's grad-sample module (its path is recorded)
     return step
 
 
@@ -180,8 +181,12 @@ def run_config(cfg: Dict) -> Dict:
         timed = [timer(step)[0] for _ in range(max(3, cfg["steps"]))]
         record.update(step_ms=round(statistics.median(timed), 3), steps_ms=[round(t, 3) for t in timed],
                       warmup_ms=[round(t, 3) for t in warmup])
+        if step.dp_model is not None:  # B = 1 after B = 1: the one-sample path (forward hooks parked)
+            record["one_sample_path"] = step.dp_model.hooks.parked
         if device.type == "cuda":
             record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 4)
+            if cfg.get("profile"):
+                record["profile"] = _profile(step, timer)
         else:
             import resource
 
@@ -190,6 +195,18 @@ def run_config(cfg: Dict) -> Dict:
     except BaseException as err:  # noqa: BLE001 - every failure is a result
         record["status"] = "oom" if _is_oom(err) else f"error: {_describe(err)}"
     return record
+
+
+def _profile(step: Callable[[], None], timer) -> Dict:
+    """One more step under ``torch.profiler``: its GPU time by kernel family and its top kernels
+    (`benchmarks.profile_step.kernel_breakdown`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .profile_step import kernel_breakdown
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timer(step)
+    return kernel_breakdown(prof, 1, 25)
 
 
 def _child(conn, cfg: Dict) -> None:
@@ -278,7 +295,7 @@ def configurations(args) -> List[Dict]:
                 continue
             for mode in args.modes:
                 out.append(dict(model=model, T=seq, mode=mode, device=args.device, smoke=args.smoke,
-                                steps=args.steps, warmup=args.warmup))
+                                steps=args.steps, warmup=args.warmup, profile=args.profile))
     return out
 
 
@@ -296,6 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help=f"tiny models at T = {SMOKE_SEQ}")
     parser.add_argument("--merge", action="store_true", help="keep the file's records of other configurations")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step per configuration (CUDA): its kernels in the record")
     parser.add_argument("--readme", default=None, help="run nothing: rewrite this README's table from --out")
     args = parser.parse_args(argv)
     if args.readme is not None:

@@ -68,6 +68,13 @@ def profile_mode(cfg: Dict, steps: int, profiled: int, top: int) -> Dict:
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         for _ in range(profiled):
             timer(step)
+    return {"mode": cfg["mode"], "ms": statistics.median(times), "peak_gib": peak,
+            **kernel_breakdown(prof, profiled, top)}
+
+
+def kernel_breakdown(prof, profiled: int, top: int) -> Dict:
+    """Per step of a ``torch.profiler`` run over ``profiled`` steps: GPU busy ms (the kernels' summed durations),
+    kernel launches, ms by kernel family (`FAMILIES`) and the ``top`` kernels as (name, ms, launches)."""
     kernels: Dict[str, list] = defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -80,9 +87,6 @@ def profile_mode(cfg: Dict, steps: int, profiled: int, top: int) -> Dict:
         launches += count
     top_kernels = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     return {
-        "mode": cfg["mode"],
-        "ms": statistics.median(times),
-        "peak_gib": peak,
         "gpu_busy_ms": sum(by_family.values()),
         "launches": launches / profiled,
         "families_ms": dict(by_family),

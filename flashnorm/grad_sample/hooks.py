@@ -16,10 +16,14 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from .capture import GradientTap, HookedLayer, autocast_target, in_checkpointed_region
 from .phases import BACKWARD_HOOK, FORWARD_HOOK, phase, recording
 from .step import StepState
+
+#: Keyword values that hold no tensor (a model's flags and options: ``use_cache=False``, ``num_items_in_batch=...``).
+_PLAIN_VALUES = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
 
 class LayerHooks:
@@ -91,6 +95,25 @@ class LayerHooks:
         first = inputs[0] if inputs else None
         dim = 0 if self.owner.batch_first else 1
         return first.shape[dim] if isinstance(first, torch.Tensor) and first.dim() > dim else None
+
+    def call_batch_size(self, args, kwargs) -> Optional[int]:
+        """The batch size of a call of the model: its first positional input's (`leading_batch_size`); for a call
+        with keyword arguments alone (Hugging Face's ``model(**batch)``), the batch dimension its tensors all share,
+        found in nested lists, tuples and dicts too. ``None`` where they do not all have it, where one is too small
+        to have one, or where an argument is an object that could hold tensors out of sight: the caller then treats
+        the batch as of unknown size (never as one sample)."""
+        if args:
+            return self.leading_batch_size(args)
+        dim = 0 if self.owner.batch_first else 1
+        sizes = set()
+        for leaf in pytree.tree_leaves(kwargs):
+            if isinstance(leaf, torch.Tensor):
+                if leaf.dim() <= dim:
+                    return None
+                sizes.add(leaf.shape[dim])
+            elif not isinstance(leaf, _PLAIN_VALUES):
+                return None
+        return sizes.pop() if len(sizes) == 1 else None
 
     # -- the hooks ---------------------------------------------------------------------------------------
     def _enter_layer(self, layer: HookedLayer, module: nn.Module, inputs):

@@ -224,9 +224,9 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
             finally:
                 self.hooked.aliases.leave_all()  # (a layer whose forward raised)
         self._follow_requires_grad()
-        leading = self.hooks.leading_batch_size(args)
+        leading = self.hooks.call_batch_size(args, kwargs)
         last = (self.step.leading_batch_size, self.step.batch_size) if self.step is not None else self._last_sizes
-        # The first argument's batch size speaks for the layers' once a step with hooks saw them agree.
+        # The call's batch size speaks for the layers' once a step with hooks saw them agree.
         single = last is not None and leading == last[0] == last[1] == 1 and not self.distributed
         probe = self._probe_independence(leading, args, kwargs)
         self.step = self._start_step(leading, 1 if single else None)

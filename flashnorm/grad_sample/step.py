@@ -73,7 +73,7 @@ class ClippingStep:
         number: the step's number (gradient taps carry it: a backward from an older forward is recognised).
         hooked: the hooked model.
         config: the module's `StepConfig`.
-        leading_batch_size: the batch size of the forward's first argument, if it is a tensor.
+        leading_batch_size: the batch size of the forward's call (`LayerHooks.call_batch_size`), if known.
         batch_size: the layers' batch size when known in advance (a trusted step of one sample), else ``None``
             (the first hooked layer tells).
         from_forward: made by the wrapper's training forward (``False``: by a hooked layer called outside it).

@@ -53,6 +53,52 @@ def test_one_sample_steps_park_the_forward_hooks_and_a_larger_batch_restores_the
     assert not gsm.hooks.parked, "the step after a larger batch sees the batch size again"
 
 
+class KeywordModel(nn.Module):
+    """A model called with keyword arguments alone, as Hugging Face's ``model(**batch)``: its samples in a nested
+    dict, and a shared [1, ...] tensor (position-like, broadcast over the batch) that may come first."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *, inputs, shift=None, scale=1.0):
+        x = inputs["x"]
+        return self.inner(x if shift is None else x + shift * scale)
+
+
+def test_call_batch_size_of_keyword_calls():
+    gsm = GradSampleModuleFastGradientClippingFuse(_float64(), max_grad_norm=CLIP)
+    one, three, shared = torch.zeros(1, 5), torch.zeros(3, 5), torch.zeros(1, 5)
+    size = gsm.hooks.call_batch_size
+    assert size((three, shared), {}) == 3, "a positional call: the first input's"
+    assert size((), {"inputs": {"x": three}, "mask": three, "use_cache": False, "n": 4, "dtype": torch.float64}) == 3
+    assert size((), {"inputs": {"x": one}, "shift": shared}) == 1
+    assert size((), {"shift": shared, "inputs": {"x": three}}) is None, "a shared tensor of batch 1 beside 3 samples"
+    assert size((), {"inputs": {"x": one}, "scalar": torch.tensor(2.0)}) is None, "a tensor without a batch dimension"
+    assert size((), {"inputs": {"x": one}, "held": nn.Identity()}) is None, "an object that could hold tensors"
+    assert size((), {"flag": True}) is None, "no tensor at all"
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_keyword_calls_of_one_sample_park_the_hooks_and_a_shared_tensor_does_not(cls):
+    """``model(**batch)`` of one sample, twice: the second step takes the one-sample path (hooks parked), exact; a
+    batch of 3 called with a shared [1, ...] tensor first is never taken for one sample (the whole batch would be
+    clipped as one): hooks back, each sample clipped, exact."""
+    inner = _float64()
+    model = KeywordModel(inner)
+    gsm = cls(model, max_grad_norm=CLIP)
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 5, 6, dtype=torch.float64), torch.randint(0, 4, (3,))
+    shift = torch.randn(1, 5, 6, dtype=torch.float64)
+    for batch, parked in ((1, False), (1, True), (1, True), (3, False), (1, False), (1, True)):
+        oracle = oracle_of(inner, x[:batch], y[:batch], forward=lambda m, xb: m(xb + shift * 0.5))
+        model.zero_grad(set_to_none=True)
+        gsm.clipped_backward(per_sample_loss(gsm(shift=shift, inputs={"x": x[:batch]}, scale=0.5), y[:batch]))
+        assert gsm.hooks.parked == parked, (batch, parked)
+        assert_norms(gsm.get_norm_sample(), oracle)
+        assert_clipped_sum(inner, oracle)
+
+
 @pytest.mark.parametrize("parked", [False, True])
 @pytest.mark.parametrize("cls", CLASSES)
 def test_remove_hooks_leaves_the_plain_model(cls, parked):

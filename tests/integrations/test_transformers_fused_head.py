@@ -23,6 +23,7 @@ from flashnorm.utils.export import unwrap_model  # noqa: E402
 from tests.integrations.test_transformers import (  # noqa: E402
     VOCAB, T, FirstStep, Rows, assert_matches, lm_rows, make_trainer, tiny_bert, tiny_gpt2, tiny_llama,
 )
+from tests.conftest import TOLERANCES  # noqa: E402
 from tests.layers.head import per_sample_cross_entropy  # noqa: E402
 from tests.oracle import microbatch_reference  # noqa: E402
 
@@ -162,6 +163,41 @@ def test_either_path_of_min_fused_tokens_is_the_float64_oracle(tmp_path, min_fus
                                         per_device_train_batch_size=3, gradient_accumulation_steps=2)
     assert trainer.calls.seen == {(paths[0], 27), (paths[1], 18)}
     assert_matches(model, grads, before, reference, tolerance="fp64")
+
+
+class EveryStep(transformers.TrainerCallback):
+    """The gradient each optimizer step applied, and whether the DP model's forward hooks were parked (its
+    one-sample path) in that step."""
+
+    def __init__(self):
+        self.grads, self.parked = [], []
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        self.parked.append(self.trainer.dp_model.hooks.parked)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tied", "llama"])
+def test_one_sample_micro_batches_take_the_one_sample_path(tmp_path, name):
+    """per_device_train_batch_size=1 (long context's setting): the trainer calls model(**batch), and from the
+    second step on the step takes the one-sample path (hooks parked, one ordinary backward through the fused head,
+    the whole gradient clipped), each step the float64 oracle's (the same row every step, lr 0)."""
+    model = MODELS[name]().double()
+    one = Rows(**{k: v[1:2] for k, v in ragged_rows(2).columns.items()})  # padded, labels ignored in part
+    rows = Rows(**{k: v.expand(3, -1).clone() for k, v in one.columns.items()})
+    _, norms = oracle(model, one, 1.0)
+    clip = float(norms[0]) / 2  # clipped: c = 1/2
+    reference, _ = oracle(model, one, clip)
+    steps = EveryStep()
+    trainer = make_trainer(model, rows, tmp_path, privacy(clip, fused_head="on"), callbacks=[steps],
+                           per_device_train_batch_size=1, max_steps=3, learning_rate=0.0)
+    steps.trainer = trainer
+    trainer.train()
+    assert steps.parked == [False, True, True]
+    for grads in steps.grads:
+        for n, ref in reference.items():
+            rtol, atol = TOLERANCES[TOLERANCE[name]]
+            torch.testing.assert_close(grads[n].double(), ref, rtol=rtol, atol=atol, msg=n)
 
 
 def test_auto_is_the_models_own_logits_on_cpu(tmp_path):
