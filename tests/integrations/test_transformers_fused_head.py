@@ -177,23 +177,27 @@ class EveryStep(transformers.TrainerCallback):
         self.parked.append(self.trainer.dp_model.hooks.parked)
 
 
-@pytest.mark.parametrize("name", ["gpt2-tied", "llama"])
-def test_one_sample_micro_batches_take_the_one_sample_path(tmp_path, name):
+@pytest.mark.parametrize("name,accumulation,parked", [("gpt2-tied", 1, [False, True, True]),
+                                                       ("llama", 1, [False, True, True]),
+                                                       ("gpt2-tied", 2, [True, True, True])])
+def test_one_sample_micro_batches_take_the_one_sample_path(tmp_path, name, accumulation, parked):
     """per_device_train_batch_size=1 (long context's setting): the trainer calls model(**batch), and from the
-    second step on the step takes the one-sample path (hooks parked, one ordinary backward through the fused head,
-    the whole gradient clipped), each step the float64 oracle's (the same row every step, lr 0)."""
+    second micro-batch on the step takes the one-sample path (hooks parked, one ordinary backward through the fused
+    head, the whole gradient clipped, summed with the earlier micro-batches' under accumulation), each optimizer
+    step the float64 oracle's (the same row every micro-batch, lr 0)."""
     model = MODELS[name]().double()
     one = Rows(**{k: v[1:2] for k, v in ragged_rows(2).columns.items()})  # padded, labels ignored in part
-    rows = Rows(**{k: v.expand(3, -1).clone() for k, v in one.columns.items()})
+    rows = Rows(**{k: v.expand(3 * accumulation, -1).clone() for k, v in one.columns.items()})
     _, norms = oracle(model, one, 1.0)
     clip = float(norms[0]) / 2  # clipped: c = 1/2
     reference, _ = oracle(model, one, clip)
     steps = EveryStep()
     trainer = make_trainer(model, rows, tmp_path, privacy(clip, fused_head="on"), callbacks=[steps],
-                           per_device_train_batch_size=1, max_steps=3, learning_rate=0.0)
+                           per_device_train_batch_size=1, gradient_accumulation_steps=accumulation, max_steps=3,
+                           learning_rate=0.0)
     steps.trainer = trainer
     trainer.train()
-    assert steps.parked == [False, True, True]
+    assert steps.parked == parked
     for grads in steps.grads:
         for n, ref in reference.items():
             rtol, atol = TOLERANCES[TOLERANCE[name]]
