@@ -22,8 +22,11 @@ class StepConfig:
         norm_method: a forced method, or ``None`` (planned per layer).
         writer: the mode's `ClippedGradientWriter`.
         batch_first: inputs are ``[B, ...]`` (else ``[T, B, ...]``).
-        distributed: gradients are reduced across ranks by DDP or FSDP2 (no one-sample shortcut; the loss is
-            checked before any collective).
+        distributed: gradients are reduced across ranks by DDP or FSDP2 (the loss is checked before any
+            collective).
+        one_sample_shortcut: a batch of one sample takes one ordinary backward, its gradient clipped whole (it is
+            the sample's gradient: on one process, and under DDP, whose forward runs under ``no_sync``; not under
+            FSDP2, where a rank holds shards of it).
         packs_per_sample_grads: per-sample gradients go to packed buffers
             (`PackedPerSampleGrads`); ``False`` under FSDP2.
         splits_norms: a plain backward's norms are split by parameter (Opacus's ``p._norm_sample``); ``False``
@@ -36,6 +39,7 @@ class StepConfig:
     writer: ClippedGradientWriter
     batch_first: bool = True
     distributed: bool = False
+    one_sample_shortcut: bool = True
     packs_per_sample_grads: bool = True
     splits_norms: bool = True
 

@@ -119,7 +119,8 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self.probe_pending = True
         self.config = StepConfig(
             backend, norm_algorithm, forced, writer or self.writer_class(), batch_first=batch_first,
-            distributed=self.distributed, packs_per_sample_grads=self.packs_per_sample_grads,
+            distributed=self.distributed, one_sample_shortcut=self.parallelism != "fsdp",
+            packs_per_sample_grads=self.packs_per_sample_grads,
             splits_norms=self.splits_norms,
         )
         self._parameter_names = {id(p): name for name, p in m.named_parameters()}
@@ -227,7 +228,7 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         leading = self.hooks.call_batch_size(args, kwargs)
         last = (self.step.leading_batch_size, self.step.batch_size) if self.step is not None else self._last_sizes
         # The call's batch size speaks for the layers' once a step with hooks saw them agree.
-        single = last is not None and leading == last[0] == last[1] == 1 and not self.distributed
+        single = last is not None and leading == last[0] == last[1] == 1 and self.config.one_sample_shortcut
         probe = self._probe_independence(leading, args, kwargs)
         self.step = self._start_step(leading, 1 if single else None)
         self.hooks.park(single)

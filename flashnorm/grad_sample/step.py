@@ -109,9 +109,9 @@ class ClippingStep:
 
     @property
     def single_sample(self) -> bool:
-        """The batch holds one sample and the shortcut applies: one ordinary backward, whose gradient *is* the
-        per-sample gradient. Not under DDP/FSDP, whose reducers would average unclipped gradients."""
-        return self.batch_size == 1 and not self.config.distributed
+        """The batch holds one sample and the shortcut applies (``StepConfig.one_sample_shortcut``): one ordinary
+        backward, whose gradient *is* the per-sample gradient."""
+        return self.batch_size == 1 and self.config.one_sample_shortcut
 
     # -- the forward side ----------------------------------------------------------------------------
     def captured(self, layer: HookedLayer) -> bool:

@@ -43,6 +43,11 @@ ORACLE_CASES = [
     Case("flash_fuse-dpddp-one-sample", "dpddp", "flash_fuse", sizes=(1, 4)),  # one-pass B = 1 shortcut on rank 0
     Case("flash_fuse_fsdp-one-sample", "fsdp", "flash_fuse_fsdp", sizes=(1, 3)),
     Case("flash_fuse-one-sample", "ddp", "flash_fuse", sizes=(1, 3)),
+    # a second step of one sample per rank: the one-sample path under DDP (an ordinary backward under no_sync, the
+    # local gradient clipped whole), not under FSDP2 (a rank holds shards of the gradient)
+    *(Case(f"{m}-one-sample-warm", w, m, sizes=(1, 3), warm=True)
+      for w, m in [("ddp", "flash_fuse"), ("ddp", "flash"), ("ddp", "ghost"), ("fsdp", "flash_fuse_fsdp")]),
+    Case("flash_fuse-one-sample-warm-tied", "ddp", "flash_fuse", sizes=(1, 1), warm=True, tied=True),
     Case("flash-dpddp", "dpddp", "flash", reduction="sum"),
     Case("flash_fuse-poisson", "ddp", "flash_fuse", sizes=(4, 4), poisson=True),
     Case("flash_fuse_fsdp-poisson", "fsdp", "flash_fuse_fsdp", sizes=(4, 4), poisson=True),
@@ -127,6 +132,8 @@ def test_step_equals_single_process_step_on_union_batch(launch, case):
             step = expected.get(name, torch.zeros_like(p))  # SGD, lr = 1; frozen parameters never move
             torch.testing.assert_close(p, res["before"][name] - step, rtol=RTOL, atol=ATOL,
                                        msg=lambda m: f"{name}: {m}")
+    if case.warm:  # B = 1 after B = 1 on rank 0 (and on rank 1 when it holds one): parked, except under FSDP2
+        assert [res["parked"] for res in per_rank] == [s == 1 and case.wrapper != "fsdp" for s in case.sizes]
     if case.frozen:
         assert "blocks.0.fc1.weight" not in expected
         assert torch.equal(per_rank[0]["params"]["blocks.0.fc1.weight"], per_rank[0]["before"]["blocks.0.fc1.weight"])

@@ -49,6 +49,7 @@ class Case:
     rank_batch: bool = False  # the loader's batch size differs across ranks (make_private must refuse)
     leak: bool = False  # from the second step on, the head's weight is also read outside the head (must refuse)
     tied: bool = False  # blocks[1].fc1 shares blocks[0].fc1's weight (two layers, one parameter)
+    warm: bool = False  # a clipped backward on the same batch first (no optimizer step): its batch sizes are known
     seed: int = 0
 
     @property
@@ -175,7 +176,11 @@ def run_case(case: Case, device: torch.device) -> Dict:
         dp_opt.step()
         dp_opt.zero_grad()
         model.leak = True
+    if case.warm:  # a rank of one sample after one: the step takes the one-sample path (forward hooks parked)
+        criterion(dp_model(x), y).backward()
+        dp_opt.zero_grad(set_to_none=True)
     out = dp_model(x)
+    parked = dp_model.hooks.parked
     criterion(out.float() if out.dtype == torch.bfloat16 else out, y).backward()
     norms = dp_model.get_norm_sample().detach().double().cpu() if len(index) else torch.zeros(0)
     dp_opt.step()
@@ -184,6 +189,7 @@ def run_case(case: Case, device: torch.device) -> Dict:
         "class": type(dp_model).__name__,
         "ddp_reductions": len(ddp_reductions),
         "optimizer": type(dp_opt).__name__,
+        "parked": parked,
         "index": index,  # this rank's samples, in the dataset of ids twice
         "norms": norms,
         "grads": {n: _full(p.grad) for n, p in named.items() if p.requires_grad},
