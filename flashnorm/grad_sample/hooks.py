@@ -11,12 +11,12 @@ hook-free call path.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.utils._pytree as pytree
 
 from .capture import GradientTap, HookedLayer, autocast_target, in_checkpointed_region
 from .phases import BACKWARD_HOOK, FORWARD_HOOK, phase, recording
@@ -24,6 +24,18 @@ from .step import StepState
 
 #: Keyword values that hold no tensor (a model's flags and options: ``use_cache=False``, ``num_items_in_batch=...``).
 _PLAIN_VALUES = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _leaves(value):
+    """The values inside ``value``'s nested mappings, lists and tuples (``value`` itself when it is none)."""
+    if isinstance(value, Mapping):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
 
 
 class LayerHooks:
@@ -106,7 +118,7 @@ class LayerHooks:
             return self.leading_batch_size(args)
         dim = 0 if self.owner.batch_first else 1
         sizes = set()
-        for leaf in pytree.tree_leaves(kwargs):
+        for leaf in _leaves(kwargs):
             if isinstance(leaf, torch.Tensor):
                 if leaf.dim() <= dim:
                     return None

@@ -3,6 +3,8 @@ larger batch brings them back (each step exact against the float64 oracle), remo
 FlashNorm's hooks, and outside a layer's forward its registrations hold the parameters themselves (aliases only while
 it runs, also after a forward that raised)."""
 
+from collections import UserDict
+
 import pytest
 import torch
 import torch.nn as nn
@@ -73,6 +75,7 @@ def test_call_batch_size_of_keyword_calls():
     assert size((three, shared), {}) == 3, "a positional call: the first input's"
     assert size((), {"inputs": {"x": three}, "mask": three, "use_cache": False, "n": 4, "dtype": torch.float64}) == 3
     assert size((), {"inputs": {"x": one}, "shift": shared}) == 1
+    assert size((), {"inputs": UserDict(x=three), "pair": (three, [three])}) == 3, "any mapping, lists and tuples"
     assert size((), {"shift": shared, "inputs": {"x": three}}) is None, "a shared tensor of batch 1 beside 3 samples"
     assert size((), {"inputs": {"x": one}, "scalar": torch.tensor(2.0)}) is None, "a tensor without a batch dimension"
     assert size((), {"inputs": {"x": one}, "held": nn.Identity()}) is None, "an object that could hold tensors"
