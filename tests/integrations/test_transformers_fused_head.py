@@ -177,14 +177,18 @@ class EveryStep(transformers.TrainerCallback):
         self.parked.append(self.trainer.dp_model.hooks.parked)
 
 
-@pytest.mark.parametrize("name,accumulation,checkpointing,parked", [("gpt2-tied", 1, False, [False, True, True]),
-                                                                     ("llama", 1, True, [False, True, True]),
-                                                                     ("gpt2-tied", 2, True, [True, True, True])])
-def test_one_sample_micro_batches_take_the_one_sample_path(tmp_path, name, accumulation, checkpointing, parked):
+@pytest.mark.parametrize("name,path,accumulation,checkpointing,parked", [
+    ("gpt2-tied", "fused", 1, False, [False, True, True]),
+    ("llama", "fused", 1, True, [False, True, True]),
+    ("gpt2-tied", "fused", 2, True, [True, True, True]),
+    ("gpt2-tied", "unfused", 1, False, [False, True, True]),
+])
+def test_one_sample_micro_batches_take_the_one_sample_path(tmp_path, name, path, accumulation, checkpointing, parked):
     """per_device_train_batch_size=1 (long context's setting): the trainer calls model(**batch), and from the
     second micro-batch on the step takes the one-sample path (hooks parked, one ordinary backward through the fused
     head, the whole gradient clipped, summed with the earlier micro-batches' under accumulation), each optimizer
-    step the float64 oracle's (the same row every micro-batch, lr 0); with HF gradient checkpointing too."""
+    step the float64 oracle's (the same row every micro-batch, lr 0); with HF gradient checkpointing too, and on
+    the unfused path of min_fused_tokens (the model's own lm_head)."""
     model = MODELS[name]().double()
     one = Rows(**{k: v[1:2] for k, v in ragged_rows(2).columns.items()})  # padded, labels ignored in part
     rows = Rows(**{k: v.expand(3 * accumulation, -1).clone() for k, v in one.columns.items()})
@@ -192,13 +196,15 @@ def test_one_sample_micro_batches_take_the_one_sample_path(tmp_path, name, accum
     clip = float(norms[0]) / 2  # clipped: c = 1/2
     reference, _ = oracle(model, one, clip)
     steps = EveryStep()
-    trainer = make_trainer(model, rows, tmp_path, privacy(clip, fused_head="on"), callbacks=[steps],
-                           per_device_train_batch_size=1, gradient_accumulation_steps=accumulation, max_steps=3,
+    trainer_cls = type("Threshold", (Threshold,), {"min_fused_tokens": 0 if path == "fused" else 10**6})
+    trainer = make_trainer(model, rows, tmp_path, privacy(clip, fused_head="on"), trainer_cls=trainer_cls,
+                           callbacks=[steps], per_device_train_batch_size=1, gradient_accumulation_steps=accumulation,
+                           max_steps=3,
                            learning_rate=0.0, gradient_checkpointing=checkpointing,
                            gradient_checkpointing_kwargs={"use_reentrant": False})
     steps.trainer = trainer
     trainer.train()
-    assert steps.parked == parked
+    assert steps.parked == parked and trainer.calls.seen == {(path, T)}
     for grads in steps.grads:
         for n, ref in reference.items():
             rtol, atol = TOLERANCES[TOLERANCE[name]]
