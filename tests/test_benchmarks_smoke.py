@@ -390,3 +390,10 @@ def test_flop_floor_from_the_shapes():
     assert floor.floor(floor.Row(one, 1, t)) == 1.0  # B = 1: the ordinary gradient, scaled
     llama = next(r for r in floor.ROWS if r.shape is floor.LLAMA_1B and (r.batch, r.seq) == (8, 1024))
     assert 1.15 < floor.floor(llama) < 1.25  # "a floor of about 1.2×" on that row
+    # with the Gram form in float64 beyond 32 positions (the rounding allowance), flash is that row's form
+    plain, _ = floor.step_flops(llama)
+    flash = sum(2.0 * 8 * 1024 * p * d for _ in range(16) for d, p in floor.LLAMA_1B.linears) + 2.0 * 8 * 1024 * 2048 * 128256
+    tied = 4.0 * 8 * 1024**2 * 2048
+    assert floor.floor(llama, allowance=True) == pytest.approx((plain + flash + tied) / plain)
+    short = floor.Row(one, b, floor.GRAM_FLOAT32_MAX_STEPS)
+    assert floor.floor(short, allowance=True) == floor.floor(short)  # float32 Gram allowed up to 32 positions
