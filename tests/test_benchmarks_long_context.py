@@ -33,6 +33,11 @@ def test_smoke_run_records_every_configuration(tmp_path):
     for mode in ("flashnorm_fused", "hf"):
         assert records[mode]["status"] == "ok" and records[mode]["step_ms"] > 0 and records[mode]["peak_gib"] > 0
         assert len(records[mode]["steps_ms"]) >= 3
+    # B = 1 after B = 1, the model called with keywords: the DP step's timed steps take the one-sample path
+    assert records["flashnorm_fused"]["one_sample_path"] is True and "one_sample_path" not in records["hf"]
+    from benchmarks.long_context import format_table
+
+    assert "the DP step took the one-sample path" in format_table(data)
 
     # --merge keeps the file's other records and replaces the configuration run again
     proc = _run("--smoke", "--device", "cpu", "--models", "gpt2", "--modes", "hf", "--warmup", "1", "--merge",
