@@ -100,6 +100,7 @@ def make_step(mode: str, model, ids) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     vocab = model.config.vocab_size
     loader = _dummy_loader(ids.shape[0])
+    dp_model = None
 
     if mode == "hf":
         def loss_fn():
@@ -151,7 +152,7 @@ def make_step(mode: str, model, ids) -> Callable[[], None]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step.dp_model = locals().get("dp_model")  # FlashNorm's grad-sample module (its path is recorded)
+    step.dp_model = dp_model  # FlashNorm's grad-sample module (its path is recorded)
     return step
 
 
@@ -284,7 +285,8 @@ def format_table(data: Dict) -> str:
 
 def _dp_path(data: Dict) -> str:
     """What the DP records say of their step's path (``one_sample_path``: hooks parked, one ordinary backward)."""
-    paths = {r.get("one_sample_path") for r in data["records"] if r["mode"] == "flashnorm_fused" and r["status"] == "ok"}
+    dp = [r for r in data["records"] if r["mode"] == "flashnorm_fused" and r["status"] == "ok"]
+    paths = {r.get("one_sample_path") for r in dp}
     if paths == {True}:
         return "the DP step took the one-sample path (one ordinary backward, the gradient clipped whole)"
     if paths == {False}:

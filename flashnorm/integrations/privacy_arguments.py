@@ -13,9 +13,10 @@ from ..modes import get_mode
 
 #: The values of ``PrivacyArguments.fused_head``.
 FUSED_HEAD_SETTINGS = ("auto", "on", "off")
-#: ``fused_head="auto"``: the fewest label positions (B·T) of a micro-batch that takes the fused head, on CUDA. It is
-#: where the fused head was measured exact and at least as fast on an H100 (T = 16k to 64k, the Llama-3.2-1B shape and
-#: GPT-2 small); shorter micro-batches were not measured and keep the model's own logits.
+#: ``fused_head="auto"``: the fewest label positions (B·T) of a micro-batch that takes the fused head, on CUDA: the
+#: long-context regime where the DP step on it was measured on an H100 (B = 1, T = 16k to 64k, the Llama-3.2-1B shape
+#: and GPT-2 small) at 0.91-1.04x plain Hugging Face non-private training's time and a quarter to an eighth of its
+#: memory (docs/huggingface.md); shorter micro-batches were not measured and keep the model's own logits.
 AUTO_MIN_FUSED_TOKENS = 16384
 
 
@@ -56,7 +57,7 @@ class PrivacyArguments:
             (`flashnorm.integrations.fused_head`: the base model's hidden states, then the loss and its exact
             per-sample norms without the [B, T, V] logits) instead of from the model's own logits; both give the same
             loss and the same clipped gradient. ``"auto"`` (default): on CUDA, for micro-batches of at least
-            ``AUTO_MIN_FUSED_TOKENS`` = 16384 label positions (B·T), where it was measured at least as fast; the
+            ``AUTO_MIN_FUSED_TOKENS`` = 16384 label positions (B·T), the long-context regime where it was measured; the
             model's own logits otherwise, and on CPU (where the fused head runs a chunked PyTorch reference), for a
             model that cannot take it, and when `DPTrainer.dp_loss` is overridden. ``"on"``: every micro-batch
             fused, on any device; a model that cannot take it (a sequence classifier, logits that are not
@@ -109,7 +110,7 @@ class PrivacyArguments:
         if self.fused_head not in FUSED_HEAD_SETTINGS:
             raise ValueError(
                 f"fused_head={self.fused_head!r} is not one of {', '.join(map(repr, FUSED_HEAD_SETTINGS))}: 'auto' "
-                "(the fused head where it was measured faster), 'on' (always) or 'off' (never)."
+                "(the fused head for long micro-batches on CUDA), 'on' (always) or 'off' (never)."
             )
         mode = get_mode(self.grad_sample_mode)  # raises on an unknown mode, listing the valid ones
         if mode.delegated or mode.fsdp:
