@@ -7,7 +7,10 @@
   model row: the adversarial sample's influence is ≤ C(1 + 10⁻³) and the step equals the float64 oracle on the
   union batch;
 * C or σ changed between the clipped backward and ``optimizer.step()`` (on every rank) is refused at the step with
-  every parameter unchanged.
+  every parameter unchanged;
+* a rank holding the adversarial sample alone, after a step of one sample (its step takes the one-sample path: one
+  ordinary backward, the gradient clipped whole): its influence is ≤ C(1 + 10⁻³), the step the float64 oracle's on
+  the union batch, and a gradient hook is refused there too.
 
 The probe scenario of `tests.grad_sample.guarantee` (Linear → tanh → Linear under ⟨out_b, G_b⟩, the last
 sample 10× the input and 1000× the output gradient) is split over the ranks: rank 0 holds samples 0-1, rank 1 the
@@ -40,9 +43,11 @@ def _batches():
     return {"with": with_it, "without": without}
 
 
-def _job(mode: str, batch: str, rank: int, hook=None, change=None, flip=False) -> dict:
+def _job(mode: str, batch: str, rank: int, hook=None, change=None, flip=False, one_sample=False) -> dict:
     """One DP step of the DDP-wrapped probe on this rank's share of ``batch``; returns what it applied (flat,
-    float64), or the error and whether every parameter stayed as it was."""
+    float64), or the error and whether every parameter stayed as it was. ``one_sample``: rank 1 holds the last
+    sample alone (none for the batch without it), and a clipped backward on the same shares (no optimizer step)
+    comes first, so that its step is trusted to be of one sample."""
     from flashnorm import FlashNormPrivacyEngine
 
     x, g = _batches()[batch]
@@ -57,15 +62,20 @@ def _job(mode: str, batch: str, rank: int, hook=None, change=None, flip=False) -
         noise_multiplier=sigma, max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=mode,
         loss_reduction="sum",
     )
+    first = 3 if one_sample else 2  # rank 0's samples
+    local = slice(0, first) if rank == 0 else slice(first, None)
+    if one_sample:
+        criterion(dp_model(x[local]), g[local]).backward()
+        optimizer.zero_grad(set_to_none=True)
     if hook == "register_hook":
         model[2].weight.register_hook(lambda grad: 1000 * grad)
     elif hook == "register_post_accumulate_grad_hook":
         model[2].weight.register_post_accumulate_grad_hook(lambda p: p.grad.mul_(1000))
-    local = slice(0, 2) if rank == 0 else slice(2, None)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = {}
     try:
         out = dp_model(x[local])
+        result["parked"] = dp_model.hooks.parked
         target = g[local]
         loss = criterion(out.flip(0), target.flip(0)) if flip else criterion(out, target)
         loss.backward()
@@ -85,6 +95,10 @@ JOBS = {
        for mode in CLIPPING_MODES for batch in ("with", "without")},
     **{f"{mode}-{change}-changed": functools.partial(_job, mode, "with", change=change)
        for mode in CLIPPING_MODES for change in CHANGES},
+    **{f"{mode}-one-sample-{batch}": functools.partial(_job, mode, batch, one_sample=True)
+       for mode in CLIPPING_MODES for batch in ("with", "without")},
+    **{f"{mode}-one-sample-{hook}": functools.partial(_job, mode, "with", hook=hook, one_sample=True)
+       for mode in CLIPPING_MODES for hook in HOOKS},
 }
 
 
@@ -123,9 +137,29 @@ def test_a_gradient_hook_on_a_parameter_is_refused_under_ddp(results, mode, hook
 def test_a_loss_not_in_batch_order_is_clipped_per_sample_under_ddp(results, mode):
     """Both ranks apply the same update; the adversarial sample moves it by ≤ C(1 + 10⁻³); with and without it, the
     update is the float64 oracle's Σ_b c_b ∇ℓ_b on the union batch."""
+    _assert_influence_bounded(results, f"{mode}-flip")
+
+
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_the_adversarial_sample_alone_on_a_rank_takes_the_one_sample_path_clipped(results, mode):
+    """Rank 1 holds the adversarial sample alone after a step of one sample: its step is the one-sample path (hooks
+    parked), the sample's influence ≤ C(1 + 10⁻³), each update the float64 oracle's on the union batch."""
+    assert [res[f"{mode}-one-sample-with"]["parked"] for res in results] == [False, True]
+    _assert_influence_bounded(results, f"{mode}-one-sample")
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_a_gradient_hook_is_refused_on_the_one_sample_path_under_ddp(results, mode, hook):
+    _refused_everywhere(results, f"{mode}-one-sample-{hook}", "Parameter 'module.2.weight' has a gradient hook")
+
+
+def _assert_influence_bounded(results, prefix: str) -> None:
+    """The jobs ``prefix``-with and -without: every rank applied the same update, the float64 oracle's on the
+    union batch, and the two differ by ≤ C(1 + 10⁻³)."""
     applied = {}
     for batch in ("with", "without"):
-        got = [res[f"{mode}-flip-{batch}"] for res in results]
+        got = [res[f"{prefix}-{batch}"] for res in results]
         for rank, res in enumerate(got):
             assert "error" not in res, (rank, res.get("trace"))
         torch.testing.assert_close(got[0]["applied"], got[1]["applied"], rtol=0, atol=0)

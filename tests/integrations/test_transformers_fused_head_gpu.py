@@ -57,7 +57,7 @@ def cuda_oracle(rows, clip=None):
         _, norms = oracle(model, on_gpu, 1.0)
         assert len(norms) == 1 or float(norms.max() - norms.min()) > 1e-3 * float(norms.max())
         clip = float(norms.mean()) if len(norms) > 1 else float(norms[0]) / 2
-    grads, norms = oracle(model, on_gpu, clip)
+    grads, _ = oracle(model, on_gpu, clip)
     return {n: g.cpu() for n, g in grads.items()}, clip
 
 
