@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from flashnorm import PrivacyEngine
 from flashnorm.auditing import AuditResult, CanaryAudit
-from tests.distributed.workers import run_in_group
+from tests.distributed.workers import launch_group, run_in_group
 
 DELTA = 1e-5
 CANARIES = 20_000
@@ -264,14 +264,10 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, cases: Seque
 
 def launch(cases: List[Case], world: int, tmp_dir: str) -> Dict[str, Dict]:
     """Runs ``cases`` on ``world`` forked gloo ranks; rank 0's results by case name."""
-    import torch.multiprocessing as mp
-
     if dist.is_initialized():
         raise RuntimeError("launch forks its ranks: call it from a process that has no process group of its own.")
     os.makedirs(tmp_dir, exist_ok=True)
-    mp.start_processes(_rank_main, args=(world, os.path.join(tmp_dir, "init"), tmp_dir, cases), nprocs=world,
-                       join=True, start_method="fork")
-    return torch.load(os.path.join(tmp_dir, "rank0.pt"), weights_only=False)
+    return launch_group(_rank_main, world, tmp_dir, cases, start_method="fork")[0]
 
 
 def distributed_result(case: Case, res: Dict) -> AuditResult:

@@ -20,7 +20,6 @@ rest, the adversarial one among them.
 from __future__ import annotations
 
 import functools
-import os
 import traceback
 
 import pytest
@@ -29,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import CLIPPING_MODES, TOLERANCES
-from tests.distributed.workers import run_in_group
+from tests.distributed.workers import launch_group, run_in_group
 from tests.grad_sample.guarantee import C, LinearLoss, adversarial, probe, reference, sample_loss
 
 HOOKS = ("register_hook", "register_post_accumulate_grad_hook")
@@ -113,11 +112,7 @@ def _ranks(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    out = str(tmp_path_factory.mktemp("ddp_guarantees"))
-    mp.spawn(_ranks, args=(2, os.path.join(out, "init"), out), nprocs=2, join=True)
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    return launch_group(_ranks, 2, str(tmp_path_factory.mktemp("ddp_guarantees")))
 
 
 def _refused_everywhere(results, name: str, pattern: str) -> None:

@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.distributed.workers import Case, build, rank_device, run_in_group
+from tests.distributed.workers import Case, build, launch_group, rank_device, run_in_group
 
 BACKEND = os.environ.get("FLASHNORM_DIST_BACKEND", "gloo")
 B = 4  # the global batch size (B / 2 samples per rank)
@@ -89,13 +89,9 @@ def _ranks(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     if BACKEND == "nccl" and torch.cuda.device_count() < 2:
         pytest.skip("FLASHNORM_DIST_BACKEND=nccl needs 2 CUDA GPUs")
-    out = str(tmp_path_factory.mktemp("agree"))
-    mp.spawn(_ranks, args=(2, os.path.join(out, "init"), out), nprocs=2, join=True)
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    return launch_group(_ranks, 2, str(tmp_path_factory.mktemp("agree")))
 
 
 @pytest.mark.parametrize("name", list(CASES))
