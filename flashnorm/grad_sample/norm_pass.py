@@ -22,8 +22,7 @@ parameter adds its cross terms to its own entry. Otherwise nothing is split: the
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,7 +30,7 @@ import torch.nn as nn
 from ..kernels.accumulation import accumulation_dtype
 from ..norms import rounding
 from ..norms.registry import per_sample_norms
-from ..norms.tied import cross_term, per_sample_dot
+from ..norms.tied import CrossTerm, cross_term, per_sample_cross
 from .capture import HookedLayer, HookedModel
 from .config import StepConfig
 from .layer_groups import LayerGroup
@@ -69,7 +68,8 @@ class NormTerms:
         self.slack_sq: List[torch.Tensor] = []  # squared-domain allowances Q, one [B] per Gram / cross term
         self.shared_inputs: Dict[HookedLayer, tuple] = {}  # (x, g) of layers sharing a parameter
         self.shared_grads: Dict[HookedLayer, dict] = {}  # or their per-sample gradients
-        self.shared_scales: Dict[HookedLayer, tuple] = {}  # (s, γ, n) of their rounding
+        self.shared_norm_sq: Dict[HookedLayer, torch.Tensor] = {}  # their own terms ‖∇^A ℓ_b‖² [B]
+        self.shared_errors: Dict[HookedLayer, torch.Tensor] = {}  # and their per-sample gradients' rounding γ·s [B]
         #: θ → its squared per-sample norm terms [B] (``by_param``), else ``None``
         self.param_terms: Optional[Dict[nn.Parameter, List[torch.Tensor]]] = {} if by_param else None
 
@@ -149,10 +149,14 @@ class NormTerms:
         with_vectors = bool(layer.shared) or not self._vectors_to_packed(layer, x, g)
         if self.param_terms is None:
             self.terms.append(layer.rule.norm_sq(layer.module, x, g, method, vectors=with_vectors, backend=self.config.backend))
+            added = self.terms[-1:]
         else:
             parts = layer.rule.norm_sq_by_param(layer.module, x, g, method, vectors=with_vectors, backend=self.config.backend)
             self.terms.extend(parts.values())
             self._split(parts)
+            added = list(parts.values())
+        if layer.shared:
+            self.shared_norm_sq[layer] = sum(added)
         self._add_radius(layer, self._note_rounding(layer, x, g, method))
         return KeptInputs(method, x, g, with_vectors)
 
@@ -169,6 +173,7 @@ class NormTerms:
         separate = {p: gs for p, gs in grads.items() if slots.get(p) is None or not packed.store(p, gs)}
         if layer.shared:
             self.shared_grads[layer] = grads
+            self.shared_norm_sq[layer] = sum(n.square() for n in per_sample_norms(grads))
         if separate:  # norms squared and summed once, after the pass; the rest is in the packed norms
             self._add_roots(separate)
             return KeptPerSample(separate)
@@ -187,6 +192,7 @@ class NormTerms:
         self._add_roots(total)
         if layer.shared:
             self.shared_grads[layer] = total
+            self.shared_norm_sq[layer] = sum(n.square() for n in per_sample_norms(total))
         return KeptPerSample(total)
 
     def _add_roots(self, grads: Dict[nn.Parameter, torch.Tensor]) -> None:
@@ -217,21 +223,18 @@ class NormTerms:
         """The layer's share of the clipping coefficient's rounding allowance (`rounding`):
         returns its radius r = (γ_norm + γ_applied)·s over the two computations of its per-sample gradient (``None``
         where the writer applies the very per-sample gradients it took the norm of, or the rule has no model),
-        notes the Gram form's γ_G·s², and keeps (s, γ, n) of a layer sharing a parameter for the cross terms.
+        notes the Gram form's γ_G·s², and keeps γ·s of a layer sharing a parameter for its cross terms.
         ``members``: x and g stack that many layers' captures of B samples each (a `LayerGroup`): the radius is
         [members·B] and the Gram allowance is summed over them."""
         consistent = method == "per_sample" and self.config.writer.applies_kept_per_sample
-        scale = None if consistent and not layer.shared else layer.rule.rounding_scale(layer.module, x, g)
+        scale = None if consistent else layer.rule.rounding_scale(layer.module, x, g)
         if scale is None:
             return None
         s, terms = scale
         gamma = rounding.gamma(terms, x.shape[0] // members, g.dtype)
         if layer.shared:  # a layer's uses add up (a multi-use layer is noted once per use)
-            kept = self.shared_scales.get(layer)
-            self.shared_scales[layer] = (s, gamma, terms) if kept is None else (
-                kept[0] + s, max(kept[1], gamma), kept[2] + terms)
-        if consistent:
-            return None
+            kept = self.shared_errors.get(layer)
+            self.shared_errors[layer] = s * gamma if kept is None else kept + s * gamma
         if method == "gram":  # the norm's error is γ_G·s² (squared domain); only the applied sum has a radius
             batch, steps, d, p = layer.rule.sizes(layer.module, x, g)
             gram_dtype = torch.float64 if rounding.gram_in_float64(steps, g.dtype) else g.dtype
@@ -258,34 +261,42 @@ class NormTerms:
                 counted = [layer for layer in sharing if layer in self.shared_inputs or layer in self.shared_grads]
                 for i, a in enumerate(counted):
                     for b in counted[i + 1:]:
-                        self.terms.append(2 * self._cross(a, b, param))
+                        cross, materialized = self._cross(a, b, param)
+                        self.terms.append(2 * cross.value)
                         if self.param_terms is not None:
                             self._split({param: self.terms[-1]})
-                        self._note_cross_rounding(a, b)
+                        self._note_cross_rounding(a, b, cross, materialized)
         finally:
-            self.shared_inputs, self.shared_grads, self.shared_scales = {}, {}, {}
+            self.shared_inputs, self.shared_grads, self.shared_norm_sq, self.shared_errors = {}, {}, {}, {}
 
-    def _cross(self, a: HookedLayer, b: HookedLayer, param) -> torch.Tensor:
-        """⟨∇_θ^A, ∇_θ^B⟩ per sample for θ = ``param`` used by layers a and b."""
+    def _cross(self, a: HookedLayer, b: HookedLayer, param) -> Tuple[CrossTerm, bool]:
+        """⟨∇_θ^A, ∇_θ^B⟩ per sample for θ = ``param`` used by layers a and b, and whether it was taken from
+        per-sample gradients (rounded as they were formed) rather than from the captures directly."""
         grads_a, grads_b = self.shared_grads.get(a), self.shared_grads.get(b)
         backend = self.config.backend
         if grads_a is None and grads_b is None:
             return cross_term(a.rule, a.module, *self.shared_inputs[a], b.rule, b.module, *self.shared_inputs[b],
-                              param, backend=backend)
+                              param, backend=backend), False
         if grads_a is None:
             grads_a = a.rule.per_sample_grads(a.module, *self.shared_inputs[a], backend=backend)
         if grads_b is None:
             grads_b = b.rule.per_sample_grads(b.module, *self.shared_inputs[b], backend=backend)
-        return per_sample_dot(grads_a[param], grads_b[param])
+        return per_sample_cross(grads_a[param], grads_b[param]), True
 
-    def _note_cross_rounding(self, a: HookedLayer, b: HookedLayer) -> None:
-        """The cross term 2⟨Ŵ_A, Ŵ_B⟩ errs by ≤ 2·(γ_cross + 2γ_A + 2γ_B)·s_A·s_B: its own rounding over the
-        n_A·n_B products it sums (γ_cross ≈ γ_A·√n_B), and each layer's radius against the other's gradient;
-        added to the squared-domain allowance."""
-        if a in self.shared_scales and b in self.shared_scales:
-            (s_a, gamma_a, n_a), (s_b, gamma_b, n_b) = self.shared_scales[a], self.shared_scales[b]
-            gamma_cross = max(gamma_a * math.sqrt(n_b), gamma_b * math.sqrt(n_a))
-            self.slack_sq.append((2 * (gamma_cross + 2 * gamma_a + 2 * gamma_b)) * s_a * s_b)
+    def _note_cross_rounding(self, a: HookedLayer, b: HookedLayer, cross: CrossTerm, materialized: bool) -> None:
+        """The squared-domain allowance of a cross term, 2·(ε + δ_A·n_A + δ_B·n_B), with n the layers' own norms
+        as counted and δ = γ·s the rounding of their norms (0 where the very per-sample gradients measured are
+        applied): the estimate n_A² + n_B² + 2ĉ must bound ‖W_A + W_B‖² = ‖W_A‖² + ‖W_B‖² + 2⟨W_A, W_B⟩, and
+        ‖W‖² ≤ (n + δ)² (the δ² are in R, which holds δ_A + δ_B), |ĉ − ⟨W_A, W_B⟩| ≤ ε, the cross term's own
+        rounding (`CrossTerm`). Taken from per-sample gradients Ŵ that were rounded as formed, ε also has
+        δ_A·n_B + (n_A + δ_A)·δ_B: ⟨Ŵ_A, Ŵ_B⟩ against ⟨W_A, W_B⟩."""
+        zero = torch.zeros_like(cross.value)
+        n_a, n_b = (self.shared_norm_sq.get(layer, zero).to(cross.value.dtype).clamp(min=0).sqrt() for layer in (a, b))
+        d_a, d_b = (self.shared_errors.get(layer, zero).to(cross.value.dtype) for layer in (a, b))
+        slack = cross.error + d_a * n_a + d_b * n_b
+        if materialized:
+            slack = slack + d_a * n_b + (n_a + d_a) * d_b
+        self.slack_sq.append(2 * slack)
 
     def result(self, batch: int, device=None):
         """(‖ĝ_b‖², U_b): the squared norms [B] (the sum of the terms, the roots squared and the packed buffers'

@@ -171,6 +171,7 @@ class TilePass:
     bias_grad: Optional[torch.Tensor] = None  # [V] in the bias's dtype
     per_sample: Dict[str, torch.Tensor] = field(default_factory=dict)  # "weight": [B, V, d], "bias": [B, V]
     cross: Optional[torch.Tensor] = None  # [B]
+    cross_magnitude: Optional[torch.Tensor] = None  # [B]: Σ_s ‖coef_b (G_bᵀX_b)[ids_bs]‖·‖ē_bs‖, its sums' scale
 
 
 def _no_autocast(fn):
@@ -204,7 +205,8 @@ def tile_pass(
         weight_grad, bias_grad: Σ_b coef_b G_bᵀX_b, Σ_b coef_b Σ_t G_b[t] (cast to ``weight_dtype``, ``bias_dtype``).
         per_sample: coef_b G_bᵀX_b [B, V, d] and coef_b Σ_t G_b[t] [B, V] (B·V·d memory).
         embedding: (ids [B, T'], Ē [B, T', d] in the accumulation dtype) of a tied input embedding: the cross term
-            coef_b Σ_s ⟨(G_bᵀX_b)[ids_bs], ē_bs⟩.
+            coef_b Σ_s ⟨(G_bᵀX_b)[ids_bs], ē_bs⟩, and the scale of its dot products' rounding,
+            |coef_b| Σ_s ‖(G_bᵀX_b)[ids_bs]‖·‖ē_bs‖.
     """
     batch, steps, d = x.shape
     vocab = weight.shape[0]
@@ -232,6 +234,7 @@ def tile_pass(
             out.per_sample["bias"] = torch.empty(batch, vocab, dtype=acc, device=x.device)
     if embedding is not None:
         out.cross = torch.zeros(batch, dtype=acc, device=x.device)
+        out.cross_magnitude = torch.zeros(batch, dtype=acc, device=x.device)
 
     for v0 in range(0, vocab, block):
         v1 = min(vocab, v0 + block)
@@ -265,7 +268,9 @@ def tile_pass(
                 if per_sample:
                     out.per_sample["weight"][b0:b1, v0:v1] = products * c.view(-1, 1, 1)
                 if embedding is not None:
-                    out.cross[b0:b1] += _block_cross(products, embedding[0][b0:b1] - v0, embedding[1][b0:b1]) * c
+                    dots, magnitude = _block_cross(products, embedding[0][b0:b1] - v0, embedding[1][b0:b1])
+                    out.cross[b0:b1] += dots * c
+                    out.cross_magnitude[b0:b1] += magnitude * c.abs()
         if weight_grad:
             out.weight_grad[v0:v1] = block_weight
         if bias_grad:
@@ -275,14 +280,16 @@ def tile_pass(
     return out
 
 
-def _block_cross(products: torch.Tensor, local_ids: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """Σ_{s: 0 ≤ local_ids_bs < V_J} ⟨products_b[local_ids_bs], e_bs⟩ for products: [k, V_J, d], local_ids: [k, T']
-    (ids less the block's first), e: [k, T', d] → [k]."""
+def _block_cross(products: torch.Tensor, local_ids: torch.Tensor, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_{s: 0 ≤ local_ids_bs < V_J} ⟨products_b[local_ids_bs], e_bs⟩, the same sum of ‖products_b[local_ids_bs]‖·
+    ‖e_bs‖) for products: [k, V_J, d], local_ids: [k, T'] (ids less the block's first), e: [k, T', d] → [k] each."""
     width, d = products.shape[1], products.shape[2]
     inside = (local_ids >= 0) & (local_ids < width)
     rows = products.gather(1, local_ids.clamp(0, width - 1).unsqueeze(-1).expand(-1, -1, d))  # [k, T', d]
     dots = (rows * e).sum(dim=-1)
-    return torch.where(inside, dots, torch.zeros_like(dots)).sum(dim=1)
+    magnitudes = torch.linalg.vector_norm(rows, dim=-1) * torch.linalg.vector_norm(e, dim=-1)
+    zeros = torch.zeros_like(dots)
+    return torch.where(inside, dots, zeros).sum(dim=1), torch.where(inside, magnitudes, zeros).sum(dim=1)
 
 
 @_no_autocast

@@ -21,8 +21,9 @@ smoothed one-hot).
 
 from __future__ import annotations
 
+import math
 import weakref
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -111,16 +112,23 @@ class FusedLinearCrossEntropyRule(NormRule):
             grads[layer.bias] = out.bias_grad
         return grads
 
-    def embedding_cross(self, layer, x, g, embedding: nn.Embedding, ids: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def embedding_cross(self, layer, x, g, embedding: nn.Embedding, ids: torch.Tensor,
+                        e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """⟨∇_W ℓ_b of this head, ∇_W ℓ_b of a tied ``embedding``⟩ per sample → [B]: the embedding looked up ``ids``
-        ([B, ...]) and its looked-up rows got the gradient ``e`` ([B, ..., d]); rows at its ``padding_idx`` get none."""
+        ([B, ...]) and its looked-up rows got the gradient ``e`` ([B, ..., d]); rows at its ``padding_idx`` get none.
+        With it, the scale of its dot products' rounding, Σ_s ‖∇_W ℓ_b[ids_bs]‖·‖e_bs‖ [B]."""
         call = self._call(x)
         batch = ids.shape[0]
         ids = ids.reshape(batch, -1)
         e = e.reshape(batch, ids.shape[1], -1).to(accumulation_dtype(x, e, g))
         if embedding.padding_idx is not None:
             e = e * (ids != embedding.padding_idx).unsqueeze(-1).to(e.dtype)
-        return tile_pass(*self._operands(layer, x, call), call, g, embedding=(ids, e)).cross
+        tiles = tile_pass(*self._operands(layer, x, call), call, g, embedding=(ids, e))
+        return tiles.cross, tiles.cross_magnitude
+
+    def vocab_blocks(self, layer, x) -> int:
+        """How many vocabulary blocks the call whose input is ``x`` sums over."""
+        return math.ceil(layer.weight.shape[0] / self._call(x).tiling.vocab_block)
 
     def rounding_scale(self, layer, x, g):
         """s_b = |g_b|·Σ_t ‖G_t‖·(‖x_t‖·[W trainable] + [b trainable]), n = T (see the module docstring); ‖G_t‖

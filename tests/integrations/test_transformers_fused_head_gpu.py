@@ -14,12 +14,15 @@ from flashnorm.integrations.privacy_arguments import AUTO_MIN_FUSED_TOKENS  # no
 from flashnorm.integrations.transformers import PrivacyArguments  # noqa: E402
 from tests.conftest import TOLERANCES  # noqa: E402
 from tests.integrations.test_transformers import FirstStep, Rows, make_trainer  # noqa: E402
-from tests.integrations.test_transformers_fused_head import HeadCalls, oracle  # noqa: E402
+from tests.integrations.test_transformers_fused_head import HeadCalls, oracle, padded_rows, tied_llama  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 VOCAB = 1000  # not a multiple of the kernels' 128-column tiles
-LONG = AUTO_MIN_FUSED_TOKENS // 2  # two rows of LONG tokens: a micro-batch at the threshold
+ROWS = 32
+#: ROWS rows of STEPS tokens: a micro-batch at the threshold. Short rows keep the clipping coefficient Opacus's: from
+#: T ≈ 1000 its float32 rounding allowance lowers it (flashnorm/norms/rounding.py), beyond these tests' tolerance.
+STEPS = AUTO_MIN_FUSED_TOKENS // ROWS
 
 
 @pytest.fixture
@@ -29,23 +32,11 @@ def no_tf32(monkeypatch):
 
 
 def long_llama():
-    """A two-layer Llama with tied embeddings (Llama-3.2's head), positions for LONG tokens."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2 * LONG, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+    return tied_llama(VOCAB, AUTO_MIN_FUSED_TOKENS)
 
 
 def long_rows(n, steps):
-    """n rows of ``steps`` tokens, the second padded from 3/4 on (attention mask 0, labels -100)."""
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, VOCAB, (n, steps), generator=g)
-    mask = torch.ones(n, steps, dtype=torch.long)
-    if n > 1:
-        mask[1, 3 * steps // 4:] = 0
-    return Rows(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    return padded_rows(n, steps, VOCAB)
 
 
 def cuda_oracle(rows, clip=None):
@@ -75,13 +66,13 @@ def cuda_step(model, rows, tmp_path, clip, fused_head="auto", **args):
 
 
 def test_auto_fuses_at_the_threshold_and_both_paths_are_the_float64_oracle(tmp_path, no_tf32):
-    rows = long_rows(2, LONG)
+    rows = long_rows(ROWS, STEPS)
     reference, clip = cuda_oracle(rows)
     rtol, atol = TOLERANCES["tf32"]  # float32 on the GPU (tf32 off here): cuBLAS and attention sum in their order
-    for fused, per_device in ((True, 2), (False, 1)):  # 2·LONG label positions fuse; LONG do not
+    for fused, per_device in ((True, ROWS), (False, ROWS // 2)):  # ROWS·STEPS label positions fuse; half do not
         grads, seen, _ = cuda_step(long_llama().cuda(), rows, tmp_path / str(fused), clip,
-                                   per_device_train_batch_size=per_device, gradient_accumulation_steps=2 // per_device)
-        assert seen == (set() if fused else {("unfused", LONG)}), seen
+                                   per_device_train_batch_size=per_device, gradient_accumulation_steps=ROWS // per_device)
+        assert seen == (set() if fused else {("unfused", ROWS // 2 * STEPS)}), seen
         for name, ref in reference.items():
             torch.testing.assert_close(grads[name], ref, rtol=rtol, atol=atol, msg=f"fused={fused} {name}")
 
@@ -94,12 +85,12 @@ def _relative_error(grads, reference):
 def test_bf16_fused_step_is_as_close_to_float64_as_the_unfused(tmp_path):
     """bf16 weights (autocast off): the fused DP step's relative error against the float64 oracle is at most twice
     the unfused DP step's (the model's own bf16 logits), and both are bf16-sized."""
-    rows = long_rows(2, LONG)
+    rows = long_rows(ROWS, STEPS)
     reference, clip = cuda_oracle(rows)
     errors = {}
     for setting in ("auto", "off"):
         grads, seen, _ = cuda_step(long_llama().to("cuda", torch.bfloat16), rows, tmp_path / setting, clip, setting)
-        assert seen == (set() if setting == "auto" else {("unfused", 2 * LONG)})
+        assert seen == (set() if setting == "auto" else {("unfused", ROWS * STEPS)})
         errors[setting] = _relative_error(grads, reference)
     assert errors["off"] < 0.1, errors  # (a sanity bound: bf16-sized, not garbage)
     assert errors["auto"] <= 2 * errors["off"], errors
@@ -111,7 +102,7 @@ def test_one_sample_micro_batches_on_the_fused_head(tmp_path, no_tf32):
     (lr 0), each step the float64 oracle's."""
     from tests.integrations.test_transformers_fused_head import EveryStep
 
-    row = long_rows(1, LONG // 2)
+    row = long_rows(1, AUTO_MIN_FUSED_TOKENS // 4)
     reference, clip = cuda_oracle(row)
     rows = Rows(**{k: v.expand(3, -1).clone() for k, v in row.columns.items()})
     steps = EveryStep()

@@ -53,8 +53,9 @@ def assert_step_exact(model, ids, labels, mode, reduction, clip, dtype, exact_co
 @pytest.mark.parametrize("mode", CLIPPING_MODES)
 def test_step_matches_float64_microbatch(mode, tied, steps, reduction, dtype):
     """V = 1000 in blocks of 96 (the last one 40 wide), d = 8, B = 4 with ignored targets (sample 2: all of them);
-    the untied head has a bias; label smoothing 0.1. Clipping active for every sample with a target. In float32 from
-    T = 600 the coefficient may take the rounding allowance (a tied head's cross term cancels part of the norm)."""
+    the untied head has a bias; label smoothing 0.1. Clipping active for every sample with a target. The coefficient
+    is Opacus's, the tied head's cross term included (its rounding bound, flashnorm/norms/tied.py, stays within the
+    allowance), except in float32 at T = 1030 untied, where the bias's rounding may lower it (by 2·10⁻⁴)."""
     torch.manual_seed(0)
     model = TinyLM(1000, 8, tied=tied, bias=not tied, shift=steps > 1, token_reduction=reduction,
                    label_smoothing=0.1, vocab_block=96).to(DTYPES[dtype])
@@ -62,7 +63,7 @@ def test_step_matches_float64_microbatch(mode, tied, steps, reduction, dtype):
     if steps == 1:
         labels[2] = 5  # (one position per sample: sample 1 is ignored already)
     expected, _ = assert_step_exact(model, ids, labels, mode, reduction, 1e-2, dtype,
-                                    exact_coefficient=dtype == "fp64" or steps <= 37)
+                                    exact_coefficient=dtype == "fp64" or steps <= 600 or tied)
     scored = (labels != -100).any(dim=1) if steps == 1 else (labels[:, 1:] != -100).any(dim=1)
     assert (expected.norms[scored] > 1e-2).all() and (expected.norms[~scored] == 0).all()
 

@@ -1,24 +1,31 @@
 """Cross terms of a parameter used by two layers (flashnorm/norms/tied.py) against the float64 truth: a tied
 embedding and LM head (the gather form, ``padding_idx`` included, in either order), two Linear layers sharing a
-weight (the per-sample form), and the per-sample dot product they reduce to."""
+weight (the per-sample form), and the per-sample dot product they reduce to; in float32 each within its own rounding
+bound (`CrossTerm.error`)."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from flashnorm.norms import get_norm_rule
-from flashnorm.norms.tied import cross_term, per_sample_dot
+from flashnorm.norms.tied import CrossTerm, cross_term, per_sample_dot
 from tests.norms.truth import input_and_output_grad, per_sample_truth, tolerance_of
 
 VOCAB, DIM = 11, 5
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 
 
-def assert_cross_term(out, param, first, second, dtype):
-    """``out`` [B] against ⟨∇_θ^A ℓ_b, ∇_θ^B ℓ_b⟩ from the float64 per-sample gradients of each use (layer, x, g),
-    within atol + rtol·‖∇_θ^A ℓ_b‖‖∇_θ^B ℓ_b‖ (the scale of its terms: a dot product may cancel far below it)."""
+def assert_cross_term(cross: CrossTerm, param, first, second, dtype):
+    """``cross.value`` [B] against ⟨∇_θ^A ℓ_b, ∇_θ^B ℓ_b⟩ from the float64 per-sample gradients of each use (layer,
+    x, g), within atol + rtol·‖∇_θ^A ℓ_b‖‖∇_θ^B ℓ_b‖ (the scale of its terms: a dot product may cancel far below it);
+    below float64, within ``cross.error`` too (the bound the clipping coefficient's allowance takes in)."""
     grads = [per_sample_truth(layer, x, g)[param].flatten(1) for layer, x, g in (first, second)]
     truth = (grads[0] * grads[1]).sum(dim=1)
+    out = cross.value
+    assert cross.error.shape == out.shape and (cross.error >= 0).all(), cross.error
+    if dtype != torch.float64:
+        off = (out.double().cpu() - truth.cpu()).abs()
+        assert (off <= cross.error.double().cpu()).all(), (off.tolist(), cross.error.tolist())
     rtol, atol = tolerance_of(dtype, out.device)
     assert out.shape == truth.shape and torch.isfinite(out).all(), out
     error = (out.double().cpu() - truth.cpu()).abs()
@@ -46,7 +53,7 @@ def test_tied_embedding_and_head(steps, dtype, padding_idx, embedding_first, dev
     (layer_a, x_a, g_a), (layer_b, x_b, g_b) = uses
     out = cross_term(get_norm_rule(layer_a), layer_a, x_a, g_a, get_norm_rule(layer_b), layer_b, x_b, g_b,
                      embedding.weight)
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out.value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_cross_term(out, embedding.weight, *uses, dtype)
 
 
