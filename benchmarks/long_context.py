@@ -291,7 +291,11 @@ def _dp_path(data: Dict) -> str:
         return "the DP step took the one-sample path (one ordinary backward, the gradient clipped whole)"
     if paths == {False}:
         return "the DP step took the hooked path (norm pass and assembly)"
-    return "the DP step's path not recorded"
+    one_sample = [f"{MODEL_LABELS[r['model']]} T = {r['T']:,}" for r in dp if r.get("one_sample_path")]
+    if not one_sample:
+        return "the DP step's path not recorded"
+    return (f"the DP step took the one-sample path at {', '.join(one_sample)}; the other DP records do not say which "
+            "path they took")
 
 
 def _key(record: Dict) -> tuple:
