@@ -86,8 +86,8 @@ def _embedding_head_cross(embedding: nn.Embedding, ids, e, head_rule: LinearRule
             x_blk = xs[b, t0:t0 + rows].double()  # [r, d]
             picked = gs[b, t0:t0 + rows].index_select(1, ids_b).double()  # G_b[t, ids_b[s]]: [r, T']
             out[b] += (x_blk @ e_b.T).mul_(picked).sum()
-    head_scale = (torch.linalg.vector_norm(xs, dim=-1, dtype=torch.float64)
-                  * torch.linalg.vector_norm(gs, dim=-1, dtype=torch.float64)).sum(dim=1)
+    head_scale = (torch.linalg.vector_norm(xs, dim=-1, dtype=acc)  # (a scale: float32 sums suffice)
+                  * torch.linalg.vector_norm(gs, dim=-1, dtype=acc)).sum(dim=1).double()
     sums = rounding.gamma(width + seq_len * tokens, 1, torch.float64) * token_norms(ids, e, embedding.num_embeddings)
     value = out.to(acc)
     return CrossTerm(value, (sums * head_scale).to(acc) + rounding.unit_roundoff(acc) * value.abs())
