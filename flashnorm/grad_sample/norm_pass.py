@@ -189,18 +189,20 @@ class NormTerms:
             if radius is not None:
                 radii.append(radius)
         self._add_radius(layer, sum(radii) if radii else None)  # the uses' errors fall on the same coordinates
-        self._add_roots(total)
+        roots = self._add_roots(total)
         if layer.shared:
             self.shared_grads[layer] = total
-            self.shared_norm_sq[layer] = sum(n.square() for n in per_sample_norms(total))
+            self.shared_norm_sq[layer] = sum(n.square() for n in roots)
         return KeptPerSample(total)
 
-    def _add_roots(self, grads: Dict[nn.Parameter, torch.Tensor]) -> None:
-        """The norms of per-sample gradients {θ: [B, *θ.shape]}, one [B] per parameter (and, split, their squares)."""
+    def _add_roots(self, grads: Dict[nn.Parameter, torch.Tensor]) -> List[torch.Tensor]:
+        """The norms of per-sample gradients {θ: [B, *θ.shape]}, one [B] per parameter (and, split, their squares);
+        returns them."""
         roots = per_sample_norms(grads)
         self.roots.extend(roots)
         if self.param_terms is not None:
             self._split({p: root.square() for p, root in zip(grads, roots)})
+        return roots
 
     def _split(self, parts: Dict[nn.Parameter, torch.Tensor]) -> None:
         """Adds {θ: ‖∇_θ ℓ_b‖² term [B]} to the split terms."""

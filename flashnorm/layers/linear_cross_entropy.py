@@ -235,6 +235,7 @@ def tile_pass(
     if embedding is not None:
         out.cross = torch.zeros(batch, dtype=acc, device=x.device)
         out.cross_magnitude = torch.zeros(batch, dtype=acc, device=x.device)
+        e_norms = torch.linalg.vector_norm(embedding[1], dim=-1)  # ‖ē_bs‖ [B, T']
 
     for v0 in range(0, vocab, block):
         v1 = min(vocab, v0 + block)
@@ -268,7 +269,8 @@ def tile_pass(
                 if per_sample:
                     out.per_sample["weight"][b0:b1, v0:v1] = products * c.view(-1, 1, 1)
                 if embedding is not None:
-                    dots, magnitude = _block_cross(products, embedding[0][b0:b1] - v0, embedding[1][b0:b1])
+                    dots, magnitude = _block_cross(products, embedding[0][b0:b1] - v0, embedding[1][b0:b1],
+                                                   e_norms[b0:b1])
                     out.cross[b0:b1] += dots * c
                     out.cross_magnitude[b0:b1] += magnitude * c.abs()
         if weight_grad:
@@ -280,14 +282,16 @@ def tile_pass(
     return out
 
 
-def _block_cross(products: torch.Tensor, local_ids: torch.Tensor, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _block_cross(products: torch.Tensor, local_ids: torch.Tensor, e: torch.Tensor,
+                 e_norms: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Σ_{s: 0 ≤ local_ids_bs < V_J} ⟨products_b[local_ids_bs], e_bs⟩, the same sum of ‖products_b[local_ids_bs]‖·
-    ‖e_bs‖) for products: [k, V_J, d], local_ids: [k, T'] (ids less the block's first), e: [k, T', d] → [k] each."""
+    ‖e_bs‖) for products: [k, V_J, d], local_ids: [k, T'] (ids less the block's first), e: [k, T', d] and its rows'
+    norms e_norms: [k, T'] → [k] each."""
     width, d = products.shape[1], products.shape[2]
     inside = (local_ids >= 0) & (local_ids < width)
     rows = products.gather(1, local_ids.clamp(0, width - 1).unsqueeze(-1).expand(-1, -1, d))  # [k, T', d]
     dots = (rows * e).sum(dim=-1)
-    magnitudes = torch.linalg.vector_norm(rows, dim=-1) * torch.linalg.vector_norm(e, dim=-1)
+    magnitudes = torch.linalg.vector_norm(rows, dim=-1) * e_norms
     zeros = torch.zeros_like(dots)
     return torch.where(inside, dots, zeros).sum(dim=1), torch.where(inside, magnitudes, zeros).sum(dim=1)
 

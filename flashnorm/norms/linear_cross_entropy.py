@@ -26,7 +26,6 @@ import weakref
 from typing import Optional, Tuple
 
 import torch
-import torch.nn as nn
 
 from ..kernels.accumulation import accumulation_dtype
 from ..layers.linear_cross_entropy import FusedLinearCrossEntropy, HeadCall, tile_pass
@@ -112,17 +111,11 @@ class FusedLinearCrossEntropyRule(NormRule):
             grads[layer.bias] = out.bias_grad
         return grads
 
-    def embedding_cross(self, layer, x, g, embedding: nn.Embedding, ids: torch.Tensor,
-                        e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """⟨∇_W ℓ_b of this head, ∇_W ℓ_b of a tied ``embedding``⟩ per sample → [B]: the embedding looked up ``ids``
-        ([B, ...]) and its looked-up rows got the gradient ``e`` ([B, ..., d]); rows at its ``padding_idx`` get none.
+    def embedding_cross(self, layer, x, g, ids: torch.Tensor, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """⟨∇_W ℓ_b of this head, ∇_W ℓ_b of a tied embedding⟩ per sample → [B], for the embedding's ids [B, T'] and
+        the gradient e [B, T', d] its looked-up rows got (accumulation dtype; rows at its ``padding_idx`` zeroed).
         With it, the scale of its dot products' rounding, Σ_s ‖∇_W ℓ_b[ids_bs]‖·‖e_bs‖ [B]."""
         call = self._call(x)
-        batch = ids.shape[0]
-        ids = ids.reshape(batch, -1)
-        e = e.reshape(batch, ids.shape[1], -1).to(accumulation_dtype(x, e, g))
-        if embedding.padding_idx is not None:
-            e = e * (ids != embedding.padding_idx).unsqueeze(-1).to(e.dtype)
         tiles = tile_pass(*self._operands(layer, x, call), call, g, embedding=(ids, e))
         return tiles.cross, tiles.cross_magnitude
 

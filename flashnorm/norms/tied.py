@@ -118,9 +118,9 @@ def _fused_head_cross(embedding_rule: EmbeddingRule, embedding: nn.Embedding, id
     ε_b = γ_T·‖Ê_b‖·s_b^head + γ_{d + T' + blocks}·Σ_s ‖row_s‖‖ē_s‖, with the head's rounding scale
     s_b^head ≥ |g_b|·Σ_t ‖G_t‖‖x_t‖."""
     e = embedding_rule.lookup_grad(embedding, g_embedding)
-    value, magnitude = head_rule.embedding_cross(head, x, g, embedding, ids, e)
-    acc = value.dtype
+    acc = accumulation_dtype(x, e, g)
     ids, e = _looked_up(embedding, ids, e, acc)
+    value, magnitude = head_rule.embedding_cross(head, x, g, ids, e)
     head_scale, steps = head_rule.rounding_scale(head, x, g)
     rows = rounding.gamma(steps, 1, acc) * token_norms(ids, e, embedding.num_embeddings) * head_scale.to(acc)
     dots = rounding.gamma(e.shape[-1] + ids.shape[1] + head_rule.vocab_blocks(head, x), 1, acc) * magnitude
