@@ -262,18 +262,22 @@ def launch_group(body: Callable[..., None], world: int, out_dir: str, *args, sta
                                start_method=start_method)
             return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
         except mp.ProcessExitedException as error:
-            logs = "\n".join(f"--- rank {r} ---\n{_tail(os.path.join(out_dir, f'rank{r}.log'))}" for r in range(world))
+            logs = rank_logs(out_dir, world)
             if attempt == 2:
                 pytest.fail(f"{error} (launched twice)\n{logs}")
             warnings.warn(f"{error}; launching the ranks once more\n{logs}", RuntimeWarning, stacklevel=2)
     raise AssertionError("unreachable")
 
 
-def _tail(path: str, chars: int = 4000) -> str:
-    if not os.path.exists(path):
-        return "(no log)"
-    with open(path, errors="replace") as f:
-        return f.read()[-chars:]
+def rank_logs(out_dir, world: int, chars: int = 4000) -> str:
+    """The last ``chars`` of each rank's ``out_dir/rank<r>.log``, one section per rank that wrote one."""
+    sections = []
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank{r}.log")
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                sections.append(f"--- rank {r} ---\n{f.read()[-chars:]}")
+    return "\n".join(sections)
 
 
 def run_cases(rank: int, world: int, init_file: str, out_dir: str, backend: str, cases: List[Case]) -> None:

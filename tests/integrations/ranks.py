@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.distributed.workers import rank_logs
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that no process listens on now."""
@@ -42,9 +44,7 @@ def spawn_ranks(body, world: int, out_dir: Path, *args) -> list[dict]:
     try:
         mp.spawn(_rank_main, args=(body, world, free_port(), str(out_dir), args), nprocs=world, join=True)
     except mp.ProcessExitedException as error:
-        logs = "\n".join(f"--- rank {r} ---\n{(out_dir / f'rank{r}.log').read_text(errors='replace')[-4000:]}"
-                         for r in range(world) if (out_dir / f"rank{r}.log").exists())
-        pytest.fail(f"{error}\n{logs}")
+        pytest.fail(f"{error}\n{rank_logs(out_dir, world)}")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
