@@ -20,6 +20,7 @@ gradient of the *sum* of per-sample losses whatever ``loss_reduction`` is; the D
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -234,11 +235,12 @@ class FlashNormGradSampleModule(AbstractGradSampleModule):
         self.hooks.park(single)
         if single:  # (the layers' pre-hooks, which check their parameters, are detached)
             self.hooked.aliases.check_registrations()
-        with self.hooks.in_forward():
-            # A non-reentrant checkpointed region must be recomputed to its end: its layers' inputs are captured
-            # there (early stop would skip the layers after the last tensor autograd itself needs).
-            with checkpoint.set_checkpoint_early_stop(False):
-                output = self._module(*args, **kwargs)
+        # A non-reentrant checkpointed region must be recomputed to its end when its layers' inputs are captured
+        # there (early stop would skip the layers after the last tensor autograd itself needs); one sample captures
+        # nothing, and its recompute stops where autograd's does (a region's last GEMM is not run twice).
+        recompute_whole = contextlib.nullcontext() if single else checkpoint.set_checkpoint_early_stop(False)
+        with self.hooks.in_forward(), recompute_whole:
+            output = self._module(*args, **kwargs)
         if probe is not None:
             probe.compare(output)
             self.probe_pending = False

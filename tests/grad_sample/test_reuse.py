@@ -290,3 +290,49 @@ def test_non_reentrant_checkpointing_pins_no_input_in_the_forward():
     outside = [layer for layer in dp_model.layers if ".h." not in layer.name]
     assert in_blocks and all(dp_model.step.inputs_of(layer) == [None] for layer in in_blocks)
     assert all(dp_model.step.inputs_of(layer) and dp_model.step.inputs_of(layer)[0] is not None for layer in outside)
+
+
+class _CheckpointedBlock(nn.Module):
+    """x → Linear → Tanh → Linear (``last``) inside one non-reentrant checkpoint, then a Linear head: the block's
+    last Linear saves its input, the last tensor its backward needs, so an early-stopping recompute ends before it
+    runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(checkpoint.checkpoint(self.block, x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("mode", CLIPPING_MODES)
+def test_one_sample_recomputes_a_checkpointed_block_only_as_far_as_autograd_needs(mode):
+    """A batch of one captures nothing, so its recompute stops where autograd's own does (the block's last Linear is
+    not run twice), while a larger batch recomputes the whole block to capture its layers' inputs; both steps are the
+    float64 oracle's."""
+    torch.manual_seed(0)
+    model = _CheckpointedBlock().double()
+    reference = copy.deepcopy(model)
+    runs = []
+    model.block[2].register_forward_hook(lambda module, inputs, output: runs.append(1))
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
+    clip = 1e-2
+    loader = DataLoader(TensorDataset(x, y), batch_size=1)
+    dp_model, optimizer, criterion, _ = FlashNormPrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
+        criterion=nn.CrossEntropyLoss(reduction="sum"), noise_multiplier=0.0, max_grad_norm=clip,
+        poisson_sampling=False, grad_sample_mode=mode, loss_reduction="sum",
+    )
+    # the first step (two samples; its forward also runs the independence probe) tells the wrapper the batch's
+    # layout; the second, of one sample, still captures (recomputing the whole block); the third takes the shortcut
+    for rows, calls in ((slice(0, 2), None), (slice(0, 1), 2), (slice(2, 3), 1)):
+        runs.clear()
+        optimizer.zero_grad()
+        criterion(dp_model(x[rows]), y[rows]).backward()
+        optimizer.step()
+        assert calls is None or len(runs) == calls, (rows, runs)
+        oracle = microbatch_reference(reference, x[rows], y[rows], _sum_loss, clip)
+        rtol, atol = TOLERANCES["fp64"]
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, oracle.clipped_sum[name], rtol=rtol, atol=atol)
