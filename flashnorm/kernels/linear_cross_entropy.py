@@ -16,8 +16,8 @@ partials (the partials of the range's tiles are then combined), the gradient ker
 dtype. The logits never reach memory.
 
 Two calls of the gradient kernel on the same rows and block return the same G bit for bit (the same tiles, each
-element by the same K loop of a configuration that depends on d and the dtype alone, no atomics): the passes of a
-clipping step, which form G's blocks on one tiling, apply exactly the G they measured.
+element by the same K loop of a configuration that depends on the kernel, d and the dtype alone, no atomics): the
+passes of a clipping step, which form G's blocks on one tiling, apply exactly the G they measured.
 
 Layout of this file: the Triton kernels and their shared logit tile, their configuration, the launch wrappers, the
 PyTorch references and the dispatchers.
@@ -154,7 +154,7 @@ def _logit_grad_kernel(
 
 
 class LogitConfig(NamedTuple):
-    """Tile shape and launch settings of both kernels (the same for the statistics and the gradient)."""
+    """Tile shape and launch settings of one logit kernel."""
 
     block_t: int
     block_v: int
@@ -164,19 +164,30 @@ class LogitConfig(NamedTuple):
     num_stages: int
 
 
-@functools.lru_cache(maxsize=256)
-def logit_config(d: int, dtype: torch.dtype, interpret: bool = False) -> LogitConfig:
-    """Tiles for hidden size d and input ``dtype``: a function of (d, dtype) alone, so every call on a head takes the
-    same tiles and K loop (the gradient kernel's bit-for-bit repeatability rests on it).
+#: The logit kernels by name (`logit_config`'s ``kernel``).
+LOGIT_KERNELS = ("stats", "grad")
 
-    16-bit: 128×128 logit tiles, K steps of 64, 8 warps and 3 stages (the usual Hopper GEMM tile: two warpgroups of
-    wgmma, ~96 KiB of shared memory for the pipeline); float32: 64×64×32. Under the interpreter: 32×64 tiles with
-    the whole of a small d per step (numpy calls are the cost there)."""
+
+@functools.lru_cache(maxsize=256)
+def logit_config(d: int, dtype: torch.dtype, interpret: bool = False, kernel: str = "stats") -> LogitConfig:
+    """Tiles of the ``kernel`` ("stats" or "grad") for hidden size d and input ``dtype``: a function of (kernel, d,
+    dtype) alone, so every call on a head takes the same tiles and K loop (the gradient kernel's bit-for-bit
+    repeatability rests on it).
+
+    16-bit, from the sweep `benchmarks/kernels/sweep_logit_tiles.py` (H100, 32,768 rows, d = 2048, V = 128,256; the
+    results in `benchmarks/results/kernels_h100_logit_tiles.json`): the statistics in 256×128 tiles, 8 warps, K steps
+    of 64 over 4 stages (528 TFLOP/s against 460 for 128×128 over 3 stages); G in 64×256 tiles, 4 warps, 4 stages
+    (540 against 442: the narrower row tile halves the registers its exp epilogue holds). float32: 64×64×32. Under the
+    interpreter: 32×64 tiles with the whole of a small d per step (numpy calls are the cost there)."""
+    if kernel not in LOGIT_KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {', '.join(LOGIT_KERNELS)}")
     if interpret:
         return LogitConfig(32, 64, block_size(d, 64), 4, 4, 1)
     if dtype == torch.float32:
         return LogitConfig(64, 64, block_size(d, 32), 8, 4, 3)
-    return LogitConfig(128, 128, block_size(d, 64), 8, 8, 3)
+    if kernel == "stats":
+        return LogitConfig(256, 128, block_size(d, 64), 8, 8, 4)
+    return LogitConfig(64, 256, block_size(d, 64), 8, 4, 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +228,7 @@ def logit_stats_launch(x2, w, bias, y, v0, v1, *, config=None, use_tma=None):
     _check_operands(x2, w, bias)
     x2, w = x2.contiguous(), w.contiguous()
     n_rows, d = x2.shape
-    cfg = config or logit_config(d, x2.dtype, INTERPRET)
+    cfg = config or logit_config(d, x2.dtype, INTERPRET, "stats")
     n_col_tiles = cdiv(v1 - v0, cfg.block_v)
     part = torch.empty(4, n_col_tiles, n_rows, dtype=torch.float32, device=x2.device)
     kernel = None
@@ -250,7 +261,7 @@ def logit_grad_block_launch(x2, r0, r1, w, bias, v0, v1, lse, y, alpha, keep, sp
     _check_operands(x2, w, bias)
     x2, w = x2.contiguous(), w.contiguous()
     n_rows, d = x2.shape
-    cfg = config or logit_config(d, x2.dtype, INTERPRET)
+    cfg = config or logit_config(d, x2.dtype, INTERPRET, "grad")
     g = out if out is not None else torch.empty(r1 - r0, v1 - v0, dtype=x2.dtype, device=x2.device)
     kernel = None
     if r1 > r0 and v1 > v0:
