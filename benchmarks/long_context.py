@@ -285,7 +285,8 @@ def format_table(data: Dict) -> str:
 
 def _dp_path(data: Dict) -> str:
     """What the DP records say of their step's path (``one_sample_path``: hooks parked, one ordinary backward)."""
-    dp = [r for r in data["records"] if r["mode"] == "flashnorm_fused" and r["status"] == "ok"]
+    dp = sorted((r for r in data["records"] if r["mode"] == "flashnorm_fused" and r["status"] == "ok"),
+                key=lambda r: (r["model"], r["T"]))
     paths = {r.get("one_sample_path") for r in dp}
     if paths == {True}:
         return "the DP step took the one-sample path (one ordinary backward, the gradient clipped whole)"
