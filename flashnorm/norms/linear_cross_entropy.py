@@ -21,13 +21,13 @@ smoothed one-hot).
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Optional, Tuple
 
 import torch
 
 from ..kernels.accumulation import accumulation_dtype
+from ..kernels.backend import cdiv
 from ..layers.linear_cross_entropy import FusedLinearCrossEntropy, HeadCall, tile_pass
 from . import rounding
 from .registry import NormRule, register_norm_rule
@@ -121,7 +121,7 @@ class FusedLinearCrossEntropyRule(NormRule):
 
     def vocab_blocks(self, layer, x) -> int:
         """How many vocabulary blocks the call whose input is ``x`` sums over."""
-        return math.ceil(layer.weight.shape[0] / self._call(x).tiling.vocab_block)
+        return cdiv(layer.weight.shape[0], self._call(x).tiling.vocab_block)
 
     def rounding_scale(self, layer, x, g):
         """s_b = |g_b|·Σ_t ‖G_t‖·(‖x_t‖·[W trainable] + [b trainable]), n = T (see the module docstring); ‖G_t‖
