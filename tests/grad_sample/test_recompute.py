@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint as checkpoint
 
-from tests.grad_sample.guarantee import MODES, NEVER, Attempt, C, adversarial, influence, make_private, run
+from tests.grad_sample.guarantee import (
+    MODES, NEVER, Attempt, C, adversarial, batch, influence, make_private, probe, run, sized, step, step_on,
+)
 
 
 class _DropoutBlocks(nn.Module):
@@ -53,3 +55,41 @@ def test_a_recompute_with_other_random_draws_is_refused_in_two_passes(mode, reen
     refused = not preserve
     measured = influence(make, adversarial(), refusal="drew random numbers" if refused else NEVER)
     assert (measured is None) == refused
+
+
+class _CheckpointedProbe(nn.Module):
+    """The probe (Linear → tanh → Linear) inside one non-reentrant checkpoint."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = probe()
+
+    def forward(self, x):
+        return checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_one_sample_shortcut_through_checkpointing_bounds_an_adversarial_sample(mode):
+    """After a step of one sample, the adversarial sample alone takes the one-sample shortcut (hooks parked, the
+    checkpointed block recomputed only as far as autograd needs): its influence against an empty batch is ≤ C(1 +
+    10⁻³), and the step is the float64 oracle's."""
+    parked = []
+
+    def make(b):
+        x, g = b
+        private = make_private(_CheckpointedProbe(), mode, clip=C, batch_size=1)
+        step(private, *batch(1, seed=2))  # a step of one sample: the next one of one sample is trusted
+        private.optimizer.zero_grad()
+        attempt = step_on(private, x, g, exact_at=C)
+
+        def act():
+            out = private.model(x)
+            parked.append(private.model.hooks.parked)
+            private.criterion(out, g).backward()
+            private.optimizer.step()
+
+        attempt.act = act
+        return attempt
+
+    assert influence(make, sized(1)) is not None
+    assert parked[0], "the adversarial sample's step must take the one-sample shortcut"
