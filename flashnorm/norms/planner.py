@@ -6,7 +6,9 @@ For a Linear-family layer with flattened sizes (B, T, d, p), N = B·T·d·p:
 * ``gram``        ≈ B·T²·(d+p) FLOPs, O(B) memory: chosen when T < κ·2dp/(d+p), where κ is the Gram
   kernel's throughput relative to the flash kernel's: about half in bf16, so with a full GPU (B × output
   tiles ≥ the SM count) κ = 0.5; when flash under-fills the GPU (e.g. B = 1) Gram's extra parallelism helps
-  (κ = 1.0), but Gram has too few programs at T ≤ 256. Below float64, Gram only up to
+  (κ = 1.0), but Gram has too few programs at T ≤ 256. Off the GPU the PyTorch references run: flash forms
+  each sample's gradient tile by tile (2N FLOPs, and B·d·p elements written and read back), so there are no
+  multiprocessors to fill and κ = 0.5 at every B. Below float64, Gram only up to
   `GRAM_FLOAT32_MAX_STEPS` positions, where its float32 rounding stays inside
   the clipping coefficient's allowance on ordinary inputs (`rounding`): so T = 1 (rank
   one) and short sequences on a full GPU;
@@ -55,6 +57,7 @@ class Problem:
     d: int
     p: int
     element_bytes: int = 4
+    gpu: bool = True  # the norms run as the GPU kernels (else the PyTorch references)
 
 
 def resolve_norm_method(value: Optional[str]) -> Optional[str]:
@@ -90,7 +93,7 @@ def plan_linear(problem: Problem, *, base: str, fused: bool) -> str:
     if fused and d * p <= t * (d + p) and b * d * p * problem.element_bytes <= PER_SAMPLE_BUDGET_BYTES:
         return "per_sample"
     tiles = -(-d // FLASH_TILE) * -(-p // FLASH_TILE)
-    if b * tiles >= SM_COUNT:
+    if not problem.gpu or b * tiles >= SM_COUNT:
         kappa = GRAM_CROSSOVER_FILLED
     elif t <= GRAM_MIN_SEQ_LEN_UNDERFILLED and t > 1:
         return "flash"
@@ -112,7 +115,8 @@ def choose(rule, layer, x, g, *, base: str, fused: bool, override: Optional[str]
             method = "per_sample"
         elif "flash" in rule.methods:
             batch, seq_len, d, p = rule.sizes(layer, x, g)
-            method = plan_linear(Problem(batch, seq_len, d, p, g.element_size()), base=base, fused=fused)
+            problem = Problem(batch, seq_len, d, p, g.element_size(), gpu=x.is_cuda)
+            method = plan_linear(problem, base=base, fused=fused)
         else:
             method = rule.methods[0]
     if logger.isEnabledFor(logging.DEBUG):

@@ -3,6 +3,7 @@ per-sample choice at its memory bounds, and which method a rule gets for a call.
 ``plan_linear`` (flash against Gram by T, B and dtype) is in tests/grad_sample/test_module.py."""
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -64,6 +65,24 @@ def test_per_sample_gradients_stay_within_the_budget(element_bytes):
     assert plan_linear(Problem(fits + 1, 4096, d, p, element_bytes), base="flash", fused=True) == "flash"
 
 
+def test_off_the_gpu_gram_wherever_it_takes_fewer_flops_than_flash():
+    """The references form flash's per-sample gradients (2·B·T·d·p FLOPs, B·d·p elements written): off the GPU no
+    multiprocessors are under-filled, and Gram (about 2·B·T²·(d + p)) is taken wherever T·(d + p) < d·p, within its
+    float32 limit of 32 positions (any T in float64)."""
+    proxy_fc = Problem(8, 16, 64, 256)  # the host proxy's c_fc: it under-fills a GPU, which then takes flash
+    assert plan_linear(proxy_fc, base="flash", fused=False) == "flash"
+    assert plan_linear(replace(proxy_fc, gpu=False), base="flash", fused=False) == "gram"
+    assert plan_linear(replace(proxy_fc, gpu=False), base="flash", fused=True) == "gram"
+    assert plan_linear(Problem(8, 32, 64, 256, gpu=False), base="flash", fused=False) == "gram"
+    assert plan_linear(Problem(8, 33, 64, 256, gpu=False), base="flash", fused=False) == "flash"  # float32 limit
+    assert plan_linear(Problem(8, 51, 64, 256, 8, gpu=False), base="flash", fused=False) == "gram"  # 51·320 < 64·256
+    assert plan_linear(Problem(8, 52, 64, 256, 8, gpu=False), base="flash", fused=False) == "flash"
+    assert plan_linear(Problem(8, 16, 1024, 1024, gpu=False), base="gram", fused=False) == "gram"
+    layer = nn.Linear(64, 256)
+    _, x, g = _call(layer, torch.randn(8, 16, 64))
+    assert choose(get_norm_rule(layer), layer, x, g, base="flash", fused=False, override=None, name="fc") == "gram"
+
+
 def _call(layer, x):
     with torch.no_grad():
         return layer, x, torch.randn_like(layer(x))
@@ -96,7 +115,7 @@ def test_without_a_forced_method_a_linear_layer_gets_the_plan_of_its_sizes(fused
     """The plan of the call's flattened (B, T, d, p) and element size, logged at DEBUG level with the layer's name."""
     layer, x, g = _call(nn.Linear(6, 5).to(dtype), torch.randn(3, 2, 7, 6, dtype=dtype))
     rule = get_norm_rule(layer)
-    expected = plan_linear(Problem(3, 14, 6, 5, g.element_size()), base="flash", fused=fused)
+    expected = plan_linear(Problem(3, 14, 6, 5, g.element_size(), gpu=x.is_cuda), base="flash", fused=fused)
     with caplog.at_level(logging.DEBUG, logger="flashnorm.norms.planner"):
         assert choose(rule, layer, x, g, base="flash", fused=fused, override=None, name="blocks.0.fc") == expected
     assert rule.sizes(layer, x, g) == (3, 14, 6, 5)
