@@ -10,10 +10,9 @@ The GPU work is made trivially small (T=16 tokens per sequence) so that a step c
 spends issuing it. Two measurements:
 
 1. **Step time** (CUDA events, device synchronised around each step, median): non-DP and the mode,
-   same model and batch, in alternating blocks of ten steps (both built and warmed first, each block after an
-   untimed step), so that a host whose speed drifts during the run slows both alike. Their difference is the
-   per-step overhead of private training at this size: FlashNorm's hooks and bookkeeping plus the DP
-   optimizer's noise.
+   same model and batch, their steps alternating (both built and warmed first), so that a host whose speed
+   drifts during the run slows both alike. Their difference is the per-step overhead of private training at
+   this size: FlashNorm's hooks and bookkeeping plus the DP optimizer's noise.
 2. **Breakdown** (CPU self time per step under ``torch.profiler``, exclusive): the step's phases (forward,
    loss, backward, ``optimizer.step``, ``zero_grad``, ranges this benchmark opens) and, inside them, the
    phase ranges FlashNorm itself emits (`flashnorm.grad_sample.phases`): forward hooks, backward hooks,
@@ -174,20 +173,18 @@ def _build(mode: str, args, batch: int, region=None):
     return make_step(cfg, model, inputs, targets, region=region)
 
 
-def time_steps(named: Dict[str, Callable[[], None]], device: torch.device, warmup: int, steps: int,
-               block: int = 10) -> Dict[str, List[float]]:
-    """{name: ``steps`` step times (ms)} of each step in ``named``, after ``warmup`` untimed steps of each: the steps
-    run in alternating blocks of ``block`` timed steps, each block after one untimed step (which warms the caches the
-    other step's block evicted), so that a host whose speed drifts during the run slows both alike."""
+def time_steps(named: Dict[str, Callable[[], None]], device: torch.device, warmup: int,
+               steps: int) -> Dict[str, List[float]]:
+    """{name: ``steps`` step times (ms)} of each step in ``named``, after ``warmup`` untimed steps of each, the
+    steps alternating one by one."""
     timer = StepTimer(device)
     for _ in range(warmup):
         for step in named.values():
             timer(step)
     times: Dict[str, List[float]] = {name: [] for name in named}
-    while len(next(iter(times.values()))) < steps:
+    for _ in range(steps):
         for name, step in named.items():
-            timer(step)
-            times[name].extend(timer(step)[0] for _ in range(min(block, steps - len(times[name]))))
+            times[name].append(timer(step)[0])
     return times
 
 
