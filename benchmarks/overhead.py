@@ -10,9 +10,8 @@ The GPU work is made trivially small (T=16 tokens per sequence) so that a step c
 spends issuing it. Two measurements:
 
 1. **Step time** (CUDA events, device synchronised around each step, median): non-DP and the mode,
-   same model and batch, their steps alternating (both built and warmed first), so that a host whose speed
-   drifts during the run slows both alike. Their difference is the per-step overhead of private training at
-   this size: FlashNorm's hooks and bookkeeping plus the DP optimizer's noise.
+   same model and batch. Their difference is the per-step overhead of private training at this
+   size: FlashNorm's hooks and bookkeeping plus the DP optimizer's noise.
 2. **Breakdown** (CPU self time per step under ``torch.profiler``, exclusive): the step's phases (forward,
    loss, backward, ``optimizer.step``, ``zero_grad``, ranges this benchmark opens) and, inside them, the
    phase ranges FlashNorm itself emits (`flashnorm.grad_sample.phases`): forward hooks, backward hooks,
@@ -173,19 +172,11 @@ def _build(mode: str, args, batch: int, region=None):
     return make_step(cfg, model, inputs, targets, region=region)
 
 
-def time_steps(named: Dict[str, Callable[[], None]], device: torch.device, warmup: int,
-               steps: int) -> Dict[str, List[float]]:
-    """{name: ``steps`` step times (ms)} of each step in ``named``, after ``warmup`` untimed steps of each, the
-    steps alternating one by one."""
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> List[float]:
     timer = StepTimer(device)
     for _ in range(warmup):
-        for step in named.values():
-            timer(step)
-    times: Dict[str, List[float]] = {name: [] for name in named}
-    for _ in range(steps):
-        for name, step in named.items():
-            times[name].append(timer(step)[0])
-    return times
+        timer(step)
+    return [timer(step)[0] for _ in range(steps)]
 
 
 def _sync(device: torch.device) -> None:
@@ -208,8 +199,9 @@ def flashnorm_cpu_ms(nondp: Dict[str, float], dp: Dict[str, float]) -> float:
 def run_batch(args, batch: int) -> Dict:
     device = torch.device(args.device)
     result: Dict = {"workload": args.workload, "B": batch, "T": args.seq, "mode": args.mode}
-    step_ms = time_steps({mode: _build(mode, args, batch) for mode in ("nondp", args.mode)}, device, args.warmup,
-                         args.steps)
+    step_ms = {}
+    for mode in ("nondp", args.mode):
+        step_ms[mode] = time_steps(_build(mode, args, batch), device, args.warmup, args.steps)
     result["step_ms"] = {m: round(_median(v), 4) for m, v in step_ms.items()}
     result["overhead_ms"] = round(result["step_ms"][args.mode] - result["step_ms"]["nondp"], 4)
     result["breakdown_ms"] = {m: {k: round(v, 4) for k, v in breakdown_steps(m, args, batch).items()}
