@@ -15,7 +15,11 @@ Hugging Face's own classes, as users fine-tune them (random weights from a confi
 * ``hf_gpt2_tied_ckpt`` — the same with ``gradient_checkpointing_enable`` (non-reentrant): each block's
   activations are recomputed in the backward. ``hf_gpt2_tied_ckpt_reentrant``: the reentrant flavour.
 * ``hf_gpt2_host``      — the host-cost proxy: ``GPT2LMHeadModel`` of 12 layers of width 64 (4 heads, vocab 50257,
-  tied), whose ops are so small that a step costs what the host spends issuing them (B = 8, T = 16, one thread).
+  tied), whose ops are so small that a step costs what the host spends issuing them (B = 8, T = 16, one thread),
+  except the tied head's: at vocabulary 50257 its GEMMs, log-softmax and the DP noise on its 3.2 M weights are most
+  of a step's CPU time.
+* ``hf_gpt2_host_v512`` — the same with a vocabulary of 512: the head's arithmetic out of the way, a step is the
+  host's issuing.
 * ``hf_llama1b_tied``   — ``LlamaForCausalLM``, Llama-3.2-1B shape (16 × 2048, 32 heads, 8 KV heads,
   SwiGLU 8192, vocab 128256, ≈1.24 B parameters), ``lm_head`` tied to ``embed_tokens``, SDPA attention.
 
@@ -278,6 +282,7 @@ _HF_LLAMA = dict(full=dict(vocab=128256, d=2048, n_layer=16, n_head=32, n_kv=8, 
                  smoke=dict(vocab=97, d=64, n_layer=2, n_head=4, n_kv=2, hidden=176))
 _HF_GPT2_HOST = dict(full=dict(vocab=50257, d=64, n_layer=12, n_head=4, n_positions=64),
                     smoke=dict(vocab=97, d=64, n_layer=2, n_head=2, n_positions=32))
+_HF_GPT2_HOST_V512 = dict(full=dict(_HF_GPT2_HOST["full"], vocab=512), smoke=_HF_GPT2_HOST["smoke"])
 _HF_GPT2_IMPORTS = ("transformers", "transformers.models.gpt2.modeling_gpt2")
 
 
@@ -356,6 +361,7 @@ WORKLOADS: Dict[str, Workload] = {
         _hf_gpt2_workload("hf_gpt2_tied_ckpt", ((1, 16384),), "non_reentrant"),
         _hf_gpt2_workload("hf_gpt2_tied_ckpt_reentrant", ((1, 16384),), "reentrant"),
         _hf_gpt2_workload("hf_gpt2_host", ((8, 16),), table=_HF_GPT2_HOST),
+        _hf_gpt2_workload("hf_gpt2_host_v512", ((8, 16),), table=_HF_GPT2_HOST_V512),
         Workload(
             "hf_llama1b_tied",
             shapes=((2, 4096),),

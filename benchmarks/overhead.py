@@ -5,6 +5,7 @@
     python -m benchmarks.overhead --device cpu --smoke   # tiny GPT-2, a few seconds
     python -m benchmarks.overhead --batch 8 --cuda-graphs  # both steps replayed from CUDA graphs
     OMP_NUM_THREADS=1 python -m benchmarks.overhead --device cpu --workload hf_gpt2_host --batch 8  # the CPU proxy
+    OMP_NUM_THREADS=1 python -m benchmarks.overhead --device cpu --workload hf_gpt2_host_v512 --batch 8  # its host part
 
 The GPU work is made trivially small (T=16 tokens per sequence) so that a step costs what the CPU
 spends issuing it. Two measurements:
@@ -240,8 +241,9 @@ def format_result(result: Dict, target_ms: float) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", default="flash_fuse", choices=("flash_fuse", "flash", "ghost"))
-    p.add_argument("--workload", default="gpt2", choices=("gpt2", "hf_gpt2_host"),
-                   help="gpt2: GPT-2 small; hf_gpt2_host: the host-cost proxy (benchmarks.models), for the CPU")
+    p.add_argument("--workload", default="gpt2", choices=("gpt2", "hf_gpt2_host", "hf_gpt2_host_v512"),
+                   help="gpt2: GPT-2 small; hf_gpt2_host: the host-cost proxy (benchmarks.models), for the CPU; "
+                        "hf_gpt2_host_v512: the proxy with a 512-token vocabulary (no head arithmetic)")
     p.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
     p.add_argument("--seq", type=int, default=16, help="tokens per sequence (default 16: GPU work trivially small)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default bf16 on CUDA, fp32 on CPU")
