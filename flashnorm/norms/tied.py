@@ -79,13 +79,16 @@ def _embedding_head_cross(embedding: nn.Embedding, ids, e, head_rule: LinearRule
     ids, e = _looked_up(embedding, ids, e, torch.float64)
     batch, (seq_len, width), tokens = ids.shape[0], xs.shape[1:], ids.shape[1]
     out = torch.zeros(batch, dtype=torch.float64, device=gs.device)
+    # chunks of n samples × r rows, n·r·T' elements at most (whole samples, several at once, where they fit)
     rows = min(seq_len, rows_per_chunk(tokens))
-    for b in range(batch):
-        e_b, ids_b = e[b], ids[b]
+    samples = rows_per_chunk(seq_len * tokens) if rows == seq_len else 1
+    for b0 in range(0, batch, samples):
+        e_n, ids_n = e[b0:b0 + samples], ids[b0:b0 + samples]  # [n, T', d], [n, T']
         for t0 in range(0, seq_len, rows):
-            x_blk = xs[b, t0:t0 + rows].double()  # [r, d]
-            picked = gs[b, t0:t0 + rows].index_select(1, ids_b).double()  # G_b[t, ids_b[s]]: [r, T']
-            out[b] += (x_blk @ e_b.T).mul_(picked).sum()
+            x_blk = xs[b0:b0 + samples, t0:t0 + rows].double()  # [n, r, d]
+            g_blk = gs[b0:b0 + samples, t0:t0 + rows]
+            picked = g_blk.gather(2, ids_n.unsqueeze(1).expand(-1, g_blk.shape[1], -1)).double()  # G_b[t, ids_b[s]]
+            out[b0:b0 + samples] += torch.bmm(x_blk, e_n.transpose(1, 2)).mul_(picked).sum(dim=(1, 2))
     head_scale = (torch.linalg.vector_norm(xs, dim=-1, dtype=acc)  # (a scale: float32 sums suffice)
                   * torch.linalg.vector_norm(gs, dim=-1, dtype=acc)).sum(dim=1).double()
     sums = rounding.gamma(width + seq_len * tokens, 1, torch.float64) * token_norms(ids, e, embedding.num_embeddings)

@@ -33,13 +33,18 @@ def assert_cross_term(cross: CrossTerm, param, first, second, dtype):
     assert (error <= bound).all(), f"cross term off by {error.tolist()}, allowed {bound.tolist()}"
 
 
+@pytest.mark.parametrize("chunk", [None, 4000, 50], ids=["one_chunk", "samples_chunked", "rows_chunked"])
 @pytest.mark.parametrize("embedding_first", [True, False], ids=["embedding_head", "head_embedding"])
 @pytest.mark.parametrize("padding_idx", [None, 0], ids=["no_padding", "padding_0"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("steps", [1, 9, 40])  # T ≥ 12 repeats an id within a sample
-def test_tied_embedding_and_head(steps, dtype, padding_idx, embedding_first, device):
+def test_tied_embedding_and_head(steps, dtype, padding_idx, embedding_first, chunk, device, monkeypatch):
     """The embedding's ids [B, T] and output gradient [B, T, d]; the head's input [B, T', d] and output gradient
-    [B, T', V] (T' = T + 1: the head need not see the embedding's length)."""
+    [B, T', V] (T' = T + 1: the head need not see the embedding's length). ``chunk``: the largest temporary of the
+    gather form (`MAX_CHUNK_ELEMENTS`), so that it takes several samples at once, a sample at a time, or rows of one
+    (at T = 40: 4000 elements hold two of the three samples, 50 one row)."""
+    if chunk is not None:
+        monkeypatch.setattr("flashnorm.kernels.accumulation.MAX_CHUNK_ELEMENTS", chunk)
     dtype = DTYPES[dtype]
     embedding = nn.Embedding(VOCAB, DIM, padding_idx=padding_idx).to(device, dtype)
     head = nn.Linear(DIM, VOCAB, bias=False).to(device, dtype)
