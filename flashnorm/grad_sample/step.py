@@ -194,8 +194,9 @@ class ClippingStep:
             elif capture is not None:
                 capture.take()
         if self.terms is not None:
-            self.terms.flush_groups()
-            self.terms.add_cross_terms()
+            with phase(NORMS):  # the groups only part of whose layers received a gradient; the cross terms
+                self.terms.flush_groups()
+                self.terms.add_cross_terms()
 
     # -- checks ----------------------------------------------------------------------------------------
     def check_loss(self, loss_per_sample: torch.Tensor) -> None:
