@@ -13,6 +13,9 @@ floor is a lower bound on what the measured ratio can reach):
 * the exact per-sample norm of a Linear costs the cheaper of the Gram form, 2·B·T²·(p + d) (XXᵀ and GGᵀ per
   sample), and the flash form, 2·N·p·d (each sample's GᵀX tile by tile): ``min`` of the two. The clipped weight
   gradient Σ_b c_b G_bᵀX_b replaces the non-private weight gradient and costs nothing extra;
+* layers that read one input (Llama's q/k/v, its gate/up; ``Shape.shared_inputs``) may share it: their norm terms
+  sum to ‖[G_1 … G_k]ᵀX‖², one Gram form 2·B·T²·(d + Σp) (XXᵀ once) or one flash form 2·N·d·Σp (the same
+  FLOPs as apart: flash has no shared term). The table's last column prices that;
 * an embedding tied to the head adds its own per-sample norm and the cross term with the head's, each one
   T×T product of width d per sample: 4·B·T²·d;
 * at B = 1 the clipped gradient is the ordinary gradient scaled, and its norm a reduction: no norm FLOPs.
@@ -52,12 +55,18 @@ class Shape:
     width: int  # model width (attention's d)
     vocab: int
     tied: bool
+    shared_inputs: Tuple[Tuple[int, ...], ...] = ()  # indices into ``linears`` of Linears that read one input
+
+    def input_groups(self) -> List[Tuple[int, ...]]:
+        """The block's Linears by input: each of ``shared_inputs``, the others alone."""
+        grouped = {i for group in self.shared_inputs for i in group}
+        return list(self.shared_inputs) + [(i,) for i in range(len(self.linears)) if i not in grouped]
 
 
 GPT2_SMALL = Shape("GPT-2 small", 12, ((768, 2304), (768, 768), (768, 3072), (3072, 768)), 768, 50257, True)
 GPT2_SUITE = Shape("GPT-2 small (suite, untied)", 12, GPT2_SMALL.linears, 768, 50257, False)
 LLAMA_1B = Shape("Llama-3.2-1B", 16, ((2048, 2048), (2048, 512), (2048, 512), (2048, 2048), (2048, 8192),
-                                       (2048, 8192), (8192, 2048)), 2048, 128256, True)
+                                       (2048, 8192), (8192, 2048)), 2048, 128256, True, ((0, 1, 2), (4, 5)))
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,20 @@ def linear_norm_flops(batch: int, seq: int, d: int, p: int, allowance: bool = Fa
     return (gram, "gram") if gram <= flash else (flash, "flash")
 
 
-def step_flops(row: Row, allowance: bool = False) -> Tuple[float, float]:
+def shared_input_norm_flops(batch: int, seq: int, d: int, ps: Sequence[int], allowance: bool = False) -> float:
+    """FLOPs of the exact per-sample norms of Linears of output widths ``ps`` that read one input of width d, the
+    input shared: the cheaper of one Gram form, 2·B·T²·(d + Σp), and the flash forms, 2·B·T·d·Σp (``allowance``: as
+    in `linear_norm_flops`). Per member Gram is the cheaper exactly where T < d (T·s < d with the float64 slowdown
+    s), whatever its p, so the members take one form together."""
+    gram, flash = 2.0 * batch * seq**2 * (d + sum(ps)), 2.0 * batch * seq * d * sum(ps)
+    if allowance and seq > GRAM_FLOAT32_MAX_STEPS:
+        gram *= FLOAT64_SLOWDOWN
+    return min(gram, flash)
+
+
+def step_flops(row: Row, allowance: bool = False, shared: bool = False) -> Tuple[float, float]:
     """(non-private FLOPs, exact-norm FLOPs) of one training step of ``row`` (``allowance``: see
-    `linear_norm_flops`)."""
+    `linear_norm_flops`; ``shared``: the Linears of one input share it, `shared_input_norm_flops`)."""
     s, b, t = row.shape, row.batch, row.seq
     n = b * t
     linears: List[Tuple[int, int]] = [lin for _ in range(s.layers) for lin in s.linears] + [(s.width, s.vocab)]
@@ -97,31 +117,38 @@ def step_flops(row: Row, allowance: bool = False) -> Tuple[float, float]:
     attention = s.layers * b * t**2 * s.width * (2.0 + 5.0 + (2.0 if row.checkpointing else 0.0))
     if b == 1:
         return plain + attention, 0.0
-    norms = sum(linear_norm_flops(b, t, d, p, allowance)[0] for d, p in linears)
+    if shared:
+        block = sum(shared_input_norm_flops(b, t, s.linears[group[0]][0], [s.linears[i][1] for i in group], allowance)
+                    for group in s.input_groups())
+        norms = s.layers * block + linear_norm_flops(b, t, s.width, s.vocab, allowance)[0]
+    else:
+        norms = sum(linear_norm_flops(b, t, d, p, allowance)[0] for d, p in linears)
     if s.tied:
         norms += 4.0 * b * t**2 * s.width
     return plain + attention, norms
 
 
-def floor(row: Row, allowance: bool = False) -> float:
+def floor(row: Row, allowance: bool = False, shared: bool = False) -> float:
     """The FLOP floor of ``row``: the ratio (non-private + norms) / non-private (``allowance``: the Gram form
-    priced as the rounding allowance requires, `linear_norm_flops`)."""
-    plain, norms = step_flops(row, allowance)
+    priced as the rounding allowance requires, `linear_norm_flops`; ``shared``: inputs shared,
+    `shared_input_norm_flops`)."""
+    plain, norms = step_flops(row, allowance, shared)
     return (plain + norms) / plain
 
 
 def table(rows: Sequence[Row] = ROWS) -> str:
     """The markdown table of docs/performance.md."""
     lines = ["| workload | B | T | checkpointing | non-private TFLOP | norms TFLOP | norm form of the widest Linear "
-             f"| floor | floor, Gram in float64 beyond T = {GRAM_FLOAT32_MAX_STEPS} |",
-             "|---|---:|---:|---|---:|---:|---|---:|---:|"]
+             f"| floor | floor, Gram in float64 beyond T = {GRAM_FLOAT32_MAX_STEPS} | both floors, inputs shared |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|---:|"]
     for row in rows:
         plain, norms = step_flops(row)
         d, p = max(row.shape.linears, key=lambda lin: lin[0] * lin[1])
         form = linear_norm_flops(row.batch, row.seq, d, p)[1] if row.batch > 1 else "— (B = 1)"
         lines.append(f"| {row.shape.name} | {row.batch} | {row.seq} | {'yes' if row.checkpointing else 'no'} | "
                      f"{plain / 1e12:.2f} | {norms / 1e12:.3f} | {form} | {floor(row):.3f}× | "
-                     f"{floor(row, allowance=True):.3f}× |")
+                     f"{floor(row, allowance=True):.3f}× | {floor(row, shared=True):.3f}× / "
+                     f"{floor(row, allowance=True, shared=True):.3f}× |")
     return "\n".join(lines)
 
 

@@ -397,3 +397,23 @@ def test_flop_floor_from_the_shapes():
     assert floor.floor(llama, allowance=True) == pytest.approx((plain + flash + tied) / plain)
     short = floor.Row(one, b, floor.GRAM_FLOAT32_MAX_STEPS)
     assert floor.floor(short, allowance=True) == floor.floor(short)  # float32 Gram allowed up to 32 positions
+
+
+def test_flop_floor_of_layers_sharing_an_input():
+    """Two Linears (64 → 32) of one input share XXᵀ: one Gram form 2·B·T²·(d + p_1 + p_2) instead of two; the flash
+    form has no shared term. On the Llama row at B = 8, T = 1024 sharing lowers the float32-Gram floor only: with Gram
+    in float64 beyond 32 positions flash is the cheaper form, and the floor stays."""
+    from benchmarks import floor
+
+    pair = floor.Shape("two of one input", 1, ((64, 32), (64, 32)), 64, 128, False, ((0, 1),))
+    b, t = 4, 16
+    row = floor.Row(pair, b, t)
+    head = min(2 * b * t**2 * (128 + 64), 2 * b * t * 128 * 64)
+    apart = 2 * min(2 * b * t**2 * (32 + 64), 2 * b * t * 32 * 64) + head
+    together = min(2 * b * t**2 * (64 + 32 + 32), 2 * b * t * 64 * 64) + head
+    assert floor.step_flops(row)[1] == pytest.approx(apart)
+    assert floor.step_flops(row, shared=True)[1] == pytest.approx(together)
+    assert together < apart
+    llama = next(r for r in floor.ROWS if r.shape is floor.LLAMA_1B and (r.batch, r.seq) == (8, 1024))
+    assert floor.floor(llama, shared=True) < floor.floor(llama)
+    assert floor.floor(llama, allowance=True, shared=True) == pytest.approx(floor.floor(llama, allowance=True))
