@@ -605,6 +605,27 @@ def test_float32_gram_cancellation(mode, seed, steps):
     _float32_influence(mode, lambda: nn.Linear(4, 3), batches, None if mode == "ghost" else "gram")
 
 
+@pytest.mark.parametrize("steps", [16, 31])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", [1, 6])  # the float32 Gram estimate reads 0, < 0: the rounding bound clips
+def test_float32_gram_cancellation_where_the_cpu_plan_takes_gram(mode, seed, steps, monkeypatch):
+    """The Gram-cancellation input on a Linear(64, 256) at T ≤ 32, no method forced: on the GPU flash under-fills it
+    and takes flash, on the CPU the planner takes Gram (T·(d + p) < d·p). The planned step keeps the sample's
+    influence ≤ C (1 + 10⁻³), or refuses with θ unchanged."""
+    from flashnorm.norms import linear
+
+    grams = []
+    gram = linear.gram_norm_sq
+    monkeypatch.setattr(linear, "gram_norm_sq", lambda x, g, **k: grams.append(x.shape) or gram(x, g, **k))
+    gen = torch.Generator().manual_seed(seed)
+    x0, d, h = _direction(gen, 64, 1e6), _direction(gen, 64, 10.0), _direction(gen, 256, 3.0)
+    x, g = torch.randn(3, steps, 64, generator=gen), torch.randn(3, steps, 256, generator=gen)
+    x[-1], g[-1] = 0.0, 0.0
+    x[-1, 0], x[-1, 1], g[-1, 0], g[-1, 1] = x0, x0 + d, h, -h
+    _float32_influence(mode, lambda: nn.Linear(64, 256), without_last(x, g))
+    assert grams and all(shape[1:] == (steps, 64) for shape in grams), "the planned norm took the Gram form"
+
+
 @pytest.mark.parametrize("mode,norm_method", [
     ("ghost", None),
     ("flash", None),
