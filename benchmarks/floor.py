@@ -94,20 +94,11 @@ def linear_norm_flops(batch: int, seq: int, d: int, p: int, allowance: bool = Fa
     return (gram, "gram") if gram <= flash else (flash, "flash")
 
 
-def shared_input_norm_flops(batch: int, seq: int, d: int, ps: Sequence[int], allowance: bool = False) -> float:
-    """FLOPs of the exact per-sample norms of Linears of output widths ``ps`` that read one input of width d, the
-    input shared: the cheaper of one Gram form, 2·B·T²·(d + Σp), and the flash forms, 2·B·T·d·Σp (``allowance``: as
-    in `linear_norm_flops`). Per member Gram is the cheaper exactly where T < d (T·s < d with the float64 slowdown
-    s), whatever its p, so the members take one form together."""
-    gram, flash = 2.0 * batch * seq**2 * (d + sum(ps)), 2.0 * batch * seq * d * sum(ps)
-    if allowance and seq > GRAM_FLOAT32_MAX_STEPS:
-        gram *= FLOAT64_SLOWDOWN
-    return min(gram, flash)
-
-
 def step_flops(row: Row, allowance: bool = False, shared: bool = False) -> Tuple[float, float]:
     """(non-private FLOPs, exact-norm FLOPs) of one training step of ``row`` (``allowance``: see
-    `linear_norm_flops`; ``shared``: the Linears of one input share it, `shared_input_norm_flops`)."""
+    `linear_norm_flops`; ``shared``: the Linears of one input share it, priced as one Linear of their summed output
+    widths: one Gram form 2·B·T²·(d + Σp) or flash 2·B·T·d·Σp; per member Gram is the cheaper exactly where T < d,
+    whatever its p, so the members take one form together)."""
     s, b, t = row.shape, row.batch, row.seq
     n = b * t
     linears: List[Tuple[int, int]] = [lin for _ in range(s.layers) for lin in s.linears] + [(s.width, s.vocab)]
@@ -117,12 +108,10 @@ def step_flops(row: Row, allowance: bool = False, shared: bool = False) -> Tuple
     attention = s.layers * b * t**2 * s.width * (2.0 + 5.0 + (2.0 if row.checkpointing else 0.0))
     if b == 1:
         return plain + attention, 0.0
-    if shared:
-        block = sum(shared_input_norm_flops(b, t, s.linears[group[0]][0], [s.linears[i][1] for i in group], allowance)
-                    for group in s.input_groups())
-        norms = s.layers * block + linear_norm_flops(b, t, s.width, s.vocab, allowance)[0]
-    else:
-        norms = sum(linear_norm_flops(b, t, d, p, allowance)[0] for d, p in linears)
+    groups = s.input_groups() if shared else [(i,) for i in range(len(s.linears))]
+    block = sum(linear_norm_flops(b, t, s.linears[group[0]][0], sum(s.linears[i][1] for i in group), allowance)[0]
+                for group in groups)
+    norms = s.layers * block + linear_norm_flops(b, t, s.width, s.vocab, allowance)[0]
     if s.tied:
         norms += 4.0 * b * t**2 * s.width
     return plain + attention, norms
@@ -131,7 +120,7 @@ def step_flops(row: Row, allowance: bool = False, shared: bool = False) -> Tuple
 def floor(row: Row, allowance: bool = False, shared: bool = False) -> float:
     """The FLOP floor of ``row``: the ratio (non-private + norms) / non-private (``allowance``: the Gram form
     priced as the rounding allowance requires, `linear_norm_flops`; ``shared``: inputs shared,
-    `shared_input_norm_flops`)."""
+    `step_flops`)."""
     plain, norms = step_flops(row, allowance, shared)
     return (plain + norms) / plain
 
